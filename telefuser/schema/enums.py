@@ -1,0 +1,130 @@
+"""Closed vocabularies of the recipe and the plan (each becomes a JSON Schema enum)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class StrEnum(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+class AttentionImpl(StrEnum):
+    TORCH_SDPA = "TORCH_SDPA"
+    TORCH_CUDNN = "TORCH_CUDNN"
+    FLASH_ATTN_2 = "FLASH_ATTN_2"
+    FLASH_ATTN_3 = "FLASH_ATTN_3"
+    FLASH_ATTN_4 = "FLASH_ATTN_4"
+    SAGE_ATTN_2_8_8 = "SAGE_ATTN_2_8_8"
+    SAGE_ATTN_2_8_16 = "SAGE_ATTN_2_8_16"
+    SAGE_ATTN_2_8_8_SM90 = "SAGE_ATTN_2_8_8_SM90"
+    SPARGE_ATTN = "SPARGE_ATTN"
+    RADIAL_ATTN = "RADIAL_ATTN"
+    LOCAL_SPARSE_ATTN = "LOCAL_SPARSE_ATTN"
+    SOL_ATTN = "SOL_ATTN"
+
+
+class OffloadMode(StrEnum):
+    NO_CPU_OFFLOAD = "NO_CPU_OFFLOAD"
+    MODEL_CPU_OFFLOAD = "MODEL_CPU_OFFLOAD"
+    SEQUENTIAL_CPU_OFFLOAD = "SEQUENTIAL_CPU_OFFLOAD"
+    ASYNC_CPU_OFFLOAD = "ASYNC_CPU_OFFLOAD"
+
+
+class SampleSolver(StrEnum):
+    EULER = "euler"
+    UNIPC = "unipc"
+    DPMPP = "dpm++"
+
+
+class TorchDtype(StrEnum):
+    """Compute dtypes."""
+
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class WeightDtype(StrEnum):
+    """Storage dtypes of weights; `auto` means 'whatever the file holds'."""
+
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+    FLOAT8_E4M3FN = "float8_e4m3fn"
+    FLOAT8_E5M2 = "float8_e5m2"
+
+
+class QuantType(StrEnum):
+    NONE = "none"
+    FP8_E4M3FN = "fp8_e4m3fn"  # per-tensor scales
+    FP8_E4M3FN_ROWWISE = "fp8_e4m3fn_rowwise"  # per-row (output channel) scales
+    INT8 = "int8"
+
+
+class ModelRole(StrEnum):
+    DIT = "dit"
+    DIT_HIGH_NOISE = "dit_high_noise"
+    DIT_LOW_NOISE = "dit_low_noise"
+    VAE = "vae"
+    TEXT_ENCODER = "text_encoder"
+    TOKENIZER = "tokenizer"
+    IMAGE_ENCODER = "image_encoder"
+
+
+class ModelClass(StrEnum):
+    """Registry names: a plan names classes from this list, never an import path."""
+
+    AUTO = "auto"
+    WAN_DIT = "WanDiT"
+    WAN_VAE = "WanVAE"
+    UMT5_ENCODER = "UMT5Encoder"
+    UMT5_TOKENIZER = "UMT5Tokenizer"
+    CLIP_VISION = "CLIPVision"
+
+
+class PipelineType(StrEnum):
+    WAN_T2V = "wan_t2v"
+    WAN_I2V = "wan_i2v"
+
+
+class TargetDevice(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class CompileBackend(StrEnum):
+    INDUCTOR = "inductor"
+    AOT_EAGER = "aot_eager"
+    EAGER = "eager"
+    CUDAGRAPHS = "cudagraphs"
+
+
+class CompileMode(StrEnum):
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"
+    MAX_AUTOTUNE = "max-autotune"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+
+
+class FeatureCacheMethod(StrEnum):
+    NONE = "none"
+    TEACACHE = "teacache"
+    FIRST_BLOCK = "first_block"
+
+
+class Resolution(StrEnum):
+    P144 = "144p"
+    P480 = "480p"
+    P720 = "720p"
+
+
+class AspectRatio(StrEnum):
+    R16_9 = "16:9"
+    R9_16 = "9:16"
+    R1_1 = "1:1"
+    R4_3 = "4:3"
+    R3_4 = "3:4"

@@ -1,0 +1,148 @@
+"""The plan: every decision the compiler made, frozen. Also the `dump_config` output."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field
+
+from .base import FrozenModel
+from .enums import ModelClass, ModelRole, PipelineType, TorchDtype, WeightDtype
+from .recipe import Layer2
+
+PLAN_FORMAT = "telefuser.plan"
+PLAN_VERSION = "1"
+
+Scalar = Union[bool, int, float, str]
+
+
+class RecipeInfo(FrozenModel):
+    name: str
+    description: str = ""
+    path: str
+    source_sha256: str = Field(description="sha256 of the recipe text after extends/--set resolution.")
+
+
+class ResolvedTarget(FrozenModel):
+    device: Literal["cpu", "cuda"]
+    gpu: Optional[str] = None
+    compute_capability: Optional[str] = None
+    memory_bytes: int = Field(ge=0, description="Capacity per device.")
+    num_devices: int = Field(ge=1)
+    packages: list[str] = Field(description="Optional packages the decisions assumed present.")
+    described_by: Literal["recipe", "this_machine"]
+
+
+class FileFingerprint(FrozenModel):
+    path: str
+    size: int = Field(ge=0)
+    header_sha256: str = Field(description="sha256 of the safetensors header (or of the pickle index).")
+
+
+class DetectedAttributes(FrozenModel):
+    distill: bool = False
+    moe: bool = False
+    fp8: bool = False
+    meanflow: bool = False
+
+
+class PlannedModel(FrozenModel):
+    name: str
+    role: ModelRole
+    path: str
+    class_: ModelClass = Field(alias="class")
+    dtype: WeightDtype
+    compute_dtype: TorchDtype
+    key_layout: Literal["wan", "diffusers", "hf", "tokenizers"]
+    attributes: DetectedAttributes
+    arch: dict[str, Any] = Field(description="Constructor arguments of the model's config.")
+    parameter_count: int = Field(ge=0)
+    files: list[FileFingerprint]
+
+
+class Layer1Plan(FrozenModel):
+    models: list[PlannedModel]
+
+
+class UserParameter(FrozenModel):
+    type: Literal["string", "integer", "choice", "path"]
+    default: Optional[Scalar] = None
+    choices: Optional[list[str]] = None
+    minimum: Optional[int] = None
+    maximum: Optional[int] = None
+    required: bool = False
+    description: str = ""
+
+
+class Layer3Plan(FrozenModel):
+    parameters: dict[str, UserParameter]
+    frame_sizes: dict[str, dict[str, list[int]]] = Field(
+        description="resolution -> aspect ratio -> [width, height] for the allowed choices."
+    )
+
+
+class DispatchEntry(FrozenModel):
+    model: str
+    op: str
+    impl: str
+    reason: str
+
+
+class RankInfo(FrozenModel):
+    rank: int
+    device_id: int
+    coords: dict[str, int]
+
+
+class Mesh(FrozenModel):
+    world_size: int = Field(ge=1)
+    order: list[str] = Field(description="Mesh dimensions, outermost first.")
+    degrees: dict[str, int]
+    ranks: list[RankInfo]
+    groups: dict[str, list[list[int]]] = Field(description="Per dimension: the rank groups that communicate.")
+
+
+class MemoryEstimate(FrozenModel):
+    peak_bytes: int = Field(ge=0, description="Estimated peak per device.")
+    capacity_bytes: int = Field(ge=0)
+    breakdown: dict[str, int] = Field(description="Bytes by component (weights per model, activations, ...).")
+    at: dict[str, Scalar] = Field(description="The shape the estimate was made at (largest allowed).")
+
+
+class Stage(FrozenModel):
+    name: str
+    kind: str
+    models: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Plan(FrozenModel):
+    format: Literal["telefuser.plan"] = PLAN_FORMAT
+    version: str = PLAN_VERSION
+    telefuser_version: str
+    plan_hash: str = Field(description="sha256 of the canonical plan without plan_hash and timestamp.")
+    timestamp: str
+    recipe: RecipeInfo
+    pipeline_type: PipelineType
+    device: Literal["cpu", "cuda"]
+    target: ResolvedTarget
+    torch_dtype: TorchDtype
+    layer1_model_definition: Layer1Plan
+    layer2_inference_config: Layer2
+    layer3_user_interface: Layer3Plan
+    dispatch: list[DispatchEntry]
+    mesh: Mesh
+    memory: MemoryEstimate
+    stages: list[Stage]
+
+    def model(self, role: str) -> PlannedModel:
+        """The planned model with this role (KeyError names the roles present)."""
+        for m in self.layer1_model_definition.models:
+            if m.role == role:
+                return m
+        present = ", ".join(m.role for m in self.layer1_model_definition.models)
+        raise KeyError(f"the plan has no model with role {role!r} (roles: {present})")
+
+    def dispatch_table(self, model: str) -> dict[str, str]:
+        """op -> implementation for one model, as `telefuser.ops.dispatch.use_dispatch` takes it."""
+        return {e.op: e.impl for e in self.dispatch if e.model == model}

@@ -1,0 +1,339 @@
+"""The recipe: three layers (model definition, inference algorithm, user parameters) and a target.
+
+These models are the single source of truth: `recipe.schema.json` is generated
+from them (`python -m telefuser.schema`), and cross-field rules live in their
+validators.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from .base import StrictModel
+from .enums import (
+    AspectRatio,
+    AttentionImpl,
+    CompileBackend,
+    CompileMode,
+    FeatureCacheMethod,
+    ModelClass,
+    ModelRole,
+    OffloadMode,
+    PipelineType,
+    QuantType,
+    Resolution,
+    SampleSolver,
+    TargetDevice,
+    TorchDtype,
+    WeightDtype,
+)
+
+# ---------------------------------------------------------------- target
+
+
+class Target(StrictModel):
+    """Where the plan will run. `auto` describes this machine at compile time."""
+
+    device: TargetDevice = Field(TargetDevice.AUTO, description="cpu, cuda, or auto (this machine).")
+    gpu: Optional[str] = Field(
+        None, description="GPU preset (H100, H200, A100, L40S, RTX4090, B200) filling capability and memory."
+    )
+    compute_capability: Optional[str] = Field(
+        None, pattern=r"^\d+\.\d+$", description="CUDA compute capability, e.g. '9.0'."
+    )
+    memory_gib: Optional[float] = Field(None, gt=0, description="Memory per device in GiB.")
+    num_devices: PositiveInt = Field(1, description="Devices (ranks) the plan runs on.")
+    packages: Optional[list[str]] = Field(
+        None, description="Packages installed on the target (e.g. flash_attn_interface); default: this machine's."
+    )
+
+
+# ---------------------------------------------------------------- layer 1
+
+
+class DeclaredAttributes(StrictModel):
+    """Weight-bound attributes the recipe asserts; the compiler checks them against the files."""
+
+    distill: Optional[bool] = Field(None, description="Step/CFG-distilled weights.")
+    fp8: Optional[bool] = Field(None, description="Weights stored in float8.")
+    meanflow: Optional[bool] = Field(None, description="MeanFlow weights (two time inputs).")
+
+
+class ModelSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Unique name within the recipe.")
+    role: ModelRole
+    path: str = Field(min_length=1, description="Weight file, sharded index, or folder; ${VAR} expanded.")
+    class_: ModelClass = Field(ModelClass.AUTO, alias="class", description="Registry class; auto = detect.")
+    dtype: WeightDtype = Field(WeightDtype.AUTO, description="Expected storage dtype; auto = read from file.")
+    attributes: DeclaredAttributes = Field(default_factory=DeclaredAttributes)
+    arch: dict[str, Any] = Field(
+        default_factory=dict, description="Architecture numbers the recipe asserts (dim, num_layers, ...)."
+    )
+
+
+class Layer1(StrictModel):
+    """Model definition bound to weights: never changes after loading."""
+
+    pipeline: PipelineType = PipelineType.WAN_T2V
+    torch_dtype: TorchDtype = Field(TorchDtype.BFLOAT16, description="Compute dtype.")
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names_and_roles(self) -> "Layer1":
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
+        roles = [m.role for m in self.models]
+        dup_roles = sorted({r for r in roles if roles.count(r) > 1})
+        if dup_roles:
+            raise ValueError(f"each role may appear once; repeated: {', '.join(dup_roles)}")
+        has_single = ModelRole.DIT.value in roles
+        has_moe = {ModelRole.DIT_HIGH_NOISE.value, ModelRole.DIT_LOW_NOISE.value} & set(roles)
+        if has_single and has_moe:
+            raise ValueError("use either role 'dit' or the MoE pair 'dit_high_noise' + 'dit_low_noise', not both")
+        if has_moe and len(has_moe) != 2:
+            raise ValueError("an MoE pipeline needs both 'dit_high_noise' and 'dit_low_noise'")
+        if not has_single and not has_moe:
+            raise ValueError("layer1.models needs a diffusion transformer (role 'dit' or the MoE pair)")
+        for required in (ModelRole.VAE, ModelRole.TEXT_ENCODER, ModelRole.TOKENIZER):
+            if required.value not in roles:
+                raise ValueError(f"layer1.models needs a model with role '{required.value}'")
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        return any(m.role == ModelRole.DIT_HIGH_NOISE.value for m in self.models)
+
+
+# ---------------------------------------------------------------- layer 2
+
+
+class SparseAttentionConfig(StrictModel):
+    dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
+    dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
+    decay_factor: float = Field(1.0, gt=0, le=1.0)
+    local_window_size: int = Field(0, ge=0, description="Tokens per side of the local window (0 = off).")
+    block_size: int = Field(128, ge=16)
+
+
+class AttentionConfig(StrictModel):
+    impl: AttentionImpl = AttentionImpl.TORCH_SDPA
+    sparse: Optional[SparseAttentionConfig] = None
+
+
+class OffloadConfig(StrictModel):
+    mode: OffloadMode = OffloadMode.NO_CPU_OFFLOAD
+    pin_memory: bool = True
+    ratio: float = Field(1.0, gt=0, le=1.0, description="Fraction of blocks kept on the CPU.")
+    prefetch: int = Field(1, ge=0, description="Blocks fetched ahead (async offload).")
+
+
+class CompileConfig(StrictModel):
+    enabled: bool = False
+    backend: CompileBackend = CompileBackend.INDUCTOR
+    mode: CompileMode = CompileMode.DEFAULT
+    fullgraph: bool = False
+    dynamic: bool = False
+
+
+class QuantizationConfig(StrictModel):
+    type: QuantType = QuantType.NONE
+    skip_modules: list[str] = Field(default_factory=list, description="Module name patterns left unquantised.")
+
+
+class LoraConfig(StrictModel):
+    path: str = Field(min_length=1)
+    strength: float = 1.0
+
+
+class FeatureCacheConfig(StrictModel):
+    method: FeatureCacheMethod = FeatureCacheMethod.NONE
+    threshold: float = Field(0.0, ge=0)
+
+
+class ModelRuntimeConfig(StrictModel):
+    """Per-model execution settings (keyed by the model's name in layer 1)."""
+
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: list[LoraConfig] = Field(default_factory=list)
+    feature_cache: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
+    torch_dtype: Optional[TorchDtype] = Field(None, description="Override of layer1.torch_dtype for this model.")
+
+
+PARALLEL_DIMS = ("dp", "cfg", "sp_ulysses", "sp_ring", "pp", "tp")
+
+
+class ParallelConfig(StrictModel):
+    device_ids: Optional[list[int]] = Field(None, description="Devices to use; default 0..num_devices-1.")
+    dp: PositiveInt = 1
+    cfg: PositiveInt = Field(1, le=2, description="CFG parallel: positive and negative branch on 2 ranks.")
+    sp_ulysses: PositiveInt = 1
+    sp_ring: PositiveInt = 1
+    pp: PositiveInt = 1
+    tp: PositiveInt = 1
+    enable_fsdp: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(getattr(self, d) for d in PARALLEL_DIMS)
+
+    @field_validator("device_ids")
+    @classmethod
+    def _ids_unique(cls, ids: Optional[list[int]]) -> Optional[list[int]]:
+        if ids is not None and (len(set(ids)) != len(ids) or any(i < 0 for i in ids)):
+            raise ValueError(f"device_ids must be distinct non-negative integers, got {ids}")
+        return ids
+
+
+class Layer2(StrictModel):
+    """Inference algorithm: fixed in the plan."""
+
+    sample_solver: SampleSolver = SampleSolver.UNIPC
+    num_inference_steps: PositiveInt = 50
+    num_frames: PositiveInt = Field(81, description="Video frames; must be 4k+1 for the Wan VAE.")
+    fps: PositiveInt = 16
+    cfg_scale: float = Field(5.0, ge=0)
+    cfg_scale_high: Optional[float] = Field(None, ge=0, description="MoE: CFG scale of the high-noise DiT.")
+    cfg_scale_low: Optional[float] = Field(None, ge=0, description="MoE: CFG scale of the low-noise DiT.")
+    boundary: Optional[float] = Field(None, gt=0, lt=1, description="MoE: switch to the low-noise DiT below t/T.")
+    sigma_shift: float = Field(5.0, gt=0)
+    text_len: PositiveInt = Field(512, description="Tokens of text context.")
+    tiled: bool = False
+    tile_size: list[PositiveInt] = Field(default_factory=lambda: [34, 34], min_length=2, max_length=2,
+                                         description="VAE tile size in latent pixels (height, width).")
+    negative_prompt: str = ""
+    enable_clip_stage: bool = False
+    enable_denoising_parallel: bool = True
+    enable_vae_parallel: bool = False
+    enable_vfi: bool = False
+    enable_sr: bool = False
+    lq_noise_strength: float = Field(0.0, ge=0, le=1)
+    models: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_4k_plus_1(cls, n: int) -> int:
+        if (n - 1) % 4:
+            lower, upper = n - (n - 1) % 4, n - (n - 1) % 4 + 4
+            raise ValueError(f"num_frames must be 4k+1 (the Wan VAE compresses time 4x); use {lower} or {upper}")
+        return n
+
+
+# ---------------------------------------------------------------- layer 3
+
+
+class StringParam(StrictModel):
+    default: str = ""
+    required: bool = False
+    description: str = ""
+
+
+class IntParam(StrictModel):
+    default: int = 42
+    minimum: int = 0
+    maximum: int = 2**63 - 1
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _default_in_range(self) -> "IntParam":
+        if not self.minimum <= self.default <= self.maximum:
+            raise ValueError(f"default {self.default} is outside [{self.minimum}, {self.maximum}]")
+        return self
+
+
+class ResolutionParam(StrictModel):
+    default: Resolution = Resolution.P480
+    choices: list[Resolution] = Field(default_factory=lambda: [Resolution.P480, Resolution.P720], min_length=1)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _default_in_choices(self) -> "ResolutionParam":
+        if self.default not in self.choices:
+            raise ValueError(f"default {self.default!r} is not one of the choices {self.choices}")
+        return self
+
+
+class AspectRatioParam(StrictModel):
+    default: AspectRatio = AspectRatio.R16_9
+    choices: list[AspectRatio] = Field(default_factory=lambda: list(AspectRatio), min_length=1)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _default_in_choices(self) -> "AspectRatioParam":
+        if self.default not in self.choices:
+            raise ValueError(f"default {self.default!r} is not one of the choices {self.choices}")
+        return self
+
+
+class ImageParam(StrictModel):
+    required: bool = True
+    description: str = "Conditioning image (I2V)."
+
+
+class Layer3(StrictModel):
+    """Parameters each `telefuser-run` call may set, with their defaults and allowed values."""
+
+    prompt: StringParam = Field(default_factory=lambda: StringParam(required=True))
+    negative_prompt: StringParam = Field(default_factory=StringParam)
+    seed: IntParam = Field(default_factory=IntParam)
+    resolution: ResolutionParam = Field(default_factory=ResolutionParam)
+    aspect_ratio: AspectRatioParam = Field(default_factory=AspectRatioParam)
+    image: Optional[ImageParam] = Field(None, description="Present only for image-to-video pipelines.")
+
+
+# ---------------------------------------------------------------- recipe
+
+
+class Recipe(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", description="Deployment name (model x hardware).")
+    description: str = ""
+    extends: Optional[str] = Field(None, description="Base recipe, relative to this file; merged first.")
+    target: Target = Field(default_factory=Target)
+    layer1: Layer1
+    layer2: Layer2 = Field(default_factory=Layer2)
+    layer3: Layer3 = Field(default_factory=Layer3)
+
+    @model_validator(mode="after")
+    def _cross_layer_rules(self) -> "Recipe":
+        l1, l2 = self.layer1, self.layer2
+        names = {m.name for m in l1.models}
+        unknown = sorted(set(l2.models) - names)
+        if unknown:
+            raise ValueError(
+                f"layer2.models names unknown model(s) {', '.join(unknown)}; layer1 defines {', '.join(sorted(names))}"
+            )
+        moe_fields = {"cfg_scale_high": l2.cfg_scale_high, "cfg_scale_low": l2.cfg_scale_low, "boundary": l2.boundary}
+        if not l1.is_moe:
+            set_fields = [k for k, v in moe_fields.items() if v is not None]
+            if set_fields:
+                raise ValueError(f"layer2.{', layer2.'.join(set_fields)} apply only to MoE pipelines (two DiTs)")
+        elif l2.boundary is None:
+            raise ValueError("an MoE pipeline needs layer2.boundary in (0, 1), e.g. 0.875 for Wan2.2 T2V A14B")
+        world = l2.parallel.world_size
+        devices = len(l2.parallel.device_ids) if l2.parallel.device_ids is not None else self.target.num_devices
+        if world != devices:
+            degrees = " x ".join(f"{d}={getattr(l2.parallel, d)}" for d in ("dp", "cfg", "sp_ulysses", "sp_ring", "pp", "tp"))
+            raise ValueError(
+                f"parallel degrees multiply to {world} ({degrees}) but the plan has {devices} device(s); "
+                "make the product equal target.num_devices (and len(device_ids) if given)"
+            )
+        if l2.parallel.device_ids is not None and len(l2.parallel.device_ids) != self.target.num_devices:
+            raise ValueError(
+                f"layer2.parallel.device_ids lists {len(l2.parallel.device_ids)} devices "
+                f"but target.num_devices is {self.target.num_devices}"
+            )
+        if l2.parallel.cfg == 2 and l2.cfg_scale == 1.0 and not l1.is_moe:
+            raise ValueError("cfg parallel (cfg = 2) needs classifier-free guidance; cfg_scale 1.0 has no negative branch")
+        if self.layer3.image is not None and l1.pipeline != PipelineType.WAN_I2V.value:
+            raise ValueError("layer3.image is only for the wan_i2v pipeline")
+        if l1.pipeline == PipelineType.WAN_I2V.value and self.layer3.image is None:
+            raise ValueError("the wan_i2v pipeline needs a [layer3.image] parameter")
+        return self

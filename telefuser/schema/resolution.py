@@ -1,0 +1,47 @@
+"""Resolution x aspect ratio -> (width, height) in pixels.
+
+An explicit table rather than a formula: the 16:9 entries are the sizes Wan was
+trained at (832x480, 1280x720), and every side is a multiple of 16 (VAE
+stride 8 x DiT patch 2). Other ratios keep the area at or under the 16:9 one.
+"""
+
+from __future__ import annotations
+
+from .enums import AspectRatio, Resolution
+
+RESOLUTION_TABLE: dict[Resolution, dict[AspectRatio, tuple[int, int]]] = {
+    Resolution.P144: {
+        AspectRatio.R16_9: (256, 144),
+        AspectRatio.R9_16: (144, 256),
+        AspectRatio.R1_1: (192, 192),
+        AspectRatio.R4_3: (192, 144),
+        AspectRatio.R3_4: (144, 192),
+    },
+    Resolution.P480: {
+        AspectRatio.R16_9: (832, 480),
+        AspectRatio.R9_16: (480, 832),
+        AspectRatio.R1_1: (624, 624),
+        AspectRatio.R4_3: (640, 480),
+        AspectRatio.R3_4: (480, 640),
+    },
+    Resolution.P720: {
+        AspectRatio.R16_9: (1280, 720),
+        AspectRatio.R9_16: (720, 1280),
+        AspectRatio.R1_1: (960, 960),
+        AspectRatio.R4_3: (1088, 816),
+        AspectRatio.R3_4: (816, 1088),
+    },
+}
+
+
+def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(width, height) for a resolution name and an aspect ratio such as '16:9'."""
+    try:
+        return RESOLUTION_TABLE[Resolution(resolution)][AspectRatio(aspect_ratio)]
+    except ValueError as exc:
+        valid_res = ", ".join(r.value for r in Resolution)
+        valid_ar = ", ".join(a.value for a in AspectRatio)
+        raise ValueError(
+            f"unknown resolution {resolution!r} or aspect ratio {aspect_ratio!r}: "
+            f"resolutions are {valid_res}; aspect ratios are {valid_ar}"
+        ) from exc
