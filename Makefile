@@ -16,6 +16,7 @@ $(BIN)/telefuser-run: pyproject.toml
 	touch $@
 
 demo: setup
+	mkdir -p out
 	$(BIN)/telefuser-compile recipes/tiny.toml -o out/tiny.plan.json
 	$(BIN)/telefuser-run out/tiny.plan.json --prompt "a red fox running through fresh snow" -o out/tiny.mp4
 
