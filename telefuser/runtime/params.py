@@ -1,0 +1,92 @@
+"""User parameters (the plan's Layer 3): fill defaults, refuse values the plan does not allow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from telefuser.errors import TeleFuserError
+from telefuser.schema.plan import Plan, UserParameter
+from telefuser.schema.resolution import frame_size
+
+
+class ParameterError(TeleFuserError):
+    """A run parameter the plan does not accept."""
+
+
+@dataclass(frozen=True)
+class RunParameters:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    resolution: str
+    aspect_ratio: str
+    width: int
+    height: int
+
+
+def _check(name: str, spec: UserParameter, value: Any) -> Any:
+    option = "--" + name.replace("_", "-")
+    if spec.type == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParameterError(f"{name} must be an integer, got {value!r}; pass e.g. {option} {spec.default}.")
+        low = spec.minimum if spec.minimum is not None else value
+        high = spec.maximum if spec.maximum is not None else value
+        if not low <= value <= high:
+            raise ParameterError(f"{name} {value} is outside the plan's range [{low}, {high}]; pick a value inside it.")
+    elif spec.type == "choice":
+        if str(value) not in (spec.choices or []):
+            raise ParameterError(
+                f"{name} {value!r} is not allowed by this plan; its choices are {', '.join(spec.choices or [])}. "
+                f"Pick one of them with {option}, or add it to the recipe's layer3.{name}.choices and recompile."
+            )
+        value = str(value)
+    elif not isinstance(value, str):
+        raise ParameterError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def resolve_parameters(plan: Plan, **given: Any) -> RunParameters:
+    """Merge the given values (None = not given) with the plan's defaults and check each one."""
+    specs = plan.layer3_user_interface.parameters
+    unknown = sorted(k for k, v in given.items() if v is not None and k not in specs)
+    if unknown:
+        raise ParameterError(
+            f"this plan does not take parameter(s) {', '.join(unknown)}; it takes {', '.join(sorted(specs))}."
+        )
+    values: dict[str, Any] = {}
+    for name, spec in specs.items():
+        value: Optional[Any] = given.get(name)
+        if value is None:
+            if spec.required:
+                raise ParameterError(f"the plan requires {name}; pass it (--{name.replace('_', '-')} on the command line).")
+            value = spec.default
+        values[name] = _check(name, spec, value) if value is not None else None
+    if "image" in specs:
+        raise ParameterError("image-to-video plans are not supported by this runtime yet; use a text-to-video plan.")
+    negative_prompt = values.get("negative_prompt") or ""
+    if given.get("negative_prompt") is None and not negative_prompt:
+        # Layer 2's negative prompt is the algorithm's default when Layer 3 offers none.
+        negative_prompt = plan.layer2_inference_config.negative_prompt
+    width, height = planned_frame_size(plan, values["resolution"], values["aspect_ratio"])
+    return RunParameters(
+        prompt=values["prompt"] or "",
+        negative_prompt=negative_prompt,
+        seed=values["seed"],
+        resolution=values["resolution"],
+        aspect_ratio=values["aspect_ratio"],
+        width=width,
+        height=height,
+    )
+
+
+def planned_frame_size(plan: Plan, resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(width, height) from the resolution table, cross-checked with the size the plan recorded."""
+    width, height = frame_size(resolution, aspect_ratio)
+    recorded = plan.layer3_user_interface.frame_sizes.get(resolution, {}).get(aspect_ratio)
+    if recorded is not None and tuple(recorded) != (width, height):
+        raise ParameterError(
+            f"the plan records {resolution} {aspect_ratio} as {recorded[0]}x{recorded[1]} but this TeleFuser "
+            f"makes it {width}x{height}; recompile the recipe with this version (telefuser-compile)."
+        )
+    return width, height

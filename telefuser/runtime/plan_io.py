@@ -1,0 +1,96 @@
+"""Reading a plan and refusing one that is tampered with, stale, or beyond this machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydantic
+
+from telefuser.errors import PlanError, WeightsError
+from telefuser.schema.plan import Plan
+
+RECOMPILE = "recompile the recipe (telefuser-compile RECIPE -o PLAN)"
+
+
+def read_plan(path: str | Path) -> tuple[Plan, dict]:
+    """The validated plan and its raw JSON (the hash is computed over the raw content)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PlanError(f"plan file {str(path)!r} does not exist; {RECOMPILE} or fix the path.") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError(f"plan file {str(path)!r} is not readable JSON ({exc}); {RECOMPILE}.") from exc
+    try:
+        plan = Plan.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise PlanError(
+            f"plan file {str(path)!r} is not a valid TeleFuser plan: at {where}: {first['msg']} "
+            f"({exc.error_count()} problem(s) in all); {RECOMPILE} with this TeleFuser version."
+        ) from exc
+    return plan, raw
+
+
+def check_plan_hash(plan: Plan, raw: dict, path: str | Path) -> None:
+    """The plan's content must still hash to its recorded plan_hash (no hand edits)."""
+    from telefuser.schema.canonical import plan_hash
+
+    actual = plan_hash(raw)
+    if actual != plan.plan_hash:
+        raise PlanError(
+            f"plan file {str(path)!r} was changed after it was compiled: its content hashes to "
+            f"{actual[:16]}... but it records plan_hash {plan.plan_hash[:16]}...; plans are frozen, so change "
+            f"the recipe instead and {RECOMPILE}."
+        )
+
+
+def check_fingerprints(plan: Plan) -> None:
+    """Every weight file must be present and unchanged since compilation (size + header hash)."""
+    from telefuser.schema.fingerprint import fingerprint
+
+    for model in plan.layer1_model_definition.models:
+        for recorded in model.files:
+            path = Path(recorded.path)
+            if not path.is_file():
+                raise WeightsError(
+                    f"weight file {recorded.path!r} of model {model.name!r} is missing; restore it, or fix "
+                    f"the model's path in the recipe and {RECOMPILE}."
+                )
+            now = fingerprint(path)
+            if (now.size, now.header_sha256) != (recorded.size, recorded.header_sha256):
+                raise WeightsError(
+                    f"weight file {recorded.path!r} of model {model.name!r} changed since the plan was compiled "
+                    f"(size {recorded.size} -> {now.size}, header hash {recorded.header_sha256[:12]} -> "
+                    f"{now.header_sha256[:12]}); the plan's decisions may no longer hold, so {RECOMPILE}."
+                )
+
+
+def check_target(plan: Plan) -> None:
+    """This machine must offer what the plan was compiled for."""
+    import torch
+
+    world = plan.mesh.world_size
+    if world > 1:
+        raise PlanError(
+            f"the plan runs on {world} ranks ({plan.mesh.degrees}), but multi-GPU execution is not yet "
+            "supported by telefuser-run; compile the recipe for one device (layer2.parallel degrees all 1, "
+            "target.num_devices = 1)."
+        )
+    if plan.device == "cuda":
+        if not torch.cuda.is_available():
+            raise PlanError(
+                "the plan targets CUDA but this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+                f"False; torch {torch.__version__}); run it on a GPU machine, or set target.device = \"cpu\" "
+                f"in the recipe and {RECOMPILE}."
+            )
+        if plan.target.compute_capability:
+            have = "%d.%d" % torch.cuda.get_device_capability()
+            if tuple(map(int, have.split("."))) < tuple(map(int, plan.target.compute_capability.split("."))):
+                raise PlanError(
+                    f"the plan was compiled for compute capability {plan.target.compute_capability} "
+                    f"({plan.target.gpu or 'GPU'}) but this GPU is {have} ({torch.cuda.get_device_name()}); "
+                    f"its kernel choices may not run here, so {RECOMPILE} for this GPU (target.device = \"auto\")."
+                )

@@ -1,0 +1,121 @@
+"""The runtime's output: uint8 frames plus how long each stage took; written to mp4 atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from telefuser.errors import TeleFuserError
+
+
+class OutputPathError(TeleFuserError):
+    """An output path that cannot be written."""
+
+
+@dataclass
+class Timings:
+    """Seconds per stage of one run (load is the pipeline's, shared by its runs)."""
+
+    load: float = 0.0
+    encode: float = 0.0
+    steps: list[float] = field(default_factory=list)
+    decode: float = 0.0
+    write: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+
+    def summary(self) -> str:
+        """The closing summary `telefuser-run` prints."""
+        steps = self.steps
+        per_step = f"{sum(steps) / len(steps):.3f} s/step" if steps else "no steps"
+        lines = [
+            f"load      {self.load:8.2f} s",
+            f"encode    {self.encode:8.2f} s",
+            f"denoise   {sum(steps):8.2f} s  ({len(steps)} steps, {per_step})",
+            f"decode    {self.decode:8.2f} s",
+            f"write     {self.write:8.2f} s",
+            f"peak mem  {self.peak_memory_bytes / 2**20:8.1f} MiB ({self.peak_memory_kind})",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class Video:
+    """Frames `[F, H, W, 3]` uint8 (RGB) at `fps`."""
+
+    frames: np.ndarray
+    fps: int
+    timings: Timings = field(default_factory=Timings)
+
+    def __post_init__(self) -> None:
+        if self.frames.dtype != np.uint8 or self.frames.ndim != 4 or self.frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 [F, H, W, 3], got {self.frames.dtype} {self.frames.shape}")
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.frames.shape[2], self.frames.shape[1]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an H.264 (yuv420p) mp4; the file appears complete or not at all."""
+        start = time.perf_counter()
+        target = check_output_path(path)
+        write_mp4_atomically(target, self.frames, self.fps)
+        self.timings.write = time.perf_counter() - start
+        return target
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse, before any work is done, an output that cannot be written as an mp4."""
+    target = Path(path).expanduser().absolute()
+    hint = "choose a writable folder and a file name ending in .mp4 (for example -o out/video.mp4)"
+    if target.suffix.lower() != ".mp4":
+        raise OutputPathError(f"output path {str(path)!r} does not end in .mp4; {hint}.")
+    if target.is_dir():
+        raise OutputPathError(f"output path {str(path)!r} is a folder, not a file; {hint}.")
+    folder = target.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"the folder {str(folder)!r} of output {str(path)!r} does not exist; create it or {hint}.")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise OutputPathError(f"output {str(path)!r} is not writable (permission denied); {hint}.")
+    return target
+
+
+def write_mp4_atomically(target: Path, frames: np.ndarray, fps: int) -> None:
+    """Encode into a temporary file beside the target, then rename it over the target."""
+    import imageio_ffmpeg  # lazy: only writers need ffmpeg
+
+    height, width = frames.shape[1:3]
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".partial.mp4")
+    os.close(fd)
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            tmp_name,
+            (width, height),
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            fps=fps,
+            codec="libx264",
+            quality=8,
+            macro_block_size=1,  # sizes come from the resolution table (multiples of 16); never rescale
+            ffmpeg_log_level="error",
+        )
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        os.replace(tmp_name, target)
+    except BaseException as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputPathError(f"could not write {str(target)!r}: {exc}; check free disk space and permissions.") from exc
+        raise
