@@ -1,0 +1,108 @@
+"""`telefuser-run PLAN --prompt ... -o out.mp4`: the options are the plan's Layer 3 parameters.
+
+The plan path is parsed first; the real parser is then built from the plan, so
+`telefuser-run plan.json --help` lists that plan's parameters, defaults and choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from telefuser.errors import TeleFuserError
+
+PROG = "telefuser-run"
+DESCRIPTION = "Run a compiled TeleFuser plan and write an mp4."
+# Every Layer 3 parameter a plan may declare: the pre-parser must know which options take a value.
+LAYER3_OPTIONS = ("prompt", "negative_prompt", "seed", "resolution", "aspect_ratio", "image")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _pre_parser() -> argparse.ArgumentParser:
+    pre = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, add_help=False)
+    pre.add_argument("plan", nargs="?", help="a plan JSON written by telefuser-compile")
+    pre.add_argument("-h", "--help", action="store_true")
+    pre.add_argument("-o", "--output")
+    for name in LAYER3_OPTIONS:
+        pre.add_argument(_option(name))
+    return pre
+
+
+def build_parser(plan) -> argparse.ArgumentParser:
+    """The parser of one plan: an option per Layer 3 parameter, with its type, default and choices."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=f"{DESCRIPTION} Plan: recipe {plan.recipe.name!r}, {plan.pipeline_type} on {plan.device}.",
+    )
+    parser.add_argument("plan", help="the plan JSON (written by telefuser-compile)")
+    for name, spec in plan.layer3_user_interface.parameters.items():
+        kwargs: dict = {"help": spec.description or name.replace("_", " ")}
+        if spec.type == "integer":
+            kwargs["type"] = int
+            if spec.minimum is not None or spec.maximum is not None:
+                kwargs["help"] += f" (range {spec.minimum}..{spec.maximum})"
+        if spec.choices:
+            kwargs["choices"] = spec.choices
+        if spec.required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = None  # None: the plan's default, resolved by the runtime
+            kwargs["help"] += f" (default: {spec.default!r})"
+        parser.add_argument(_option(name), dest=name, metavar=name.upper() if not spec.choices else None, **kwargs)
+    parser.add_argument("-o", "--output", required=True, help="the mp4 to write (written atomically)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = _pre_parser().parse_known_args(argv)
+    if pre.plan is None:
+        if pre.help:
+            _pre_parser().print_help()
+            print("\nGive a plan first (telefuser-run PLAN --help) to see its parameters.")
+            return 0
+        return _fail("no plan given; usage: telefuser-run PLAN --prompt TEXT -o OUT.mp4 (see telefuser-run PLAN --help)")
+    try:
+        from telefuser.runtime.plan_io import read_plan
+
+        plan, _raw = read_plan(pre.plan)
+    except TeleFuserError as exc:
+        return _fail(str(exc))
+    args = build_parser(plan).parse_args(argv)  # argparse itself exits 2 on a bad value
+    try:
+        return _run(args, plan)
+    except TeleFuserError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; no video was written.")
+
+
+def _run(args: argparse.Namespace, plan) -> int:
+    from telefuser.runtime.api import load_plan
+    from telefuser.runtime.params import resolve_parameters
+    from telefuser.runtime.video import check_output_path
+
+    values = {name: getattr(args, name) for name in plan.layer3_user_interface.parameters}
+    # Refuse bad values and unwritable outputs before spending time on loading.
+    check_output_path(args.output)
+    resolve_parameters(plan, **values)
+    pipeline = load_plan(args.plan)
+    video = pipeline.run(**values, progress=not args.no_progress)
+    written = video.save(args.output)
+    print(f"wrote {written} ({video.num_frames} frames, {video.size[0]}x{video.size[1]}, {video.fps} fps)")
+    print(video.timings.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Building each planned model: registry class, plan's arch, weights in the model's own key layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from telefuser.errors import PlanError, WeightsError
+from telefuser.schema.plan import PlannedModel
+from telefuser.schema.recipe import ModelRuntimeConfig
+
+from .lora import lora_deltas, merge_lora
+from .weights import read_state_dict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _registry_entry(planned: PlannedModel) -> Any:
+    from telefuser.models import registry
+
+    try:
+        return registry.get(planned.class_)
+    except KeyError as exc:
+        raise PlanError(
+            f"model {planned.name!r} names class {planned.class_!r}, which this TeleFuser's model registry "
+            f"does not have; recompile the recipe with this version."
+        ) from exc
+
+
+def _to_canonical(entry: Any, state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    return state if layout == "wan" else entry.convert(state, layout)
+
+
+def _meta_tensors(module: torch.nn.Module) -> list[str]:
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
+def _instantiate(entry: Any, planned: PlannedModel) -> torch.nn.Module:
+    try:
+        config = entry.config_class(**planned.arch)
+    except (TypeError, ValueError) as exc:
+        raise PlanError(
+            f"the plan's arch for model {planned.name!r} does not fit {planned.class_} ({exc}); "
+            "recompile the recipe with this TeleFuser version."
+        ) from exc
+    # On the meta device no memory is spent on weights the checkpoint replaces anyway.
+    with torch.device("meta"):
+        return entry.model_class(config)
+
+
+def build_model(
+    planned: PlannedModel, runtime: ModelRuntimeConfig, device: torch.device, base_dir: Path | None = None
+) -> torch.nn.Module:
+    """The model of the plan with its weights, LoRA and quantisation applied, on `device`."""
+    entry = _registry_entry(planned)
+    dtype = DTYPES[planned.compute_dtype]
+    state = read_state_dict([Path(f.path) for f in planned.files], device, dtype)
+    layout = entry.detect_layout(state.keys())
+    if layout != planned.key_layout:
+        raise WeightsError(
+            f"the weights of model {planned.name!r} are now in the {layout!r} key layout but the plan "
+            f"recorded {planned.key_layout!r}; recompile the recipe."
+        )
+    state = _to_canonical(entry, state, layout)
+    model = _instantiate(entry, planned)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise WeightsError(
+            f"the weights of model {planned.name!r} do not match {planned.class_} built from the plan's arch: "
+            f"{str(exc).splitlines()[0]} ...; the files changed or the arch is wrong: recompile the recipe."
+        ) from exc
+    missing = _meta_tensors(model)
+    if missing:
+        # Buffers the model derives in __init__ (not in the checkpoint) must be built for real.
+        with torch.device(device):
+            real = entry.model_class(entry.config_class(**planned.arch))
+        real.load_state_dict(state, strict=True)
+        model = real
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for lora in runtime.lora:
+        path = str(Path(base_dir or ".", lora.path)) if not Path(lora.path).is_absolute() else lora.path
+        deltas = lora_deltas(read_state_dict([Path(path)], "cpu"), path)
+        lora_layout = entry.detect_layout(deltas.keys())
+        merge_lora(model, deltas, lora.strength, path, lambda s: _to_canonical(entry, s, lora_layout))
+    if runtime.quantization.type != "none":
+        from telefuser.ops.quantized_linear import replace_linear_layers
+
+        replace_linear_layers(model, runtime.quantization.type, skip_modules=runtime.quantization.skip_modules)
+    if runtime.compile.enabled:
+        _compile_blocks(model, runtime)
+    return model
+
+
+def _compile_blocks(model: torch.nn.Module, runtime: ModelRuntimeConfig) -> None:
+    """torch.compile each transformer block (one graph per block keeps compile time low)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise PlanError(f"compile is enabled for a {type(model).__name__}, which has no transformer blocks to compile.")
+    cfg = runtime.compile
+    for block in blocks:
+        block.compile(backend=cfg.backend, mode=None if cfg.mode == "default" else cfg.mode,
+                      fullgraph=cfg.fullgraph, dynamic=cfg.dynamic)
