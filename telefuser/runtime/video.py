@@ -85,8 +85,13 @@ def check_output_path(path: str | os.PathLike) -> Path:
     folder = target.parent
     if not folder.is_dir():
         raise OutputPathError(f"the folder {str(folder)!r} of output {str(path)!r} does not exist; create it or {hint}.")
-    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise OutputPathError(f"output {str(path)!r} is not writable (permission denied); {hint}.")
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.stem}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"output {str(path)!r} is not writable ({exc.strerror}); {hint}.") from exc
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputPathError(f"output {str(path)!r} exists and is not writable; {hint}.")
     return target
 
 

@@ -1,0 +1,126 @@
+"""The embedded tiny default: a Wan2.1-architecture model set small enough for a 2-core CPU.
+
+`python -m telefuser.models.tiny recipes/tiny` writes, without any network:
+
+- dit.safetensors           WanDiT (dim 64, 2 heads of 32, 2 layers), Wan's key names
+- vae.safetensors           WanVAE (z_dim 16, base_dim 8), Wan's key names
+- text_encoder.safetensors  UMT5Encoder (dim 32, 2 layers), Wan's key names
+- tokenizer.json            the tiny umT5-style tokenizer (its vocabulary sizes the encoder)
+
+Key names and shapes come from the model classes themselves (built on the meta
+device, so nothing is allocated); every tensor's values come from a generator
+seeded by its name, so the files are identical on every run and machine. The
+weights are random: the video is structured noise, but every stage runs for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import zlib
+from pathlib import Path
+
+import torch
+
+SEED = 20250601
+FILES = {"dit": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
+TOKENIZER_FILE = "tokenizer.json"
+
+TINY_ARCH: dict[str, dict] = {
+    "dit": {
+        "model_type": "t2v",
+        "patch_size": [1, 2, 2],
+        "in_dim": 16,
+        "dim": 64,
+        "ffn_dim": 128,
+        "freq_dim": 32,
+        "text_dim": 32,
+        "out_dim": 16,
+        "num_heads": 2,  # head_dim 32: 3-D RoPE pairs 6 (frames) + 5 (height) + 5 (width)
+        "num_layers": 2,
+        "qk_norm": True,
+        "cross_attn_norm": True,
+        "eps": 1e-6,
+    },
+    "vae": {
+        "z_dim": 16,
+        "base_dim": 8,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 1,
+        "temporal_downsample": [False, True, True],
+    },
+    "text_encoder": {
+        "vocab_size": None,  # the tokenizer's vocabulary size
+        "dim": 32,
+        "dim_attn": 32,
+        "dim_ffn": 64,
+        "num_heads": 2,
+        "num_layers": 2,
+        "num_buckets": 32,
+        "shared_pos": False,
+    },
+}
+CLASSES = {"dit": "WanDiT", "vae": "WanVAE", "text_encoder": "UMT5Encoder"}
+
+
+def _value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A deterministic tensor for one weight, scaled so activations stay O(1) through the network."""
+    generator = torch.Generator().manual_seed(SEED ^ zlib.crc32(name.encode()))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm_scale = leaf == "gamma" or ("norm" in name and leaf == "weight" and len([s for s in shape if s > 1]) <= 1)
+    if is_norm_scale:
+        return 1.0 + 0.1 * noise
+    if leaf == "bias":
+        return 0.02 * noise
+    if leaf == "modulation":
+        return noise / math.sqrt(shape[-1])
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    return noise / math.sqrt(fan_in)
+
+
+def tiny_arch(vocab_size: int) -> dict[str, dict]:
+    arch = {role: dict(values) for role, values in TINY_ARCH.items()}
+    arch["text_encoder"]["vocab_size"] = vocab_size
+    return arch
+
+
+def tiny_state_dict(role: str, arch: dict) -> dict[str, torch.Tensor]:
+    """Wan-layout state dict of the tiny model with this role, built from the model class's keys."""
+    from telefuser.models import registry
+
+    entry = registry.get(CLASSES[role])
+    with torch.device("meta"):
+        model = entry.model_class(entry.config_class(**arch))
+    return {name: _value(name, tuple(t.shape)) for name, t in model.state_dict().items()}
+
+
+def generate(folder: str | Path) -> dict[str, Path]:
+    """Write the tiny model set into `folder`; returns role -> file."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from telefuser.models.t5.tokenizer import build_tiny_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = folder / TOKENIZER_FILE
+    build_tiny_tokenizer(tokenizer_path)
+    arch = tiny_arch(Tokenizer.from_file(str(tokenizer_path)).get_vocab_size())
+    written = {"tokenizer": tokenizer_path}
+    for role, filename in FILES.items():
+        state = tiny_state_dict(role, arch[role])
+        save_file(state, str(folder / filename), metadata={"format": "pt", "telefuser": "tiny"})
+        written[role] = folder / filename
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m telefuser.models.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="where to write the tiny model set (e.g. recipes/tiny)")
+    for role, path in generate(parser.parse_args(argv).folder).items():
+        print(f"{role:13s} {path} ({path.stat().st_size / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Layer 3 parameters: defaults, allowed values, the resolution table, and the negative-prompt fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from telefuser.runtime.params import ParameterError, resolve_parameters
+from telefuser.schema.plan import Plan
+from telefuser.schema.resolution import RESOLUTION_TABLE, frame_size
+
+# The documented table (docs/runtime.md): resolution -> aspect ratio -> (width, height).
+DOCUMENTED = {
+    "144p": {"16:9": (256, 144), "9:16": (144, 256), "1:1": (192, 192), "4:3": (192, 144), "3:4": (144, 192)},
+    "480p": {"16:9": (832, 480), "9:16": (480, 832), "1:1": (624, 624), "4:3": (640, 480), "3:4": (480, 640)},
+    "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "1:1": (960, 960), "4:3": (1088, 816), "3:4": (816, 1088)},
+}
+
+
+def layer3_plan(frame_sizes=None, negative_default="", layer2_negative="") -> Plan:
+    """A plan whose only meaningful parts are Layer 3 and Layer 2's negative prompt."""
+    if frame_sizes is None:
+        frame_sizes = {r: {a: list(frame_size(r, a)) for a in ("16:9", "1:1")} for r in ("144p", "480p")}
+    return Plan.model_validate({
+        "telefuser_version": "0", "plan_hash": "0" * 64, "timestamp": "now",
+        "recipe": {"name": "t", "path": "t.toml", "source_sha256": "0" * 64},
+        "pipeline_type": "wan_t2v", "device": "cpu",
+        "target": {"device": "cpu", "memory_bytes": 0, "num_devices": 1, "packages": [], "described_by": "recipe"},
+        "torch_dtype": "float32",
+        "layer1_model_definition": {"models": []},
+        "layer2_inference_config": {"negative_prompt": layer2_negative},
+        "layer3_user_interface": {
+            "parameters": {
+                "prompt": {"type": "string", "required": True},
+                "negative_prompt": {"type": "string", "default": negative_default},
+                "seed": {"type": "integer", "default": 42, "minimum": 0, "maximum": 1000},
+                "resolution": {"type": "choice", "default": "144p", "choices": ["144p", "480p"]},
+                "aspect_ratio": {"type": "choice", "default": "16:9", "choices": ["16:9", "1:1"]},
+            },
+            "frame_sizes": frame_sizes,
+        },
+        "dispatch": [],
+        "mesh": {"world_size": 1, "order": [], "degrees": {}, "ranks": [], "groups": {}},
+        "memory": {"peak_bytes": 0, "capacity_bytes": 0, "breakdown": {}, "at": {}},
+        "stages": [],
+    })
+
+
+def test_resolution_table_is_the_documented_one():
+    assert {r.value: {a.value: wh for a, wh in t.items()} for r, t in RESOLUTION_TABLE.items()} == DOCUMENTED
+    for table in DOCUMENTED.values():
+        for width, height in table.values():
+            assert width % 16 == 0 and height % 16 == 0  # VAE stride 8 x DiT patch 2
+
+
+def test_defaults_fill_in_and_map_to_frame_size():
+    p = resolve_parameters(layer3_plan(), prompt="a fox")
+    assert (p.seed, p.resolution, p.aspect_ratio, p.width, p.height) == (42, "144p", "16:9", 256, 144)
+    p = resolve_parameters(layer3_plan(), prompt="a fox", resolution="480p", aspect_ratio="16:9", seed=7)
+    assert (p.width, p.height, p.seed) == (832, 480, 7)
+
+
+@pytest.mark.parametrize(
+    "given, needle",
+    [
+        ({"resolution": "720p"}, "choices are 144p, 480p"),
+        ({"aspect_ratio": "9:16"}, "choices are 16:9, 1:1"),
+        ({"seed": 1001}, "outside the plan's range [0, 1000]"),
+        ({"seed": "7"}, "must be an integer"),
+        ({"seed": True}, "must be an integer"),
+        ({"prompt": None}, "requires prompt"),
+        ({"image": "x.png"}, "does not take parameter(s) image"),
+    ],
+)
+def test_values_outside_the_plan_are_refused(given, needle):
+    with pytest.raises(ParameterError, match=None) as info:
+        resolve_parameters(layer3_plan(), **{"prompt": "a fox", **given})
+    assert needle in str(info.value)
+
+
+def test_negative_prompt_falls_back_to_layer2_only_when_not_given():
+    plan = layer3_plan(layer2_negative="blurry")
+    assert resolve_parameters(plan, prompt="x").negative_prompt == "blurry"
+    assert resolve_parameters(plan, prompt="x", negative_prompt="").negative_prompt == ""
+    assert resolve_parameters(plan, prompt="x", negative_prompt="dark").negative_prompt == "dark"
+    assert resolve_parameters(layer3_plan(negative_default="grey", layer2_negative="blurry"), prompt="x").negative_prompt == "grey"
+
+
+def test_a_plan_recording_another_frame_size_is_stale():
+    plan = layer3_plan(frame_sizes={"144p": {"16:9": [320, 144]}})
+    with pytest.raises(ParameterError, match="recompile"):
+        resolve_parameters(plan, prompt="x")
