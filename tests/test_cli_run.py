@@ -1,0 +1,141 @@
+"""telefuser-run end to end on the tiny plan: a valid mp4, --help from the plan, and exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+
+from telefuser.cli.compile import main as compile_main
+from telefuser.cli.run import main as run_main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def compile_tiny(folder: Path) -> Path:
+    """Copy the tiny recipe and weights into `folder` and compile them there."""
+    shutil.copy(RECIPES / "tiny.toml", folder / "tiny.toml")
+    shutil.copytree(RECIPES / "tiny", folder / "tiny")
+    plan = folder / "tiny.plan.json"
+    assert compile_main([str(folder / "tiny.toml"), "-o", str(plan)]) in (0, None)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory) -> Path:
+    return compile_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_run_writes_a_valid_mp4(plan, tmp_path, capsys):
+    out = tmp_path / "fox.mp4"
+    code = run_main([str(plan), "--prompt", "a red fox in snow", "--seed", "3", "--aspect-ratio", "1:1",
+                     "-o", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for stage in ("load", "encode", "denoise", "decode", "write", "peak mem"):
+        assert stage in printed
+    reader = imageio_ffmpeg.read_frames(str(out))
+    meta = next(reader)
+    assert meta["size"] == (192, 192) and meta["fps"] == 8
+    assert sum(1 for _ in reader) == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.mp4"]
+
+
+def test_help_lists_the_plans_parameters(plan, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_main([str(plan), "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("--prompt", "--negative-prompt", "--seed", "--resolution", "{144p,480p}",
+                   "--aspect-ratio", "{16:9,9:16,1:1}", "default: 42", "default: '144p'"):
+        assert needle in text
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--seed", "seven"], "invalid int value"),
+        (["--resolution", "720p"], "invalid choice"),
+        (["--seed", "-1"], "outside the plan's range"),
+    ],
+)
+def test_bad_values_exit_2(plan, tmp_path, capsys, extra, needle):
+    out = tmp_path / "v.mp4"
+    try:
+        code = run_main([str(plan), "--prompt", "x", "-o", str(out), *extra])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    assert needle in _error(capsys)
+    assert not out.exists()
+
+
+def test_unwritable_output_exits_2(plan, capsys):
+    assert run_main([str(plan), "--prompt", "x", "-o", "/sys/v.mp4"]) == 2
+    assert "not writable" in _error(capsys)
+
+
+def test_missing_plan_exits_2(tmp_path, capsys):
+    assert run_main([str(tmp_path / "nope.json"), "--prompt", "x", "-o", str(tmp_path / "v.mp4")]) == 2
+    assert "does not exist" in _error(capsys)
+
+
+def _edit_plan(plan: Path, tmp_path: Path, edit) -> Path:
+    data = json.loads(plan.read_text())
+    edit(data)
+    edited = tmp_path / "edited.plan.json"
+    edited.write_text(json.dumps(data))
+    return edited
+
+
+def test_edited_plan_fails_its_hash(plan, tmp_path, capsys):
+    def more_steps(data):
+        data["layer2_inference_config"]["num_inference_steps"] = 5
+
+    edited = _edit_plan(plan, tmp_path, more_steps)
+    assert run_main([str(edited), "--prompt", "x", "-o", str(tmp_path / "v.mp4")]) == 2
+    assert "changed after it was compiled" in _error(capsys)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_cuda_plan_on_this_cpu_machine_exits_2(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    folder = tmp_path / "cuda"
+    folder.mkdir()
+    shutil.copy(RECIPES / "tiny.toml", folder / "tiny.toml")
+    shutil.copytree(RECIPES / "tiny", folder / "tiny")
+    text = (folder / "tiny.toml").read_text().replace('device = "cpu"', 'device = "cuda"\ngpu = "H100"')
+    (folder / "tiny.toml").write_text(text)
+    plan = folder / "tiny.plan.json"
+    assert compile_main([str(folder / "tiny.toml"), "-o", str(plan)]) in (0, None)
+    assert run_main([str(plan), "--prompt", "x", "-o", str(tmp_path / "v.mp4")]) == 2
+    assert "no usable CUDA GPU" in _error(capsys)
+
+
+def test_missing_and_changed_weights_exit_2(tmp_path, capsys):
+    plan = compile_tiny(tmp_path)
+    vae = tmp_path / "tiny" / "vae.safetensors"
+    original = vae.read_bytes()
+    # Same size, different header: a fingerprint change.
+    header_len = int.from_bytes(original[:8], "little")
+    header = original[8:8 + header_len].replace(b'"telefuser":"tiny"', b'"telefuser":"tinx"')
+    assert header != original[8:8 + header_len]
+    vae.write_bytes(original[:8] + header + original[8 + header_len:])
+    assert run_main([str(plan), "--prompt", "x", "-o", str(tmp_path / "v.mp4")]) == 2
+    assert "changed since the plan was compiled" in _error(capsys)
+    vae.unlink()
+    assert run_main([str(plan), "--prompt", "x", "-o", str(tmp_path / "v.mp4")]) == 2
+    assert "missing" in _error(capsys)
+    assert not (tmp_path / "v.mp4").exists()
