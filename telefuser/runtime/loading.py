@@ -33,11 +33,7 @@ def _to_canonical(entry: Any, state: dict[str, torch.Tensor], layout: str) -> di
     return state if layout == "wan" else entry.convert(state, layout)
 
 
-def _meta_tensors(module: torch.nn.Module) -> list[str]:
-    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-
-
-def _instantiate(entry: Any, planned: PlannedModel) -> torch.nn.Module:
+def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> torch.nn.Module:
     try:
         config = entry.config_class(**planned.arch)
     except (TypeError, ValueError) as exc:
@@ -45,9 +41,16 @@ def _instantiate(entry: Any, planned: PlannedModel) -> torch.nn.Module:
             f"the plan's arch for model {planned.name!r} does not fit {planned.class_} ({exc}); "
             "recompile the recipe with this TeleFuser version."
         ) from exc
-    # On the meta device no memory is spent on weights the checkpoint replaces anyway.
+    # On the meta device no memory or time is spent on weights the checkpoint replaces anyway.
     with torch.device("meta"):
-        return entry.model_class(config)
+        model = entry.model_class(config)
+    persistent = model.state_dict().keys()
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        # Buffers the model derives in __init__ (e.g. the VAE's latent statistics) are not in the
+        # checkpoint: such a model is built for real (only small models carry them).
+        with torch.device(device):
+            model = entry.model_class(config)
+    return model
 
 
 def build_model(
@@ -64,7 +67,7 @@ def build_model(
             f"recorded {planned.key_layout!r}; recompile the recipe."
         )
     state = _to_canonical(entry, state, layout)
-    model = _instantiate(entry, planned)
+    model = _instantiate(entry, planned, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -72,13 +75,6 @@ def build_model(
             f"the weights of model {planned.name!r} do not match {planned.class_} built from the plan's arch: "
             f"{str(exc).splitlines()[0]} ...; the files changed or the arch is wrong: recompile the recipe."
         ) from exc
-    missing = _meta_tensors(model)
-    if missing:
-        # Buffers the model derives in __init__ (not in the checkpoint) must be built for real.
-        with torch.device(device):
-            real = entry.model_class(entry.config_class(**planned.arch))
-        real.load_state_dict(state, strict=True)
-        model = real
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     for lora in runtime.lora:
         path = str(Path(base_dir or ".", lora.path)) if not Path(lora.path).is_absolute() else lora.path

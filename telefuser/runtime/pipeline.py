@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from telefuser.errors import PlanError, TeleFuserError
+from telefuser.errors import PlanError, TeleFuserError, WeightsError
 from telefuser.schema.plan import Plan
 from telefuser.schema.recipe import ModelRuntimeConfig
 
@@ -83,7 +83,7 @@ class Pipeline:
         self.tokenizer = None
         for planned in plan.layer1_model_definition.models:
             if planned.role == "tokenizer":
-                self.tokenizer = _load_tokenizer(Path(planned.files[0].path if planned.files else planned.path))
+                self.tokenizer = _load_tokenizer(planned, plan.layer2_inference_config.text_len)
                 continue
             runtime = plan.layer2_inference_config.models.get(planned.name, ModelRuntimeConfig())
             offload = runtime.offload.mode == "MODEL_CPU_OFFLOAD"
@@ -148,12 +148,11 @@ class Pipeline:
         from .text import encode_prompts
 
         start = time.perf_counter()
-        l2 = self.plan.layer2_inference_config
         prompts = [state.params.prompt]
         if self._uses_cfg():
             prompts.append(state.params.negative_prompt)
         with self.placements["text_encoder"].active() as encoder, self._dispatch("text_encoder"):
-            context = encode_prompts(encoder, self.tokenizer, prompts, l2.text_len, self.device)
+            context = encode_prompts(encoder, self.tokenizer, prompts, self.device)
         state.context = context[:1]
         state.context_null = context[1:] if len(prompts) > 1 else None
         self._sync()
@@ -252,10 +251,14 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
 
 
-def _load_tokenizer(path: Path):
-    from tokenizers import Tokenizer
+def _load_tokenizer(planned, text_len: int):
+    from telefuser.models.t5.tokenizer import UMT5Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    path = planned.files[0].path if planned.files else planned.path
+    try:
+        return UMT5Tokenizer(path, text_len=text_len)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot load tokenizer {planned.name!r} from {path!r}: {exc}") from exc
 
 
 @contextlib.contextmanager
