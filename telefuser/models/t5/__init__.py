@@ -1,0 +1,1 @@
+"""umT5-XXL text encoder (Wan's text encoder) and its tokenizer."""

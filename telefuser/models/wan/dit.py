@@ -1,0 +1,215 @@
+"""Wan2.1 / Wan2.2 diffusion transformer, in Wan's own parameter layout.
+
+Module and parameter names follow the official checkpoints
+(`diffusion_pytorch_model*.safetensors` of Wan-AI/Wan2.1-T2V-1.3B etc.), so
+those files load without renaming; diffusers' layout is converted by
+`dit_keys`. Numerics follow the reference: the time embedding, the modulation
+vectors and the modulated norms are computed in float32, the big projections
+in the model's dtype.
+
+The text context is taken as given ([B, L, text_dim]); Wan zero-pads each
+prompt's embedding to `text_len` (512) before the text MLP, which the
+runtime's text stage does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from telefuser.ops.attention import attention
+from telefuser.ops.normalization import LayerNorm, RMSNorm, norm_modulate
+from telefuser.ops.residual import gated_add
+from telefuser.ops.rotary import apply_rotary_emb, wan_rope_cos_sin
+
+CLIP_TOKENS = 257  # image tokens the I2V image branch prepends to the text context
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    model_type: str = "t2v"  # "t2v" or "i2v" (image cross-attention + img_emb)
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    in_dim: int = 16
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+WAN21_1_3B = WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+WAN21_14B = WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos | sin] of t * 10000^(-i/half), in float64 as Wan computes it, returned as float32."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
+    angles = timesteps.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        # q/k norms span all heads (weight [dim]), as in the checkpoints.
+        self.norm_q = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))  # [B, S, N, D]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = apply_rotary_emb(self._heads(self.norm_q(self.q(x))), *rope)
+        k = apply_rotary_emb(self._heads(self.norm_k(self.k(x))), *rope)
+        v = self._heads(self.v(x))
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanCrossAttention(WanSelfAttention):
+    """Attention of video tokens to the text context (and, for I2V, to CLIP image tokens)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool) -> None:
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.image = image
+        if image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q = self._heads(self.norm_q(self.q(x)))
+        if self.image:
+            context_img, context = context[:, :CLIP_TOKENS], context[:, CLIP_TOKENS:]
+        k = self._heads(self.norm_k(self.k(context)))
+        v = self._heads(self.v(context))
+        out = attention(q, k, v)
+        if self.image:
+            k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
+            out = out + attention(q, k_img, self._heads(self.v_img(context_img)))
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = WanSelfAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        # norm1 / norm2 have no parameters; norm3 (before cross-attention) is affine.
+        self.norm3 = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.model_type == "i2v")
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(
+        self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        # e: [B, 6, dim] float32; each chunk [B, 1, dim] broadcasts over tokens.
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(6, dim=1)
+        y = self.self_attn(norm_modulate(x, shift_sa, scale_sa, eps=self.eps), rope)
+        x = gated_add(x, y, gate_sa)
+        x = x + self.cross_attn(self.norm3(x), context)
+        y = self.ffn(norm_modulate(x, shift_ff, scale_ff, eps=self.eps))
+        return gated_add(x, y, gate_ff)
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + t_emb.float()[:, None]).chunk(2, dim=1)
+        return self.head(norm_modulate(x, shift, scale, eps=self.eps))
+
+
+class WanImageEmbedding(nn.Module):
+    """CLIP ViT-H image features (1280) -> model width; keys img_emb.proj.{0,1,3,4}."""
+
+    def __init__(self, clip_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(), nn.Linear(clip_dim, dim), nn.LayerNorm(dim)
+        )
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        return self.proj(clip_fea)
+
+
+class WanDiT(nn.Module):
+    def __init__(self, config: WanDiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=tuple(c.patch_size), stride=tuple(c.patch_size))
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, c.dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(c) for _ in range(c.num_layers))
+        self.head = WanHead(c)
+        if c.model_type == "i2v":
+            self.img_emb = WanImageEmbedding(1280, c.dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, in, F, H, W] (I2V: `y` holds the extra conditioning channels), t [B], context [B, L, text_dim]."""
+        c = self.config
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(x.to(dtype))
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # [B, S, dim]
+        rope = wan_rope_cos_sin(grid, c.head_dim, device=tokens.device)
+
+        t_emb = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
+        e = self.time_projection(t_emb.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, c.dim))
+
+        context = self.text_embedding(context.to(dtype))
+        if c.model_type == "i2v":
+            if clip_fea is None:
+                raise ValueError("an i2v Wan DiT needs clip_fea (CLIP image features)")
+            context = torch.cat([self.img_emb(clip_fea.to(dtype)), context], dim=1)
+
+        for block in self.blocks:
+            tokens = block(tokens, e, context, rope)
+        out = self.head(tokens, t_emb)
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """[B, f*h*w, out*pt*ph*pw] -> [B, out, f*pt, h*ph, w*pw]."""
+        (pt, ph, pw), (f, h, w) = self.config.patch_size, grid
+        b = tokens.shape[0]
+        x = tokens.view(b, f, h, w, pt, ph, pw, self.config.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.config.out_dim, f * pt, h * ph, w * pw)

@@ -1,0 +1,292 @@
+"""Wan2.1 VAE: causal 3-D convolutional autoencoder, in Wan's own parameter layout (`Wan2.1_VAE.pth`).
+
+Time is causal: a video of 1 + 4k frames is encoded as its first frame, then
+chunks of 4; decoding runs one latent frame at a time. Between chunks each
+causal convolution keeps the last two frames of its input (`CausalCache`), so
+the whole video's activations are never held at once and the result equals a
+single pass over the full video. 16 latent channels, 4x time, 8x space.
+
+Latent convention: `encode` returns and `decode` takes *normalised* latents,
+(z - mean) / std per channel with Wan2.1's published statistics, which is what
+the DiT sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from telefuser.ops.attention import attention
+
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+CACHE_FRAMES = 2  # a 3-tap causal conv needs the two previous frames
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    z_dim: int = 16
+    base_dim: int = 96
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    temporal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
+
+
+class CausalCache(dict):
+    """Per-module state carried from one time chunk to the next (module -> tensor or marker)."""
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded only on the past side in time; with a cache, the past is the previous chunk."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        pt, ph, pw = self.padding
+        self._time_pad = 2 * pt
+        self._space_pad = (pw, pw, ph, ph)
+        self.padding = (0, 0, 0)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:  # type: ignore[override]
+        time_pad = self._time_pad
+        if cache is not None and time_pad > 0:
+            past = cache.get(self)
+            keep = x[:, :, -CACHE_FRAMES:]
+            if keep.shape[2] < CACHE_FRAMES and past is not None:
+                keep = torch.cat([past[:, :, -1:], keep], dim=2)
+            if past is not None:
+                x = torch.cat([past, x], dim=2)
+                time_pad -= past.shape[2]
+            cache[self] = keep
+        return super().forward(F.pad(x, (*self._space_pad, time_pad, 0)))
+
+
+class ChannelRMSNorm(nn.Module):
+    """L2-normalise over channels, times sqrt(C) and a per-channel gain (`gamma`)."""
+
+    def __init__(self, dim: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        # Indices match the checkpoint: residual.{0,2,3,6}; 1/4 are SiLU, 5 was dropout.
+        self.residual = nn.Sequential(
+            ChannelRMSNorm(in_dim, 3), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            ChannelRMSNorm(out_dim, 3), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = ChannelRMSNorm(dim, 2)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
+        q, k, v = (part.unsqueeze(1) for part in qkv.chunk(3, dim=-1))  # [BT, 1, HW, C]
+        out = attention(q, k, v, input_layout="BNSD").squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        out = self.proj(out).reshape(b, t, c, h, w).transpose(1, 2)
+        return x + out
+
+
+class Resample(nn.Module):
+    """2x spatial up/down sampling, optionally with 2x causal temporal up/down sampling (`time_conv`)."""
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("up"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        if self.mode == "upsample3d" and cache is not None:
+            x = self._double_frames(x, cache)
+        b, c, t, h, w = x.shape
+        frames = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        x = frames.reshape(b, t, *frames.shape[1:]).transpose(1, 2)
+        if self.mode == "downsample3d" and cache is not None:
+            x = self._halve_frames(x, cache)
+        return x
+
+    def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        # The first chunk (the video's first frame) is not doubled: 1 + 4k frames come out of 1 + k.
+        if cache.get((self, "seen")) is None:
+            cache[(self, "seen")] = True
+            return x
+        b, c, t, h, w = x.shape
+        y = self.time_conv(x, cache).reshape(b, 2, c, t, h, w)
+        return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
+
+    def _halve_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        past = cache.get(self)
+        cache[self] = x[:, :, -1:]
+        if past is None:  # the first frame passes through alone
+            return x
+        return self.time_conv(torch.cat([past[:, :, -1:], x], dim=2))
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, AttentionBlock, Resample)) else layer(x)
+    return x
+
+
+def _middle(dim: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
+def _head(dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(ChannelRMSNorm(dim, 3), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: WanVAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.base_dim * m for m in [1, *cfg.dim_mult]]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                blocks.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*blocks)
+        self.middle = _middle(dims[-1])
+        self.head = _head(dims[-1], cfg.z_dim * 2)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        return _run(self.head, _run(self.middle, _run(self.downsamples, x, cache), cache), cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: WanVAEConfig) -> None:
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.base_dim * m for m in [mult[-1], *mult[::-1]]]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0])
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous Resample's conv halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(mult) - 1:
+                blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = _head(dims[-1], 3)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        return _run(self.head, _run(self.upsamples, _run(self.middle, x, cache), cache), cache)
+
+
+class WanVAE(nn.Module):
+    spatial_ratio = 8
+    temporal_ratio = 4
+
+    def __init__(self, config: WanVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder3d(config)
+        self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder3d(config)
+        stats = torch.tensor([LATENT_MEAN, LATENT_STD]) if config.z_dim == len(LATENT_MEAN) else \
+            torch.stack([torch.zeros(config.z_dim), torch.ones(config.z_dim)])
+        self.register_buffer("latent_stats", stats.view(2, 1, config.z_dim, 1, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 1+4k, H, W] in [-1, 1] -> normalised latent mean [B, z, 1+k, H/8, W/8]."""
+        if (video.shape[2] - 1) % self.temporal_ratio:
+            raise ValueError(f"the Wan VAE encodes 1+4k frames, got {video.shape[2]}")
+        cache = CausalCache()
+        chunks = [video[:, :, :1]] + list(video[:, :, 1:].split(self.temporal_ratio, dim=2))
+        out = torch.cat([self.encoder(c, cache) for c in chunks], dim=2)
+        mean = self.conv1(out).chunk(2, dim=1)[0]
+        latent_mean, latent_std = self.latent_stats.to(mean.dtype)
+        return (mean - latent_mean) / latent_std
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] = (32, 32),
+               tile_stride: tuple[int, int] = (24, 24)) -> torch.Tensor:
+        """Normalised latents [B, z, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in [-1, 1].
+
+        Tiled: overlapping spatial tiles of `tile_size` latent pixels every `tile_stride`, each decoded on
+        its own; overlaps are blended linearly (each tile with its already blended upper and left
+        neighbours), which bounds memory by the tile, not the frame.
+        """
+        latent_mean, latent_std = self.latent_stats.to(z.dtype)
+        z = self.conv2(z * latent_std + latent_mean)
+        video = self._decode_tiled(z, tile_size, tile_stride) if tiled else self._decode_frames(z)
+        return video.clamp_(-1.0, 1.0)
+
+    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
+        cache = CausalCache()
+        return torch.cat([self.decoder(z[:, :, i : i + 1], cache) for i in range(z.shape[2])], dim=2)
+
+    def _decode_tiled(self, z: torch.Tensor, tile: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+        r = self.spatial_ratio
+        height, width = z.shape[3], z.shape[4]
+        blend = ((tile[0] - stride[0]) * r, (tile[1] - stride[1]) * r)
+        rows: list[list[torch.Tensor]] = []
+        for i in range(0, height, stride[0]):
+            row = []
+            for j in range(0, width, stride[1]):
+                decoded = self._decode_frames(z[:, :, :, i : i + tile[0], j : j + tile[1]])
+                if rows:
+                    _blend(rows[-1][len(row)], decoded, blend[0], dim=3)
+                if row:
+                    _blend(row[-1], decoded, blend[1], dim=4)
+                row.append(decoded)
+            rows.append(row)
+        out_rows = [torch.cat([t[:, :, :, : stride[0] * r, : stride[1] * r] for t in row], dim=4) for row in rows]
+        return torch.cat(out_rows, dim=3)[:, :, :, : height * r, : width * r]
+
+
+def _blend(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:
+    """Cross-fade the first `extent` rows/columns of `cur` (in place) from the end of `prev`."""
+    extent = min(prev.shape[dim], cur.shape[dim], extent)
+    if extent == 0:
+        return
+    shape = [1] * cur.ndim
+    shape[dim] = extent
+    w = (torch.arange(extent, dtype=cur.dtype, device=cur.device) / extent).view(shape)
+    head = cur.narrow(dim, 0, extent)
+    head.copy_(prev.narrow(dim, prev.shape[dim] - extent, extent) * (1 - w) + head * w)
