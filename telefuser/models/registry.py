@@ -1,0 +1,60 @@
+"""Model registry: the class names a plan may use, and how to build and load each.
+
+A plan names a class from this table, never an import path, so a plan cannot
+run arbitrary code. Each entry knows its model and config classes and its
+checkpoint key layouts; modules are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    module: str  # where the model and config classes live
+    model_attr: str
+    config_attr: str
+    keys_module: str  # detect_layout / to_wan_layout for the checkpoint layouts
+
+    def _load(self, module: str, attr: str) -> Any:
+        return getattr(importlib.import_module(module), attr)
+
+    @property
+    def model_class(self) -> type:
+        return self._load(self.module, self.model_attr)
+
+    @property
+    def config_class(self) -> type:
+        return self._load(self.module, self.config_attr)
+
+    def detect_layout(self, keys: Iterable[str]) -> str:
+        detect: Callable[[Iterable[str]], str] = self._load(self.keys_module, "detect_layout")
+        return detect(keys)
+
+    def convert(self, state: Mapping[str, Any], layout: str) -> dict[str, Any]:
+        """A state dict in `layout` -> the model's own (Wan) layout."""
+        if layout == "wan":
+            return dict(state)
+        return self._load(self.keys_module, "to_wan_layout")(state)
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    e.name: e
+    for e in (
+        ModelEntry("WanDiT", "telefuser.models.wan.dit", "WanDiT", "WanDiTConfig", "telefuser.models.wan.dit_keys"),
+        ModelEntry("WanVAE", "telefuser.models.wan.vae", "WanVAE", "WanVAEConfig", "telefuser.models.wan.vae_keys"),
+        ModelEntry("UMT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config", "telefuser.models.t5.umt5_keys"),
+    )
+}
+
+
+def get(name: str) -> ModelEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no model class {name!r} in the registry; known: {', '.join(REGISTRY)}") from None
