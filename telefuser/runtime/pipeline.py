@@ -17,14 +17,12 @@ import numpy as np
 import torch
 
 from telefuser.errors import PlanError, TeleFuserError, WeightsError
-from telefuser.schema.plan import Plan
+from telefuser.schema.plan import Plan, Stage
 from telefuser.schema.recipe import ModelRuntimeConfig
 
 from .params import RunParameters, resolve_parameters
 from .placement import Placement, peak_memory, reset_peak_memory
 from .video import Timings, Video
-
-DIT_ROLES = ("dit", "dit_high_noise", "dit_low_noise")
 
 
 class OutOfMemory(TeleFuserError):
@@ -40,7 +38,7 @@ class _RunState:
     context_null: Optional[torch.Tensor] = None
     latents: Optional[torch.Tensor] = None
     frames: Optional[np.ndarray] = None
-    extra: dict = field(default_factory=dict)
+    writer: dict = field(default_factory=dict)
 
 
 def unsupported_features(plan: Plan) -> list[str]:
@@ -65,6 +63,7 @@ class Pipeline:
     """A loaded plan: call `run` once per video. Build it with `telefuser.load_plan`."""
 
     def __init__(self, plan: Plan, plan_path: str | Path = "<memory>") -> None:
+        from .loading import build_model
         from .plan_io import check_fingerprints, check_target
 
         self.plan = plan
@@ -79,35 +78,34 @@ class Pipeline:
         check_fingerprints(plan)
         self.device = torch.device(plan.device)
         start = time.perf_counter()
-        self.placements: dict[str, Placement] = {}
-        self.tokenizer = None
+        self.placements: dict[str, Placement] = {}  # by model name
+        self.tokenizers: dict[str, object] = {}
         for planned in plan.layer1_model_definition.models:
             if planned.role == "tokenizer":
-                self.tokenizer = _load_tokenizer(planned, plan.layer2_inference_config.text_len)
+                self.tokenizers[planned.name] = _load_tokenizer(planned, plan.layer2_inference_config.text_len)
                 continue
             runtime = plan.layer2_inference_config.models.get(planned.name, ModelRuntimeConfig())
             offload = runtime.offload.mode == "MODEL_CPU_OFFLOAD"
-            resident = torch.device("cpu") if offload else self.device
-            from .loading import build_model
-
             with _oom_guard(f"loading model {planned.name!r}"):
-                module = build_model(planned, runtime, resident)
-            self.placements[planned.role] = Placement(module, self.device, offload)
+                module = build_model(planned, runtime, torch.device("cpu") if offload else self.device)
+            self.placements[planned.name] = Placement(module, self.device, offload)
         self.load_seconds = time.perf_counter() - start
 
-    # ------------------------------------------------------------------ helpers
-
-    def _name(self, role: str) -> str:
-        return self.plan.model(role).name
-
-    def _dispatch(self, role: str):
+    def _dispatch(self, name: str):
         from telefuser.ops.dispatch import use_dispatch
 
-        return use_dispatch(self.plan.dispatch_table(self._name(role)))
+        return use_dispatch(self.plan.dispatch_table(name))
 
     @property
-    def _stage_runners(self) -> dict[str, Callable[[_RunState, dict], None]]:
-        return {"text_encode": self._encode, "denoise": self._denoise, "vae_decode": self._decode}
+    def _stage_runners(self) -> dict[str, Callable[[_RunState, Stage], None]]:
+        return {
+            "load": lambda state, stage: None,  # done once, by the constructor
+            "text_encoder": self._encode,
+            "noise": self._noise,
+            "denoise": self._denoise,
+            "vae_decode": self._decode,
+            "write_video": self._writer_settings,
+        }
 
     # ------------------------------------------------------------------ run
 
@@ -132,90 +130,82 @@ class Pipeline:
             runner = runners.get(stage.kind)
             if runner is None:
                 raise PlanError(
-                    f"the plan's stage {stage.name!r} has kind {stage.kind!r}, which this runtime does not know "
-                    f"(it runs {', '.join(runners)}); recompile the recipe with this TeleFuser version."
+                    f"the plan's stage {stage.name!r} has kind {stage.kind!r}, which this runtime does not "
+                    f"execute (it runs {', '.join(runners)}); recompile the recipe with this TeleFuser version."
                 )
             with _oom_guard(f"stage {stage.name!r}"), torch.inference_mode():
-                runner(state, stage.params)
-        if state.frames is None:
-            raise PlanError("the plan has no decode stage, so it produces no frames; recompile the recipe.")
+                runner(state, stage)
+        if state.frames is None or "fps" not in state.writer:
+            raise PlanError("the plan has no vae_decode or write_video stage, so it makes no video; recompile it.")
         state.timings.peak_memory_bytes, state.timings.peak_memory_kind = peak_memory(self.device)
-        return Video(frames=state.frames, fps=self.plan.layer2_inference_config.fps, timings=state.timings)
+        return Video(frames=state.frames, timings=state.timings, **state.writer)
 
     # ------------------------------------------------------------------ stages
 
-    def _encode(self, state: _RunState, params: dict) -> None:
+    def _encode(self, state: _RunState, stage: Stage) -> None:
         from .text import encode_prompts
 
         start = time.perf_counter()
+        tokenizer_name, encoder_name = stage.models
         prompts = [state.params.prompt]
-        if self._uses_cfg():
+        if stage.params["negative"]:
             prompts.append(state.params.negative_prompt)
-        with self.placements["text_encoder"].active() as encoder, self._dispatch("text_encoder"):
-            context = encode_prompts(encoder, self.tokenizer, prompts, self.device)
+        with self.placements[encoder_name].active() as encoder, self._dispatch(encoder_name):
+            context = encode_prompts(encoder, self.tokenizers[tokenizer_name], prompts, self.device)
         state.context = context[:1]
         state.context_null = context[1:] if len(prompts) > 1 else None
         self._sync()
         state.timings.encode = time.perf_counter() - start
 
-    def _uses_cfg(self) -> bool:
-        l2 = self.plan.layer2_inference_config
-        scales = [l2.cfg_scale] if "dit" in self.placements else [
-            l2.cfg_scale if s is None else s for s in (l2.cfg_scale_high, l2.cfg_scale_low)
-        ]
-        # A scale of 1 makes the guided prediction equal the conditional one: no negative branch needed.
-        return any(s != 1.0 for s in scales)
-
-    def _latent_shape(self, p: RunParameters) -> tuple[int, ...]:
-        vae = self.plan.model("vae").arch
-        spatial = 2 ** (len(vae["dim_mult"]) - 1)
-        temporal = 2 ** sum(bool(t) for t in vae["temporal_downsample"])
-        frames = self.plan.layer2_inference_config.num_frames
-        dit = self.plan.model("dit" if "dit" in self.placements else "dit_high_noise").arch
-        patch = dit["patch_size"]
-        lat = ((frames - 1) // temporal + 1, p.height // spatial, p.width // spatial)
-        if any(n % k for n, k in zip(lat, patch)):
+    def _noise(self, state: _RunState, stage: Stage) -> None:
+        p = stage.params
+        if p["generator"] != "cpu":
+            raise PlanError(f"the plan asks for a {p['generator']!r} noise generator; this runtime draws on the CPU.")
+        space, time_ratio = p["spatial_ratio"], p["temporal_ratio"]
+        if p["num_frames"] % time_ratio != 1 % time_ratio or state.params.height % space or state.params.width % space:
             raise PlanError(
-                f"{p.width}x{p.height} with {frames} frames gives latents {lat}, not divisible by the DiT's patch "
-                f"{tuple(patch)}; use another resolution or frame count and recompile."
+                f"{p['num_frames']} frames of {state.params.width}x{state.params.height} do not fit the VAE's "
+                f"{time_ratio}x{space}x{space} compression; pick another resolution and recompile."
             )
-        return (1, vae["z_dim"], *lat)
+        shape = (1, p["latent_channels"], (p["num_frames"] - 1) // time_ratio + 1,
+                 state.params.height // space, state.params.width // space)
+        # Drawn on the CPU, then moved: the same seed gives the same noise on any device.
+        generator = torch.Generator("cpu").manual_seed(state.params.seed)
+        state.latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
-    def _experts(self) -> list[tuple[str, float, float]]:
-        """(role, cfg scale, lowest timestep it serves): one DiT, or Wan2.2's pair split at the boundary."""
-        l2 = self.plan.layer2_inference_config
-        if "dit" in self.placements:
-            return [("dit", l2.cfg_scale, float("-inf"))]
-        boundary_t = l2.boundary * 1000  # boundary is a fraction of num_train_timesteps (1000 for Wan)
-        high = l2.cfg_scale if l2.cfg_scale_high is None else l2.cfg_scale_high
-        low = l2.cfg_scale if l2.cfg_scale_low is None else l2.cfg_scale_low
-        return [("dit_high_noise", high, boundary_t), ("dit_low_noise", low, float("-inf"))]
+    def _phases(self, stage: Stage) -> list[tuple[str, float, float]]:
+        """(model, cfg scale, lowest timestep it serves): one DiT, or Wan2.2's pair split at the boundary."""
+        p = stage.params
+        if "phases" not in p:
+            return [(stage.models[0], p["cfg_scale"], float("-inf"))]
+        high, low = p["phases"]
+        return [(high["model"], high["cfg_scale"], p["boundary_timestep"]), (low["model"], low["cfg_scale"], float("-inf"))]
 
-    def _denoise(self, state: _RunState, params: dict) -> None:
+    def _denoise(self, state: _RunState, stage: Stage) -> None:
         from tqdm.auto import tqdm
 
         from .solvers import make_solver
 
-        l2 = self.plan.layer2_inference_config
-        shape = self._latent_shape(state.params)
-        # Noise is drawn on the CPU so that a seed gives the same video on any device type.
-        generator = torch.Generator("cpu").manual_seed(state.params.seed)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-        solver = make_solver(l2.sample_solver, l2.num_inference_steps, l2.sigma_shift)
+        p = stage.params
+        solver = make_solver(p["solver"], p["num_inference_steps"], p["sigma_shift"], p["num_train_timesteps"])
         timesteps = list(solver.timesteps)
+        latents = state.latents
+        context_null = state.context_null if p["cfg"] else None
         bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not state.progress)
         index = 0
-        for role, scale, lowest_t in self._experts():
+        for name, scale, lowest_t in self._phases(stage):
             span = []
             while index < len(timesteps) and float(timesteps[index]) >= lowest_t:
                 span.append(timesteps[index])
                 index += 1
             if not span:
                 continue
-            with self.placements[role].active() as dit, self._dispatch(role):
+            with self.placements[name].active() as dit, self._dispatch(name):
+                dtype = next(dit.parameters()).dtype
                 for t in span:
                     start = time.perf_counter()
-                    velocity = self._guided(dit, latents, t, state, scale)
+                    velocity = _guided(dit, latents.to(dtype), t.reshape(1).to(self.device),
+                                       state.context.to(dtype), context_null, scale)
                     latents = solver.step(velocity, t, latents)
                     self._sync()
                     state.timings.steps.append(time.perf_counter() - start)
@@ -223,32 +213,39 @@ class Pipeline:
         bar.close()
         state.latents = latents
 
-    def _guided(self, dit: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, state: _RunState,
-                scale: float) -> torch.Tensor:
-        dtype = next(dit.parameters()).dtype
-        x = latents.to(dtype)
-        timestep = t.reshape(1).to(self.device)
-        cond = dit(x, timestep, state.context.to(dtype)).float()
-        if state.context_null is None or scale == 1.0:
-            return cond
-        uncond = dit(x, timestep, state.context_null.to(dtype)).float()
-        return uncond + scale * (cond - uncond)
-
-    def _decode(self, state: _RunState, params: dict) -> None:
+    def _decode(self, state: _RunState, stage: Stage) -> None:
         start = time.perf_counter()
-        l2 = self.plan.layer2_inference_config
-        with self.placements["vae"].active() as vae, self._dispatch("vae"):
+        (name,) = stage.models
+        with self.placements[name].active() as vae, self._dispatch(name):
             dtype = next(vae.parameters()).dtype
-            kwargs = {"tiled": True, "tile_size": tuple(l2.tile_size)} if l2.tiled else {}
+            kwargs = {"tiled": True, "tile_size": tuple(stage.params["tile_size"])} if stage.params["tiled"] else {}
             video = vae.decode(state.latents.to(dtype), **kwargs)
         # [-1, 1] -> uint8, [B, 3, F, H, W] -> [F, H, W, 3]
         pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         state.frames = pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        self._sync()
         state.timings.decode = time.perf_counter() - start
+
+    def _writer_settings(self, state: _RunState, stage: Stage) -> None:
+        p = stage.params
+        if (p["container"], p["codec"], p["pixel_format"]) != ("mp4", "libx264", "yuv420p"):
+            raise PlanError(f"this runtime writes mp4/libx264/yuv420p, not {p['container']}/{p['codec']}/"
+                            f"{p['pixel_format']}; recompile the recipe with this TeleFuser version.")
+        state.writer["fps"] = p["fps"]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _guided(dit: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+            context_null: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond), in float32."""
+    cond = dit(x, t, context).float()
+    if context_null is None or scale == 1.0:
+        return cond  # scale 1 gives exactly the conditional prediction
+    uncond = dit(x, t, context_null.to(context.dtype)).float()
+    return uncond + scale * (cond - uncond)
 
 
 def _load_tokenizer(planned, text_len: int):
