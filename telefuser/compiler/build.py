@@ -1,0 +1,98 @@
+"""compile: recipe -> Plan. A pure function of the recipe text, the weight headers and the target."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from telefuser.errors import PlanError
+from telefuser.schema.canonical import plan_hash
+from telefuser.schema.plan import PLAN_VERSION, Layer3Plan, Plan, RecipeInfo, UserParameter
+from telefuser.schema.recipe import Recipe, Target
+from telefuser.schema.resolution import RESOLUTION_TABLE
+
+from .dispatch import build_dispatch
+from .memory import estimate_memory
+from .mesh import build_mesh
+from .models import check_compatible, plan_model
+from .recipe_loader import LoadedRecipe, load_recipe
+from .stages import build_stages
+from .target import resolve_target
+
+TELEFUSER_VERSION = "0.1.0"
+
+
+def _layer3(recipe: Recipe) -> Layer3Plan:
+    l3 = recipe.layer3
+    negative_default = l3.negative_prompt.default or recipe.layer2.negative_prompt
+    params = {
+        "prompt": UserParameter(type="string", default=l3.prompt.default, required=l3.prompt.required,
+                                description=l3.prompt.description or "What the video shows."),
+        "negative_prompt": UserParameter(type="string", default=negative_default,
+                                         description=l3.negative_prompt.description or "What to steer away from (CFG)."),
+        "seed": UserParameter(type="integer", default=l3.seed.default, minimum=l3.seed.minimum, maximum=l3.seed.maximum,
+                              description=l3.seed.description or "Noise seed: same seed, same plan, same machine, same video."),
+        "resolution": UserParameter(type="choice", default=str(l3.resolution.default),
+                                    choices=[str(c) for c in l3.resolution.choices],
+                                    description=l3.resolution.description or "Frame size class."),
+        "aspect_ratio": UserParameter(type="choice", default=str(l3.aspect_ratio.default),
+                                      choices=[str(c) for c in l3.aspect_ratio.choices],
+                                      description=l3.aspect_ratio.description or "Width:height."),
+    }
+    if l3.image is not None:
+        params["image"] = UserParameter(type="path", required=l3.image.required, description=l3.image.description)
+    sizes = {str(r): {str(a): list(RESOLUTION_TABLE[r][a]) for a in l3.aspect_ratio.choices} for r in l3.resolution.choices}
+    return Layer3Plan(parameters=params, frame_sizes=sizes)
+
+
+def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: Target | None = None) -> Plan:
+    recipe = loaded.recipe
+    resolved = resolve_target(target or recipe.target)
+    models = [plan_model(spec, recipe, loaded.path.parent, inspect_weights) for spec in recipe.layer1.models]
+    if inspect_weights:
+        check_compatible(models)
+    dispatch = build_dispatch(models, recipe.layer2.models, resolved) if inspect_weights else []
+    memory = estimate_memory(recipe, models, resolved.memory_bytes) if inspect_weights else None
+    if memory is not None and memory.peak_bytes > memory.capacity_bytes:
+        gib = 2**30
+        top = sorted(memory.breakdown.items(), key=lambda kv: -kv[1])[:3]
+        raise PlanError(
+            f"estimated peak memory {memory.peak_bytes / gib:.1f} GiB per device exceeds the target's "
+            f"{memory.capacity_bytes / gib:.1f} GiB at {memory.at['width']}x{memory.at['height']}, {memory.at['num_frames']} frames "
+            f"(largest: {', '.join(f'{k} {v / gib:.1f} GiB' for k, v in top)}). Set "
+            "layer2.models.<name>.offload.mode = \"MODEL_CPU_OFFLOAD\", raise layer2.parallel.sp_ulysses/tp over more "
+            "devices, or restrict layer3.resolution.choices."
+        )
+    content: dict[str, Any] = {
+        "format": "telefuser.plan",
+        "version": PLAN_VERSION,
+        "telefuser_version": TELEFUSER_VERSION,
+        "recipe": RecipeInfo(name=recipe.name, description=recipe.description, path=str(loaded.path),
+                             source_sha256=loaded.source_sha256).model_dump(mode="json"),
+        "pipeline_type": recipe.layer1.pipeline,
+        "device": resolved.device,
+        "target": resolved.model_dump(mode="json"),
+        "torch_dtype": recipe.layer1.torch_dtype,
+        "layer1_model_definition": {"models": [m.model_dump(mode="json", by_alias=True) for m in models]},
+        "layer2_inference_config": recipe.layer2.model_dump(mode="json", by_alias=True),
+        "layer3_user_interface": _layer3(recipe).model_dump(mode="json"),
+        "dispatch": [d.model_dump(mode="json") for d in dispatch],
+        "mesh": build_mesh(recipe.layer2.parallel, resolved.num_devices).model_dump(mode="json"),
+        "memory": memory.model_dump(mode="json") if memory else
+        {"peak_bytes": 0, "capacity_bytes": resolved.memory_bytes, "breakdown": {}, "at": {"skipped": "--no-weights"}},
+        "stages": [s.model_dump(mode="json") for s in build_stages(recipe, models)],
+    }
+    # Hash exactly what the plan file will hold: pydantic's JSON dump of the validated plan.
+    draft = Plan.model_validate({**content, "plan_hash": "", "timestamp": ""})
+    raw = draft.model_dump(mode="json", by_alias=True)
+    raw["plan_hash"] = plan_hash(raw)
+    raw["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return Plan.model_validate(raw)
+
+
+def compile_recipe(path: str | Path, overrides: Sequence[str] = (), inspect_weights: bool = True,
+                   target: Target | None = None) -> Plan:
+    """Recipe file -> frozen Plan (raises TeleFuserError subclasses on bad input)."""
+    return compile_loaded(load_recipe(path, overrides), inspect_weights=inspect_weights, target=target)

@@ -1,0 +1,151 @@
+"""Which model a set of weights is, in which key layout, with which architecture numbers.
+
+Pure functions of tensor names and shapes. The key signatures are those of the
+official checkpoints: Wan's own layout and diffusers' / Hugging Face's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from telefuser.errors import WeightsError
+
+from .weights import TensorInfo, WeightIndex
+
+WAN_HEAD_DIM = 128  # every Wan DiT (1.3B: 1536/12, 14B: 5120/40); heads are not stored in the weights
+
+
+@dataclass(frozen=True)
+class Detection:
+    class_name: str
+    layout: str
+    arch: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+def _dit(shapes: Shapes) -> Detection | None:
+    if "time_projection.1.weight" in shapes:
+        layout, n = "wan", {"text": "text_embedding.0.weight", "time": "time_embedding.0.weight",
+                            "ffn": "blocks.0.ffn.0.weight", "head": "head.head.weight",
+                            "qk": "blocks.0.self_attn.norm_q.weight", "xnorm": "blocks.0.norm3.weight", "img": "img_emb."}
+    elif "condition_embedder.time_proj.weight" in shapes:
+        layout, n = "diffusers", {"text": "condition_embedder.text_embedder.linear_1.weight",
+                                  "time": "condition_embedder.time_embedder.linear_1.weight",
+                                  "ffn": "blocks.0.ffn.net.0.proj.weight", "head": "proj_out.weight",
+                                  "qk": "blocks.0.attn1.norm_q.weight", "xnorm": "blocks.0.norm2.weight",
+                                  "img": "condition_embedder.image_embedder."}
+    else:
+        return None
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    arch = {
+        "model_type": "i2v" if any(k.startswith(n["img"]) for k in shapes) else "t2v",
+        "patch_size": list(patch), "in_dim": in_dim, "dim": dim, "ffn_dim": shapes[n["ffn"]][0],
+        "freq_dim": shapes[n["time"]][1], "text_dim": shapes[n["text"]][1],
+        "out_dim": shapes[n["head"]][0] // math.prod(patch), "num_heads": max(dim // WAN_HEAD_DIM, 1),
+        "num_layers": _count(shapes, r"blocks\.(\d+)\."), "qk_norm": n["qk"] in shapes,
+        "cross_attn_norm": n["xnorm"] in shapes, "eps": 1e-6,
+    }
+    return Detection("WanDiT", layout, arch, [f"num_heads = dim // {WAN_HEAD_DIM} (Wan's head dim; not stored in weights)"])
+
+
+def _vae(shapes: Shapes) -> Detection | None:
+    if "encoder.downsamples.0.residual.0.gamma" in shapes:
+        layout, stem, blocks, conv2, post = "wan", "encoder.conv1.weight", "encoder.downsamples", "residual.6.weight", "conv2.weight"
+    elif "encoder.down_blocks.0.norm1.gamma" in shapes:
+        layout, stem, blocks, conv2, post = "diffusers", "encoder.conv_in.weight", "encoder.down_blocks", "conv2.weight", "post_quant_conv.weight"
+    else:
+        return None
+    base = shapes[stem][0]
+    count = _count(shapes, re.escape(blocks) + r"\.(\d+)\.")
+    mult, temporal, res_per_stage, current = [], [], [], 0
+    for i in range(count):
+        if f"{blocks}.{i}.{conv2}" in shapes:
+            current += 1
+            out_ch = shapes[f"{blocks}.{i}.{conv2}"][0]
+        else:  # a resampler closes a stage
+            mult.append(out_ch // base)
+            temporal.append(f"{blocks}.{i}.time_conv.weight" in shapes)
+            res_per_stage.append(current)
+            current = 0
+    mult.append(out_ch // base)
+    res_per_stage.append(current)
+    arch = {"z_dim": shapes[post][0], "base_dim": base, "dim_mult": mult, "num_res_blocks": res_per_stage[0],
+            "temporal_downsample": temporal}
+    return Detection("WanVAE", layout, arch)
+
+
+def _umt5(shapes: Shapes) -> Detection | None:
+    if "token_embedding.weight" in shapes and "blocks.0.attn.q.weight" in shapes:
+        layout, emb, q, fc1, pos = "wan", "token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight", "blocks.0.pos_embedding.embedding.weight"
+        shared = "pos_embedding.embedding.weight"
+        layers = _count(shapes, r"blocks\.(\d+)\.")
+    elif "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
+        layout, q = "hf", "encoder.block.0.layer.0.SelfAttention.q.weight"
+        emb = "encoder.embed_tokens.weight" if "encoder.embed_tokens.weight" in shapes else "shared.weight"
+        fc1 = "encoder.block.0.layer.1.DenseReluDense.wi_1.weight"
+        pos = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        shared = None
+        layers = _count(shapes, r"encoder\.block\.(\d+)\.")
+    else:
+        return None
+    buckets, heads = shapes[pos if pos in shapes else shared]  # type: ignore[index]
+    vocab, dim = shapes[emb]
+    arch = {"vocab_size": vocab, "dim": dim, "dim_attn": shapes[q][0], "dim_ffn": shapes[fc1][0],
+            "num_heads": heads, "num_layers": layers, "num_buckets": buckets,
+            "shared_pos": shared is not None and shared in shapes}
+    return Detection("UMT5Encoder", layout, arch)
+
+
+def _clip(shapes: Shapes) -> Detection | None:
+    if any(k.startswith("visual.transformer.") for k in shapes):
+        layout, rx = "wan", r"visual\.transformer\.resblocks\.(\d+)\."
+    elif any(k.startswith("vision_model.encoder.") for k in shapes):
+        layout, rx = "hf", r"vision_model\.encoder\.layers\.(\d+)\."
+    else:
+        return None
+    return Detection("CLIPVision", layout, {"num_layers": _count(shapes, rx)})
+
+
+DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _umt5, _clip]
+
+
+def detect(index: WeightIndex) -> Detection:
+    if index.files and index.files[0].name.endswith(".json") and not index.tensors:
+        return Detection("UMT5Tokenizer", "tokenizers", {})
+    shapes = {k: t.shape for k, t in index.tensors.items()}
+    try:
+        for detector in DETECTORS:
+            found = detector(shapes)
+            if found is not None:
+                return found
+    except (KeyError, ValueError, UnboundLocalError) as exc:
+        raise WeightsError(f"{index.files[0]}: looks like a known model but is incomplete (missing {exc}); re-download it.") from exc
+    sample = ", ".join(sorted(shapes)[:4])
+    raise WeightsError(
+        f"{index.files[0]}: the tensor names ({sample}, ...) match no model TeleFuser knows "
+        "(Wan DiT, Wan VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout)."
+    )
+
+
+def storage_dtype(tensors: dict[str, TensorInfo]) -> str:
+    """The dtype of most parameters (by element count); norms kept in fp32 don't decide it."""
+    totals: dict[str, int] = {}
+    for t in tensors.values():
+        totals[t.dtype] = totals.get(t.dtype, 0) + math.prod(t.shape)
+    return max(totals, key=totals.get) if totals else "auto"  # type: ignore[arg-type]
+
+
+def parameter_count(tensors: dict[str, TensorInfo]) -> int:
+    return sum(math.prod(t.shape) for t in tensors.values())

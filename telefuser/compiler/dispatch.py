@@ -1,0 +1,111 @@
+"""The dispatch table: for each model and op, the implementation the runtime will call, and why."""
+
+from __future__ import annotations
+
+from telefuser.errors import RecipeError
+from telefuser.schema.backends import ATTENTION_BACKENDS, KERNEL_PACKAGE, AttentionBackend
+from telefuser.schema.plan import DispatchEntry, PlannedModel, ResolvedTarget
+from telefuser.schema.recipe import ModelRuntimeConfig
+
+KERNEL_OPS = ("rms_norm", "layer_norm", "norm_modulate", "modulate", "rotary", "gated_add")
+OPS_BY_CLASS: dict[str, tuple[str, ...]] = {
+    "WanDiT": ("attention", *KERNEL_OPS, "linear"),
+    "WanVAE": ("attention",),
+    "UMT5Encoder": ("attention", "rms_norm", "linear"),
+    "CLIPVision": ("attention", "layer_norm", "linear"),
+}
+FP8_MIN_CC = (8, 9)  # float8 tensor cores (torch._scaled_mm): Ada and Hopper onwards
+
+
+def _cc(target: ResolvedTarget) -> tuple[int, int] | None:
+    return tuple(int(x) for x in target.compute_capability.split(".")) if target.compute_capability else None  # type: ignore[return-value]
+
+
+def attention_problems(spec: AttentionBackend, target: ResolvedTarget, dtype: str, head_dim: int | None) -> list[str]:
+    """Why `spec` cannot run on `target` (empty when it can)."""
+    problems = []
+    if target.device not in spec.devices:
+        problems.append(f"runs on {'/'.join(spec.devices)}, not {target.device}")
+    cc = _cc(target)
+    if target.device == "cuda" and cc is not None:
+        if spec.min_cc and cc < spec.min_cc:
+            problems.append(f"needs compute capability >= {'.'.join(map(str, spec.min_cc))}, target has {target.compute_capability}")
+        if spec.max_cc and cc > spec.max_cc:
+            problems.append(f"needs compute capability <= {'.'.join(map(str, spec.max_cc))}, target has {target.compute_capability}")
+    if spec.package and spec.package not in target.packages:
+        problems.append(f"needs the package {spec.package!r}, not installed on the target (target.packages)")
+    if spec.dtypes and dtype not in spec.dtypes:
+        problems.append(f"supports {', '.join(spec.dtypes)}, not {dtype}")
+    if spec.head_dims and head_dim is not None and head_dim not in spec.head_dims:
+        problems.append(f"supports head dims {spec.head_dims}, not {head_dim}")
+    return problems
+
+
+def _head_dim(model: PlannedModel) -> int | None:
+    arch = model.arch
+    if model.class_ == "WanDiT":
+        return int(arch["dim"]) // int(arch["num_heads"])
+    if model.class_ == "UMT5Encoder":
+        return int(arch["dim_attn"]) // int(arch["num_heads"])
+    return None
+
+
+def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
+    impl = runtime.attention.impl
+    head_dim = _head_dim(model)
+    spec = ATTENTION_BACKENDS[impl]
+    problems = attention_problems(spec, target, model.compute_dtype, head_dim)
+    if problems:
+        workable = [name for name, s in ATTENTION_BACKENDS.items()
+                    if not attention_problems(s, target, model.compute_dtype, head_dim)]
+        raise RecipeError(
+            f"layer2.models.{model.name}.attention.impl = {impl!r} cannot run on this target "
+            f"({target.device}{' cc ' + target.compute_capability if target.compute_capability else ''}): "
+            f"{'; '.join(problems)}. Backends that would work: {', '.join(workable) or 'none'}."
+        )
+    return DispatchEntry(model=model.name, op="attention", impl=impl,
+                         reason=f"requested; {spec.description}; requirements met on the target")
+
+
+def _kernel_op(model: PlannedModel, op: str, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
+    if target.device != "cuda":
+        impl, reason = "torch", "CPU target: native PyTorch"
+    elif runtime.compile.enabled:
+        impl, reason = "torch", "torch.compile is enabled: Inductor traces the native op and fuses it with its neighbours"
+    elif KERNEL_PACKAGE in target.packages:
+        impl, reason = "triton", "eager mode on CUDA: TeleFuser's fused Triton kernel (one pass over memory)"
+    else:
+        impl, reason = "torch", f"{KERNEL_PACKAGE} is not installed on the target: native PyTorch"
+    return DispatchEntry(model=model.name, op=op, impl=impl, reason=reason)
+
+
+def _linear(model: PlannedModel, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
+    quant = runtime.quantization.type
+    if quant == "none":
+        return DispatchEntry(model=model.name, op="linear", impl="torch", reason="no quantisation: torch.nn.Linear (cuBLAS)")
+    cc = _cc(target)
+    if target.device != "cuda" or cc is None or (quant.startswith("fp8") and cc < FP8_MIN_CC):
+        raise RecipeError(
+            f"layer2.models.{model.name}.quantization.type = {quant!r} needs a CUDA GPU with compute capability "
+            f">= 8.9 (float8 tensor cores); the target is {target.device}"
+            f"{' cc ' + target.compute_capability if target.compute_capability else ''}. Use type = \"none\"."
+        )
+    if quant == "int8":
+        return DispatchEntry(model=model.name, op="linear", impl="int8_mm", reason="int8 weights and activations (torch._int_mm)")
+    scales = "per-row" if quant.endswith("rowwise") else "per-tensor"
+    return DispatchEntry(model=model.name, op="linear", impl="fp8_scaled_mm",
+                         reason=f"fp8 e4m3 weights and activations, {scales} scales (torch._scaled_mm)")
+
+
+def build_dispatch(models: list[PlannedModel], runtimes: dict[str, ModelRuntimeConfig], target: ResolvedTarget) -> list[DispatchEntry]:
+    entries = []
+    for model in models:
+        runtime = runtimes.get(model.name, ModelRuntimeConfig())
+        for op in OPS_BY_CLASS.get(model.class_, ()):
+            if op == "attention":
+                entries.append(_attention(model, runtime, target))
+            elif op == "linear":
+                entries.append(_linear(model, runtime, target))
+            else:
+                entries.append(_kernel_op(model, op, runtime, target))
+    return entries

@@ -1,0 +1,111 @@
+"""Layer 1 resolved: each recipe model bound to its weight files, class, layout, dtype and architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from telefuser.errors import RecipeError, WeightsError
+from telefuser.schema.fingerprint import fingerprint
+from telefuser.schema.plan import DetectedAttributes, PlannedModel
+from telefuser.schema.recipe import ModelRuntimeConfig, ModelSpec, Recipe
+
+from .detect import Detection, detect, parameter_count, storage_dtype
+from .weights import read_index
+
+CLASS_BY_ROLE = {"dit": "WanDiT", "dit_high_noise": "WanDiT", "dit_low_noise": "WanDiT", "vae": "WanVAE",
+                 "text_encoder": "UMT5Encoder", "tokenizer": "UMT5Tokenizer", "image_encoder": "CLIPVision"}
+# Architecture numbers the weights do not store; the recipe's value is taken when it gives one.
+NOT_IN_WEIGHTS = {"WanDiT": {"num_heads", "eps"}}
+
+
+def resolve_path(raw: str, recipe_dir: Path) -> Path:
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else (recipe_dir / path)
+
+
+def _flag(metadata: dict[str, str], key: str) -> bool | None:
+    value = metadata.get(key)
+    return None if value is None else value.lower() in ("1", "true", "yes")
+
+
+def _check_declared(spec: ModelSpec, det: Detection, dtype: str) -> dict[str, Any]:
+    where = f"layer1.models.{spec.name}"
+    if spec.class_ != "auto" and spec.class_ != det.class_name:
+        raise WeightsError(f"{where}: class = {spec.class_!r}, but {spec.path} holds a {det.class_name} "
+                           f"({det.layout} layout); fix the class or the path.")
+    expected_class = CLASS_BY_ROLE[spec.role]
+    if det.class_name != expected_class:
+        raise WeightsError(f"{where}: role {spec.role!r} needs a {expected_class}, but {spec.path} holds a "
+                           f"{det.class_name}: weights of another model; fix the path.")
+    if spec.dtype != "auto" and det.class_name != "UMT5Tokenizer" and spec.dtype != dtype:
+        raise WeightsError(f"{where}: dtype = {spec.dtype!r}, but the weights are stored as {dtype}; "
+                           "fix the recipe (or use dtype = \"auto\").")
+    arch = dict(det.arch)
+    free = NOT_IN_WEIGHTS.get(det.class_name, set())
+    for key, value in spec.arch.items():
+        if key in free:
+            arch[key] = value
+        elif key not in arch:
+            raise RecipeError(f"{where}.arch.{key}: {det.class_name} has no such architecture number; "
+                              f"known: {', '.join(sorted(arch))}.")
+        elif arch[key] != value:
+            raise WeightsError(f"{where}.arch.{key} = {value!r} contradicts the weights, which have {arch[key]!r} "
+                               f"({spec.path}); the weights decide: fix or drop the recipe's value.")
+    return arch
+
+
+def _attributes(spec: ModelSpec, dtype: str, metadata: dict[str, str], moe: bool) -> DetectedAttributes:
+    where = f"layer1.models.{spec.name}.attributes"
+    fp8 = dtype.startswith("float8")
+    declared = spec.attributes
+    if declared.fp8 is not None and declared.fp8 != fp8:
+        raise WeightsError(f"{where}.fp8 = {str(declared.fp8).lower()}, but the weights are stored as {dtype}.")
+    found = {}
+    for name in ("distill", "meanflow"):
+        in_file, said = _flag(metadata, name), getattr(declared, name)
+        if in_file is not None and said is not None and in_file != said:
+            raise WeightsError(f"{where}.{name} = {str(said).lower()}, but the weights' metadata says {name} = {str(in_file).lower()}.")
+        found[name] = bool(in_file if in_file is not None else said)
+    return DetectedAttributes(fp8=fp8, moe=moe, **found)
+
+
+def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool) -> PlannedModel:
+    runtime = recipe.layer2.models.get(spec.name, ModelRuntimeConfig())
+    compute = runtime.torch_dtype or recipe.layer1.torch_dtype
+    moe = recipe.layer1.is_moe and spec.role.startswith("dit")
+    path = resolve_path(spec.path, recipe_dir)
+    if not inspect:
+        if spec.class_ == "auto":
+            raise RecipeError(f"layer1.models.{spec.name}: class = \"auto\" needs the weights to detect it; "
+                              "point the path at real files, or name the class.")
+        return PlannedModel(name=spec.name, role=spec.role, path=str(path), class_=spec.class_,
+                            dtype=spec.dtype, compute_dtype=compute, key_layout="tokenizers" if spec.role == "tokenizer" else "wan",
+                            attributes=DetectedAttributes(moe=moe, fp8=bool(spec.attributes.fp8),
+                                                          distill=bool(spec.attributes.distill), meanflow=bool(spec.attributes.meanflow)),
+                            arch=dict(spec.arch), parameter_count=0, files=[])
+    index = read_index(path)
+    det = detect(index)
+    dtype = storage_dtype(index.tensors) if index.tensors else "auto"
+    arch = _check_declared(spec, det, dtype)
+    return PlannedModel(
+        name=spec.name, role=spec.role, path=str(path), class_=det.class_name, dtype=dtype, compute_dtype=compute,
+        key_layout=det.layout, attributes=_attributes(spec, dtype, index.metadata, moe), arch=arch,
+        parameter_count=parameter_count(index.tensors), files=[fingerprint(f) for f in index.files],
+    )
+
+
+def check_compatible(models: list[PlannedModel]) -> None:
+    """The DiT, VAE and text encoder must fit together (channels, text width)."""
+    by_role = {m.role: m for m in models}
+    vae, text = by_role.get("vae"), by_role.get("text_encoder")
+    for dit in (m for m in models if m.role.startswith("dit")):
+        a = dit.arch
+        if not a or (vae and not vae.arch):
+            continue
+        if text and text.arch and a.get("text_dim") != text.arch.get("dim"):
+            raise WeightsError(f"DiT {dit.name!r} takes text features of width {a.get('text_dim')}, but text encoder "
+                               f"{text.name!r} produces {text.arch.get('dim')}: these weights belong to different models.")
+        if vae and a.get("out_dim") != vae.arch.get("z_dim"):
+            raise WeightsError(f"DiT {dit.name!r} outputs {a.get('out_dim')} latent channels, but VAE {vae.name!r} "
+                               f"decodes {vae.arch.get('z_dim')}: these weights belong to different models.")

@@ -1,0 +1,46 @@
+"""The ordered stages the runtime executes, with every parameter it needs spelled out."""
+
+from __future__ import annotations
+
+from telefuser.schema.enums import ModelRole
+from telefuser.schema.plan import PlannedModel, Stage
+from telefuser.schema.recipe import Recipe
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
+    l2 = recipe.layer2
+    by_role = {m.role: m.name for m in models}
+    use_cfg = recipe.layer1.is_moe and ((l2.cfg_scale_high or l2.cfg_scale) != 1.0 or (l2.cfg_scale_low or l2.cfg_scale) != 1.0) \
+        or (not recipe.layer1.is_moe and l2.cfg_scale != 1.0)
+    stages = [Stage(name="load_models", kind="load", models=[m.name for m in models])]
+    stages.append(Stage(name="encode_text", kind="text_encode",
+                        models=[by_role[ModelRole.TOKENIZER.value], by_role[ModelRole.TEXT_ENCODER.value]],
+                        params={"text_len": l2.text_len, "negative": use_cfg}))
+    if ModelRole.IMAGE_ENCODER.value in by_role:
+        stages.append(Stage(name="encode_image", kind="image_encode", models=[by_role[ModelRole.IMAGE_ENCODER.value]]))
+    stages.append(Stage(name="prepare_latents", kind="noise",
+                        params={"num_frames": l2.num_frames, "latent_channels": 16, "temporal_ratio": 4, "spatial_ratio": 8,
+                                "generator": "cpu"}))
+    denoise: dict = {"solver": l2.sample_solver, "num_inference_steps": l2.num_inference_steps,
+                     "sigma_shift": l2.sigma_shift, "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg}
+    if recipe.layer1.is_moe:
+        high, low = by_role[ModelRole.DIT_HIGH_NOISE.value], by_role[ModelRole.DIT_LOW_NOISE.value]
+        denoise.update({
+            "boundary": l2.boundary, "boundary_timestep": l2.boundary * NUM_TRAIN_TIMESTEPS,
+            "phases": [
+                {"model": high, "while": "t >= boundary_timestep", "cfg_scale": l2.cfg_scale_high if l2.cfg_scale_high is not None else l2.cfg_scale},
+                {"model": low, "while": "t < boundary_timestep", "cfg_scale": l2.cfg_scale_low if l2.cfg_scale_low is not None else l2.cfg_scale},
+            ],
+        })
+        dits = [high, low]
+    else:
+        denoise["cfg_scale"] = l2.cfg_scale
+        dits = [by_role[ModelRole.DIT.value]]
+    stages.append(Stage(name="denoise", kind="denoise", models=dits, params=denoise))
+    stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role[ModelRole.VAE.value]],
+                        params={"tiled": l2.tiled, "tile_size": list(l2.tile_size)}))
+    stages.append(Stage(name="write_video", kind="write_video",
+                        params={"fps": l2.fps, "container": "mp4", "codec": "libx264", "pixel_format": "yuv420p"}))
+    return stages
