@@ -3,7 +3,7 @@
 `python -m telefuser.models.tiny recipes/tiny` writes, without any network:
 
 - dit.safetensors           WanDiT (dim 64, 2 heads of 32, 2 layers), Wan's key names
-- vae.safetensors           WanVAE (z_dim 16, base_dim 8), Wan's key names
+- vae.safetensors           WanVAE (z_dim 16, base_dim 4, 1 residual block per level), Wan's key names
 - text_encoder.safetensors  UMT5Encoder (dim 32, 2 layers), Wan's key names
 - tokenizer.json            the tiny umT5-style tokenizer (its vocabulary sizes the encoder)
 
@@ -44,7 +44,7 @@ TINY_ARCH: dict[str, dict] = {
     },
     "vae": {
         "z_dim": 16,
-        "base_dim": 8,
+        "base_dim": 4,
         "dim_mult": [1, 2, 4, 4],
         "num_res_blocks": 1,
         "temporal_downsample": [False, True, True],
@@ -90,8 +90,9 @@ def tiny_state_dict(role: str, arch: dict) -> dict[str, torch.Tensor]:
     from telefuser.models import registry
 
     entry = registry.get(CLASSES[role])
-    with torch.device("meta"):
-        model = entry.model_class(entry.config_class(**arch))
+    model_class, config = entry.model_class, entry.config_class(**arch)
+    with torch.device("meta"):  # names and shapes only: nothing is allocated
+        model = model_class(config)
     return {name: _value(name, tuple(t.shape)) for name, t in model.state_dict().items()}
 
 

@@ -34,6 +34,7 @@ def _to_canonical(entry: Any, state: dict[str, torch.Tensor], layout: str) -> di
 
 
 def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> torch.nn.Module:
+    model_class = entry.model_class  # imported here, not under the device context (which slows imports)
     try:
         config = entry.config_class(**planned.arch)
     except (TypeError, ValueError) as exc:
@@ -43,13 +44,13 @@ def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> tor
         ) from exc
     # On the meta device no memory or time is spent on weights the checkpoint replaces anyway.
     with torch.device("meta"):
-        model = entry.model_class(config)
+        model = model_class(config)
     persistent = model.state_dict().keys()
     if any(name not in persistent for name, _ in model.named_buffers()):
         # Buffers the model derives in __init__ (e.g. the VAE's latent statistics) are not in the
         # checkpoint: such a model is built for real (only small models carry them).
         with torch.device(device):
-            model = entry.model_class(config)
+            model = model_class(config)
     return model
 
 

@@ -100,7 +100,7 @@ class Pipeline:
     def _stage_runners(self) -> dict[str, Callable[[_RunState, Stage], None]]:
         return {
             "load": lambda state, stage: None,  # done once, by the constructor
-            "text_encoder": self._encode,
+            "text_encode": self._encode,
             "noise": self._noise,
             "denoise": self._denoise,
             "vae_decode": self._decode,
