@@ -1,0 +1,92 @@
+"""Readable views of plans: a summary (--explain) and a semantic difference (--diff)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from telefuser.errors import PlanError
+from telefuser.schema.plan import Plan
+
+GIB = 2**30
+
+
+def read_plan_file(path: str | Path) -> tuple[Plan, dict[str, Any]]:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return Plan.model_validate(raw), raw
+    except FileNotFoundError as exc:
+        raise PlanError(f"{path}: no such plan file.") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, pydantic.ValidationError):
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise PlanError(f"{path} is not a TeleFuser plan: at {where}: {first['msg']}; compile it with telefuser-compile.") from exc
+        raise PlanError(f"{path} is not readable JSON ({exc}).") from exc
+
+
+def explain(plan: Plan) -> str:
+    l2 = plan.layer2_inference_config
+    lines = [
+        f"plan {plan.plan_hash[:16]}  recipe {plan.recipe.name!r}  compiled {plan.timestamp}",
+        f"pipeline {plan.pipeline_type} on {plan.device}"
+        + (f" ({plan.target.gpu or 'GPU'}, cc {plan.target.compute_capability})" if plan.device == "cuda" else "")
+        + f", compute dtype {plan.torch_dtype}",
+        "",
+        "models:",
+    ]
+    for m in plan.layer1_model_definition.models:
+        arch = ", ".join(f"{k}={v}" for k, v in m.arch.items() if k in ("dim", "num_layers", "num_heads", "ffn_dim", "z_dim", "base_dim", "vocab_size"))
+        flags = [k for k, v in m.attributes.model_dump().items() if v]
+        lines.append(f"  {m.name:<14} {m.role:<14} {m.class_:<13} {m.key_layout:<10} {m.dtype:<9} "
+                     f"{m.parameter_count / 1e6:9.1f}M  {arch}{'  [' + ', '.join(flags) + ']' if flags else ''}")
+    moe = f", boundary {l2.boundary} (cfg high {l2.cfg_scale_high}, low {l2.cfg_scale_low})" if l2.boundary else ""
+    lines += ["", f"sampling: {l2.sample_solver}, {l2.num_inference_steps} steps, shift {l2.sigma_shift}, "
+                  f"cfg {l2.cfg_scale}{moe}, {l2.num_frames} frames at {l2.fps} fps", "", "dispatch:"]
+    for d in plan.dispatch:
+        lines.append(f"  {d.model:<14} {d.op:<14} {d.impl:<14} {d.reason}")
+    mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.degrees.items() if v > 1) or "single device"
+    mem = plan.memory
+    lines += ["", f"mesh: {plan.mesh.world_size} rank(s), {mesh}",
+              f"memory: peak {mem.peak_bytes / GIB:.2f} GiB of {mem.capacity_bytes / GIB:.1f} GiB per device at {mem.at}",
+              "", "stages: " + " -> ".join(s.name for s in plan.stages)]
+    params = plan.layer3_user_interface.parameters
+    lines += ["", "parameters (telefuser-run):"]
+    for name, p in params.items():
+        extra = f" choices {p.choices}" if p.choices else ""
+        lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} default {p.default!r}{extra}")
+    return "\n".join(lines)
+
+
+IGNORED = {"timestamp", "plan_hash"}
+
+
+def _walk(a: Any, b: Any, path: str, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if not path and key in IGNORED:
+                continue
+            sub = f"{path}.{key}" if path else key
+            if key not in a:
+                out.append(f"+ {sub} = {json.dumps(b[key], sort_keys=True)}")
+            elif key not in b:
+                out.append(f"- {sub} = {json.dumps(a[key], sort_keys=True)}")
+            else:
+                _walk(a[key], b[key], sub, out)
+    elif isinstance(a, list) and isinstance(b, list) and all(isinstance(e, dict) and "name" in e for e in a + b):
+        _walk({e["name"]: e for e in a}, {e["name"]: e for e in b}, path, out)  # models/stages by name
+    elif isinstance(a, list) and isinstance(b, list) and all(isinstance(e, dict) and "op" in e for e in a + b):
+        _walk({f"{e['model']}.{e['op']}": e for e in a}, {f"{e['model']}.{e['op']}": e for e in b}, path, out)
+    elif a != b:
+        out.append(f"~ {path}: {json.dumps(a, sort_keys=True)} -> {json.dumps(b, sort_keys=True)}")
+
+
+def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Semantic differences: by key path, models and stages matched by name, dispatch by model.op."""
+    out: list[str] = []
+    _walk(a, b, "", out)
+    return out
