@@ -9,19 +9,23 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from telefuser.cli.compile import main as compile_main
+from telefuser.compiler import compile_recipe
+from telefuser.schema.canonical import pretty_json
 from telefuser.cli.run import main as run_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def compile_tiny(folder: Path) -> Path:
-    """Copy the tiny recipe and weights into `folder` and compile them there."""
-    shutil.copy(RECIPES / "tiny.toml", folder / "tiny.toml")
-    shutil.copytree(RECIPES / "tiny", folder / "tiny")
-    plan = folder / "tiny.plan.json"
-    assert compile_main([str(folder / "tiny.toml"), "-o", str(plan)]) in (0, None)
+def compile_to(recipe: Path, plan: Path) -> Path:
+    plan.write_text(pretty_json(compile_recipe(recipe).model_dump(mode="json", by_alias=True)))
     return plan
+
+
+def compile_tiny(folder: Path, edit=lambda text: text) -> Path:
+    """Copy the tiny recipe (edited) and its weights into `folder` and compile them there."""
+    (folder / "tiny.toml").write_text(edit((RECIPES / "tiny.toml").read_text()))
+    shutil.copytree(RECIPES / "tiny", folder / "tiny")
+    return compile_to(folder / "tiny.toml", folder / "tiny.plan.json")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +116,7 @@ def test_cuda_plan_on_this_cpu_machine_exits_2(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    folder = tmp_path / "cuda"
-    folder.mkdir()
-    shutil.copy(RECIPES / "tiny.toml", folder / "tiny.toml")
-    shutil.copytree(RECIPES / "tiny", folder / "tiny")
-    text = (folder / "tiny.toml").read_text().replace('device = "cpu"', 'device = "cuda"\ngpu = "H100"')
-    (folder / "tiny.toml").write_text(text)
-    plan = folder / "tiny.plan.json"
-    assert compile_main([str(folder / "tiny.toml"), "-o", str(plan)]) in (0, None)
+    plan = compile_tiny(tmp_path, lambda text: text.replace('device = "cpu"', 'device = "cuda"\ngpu = "H100"'))
     assert run_main([str(plan), "--prompt", "x", "-o", str(tmp_path / "v.mp4")]) == 2
     assert "no usable CUDA GPU" in _error(capsys)
 
