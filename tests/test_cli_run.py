@@ -34,9 +34,10 @@ def plan(tmp_path_factory) -> Path:
 
 
 def _error(capsys) -> str:
+    """stderr as one line (the CLI wraps its paragraph), checked to hold no traceback."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    return err
+    return " ".join(err.split())
 
 
 def test_run_writes_a_valid_mp4(plan, tmp_path, capsys):

@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from telefuser.cli.errors import guarded, report
 from telefuser.errors import TeleFuserError
 
 PROG = "telefuser-run"
@@ -58,11 +59,6 @@ def build_parser(plan) -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = _pre_parser().parse_known_args(argv)
@@ -71,20 +67,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _pre_parser().print_help()
             print("\nGive a plan first (telefuser-run PLAN --help) to see its parameters.")
             return 0
-        return _fail("no plan given; usage: telefuser-run PLAN --prompt TEXT -o OUT.mp4 (see telefuser-run PLAN --help)")
-    try:
-        from telefuser.runtime.plan_io import read_plan
+        return report(PROG, "no plan given; usage: telefuser-run PLAN --prompt TEXT -o OUT.mp4 "
+                            "(telefuser-run PLAN --help lists that plan's parameters)")
+    from telefuser.runtime.plan_io import read_plan
 
+    try:
         plan, _raw = read_plan(pre.plan)
     except TeleFuserError as exc:
-        return _fail(str(exc))
+        return report(PROG, str(exc))
     args = build_parser(plan).parse_args(argv)  # argparse itself exits 2 on a bad value
-    try:
-        return _run(args, plan)
-    except TeleFuserError as exc:
-        return _fail(str(exc))
-    except KeyboardInterrupt:
-        return _fail("interrupted; no video was written.")
+    return guarded(PROG, lambda: _run(args, plan))
 
 
 def _run(args: argparse.Namespace, plan) -> int:

@@ -57,7 +57,10 @@ def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> tor
 def build_model(
     planned: PlannedModel, runtime: ModelRuntimeConfig, device: torch.device, base_dir: Path | None = None
 ) -> torch.nn.Module:
-    """The model of the plan with its weights, LoRA and quantisation applied, on `device`."""
+    """The model of the plan with its weights, LoRA and quantisation applied, on `device`.
+
+    `base_dir` resolves relative LoRA paths: the recipe's folder, like every path in a recipe.
+    """
     entry = _registry_entry(planned)
     dtype = DTYPES[planned.compute_dtype]
     state = read_state_dict([Path(f.path) for f in planned.files], device, dtype)
@@ -78,7 +81,7 @@ def build_model(
         ) from exc
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     for lora in runtime.lora:
-        path = str(Path(base_dir or ".", lora.path)) if not Path(lora.path).is_absolute() else lora.path
+        path = str(Path(base_dir or ".", lora.path))  # an absolute lora.path stays as it is
         deltas = lora_deltas(read_state_dict([Path(path)], "cpu"), path)
         lora_layout = entry.detect_layout(deltas.keys())
         merge_lora(model, deltas, lora.strength, path, lambda s: _to_canonical(entry, s, lora_layout))

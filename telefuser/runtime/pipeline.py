@@ -87,7 +87,8 @@ class Pipeline:
             runtime = plan.layer2_inference_config.models.get(planned.name, ModelRuntimeConfig())
             offload = runtime.offload.mode == "MODEL_CPU_OFFLOAD"
             with _oom_guard(f"loading model {planned.name!r}"):
-                module = build_model(planned, runtime, torch.device("cpu") if offload else self.device)
+                module = build_model(planned, runtime, torch.device("cpu") if offload else self.device,
+                                     base_dir=Path(plan.recipe.path).parent)
             self.placements[planned.name] = Placement(module, self.device, offload)
         self.load_seconds = time.perf_counter() - start
 
