@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compile a TeleFuser recipe (TOML) into a frozen plan (JSON) that telefuser-run executes.",
     )
-    p.add_argument("recipe", nargs="?", help="the recipe .toml to compile")
+    p.add_argument("paths", nargs="*", metavar="RECIPE",
+                   help="the recipe .toml to compile (with --check: any number of recipe files or folders)")
     p.add_argument("-o", "--output", help="where to write the plan (written atomically); '-' prints it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. layer2.num_inference_steps=4 (repeatable; typed by the schema)")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-weights", action="store_true",
                    help="skip reading weight headers (for --check where the weights are absent)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--check", nargs="+", metavar="PATH", help="validate recipes (files or folders), one line each")
+    mode.add_argument("--check", action="store_true", help="validate the recipes given (files or folders), one line each")
     mode.add_argument("--explain", metavar="PLAN", help="print a readable summary of a plan")
     mode.add_argument("--diff", nargs=2, metavar=("A", "B"), help="print what differs between two plans")
     return p
@@ -72,7 +73,9 @@ def _compile(args: argparse.Namespace) -> int:
 
     if not args.output:
         raise RecipeError("say where to write the plan: -o plan.json (or -o - to print it).")
-    loaded = load_recipe(args.recipe, args.overrides)
+    if len(args.paths) != 1:
+        raise RecipeError(f"compile one recipe at a time (got {len(args.paths)}); use --check to validate several.")
+    loaded = load_recipe(args.paths[0], args.overrides)
     plan = compile_loaded(loaded, inspect_weights=not args.no_weights, target=_target(args.target, loaded.recipe.target))
     if args.no_weights:
         raise RecipeError("--no-weights is for --check: a plan needs the weight headers (point the paths at real files).")
@@ -100,9 +103,9 @@ def _recipe_files(paths: Sequence[str]) -> list[Path]:
 def _check(args: argparse.Namespace) -> int:
     from telefuser.compiler import compile_loaded, load_recipe
 
-    files = _recipe_files(args.check)
+    files = _recipe_files(args.paths)
     if not files:
-        raise RecipeError(f"--check found no .toml recipes under {', '.join(args.check)}.")
+        raise RecipeError(f"--check found no .toml recipes under {', '.join(args.paths) or '(no path given)'}.")
     bad = 0
     for path in files:
         start = time.perf_counter()
@@ -147,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         body = lambda: _explain(args)  # noqa: E731
     elif args.diff:
         body = lambda: _diff(args)  # noqa: E731
-    elif args.recipe:
+    elif args.paths:
         body = lambda: _compile(args)  # noqa: E731
     else:
         return report(PROG, "give a recipe to compile (or --check/--explain/--diff); see --help.")
