@@ -137,3 +137,24 @@ def test_missing_and_changed_weights_exit_2(tmp_path, capsys):
     assert run_main([str(plan), "--prompt", "x", "-o", str(tmp_path / "v.mp4")]) == 2
     assert "missing" in _error(capsys)
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_readme_main_job_through_the_installed_entry_points(tmp_path):
+    """`telefuser-compile recipes/tiny.toml -o plan` then `telefuser-run plan --prompt ... -o out.mp4`."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    plan, out = tmp_path / "tiny.plan.json", tmp_path / "tiny.mp4"
+    subprocess.run([bin_dir / "telefuser-compile", RECIPES / "tiny.toml", "-o", plan], check=True, capture_output=True)
+    done = subprocess.run([bin_dir / "telefuser-run", plan, "--prompt", "a red fox running through fresh snow",
+                           "-o", out], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "denoising" in done.stderr  # the tqdm bar
+    assert f"wrote {out}" in done.stdout and "peak mem" in done.stdout
+    meta = next(imageio_ffmpeg.read_frames(str(out)))
+    assert meta["size"] == (256, 144)
+    # A bad value from a real process: exit 2, one paragraph, no traceback, no file.
+    bad = subprocess.run([bin_dir / "telefuser-run", plan, "--prompt", "x", "--resolution", "720p",
+                          "-o", tmp_path / "bad.mp4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "bad.mp4").exists()
