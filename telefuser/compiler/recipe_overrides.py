@@ -34,6 +34,11 @@ def _convert(text: str, schema: dict[str, Any], where: str) -> Any:
             return float(text)
         if kinds & {"array", "object"}:
             return tomllib.loads(f"v = {text}")["v"]
+        if kinds == {None} and "enum" not in schema:  # untyped: a TOML literal if it is one, else a string
+            try:
+                return tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                return text
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         expected = "/".join(sorted(k for k in kinds if k))
         raise RecipeError(f"--set {where}={text}: expected a {expected} value, found {text!r} ({exc}).") from exc

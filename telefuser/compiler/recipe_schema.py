@@ -38,9 +38,9 @@ def child(node: dict[str, Any], key: str) -> dict[str, Any] | None:
     if key in props:
         return resolve(props[key])
     extra = node.get("additionalProperties")
-    if isinstance(extra, dict):
-        return resolve(extra)
-    return None
+    if extra is True:
+        return {}  # free-form table (e.g. a model's arch): any key, any value
+    return resolve(extra) if isinstance(extra, dict) else None
 
 
 def at_path(path: list[str]) -> dict[str, Any] | None:
