@@ -182,6 +182,9 @@ def _schema_error_message(error: jsonschema.ValidationError, where: _Locator) ->
         words = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
         return (f"{where(path)}: {dotted} must be {words[error.validator]} {error.validator_value}; "
                 f"found {_describe_found(error.instance)}.")
+    if error.validator == "pattern":
+        return (f"{where(path)}: {dotted} must match the pattern {error.validator_value}; "
+                f"found {_describe_found(error.instance)}.")
     if error.validator == "type":
         return (f"{where(path)}: {dotted} must be of type {error.validator_value}; found "
                 f"{_describe_found(error.instance)} ({type(error.instance).__name__}).")
