@@ -158,3 +158,10 @@ def test_readme_main_job_through_the_installed_entry_points(tmp_path):
     bad = subprocess.run([bin_dir / "telefuser-run", plan, "--prompt", "x", "--resolution", "720p",
                           "-o", tmp_path / "bad.mp4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "bad.mp4").exists()
+
+
+def test_help_without_a_plan_says_to_give_one(capsys):
+    assert run_main(["--help"]) == 0
+    assert "telefuser-run PLAN --help" in capsys.readouterr().out
+    assert run_main(["--prompt", "x"]) == 2
+    assert "no plan given" in _error(capsys)

@@ -113,3 +113,12 @@ threshold = 0.1
 '''
     with pytest.raises(PlanError, match="feature_cache.method = teacache"):
         load(tmp_path, recipe)
+
+
+def test_compile_wraps_each_dit_block_and_keeps_the_result(tmp_path):
+    # backend "eager": dynamo traces the blocks (the graph capture is what the plan asks for)
+    # without needing a C++ toolchain; the frames must not change.
+    plain = load(tmp_path, TINY).run(prompt="a fox", seed=1, progress=False).frames
+    pipe = load(tmp_path, TINY + '\n[layer2.models.dit.compile]\nenabled = true\nbackend = "eager"\n')
+    assert all(block._compiled_call_impl is not None for block in pipe.placements["dit"].module.blocks)
+    assert np.array_equal(pipe.run(prompt="a fox", seed=1, progress=False).frames, plain)
