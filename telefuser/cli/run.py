@@ -19,6 +19,13 @@ DESCRIPTION = "Run a compiled TeleFuser plan and write an mp4."
 LAYER3_OPTIONS = ("prompt", "negative_prompt", "seed", "resolution", "aspect_ratio", "image")
 
 
+def _shown_default(plan, name: str, default):
+    # An empty Layer 3 negative prompt falls back to Layer 2's (telefuser.runtime.params).
+    if name == "negative_prompt" and not default:
+        return plan.layer2_inference_config.negative_prompt
+    return default
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -40,7 +47,10 @@ def build_parser(plan) -> argparse.ArgumentParser:
         description=f"{DESCRIPTION} Plan: recipe {plan.recipe.name!r}, {plan.pipeline_type} on {plan.device}.",
     )
     parser.add_argument("plan", help="the plan JSON (written by telefuser-compile)")
-    for name, spec in plan.layer3_user_interface.parameters.items():
+    params = plan.layer3_user_interface.parameters
+    order = {name: i for i, name in enumerate(LAYER3_OPTIONS)}
+    for name in sorted(params, key=lambda n: order.get(n, len(order))):
+        spec = params[name]
         kwargs: dict = {"help": spec.description or name.replace("_", " ")}
         if spec.type == "integer":
             kwargs["type"] = int
@@ -52,7 +62,7 @@ def build_parser(plan) -> argparse.ArgumentParser:
             kwargs["required"] = True
         else:
             kwargs["default"] = None  # None: the plan's default, resolved by the runtime
-            kwargs["help"] += f" (default: {spec.default!r})"
+            kwargs["help"] += f" (default: {_shown_default(plan, name, spec.default)!r})"
         parser.add_argument(_option(name), dest=name, metavar=name.upper() if not spec.choices else None, **kwargs)
     parser.add_argument("-o", "--output", required=True, help="the mp4 to write (written atomically)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
