@@ -165,3 +165,19 @@ def test_help_without_a_plan_says_to_give_one(capsys):
     assert "telefuser-run PLAN --help" in capsys.readouterr().out
     assert run_main(["--prompt", "x"]) == 2
     assert "no plan given" in _error(capsys)
+
+
+def test_out_of_memory_exits_2_without_a_file(plan, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from telefuser.models.wan.vae import WanVAE
+
+    def exhausted(self, *args, **kwargs):  # what the CUDA caching allocator raises
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(WanVAE, "decode", exhausted)
+    out = tmp_path / "v.mp4"
+    assert run_main([str(plan), "--prompt", "x", "-o", str(out), "--no-progress"]) == 2
+    err = _error(capsys)
+    assert "out of memory during stage 'decode_vae'" in err and "MODEL_CPU_OFFLOAD" in err
+    assert list(tmp_path.iterdir()) == []

@@ -86,8 +86,13 @@ def build_model(
         lora_layout = entry.detect_layout(deltas.keys())
         merge_lora(model, deltas, lora.strength, path, lambda s: _to_canonical(entry, s, lora_layout))
     if runtime.quantization.type != "none":
-        from telefuser.ops.quantized_linear import replace_linear_layers
-
+        try:
+            from telefuser.ops.quantized_linear import replace_linear_layers
+        except ImportError as exc:
+            raise PlanError(
+                f"model {planned.name!r} is planned with {runtime.quantization.type} quantisation, but this build "
+                "has no telefuser.ops.quantized_linear; set quantization.type = \"none\" and recompile."
+            ) from exc
         replace_linear_layers(model, runtime.quantization.type, skip_modules=runtime.quantization.skip_modules)
     if runtime.compile.enabled:
         _compile_blocks(model, runtime)

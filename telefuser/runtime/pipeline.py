@@ -263,7 +263,10 @@ def _load_tokenizer(planned, text_len: int):
 def _oom_guard(what: str):
     try:
         yield
-    except torch.OutOfMemoryError as exc:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError naming the failed allocation.
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
         raise OutOfMemory(
             f"out of memory during {what}: {str(exc).splitlines()[0]}; lower the resolution or frame count, "
             "or enable offload (layer2.models.<name>.offload.mode = \"MODEL_CPU_OFFLOAD\") and recompile."
