@@ -1,0 +1,1 @@
+"""Plan -> video: plan checks, model loading, the Wan pipeline stages, the mp4 writer (see docs/runtime.md)."""

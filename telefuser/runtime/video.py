@@ -114,10 +114,12 @@ def write_mp4_atomically(target: Path, frames: np.ndarray, fps: int) -> None:
             macro_block_size=1,  # sizes come from the resolution table (multiples of 16); never rescale
             ffmpeg_log_level="error",
         )
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        try:
+            writer.send(None)
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        finally:
+            writer.close()  # waits for ffmpeg, or stops it when a frame failed
         os.replace(tmp_name, target)
     except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
