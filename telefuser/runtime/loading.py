@@ -29,8 +29,11 @@ def _registry_entry(planned: PlannedModel) -> Any:
         ) from exc
 
 
-def _to_canonical(entry: Any, state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    return state if layout == "wan" else entry.convert(state, layout)
+def _layout(entry: Any, keys, what: str) -> str:
+    try:
+        return entry.detect_layout(keys)
+    except ValueError as exc:
+        raise WeightsError(f"{what}: {exc}; is it made for {entry.name}?") from exc
 
 
 def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> torch.nn.Module:
@@ -64,13 +67,13 @@ def build_model(
     entry = _registry_entry(planned)
     dtype = DTYPES[planned.compute_dtype]
     state = read_state_dict([Path(f.path) for f in planned.files], device, dtype)
-    layout = entry.detect_layout(state.keys())
+    layout = _layout(entry, state.keys(), f"the weights of model {planned.name!r}")
     if layout != planned.key_layout:
         raise WeightsError(
             f"the weights of model {planned.name!r} are now in the {layout!r} key layout but the plan "
             f"recorded {planned.key_layout!r}; recompile the recipe."
         )
-    state = _to_canonical(entry, state, layout)
+    state = entry.convert(state, layout)
     model = _instantiate(entry, planned, device)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -83,8 +86,8 @@ def build_model(
     for lora in runtime.lora:
         path = str(Path(base_dir or ".", lora.path))  # an absolute lora.path stays as it is
         deltas = lora_deltas(read_state_dict([Path(path)], "cpu"), path)
-        lora_layout = entry.detect_layout(deltas.keys())
-        merge_lora(model, deltas, lora.strength, path, lambda s: _to_canonical(entry, s, lora_layout))
+        lora_layout = _layout(entry, deltas.keys(), f"LoRA {path!r}")
+        merge_lora(model, deltas, lora.strength, path, lambda d: entry.convert(d, lora_layout))
     if runtime.quantization.type != "none":
         try:
             from telefuser.ops.quantized_linear import replace_linear_layers
