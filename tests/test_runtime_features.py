@@ -122,3 +122,24 @@ def test_compile_wraps_each_dit_block_and_keeps_the_result(tmp_path):
     pipe = load(tmp_path, TINY + '\n[layer2.models.dit.compile]\nenabled = true\nbackend = "eager"\n')
     assert all(block._compiled_call_impl is not None for block in pipe.placements["dit"].module.blocks)
     assert np.array_equal(pipe.run(prompt="a fox", seed=1, progress=False).frames, plain)
+
+
+def test_cfg_scale_1_runs_one_dit_call_per_step_and_tiled_decode_follows_the_plan(tmp_path):
+    # 26 > the VAE's default tile stride of 24 latent pixels (the plan records no stride), so tiles overlap.
+    recipe = TINY.replace("cfg_scale = 5.0", "cfg_scale = 1.0\ntiled = true\ntile_size = [26, 26]")
+    pipe = load(tmp_path, recipe)
+    calls = []
+    pipe.placements["dit"].module.register_forward_hook(lambda m, args, out: calls.append(args[2].shape[0]))
+    vae = pipe.placements["vae"].module
+    seen = {}
+    decode = vae.decode
+
+    def recording_decode(z, **kwargs):
+        seen.update(kwargs)
+        return decode(z, **kwargs)
+
+    vae.decode = recording_decode
+    video = pipe.run(prompt="a fox", seed=1, progress=False)
+    assert calls == [1, 1, 1, 1]  # no negative branch: scale 1 makes it cancel out
+    assert seen == {"tiled": True, "tile_size": (26, 26)}
+    assert video.frames.shape == (9, 144, 256, 3)
