@@ -107,3 +107,30 @@ def test_non_contiguous_inputs_refused_clearly():
         layer_norm(rand(8, 64)[::2], None, None, 1e-6)  # every other row: rows not densely packed
     with pytest.raises(ValueError, match="contiguous"):
         modulate(rand(2, 4, 128)[:, :, :64], rand(2, 1, 64), rand(2, 1, 64))  # padded rows
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
+@pytest.mark.parametrize("dim", [100, 1536])
+def test_fp8_quantisation(rowwise, dim):
+    from telefuser.kernels.triton.quant import quantize_fp8
+    from telefuser.ops.quantized_linear import _quantise
+
+    x = rand(7, dim, dtype=torch.bfloat16)
+    q, scale = quantize_fp8(x, rowwise)
+    ref_q, ref_scale = _quantise(x, torch.float8_e4m3fn, rowwise)
+    assert q.dtype == torch.float8_e4m3fn
+    assert torch.allclose(scale, ref_scale.reshape(scale.shape), rtol=1e-6)
+    got, want = q.float(), ref_q.float()
+    differ = got != want
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton 3.x's interpreter rounds ties away from zero (84 -> 88, not 80) and drops the carry
+        # when rounding up crosses a power of two (127.6 -> 64, not 128); GPUs round to nearest even.
+        # Allow exactly those two defects here and nothing else.
+        scaled = (x.float() / scale)[differ]
+        tie = (scaled - (got[differ] + want[differ]) / 2).abs() <= 1e-6 * scaled.abs()
+        carry = (got[differ] * 2 == want[differ]) & (torch.log2(want[differ].abs()) % 1 == 0)
+        assert torch.all(tie | carry)
+    else:
+        assert differ.float().mean() < 0.01  # ties may round differently; nothing else
+        # e4m3's 3 mantissa bits: ~2.6% relative error in norm for Gaussian data (float64 check).
+        assert ((got * scale - x.float()).norm() / x.float().norm()).item() < 0.04

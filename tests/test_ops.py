@@ -69,7 +69,8 @@ def test_dispatch_eager_runs_kernel_compile_traces_native(monkeypatch):
     calls = []
     real = norms.rms_norm
     monkeypatch.setattr(norms, "rms_norm", lambda *a: calls.append(1) or real(*a))
-    x, w = torch.randn(4, 32), torch.randn(32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = torch.randn(4, 32, device=device), torch.randn(32, device=device)
     with dispatch.use_dispatch({"rms_norm": "torch"}):
         native = rms_norm(x, w, 1e-6)
     assert calls == []

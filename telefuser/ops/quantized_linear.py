@@ -36,7 +36,12 @@ class LinearFP8(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        xq, x_scale = _quantise(rows, self.data_type, self.rowwise)
+        if x.is_cuda and self.data_type == torch.float8_e4m3fn:
+            from telefuser.kernels.triton.quant import quantize_fp8
+
+            xq, x_scale = quantize_fp8(rows.contiguous(), self.rowwise)  # one pass instead of four
+        else:
+            xq, x_scale = _quantise(rows, self.data_type, self.rowwise)
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale if self.rowwise else x_scale.reshape(()),
                                scale_b=self.weight_scale, bias=self.bias, out_dtype=self.out_dtype)
         return out.reshape(*shape[:-1], self.out_features)

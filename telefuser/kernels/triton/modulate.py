@@ -18,26 +18,32 @@ from ._rows import as_rows, row_block, token_strides
 
 
 @triton.jit
-def _modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, D, S, sh_b, sh_s, sc_b, sc_s,
+def _modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, R, D, S, sh_b, sh_s, sc_b, sc_s,
                      NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     w_ptr, b_ptr, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // S
-    s = row % S
+                     w_ptr, b_ptr, eps, BLOCK: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+    # Several rows per program: a per-sample shift/scale row is then re-read from L1, not L2.
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if NORM:
-        mean = tl.sum(x, axis=0) / D
-        x = tl.where(mask, x - mean, 0.0)
-        x = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        if HAS_WEIGHT:
-            x = x * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x = x + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + b * sh_b + s * sh_s + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * sc_b + s * sc_s + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * D + cols, (x * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty), mask=mask)
+    for i in tl.static_range(ROWS_PER_PROGRAM):
+        row = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM + i
+        if row < R:
+            b = row // S
+            s = row % S
+            x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            if NORM:
+                mean = tl.sum(x, axis=0) / D
+                x = tl.where(mask, x - mean, 0.0)
+                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+                if HAS_WEIGHT:
+                    x = x * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    x = x + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(shift_ptr + b * sh_b + s * sh_s + cols, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + b * sc_b + s * sc_s + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * D + cols, (x * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+ROWS_PER_PROGRAM = 4
 
 
 def _launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, norm: bool, eps: float,
@@ -47,11 +53,11 @@ def _launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, norm: boo
     S, sh_b, sh_s = token_strides(shift, x)
     _, sc_b, sc_s = token_strides(scale, x)
     block, warps = row_block(rows.shape[1])
-    _modulate_kernel[(rows.shape[0],)](
-        rows, shift, scale, out, rows.shape[1], S, sh_b, sh_s, sc_b, sc_s,
+    _modulate_kernel[(triton.cdiv(rows.shape[0], ROWS_PER_PROGRAM),)](
+        rows, shift, scale, out, rows.shape[0], rows.shape[1], S, sh_b, sh_s, sc_b, sc_s,
         NORM=norm, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         w_ptr=weight if weight is not None else rows, b_ptr=bias if bias is not None else rows, eps=eps,
-        BLOCK=block, num_warps=warps)
+        BLOCK=block, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, num_warps=warps)
     return out.view(x.shape)
 
 

@@ -1,4 +1,9 @@
-"""Wan 3-D RoPE applied to q or k [B, S, N, D]: interleaved pairs rotated by the token's (cos, sin)."""
+"""Wan 3-D RoPE applied to q or k [B, S, N, D]: interleaved pairs rotated by the token's (cos, sin).
+
+One program per token: all its heads are read as one contiguous [N, D/2, 2]
+tile (coalesced), split into real and imaginary parts, rotated with the
+token's D/2 angles (loaded once for all heads) and written back interleaved.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +15,22 @@ from ._rows import as_rows
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, N, HALF, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # one (b, s, n) head vector per program
-    s = (row // N) % S
-    i = tl.arange(0, BLOCK)
-    mask = i < HALF
-    base = row * 2 * HALF
-    real = tl.load(x_ptr + base + 2 * i, mask=mask, other=0.0).to(tl.float32)
-    imag = tl.load(x_ptr + base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + s * HALF + i, mask=mask, other=0.0)
-    sn = tl.load(sin_ptr + s * HALF + i, mask=mask, other=0.0)
-    tl.store(out_ptr + base + 2 * i, (real * c - imag * sn).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + base + 2 * i + 1, (real * sn + imag * c).to(out_ptr.dtype.element_ty), mask=mask)
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, N, HALF,
+                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    s = token % S
+    heads = tl.arange(0, BLOCK_N)[:, None, None]
+    pairs = tl.arange(0, BLOCK_H)[None, :, None]
+    part = tl.arange(0, 2)[None, None, :]
+    offsets = token * N * 2 * HALF + heads * 2 * HALF + pairs * 2 + part
+    mask = (heads < N) & (pairs < HALF) & (part < 2)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    real, imag = tl.split(x)  # [BLOCK_N, BLOCK_H] each
+    i = tl.arange(0, BLOCK_H)
+    c = tl.load(cos_ptr + s * HALF + i, mask=i < HALF, other=0.0)[None, :]
+    sn = tl.load(sin_ptr + s * HALF + i, mask=i < HALF, other=0.0)[None, :]
+    out = tl.join(real * c - imag * sn, real * sn + imag * c)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("telefuser::apply_rotary_emb", mutates_args=())
@@ -31,9 +40,11 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
         raise ValueError(f"expected x [B, S, N, D] and cos/sin [S, D/2], got {tuple(x.shape)}, {tuple(cos.shape)}")
     rows = as_rows(x)
     out = torch.empty_like(rows)
-    half = x.shape[3] // 2
-    _rope_kernel[(rows.shape[0],)](rows, cos.float().contiguous(), sin.float().contiguous(), out,
-                                   x.shape[1], x.shape[2], half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+    b, s, n, d = x.shape
+    block_n, block_h = triton.next_power_of_2(n), triton.next_power_of_2(d // 2)
+    warps = min(max(block_n * block_h * 2 // 256, 1), 8)
+    _rope_kernel[(b * s,)](rows, cos.float().contiguous(), sin.float().contiguous(), out, s, n, d // 2,
+                           BLOCK_N=block_n, BLOCK_H=block_h, num_warps=warps)
     return out.view(x.shape)
 
 

@@ -55,7 +55,8 @@ class CausalConv3d(nn.Conv3d):
         time_pad = self._time_pad
         if cache is not None and time_pad > 0:
             past = cache.get(self)
-            keep = x[:, :, -CACHE_FRAMES:]
+            # clone: a view would keep the whole chunk's activation alive in the cache
+            keep = x[:, :, -CACHE_FRAMES:].clone()
             if keep.shape[2] < CACHE_FRAMES and past is not None:
                 keep = torch.cat([past[:, :, -1:], keep], dim=2)
             if past is not None:
@@ -150,7 +151,7 @@ class Resample(nn.Module):
 
     def _halve_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         past = cache.get(self)
-        cache[self] = x[:, :, -1:]
+        cache[self] = x[:, :, -1:].clone()
         if past is None:  # the first frame passes through alone
             return x
         return self.time_conv(torch.cat([past[:, :, -1:], x], dim=2))
