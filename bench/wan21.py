@@ -72,6 +72,14 @@ def bench_dit(peak_tflops: float) -> list[str]:
         ms, mem = peak_of(lambda: ours(x, t, context))
         out_ours = ours(x, t, context).float()
     rows.append(("TeleFuser WanDiT (eager, Triton kernels, SDPA)", ms, mem))
+    # The plan's compile option: each block through torch.compile (Inductor fuses the native ops;
+    # attention stays outside the graph).
+    for block in ours.blocks:
+        block.compile()
+    with torch.inference_mode(), use_dispatch({"attention": "TORCH_SDPA"}):
+        ours(x, t, context)  # compile
+        ms_c, mem_c = peak_of(lambda: ours(x, t, context))
+    compiled_row = ("TeleFuser WanDiT (blocks torch.compile'd, SDPA)", ms_c, mem_c)
     state = wan_to_diffusers(ours.state_dict())
     del ours
     gc.collect()
@@ -86,6 +94,7 @@ def bench_dit(peak_tflops: float) -> list[str]:
         ms_ref, mem_ref = peak_of(lambda: ref(x, t, context, return_dict=False))
         out_ref = ref(x, t, context, return_dict=False)[0].float()
     rows.append(("diffusers WanTransformer3DModel (eager, SDPA)", ms_ref, mem_ref))
+    rows.insert(1, compiled_row)
     err = ((out_ours - out_ref).norm() / out_ref.norm()).item()
     del ref
     gc.collect()
@@ -93,9 +102,10 @@ def bench_dit(peak_tflops: float) -> list[str]:
     for name, ms, mem in rows:
         tf = flops / ms / 1e9
         lines.append(f"| {name} | {ms:.0f} | {tf:.0f} ({tf / peak_tflops:.0%}) | {mem:.1f} |")
-    ratio = rows[0][1] / rows[1][1]
-    mfu = flops / rows[0][1] / 1e9 / peak_tflops
-    lines.append(f"| ratio TeleFuser / diffusers | {ratio:.2f}x (target <= 0.75x: {'met' if ratio <= 0.75 else 'MISSED'}) | "
+    best = min(rows[:2], key=lambda r: r[1])[1]
+    ratio = best / rows[2][1]
+    mfu = flops / best / 1e9 / peak_tflops
+    lines.append(f"| ratio best TeleFuser / diffusers | {ratio:.2f}x (target <= 0.75x: {'met' if ratio <= 0.75 else 'MISSED'}) | "
                  f"MFU {mfu:.0%} (target >= 50%: {'met' if mfu >= 0.5 else 'MISSED'}) | |")
     lines.append(f"| relative error TeleFuser vs diffusers output (bf16) | {err:.2e} | | |")
     return lines
