@@ -139,6 +139,7 @@ def test_missing_and_changed_weights_exit_2(tmp_path, capsys):
     assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow  # three fresh interpreters importing torch: ~6-8 s on a 2-core CPU
 def test_readme_main_job_through_the_installed_entry_points(tmp_path):
     """`telefuser-compile recipes/tiny.toml -o plan` then `telefuser-run plan --prompt ... -o out.mp4`."""
     import subprocess

@@ -60,6 +60,7 @@ def diffusers_pipeline(vocab_size: int):
                        scheduler=scheduler, transformer=transformer.eval())
 
 
+@pytest.mark.slow  # imports diffusers and runs both pipelines: ~5-9 s on a 2-core CPU
 def test_tiny_plan_matches_diffusers_wan_pipeline(tmp_path):
     plan = compile_recipe(TINY.parent / "tiny.toml")
     (tmp_path / "p.json").write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
