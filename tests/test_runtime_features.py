@@ -105,6 +105,13 @@ def test_multi_rank_plan_is_refused(tmp_path):
         check_target(pipe.plan.model_copy(update={"mesh": mesh}))
 
 
+def test_plan_assuming_packages_missing_here_is_refused(tmp_path):
+    pipe = load(tmp_path, TINY)
+    target = pipe.plan.target.model_copy(update={"packages": ["no_such_attention_package"]})
+    with pytest.raises(PlanError, match="no_such_attention_package, which are not installed"):
+        check_target(pipe.plan.model_copy(update={"target": target}))
+
+
 def test_settings_the_runtime_cannot_honour_are_refused_not_ignored(tmp_path):
     recipe = TINY + '''
 [layer2.models.dit.feature_cache]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def check_target(plan: Plan) -> None:
             f"the plan runs on {world} ranks ({plan.mesh.degrees}), but multi-GPU execution is not yet "
             "supported by telefuser-run; compile the recipe for one device (layer2.parallel degrees all 1, "
             "target.num_devices = 1)."
+        )
+    missing = [name for name in plan.target.packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PlanError(
+            f"the plan's kernel choices assume the package(s) {', '.join(missing)}, which are not installed "
+            f"here; install them, or {RECOMPILE} on this machine (target.device = \"auto\")."
         )
     if plan.device == "cuda":
         if not torch.cuda.is_available():
