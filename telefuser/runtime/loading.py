@@ -96,7 +96,11 @@ def build_model(
                 f"model {planned.name!r} is planned with {runtime.quantization.type} quantisation, but this build "
                 "has no telefuser.ops.quantized_linear; set quantization.type = \"none\" and recompile."
             ) from exc
-        replace_linear_layers(model, runtime.quantization.type, skip_modules=runtime.quantization.skip_modules)
+        try:
+            replace_linear_layers(model, runtime.quantization.type, skip_modules=runtime.quantization.skip_modules)
+        except ValueError as exc:
+            raise PlanError(f"model {planned.name!r}: {exc}; change layer2.models.{planned.name}.quantization "
+                            "and recompile.") from exc
     if runtime.compile.enabled:
         _compile_blocks(model, runtime)
     return model
