@@ -89,9 +89,10 @@ def test_gated_add(dtype, dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 36])
-def test_rope(dtype, head_dim):
+@pytest.mark.parametrize("N", [3, 6])  # 6 heads: more than one head group per token
+def test_rope(dtype, head_dim, N):
     grid = (2, 3, 4)
-    S, N = 24, 3
+    S = 24
     x = rand(2, S, N, head_dim, dtype=dtype)
     cos, sin = wan_rope_cos_sin(grid, head_dim, device=DEVICE)
     pairs = x.double().unflatten(-1, (-1, 2))

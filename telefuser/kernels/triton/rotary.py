@@ -1,8 +1,10 @@
 """Wan 3-D RoPE applied to q or k [B, S, N, D]: interleaved pairs rotated by the token's (cos, sin).
 
-One program per token: all its heads are read as one contiguous [N, D/2, 2]
-tile (coalesced), split into real and imaginary parts, rotated with the
-token's D/2 angles (loaded once for all heads) and written back interleaved.
+One program per (token, group of HEADS_PER_PROGRAM heads): the group is read
+as one contiguous [heads, D/2, 2] tile (coalesced), split into real and
+imaginary parts, rotated with the token's D/2 angles (loaded once for the
+group) and written back interleaved. Small groups keep the tile in registers
+(all 40 heads of the 14B model in one program spilled: 16% of copy bandwidth).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import triton.language as tl
 from ._rows import as_rows
 
 
+HEADS_PER_PROGRAM = 4
+
+
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, N, HALF,
                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     s = token % S
-    heads = tl.arange(0, BLOCK_N)[:, None, None]
+    heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
     pairs = tl.arange(0, BLOCK_H)[None, :, None]
     part = tl.arange(0, 2)[None, None, :]
     offsets = token * N * 2 * HALF + heads * 2 * HALF + pairs * 2 + part
@@ -41,9 +46,9 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     rows = as_rows(x)
     out = torch.empty_like(rows)
     b, s, n, d = x.shape
-    block_n, block_h = triton.next_power_of_2(n), triton.next_power_of_2(d // 2)
+    block_n, block_h = min(triton.next_power_of_2(n), HEADS_PER_PROGRAM), triton.next_power_of_2(d // 2)
     warps = min(max(block_n * block_h * 2 // 256, 1), 8)
-    _rope_kernel[(b * s,)](rows, cos.float().contiguous(), sin.float().contiguous(), out, s, n, d // 2,
+    _rope_kernel[(b * s, triton.cdiv(n, block_n))](rows, cos.float().contiguous(), sin.float().contiguous(), out, s, n, d // 2,
                            BLOCK_N=block_n, BLOCK_H=block_h, num_warps=warps)
     return out.view(x.shape)
 
