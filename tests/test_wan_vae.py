@@ -94,3 +94,12 @@ def test_full_size_keys_and_round_trip() -> None:
     back = diffusers_to_wan(wan_to_diffusers(ours))
     assert set(back) == set(ours) and all(back[k] is ours[k] for k in ours)
     assert sum(v.numel() for v in ours.values()) == sum(v.numel() for v in ref.values())
+
+
+def test_tile_stride_defaults_and_validation(pair) -> None:
+    ours, _, gen = pair
+    z = torch.randn(1, 16, 1, 10, 10, generator=gen)
+    small_tiles = ours.decode(z, tiled=True, tile_size=(4, 4))  # stride 3 derived from the tile
+    assert small_tiles.shape == (1, 3, 1, 80, 80) and torch.isfinite(small_tiles).all()
+    with pytest.raises(ValueError, match="tile_stride"):
+        ours.decode(z, tiled=True, tile_size=(4, 4), tile_stride=(5, 5))

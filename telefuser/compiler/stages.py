@@ -20,8 +20,10 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
                         params={"text_len": l2.text_len, "negative": use_cfg}))
     if ModelRole.IMAGE_ENCODER.value in by_role:
         stages.append(Stage(name="encode_image", kind="image_encode", models=[by_role[ModelRole.IMAGE_ENCODER.value]]))
+    vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
+    latent_channels = int(vae.arch.get("z_dim", 16)) if vae is not None and vae.arch else 16
     stages.append(Stage(name="prepare_latents", kind="noise",
-                        params={"num_frames": l2.num_frames, "latent_channels": 16, "temporal_ratio": 4, "spatial_ratio": 8,
+                        params={"num_frames": l2.num_frames, "latent_channels": latent_channels, "temporal_ratio": 4, "spatial_ratio": 8,
                                 "generator": "cpu"}))
     denoise: dict = {"solver": l2.sample_solver, "num_inference_steps": l2.num_inference_steps,
                      "sigma_shift": l2.sigma_shift, "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg}

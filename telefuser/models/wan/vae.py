@@ -246,13 +246,18 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] = (32, 32),
-               tile_stride: tuple[int, int] = (24, 24)) -> torch.Tensor:
+               tile_stride: tuple[int, int] | None = None) -> torch.Tensor:
         """Normalised latents [B, z, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in [-1, 1].
 
-        Tiled: overlapping spatial tiles of `tile_size` latent pixels every `tile_stride`, each decoded on
+        Tiled: overlapping spatial tiles of `tile_size` latent pixels every `tile_stride` (default: a
+        quarter of the tile overlaps, 32 -> 24 as diffusers' 256/192-pixel default), each decoded on
         its own; overlaps are blended linearly (each tile with its already blended upper and left
         neighbours), which bounds memory by the tile, not the frame.
         """
+        if tile_stride is None:
+            tile_stride = (tile_size[0] - tile_size[0] // 4, tile_size[1] - tile_size[1] // 4)
+        if not all(0 < s <= t for s, t in zip(tile_stride, tile_size)):
+            raise ValueError(f"tile_stride {tuple(tile_stride)} must be positive and at most tile_size {tuple(tile_size)}")
         latent_mean, latent_std = self.latent_stats.to(z.dtype)
         z = self.conv2(z * latent_std + latent_mean)
         video = self._decode_tiled(z, tile_size, tile_stride) if tiled else self._decode_frames(z)
