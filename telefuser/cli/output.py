@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from telefuser.atomic import atomic_output
 from telefuser.errors import TeleFuserError
 
 
@@ -16,14 +15,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         raise TeleFuserError(f"cannot write {path}: the folder {folder} does not exist; create it or choose another path.")
     if path.is_dir():
         raise TeleFuserError(f"cannot write {path}: it is a directory; give a file name such as {path / 'plan.json'}.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise TeleFuserError(f"cannot write {path}: {exc.strerror}.") from exc
-        raise
+        with atomic_output(folder / path.name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise TeleFuserError(f"cannot write {path}: {exc.strerror}.") from exc
     return path

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from telefuser.atomic import atomic_output
 from telefuser.errors import TeleFuserError
 
 
@@ -97,32 +98,32 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 def write_mp4_atomically(target: Path, frames: np.ndarray, fps: int) -> None:
     """Encode into a temporary file beside the target, then rename it over the target."""
+    try:
+        with atomic_output(target, suffix=".partial.mp4") as tmp:
+            _encode(tmp, frames, fps)
+    except OSError as exc:
+        raise OutputPathError(f"could not write {str(target)!r}: {exc}; check free disk space and permissions.") from exc
+
+
+def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
+    """H.264 (yuv420p) through imageio-ffmpeg's bundled ffmpeg."""
     import imageio_ffmpeg  # lazy: only writers need ffmpeg
 
     height, width = frames.shape[1:3]
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".partial.mp4")
-    os.close(fd)
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        (width, height),
+        pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p",
+        fps=fps,
+        codec="libx264",
+        quality=8,
+        macro_block_size=1,  # sizes come from the resolution table (multiples of 16); never rescale
+        ffmpeg_log_level="error",
+    )
     try:
-        writer = imageio_ffmpeg.write_frames(
-            tmp_name,
-            (width, height),
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            fps=fps,
-            codec="libx264",
-            quality=8,
-            macro_block_size=1,  # sizes come from the resolution table (multiples of 16); never rescale
-            ffmpeg_log_level="error",
-        )
-        try:
-            writer.send(None)
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-        finally:
-            writer.close()  # waits for ffmpeg, or stops it when a frame failed
-        os.replace(tmp_name, target)
-    except BaseException as exc:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputPathError(f"could not write {str(target)!r}: {exc}; check free disk space and permissions.") from exc
-        raise
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        writer.close()  # waits for ffmpeg, or stops it when a frame failed

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._rows import as_rows, row_block, token_strides
+from .norms import layer_norm_row
 
 
 @triton.jit
@@ -31,13 +32,7 @@ def _modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, R, D, S, sh_b, sh_s, 
             s = row % S
             x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             if NORM:
-                mean = tl.sum(x, axis=0) / D
-                x = tl.where(mask, x - mean, 0.0)
-                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-                if HAS_WEIGHT:
-                    x = x * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    x = x + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                x = layer_norm_row(x, cols, mask, D, eps, w_ptr, b_ptr, HAS_WEIGHT, HAS_BIAS)
             shift = tl.load(shift_ptr + b * sh_b + s * sh_s + cols, mask=mask, other=0.0).to(tl.float32)
             scale = tl.load(scale_ptr + b * sc_b + s * sc_s + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + row * D + cols, (x * (1.0 + scale) + shift).to(out_ptr.dtype.element_ty), mask=mask)

@@ -24,12 +24,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, HAS_WEIGHT: tl.constexpr, BL
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, eps,
-                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+def layer_norm_row(x, cols, mask, D, eps, w_ptr, b_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """LayerNorm of one float32 row held in registers (shared with the fused modulate kernel)."""
     mean = tl.sum(x, axis=0) / D
     centred = tl.where(mask, x - mean, 0.0)
     y = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
@@ -37,6 +33,17 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, eps,
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, D, eps,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    y = layer_norm_row(x, cols, mask, D, eps, w_ptr, b_ptr, HAS_WEIGHT, HAS_BIAS)
     tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
