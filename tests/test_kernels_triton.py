@@ -124,13 +124,15 @@ def test_fp8_quantisation(rowwise, dim):
     got, want = q.float(), ref_q.float()
     differ = got != want
     if os.environ.get("TRITON_INTERPRET") == "1":
-        # Triton 3.x's interpreter rounds ties away from zero (84 -> 88, not 80) and drops the carry
-        # when rounding up crosses a power of two (127.6 -> 64, not 128); GPUs round to nearest even.
-        # Allow exactly those two defects here and nothing else.
-        scaled = (x.float() / scale)[differ]
-        tie = (scaled - (got[differ] + want[differ]) / 2).abs() <= 1e-6 * scaled.abs()
-        carry = (got[differ] * 2 == want[differ]) & (torch.log2(want[differ].abs()) % 1 == 0)
-        assert torch.all(tie | carry)
+        # Triton 3.x's interpreter rounds ties away from zero (84 -> 88, not 80), drops the carry when
+        # rounding up crosses a power of two (127.6 -> 64, not 128), and may round subnormals
+        # (|v| < 2^-6) one step (2^-9) the wrong way; GPUs round to nearest even (checked on an H100).
+        # Allow exactly those defects here and nothing else.
+        scaled, g, w = (x.float() / scale)[differ], got[differ], want[differ]
+        tie = (scaled - (g + w) / 2).abs() <= 1e-6 * scaled.abs()
+        carry = (g * 2 == w) & (torch.log2(w.abs()) % 1 == 0)
+        subnormal = (w.abs() <= 2**-6) & ((g - w).abs() <= 2**-9)
+        assert torch.all(tie | carry | subnormal)
     else:
         assert differ.float().mean() < 0.01  # ties may round differently; nothing else
         # e4m3's 3 mantissa bits: ~2.6% relative error in norm for Gaussian data (float64 check).
