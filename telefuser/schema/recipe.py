@@ -249,28 +249,26 @@ class IntParam(StrictModel):
         return self
 
 
-class ResolutionParam(StrictModel):
+class _ChoiceParam(StrictModel):
+    """A parameter with a closed set of choices; its default must be one of them."""
+
+    @model_validator(mode="after")
+    def _default_in_choices(self):  # type: ignore[no-untyped-def]
+        if self.default not in self.choices:  # type: ignore[attr-defined]
+            raise ValueError(f"default {self.default!r} is not one of the choices {self.choices}")  # type: ignore[attr-defined]
+        return self
+
+
+class ResolutionParam(_ChoiceParam):
     default: Resolution = Resolution.P480
     choices: list[Resolution] = Field(default_factory=lambda: [Resolution.P480, Resolution.P720], min_length=1)
     description: str = ""
 
-    @model_validator(mode="after")
-    def _default_in_choices(self) -> "ResolutionParam":
-        if self.default not in self.choices:
-            raise ValueError(f"default {self.default!r} is not one of the choices {self.choices}")
-        return self
 
-
-class AspectRatioParam(StrictModel):
+class AspectRatioParam(_ChoiceParam):
     default: AspectRatio = AspectRatio.R16_9
     choices: list[AspectRatio] = Field(default_factory=lambda: list(AspectRatio), min_length=1)
     description: str = ""
-
-    @model_validator(mode="after")
-    def _default_in_choices(self) -> "AspectRatioParam":
-        if self.default not in self.choices:
-            raise ValueError(f"default {self.default!r} is not one of the choices {self.choices}")
-        return self
 
 
 class ImageParam(StrictModel):
