@@ -7,8 +7,10 @@ largest of them. activations: the DiT at the largest allowed frame size and
 num_frames, with tokens split by sequence parallelism: per token, the
 residual stream plus the largest transient (the FFN hidden layer, or q/k/v/o)
 in the compute dtype, times the CFG batch of 2; attention is flash-style
-(no S x S matrix). The VAE decode workspace is a few full-resolution feature
-maps of one latent frame's 4 output frames at the decoder's widest channels.
+(no S x S matrix). The VAE decode workspace is VAE_LIVE_MAPS full-resolution
+feature maps of one latent frame's 4 output frames at base_dim channels,
+calibrated on an H100 (docs/benchmarks.md: 4.8 GiB peak for the Wan2.1 VAE at
+480p x 81 frames), plus the decoded video in float32.
 These are estimates for refusing the clearly impossible, not promises.
 """
 
@@ -22,6 +24,7 @@ from telefuser.schema.resolution import RESOLUTION_TABLE
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
 WORKSPACE_BYTES = 1 * 2**30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
+VAE_LIVE_MAPS = 15  # concatenated caches, padding copies, residual inputs and outputs at full resolution
 
 
 def _largest_frame(recipe: Recipe) -> tuple[int, int, str, str]:
@@ -74,8 +77,7 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int) -
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     if vae is not None:
         base = int(vae.arch.get("base_dim", 96))
-        # ~4 live maps of 4 frames at full resolution, base_dim channels, plus the uint8/float output video.
-        breakdown["activations.vae_decode"] = 4 * 4 * base * width * height * DTYPE_BYTES[vae.compute_dtype] \
+        breakdown["activations.vae_decode"] = VAE_LIVE_MAPS * 4 * base * width * height * DTYPE_BYTES[vae.compute_dtype] \
             + l2.num_frames * 3 * width * height * 4
     breakdown["workspace"] = WORKSPACE_BYTES
     peak_activation = max(breakdown["activations.dit"], breakdown.get("activations.vae_decode", 0))
