@@ -241,15 +241,11 @@ class Pipeline:
 
 def _guided(dit: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
             context_null: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond), in float32.
-
-    Both branches run as one batch-2 forward (both contexts are padded to text_len): one pass over
-    the weights and half the kernel launches of two batch-1 forwards.
-    """
+    """Classifier-free guidance: uncond + scale * (cond - uncond), in float32."""
+    cond = dit(x, t, context).float()
     if context_null is None or scale == 1.0:
-        return dit(x, t, context).float()  # scale 1 gives exactly the conditional prediction
-    both = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, context_null.to(context.dtype)])).float()
-    cond, uncond = both.chunk(2)
+        return cond  # scale 1 gives exactly the conditional prediction
+    uncond = dit(x, t, context_null.to(context.dtype)).float()
     return uncond + scale * (cond - uncond)
 
 
