@@ -31,12 +31,16 @@ def _option(name: str) -> str:
 
 
 def _pre_parser() -> argparse.ArgumentParser:
-    pre = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, add_help=False)
+    pre = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  telefuser-compile recipes/tiny.toml -o plan.json\n"
+               "  telefuser-run plan.json --prompt \"a red fox in fresh snow\" --seed 7 -o fox.mp4\n\n"
+               "exit codes: 0 success, 2 bad input (one-paragraph message; no partial mp4 is left).")
     pre.add_argument("plan", nargs="?", help="a plan JSON written by telefuser-compile")
-    pre.add_argument("-h", "--help", action="store_true")
-    pre.add_argument("-o", "--output")
+    pre.add_argument("-h", "--help", action="store_true", help="show help; after a plan, that plan's parameters")
+    pre.add_argument("-o", "--output", help="the mp4 to write (atomically)")
     for name in LAYER3_OPTIONS:
-        pre.add_argument(_option(name))
+        pre.add_argument(_option(name), help=f"the plan's {name.replace('_', ' ')} parameter (if it declares one)")
     return pre
 
 
