@@ -3,13 +3,25 @@
 Module and parameter names follow the official checkpoints
 (`diffusion_pytorch_model*.safetensors` of Wan-AI/Wan2.1-T2V-1.3B etc.), so
 those files load without renaming; diffusers' layout is converted by
-`dit_keys`. Numerics follow the reference: the time embedding, the modulation
-vectors and the modulated norms are computed in float32, the big projections
-in the model's dtype.
+`dit_keys`.
 
-The text context is taken as given ([B, L, text_dim]); Wan zero-pads each
-prompt's embedding to `text_len` (512) before the text MLP, which the
-runtime's text stage does.
+Dtypes, against the two references:
+- time embedding, time projection and every modulation vector (`e`,
+  `modulation + e`) are float32, as Wan computes them (diffusers runs the time
+  MLP in the model dtype); the modulated norms take float32 statistics and
+  return the model dtype;
+- the residual stream stays in the model dtype (diffusers' choice; Wan lets it
+  become float32 after the first gated add, which doubles the traffic of the
+  largest activation for no measurable gain at bf16 matmuls);
+- every projection runs in the model dtype.
+
+Text context: Wan cuts each prompt's umT5 embedding to its token count and
+zero-pads it to text_len (512) inside its forward, before the text MLP. Here
+the runtime's text stage does it (`telefuser.runtime.text.encode_prompts`
+zeroes the rows past each prompt's length, at the plan's text_len: 512 for
+Wan, fewer for the tiny test model), and the DiT takes the context as given.
+In I2V the image tokens travel apart from the text, so no token count is
+assumed where Wan splits them off by it.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from telefuser.ops.attention import attention
@@ -25,7 +38,9 @@ from telefuser.ops.normalization import LayerNorm, RMSNorm, norm_modulate
 from telefuser.ops.residual import gated_add
 from telefuser.ops.rotary import apply_rotary_emb, wan_rope_cos_sin
 
-CLIP_TOKENS = 257  # image tokens the I2V image branch prepends to the text context
+CLIP_DIM = 1280  # CLIP ViT-H/14 penultimate features fed to img_emb
+
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,12 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
 
 
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer` applied in float32 whatever its dtype (the tiny [B, dim] time-embedding path)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
 class WanSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
@@ -80,9 +101,9 @@ class WanSelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, -1))  # [B, S, N, D]
+        return x.unflatten(-1, (self.num_heads, -1))  # [B, S, N, D], a view: stays contiguous
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         q = apply_rotary_emb(self._heads(self.norm_q(self.q(x))), *rope)
         k = apply_rotary_emb(self._heads(self.norm_k(self.k(x))), *rope)
         v = self._heads(self.v(x))
@@ -90,7 +111,7 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
-    """Attention of video tokens to the text context (and, for I2V, to CLIP image tokens)."""
+    """Attention of video tokens to the text context, plus (I2V) to the CLIP image tokens, summed before `o`."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool) -> None:
         super().__init__(dim, num_heads, qk_norm, eps)
@@ -100,17 +121,37 @@ class WanCrossAttention(WanSelfAttention):
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
+        out = attention(q, self._heads(self.norm_k(self.k(context))), self._heads(self.v(context)))
         if self.image:
-            context_img, context = context[:, :CLIP_TOKENS], context[:, CLIP_TOKENS:]
-        k = self._heads(self.norm_k(self.k(context)))
-        v = self._heads(self.v(context))
-        out = attention(q, k, v)
-        if self.image:
+            if context_img is None:
+                raise ValueError("an i2v Wan DiT needs clip_fea (CLIP image features)")
             k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
             out = out + attention(q, k_img, self._heads(self.v_img(context_img)))
         return self.o(out.flatten(2))
+
+
+class WanFeedForward(nn.Sequential):
+    """Linear -> tanh-GELU -> Linear under Wan's keys ffn.0 / ffn.2.
+
+    On CUDA the GELU runs in the up-projection's cuBLASLt epilogue
+    (`torch._addmm_activation`, tanh approximation there), sparing a read and a
+    write of the [tokens, ffn_dim] activation. Elsewhere that op uses the exact
+    GELU, so other devices take the plain path.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, gelu, down = self
+        if x.is_cuda:
+            hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
+            return down(hidden.unflatten(0, x.shape[:-1]))
+        return down(gelu(up(x)))
 
 
 class WanBlock(nn.Module):
@@ -118,22 +159,20 @@ class WanBlock(nn.Module):
         super().__init__()
         self.eps = cfg.eps
         self.self_attn = WanSelfAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
-        # norm1 / norm2 have no parameters; norm3 (before cross-attention) is affine.
+        # norm1 / norm2 have no parameters (fused into norm_modulate); norm3 (before cross-attention) is affine.
         self.norm3 = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = WanCrossAttention(cfg.dim, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.model_type == "i2v")
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = WanFeedForward(cfg.dim, cfg.ffn_dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(
-        self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope, context_img: torch.Tensor | None = None
     ) -> torch.Tensor:
         # e: [B, 6, dim] float32; each chunk [B, 1, dim] broadcasts over tokens.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(6, dim=1)
-        y = self.self_attn(norm_modulate(x, shift_sa, scale_sa, eps=self.eps), rope)
-        x = gated_add(x, y, gate_sa)
-        x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn(norm_modulate(x, shift_ff, scale_ff, eps=self.eps))
-        return gated_add(x, y, gate_ff)
+        x = gated_add(x, self.self_attn(norm_modulate(x, shift_sa, scale_sa, eps=self.eps), rope), gate_sa)
+        x = x + self.cross_attn(self.norm3(x), context, context_img)
+        return gated_add(x, self.ffn(norm_modulate(x, shift_ff, scale_ff, eps=self.eps)), gate_ff)
 
 
 class WanHead(nn.Module):
@@ -144,12 +183,12 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + t_emb.float()[:, None]).chunk(2, dim=1)
+        shift, scale = (self.modulation.float() + t_emb[:, None]).chunk(2, dim=1)
         return self.head(norm_modulate(x, shift, scale, eps=self.eps))
 
 
 class WanImageEmbedding(nn.Module):
-    """CLIP ViT-H image features (1280) -> model width; keys img_emb.proj.{0,1,3,4}."""
+    """CLIP image features -> model width; keys img_emb.proj.{0,1,3,4}."""
 
     def __init__(self, clip_dim: int, dim: int) -> None:
         super().__init__()
@@ -173,7 +212,22 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(c) for _ in range(c.num_layers))
         self.head = WanHead(c)
         if c.model_type == "i2v":
-            self.img_emb = WanImageEmbedding(1280, c.dim)
+            self.img_emb = WanImageEmbedding(CLIP_DIM, c.dim)
+        # The RoPE table is built on the CPU in float64 (tens of ms at 480p); once per grid and device.
+        self._rope_cache: dict[tuple[tuple[int, ...], torch.device], Rope] = {}
+
+    def rope(self, grid: tuple[int, ...], device: torch.device) -> Rope:
+        key = (grid, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = wan_rope_cos_sin(grid, self.config.head_dim, device=device)
+        return self._rope_cache[key]
+
+    def time_embeddings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_emb [B, dim], e [B, 6, dim]), float32 whatever the model dtype, as Wan computes them."""
+        lin1, act, lin2 = self.time_embedding
+        t_emb = linear_fp32(lin2, act(linear_fp32(lin1, sinusoidal_embedding(t, self.config.freq_dim))))
+        act, proj = self.time_projection
+        return t_emb, linear_fp32(proj, act(t_emb)).unflatten(1, (6, self.config.dim))
 
     def forward(
         self,
@@ -184,32 +238,24 @@ class WanDiT(nn.Module):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, in, F, H, W] (I2V: `y` holds the extra conditioning channels), t [B], context [B, L, text_dim]."""
-        c = self.config
         if y is not None:
             x = torch.cat([x, y], dim=1)
         dtype = self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.to(dtype))
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # [B, S, dim]
-        rope = wan_rope_cos_sin(grid, c.head_dim, device=tokens.device)
-
-        t_emb = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
-        e = self.time_projection(t_emb.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, c.dim))
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # [B, S, dim], (frame, height, width) order
+        rope = self.rope(grid, tokens.device)
+        t_emb, e = self.time_embeddings(t)
 
         context = self.text_embedding(context.to(dtype))
-        if c.model_type == "i2v":
-            if clip_fea is None:
-                raise ValueError("an i2v Wan DiT needs clip_fea (CLIP image features)")
-            context = torch.cat([self.img_emb(clip_fea.to(dtype)), context], dim=1)
-
+        context_img = self.img_emb(clip_fea.to(dtype)) if self.config.model_type == "i2v" and clip_fea is not None else None
         for block in self.blocks:
-            tokens = block(tokens, e, context, rope)
-        out = self.head(tokens, t_emb)
-        return self.unpatchify(out, grid)
+            tokens = block(tokens, e, context, rope, context_img)
+        return self.unpatchify(self.head(tokens, t_emb), grid)
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """[B, f*h*w, out*pt*ph*pw] -> [B, out, f*pt, h*ph, w*pw]."""
         (pt, ph, pw), (f, h, w) = self.config.patch_size, grid
-        b = tokens.shape[0]
-        x = tokens.view(b, f, h, w, pt, ph, pw, self.config.out_dim)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.config.out_dim, f * pt, h * ph, w * pw)
+        b, out_dim = tokens.shape[0], self.config.out_dim
+        x = tokens.view(b, f, h, w, pt, ph, pw, out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, out_dim, f * pt, h * ph, w * pw)
