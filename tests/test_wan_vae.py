@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from telefuser.models.wan.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
+from telefuser.models.wan.vae import LATENT_MEAN, LATENT_STD, AttentionBlock, CausalConv3d, WanVAE, WanVAEConfig
 from telefuser.models.wan.vae_keys import detect_layout, diffusers_to_wan, to_wan_layout, wan_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
@@ -25,7 +25,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture()
 def pair() -> tuple[WanVAE, AutoencoderKLWan, torch.Generator]:
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")  # shown by pytest on failure, to replay it
+    gen = torch.Generator().manual_seed(seed)
     ref = diffusers_vae(TINY).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -84,6 +86,56 @@ def test_tiled_decode_matches_diffusers_tiling(pair) -> None:
     assert torch.equal(one_tile, untiled)
 
 
+def _make_spatially_pointwise(vae: WanVAE) -> None:
+    """Keep only the centre spatial tap of every convolution and silence the attention's output.
+
+    The decoder then maps each latent pixel to its own 8x8 block of pixels (time still mixes causally), so
+    any spatial tiling must reproduce the untiled decode exactly, seams included.
+    """
+    with torch.no_grad():
+        for module in vae.decoder.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and module.kernel_size[-1] == 3:
+                centre = module.weight[..., 1:2, 1:2].clone()
+                module.weight.zero_()[..., 1:2, 1:2] = centre
+            elif isinstance(module, AttentionBlock):
+                module.proj.weight.zero_()
+                module.proj.bias.zero_()
+
+
+def test_tiled_decode_matches_untiled_when_tiles_see_enough(pair) -> None:
+    ours, _, gen = pair
+    _make_spatially_pointwise(ours)
+    z = torch.randn(1, 16, 2, 11, 13, generator=gen)
+    with torch.no_grad():
+        untiled = ours.decode(z)
+        for tile, stride in [((6, 6), None), ((4, 8), (3, 5)), ((5, 5), (5, 5))]:
+            tiled = ours.decode(z, tiled=True, tile_size=tile, tile_stride=stride)
+            # Every pixel is the same computation in both (only tensor sizes differ) and the linear seam
+            # weights sum to one: fp32 rounding alone, ~1e-7 of the output's unit scale. A misplaced tile,
+            # a wrong crop or weights not summing to one shows as errors of order 1.
+            assert (tiled - untiled).abs().max().item() < 1e-5, (tile, stride)
+
+
+def test_decoder_runs_one_latent_frame_at_a_time(pair) -> None:
+    ours, _, gen = pair
+    frames_seen: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: frames_seen.append(args[0].shape[2]))
+             for m in ours.decoder.modules() if isinstance(m, CausalConv3d)]
+    with torch.no_grad():
+        video = ours.decode(torch.randn(1, 16, 5, 2, 2, generator=gen))
+    for hook in hooks:
+        hook.remove()
+    assert video.shape[2] == 17
+    # One latent frame in, at most 4 frames at full rate: never the whole video's 17 frames.
+    assert max(frames_seen) == 4
+
+
+def test_encode_rejects_frame_counts_other_than_1_plus_4k(pair) -> None:
+    ours, _, gen = pair
+    with pytest.raises(ValueError, match=r"1\+4k"):
+        ours.encode(torch.rand(1, 3, 8, 16, 16, generator=gen))
+
+
 def test_full_size_keys_and_round_trip() -> None:
     cfg = WanVAEConfig()
     with torch.device("meta"):
@@ -94,6 +146,9 @@ def test_full_size_keys_and_round_trip() -> None:
     back = diffusers_to_wan(wan_to_diffusers(ours))
     assert set(back) == set(ours) and all(back[k] is ours[k] for k in ours)
     assert sum(v.numel() for v in ours.values()) == sum(v.numel() for v in ref.values())
+    forth = wan_to_diffusers(diffusers_to_wan(ref))
+    assert set(forth) == set(ref) and all(forth[k] is ref[k] for k in ref)
+    assert to_wan_layout(ours) == ours
 
 
 def test_tile_stride_defaults_and_validation(pair) -> None:
