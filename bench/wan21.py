@@ -3,36 +3,45 @@
 Full-size random bf16 weights generated on the GPU in Wan's layout (converted
 for diffusers), 480p 16:9, 81 frames: latent [1, 16, 21, 60, 104] = 32760
 tokens, text context [1, 512, 4096]. A denoising step with CFG is one forward
-at batch 2 (conditional + unconditional), as both pipelines run it.
-Run on the device: `PYTHONPATH=. python3 bench/wan21.py`; writes $OUT/wan21.md.
+at batch 2 (conditional + unconditional). Besides the table, the run profiles
+one TeleFuser step (GPU time per kernel class) and times the FFN up-projection
+with and without GELU in the GEMM epilogue, the choice WanFeedForward makes.
+Run on the device: `PYTHONPATH=. python3 bench/wan21.py`; writes $OUT/wan21.md
+and $OUT/wan21_profile.txt, prints the table last.
 """
 
 from __future__ import annotations
 
 import gc
+import re
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from bench.common import bf16_matmul_tflops, environment, out_dir, wall_ms
-from telefuser.models.wan.dit import WAN21_1_3B, WanDiT
+from bench.common import bench_ms, bf16_matmul_tflops, environment, out_dir, wall_ms
+from telefuser.models.wan.dit import WAN21_1_3B, WanDiT, WanDiTConfig
 from telefuser.models.wan.dit_keys import wan_to_diffusers
-from telefuser.models.wan.vae import WanVAE, WanVAEConfig
-from telefuser.models.wan.vae_keys import wan_to_diffusers as vae_to_diffusers
 from telefuser.ops.dispatch import use_dispatch
 
 BF16 = torch.bfloat16
 LATENT = (2, 16, 21, 60, 104)
+TOKENS = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)  # 32760
 TEXT_LEN = 512
 KERNELS = {"attention": "TORCH_SDPA", **{op: "triton" for op in
                                           ("rms_norm", "layer_norm", "norm_modulate", "modulate", "rotary", "gated_add")}}
+# GPU kernel names -> class, first match wins (flash/cuDNN attention, cuBLAS/CUTLASS GEMMs, our Triton kernels).
+KERNEL_CLASSES = [("attention", r"flash|fmha|attention"), ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|sm90_"),
+                  ("triton kernels", r"^_\w+_kernel"), ("convolution", r"conv")]
 
 
-def dit_flops(batch: int, tokens: int, cfg=WAN21_1_3B) -> float:
+def dit_flops(batch: int, tokens: int, cfg: WanDiTConfig = WAN21_1_3B) -> float:
     d, f, L = cfg.dim, cfg.ffn_dim, cfg.num_layers
     per_token = (8 * d * d          # self-attention q, k, v, o
                  + 4 * d * d        # cross-attention q, o
                  + 4 * d * f        # FFN up and down
-                 + 4 * tokens * d   # self-attention QK^T and PV
+                 + 4 * tokens * d   # self-attention QK^T and PV, all heads
                  + 4 * TEXT_LEN * d)  # cross-attention QK^T and PV
     context = 4 * TEXT_LEN * d * d  # cross-attention k, v over the text tokens
     return batch * L * (tokens * per_token + context)
@@ -47,7 +56,7 @@ def random_state(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.02)
 
 
-def peak_of(fn) -> tuple[float, float]:
+def peak_of(fn: Callable[[], object]) -> tuple[float, float]:
     """(median ms, peak GiB allocated) of fn."""
     gc.collect()
     torch.cuda.empty_cache()
@@ -56,21 +65,54 @@ def peak_of(fn) -> tuple[float, float]:
     return ms, torch.cuda.max_memory_allocated() / 2**30
 
 
-def bench_dit(peak_tflops: float) -> list[str]:
+def profile_step(fn: Callable[[], object]) -> tuple[dict[str, float], str]:
+    """GPU ms per kernel class over one call, and the 25 costliest kernels as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device activity only: rows are kernels
+        fn()
+        torch.cuda.synchronize()
+    per_class: dict[str, float] = defaultdict(float)
+    per_kernel = {row.key: row.self_device_time_total / 1e3 for row in prof.key_averages()}
+    for name, ms in per_kernel.items():
+        cls = next((c for c, pat in KERNEL_CLASSES if re.search(pat, name, re.IGNORECASE)), "other (elementwise, copies)")
+        per_class[cls] += ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    return dict(per_class), "\n".join(f"{ms:9.2f} ms  {name[:150]}" for name, ms in top)
+
+
+def diffusers_dit(cfg: WanDiTConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
+    with torch.device("cuda"):
+        ref = WanTransformer3DModel(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads,
+                                    attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim, out_channels=cfg.out_dim,
+                                    text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+                                    num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+                                    qk_norm="rms_norm_across_heads", eps=cfg.eps)
+    ref = ref.to(BF16)
+    ref.load_state_dict(state)
+    return ref.eval().requires_grad_(False)
+
+
+def bench_dit(peak_tflops: float) -> list[str]:
     torch.manual_seed(0)
-    ours = WanDiT(WAN21_1_3B).to("cuda", BF16).eval().requires_grad_(False)
+    with torch.device("cuda"):
+        ours = WanDiT(WAN21_1_3B)
+    ours = ours.to(BF16).eval().requires_grad_(False)
     random_state(ours)
     x = torch.randn(LATENT, device="cuda", dtype=BF16)
     t = torch.tensor([900.0, 900.0], device="cuda")
     context = torch.randn(2, TEXT_LEN, 4096, device="cuda", dtype=BF16)
-    tokens = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
-    flops = dit_flops(2, tokens)
+    flops = dit_flops(2, TOKENS)
     rows = []
     with torch.inference_mode(), use_dispatch(KERNELS):
         ms, mem = peak_of(lambda: ours(x, t, context))
         out_ours = ours(x, t, context).float()
+        try:
+            per_class, top = profile_step(lambda: ours(x, t, context))
+        except RuntimeError as exc:  # a profiler failure must not cost the timings
+            per_class, top = {}, f"profiler failed: {exc}"
     rows.append(("TeleFuser WanDiT (eager, Triton kernels, SDPA)", ms, mem))
     # The plan's compile option: each block through torch.compile (Inductor fuses the native ops;
     # attention stays outside the graph).
@@ -78,26 +120,21 @@ def bench_dit(peak_tflops: float) -> list[str]:
         block.compile()
     with torch.inference_mode(), use_dispatch({"attention": "TORCH_SDPA"}):
         ours(x, t, context)  # compile
-        ms_c, mem_c = peak_of(lambda: ours(x, t, context))
-    compiled_row = ("TeleFuser WanDiT (blocks torch.compile'd, SDPA)", ms_c, mem_c)
+        rows.append(("TeleFuser WanDiT (blocks torch.compile'd, SDPA)", *peak_of(lambda: ours(x, t, context))))
     state = wan_to_diffusers(ours.state_dict())
     del ours
     gc.collect()
-    cfg = WAN21_1_3B
-    ref = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-                                in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=cfg.ffn_dim,
-                                num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
-    ref.load_state_dict(state)
+    ref = diffusers_dit(WAN21_1_3B, state)
     del state
-    ref = ref.to("cuda", BF16).eval().requires_grad_(False)
     with torch.inference_mode():
-        ms_ref, mem_ref = peak_of(lambda: ref(x, t, context, return_dict=False))
+        rows.append(("diffusers WanTransformer3DModel (eager, SDPA)",
+                     *peak_of(lambda: ref(x, t, context, return_dict=False))))
         out_ref = ref(x, t, context, return_dict=False)[0].float()
-    rows.append(("diffusers WanTransformer3DModel (eager, SDPA)", ms_ref, mem_ref))
-    rows.insert(1, compiled_row)
     err = ((out_ours - out_ref).norm() / out_ref.norm()).item()
     del ref
     gc.collect()
+    torch.cuda.empty_cache()
+
     lines = []
     for name, ms, mem in rows:
         tf = flops / ms / 1e9
@@ -108,14 +145,44 @@ def bench_dit(peak_tflops: float) -> list[str]:
     lines.append(f"| ratio best TeleFuser / diffusers | {ratio:.2f}x (target <= 0.75x: {'met' if ratio <= 0.75 else 'MISSED'}) | "
                  f"MFU {mfu:.0%} (target >= 50%: {'met' if mfu >= 0.5 else 'MISSED'}) | |")
     lines.append(f"| relative error TeleFuser vs diffusers output (bf16) | {err:.2e} | | |")
+    lines += ["", f"GPU time of one eager TeleFuser step by kernel class (profiler; {flops / 1e12:.0f} TFLOP counted):", "",
+              "| kernel class | ms |", "|---|---|",
+              *(f"| {cls} | {ms:.0f} |" for cls, ms in sorted(per_class.items(), key=lambda kv: -kv[1]))]
+    (out_dir() / "wan21_profile.txt").write_text(f"one eager TeleFuser step, 25 costliest kernels:\n{top}\n")
+    print(top)
     return lines
 
 
+def bench_ffn_epilogue(peak_tflops: float) -> list[str]:
+    """FFN up-projection at batch 2: GEMM then GELU, against GELU in the GEMM's epilogue."""
+    cfg = WAN21_1_3B
+    x = torch.randn(2 * TOKENS, cfg.dim, device="cuda", dtype=BF16)
+    w = torch.randn(cfg.ffn_dim, cfg.dim, device="cuda", dtype=BF16) * 0.02
+    b = torch.randn(cfg.ffn_dim, device="cuda", dtype=BF16) * 0.02
+    flops = 2 * x.shape[0] * cfg.dim * cfg.ffn_dim
+    separate = bench_ms(lambda: F.gelu(F.linear(x, w, b), approximate="tanh"))
+    fused = bench_ms(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+    gemm = bench_ms(lambda: F.linear(x, w, b))
+    ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
+    err = ((torch._addmm_activation(b, x, w.t(), use_gelu=True).float() - ref).norm() / ref.norm()).item()
+    return [f"| GEMM alone (F.linear) | {gemm * 1e3:.0f} | {flops / gemm / 1e9 / peak_tflops:.0%} |",
+            f"| F.linear then F.gelu(tanh) | {separate * 1e3:.0f} | {flops / separate / 1e9 / peak_tflops:.0%} |",
+            f"| torch._addmm_activation (GELU epilogue), rel. err {err:.1e} vs fp32 | {fused * 1e3:.0f} | "
+            f"{flops / fused / 1e9 / peak_tflops:.0%} |"]
+
+
 def bench_vae() -> list[str]:
+    try:
+        from telefuser.models.wan.vae import WanVAE, WanVAEConfig
+        from telefuser.models.wan.vae_keys import wan_to_diffusers as vae_to_diffusers
+    except ImportError as exc:
+        return [f"| TeleFuser WanVAE not importable ({exc}); section skipped | | |"]
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    ours = WanVAE(WanVAEConfig()).to("cuda", BF16).eval()
+    with torch.device("cuda"):
+        ours = WanVAE(WanVAEConfig())
+    ours = ours.to(BF16).eval()
     random_state(ours)
     z = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=BF16)
     with torch.inference_mode(), use_dispatch(KERNELS):
@@ -124,9 +191,11 @@ def bench_vae() -> list[str]:
     stats = ours.latent_stats
     del ours
     gc.collect()
-    ref = AutoencoderKLWan()
+    with torch.device("cuda"):
+        ref = AutoencoderKLWan()
+    ref = ref.to(BF16)
     ref.load_state_dict(state)
-    ref = ref.to("cuda", BF16).eval()
+    ref = ref.eval()
     raw = z * stats[1] + stats[0]
     with torch.inference_mode():
         ms_ref, mem_ref = peak_of(lambda: ref.decode(raw, return_dict=False))
@@ -140,10 +209,12 @@ def bench_vae() -> list[str]:
 
 def main() -> None:
     peak = bf16_matmul_tflops()
-    lines = [f"Measured: {environment()}; bf16 matmul peak {peak:.0f} TFLOP/s in this run.", "",
+    lines = [f"Measured: {environment()}; bf16 matmul peak {peak:.0f} TFLOP/s (8192^3) in this run.", "",
              "DiT forward at batch 2 (one denoising step with CFG), Wan2.1-1.3B, latent [2, 16, 21, 60, 104] "
-             "(32760 tokens), text [2, 512, 4096], bf16, random weights:", "",
+             f"({TOKENS} tokens), text [2, 512, 4096], bf16, random weights:", "",
              "| implementation | ms / step | TFLOP/s (of peak) | peak GiB |", "|---|---|---|---|", *bench_dit(peak), "",
+             f"FFN up-projection [{2 * TOKENS}, 1536] -> 8960, bf16:", "",
+             "| variant | us | of bf16 peak |", "|---|---|---|", *bench_ffn_epilogue(peak), "",
              "VAE decode, latent [1, 16, 21, 60, 104] -> 81 frames 832x480, bf16, random weights:", "",
              "| implementation | seconds | peak GiB |", "|---|---|---|", *bench_vae()]
     table = "\n".join(lines)
