@@ -1,14 +1,16 @@
 """Wan2.1 VAE: causal 3-D convolutional autoencoder, in Wan's own parameter layout (`Wan2.1_VAE.pth`).
 
 Time is causal: a video of 1 + 4k frames is encoded as its first frame, then
-chunks of 4; decoding runs one latent frame at a time. Between chunks each
-causal convolution keeps the last two frames of its input (`CausalCache`), so
-the whole video's activations are never held at once and the result equals a
-single pass over the full video. 16 latent channels, 4x time, 8x space.
+chunks of 4; decoding runs one latent frame at a time (1 frame out for the
+first, 4 for each next), as Wan's own code does. Between chunks each causal
+convolution keeps the last two frames of its input (`CausalCache`), so the
+whole video's activations are never held at once. 16 latent channels, 4x
+time, 8x space.
 
 Latent convention: `encode` returns and `decode` takes *normalised* latents,
 (z - mean) / std per channel with Wan2.1's published statistics, which is what
-the DiT sees.
+the DiT sees. A config with z_dim other than 16 (tests, tiny models) has no
+published statistics and uses mean 0, std 1.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.55
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-CACHE_FRAMES = 2  # a 3-tap causal conv needs the two previous frames
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,22 @@ class CausalCache(dict):
     """Per-module state carried from one time chunk to the next (module -> tensor or marker)."""
 
 
+class ChannelRMSNorm(nn.Module):
+    """L2-normalise over channels, times sqrt(C) and a per-channel gain (`gamma`)."""
+
+    def __init__(self, dim: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # F.normalize's arithmetic, written into `out` when given (a slice of a conv's padded input).
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+        # sqrt(C) folded into the gain: one pass over the map instead of two (a rounding of the gain apart,
+        # the same numbers as `normalize * scale * gamma`).
+        return torch.div(x, norm, out=out).mul_(self.gamma * self.scale)
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded only on the past side in time; with a cache, the past is the previous chunk."""
 
@@ -52,42 +69,36 @@ class CausalConv3d(nn.Conv3d):
         self.padding = (0, ph, pw)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:  # type: ignore[override]
-        missing = self._time_pad
-        if missing == 0:
-            return super().forward(x)
-        parts = [x]
+        return self.convolve(self.causal_input(x, cache)) if self._time_pad else self.convolve(x)
+
+    def convolve(self, padded: torch.Tensor) -> torch.Tensor:
+        """The convolution proper, on an input already padded by `causal_input`."""
+        return super().forward(padded)
+
+    def causal_input(self, x: torch.Tensor, cache: CausalCache | None,
+                     norm: ChannelRMSNorm | None = None) -> torch.Tensor:
+        """x (or silu(norm(x))) behind the past frames: the cached ones, or zeros at the video's start.
+
+        One buffer holds past and present; the activation is computed straight into it, so no separate
+        full-size activation exists. The buffer's last frames are the next chunk's past.
+        """
+        b, c, t, h, w = x.shape
+        pad = self._time_pad
+        past = cache.get(self) if cache is not None else None
+        buf = x.new_empty(b, c, pad + t, h, w)
+        if past is None:
+            buf[:, :, :pad].zero_()
+        else:
+            buf[:, :, :pad].copy_(past)
+        present = buf[:, :, pad:]
+        if norm is None:
+            present.copy_(x)
+        else:
+            F.silu(norm(x, out=present), inplace=True)
         if cache is not None:
-            past = cache.get(self)
-            # clone: a view would keep the whole chunk's activation alive in the cache
-            keep = x[:, :, -CACHE_FRAMES:].clone()
-            if keep.shape[2] < CACHE_FRAMES and past is not None:
-                keep = torch.cat([past[:, :, -1:], keep], dim=2)
-            cache[self] = keep
-            if past is not None:
-                parts.insert(0, past)
-                missing -= past.shape[2]
-        if missing > 0:
-            parts.insert(0, x.new_zeros(x.shape[0], x.shape[1], missing, *x.shape[3:]))
-        # One copy holds the past (cached or zero frames) and the present.
-        return super().forward(torch.cat(parts, dim=2))
-
-
-class ChannelRMSNorm(nn.Module):
-    """L2-normalise over channels, times sqrt(C) and a per-channel gain (`gamma`)."""
-
-    def __init__(self, dim: int, spatial_dims: int) -> None:
-        super().__init__()
-        self.scale = dim**0.5
-        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # sqrt(C) folded into the gain: one pass over the map instead of two (a rounding of the gain apart,
-        # the same numbers as `normalize * scale * gamma`).
-        return F.normalize(x, dim=1).mul_(self.gamma * self.scale)
-
-
-def _norm_silu(norm: ChannelRMSNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.silu(norm(x), inplace=True)  # in place on the norm's fresh output
+            # clone: a view would keep the whole buffer alive in the cache
+            cache[self] = buf[:, :, -pad:].clone()
+        return buf
 
 
 class ResidualBlock(nn.Module):
@@ -100,14 +111,13 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         h = self.shortcut(x)
-        # One statement per step, so each full-size intermediate is freed as soon as the next exists.
-        x = _norm_silu(norm1, x)
-        x = conv1(x, cache)
-        x = _norm_silu(norm2, x)
-        x = conv2(x, cache)
+        # One step per statement, so conv1's output is freed as soon as conv2's input is built from it.
+        x = conv1.convolve(conv1.causal_input(x, cache, norm1))
+        x = conv2.causal_input(x, cache, norm2)
+        x = conv2.convolve(x)
         return x.add_(h)
 
 
@@ -149,12 +159,19 @@ class Resample(nn.Module):
     def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
         if self.mode == "upsample3d" and cache is not None:
             x = self._double_frames(x, cache)
-        b, c, t, h, w = x.shape
-        frames = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
-        x = frames.reshape(b, t, *frames.shape[1:]).transpose(1, 2)
+        x = self._resample_frames(x)
         if self.mode == "downsample3d" and cache is not None:
             x = self._halve_frames(x, cache)
         return x
+
+    def _resample_frames(self, x: torch.Tensor) -> torch.Tensor:
+        # Frame by frame into one output: at most one frame's 4x upsampled map exists at a time.
+        first = self.resample(x[:, :, 0])
+        out = first.new_empty(first.shape[0], first.shape[1], x.shape[2], *first.shape[2:])
+        out[:, :, 0] = first
+        for i in range(1, x.shape[2]):
+            out[:, :, i] = self.resample(x[:, :, i])
+        return out
 
     def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         # The first chunk (the video's first frame) is not doubled: 1 + 4k frames come out of 1 + k.
@@ -190,7 +207,7 @@ def _head(dim: int, out_dim: int) -> nn.Sequential:
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
     norm, _, conv = head
-    return conv(_norm_silu(norm, x), cache)
+    return conv.convolve(conv.causal_input(x, cache, norm))
 
 
 class Encoder3d(nn.Module):
