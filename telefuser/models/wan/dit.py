@@ -10,9 +10,9 @@ Dtypes, against the two references:
   `modulation + e`) are float32, as Wan computes them (diffusers runs the time
   MLP in the model dtype); the modulated norms take float32 statistics and
   return the model dtype;
-- the residual stream stays in the model dtype (diffusers' choice; Wan lets it
-  become float32 after the first gated add, which doubles the traffic of the
-  largest activation for no measurable gain at bf16 matmuls);
+- the residual stream stays in the model dtype (diffusers' choice; in Wan it
+  becomes float32 after the first gated add, doubling the bytes of the largest
+  activation that every norm, gate and residual reads and writes);
 - every projection runs in the model dtype.
 
 Text context: Wan cuts each prompt's umT5 embedding to its token count and
@@ -140,7 +140,8 @@ class WanFeedForward(nn.Sequential):
     On CUDA the GELU runs in the up-projection's cuBLASLt epilogue
     (`torch._addmm_activation`, tanh approximation there), sparing a read and a
     write of the [tokens, ffn_dim] activation. Elsewhere that op uses the exact
-    GELU, so other devices take the plain path.
+    GELU, so other devices take the plain path; so does a replaced up-projection
+    (FP8 `LinearFP8`, LoRA wrappers), whose own forward must run.
     """
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
@@ -148,7 +149,7 @@ class WanFeedForward(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, gelu, down = self
-        if x.is_cuda:
+        if x.is_cuda and type(up) is nn.Linear:
             hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
             return down(hidden.unflatten(0, x.shape[:-1]))
         return down(gelu(up(x)))
