@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -138,3 +141,17 @@ def test_i2v_without_image_features_is_refused() -> None:
     model = WanDiT(TINY_I2V)
     with pytest.raises(ValueError, match="clip_fea"):
         model(torch.randn(1, 36, 1, 4, 4), torch.tensor([1.0]), torch.randn(1, 3, TINY.text_dim))
+
+
+@pytest.mark.parametrize("name", ["WanDiT", "WanVAE", "UMT5Encoder"])
+def test_registry_names_resolve(name: str) -> None:
+    entry = registry.get(name)
+    assert entry.model_class.__name__ == name and entry.config_class.__name__.endswith("Config")
+
+
+def test_registry_imports_no_model_module() -> None:
+    """A missing or broken model module must not break the registry, so it imports none up front."""
+    code = ("import sys, telefuser.models.registry as r; r.get('WanVAE'); "
+            "print(sorted(m for m in sys.modules if m.startswith('telefuser.models.') and m != 'telefuser.models.registry'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
