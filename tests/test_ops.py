@@ -140,3 +140,15 @@ def test_fp8_linear_matches_bf16_on_gpu():
     for rowwise in (False, True):
         # Two e4m3 roundings (weights, activations) of ~2^-4 each: a few percent of the output norm.
         assert rel(LinearFP8(lin, rowwise=rowwise)(x), lin(x)) < 0.08
+
+
+def test_linear_gelu_tanh_matches_unfused():
+    from telefuser.ops.activations import linear_gelu_tanh
+
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(2, 5, 16)
+    ref = F.gelu(lin(x), approximate="tanh")
+    assert rel(linear_gelu_tanh(lin, x), ref) < 1e-6
+    if torch.cuda.is_available():  # the fused cuBLASLt epilogue: tanh GELU, fp32 within rounding
+        lin_c, x_c = lin.cuda(), x.cuda()
+        assert rel(linear_gelu_tanh(lin_c, x_c).cpu(), ref) < 1e-4

@@ -81,3 +81,16 @@ def get_activation(name: str) -> nn.Module:
         return _ACTIVATIONS[name.lower()]()
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(_ACTIVATIONS)}") from None
+
+
+def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(linear(x)); on CUDA, for a plain nn.Linear, GELU runs in the cuBLASLt epilogue.
+
+    The epilogue (`torch._addmm_activation`) spares a write and a read of the [tokens, out]
+    activation; it applies the tanh approximation on CUDA but exact GELU elsewhere, so other
+    devices, and replaced layers (FP8, LoRA wrappers) whose own forward must run, take the plain path.
+    """
+    if x.is_cuda and type(linear) is nn.Linear and not torch.compiler.is_compiling():
+        hidden = torch._addmm_activation(linear.bias, x.flatten(0, -2), linear.weight.t(), use_gelu=True)
+        return hidden.unflatten(0, x.shape[:-1])
+    return F.gelu(linear(x), approximate="tanh")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from telefuser.ops.activations import linear_gelu_tanh
 from telefuser.ops.attention import attention
 from telefuser.ops.normalization import LayerNorm, RMSNorm, norm_modulate
 from telefuser.ops.residual import gated_add
@@ -135,24 +136,15 @@ class WanCrossAttention(WanSelfAttention):
 
 
 class WanFeedForward(nn.Sequential):
-    """Linear -> tanh-GELU -> Linear under Wan's keys ffn.0 / ffn.2.
-
-    On CUDA the GELU runs in the up-projection's cuBLASLt epilogue
-    (`torch._addmm_activation`, tanh approximation there), sparing a read and a
-    write of the [tokens, ffn_dim] activation. Elsewhere that op uses the exact
-    GELU, so other devices take the plain path; so does a replaced up-projection
-    (FP8 `LinearFP8`, LoRA wrappers), whose own forward must run.
-    """
+    """Linear -> tanh-GELU -> Linear under Wan's keys ffn.0 / ffn.2 (the GELU fused into the
+    up-projection on CUDA: `telefuser.ops.activations.linear_gelu_tanh`)."""
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, gelu, down = self
-        if x.is_cuda and type(up) is nn.Linear:
-            hidden = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
-            return down(hidden.unflatten(0, x.shape[:-1]))
-        return down(gelu(up(x)))
+        up, _, down = self
+        return down(linear_gelu_tanh(up, x))
 
 
 class WanBlock(nn.Module):
