@@ -30,7 +30,7 @@ _HALF = ("bfloat16", "float16")
 _SPARSE_DIMS = (64, 128)
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
-    AttentionBackend("TORCH_SDPA", "torch.nn.functional.scaled_dot_product_attention (flash/efficient/math picked by PyTorch)",
+    AttentionBackend("TORCH_SDPA", "torch.nn.functional.scaled_dot_product_attention (PyTorch picks cuDNN/flash/efficient/math)",
                      devices=("cpu", "cuda"), dtypes=("bfloat16", "float16", "float32")),
     AttentionBackend("TORCH_CUDNN", "PyTorch SDPA forced to the cuDNN attention kernel", min_cc=(8, 0), dtypes=_HALF),
     AttentionBackend("FLASH_ATTN_2", "FlashAttention-2 (flash_attn)", package="flash_attn", min_cc=(8, 0),
