@@ -321,21 +321,28 @@ class WanVAE(nn.Module):
 
     def _decode_tiled(self, z: torch.Tensor, tile: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
         r = self.spatial_ratio
-        height, width = z.shape[3], z.shape[4]
+        b, _, t, height, width = z.shape
         blend = ((tile[0] - stride[0]) * r, (tile[1] - stride[1]) * r)
-        rows: list[list[torch.Tensor]] = []
+        video = z.new_empty(b, 3, 1 + self.temporal_ratio * (t - 1), height * r, width * r)
+        # A tile's top-left `stride` part is final once it is blended with its upper and left neighbours,
+        # so it goes straight into the video; only the strips the next tiles blend from are kept.
+        above: list[torch.Tensor] = []  # bottom strips of the previous row's tiles
         for i in range(0, height, stride[0]):
-            row = []
+            row_bottoms: list[torch.Tensor] = []
+            left: torch.Tensor | None = None  # right strip of the previous tile in this row
             for j in range(0, width, stride[1]):
                 decoded = self._decode_frames(z[:, :, :, i : i + tile[0], j : j + tile[1]])
-                if rows:
-                    _blend(rows[-1][len(row)], decoded, blend[0], dim=3)
-                if row:
-                    _blend(row[-1], decoded, blend[1], dim=4)
-                row.append(decoded)
-            rows.append(row)
-        out_rows = [torch.cat([t[:, :, :, : stride[0] * r, : stride[1] * r] for t in row], dim=4) for row in rows]
-        return torch.cat(out_rows, dim=3)[:, :, :, : height * r, : width * r]
+                if above:
+                    _blend(above[len(row_bottoms)], decoded, blend[0], dim=3)
+                if left is not None:
+                    _blend(left, decoded, blend[1], dim=4)
+                keep_h, keep_w = min(stride[0], height - i) * r, min(stride[1], width - j) * r
+                video[:, :, :, i * r : i * r + keep_h, j * r : j * r + keep_w] = decoded[:, :, :, :keep_h, :keep_w]
+                # clones: a view would keep the whole tile alive
+                left = decoded[:, :, :, :, decoded.shape[4] - blend[1]:].clone()
+                row_bottoms.append(decoded[:, :, :, decoded.shape[3] - blend[0]:].clone())
+            above = row_bottoms
+        return video
 
 
 def _blend(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:
