@@ -35,11 +35,15 @@ def detect_layout(keys: Iterable[str]) -> str:
     raise ValueError("these keys are neither Wan's nor diffusers' Wan VAE layout")
 
 
-def _rename_inner(rest: str, table: Mapping[str, str]) -> str:
+def _rename_prefix(key: str, table: Mapping[str, str]) -> str | None:
     for src, dst in table.items():
-        if rest.startswith(src):
-            return dst + rest[len(src):]
-    return rest
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def _rename_inner(rest: str, table: Mapping[str, str]) -> str:
+    return _rename_prefix(rest, table) or rest
 
 
 def _wan_res_blocks(keys: list[str]) -> int:
@@ -53,11 +57,7 @@ def wan_to_diffusers(state: Mapping[str, T]) -> dict[str, T]:
     per_stage = nrb + 2
     out: dict[str, T] = {}
     for key, value in state.items():
-        new = None
-        for src, dst in _TOP.items():
-            if key.startswith(src):
-                new = dst + key[len(src):]
-                break
+        new = _rename_prefix(key, _TOP)
         if new is None:
             if m := re.match(r"(encoder|decoder)\.middle\.([02])\.(.+)", key):
                 new = f"{m[1]}.mid_block.resnets.{int(m[2]) // 2}.{_rename_inner(m[3], _RESIDUAL)}"
@@ -65,7 +65,7 @@ def wan_to_diffusers(state: Mapping[str, T]) -> dict[str, T]:
                 new = f"encoder.down_blocks.{m[1]}.{_rename_inner(m[2], _RESIDUAL)}"
             elif m := re.match(r"decoder\.upsamples\.(\d+)\.(.+)", key):
                 stage, slot = divmod(int(m[1]), per_stage)
-                where = f"upsamplers.0" if slot == nrb + 1 else f"resnets.{slot}"
+                where = "upsamplers.0" if slot == nrb + 1 else f"resnets.{slot}"
                 new = f"decoder.up_blocks.{stage}.{where}.{_rename_inner(m[2], _RESIDUAL)}"
             else:
                 raise KeyError(f"unexpected Wan VAE key {key!r}")
@@ -80,11 +80,7 @@ def diffusers_to_wan(state: Mapping[str, T]) -> dict[str, T]:
     residual = {v: k for k, v in _RESIDUAL.items()}
     out: dict[str, T] = {}
     for key, value in state.items():
-        new = None
-        for src, dst in top.items():
-            if key.startswith(src):
-                new = dst + key[len(src):]
-                break
+        new = _rename_prefix(key, top)
         if new is None:
             if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)", key):
                 new = f"{m[1]}.middle.{int(m[2]) * 2}.{_rename_inner(m[3], residual)}"
