@@ -75,10 +75,11 @@ def _compile(args: argparse.Namespace) -> int:
         raise RecipeError("say where to write the plan: -o plan.json (or -o - to print it).")
     if len(args.paths) != 1:
         raise RecipeError(f"compile one recipe at a time (got {len(args.paths)}); use --check to validate several.")
-    loaded = load_recipe(args.paths[0], args.overrides)
-    plan = compile_loaded(loaded, inspect_weights=not args.no_weights, target=_target(args.target, loaded.recipe.target))
     if args.no_weights:
-        raise RecipeError("--no-weights is for --check: a plan needs the weight headers (point the paths at real files).")
+        raise RecipeError("--no-weights is for --check only: a plan records the weights' architecture and fingerprints, "
+                          "so point the recipe's model paths at real files (or set TELEFUSER_MODEL_ROOT) and drop --no-weights.")
+    loaded = load_recipe(args.paths[0], args.overrides)
+    plan = compile_loaded(loaded, target=_target(args.target, loaded.recipe.target))
     text = pretty_json(plan.model_dump(mode="json", by_alias=True))
     if args.output == "-":
         sys.stdout.write(text)

@@ -52,8 +52,8 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
     resolved = resolve_target(target or recipe.target)
     models = [plan_model(spec, recipe, loaded.path.parent, inspect_weights) for spec in recipe.layer1.models]
     if inspect_weights:
-        check_compatible(models)
-    dispatch = build_dispatch(models, recipe.layer2.models, resolved) if inspect_weights else []
+        check_compatible(models, recipe.layer1.pipeline)
+    dispatch = build_dispatch(models, recipe.layer2.models, resolved)
     memory = estimate_memory(recipe, models, resolved.memory_bytes) if inspect_weights else None
     if memory is not None and memory.peak_bytes > memory.capacity_bytes:
         gib = 2**30

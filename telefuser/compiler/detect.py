@@ -109,13 +109,18 @@ def _umt5(shapes: Shapes) -> Detection | None:
 
 
 def _clip(shapes: Shapes) -> Detection | None:
-    if any(k.startswith("visual.transformer.") for k in shapes):
-        layout, rx = "wan", r"visual\.transformer\.resblocks\.(\d+)\."
-    elif any(k.startswith("vision_model.encoder.") for k in shapes):
-        layout, rx = "hf", r"vision_model\.encoder\.layers\.(\d+)\."
+    """The vision tower: Wan's XLM-RoBERTa CLIP (`visual.transformer.N`), open_clip's
+    (`visual.transformer.resblocks.N`) or Hugging Face's (`vision_model.encoder.layers.N`)."""
+    if "visual.patch_embedding.weight" in shapes:
+        layout, stem, rx = "wan", "visual.patch_embedding.weight", r"visual\.transformer\.(\d+)\."
+    elif "visual.conv1.weight" in shapes:
+        layout, stem, rx = "open_clip", "visual.conv1.weight", r"visual\.transformer\.resblocks\.(\d+)\."
+    elif "vision_model.embeddings.patch_embedding.weight" in shapes:
+        layout, stem, rx = "hf", "vision_model.embeddings.patch_embedding.weight", r"vision_model\.encoder\.layers\.(\d+)\."
     else:
         return None
-    return Detection("CLIPVision", layout, {"num_layers": _count(shapes, rx)})
+    dim, _, patch, _ = shapes[stem]
+    return Detection("CLIPVision", layout, {"dim": dim, "patch_size": patch, "num_layers": _count(shapes, rx)})
 
 
 DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _umt5, _clip]

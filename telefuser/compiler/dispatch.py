@@ -42,11 +42,11 @@ def attention_problems(spec: AttentionBackend, target: ResolvedTarget, dtype: st
 
 
 def _head_dim(model: PlannedModel) -> int | None:
+    """Attention head width, or None where the arch is not known (--no-weights without the numbers)."""
+    width_key = {"WanDiT": "dim", "UMT5Encoder": "dim_attn"}.get(model.class_)
     arch = model.arch
-    if model.class_ == "WanDiT":
-        return int(arch["dim"]) // int(arch["num_heads"])
-    if model.class_ == "UMT5Encoder":
-        return int(arch["dim_attn"]) // int(arch["num_heads"])
+    if width_key in arch and "num_heads" in arch:
+        return int(arch[width_key]) // int(arch["num_heads"])
     return None
 
 

@@ -75,10 +75,7 @@ def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool)
     compute = runtime.torch_dtype or recipe.layer1.torch_dtype
     moe = recipe.layer1.is_moe and spec.role.startswith("dit")
     path = resolve_path(spec.path, recipe_dir)
-    if not inspect:
-        if spec.class_ == "auto":
-            raise RecipeError(f"layer1.models.{spec.name}: class = \"auto\" needs the weights to detect it; "
-                              "point the path at real files, or name the class.")
+    if not inspect:  # --check --no-weights: the recipe's declarations stand in for the weights
         return PlannedModel(name=spec.name, role=spec.role, path=str(path), class_=spec.class_,
                             dtype=spec.dtype, compute_dtype=compute, key_layout="tokenizers" if spec.role == "tokenizer" else "wan",
                             attributes=DetectedAttributes(moe=moe, fp8=bool(spec.attributes.fp8),
@@ -95,17 +92,33 @@ def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool)
     )
 
 
-def check_compatible(models: list[PlannedModel]) -> None:
-    """The DiT, VAE and text encoder must fit together (channels, text width)."""
+def _latent_input_channels(pipeline: str, z_dim: int) -> int:
+    """Channels a Wan DiT takes: the noisy latent, plus for I2V the first frame's latent and a 4-channel mask."""
+    return 2 * z_dim + 4 if pipeline == "wan_i2v" else z_dim
+
+
+def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
+    """The DiTs, VAE and text encoder must fit together and the pipeline (channels, text width, MoE pair)."""
     by_role = {m.role: m for m in models}
     vae, text = by_role.get("vae"), by_role.get("text_encoder")
-    for dit in (m for m in models if m.role.startswith("dit")):
+    dits = [m for m in models if m.role.startswith("dit")]
+    for dit in dits:
         a = dit.arch
-        if not a or (vae and not vae.arch):
-            continue
-        if text and text.arch and a.get("text_dim") != text.arch.get("dim"):
+        if text and a.get("text_dim") != text.arch.get("dim"):
             raise WeightsError(f"DiT {dit.name!r} takes text features of width {a.get('text_dim')}, but text encoder "
                                f"{text.name!r} produces {text.arch.get('dim')}: these weights belong to different models.")
         if vae and a.get("out_dim") != vae.arch.get("z_dim"):
             raise WeightsError(f"DiT {dit.name!r} outputs {a.get('out_dim')} latent channels, but VAE {vae.name!r} "
                                f"decodes {vae.arch.get('z_dim')}: these weights belong to different models.")
+        expected = _latent_input_channels(pipeline, int(a.get("out_dim", 0)))
+        if a.get("in_dim") != expected:
+            kind = "an image-to-video" if a.get("in_dim", 0) > a.get("out_dim", 0) else "a text-to-video"
+            raise WeightsError(f"layer1.pipeline = {pipeline!r} feeds DiT {dit.name!r} {expected} input channels, but its "
+                               f"weights take {a.get('in_dim')} ({kind} model): set the pipeline that matches the "
+                               "weights, or point the path at the right DiT.")
+    if len(dits) == 2:
+        differing = sorted(k for k in dits[0].arch if dits[0].arch[k] != dits[1].arch.get(k))
+        if differing:
+            raise WeightsError(f"the MoE DiTs {dits[0].name!r} and {dits[1].name!r} must share one architecture, but differ "
+                               f"in {', '.join(differing)}: the two experts come from one checkpoint "
+                               "(high_noise_model/ and low_noise_model/ of the same release).")

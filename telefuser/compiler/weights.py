@@ -2,19 +2,21 @@
 
 safetensors: the JSON header. Sharded checkpoints: their `*.safetensors.index.json`
 or every `*.safetensors` in a folder. PyTorch zip checkpoints (Wan ships
-`Wan2.1_VAE.pth` and the umT5 `.pth`): `torch.load(weights_only=True,
-mmap=True)` onto the meta device, which unpickles the index only — torch is
-imported just for these.
+`Wan2.1_VAE.pth`, the umT5 and the CLIP `.pth`): their pickle, read by
+`pickle_index` without torch and without opening the tensor data.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from telefuser.errors import WeightsError
 from telefuser.schema.fingerprint import PICKLE_SUFFIXES, safetensors_header_bytes
+
+from .pickle_index import read_pickle_index
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
@@ -47,18 +49,11 @@ def _safetensors_index(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str
 
 
 def _pickle_index(path: Path) -> dict[str, TensorInfo]:
-    import torch
-
     try:
-        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for a bad pickle; all mean "not a checkpoint"
-        raise WeightsError(f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: {exc}); re-download it.") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
-    return {name: TensorInfo(str(t.dtype).removeprefix("torch."), tuple(t.shape))
-            for name, t in state.items() if isinstance(t, torch.Tensor)}
+        found = read_pickle_index(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}; re-download it.") from exc
+    return {name: TensorInfo(t.dtype, t.shape) for name, t in found.items()}
 
 
 def _weight_files(path: Path) -> list[Path]:
