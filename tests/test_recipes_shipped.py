@@ -28,7 +28,8 @@ def test_recipe_starts_with_schema_directive(path):
 def test_wan22_moe_recipe_values():
     recipe = load_recipe(RECIPES / "wan22_t2v_a14b.toml").recipe
     assert recipe.layer1.is_moe and recipe.layer2.boundary == 0.875
-    assert (recipe.layer2.cfg_scale_high, recipe.layer2.cfg_scale_low, recipe.layer2.sigma_shift) == (3.0, 4.0, 12.0)
+    # Wan2.2's sample_guide_scale = (3.0, 4.0) is (low noise, high noise).
+    assert (recipe.layer2.cfg_scale_high, recipe.layer2.cfg_scale_low, recipe.layer2.sigma_shift) == (4.0, 3.0, 12.0)
     distill = load_recipe(RECIPES / "wan22_t2v_a14b_distill.toml").recipe
     assert distill.layer2.cfg_scale == 1.0 and distill.layer2.num_inference_steps == 4
     assert all(m.attributes.distill for m in distill.layer1.models if m.role.startswith("dit"))
