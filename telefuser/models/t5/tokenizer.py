@@ -2,9 +2,12 @@
 
 Uses the `tokenizers` library directly: the file carries the model, the
 normaliser and the post-processor that appends `</s>`, so nothing else is
-needed. Text is cleaned as Wan cleans it ("whitespace": HTML entities
-unescaped, whitespace runs collapsed, ends stripped). Wan also runs
-`ftfy.fix_text` (mojibake repair); that needs the ftfy package and is left out.
+needed. Text is cleaned as Wan's "whitespace" clean does (HTML entities
+unescaped twice, whitespace runs collapsed to one space, ends stripped). Wan
+first runs `ftfy.fix_text` (mojibake and odd-glyph repair); that needs the ftfy
+package, which TeleFuser does not depend on, so only already-clean text
+tokenizes exactly as in Wan. Then, as Wan's call to the Hugging Face tokenizer:
+`</s>` appended, truncated to `text_len` (keeping the `</s>`), padded with id 0.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 TEXT_LEN = 512
 PAD_ID = 0
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def clean_text(text: str) -> str:
@@ -26,21 +30,32 @@ def clean_text(text: str) -> str:
 
 
 def resolve_tokenizer_file(path: str | Path) -> Path:
+    """`path` itself when it is a file, else the tokenizer.json inside the folder `path`."""
     path = Path(path)
-    candidate = path / "tokenizer.json" if path.is_dir() else path
-    if not candidate.is_file():
-        raise ValueError(
-            f"no tokenizer at {path}: expected a tokenizer.json file or a folder containing one "
-            "(for Wan: the google/umt5-xxl folder shipped with the checkpoint)"
-        )
-    return candidate
+    candidate = path / TOKENIZER_FILE if path.is_dir() else path
+    if candidate.is_file():
+        return candidate
+    if not path.exists():
+        problem = "no such file or folder"
+    elif (path / "spiece.model").is_file():
+        problem = ("the folder holds only the SentencePiece spiece.model; write its tokenizer.json once with "
+                   "transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)")
+    else:
+        problem = f"the folder has no {TOKENIZER_FILE}"
+    raise ValueError(
+        f"cannot load the umT5 tokenizer from {str(path)!r}: {problem}. Point the recipe's tokenizer at a "
+        f"{TOKENIZER_FILE} file or a folder holding one (for Wan: the google/umt5-xxl folder shipped with the checkpoint)."
+    )
 
 
 class UMT5Tokenizer:
     def __init__(self, path: str | Path, text_len: int = TEXT_LEN) -> None:
         self.path = resolve_tokenizer_file(path)
         self.text_len = text_len
-        self._tok = Tokenizer.from_file(str(self.path))
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception for unreadable JSON
+            raise ValueError(f"cannot load the umT5 tokenizer {str(self.path)!r}: not a tokenizers JSON file ({exc})") from exc
         self._tok.enable_truncation(max_length=text_len)
         self._tok.enable_padding(length=text_len, pad_id=PAD_ID, pad_token=self._tok.id_to_token(PAD_ID) or "<pad>")
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
+from telefuser.ops.activations import linear_gelu_tanh
 from telefuser.ops.attention import attention
 from telefuser.ops.normalization import RMSNorm
 
 MAX_DISTANCE = 128  # relative distances beyond this share the last bucket
+EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ UMT5_XXL = UMT5Config()
 
 
 def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int, max_distance: int = MAX_DISTANCE) -> torch.Tensor:
-    """Bidirectional T5 buckets: half for each direction, exact up to half of those, log-spaced after."""
+    """Bidirectional T5 buckets of `key - query`: half per direction, exact up to half of those, log-spaced after."""
     half = num_buckets // 2
     buckets = (rel_pos > 0).long() * half
     distance = rel_pos.abs()
@@ -46,15 +49,18 @@ def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int, max_distan
     return buckets + torch.where(distance < max_exact, distance, large)
 
 
+def position_buckets(length: int, num_buckets: int, device: torch.device) -> torch.Tensor:
+    """[L, L] bucket index of every (query, key) pair; computed once per forward, shared by all blocks."""
+    pos = torch.arange(length, device=device)
+    return relative_position_bucket(pos[None, :] - pos[:, None], num_buckets)
+
+
 class RelativePositionBias(nn.Module):
     def __init__(self, num_buckets: int, num_heads: int) -> None:
         super().__init__()
-        self.num_buckets = num_buckets
         self.embedding = nn.Embedding(num_buckets, num_heads)
 
-    def forward(self, length: int) -> torch.Tensor:
-        pos = torch.arange(length, device=self.embedding.weight.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.num_buckets)
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, N, L, L]
 
 
@@ -69,59 +75,72 @@ class T5Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1)) for proj in (self.q, self.k, self.v))
-        return self.o(attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0).flatten(2))
+        return self.o(attention(q, k, v, attn_mask=bias, scale=1.0).flatten(2))  # T5: no 1/sqrt(d)
 
 
 class T5FeedForward(nn.Module):
     def __init__(self, dim: int, dim_ffn: int) -> None:
         super().__init__()
-        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        # A one-layer Sequential so the key reads `gate.0.weight` as in Wan's checkpoint;
+        # the tanh GELU is applied by linear_gelu_tanh (fused into the GEMM on CUDA).
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False))
         self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
         self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x) * self.gate(x))
+        return self.fc2(self.fc1(x) * linear_gelu_tanh(self.gate[0], x))
+
+
+def attention_bias(pos: torch.Tensor, key_padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Position bias with padded keys set to the dtype's minimum (finite, as Wan): [B, N, L, L]."""
+    pos = pos.to(dtype)
+    return torch.where(key_padding, torch.finfo(dtype).min, pos)
+
+
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """T5 activations overflow float16: once an inf appears, pull everything back inside the range
+    (as Wan and transformers do); decided on the device, so no host sync."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top).to(x.dtype)
+    return x.clamp(-limit, limit)
 
 
 class T5Block(nn.Module):
     def __init__(self, cfg: UMT5Config) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(cfg.dim, eps=1e-6)
+        self.norm1 = RMSNorm(cfg.dim, eps=EPS)
         self.attn = T5Attention(cfg.dim, cfg.dim_attn, cfg.num_heads)
-        self.norm2 = RMSNorm(cfg.dim, eps=1e-6)
+        self.norm2 = RMSNorm(cfg.dim, eps=EPS)
         self.ffn = T5FeedForward(cfg.dim, cfg.dim_ffn)
         self.pos_embedding = None if cfg.shared_pos else RelativePositionBias(cfg.num_buckets, cfg.num_heads)
 
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, shared_bias: torch.Tensor | None) -> torch.Tensor:
-        pos = shared_bias if self.pos_embedding is None else self.pos_embedding(x.shape[1])
-        x = _clamp_fp16(x + self.attn(self.norm1(x), pos + mask_bias))
-        return _clamp_fp16(x + self.ffn(self.norm2(x)))
-
-
-def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
-    # T5 activations overflow float16; keep them finite as the reference does.
-    if x.dtype == torch.float16:
-        limit = torch.finfo(torch.float16).max - 1000
-        return x.clamp(-limit, limit)
-    return x
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, key_padding: torch.Tensor,
+                shared_pos: Optional[torch.Tensor]) -> torch.Tensor:
+        pos = shared_pos if self.pos_embedding is None else self.pos_embedding(buckets)
+        x = clamp_fp16(x + self.attn(self.norm1(x), attention_bias(pos, key_padding, x.dtype)))
+        return clamp_fp16(x + self.ffn(self.norm2(x)))
 
 
 class UMT5Encoder(nn.Module):
     def __init__(self, config: UMT5Config) -> None:
         super().__init__()
+        if config.dim_attn % config.num_heads:
+            raise ValueError(f"dim_attn {config.dim_attn} is not a multiple of num_heads {config.num_heads}")
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embedding = RelativePositionBias(config.num_buckets, config.num_heads) if config.shared_pos else None
         self.blocks = nn.ModuleList(T5Block(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.dim, eps=1e-6)
+        self.norm = RMSNorm(config.dim, eps=EPS)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask [B, L] -> [B, L, dim]; padded keys are masked out of every attention."""
+        """ids, mask [B, L] -> [B, L, dim]. Padded keys (mask 0) are masked out of every attention;
+        rows at padded positions are computed but meaningless (callers cut them off)."""
         x = self.token_embedding(ids)
-        # Additive bias [B, 1, 1, L]: 0 for real tokens, the float32 minimum for padding keys.
-        mask_bias = torch.zeros(mask.shape, dtype=torch.float32, device=x.device)
-        mask_bias = mask_bias.masked_fill(mask == 0, torch.finfo(torch.float32).min)[:, None, None, :]
-        shared = self.pos_embedding(ids.shape[1]) if self.pos_embedding is not None else None
+        buckets = position_buckets(ids.shape[1], self.config.num_buckets, ids.device)
+        key_padding = (mask == 0)[:, None, None, :]
+        shared = self.pos_embedding(buckets) if self.pos_embedding is not None else None
         for block in self.blocks:
-            x = block(x, mask_bias, shared)
+            x = block(x, buckets, key_padding, shared)
         return self.norm(x)

@@ -1,4 +1,8 @@
-"""umT5 encoder key layouts: Wan's own (canonical here) and Hugging Face's UMT5EncoderModel."""
+"""umT5 encoder key layouts: Wan's own (canonical here) and Hugging Face's UMT5EncoderModel.
+
+Hugging Face's full seq2seq checkpoint (google/umt5-xxl, UMT5Model) holds the same
+encoder keys next to `decoder.*` and `lm_head.weight`; those are dropped on the way in.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ _BLOCK_PAIRS = [
 ]
 _TOP_PAIRS = [("token_embedding.weight", "encoder.embed_tokens.weight"), ("norm.weight", "encoder.final_layer_norm.weight")]
 _BLOCK = re.compile(r"^(blocks|encoder\.block)\.(\d+)\.(.+)$")
+_HF_TIED_EMBEDDING = "shared.weight"  # the same tensor as encoder.embed_tokens.weight; often the only one saved
+_HF_NOT_ENCODER = ("decoder.", "lm_head.")
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -32,7 +38,8 @@ def detect_layout(keys: Iterable[str]) -> str:
         return "hf"
     if "token_embedding.weight" in keys and any(k.startswith("blocks.") for k in keys):
         return "wan"
-    raise ValueError("these keys are neither Wan's nor Hugging Face's umT5 encoder layout")
+    raise ValueError("these keys are neither Wan's umT5 encoder layout (token_embedding.weight, blocks.N.*) "
+                     "nor Hugging Face's (encoder.block.N.*)")
 
 
 def _convert(state: Mapping[str, T], to_hf: bool) -> dict[str, T]:
@@ -47,16 +54,20 @@ def _convert(state: Mapping[str, T], to_hf: bool) -> dict[str, T]:
             out[top[key]] = value
         elif m and m.group(3) in block:
             out[f"{prefix}.{m.group(2)}.{block[m.group(3)]}"] = value
-        elif key == "shared.weight" and not to_hf:
-            out.setdefault("token_embedding.weight", value)  # tied to encoder.embed_tokens
+        elif not to_hf and key == _HF_TIED_EMBEDDING:
+            out.setdefault("token_embedding.weight", value)
+        elif not to_hf and key.startswith(_HF_NOT_ENCODER):
+            continue
         else:
-            raise KeyError(f"unexpected umT5 key {key!r}")
+            layout = "Wan" if to_hf else "Hugging Face"
+            raise ValueError(f"unexpected key {key!r} in a umT5 encoder state dict of the {layout} layout")
     if to_hf:
-        out["shared.weight"] = out["encoder.embed_tokens.weight"]
+        out[_HF_TIED_EMBEDDING] = out["encoder.embed_tokens.weight"]
     return out
 
 
 def wan_to_hf(state: Mapping[str, T]) -> dict[str, T]:
+    """Wan's layout -> UMT5EncoderModel's (shared.weight and encoder.embed_tokens.weight tied)."""
     return _convert(state, to_hf=True)
 
 
