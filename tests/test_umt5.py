@@ -219,3 +219,31 @@ def test_missing_tokenizer_errors_name_path_and_fix(tmp_path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a tokenizers JSON file"):
         UMT5Tokenizer(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu() -> None:
+    # A wider model than TINY so the GEMMs take CUDA's real paths (cuBLASLt GELU epilogue, SDPA with a bias).
+    cfg = UMT5Config(vocab_size=500, dim=256, dim_attn=256, dim_ffn=640, num_heads=4, num_layers=2, num_buckets=32)
+    gen = fresh_generator()
+    model = UMT5Encoder(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)  # unit-scale activations
+    model.eval()
+    lengths = (300, 77)
+    ids, mask = padded_batch(gen, cfg.vocab_size, 300, lengths)
+
+    def run(device: str, dtype: torch.dtype) -> torch.Tensor:
+        with torch.no_grad():
+            return model.to(device, dtype)(ids.to(device), mask.to(device)).float().cpu()
+
+    def err(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return max(float((out[b, :n] - ref[b, :n]).norm() / ref[b, :n].norm()) for b, n in enumerate(lengths))
+
+    expected = run("cpu", torch.float32)
+    assert err(run("cuda", torch.float32), expected) < 1e-4  # fp32 (TF32 off by default): summation order only
+    # bf16 as deployed: bounded by the same model's own bf16 rounding noise on the CPU.
+    cuda_bf16, cpu_bf16 = run("cuda", torch.bfloat16), run("cpu", torch.bfloat16)
+    assert err(cuda_bf16, expected) < 2 * err(cpu_bf16, expected), (err(cuda_bf16, expected), err(cpu_bf16, expected))

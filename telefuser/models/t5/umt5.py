@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from telefuser.ops.activations import linear_gelu_tanh
 from telefuser.ops.attention import attention
 from telefuser.ops.normalization import RMSNorm
 
@@ -81,14 +80,14 @@ class T5Attention(nn.Module):
 class T5FeedForward(nn.Module):
     def __init__(self, dim: int, dim_ffn: int) -> None:
         super().__init__()
-        # A one-layer Sequential so the key reads `gate.0.weight` as in Wan's checkpoint;
-        # the tanh GELU is applied by linear_gelu_tanh (fused into the GEMM on CUDA).
-        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False))
+        # Sequential so the key reads `gate.0.weight` as in Wan's checkpoint. Not ops' linear_gelu_tanh:
+        # its CUDA epilogue path needs a bias tensor and T5's projections have none.
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
         self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
         self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x) * linear_gelu_tanh(self.gate[0], x))
+        return self.fc2(self.fc1(x) * self.gate(x))
 
 
 def attention_bias(pos: torch.Tensor, key_padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
