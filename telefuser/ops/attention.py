@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from telefuser.schema.backends import ATTENTION_BACKENDS
-
 from . import dispatch
+from .requirements import ATTENTION_BACKENDS
 
 LAYOUTS = ("BSND", "BNSD")
 
@@ -36,6 +35,8 @@ def _sdpa(q, k, v, attn_mask, scale, dropout_p):  # BNSD
 
 
 def _cudnn(q, k, v, attn_mask, scale, dropout_p):
+    if not q.is_cuda:  # cuDNN is a preference among SDPA's CUDA kernels; on CPU it is plain SDPA
+        return _sdpa(q, k, v, attn_mask, scale, dropout_p)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return _sdpa(q, k, v, attn_mask, scale, dropout_p)
 
@@ -60,12 +61,11 @@ def _flash(name: str):
     return run
 
 
-def _sage(name: str):
+def _sage(name: str, function: str):
     def run(q, k, v, attn_mask, scale, dropout_p):
         if attn_mask is not None:
             raise ValueError(f"{name} does not take an attention mask; use TORCH_SDPA for masked attention")
-        module = _flash_package(name)
-        return module.sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
+        return getattr(_flash_package(name), function)(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
     return run
 
 
@@ -74,10 +74,28 @@ _RUNNERS = {
     "TORCH_CUDNN": _cudnn,
     "FLASH_ATTN_2": _flash("FLASH_ATTN_2"),
     "FLASH_ATTN_3": _flash("FLASH_ATTN_3"),
-    "SAGE_ATTN_2_8_8": _sage("SAGE_ATTN_2_8_8"),
-    "SAGE_ATTN_2_8_16": _sage("SAGE_ATTN_2_8_16"),
-    "SAGE_ATTN_2_8_8_SM90": _sage("SAGE_ATTN_2_8_8_SM90"),
+    "FLASH_ATTN_4": _flash("FLASH_ATTN_4"),
+    "SAGE_ATTN_2_8_8": _sage("SAGE_ATTN_2_8_8", "sageattn_qk_int8_pv_fp8_cuda"),
+    "SAGE_ATTN_2_8_16": _sage("SAGE_ATTN_2_8_16", "sageattn_qk_int8_pv_fp16_cuda"),
+    "SAGE_ATTN_2_8_8_SM90": _sage("SAGE_ATTN_2_8_8_SM90", "sageattn_qk_int8_pv_fp8_cuda_sm90"),
 }
+SDPA_FAMILY = ("TORCH_SDPA", "TORCH_CUDNN")  # on CPU tensors both are plain SDPA (cuDNN is a CUDA preference)
+
+
+def requirement_problems(name: str, q: torch.Tensor) -> list[str]:
+    """Why backend `name` cannot run on q (device, capability, dtype, head dim), from its declared requirements."""
+    spec = ATTENTION_BACKENDS[name]
+    if not q.is_cuda:
+        return [] if name in SDPA_FAMILY else [f"runs on {'/'.join(spec.devices)}, the tensors are on {q.device.type}"]
+    problems = []
+    cc = torch.cuda.get_device_capability(q.device)
+    if (spec.min_cc and cc < spec.min_cc) or (spec.max_cc and cc > spec.max_cc):
+        problems.append(f"needs compute capability {spec.min_cc}..{spec.max_cc or 'any'}, the GPU has {cc}")
+    if str(q.dtype).removeprefix("torch.") not in spec.dtypes:
+        problems.append(f"supports {', '.join(spec.dtypes)}, not {q.dtype}")
+    if spec.head_dims and q.shape[-1] not in spec.head_dims:
+        problems.append(f"supports head dims {spec.head_dims}, not {q.shape[-1]}")
+    return problems
 
 
 def backend_name(attention_config: Union[str, Any, None]) -> str:
@@ -97,8 +115,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_confi
     if name not in _RUNNERS:
         known = ", ".join(_RUNNERS)
         raise ValueError(f"attention backend {name!r} has no runner in this build (runnable: {known})")
-    if not q.is_cuda and name != "TORCH_SDPA":
-        name = "TORCH_SDPA"  # CPU tensors (tests, the tiny default): only SDPA runs there
+    problems = requirement_problems(name, q)
+    if problems:
+        raise ValueError(f"attention backend {name} cannot run here: {'; '.join(problems)}. "
+                         "Recompile the recipe with a backend the target supports (TORCH_SDPA runs everywhere).")
     out = _RUNNERS[name](_to_bnsd(q, input_layout), _to_bnsd(k, input_layout), _to_bnsd(v, input_layout),
                          attn_mask, scale, dropout_p)
     return _from_bnsd(out, output_layout or input_layout)

@@ -8,10 +8,13 @@ runs; CPU tensors take the native path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping
 
 import torch
+
+from .requirements import KERNELS
 
 _table: dict[str, str] = {}
 
@@ -35,11 +38,23 @@ def current(op: str, default: str = "torch") -> str:
     return _table.get(op, default)
 
 
-def _kernels_can_run(x: torch.Tensor) -> bool:
-    # CUDA tensors; or any tensor under Triton's interpreter (TRITON_INTERPRET=1, how CI tests the kernels).
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _kernel_accepts(op: str, x: torch.Tensor) -> bool:
+    """The kernel's declared requirements (schema/backends.py KERNELS) hold for `x`."""
+    spec = KERNELS[op]
+    if str(x.dtype).removeprefix("torch.") not in spec.dtypes or x.shape[-1] > spec.max_width:
+        return False
+    if x.is_cuda:
+        return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= spec.min_cc
+    # Any device under Triton's interpreter (TRITON_INTERPRET=1, how CI tests the kernels).
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_kernel(op: str, x: torch.Tensor) -> bool:
-    """True when the op should run its Triton kernel on `x` (eager mode, recorded as "triton")."""
-    return current(op) == "triton" and not torch.compiler.is_compiling() and _kernels_can_run(x)
+    """True when the op should run its Triton kernel on `x`: recorded as "triton", eager mode, and the
+    kernel accepts `x` (device, capability, dtype, width); otherwise the native path runs."""
+    return current(op) == "triton" and not torch.compiler.is_compiling() and _kernel_accepts(op, x)

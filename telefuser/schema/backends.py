@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 KERNEL_PACKAGE = "triton"  # TeleFuser's fused kernels
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
                      min_cc=(9, 0), max_cc=(9, 0), dtypes=_HALF, head_dims=(64, 96, 128, 192, 256)),
     AttentionBackend("FLASH_ATTN_4", "FlashAttention-4 (CuTe DSL, flash_attn.cute)", package="flash_attn.cute",
                      min_cc=(9, 0), dtypes=_HALF, head_dims=(64, 96, 128)),
-    AttentionBackend("SAGE_ATTN_2_8_8", "SageAttention2, int8 QK / int8 PV", package="sageattention", min_cc=(8, 0),
+    AttentionBackend("SAGE_ATTN_2_8_8", "SageAttention2, int8 QK / fp8 PV", package="sageattention", min_cc=(8, 0),
                      dtypes=_HALF, head_dims=(64, 128)),
     AttentionBackend("SAGE_ATTN_2_8_16", "SageAttention2, int8 QK / fp16 PV", package="sageattention", min_cc=(8, 0),
                      dtypes=_HALF, head_dims=(64, 128)),
@@ -53,4 +54,26 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
                      dtypes=_HALF, head_dims=_SPARSE_DIMS, dense=False),
     AttentionBackend("SOL_ATTN", "SOL sparse attention", package="sol_attn", min_cc=(9, 0), dtypes=_HALF,
                      head_dims=_SPARSE_DIMS, dense=False),
+)}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What one of TeleFuser's Triton kernels accepts; outside it the op runs its native PyTorch path."""
+
+    op: str  # the dispatch table's key
+    description: str
+    package: str = KERNEL_PACKAGE
+    min_cc: tuple[int, int] = (8, 0)  # bf16 loads/stores and the block sizes tuned on Ampere and later
+    dtypes: tuple[str, ...] = KERNEL_DTYPES
+    max_width: int = 16384  # the last dim; a whole row lives in registers, longer ones would spill
+
+
+KERNELS: dict[str, KernelSpec] = {k.op: k for k in (
+    KernelSpec("rms_norm", "RMSNorm over the last dim, fp32 statistics"),
+    KernelSpec("layer_norm", "LayerNorm with or without affine, fp32 statistics"),
+    KernelSpec("modulate", "x * (1 + scale) + shift, shift/scale broadcast per sample or per token"),
+    KernelSpec("norm_modulate", "LayerNorm then modulate in one pass"),
+    KernelSpec("gated_add", "x + gate * y, gate broadcast per sample or per token"),
+    KernelSpec("rotary", "Wan 3-D RoPE on q or k [B, S, N, D] (last dim: an even head dim)", max_width=512),
 )}

@@ -1,0 +1,64 @@
+"""Declared requirements (schema/backends.py) as ops enforces them: kernels fall back, attention refuses clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from telefuser.ops import dispatch
+from telefuser.ops.attention import _RUNNERS, _flash_package, attention
+from telefuser.ops.normalization import rms_norm
+from telefuser.ops.requirements import ATTENTION_BACKENDS, KERNELS
+
+
+def test_ops_import_without_pydantic():
+    # GPU hosts that run a plan may lack pydantic; ops must still import (and read the requirements).
+    code = ("import sys; sys.modules['pydantic'] = None\n"
+            "import telefuser.ops.attention, telefuser.ops.normalization, telefuser.ops.rotary\n"
+            "from telefuser.ops.requirements import KERNELS; assert 'rms_norm' in KERNELS")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_requirements_cover_every_runner_and_compiler_op():
+    from telefuser.compiler.dispatch import KERNEL_OPS
+
+    assert set(KERNELS) == set(KERNEL_OPS)  # the compiler records an impl for exactly the ops that have kernels
+    dense = {name for name, spec in ATTENTION_BACKENDS.items() if spec.dense}
+    assert dense == set(_RUNNERS)  # every dense backend the compiler may plan has a runner
+
+
+def test_kernel_skipped_where_its_requirements_fail(monkeypatch):
+    import telefuser.kernels.triton.norms as norms
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so only the declared dtype/width rules decide
+    monkeypatch.setattr(norms, "rms_norm", lambda *a: pytest.fail("kernel ran outside its declared requirements"))
+    with dispatch.use_dispatch({"rms_norm": "triton"}):
+        x = torch.randn(2, 8, dtype=torch.float64)  # float64 is not a kernel dtype
+        ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        assert torch.allclose(rms_norm(x, None, 1e-6), ref, rtol=1e-6)  # the native path's fp32 statistics
+        wide = torch.randn(1, KERNELS["rms_norm"].max_width + 1)  # a row too long for registers
+        assert rms_norm(wide, None, 1e-6).shape == wide.shape
+
+
+def test_attention_refuses_clearly():
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match="FLASH_ATTN_3 cannot run here: runs on cuda, the tensors are on cpu"):
+        attention(q, q, q, "FLASH_ATTN_3")
+    with pytest.raises(ValueError, match="no runner"):
+        attention(q, q, q, "SPARGE_ATTN")
+    # TORCH_CUDNN on CPU tensors is plain SDPA (cuDNN is only a preference among SDPA's CUDA kernels).
+    assert torch.allclose(attention(q, q, q, "TORCH_CUDNN"), attention(q, q, q, "TORCH_SDPA"))
+
+
+@pytest.mark.parametrize("name", ["FLASH_ATTN_2", "FLASH_ATTN_3", "FLASH_ATTN_4", "SAGE_ATTN_2_8_16"])
+def test_missing_package_named(name):
+    try:
+        __import__(ATTENTION_BACKENDS[name].package)
+        pytest.skip(f"{ATTENTION_BACKENDS[name].package} is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match=f"needs the package '{ATTENTION_BACKENDS[name].package}'"):
+        _flash_package(name)
