@@ -92,8 +92,7 @@ class T5FeedForward(nn.Module):
 
 def attention_bias(pos: torch.Tensor, key_padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Position bias with padded keys set to the dtype's minimum (finite, as Wan): [B, N, L, L]."""
-    pos = pos.to(dtype)
-    return torch.where(key_padding, torch.finfo(dtype).min, pos)
+    return torch.where(key_padding, torch.finfo(dtype).min, pos.to(dtype))
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
