@@ -23,6 +23,7 @@ from telefuser.ops.rotary import wan_rope_cos_sin
 
 TOKENS = 32760  # 480p (832x480) x 81 frames: 21 latent frames x 30 x 52 patches
 BF16 = torch.bfloat16
+TEST_FILES = ("tests/test_kernels_triton.py", "tests/test_ops.py", "tests/test_ops_requirements.py")
 
 
 # PyTorch references: the same math, fp32 statistics, as a user would write it.
@@ -126,13 +127,13 @@ def fp8_rows() -> list[str]:
 
 def main() -> None:
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "tests/test_kernels_triton.py", "tests/test_ops.py"], capture_output=True, text=True)
+                            *TEST_FILES], capture_output=True, text=True)
     print(tests.stdout[-1500:], tests.stderr[-1500:])
     copy_gbs, peak = copy_bandwidth_gbs(), bf16_matmul_tflops()
     lines = [
         f"Measured: {environment()}. Copy bandwidth {copy_gbs:.0f} GB/s (read + write), "
         f"bf16 matmul peak {peak:.0f} TFLOP/s (8192^3), both in this run. "
-        f"GPU tests (tests/test_kernels_triton.py, tests/test_ops.py): {tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else 'no output'}.",
+        f"GPU tests ({', '.join(TEST_FILES)}): {tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else 'no output'}.",
         "",
         f"Kernels, bf16, x = [1, {TOKENS}, dim] (480p x 81 frames), modulation [1, 1, dim] fp32; times in us (median):",
         "",

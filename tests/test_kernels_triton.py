@@ -67,10 +67,10 @@ def test_layer_norm(dtype, dim, affine):
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("per_token", [False, True])
 def test_modulate_and_norm_modulate(dtype, dim, per_token):
-    B, S = 2, 9
+    B, S = 2, 21  # 21 tokens: several programs of 4 rows and a ragged last one (rows_per_program)
     x = rand(B, S, dim, dtype=dtype)
-    shape = (B, S, dim) if per_token else (B, 1, dim)
-    shift, scale = rand(*shape), rand(*shape) * 0.1  # float32 modulation, as Wan computes it
+    shift_shape = (B, S, dim) if per_token else (1, 1, dim)  # per-token, or one row broadcast over batch too
+    shift, scale = rand(*shift_shape), rand(B, 1, dim) * 0.1  # float32 modulation, as Wan computes it
     ref = x.double() * (1 + scale.double()) + shift.double()
     check(modulate(x, shift, scale), ref, dtype)
     normed = F.layer_norm(x.double(), (dim,), eps=1e-6)

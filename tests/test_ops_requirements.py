@@ -23,6 +23,7 @@ def test_ops_import_without_pydantic():
 
 
 def test_requirements_cover_every_runner_and_compiler_op():
+    pytest.importorskip("pydantic")  # the compiler needs it; GPU hosts may lack it
     from telefuser.compiler.dispatch import KERNEL_OPS
 
     assert set(KERNELS) == set(KERNEL_OPS)  # the compiler records an impl for exactly the ops that have kernels

@@ -41,8 +41,8 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, N, HALF,
 @torch.library.custom_op("telefuser::apply_rotary_emb", mutates_args=())
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, S, N, D]; cos/sin float32 [S, D/2]."""
-    if x.dim() != 4 or cos.shape != (x.shape[1], x.shape[3] // 2) or sin.shape != cos.shape:
-        raise ValueError(f"expected x [B, S, N, D] and cos/sin [S, D/2], got {tuple(x.shape)}, {tuple(cos.shape)}")
+    if x.dim() != 4 or x.shape[3] % 2 or cos.shape != (x.shape[1], x.shape[3] // 2) or sin.shape != cos.shape:
+        raise ValueError(f"expected x [B, S, N, D] (D even) and cos/sin [S, D/2], got {tuple(x.shape)}, {tuple(cos.shape)}")
     rows = as_rows(x)
     out = torch.empty_like(rows)
     b, s, n, d = x.shape
