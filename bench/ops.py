@@ -18,12 +18,13 @@ from telefuser.kernels.triton.norms import layer_norm, rms_norm
 from telefuser.kernels.triton.residual import gated_add
 from telefuser.kernels.triton.rotary import apply_rotary_emb
 from telefuser.ops.attention import attention
-from telefuser.ops.quantized_linear import LinearFP8
+from telefuser.ops.quantized_linear import LinearFP8, LinearInt8
 from telefuser.ops.rotary import wan_rope_cos_sin
 
 TOKENS = 32760  # 480p (832x480) x 81 frames: 21 latent frames x 30 x 52 patches
 BF16 = torch.bfloat16
-TEST_FILES = ("tests/test_kernels_triton.py", "tests/test_ops.py", "tests/test_ops_requirements.py")
+TEST_FILES = ("tests/test_kernels_triton.py", "tests/test_ops.py", "tests/test_ops_requirements.py",
+              "tests/test_ops_quantized.py")
 
 
 # PyTorch references: the same math, fp32 statistics, as a user would write it.
@@ -115,11 +116,12 @@ def fp8_rows() -> list[str]:
         x = torch.randn(TOKENS, k, device="cuda", dtype=BF16)
         t_bf16 = bench_ms(lambda: lin(x))
         flops = 2 * TOKENS * k * n
-        for rowwise in (False, True):
-            fp8 = LinearFP8(lin, rowwise=rowwise)
-            t = bench_ms(lambda: fp8(x))
+        variants = (("fp8 per-tensor", LinearFP8(lin)), ("fp8 per-row", LinearFP8(lin, rowwise=True)),
+                    ("int8 per-row", LinearInt8(lin)))
+        for label, layer in variants:
+            t = bench_ms(lambda: layer(x))
             speedup = t_bf16 / t
-            rows.append(f"| {TOKENS}x{k} -> {n} | {'per-row' if rowwise else 'per-tensor'} | {t_bf16 * 1e3:.0f} "
+            rows.append(f"| {TOKENS}x{k} -> {n} | {label} | {t_bf16 * 1e3:.0f} "
                         f"({flops / t_bf16 / 1e9:.0f} TF/s) | {t * 1e3:.0f} ({flops / t / 1e9:.0f} TF/s) | "
                         f"{speedup:.2f}x {'met' if speedup >= 1.5 else 'MISSED'} |")
     return rows
@@ -147,9 +149,9 @@ def main() -> None:
         "|---|---|---|---|---|",
         *attention_rows(peak),
         "",
-        "FP8 linear (torch._scaled_mm, e4m3, activation quantisation included) vs bf16 nn.Linear; times in us:",
+        "FP8 linear (torch._scaled_mm, e4m3) and INT8 linear (torch._int_mm), activation quantisation included, vs bf16 nn.Linear; times in us:",
         "",
-        "| shape | scales | bf16 | fp8 | speedup (target 1.5x) |",
+        "| shape | quantisation | bf16 | quantised | speedup (target 1.5x) |",
         "|---|---|---|---|---|",
         *fp8_rows(),
     ]
