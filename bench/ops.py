@@ -24,7 +24,7 @@ from telefuser.ops.rotary import wan_rope_cos_sin
 TOKENS = 32760  # 480p (832x480) x 81 frames: 21 latent frames x 30 x 52 patches
 BF16 = torch.bfloat16
 TEST_FILES = ("tests/test_kernels_triton.py", "tests/test_ops.py", "tests/test_ops_requirements.py",
-              "tests/test_ops_quantized.py")
+              "tests/test_ops_quantized.py", "tests/test_ops_dispatch.py")
 
 
 # PyTorch references: the same math, fp32 statistics, as a user would write it.
