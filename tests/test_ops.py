@@ -120,3 +120,15 @@ def test_linear_gelu_tanh_matches_unfused():
     if torch.cuda.is_available():  # the fused cuBLASLt epilogue: tanh GELU, fp32 within rounding
         lin_c, x_c = lin.cuda(), x.cuda()
         assert rel(linear_gelu_tanh(lin_c, x_c).cpu(), ref) < 1e-4
+
+
+@pytest.mark.parametrize("norm_type", ["layer_norm", "rms_norm"])
+def test_ada_layer_norm_continuous_loads_diffusers_weights(norm_type):
+    Reference = pytest.importorskip("diffusers.models.normalization").AdaLayerNormContinuous
+
+    ref = Reference(16, 8, elementwise_affine=True, eps=1e-5, norm_type=norm_type).eval()
+    torch.nn.init.normal_(ref.norm.weight)  # non-trivial affine weights, so loading them is checked
+    ours = AdaLayerNormContinuous(16, 8, elementwise_affine=True, eps=1e-5, norm_type=norm_type).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, cond = torch.randn(2, 5, 16), torch.randn(2, 8)
+    assert rel(ours(x, cond), ref(x, cond).detach()) < 1e-6  # fp32 both sides; only operation order differs

@@ -78,3 +78,18 @@ def test_cpu_tensors_take_native_path_without_interpreter(monkeypatch, spy):
     with dispatch.use_dispatch({"rms_norm": "triton"}):
         CASES["rms_norm"][2](*_inputs())
     assert calls == []
+
+
+def test_attention_stays_out_of_compiled_graphs():
+    from telefuser.ops.attention import attention
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    q = torch.randn(1, 8, 2, 16, device=DEVICE)
+    compiled = torch.compile(lambda t: attention(t * 2, t, t) + 1, backend=capture)
+    torch.testing.assert_close(compiled(q), attention(q * 2, q, q) + 1)
+    assert len(graphs) == 2 and not any("attention" in g for g in graphs)  # a graph break around it
