@@ -36,7 +36,7 @@ def test_no_weights_check_accepts_auto_classes_and_still_checks_dispatch(tmp_pat
     assert main(["--check", "--no-weights", str(recipe)]) == 0
     assert main(["--check", str(recipe)]) == 1  # with weight inspection the absent files are named
     assert "does not exist" in capsys.readouterr().out
-    assert main(["--check", "--no-weights", str(recipe), "--set", "layer2.models.dit.attention.impl=FLASH_ATTN_3"]) == 1
+    assert main(["--check", "--no-weights", str(recipe), "--set", "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3"]) == 1
     out = capsys.readouterr().out
     assert "FLASH_ATTN_3" in out and "compute capability >= 9.0" in out and "would work: TORCH_SDPA" in out
 
@@ -83,7 +83,7 @@ def test_explain_and_diff_of_a_mesh_change(models, tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     recipe = str(write_recipe(models))
     assert main([recipe, "-o", str(a)]) == 0
-    assert main([recipe, "-o", str(b), "--set", "target.num_devices=2", "--set", "layer2.parallel.sp_ulysses=2"]) == 0
+    assert main([recipe, "-o", str(b), "--set", "target.num_devices=2", "--set", "layer2.parallel_config.sp_ulysses_degree=2"]) == 0
     capsys.readouterr()
     assert main(["--explain", str(b)]) == 0
     text = capsys.readouterr().out

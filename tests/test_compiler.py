@@ -101,7 +101,7 @@ def test_dispatch_cpu_and_cuda(wan_set):
     table = _dispatch(h100)
     assert table[("dit", "norm_modulate")] == "triton" and table[("dit", "rotary")] == "triton"
     assert h100["target"]["compute_capability"] == "9.0" and h100["device"] == "cuda"
-    compiled = _dispatch(plan_dict(recipe, "target.device=cuda", "target.gpu=H100", "layer2.models.dit.compile.enabled=true"))
+    compiled = _dispatch(plan_dict(recipe, "target.device=cuda", "target.gpu=H100", "layer2.models.dit.compile_config.enabled=true"))
     assert compiled[("dit", "norm_modulate")] == "torch"
     assert all(d["reason"] for d in h100["dispatch"])
 
@@ -111,29 +111,29 @@ def test_impossible_attention_names_alternatives(wan_set):
     bf16_hd64 = ["layer1.torch_dtype=bfloat16", "layer1.models.dit.arch.num_heads=1"]  # head dim 64
     with pytest.raises(RecipeError, match=r"FLASH_ATTN_3.*flash_attn_interface.*would work: TORCH_SDPA, TORCH_CUDNN\."):
         compile_recipe(recipe, ["target.device=cuda", "target.gpu=H100", *bf16_hd64,
-                                "layer2.models.dit.attention.impl=FLASH_ATTN_3"])
+                                "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3"])
     with pytest.raises(RecipeError, match="not float32.*not 32"):  # fp32 and head dim 32: two reasons named
         compile_recipe(recipe, ["target.device=cuda", "target.gpu=H100", "target.packages=['flash_attn_interface']",
-                                "layer2.models.dit.attention.impl=FLASH_ATTN_3"])
+                                "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3"])
     with pytest.raises(RecipeError, match="compute capability >= 9.0"):
         compile_recipe(recipe, ["target.device=cuda", "target.gpu=A100", "target.packages=['flash_attn_interface']",
-                                "layer2.models.dit.attention.impl=FLASH_ATTN_3"])
+                                "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3"])
     ok = plan_dict(recipe, "target.device=cuda", "target.gpu=H100", "target.packages=['flash_attn_interface', 'triton']",
                    *bf16_hd64,
-                   "layer2.models.dit.attention.impl=FLASH_ATTN_3")
+                   "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3")
     assert _dispatch(ok)[("dit", "attention")] == "FLASH_ATTN_3"
 
 
 def test_fp8_linear_needs_hopper_or_ada(wan_set):
     recipe = write_recipe(wan_set)
     with pytest.raises(RecipeError, match=">= 8.9"):
-        compile_recipe(recipe, ["target.device=cuda", "target.gpu=A100", "layer2.models.dit.quantization.type=fp8_e4m3fn"])
-    plan = plan_dict(recipe, "target.device=cuda", "target.gpu=H100", "layer2.models.dit.quantization.type=fp8_e4m3fn")
+        compile_recipe(recipe, ["target.device=cuda", "target.gpu=A100", "layer2.models.dit.quant_config.quant_type=fp8_e4m3fn"])
+    plan = plan_dict(recipe, "target.device=cuda", "target.gpu=H100", "layer2.models.dit.quant_config.quant_type=fp8_e4m3fn")
     assert _dispatch(plan)[("dit", "linear")] == "fp8_scaled_mm"
 
 
 def test_mesh_cfg2_ulysses2(wan_set):
-    plan = plan_dict(write_recipe(wan_set), "target.num_devices=4", "layer2.parallel.cfg=2", "layer2.parallel.sp_ulysses=2")
+    plan = plan_dict(write_recipe(wan_set), "target.num_devices=4", "layer2.parallel_config.cfg_degree=2", "layer2.parallel_config.sp_ulysses_degree=2")
     mesh = plan["mesh"]
     assert mesh["world_size"] == 4 and mesh["degrees"]["cfg"] == 2 and mesh["degrees"]["sp_ulysses"] == 2
     assert [r["coords"]["cfg"] for r in mesh["ranks"]] == [0, 0, 1, 1]

@@ -43,7 +43,7 @@ def test_model_root_from_environment(monkeypatch):
 
 def test_multi_gpu_recipe_mesh():
     recipe = load_recipe(RECIPES / "wan21_t2v_14b_ulysses2_cfg2.toml").recipe
-    assert recipe.target.num_devices == 4 and recipe.layer2.parallel.world_size == 4
+    assert recipe.target.num_devices == 4 and recipe.layer2.parallel_config.world_size == 4
 
 
 def test_compile_explain_diff(tmp_path, capsys):

@@ -75,7 +75,7 @@ def _lora_files(folder: Path) -> tuple[str, str]:
 
 def _with_lora(path: str, strength: float) -> str:
     return TINY + f'''
-[[layer2.models.dit.lora]]
+[[layer2.models.dit.lora_configs]]
 path = "{path}"
 strength = {strength}
 '''
@@ -114,11 +114,11 @@ def test_plan_assuming_packages_missing_here_is_refused(tmp_path):
 
 def test_settings_the_runtime_cannot_honour_are_refused_not_ignored(tmp_path):
     recipe = TINY + '''
-[layer2.models.dit.feature_cache]
+[layer2.models.dit.feature_cache_config]
 method = "teacache"
 threshold = 0.1
 '''
-    with pytest.raises(PlanError, match="feature_cache.method = teacache"):
+    with pytest.raises(PlanError, match="feature_cache_config.method = teacache"):
         load(tmp_path, recipe)
 
 
@@ -126,7 +126,7 @@ def test_compile_wraps_each_dit_block_and_keeps_the_result(tmp_path):
     # backend "eager": dynamo traces the blocks (the graph capture is what the plan asks for)
     # without needing a C++ toolchain; the frames must not change.
     plain = load(tmp_path, TINY).run(prompt="a fox", seed=1, progress=False).frames
-    pipe = load(tmp_path, TINY + '\n[layer2.models.dit.compile]\nenabled = true\nbackend = "eager"\n')
+    pipe = load(tmp_path, TINY + '\n[layer2.models.dit.compile_config]\nenabled = true\nbackend = "eager"\n')
     assert all(block._compiled_call_impl is not None for block in pipe.placements["dit"].module.blocks)
     assert np.array_equal(pipe.run(prompt="a fox", seed=1, progress=False).frames, plain)
 

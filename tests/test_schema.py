@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 
 from telefuser.schema.backends import ATTENTION_BACKENDS
-from telefuser.schema.enums import AttentionImpl
+from telefuser.schema.enums import AttnImplType
 from telefuser.schema.generate import SCHEMA_DIR, SCHEMA_FILES, schema_text
 from telefuser.schema.resolution import RESOLUTION_TABLE, frame_size
 
@@ -38,7 +39,7 @@ def test_unknown_keys_rejected_everywhere():
 
 
 def test_every_attention_impl_has_requirements():
-    assert set(ATTENTION_BACKENDS) == {impl.value for impl in AttentionImpl}
+    assert set(ATTENTION_BACKENDS) == {impl.value for impl in AttnImplType}
 
 
 def test_resolution_table():
@@ -50,3 +51,10 @@ def test_resolution_table():
         for w, h in by_ratio.values():
             assert w % 16 == 0 and h % 16 == 0
             assert w * h <= wide[0] * wide[1]  # no ratio costs more pixels than 16:9
+
+
+def test_docs_key_table_matches_the_models():
+    from telefuser.schema.generate import recipe_key_table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+    assert recipe_key_table() in doc, "docs/recipes.md is stale: run python -m telefuser.schema docs/recipes.md"

@@ -62,7 +62,7 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
             f"estimated peak memory {memory.peak_bytes / gib:.1f} GiB per device exceeds the target's "
             f"{memory.capacity_bytes / gib:.1f} GiB at {memory.at['width']}x{memory.at['height']}, {memory.at['num_frames']} frames "
             f"(largest: {', '.join(f'{k} {v / gib:.1f} GiB' for k, v in top)}). Set "
-            "layer2.models.<name>.offload.mode = \"MODEL_CPU_OFFLOAD\", raise layer2.parallel.sp_ulysses/tp over more "
+            "layer2.models.<name>.offload_config.offload_type = \"MODEL_CPU_OFFLOAD\", raise layer2.parallel_config.sp_ulysses_degree/tp_degree over more "
             "devices, or restrict layer3.resolution.choices."
         )
     content: dict[str, Any] = {
@@ -79,7 +79,7 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
         "layer2_inference_config": recipe.layer2.model_dump(mode="json", by_alias=True),
         "layer3_user_interface": _layer3(recipe).model_dump(mode="json"),
         "dispatch": [d.model_dump(mode="json") for d in dispatch],
-        "mesh": build_mesh(recipe.layer2.parallel, resolved.num_devices).model_dump(mode="json"),
+        "mesh": build_mesh(recipe.layer2.parallel_config, resolved.num_devices).model_dump(mode="json"),
         "memory": memory.model_dump(mode="json") if memory else
         {"peak_bytes": 0, "capacity_bytes": resolved.memory_bytes, "breakdown": {}, "at": {"skipped": "--no-weights"}},
         "stages": [s.model_dump(mode="json") for s in build_stages(recipe, models)],

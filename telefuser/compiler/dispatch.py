@@ -51,7 +51,7 @@ def _head_dim(model: PlannedModel) -> int | None:
 
 
 def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
-    impl = runtime.attention.impl
+    impl = runtime.attention_config.attn_impl
     head_dim = _head_dim(model)
     spec = ATTENTION_BACKENDS[impl]
     problems = attention_problems(spec, target, model.compute_dtype, head_dim)
@@ -59,7 +59,7 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
         workable = [name for name, s in ATTENTION_BACKENDS.items()
                     if not attention_problems(s, target, model.compute_dtype, head_dim)]
         raise RecipeError(
-            f"layer2.models.{model.name}.attention.impl = {impl!r} cannot run on this target "
+            f"layer2.models.{model.name}.attention_config.attn_impl = {impl!r} cannot run on this target "
             f"({target.device}{' cc ' + target.compute_capability if target.compute_capability else ''}): "
             f"{'; '.join(problems)}. Backends that would work: {', '.join(workable) or 'none'}."
         )
@@ -70,7 +70,7 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
 def _kernel_op(model: PlannedModel, op: str, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
     if target.device != "cuda":
         impl, reason = "torch", "CPU target: native PyTorch"
-    elif runtime.compile.enabled:
+    elif runtime.compile_config.enabled:
         impl, reason = "torch", "torch.compile is enabled: Inductor traces the native op and fuses it with its neighbours"
     elif KERNEL_PACKAGE in target.packages:
         impl, reason = "triton", "eager mode on CUDA: TeleFuser's fused Triton kernel (one pass over memory)"
@@ -80,13 +80,13 @@ def _kernel_op(model: PlannedModel, op: str, runtime: ModelRuntimeConfig, target
 
 
 def _linear(model: PlannedModel, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
-    quant = runtime.quantization.type
+    quant = runtime.quant_config.quant_type
     if quant == "none":
         return DispatchEntry(model=model.name, op="linear", impl="torch", reason="no quantisation: torch.nn.Linear (cuBLAS)")
     cc = _cc(target)
     if target.device != "cuda" or cc is None or (quant.startswith("fp8") and cc < FP8_MIN_CC):
         raise RecipeError(
-            f"layer2.models.{model.name}.quantization.type = {quant!r} needs a CUDA GPU with compute capability "
+            f"layer2.models.{model.name}.quant_config.quant_type = {quant!r} needs a CUDA GPU with compute capability "
             f">= 8.9 (float8 tensor cores); the target is {target.device}"
             f"{' cc ' + target.compute_capability if target.compute_capability else ''}. Use type = \"none\"."
         )

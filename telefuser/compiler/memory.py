@@ -16,7 +16,7 @@ These are estimates for refusing the clearly impossible, not promises.
 
 from __future__ import annotations
 
-from telefuser.schema.enums import ModelRole, OffloadMode
+from telefuser.schema.enums import ModelRole, WeightOffloadType
 from telefuser.schema.plan import MemoryEstimate, PlannedModel
 from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
@@ -39,12 +39,12 @@ def _largest_frame(recipe: Recipe) -> tuple[int, int, str, str]:
 
 def _weight_bytes(model: PlannedModel, runtime: ModelRuntimeConfig, recipe: Recipe) -> int:
     bytes_per = DTYPE_BYTES[model.compute_dtype]
-    if runtime.quantization.type in FP8_QUANT:
+    if runtime.quant_config.quant_type in FP8_QUANT:
         bytes_per = 1
     total = model.parameter_count * bytes_per
-    p = recipe.layer2.parallel
+    p = recipe.layer2.parallel_config
     if model.role.startswith("dit"):
-        total //= p.tp
+        total //= p.tp_degree
         if p.enable_fsdp:
             total //= p.world_size
     return total
@@ -59,20 +59,20 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int) -
         runtime = l2.models.get(m.name, ModelRuntimeConfig())
         size = _weight_bytes(m, runtime, recipe)
         breakdown[f"weights.{m.name}"] = size
-        mode = runtime.offload.mode
-        if mode == OffloadMode.NO_CPU_OFFLOAD.value:
+        mode = runtime.offload_config.offload_type
+        if mode == WeightOffloadType.NO_CPU_OFFLOAD.value:
             resident += size
-        elif mode == OffloadMode.MODEL_CPU_OFFLOAD.value:
+        elif mode == WeightOffloadType.MODEL_CPU_OFFLOAD.value:
             offloaded.append(size)  # on the device only during its own stage
         else:  # sequential / async: the kept fraction stays, the rest streams through block by block
-            resident += int(size * (1 - runtime.offload.ratio))
+            resident += int(size * (1 - runtime.offload_config.offload_ratio))
     dit = next(m for m in models if m.role.startswith("dit"))
     dim, ffn = int(dit.arch.get("dim", 0)), int(dit.arch.get("ffn_dim", 0))
     act_bytes = DTYPE_BYTES[dit.compute_dtype]
     latent_frames = (l2.num_frames - 1) // 4 + 1
     tokens = latent_frames * (height // 16) * (width // 16)
-    sp = l2.parallel.sp_ulysses * l2.parallel.sp_ring
-    batch = 1 if l2.parallel.cfg == 2 or l2.cfg_scale == 1.0 else 2
+    sp = l2.parallel_config.sp_ulysses_degree * l2.parallel_config.sp_ring_degree
+    batch = 1 if l2.parallel_config.cfg_degree == 2 or l2.cfg_scale == 1.0 else 2
     breakdown["activations.dit"] = batch * -(-tokens // sp) * (2 * dim + max(ffn, 4 * dim)) * act_bytes
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     if vae is not None:

@@ -13,7 +13,7 @@ MESH_ORDER = ("pp", "dp", "cfg", "sp_ring", "sp_ulysses", "tp")
 
 
 def build_mesh(parallel: ParallelConfig, num_devices: int) -> Mesh:
-    degrees = {d: getattr(parallel, d) for d in MESH_ORDER}
+    degrees = {d: parallel.degree(d) for d in MESH_ORDER}
     device_ids = parallel.device_ids or list(range(num_devices))
     sizes = [degrees[d] for d in MESH_ORDER]
     coords_list = list(itertools.product(*(range(s) for s in sizes)))  # row-major: last dim fastest

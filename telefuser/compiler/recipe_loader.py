@@ -24,7 +24,7 @@ from telefuser.schema.recipe import Recipe
 
 from .recipe_lines import key_lines, line_of
 from .recipe_overrides import apply_override
-from .recipe_schema import allowed_keys, at_path, recipe_schema
+from .recipe_schema import allowed_keys, at_path, recipe_schema, suggest_key
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -166,8 +166,8 @@ def _schema_error_message(error: jsonschema.ValidationError, where: _Locator) ->
         unknown = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
         parts = []
         for key in unknown:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = suggest_key(key, allowed)
+            parts.append(f"{key!r}" + (f" (did you mean {close!r}?)" if close else ""))
         key_path = [*path, unknown[0]] if unknown else path
         return (f"{where(key_path)}: unknown key {', '.join(parts)} in {dotted}; "
                 f"allowed keys there: {', '.join(allowed)}.")

@@ -9,18 +9,17 @@ whose entries have a `name` is addressed by that name:
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from typing import Any
 
 from telefuser.errors import RecipeError
 
-from .recipe_schema import allowed_keys, at_path, child, resolve
+from .recipe_schema import allowed_keys, at_path, child, resolve, suggest_key
 
 
 def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(options)}" if options else "")
+    close = suggest_key(word, options)
+    return f"; did you mean {close!r}?" if close else (f"; allowed: {', '.join(options)}" if options else "")
 
 
 def _convert(text: str, schema: dict[str, Any], where: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -54,3 +55,25 @@ def at_path(path: list[str]) -> dict[str, Any] | None:
 
 def allowed_keys(node: dict[str, Any]) -> list[str]:
     return sorted(resolve(node).get("properties", {}))
+
+
+# Names earlier recipes used, and the reference design's name that replaced each. Refused like any
+# unknown key (one name per concept); only the hint uses this table, since "mode" is not close to
+# "offload_type" by spelling.
+RENAMED_KEYS = {
+    "impl": "attn_impl", "sparse": "sparse_config", "attention": "attention_config",
+    "mode": "offload_type", "pin_memory": "pin_cpu_memory", "ratio": "offload_ratio", "prefetch": "prefetch_size",
+    "offload": "offload_config", "compile": "compile_config", "quantization": "quant_config", "type": "quant_type",
+    "lora": "lora_configs", "feature_cache": "feature_cache_config", "parallel": "parallel_config",
+    "dp": "dp_degree", "cfg": "cfg_degree", "sp_ulysses": "sp_ulysses_degree", "sp_ring": "sp_ring_degree",
+    "pp": "pp_degree", "tp": "tp_degree",
+}
+
+
+def suggest_key(key: str, allowed: list[str]) -> str | None:
+    """The allowed key `key` most likely meant: its new name if it was renamed, else the closest spelling."""
+    renamed = RENAMED_KEYS.get(key)
+    if renamed in allowed:
+        return renamed
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return close[0] if close else None

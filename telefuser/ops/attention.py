@@ -101,7 +101,7 @@ def requirement_problems(name: str, q: torch.Tensor) -> list[str]:
 def backend_name(attention_config: Union[str, Any, None]) -> str:
     if attention_config is None:
         return dispatch.current("attention", "TORCH_SDPA")
-    return attention_config if isinstance(attention_config, str) else str(attention_config.impl)
+    return attention_config if isinstance(attention_config, str) else str(attention_config.attn_impl)
 
 
 @torch.compiler.disable

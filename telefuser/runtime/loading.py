@@ -83,25 +83,25 @@ def build_model(
             f"{str(exc).splitlines()[0]} ...; the files changed or the arch is wrong: recompile the recipe."
         ) from exc
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    for lora in runtime.lora:
+    for lora in runtime.lora_configs:
         path = str(Path(base_dir or ".", lora.path))  # an absolute lora.path stays as it is
         deltas = lora_deltas(read_state_dict([Path(path)], "cpu"), path)
         lora_layout = _layout(entry, deltas.keys(), f"LoRA {path!r}")
         merge_lora(model, deltas, lora.strength, path, lambda d: entry.convert(d, lora_layout))
-    if runtime.quantization.type != "none":
+    if runtime.quant_config.quant_type != "none":
         try:
             from telefuser.ops.quantized_linear import replace_linear_layers
         except ImportError as exc:
             raise PlanError(
-                f"model {planned.name!r} is planned with {runtime.quantization.type} quantisation, but this build "
-                "has no telefuser.ops.quantized_linear; set quantization.type = \"none\" and recompile."
+                f"model {planned.name!r} is planned with {runtime.quant_config.quant_type} quantisation, but this build "
+                "has no telefuser.ops.quantized_linear; set quant_config.quant_type = \"none\" and recompile."
             ) from exc
         try:
-            replace_linear_layers(model, runtime.quantization.type, skip_modules=runtime.quantization.skip_modules)
+            replace_linear_layers(model, runtime.quant_config.quant_type, skip_modules=runtime.quant_config.skip_modules)
         except ValueError as exc:
-            raise PlanError(f"model {planned.name!r}: {exc}; change layer2.models.{planned.name}.quantization "
+            raise PlanError(f"model {planned.name!r}: {exc}; change layer2.models.{planned.name}.quant_config "
                             "and recompile.") from exc
-    if runtime.compile.enabled:
+    if runtime.compile_config.enabled:
         _compile_blocks(model, runtime)
     return model
 
@@ -111,7 +111,7 @@ def _compile_blocks(model: torch.nn.Module, runtime: ModelRuntimeConfig) -> None
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList):
         raise PlanError(f"compile is enabled for a {type(model).__name__}, which has no transformer blocks to compile.")
-    cfg = runtime.compile
+    cfg = runtime.compile_config
     for block in blocks:
         block.compile(backend=cfg.backend, mode=None if cfg.mode == "default" else cfg.mode,
                       fullgraph=cfg.fullgraph, dynamic=cfg.dynamic)

@@ -48,12 +48,12 @@ def unsupported_features(plan: Plan) -> list[str]:
     if l2.lq_noise_strength:
         found.append("lq_noise_strength")
     for name, cfg in l2.models.items():
-        if cfg.offload.mode not in ("NO_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"):
-            found.append(f"models.{name}.offload.mode = {cfg.offload.mode}")
-        if cfg.attention.sparse is not None:
-            found.append(f"models.{name}.attention.sparse")
-        if cfg.feature_cache.method != "none":
-            found.append(f"models.{name}.feature_cache.method = {cfg.feature_cache.method}")
+        if cfg.offload_config.offload_type not in ("NO_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"):
+            found.append(f"models.{name}.offload_config.offload_type = {cfg.offload_config.offload_type}")
+        if cfg.attention_config.sparse_config is not None:
+            found.append(f"models.{name}.attention_config.sparse_config")
+        if cfg.feature_cache_config.method != "none":
+            found.append(f"models.{name}.feature_cache_config.method = {cfg.feature_cache_config.method}")
     if plan.pipeline_type != "wan_t2v":
         found.append(f"pipeline {plan.pipeline_type}")
     return found
@@ -85,7 +85,7 @@ class Pipeline:
                 self.tokenizers[planned.name] = _load_tokenizer(planned, plan.layer2_inference_config.text_len)
                 continue
             runtime = plan.layer2_inference_config.models.get(planned.name, ModelRuntimeConfig())
-            offload = runtime.offload.mode == "MODEL_CPU_OFFLOAD"
+            offload = runtime.offload_config.offload_type == "MODEL_CPU_OFFLOAD"
             with _oom_guard(f"loading model {planned.name!r}"):
                 module = build_model(planned, runtime, torch.device("cpu") if offload else self.device,
                                      base_dir=Path(plan.recipe.path).parent)
@@ -269,5 +269,5 @@ def _oom_guard(what: str):
             raise
         raise OutOfMemory(
             f"out of memory during {what}: {str(exc).splitlines()[0]}; lower the resolution or frame count, "
-            "or enable offload (layer2.models.<name>.offload.mode = \"MODEL_CPU_OFFLOAD\") and recompile."
+            "or enable offload (layer2.models.<name>.offload_config.offload_type = \"MODEL_CPU_OFFLOAD\") and recompile."
         ) from exc

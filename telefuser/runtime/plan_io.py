@@ -77,7 +77,7 @@ def check_target(plan: Plan) -> None:
     if world > 1:
         raise PlanError(
             f"the plan runs on {world} ranks ({plan.mesh.degrees}), but multi-GPU execution is not yet "
-            "supported by telefuser-run; compile the recipe for one device (layer2.parallel degrees all 1, "
+            "supported by telefuser-run; compile the recipe for one device (layer2.parallel_config degrees all 1, "
             "target.num_devices = 1)."
         )
     missing = [name for name in plan.target.packages if importlib.util.find_spec(name) is None]

@@ -10,7 +10,9 @@ class StrEnum(str, Enum):
         return self.value
 
 
-class AttentionImpl(StrEnum):
+class AttnImplType(StrEnum):
+    """Attention implementations (the reference design's AttnImplType)."""
+
     TORCH_SDPA = "TORCH_SDPA"
     TORCH_CUDNN = "TORCH_CUDNN"
     FLASH_ATTN_2 = "FLASH_ATTN_2"
@@ -25,7 +27,9 @@ class AttentionImpl(StrEnum):
     SOL_ATTN = "SOL_ATTN"
 
 
-class OffloadMode(StrEnum):
+class WeightOffloadType(StrEnum):
+    """Where a model's weights live between uses (the reference design's WeightOffloadType)."""
+
     NO_CPU_OFFLOAD = "NO_CPU_OFFLOAD"
     MODEL_CPU_OFFLOAD = "MODEL_CPU_OFFLOAD"
     SEQUENTIAL_CPU_OFFLOAD = "SEQUENTIAL_CPU_OFFLOAD"

@@ -15,13 +15,12 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from .base import StrictModel
 from .enums import (
     AspectRatio,
-    AttentionImpl,
+    AttnImplType,
     CompileBackend,
     CompileMode,
     FeatureCacheMethod,
     ModelClass,
     ModelRole,
-    OffloadMode,
     PipelineType,
     QuantType,
     Resolution,
@@ -29,6 +28,7 @@ from .enums import (
     TargetDevice,
     TorchDtype,
     WeightDtype,
+    WeightOffloadType,
 )
 
 # ---------------------------------------------------------------- target
@@ -121,15 +121,15 @@ class SparseAttentionConfig(StrictModel):
 
 
 class AttentionConfig(StrictModel):
-    impl: AttentionImpl = AttentionImpl.TORCH_SDPA
-    sparse: Optional[SparseAttentionConfig] = None
+    attn_impl: AttnImplType = AttnImplType.TORCH_SDPA
+    sparse_config: Optional[SparseAttentionConfig] = None
 
 
 class OffloadConfig(StrictModel):
-    mode: OffloadMode = OffloadMode.NO_CPU_OFFLOAD
-    pin_memory: bool = True
-    ratio: float = Field(1.0, gt=0, le=1.0, description="Fraction of blocks kept on the CPU.")
-    prefetch: int = Field(1, ge=0, description="Blocks fetched ahead (async offload).")
+    offload_type: WeightOffloadType = WeightOffloadType.NO_CPU_OFFLOAD
+    pin_cpu_memory: bool = True
+    offload_ratio: float = Field(1.0, gt=0, le=1.0, description="Fraction of blocks kept on the CPU.")
+    prefetch_size: int = Field(1, ge=0, description="Blocks fetched ahead (async offload).")
 
 
 class CompileConfig(StrictModel):
@@ -140,8 +140,8 @@ class CompileConfig(StrictModel):
     dynamic: bool = False
 
 
-class QuantizationConfig(StrictModel):
-    type: QuantType = QuantType.NONE
+class QuantConfig(StrictModel):
+    quant_type: QuantType = QuantType.NONE
     skip_modules: list[str] = Field(default_factory=list, description="Module name patterns left unquantised.")
 
 
@@ -158,31 +158,36 @@ class FeatureCacheConfig(StrictModel):
 class ModelRuntimeConfig(StrictModel):
     """Per-model execution settings (keyed by the model's name in layer 1)."""
 
-    attention: AttentionConfig = Field(default_factory=AttentionConfig)
-    offload: OffloadConfig = Field(default_factory=OffloadConfig)
-    compile: CompileConfig = Field(default_factory=CompileConfig)
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
-    lora: list[LoraConfig] = Field(default_factory=list)
-    feature_cache: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
+    attention_config: AttentionConfig = Field(default_factory=AttentionConfig)
+    offload_config: OffloadConfig = Field(default_factory=OffloadConfig)
+    compile_config: CompileConfig = Field(default_factory=CompileConfig)
+    quant_config: QuantConfig = Field(default_factory=QuantConfig)
+    lora_configs: list[LoraConfig] = Field(default_factory=list)
+    feature_cache_config: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
     torch_dtype: Optional[TorchDtype] = Field(None, description="Override of layer1.torch_dtype for this model.")
 
 
+# Mesh dimensions; each one's degree is the field `<dim>_degree` of ParallelConfig.
 PARALLEL_DIMS = ("dp", "cfg", "sp_ulysses", "sp_ring", "pp", "tp")
 
 
 class ParallelConfig(StrictModel):
     device_ids: Optional[list[int]] = Field(None, description="Devices to use; default 0..num_devices-1.")
-    dp: PositiveInt = 1
-    cfg: PositiveInt = Field(1, le=2, description="CFG parallel: positive and negative branch on 2 ranks.")
-    sp_ulysses: PositiveInt = 1
-    sp_ring: PositiveInt = 1
-    pp: PositiveInt = 1
-    tp: PositiveInt = 1
-    enable_fsdp: bool = False
+    dp_degree: PositiveInt = Field(1, description="Data parallel: prompts of a batch split across groups.")
+    cfg_degree: PositiveInt = Field(1, le=2, description="CFG parallel: positive and negative branch on 2 ranks.")
+    sp_ulysses_degree: PositiveInt = Field(1, description="Ulysses sequence parallel (all-to-all over heads).")
+    sp_ring_degree: PositiveInt = Field(1, description="Ring attention sequence parallel.")
+    pp_degree: PositiveInt = Field(1, description="Pipeline parallel (not executed yet).")
+    tp_degree: PositiveInt = Field(1, description="Tensor parallel DiT.")
+    enable_fsdp: bool = Field(False, description="Shard DiT and text-encoder weights across ranks (FSDP2).")
+    timeout: PositiveInt = Field(600, description="Seconds a collective may wait before the run is ended.")
+
+    def degree(self, dim: str) -> int:
+        return getattr(self, f"{dim}_degree")
 
     @property
     def world_size(self) -> int:
-        return math.prod(getattr(self, d) for d in PARALLEL_DIMS)
+        return math.prod(self.degree(d) for d in PARALLEL_DIMS)
 
     @field_validator("device_ids")
     @classmethod
@@ -216,7 +221,7 @@ class Layer2(StrictModel):
     enable_sr: bool = False
     lq_noise_strength: float = Field(0.0, ge=0, le=1)
     models: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    parallel_config: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @field_validator("num_frames")
     @classmethod
@@ -315,21 +320,22 @@ class Recipe(StrictModel):
                 raise ValueError(f"layer2.{', layer2.'.join(set_fields)} apply only to MoE pipelines (two DiTs)")
         elif l2.boundary is None:
             raise ValueError("an MoE pipeline needs layer2.boundary in (0, 1), e.g. 0.875 for Wan2.2 T2V A14B")
-        world = l2.parallel.world_size
-        devices = len(l2.parallel.device_ids) if l2.parallel.device_ids is not None else self.target.num_devices
+        parallel = l2.parallel_config
+        world = parallel.world_size
+        devices = len(parallel.device_ids) if parallel.device_ids is not None else self.target.num_devices
         if world != devices:
-            degrees = " x ".join(f"{d}={getattr(l2.parallel, d)}" for d in ("dp", "cfg", "sp_ulysses", "sp_ring", "pp", "tp"))
+            degrees = " x ".join(f"{d}_degree={parallel.degree(d)}" for d in PARALLEL_DIMS)
             raise ValueError(
                 f"parallel degrees multiply to {world} ({degrees}) but the plan has {devices} device(s); "
                 "make the product equal target.num_devices (and len(device_ids) if given)"
             )
-        if l2.parallel.device_ids is not None and len(l2.parallel.device_ids) != self.target.num_devices:
+        if parallel.device_ids is not None and len(parallel.device_ids) != self.target.num_devices:
             raise ValueError(
-                f"layer2.parallel.device_ids lists {len(l2.parallel.device_ids)} devices "
+                f"layer2.parallel_config.device_ids lists {len(parallel.device_ids)} devices "
                 f"but target.num_devices is {self.target.num_devices}"
             )
-        if l2.parallel.cfg == 2 and l2.cfg_scale == 1.0 and not l1.is_moe:
-            raise ValueError("cfg parallel (cfg = 2) needs classifier-free guidance; cfg_scale 1.0 has no negative branch")
+        if parallel.cfg_degree == 2 and l2.cfg_scale == 1.0 and not l1.is_moe:
+            raise ValueError("cfg parallel (cfg_degree = 2) needs classifier-free guidance; cfg_scale 1.0 has no negative branch")
         if self.layer3.image is not None and l1.pipeline != PipelineType.WAN_I2V.value:
             raise ValueError("layer3.image is only for the wan_i2v pipeline")
         if l1.pipeline == PipelineType.WAN_I2V.value and self.layer3.image is None:

@@ -1,0 +1,169 @@
+"""long_context_attention over real gloo process groups on the CPU, against one-process float64 attention.
+
+Tolerance: inputs are float32 standard normals with D = 16 and the default scale 1/4, so scores are O(1), the
+softmax weights lie in [0, 1] and the outputs are averages of O(1) values (|out| < 3 here). Float32 rounding
+(eps 1.2e-7) through the score dot products, exp, the sums over at most 32 keys and the float32 LSE merge of
+at most 4 blocks leaves errors of a few 1e-7 against the float64 reference (measured: under 1e-6); atol 2e-5
+with rtol 1e-4 keeps a margin of more than 10x while a dropped, duplicated or misplaced key block, or a leaked
+padded key (the padding is filled with 10x larger values), moves outputs by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+
+from telefuser.ops.long_context import _math_attention_with_lse, attention_with_lse, long_context_attention
+
+ATOL, RTOL = 2e-5, 1e-4
+SPAWN_DEADLINE_S = 120  # every rank also gives up on a collective after 60 s (init_process_group timeout)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 softmax attention over BSND tensors: (out [B, S, N, D], lse [B, N, S])."""
+    scores = torch.einsum("bsnd,btnd->bnst", q.double(), k.double()) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.einsum("bnst,btnd->bsnd", scores.softmax(dim=-1), v.double()), lse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single process: the local attention that the ring merges.
+
+
+@pytest.mark.parametrize("fn", [attention_with_lse, _math_attention_with_lse], ids=["dispatch", "math"])
+@pytest.mark.parametrize("scale", [0.25, 0.37])
+def test_attention_with_lse_matches_float64(fn: Callable, scale: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g) for n in (11, 7, 7))  # S_q != S_k, as for ring blocks
+    out, lse = fn(q, k, v, scale)
+    ref_out, ref_lse = reference(q, k, v, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (2, 3, 11) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=ATOL, rtol=RTOL)
+
+
+def test_attention_with_lse_refuses_empty_keys() -> None:
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="at least one key"):
+        attention_with_lse(q, q[:, :0], q[:, :0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-process: each case is (mesh_dim_names, mesh_shape, batch, seq_len, padded_len, heads, head_dim,
+# attention_config). padded_len > seq_len exercises the padding; padded_len == seq_len passes seq_len=None.
+
+CASES_2 = [
+    (("sp_ulysses",), (2,), 2, 16, 16, 4, 16, None),
+    (("sp_ulysses",), (2,), 1, 15, 16, 2, 16, "TORCH_SDPA"),  # backend name passed through
+    (("sp_ring",), (2,), 2, 16, 16, 3, 16, None),
+    (("sp_ring",), (2,), 1, 13, 14, 2, 16, None),  # the second block holds 6 valid keys of 7
+    (("dp", "sp_ring"), (1, 2), 1, 9, 10, 2, 16, None),
+    (("cfg",), (2,), 1, 9, 12, 2, 16, None),  # no sequence parallelism: local attention, padded keys dropped
+]
+
+CASES_4 = [
+    (("sp_ulysses",), (4,), 1, 32, 32, 4, 16, None),
+    (("sp_ulysses",), (4,), 2, 30, 32, 8, 16, None),
+    (("sp_ring",), (4,), 1, 32, 32, 2, 16, None),
+    (("sp_ring",), (4,), 2, 5, 8, 2, 16, None),  # blocks hold 2, 2, 1, 0 valid keys (the last one is skipped)
+    (("sp_ring", "sp_ulysses"), (2, 2), 1, 24, 24, 4, 16, None),  # USP
+    (("sp_ring", "sp_ulysses"), (2, 2), 2, 21, 24, 2, 16, None),  # USP: ring blocks hold 12 and 9 valid keys
+    (("sp_ulysses", "sp_ring"), (2, 2), 1, 15, 16, 2, 16, None),  # USP, dims listed the other way round
+    (("cfg", "sp_ulysses"), (2, 2), 1, 13, 14, 2, 16, None),  # groups must come from the sp dim, not cfg
+    (("cfg", "sp_ring"), (2, 2), 1, 14, 14, 2, 16, None),
+]
+
+SP_DIMS = ("sp_ulysses", "sp_ring")
+
+
+def _run_case(names: tuple[str, ...], shape: tuple[int, ...], batch: int, seq_len: int, padded_len: int, heads: int,
+              head_dim: int, attention_config: Optional[str]) -> None:
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    coord = {name: mesh.get_local_rank(name) for name in names}
+    size = dict(zip(names, shape))
+    ulysses, ring = size.get("sp_ulysses", 1), size.get("sp_ring", 1)
+    sp = ulysses * ring
+    local = padded_len // sp
+    # Inputs differ along the non-sequence dims, so taking a group from the wrong dim mixes unrelated problems.
+    other = sum(c * 100 ** i for i, (name, c) in enumerate(coord.items()) if name not in SP_DIMS)
+    g = torch.Generator().manual_seed(1234 + other)
+    q, k, v = (torch.randn(batch, local * sp, heads, head_dim, generator=g) for _ in range(3))
+    for t in (q, k, v):
+        t[:, seq_len:] = 10 * torch.randn(t[:, seq_len:].shape, generator=g)  # loud garbage in the padding
+    ref, _ = reference(q, k[:, :seq_len], v[:, :seq_len], head_dim ** -0.5)
+
+    sp_rank = coord.get("sp_ring", 0) * ulysses + coord.get("sp_ulysses", 0)
+    shard = slice(sp_rank * local, (sp_rank + 1) * local)
+    out = long_context_attention(q[:, shard], k[:, shard], v[:, shard], mesh,
+                                 seq_len=None if seq_len == padded_len else seq_len, attention_config=attention_config)
+    assert out.shape == q[:, shard].shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all(), f"non-finite output in case {names} {shape} seq_len={seq_len}"
+    valid = max(0, min(local, seq_len - sp_rank * local))
+    torch.testing.assert_close(out[:, :valid].double(), ref[:, shard][:, :valid], atol=ATOL, rtol=RTOL,
+                               msg=lambda m: f"case {names} {shape} seq_len={seq_len}, sp rank {sp_rank}: {m}")
+
+
+def _check_indivisible_heads() -> None:
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("sp_ulysses",))
+    x = torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match=r"3 heads are not divisible by sp_ulysses degree 2"):
+        long_context_attention(x, x, x, mesh)
+
+
+def _worker_2() -> None:
+    for case in CASES_2:
+        _run_case(*case)
+    _check_indivisible_heads()
+
+
+def _worker_4() -> None:
+    for case in CASES_4:
+        _run_case(*case)
+
+
+def _entry(rank: int, world_size: int, port: int, worker: Callable[[], None]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        worker()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker: Callable[[], None], world_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run worker on world_size gloo ranks; a child's exception fails the test with the child's traceback."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the children before they import torch
+    context = mp.spawn(_entry, args=(world_size, _free_port(), worker), nprocs=world_size, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=1):  # raises ProcessRaisedException (and stops the others) if a child fails
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size}-rank run did not finish within {SPAWN_DEADLINE_S} s")
+
+
+def test_long_context_attention_2_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ulysses 2, ring 2 (each also padded), an sp dim beside another dim, no sp dims, indivisible heads."""
+    _spawn(_worker_2, 2, monkeypatch)
+
+
+def test_long_context_attention_4_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ulysses 4, ring 4, USP 2 x 2 (each also padded, ring 4 with an all-padding block), sp beside cfg."""
+    _spawn(_worker_4, 4, monkeypatch)
