@@ -98,11 +98,19 @@ def test_lora_merges_the_same_update_from_either_key_layout(tmp_path):
     assert np.array_equal(with_wan, with_diffusers)
 
 
-def test_multi_rank_plan_is_refused(tmp_path):
+def test_multi_rank_plan_outside_a_launch_or_with_another_world_size_is_refused(tmp_path, monkeypatch):
+    from telefuser.distributed.rank import check_world
+
     pipe = load(tmp_path, TINY)
     mesh = pipe.plan.mesh.model_copy(update={"world_size": 2, "degrees": {"cfg": 2}})
-    with pytest.raises(PlanError, match="multi-GPU execution is not yet supported"):
-        check_target(pipe.plan.model_copy(update={"mesh": mesh}))
+    plan = pipe.plan.model_copy(update={"mesh": mesh})
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(PlanError, match="torchrun --nproc-per-node 2"):
+        check_world(plan)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(PlanError, match="started with 3 processes but the plan has 2 ranks"):
+        check_world(plan)
 
 
 def test_plan_assuming_packages_missing_here_is_refused(tmp_path):

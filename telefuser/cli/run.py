@@ -7,6 +7,7 @@ The plan path is parsed first; the real parser is then built from the plan, so
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -90,21 +91,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TeleFuserError as exc:
         return report(PROG, str(exc))
     args = build_parser(plan).parse_args(argv)  # argparse itself exits 2 on a bad value
-    return guarded(PROG, lambda: _run(args, plan))
+    rank = os.environ.get("RANK")
+    if plan.mesh.world_size > 1 and rank is None:
+        # N ranks on this host: refuse bad input once, here, then start them (each runs this command).
+        return guarded(PROG, lambda: _launch(args, plan, argv))
+    prog = PROG if plan.mesh.world_size == 1 or rank is None else f"{PROG} (rank {rank})"
+    return guarded(prog, lambda: _run(args, plan))
+
+
+def _check_before_loading(args: argparse.Namespace, plan) -> dict:
+    """Refuse bad values, unwritable outputs and a machine that lacks the plan's devices, before loading."""
+    from telefuser.runtime.params import resolve_parameters
+    from telefuser.runtime.plan_io import check_target
+    from telefuser.runtime.video import check_output_path
+
+    values = {name: getattr(args, name) for name in plan.layer3_user_interface.parameters}
+    check_output_path(args.output)
+    resolve_parameters(plan, **values)
+    check_target(plan)
+    return values
+
+
+def _launch(args: argparse.Namespace, plan, argv: list[str]) -> int:
+    from telefuser.distributed.launch import spawn_local_ranks
+
+    _check_before_loading(args, plan)
+    return spawn_local_ranks(argv, plan.mesh.world_size)
 
 
 def _run(args: argparse.Namespace, plan) -> int:
     from telefuser.runtime.api import load_plan
-    from telefuser.runtime.params import resolve_parameters
-    from telefuser.runtime.video import check_output_path
 
-    values = {name: getattr(args, name) for name in plan.layer3_user_interface.parameters}
-    # Refuse bad values and unwritable outputs before spending time on loading.
-    check_output_path(args.output)
-    resolve_parameters(plan, **values)
+    values = _check_before_loading(args, plan)
     pipeline = load_plan(args.plan)
-    video = pipeline.run(**values, progress=not args.no_progress)
-    written = video.save(args.output)
+    try:
+        video = pipeline.run(**values, progress=not args.no_progress)
+        if video is None:  # a rank other than 0: rank 0 writes and reports
+            return 0
+        written = video.save(args.output)
+    finally:
+        pipeline.close()
     print(f"wrote {written} ({video.num_frames} frames, {video.size[0]}x{video.size[1]}, {video.fps} fps)")
     print(video.timings.summary())
     return 0

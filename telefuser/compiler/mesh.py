@@ -5,11 +5,7 @@ from __future__ import annotations
 import itertools
 
 from telefuser.schema.plan import Mesh, RankInfo
-from telefuser.schema.recipe import ParallelConfig
-
-# Outermost first: pipeline stages span the most distant ranks; tensor parallelism, the most
-# communication-heavy, stays innermost (neighbouring ranks, same NVLink island).
-MESH_ORDER = ("pp", "dp", "cfg", "sp_ring", "sp_ulysses", "tp")
+from telefuser.schema.recipe import MESH_ORDER, ParallelConfig
 
 
 def build_mesh(parallel: ParallelConfig, num_devices: int) -> Mesh:

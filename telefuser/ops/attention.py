@@ -122,3 +122,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_confi
     out = _RUNNERS[name](_to_bnsd(q, input_layout), _to_bnsd(k, input_layout), _to_bnsd(v, input_layout),
                          attn_mask, scale, dropout_p)
     return _from_bnsd(out, output_layout or input_layout)
+
+
+
+def __getattr__(name: str) -> Any:
+    # `telefuser.ops.attention.long_context_attention(q, k, v, device_mesh=mesh)`: sequence-parallel attention
+    # beside plain attention in the API; resolved lazily because telefuser.ops.long_context builds on `attention`.
+    if name == "long_context_attention":
+        from .long_context import long_context_attention
+
+        return long_context_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,11 +74,12 @@ def check_target(plan: Plan) -> None:
     import torch
 
     world = plan.mesh.world_size
-    if world > 1:
+    needed = max(r.device_id for r in plan.mesh.ranks) + 1
+    if plan.device == "cuda" and world > 1 and torch.cuda.is_available() and torch.cuda.device_count() < needed:
         raise PlanError(
-            f"the plan runs on {world} ranks ({plan.mesh.degrees}), but multi-GPU execution is not yet "
-            "supported by telefuser-run; compile the recipe for one device (layer2.parallel_config degrees all 1, "
-            "target.num_devices = 1)."
+            f"the plan runs {world} ranks on GPUs {sorted(r.device_id for r in plan.mesh.ranks)} but this machine "
+            f"has {torch.cuda.device_count()} GPU(s); run it where {needed} GPUs are visible, or {RECOMPILE} "
+            "for fewer devices (target.num_devices and layer2.parallel_config)."
         )
     missing = [name for name in plan.target.packages if importlib.util.find_spec(name) is None]
     if missing:

@@ -169,6 +169,10 @@ class ModelRuntimeConfig(StrictModel):
 
 # Mesh dimensions; each one's degree is the field `<dim>_degree` of ParallelConfig.
 PARALLEL_DIMS = ("dp", "cfg", "sp_ulysses", "sp_ring", "pp", "tp")
+# The same dimensions as the plan's mesh lays them out, outermost first: pipeline stages span the
+# most distant ranks; tensor parallelism, the most communication-heavy, stays innermost (neighbouring
+# ranks, same NVLink island); Ulysses inside ring, since its all-to-all is heavier than ring's P2P.
+MESH_ORDER = ("pp", "dp", "cfg", "sp_ring", "sp_ulysses", "tp")
 
 
 class ParallelConfig(StrictModel):

@@ -104,11 +104,16 @@ class WanSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # [B, S, N, D], a view: stays contiguous
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention over this module's tokens. The seam where `telefuser.distributed` puts sequence-parallel
+        attention when the tokens are a shard of the sequence (cross-attention keeps plain attention)."""
+        return attention(q, k, v)
+
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         q = apply_rotary_emb(self._heads(self.norm_q(self.q(x))), *rope)
         k = apply_rotary_emb(self._heads(self.norm_k(self.k(x))), *rope)
         v = self._heads(self.v(x))
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o(self.attend(q, k, v).flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):

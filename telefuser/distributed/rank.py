@@ -1,0 +1,112 @@
+"""This process's place in the plan's mesh: joining the process group (spawned local ranks or torchrun),
+the device it drives, and the few collectives the pipeline stages need."""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from telefuser.errors import PlanError
+from telefuser.schema.plan import Plan
+
+from .mesh import device_mesh_from_plan
+from .sequence import degree
+
+
+@dataclass
+class RankContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: Optional[DeviceMesh] = None
+    coords: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 alone encodes text, decodes, writes files and prints."""
+        return self.rank == 0
+
+    def degree(self, dim: str) -> int:
+        return degree(self.mesh, dim)
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` on every rank (others pass a buffer of the same shape and dtype)."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: str) -> list[torch.Tensor]:
+        """Every rank's `tensor` along mesh dimension `dim`, in coordinate order."""
+        if self.degree(dim) == 1:
+            return [tensor]
+        assert self.mesh is not None
+        parts = [torch.empty_like(tensor) for _ in range(self.degree(dim))]
+        dist.all_gather(parts, tensor.contiguous(), group=self.mesh.get_group(dim))
+        return parts
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            _leave()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launched_world() -> Optional[tuple[int, int]]:
+    """(rank, world size) when this process was started as one rank (by telefuser-run or torchrun)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def check_world(plan: Plan) -> Optional[tuple[int, int]]:
+    """The launched (rank, world size), refused before anything loads when it does not fit the plan."""
+    launched = launched_world()
+    world = plan.mesh.world_size
+    if launched is None:
+        if world > 1:
+            raise PlanError(
+                f"the plan runs on {world} ranks ({_degrees(plan)}); start it with telefuser-run (which starts "
+                f"the ranks itself) or torchrun --nproc-per-node {world}.")
+        return None
+    if launched[1] != world:
+        raise PlanError(
+            f"this run was started with {launched[1]} processes but the plan has {world} ranks ({_degrees(plan)}); "
+            f"start {world} (torchrun --nproc-per-node {world}), or recompile the recipe for {launched[1]} devices.")
+    return launched
+
+
+def _degrees(plan: Plan) -> str:
+    return " x ".join(f"{d}={n}" for d, n in plan.mesh.degrees.items() if n > 1) or "1"
+
+
+def join(plan: Plan) -> RankContext:
+    """Join the plan's mesh: one rank needs no process group; several build it and their DeviceMesh."""
+    launched = check_world(plan)
+    if launched is None or launched[1] == 1:
+        return RankContext(device=torch.device(plan.device))
+    rank, world = launched
+    info = plan.mesh.ranks[rank]
+    if plan.device == "cuda":
+        torch.cuda.set_device(info.device_id)
+        device = torch.device("cuda", info.device_id)
+    else:
+        device = torch.device("cpu")
+    timeout = timedelta(seconds=plan.layer2_inference_config.parallel_config.timeout)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if plan.device == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timeout, **({"device_id": device} if plan.device == "cuda" else {}))
+        # Python API users under torchrun need not call close(): a process group left alive at exit
+        # aborts the interpreter (gloo's P2P threads), so the group this call made is left at exit.
+        atexit.register(_leave)
+    mesh = device_mesh_from_plan(plan.mesh, plan.device)
+    return RankContext(rank=rank, world_size=world, device=device, mesh=mesh, coords=dict(info.coords))

@@ -1,0 +1,65 @@
+"""What every stage gets: the loaded pipeline's resources (StageContext) and one run's state (RunState)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Optional, Protocol
+
+import numpy as np
+import torch
+
+from telefuser.distributed.rank import RankContext
+from telefuser.schema.plan import Plan, Stage
+
+from ..params import RunParameters
+from ..placement import Placement
+from ..video import Timings
+
+
+class StageContext(Protocol):
+    """The loaded pipeline as its stages see it."""
+
+    plan: Plan
+    device: torch.device
+    rank: RankContext
+    placements: dict[str, Placement]
+    tokenizers: dict[str, object]
+
+    def dispatch(self, model: str) -> ContextManager[None]: ...
+
+    def sync(self) -> None: ...
+
+
+@dataclass
+class RunState:
+    params: RunParameters
+    timings: Timings
+    progress: bool
+    context: Optional[torch.Tensor] = None
+    context_null: Optional[torch.Tensor] = None
+    latents: Optional[torch.Tensor] = None
+    frames: Optional[np.ndarray] = None
+    writer: dict = field(default_factory=dict)
+
+
+StageRunner = Callable[[StageContext, RunState, Stage], None]
+STAGES: dict[str, StageRunner] = {"load": lambda ctx, state, stage: None}  # load: done once, by the constructor
+
+
+def register(kind: str) -> Callable[[StageRunner], StageRunner]:
+    def add(runner: StageRunner) -> StageRunner:
+        STAGES[kind] = runner
+        return runner
+    return add
+
+
+@contextlib.contextmanager
+def timed(timings: Timings, name: str, ctx: StageContext):
+    """Adds the wall time of the block (device work included) to `timings.<name>`."""
+    import time
+
+    start = time.perf_counter()
+    yield
+    ctx.sync()
+    setattr(timings, name, getattr(timings, name) + time.perf_counter() - start)

@@ -1,0 +1,30 @@
+"""text_encode: positive (and negative) prompt -> umT5 context, on rank 0, broadcast to the other ranks."""
+
+from __future__ import annotations
+
+import torch
+
+from telefuser.schema.plan import Stage
+
+from .base import RunState, StageContext, register, timed
+
+
+@register("text_encode")
+def text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    from ..text import encode_prompts
+
+    tokenizer_name, encoder_name = stage.models
+    prompts = [state.params.prompt]
+    if stage.params["negative"]:
+        prompts.append(state.params.negative_prompt)
+    with timed(state.timings, "encode", ctx):
+        if ctx.rank.is_writer:
+            with ctx.placements[encoder_name].active() as encoder, ctx.dispatch(encoder_name):
+                context = encode_prompts(encoder, ctx.tokenizers[tokenizer_name], prompts, ctx.device)
+        else:  # the encoder lives on rank 0 only; its output arrives here
+            planned = next(m for m in ctx.plan.layer1_model_definition.models if m.name == encoder_name)
+            shape = (len(prompts), ctx.plan.layer2_inference_config.text_len, planned.arch["dim"])
+            context = torch.empty(shape, dtype=torch.float32, device=ctx.device)
+        context = ctx.rank.broadcast(context)
+    state.context = context[:1]
+    state.context_null = context[1:] if len(prompts) > 1 else None

@@ -1,0 +1,130 @@
+"""The tiny pipeline on several CPU ranks (gloo), started the way users start it, against one rank.
+
+Each layout runs through `telefuser.distributed.launch` (what `telefuser-run` does for a plan of N
+ranks); every rank calls the Python API (`telefuser.load_plan(p).run(...)`), and rank 0 saves the
+frames. Tolerance: the frames are uint8 after 4 float32 denoising steps and the VAE; reordered float32
+sums (ring's log-sum-exp merge) move latents by ~1e-6, which can flip a rounding at a .5 boundary, so
+a pixel may differ by 1 level, in well under 0.1% of the values; a wrong shard, a dropped branch or a
+misrouted prediction changes most pixels by far more.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import telefuser
+from telefuser.compiler import compile_recipe
+from telefuser.distributed.launch import run_local_ranks
+from telefuser.schema.canonical import pretty_json
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+PROMPT, SEED = "a red fox running through fresh snow", 3
+DRIVER = (
+    "import os, sys, numpy as np, telefuser\n"
+    "video = telefuser.load_plan(sys.argv[1]).run(prompt=sys.argv[2], seed=int(sys.argv[3]), progress=False)\n"
+    "assert (video is None) == (os.environ['RANK'] != '0'), 'the video comes back on rank 0 only'\n"
+    "if video is not None:\n"
+    "    np.save(sys.argv[4], video.frames)\n"
+)
+LAYOUTS = {
+    "cfg2": (2, ["cfg_degree=2"]),
+    "ulysses2": (2, ["sp_ulysses_degree=2"]),
+    "ring2": (2, ["sp_ring_degree=2"]),
+    "ring2_ulysses2": (4, ["sp_ring_degree=2", "sp_ulysses_degree=2"]),
+    "cfg2_ulysses2": (4, ["cfg_degree=2", "sp_ulysses_degree=2"]),
+}
+
+
+def compile_tiny(folder: Path, world: int, degrees: list[str], extra: tuple[str, ...] = ()) -> Path:
+    overrides = [f"target.num_devices={world}", *(f"layer2.parallel_config.{d}" for d in degrees), *extra]
+    plan = folder / f"plan_{world}_{'_'.join(degrees) or 'single'}.json"
+    plan.write_text(pretty_json(compile_recipe(RECIPE, overrides).model_dump(mode="json", by_alias=True)))
+    return plan
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    pipe = telefuser.load_plan(str(compile_tiny(Path(os.environ.get("TMPDIR", "/tmp")), 1, [])))
+    return pipe.run(prompt=PROMPT, seed=SEED, progress=False).frames
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_gives_the_one_rank_video(layout, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    world, degrees = LAYOUTS[layout]
+    plan = compile_tiny(tmp_path, world, degrees)
+    out = tmp_path / "frames.npy"
+    code = run_local_ranks([sys.executable, "-c", DRIVER, str(plan), PROMPT, str(SEED), str(out)], world)
+    assert code == 0
+    frames = np.load(out)
+    assert frames.shape == reference.shape
+    diff = np.abs(frames.astype(int) - reference.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"{layout}: max {diff.max()}, differing {(diff > 0).mean()}"
+
+
+def _telefuser_run(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "telefuser.cli.run", *args], text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_telefuser_run_starts_the_ranks_and_rank_0_writes(tmp_path):
+    plan = compile_tiny(tmp_path, 2, ["sp_ulysses_degree=2"])
+    out = tmp_path / "fox.mp4"
+    run = _telefuser_run(str(plan), "--prompt", PROMPT, "-o", str(out))
+    stdout, stderr = run.communicate(timeout=180)
+    assert run.returncode == 0, stderr
+    assert out.stat().st_size > 0 and stdout.count("wrote ") == 1 and stdout.count("denoise ") == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".json") == ["fox.mp4"]
+
+
+def test_wrong_world_size_under_torchrun_is_refused(tmp_path):
+    plan = compile_tiny(tmp_path, 2, ["cfg_degree=2"])
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    run = _telefuser_run(str(plan), "--prompt", PROMPT, "-o", str(tmp_path / "x.mp4"), env=env)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and "started with 3 processes but the plan has 2 ranks" in " ".join(stderr.split())
+    assert "Traceback" not in stderr and not (tmp_path / "x.mp4").exists()
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the launched rank `rank` among the launcher's children (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_ends_the_run_with_one_message_and_no_video(tmp_path):
+    plan = compile_tiny(tmp_path, 2, ["sp_ring_degree=2"], ("layer2.num_inference_steps=200",))
+    out = tmp_path / "never.mp4"
+    run = _telefuser_run(str(plan), "--prompt", PROMPT, "-o", str(out))
+    deadline = time.monotonic() + 120
+    pid = None
+    while pid is None and time.monotonic() < deadline and run.poll() is None:
+        pid = _rank_pid(run.pid, 1)
+        time.sleep(0.2)
+    assert pid is not None, "rank 1 never started"
+    time.sleep(3)  # into loading or denoising
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGKILL, stderr
+    assert "rank 1 of 2" in stderr and "SIGKILL" in stderr
+    assert not out.exists() and not list(tmp_path.glob("*.mp4*")) and not list(tmp_path.glob(".never*"))
+    assert _rank_pid(run.pid, 0) is None
