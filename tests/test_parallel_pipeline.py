@@ -128,3 +128,82 @@ def test_a_killed_rank_ends_the_run_with_one_message_and_no_video(tmp_path):
     assert "rank 1 of 2" in stderr and "SIGKILL" in stderr
     assert not out.exists() and not list(tmp_path.glob("*.mp4*")) and not list(tmp_path.glob(".never*"))
     assert _rank_pid(run.pid, 0) is None
+
+
+@pytest.mark.parametrize("degrees,needles", [
+    (["sp_ulysses_degree=4"], ["sp_ulysses_degree = 4 does not divide the 2 attention heads", "choose one of [1, 2]"]),
+    (["tp_degree=4"], ["tp_degree = 4 does not divide the 2 attention heads"]),
+    (["pp_degree=2", "cfg_degree=2"], ["pp_degree = 2: pipeline parallelism is not built yet"]),
+])
+def test_compiler_refuses_degrees_the_model_cannot_take(tmp_path, capsys, degrees, needles):
+    from telefuser.cli.compile import main
+
+    world = 4
+    args = [str(RECIPE), "-o", str(tmp_path / "p.json"), "--set", f"target.num_devices={world}"]
+    for d in degrees:
+        args += ["--set", f"layer2.parallel_config.{d}"]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert all(n in err for n in needles), err
+    assert not (tmp_path / "p.json").exists()
+
+
+BATCH_DRIVER = (
+    "import sys, numpy as np, telefuser\n"
+    "pipe = telefuser.load_plan(sys.argv[1])\n"
+    "for index, video in pipe.run_many(sys.argv[3].split('|'), seed=int(sys.argv[4]), progress=False):\n"
+    "    np.save(f'{sys.argv[2]}/{index}.npy', video.frames)\n"
+)
+BATCH = ["a red fox in snow", "a lighthouse at night", "two cats"]
+
+
+def test_dp_splits_a_batch_and_each_video_is_the_one_rank_video(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single = telefuser.load_plan(str(compile_tiny(tmp_path, 1, [])))
+    plan = compile_tiny(tmp_path, 2, ["dp_degree=2"])
+    code = run_local_ranks([sys.executable, "-c", BATCH_DRIVER, str(plan), str(tmp_path), "|".join(BATCH), "5"], 2)
+    assert code == 0
+    for index, prompt in enumerate(BATCH):  # prompts 0 and 2 on replica 0, prompt 1 on replica 1
+        expected = single.run(prompt=prompt, seed=5, progress=False).frames
+        assert np.array_equal(np.load(tmp_path / f"{index}.npy"), expected), prompt
+
+
+def test_prompts_file_writes_one_video_per_line(tmp_path, capsys):
+    from telefuser.cli.run import main
+
+    plan = compile_tiny(tmp_path, 1, [])
+    (tmp_path / "prompts.txt").write_text("# holiday clips\na red fox\n\n  a lighthouse at night  \n")
+    assert main([str(plan), "--prompts", str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000-a-red-fox.mp4", "0001-a-lighthouse-at-night.mp4"]
+    assert "2 videos in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,output,needle", [
+    (None, "out", "no such file"),
+    ("# only a comment\n\n", "out", "holds no prompt"),
+    (b"\xff\xfe bad", "out", "is not UTF-8"),
+    ("a fox\n", "x.mp4", "with --prompts, -o names a folder"),
+])
+def test_bad_prompts_file_or_output_is_refused(tmp_path, capsys, content, output, needle):
+    from telefuser.cli.run import main
+
+    plan = compile_tiny(tmp_path, 1, [])
+    prompts = tmp_path / "prompts.txt"
+    if isinstance(content, bytes):
+        prompts.write_bytes(content)
+    elif content is not None:
+        prompts.write_text(content)
+    assert main([str(plan), "--prompts", str(prompts), "-o", str(tmp_path / output)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert needle in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+def test_prompt_and_prompts_together_are_refused(tmp_path, capsys):
+    from telefuser.cli.run import main
+
+    plan = compile_tiny(tmp_path, 1, [])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(plan), "--prompt", "x", "--prompts", "p.txt", "-o", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from telefuser.cli.errors import guarded, report
@@ -16,6 +18,18 @@ from telefuser.errors import TeleFuserError
 
 PROG = "telefuser-run"
 DESCRIPTION = "Run a compiled TeleFuser plan and write an mp4."
+EPILOG = """examples:
+  telefuser-compile recipes/tiny.toml -o plan.json
+  telefuser-run plan.json --prompt "a red fox in fresh snow" --seed 7 -o fox.mp4
+  telefuser-run plan.json --prompts prompts.txt -o videos/      one video per line of prompts.txt
+
+several devices: a plan compiled for N ranks (layer2.parallel_config) starts its N local processes
+itself and returns one exit code; rank 0 prints and writes. Under torchrun it joins instead:
+  torchrun --nproc-per-node N $(which telefuser-run) plan.json --prompt "..." -o out.mp4
+A rank that fails stops every rank, with one message naming it.
+
+exit codes: 0 success, 2 bad input (one-paragraph message; no partial mp4 is left),
+130 / 143 interrupted by Ctrl-C / SIGTERM, another code: the failed rank's."""
 # Every Layer 3 parameter a plan may declare: the pre-parser must know which options take a value.
 LAYER3_OPTIONS = ("prompt", "negative_prompt", "seed", "resolution", "aspect_ratio", "image")
 
@@ -34,22 +48,22 @@ def _option(name: str) -> str:
 def _pre_parser() -> argparse.ArgumentParser:
     pre = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  telefuser-compile recipes/tiny.toml -o plan.json\n"
-               "  telefuser-run plan.json --prompt \"a red fox in fresh snow\" --seed 7 -o fox.mp4\n\n"
-               "exit codes: 0 success, 2 bad input (one-paragraph message; no partial mp4 is left).")
+        epilog=EPILOG)
     pre.add_argument("plan", nargs="?", help="a plan JSON written by telefuser-compile")
     pre.add_argument("-h", "--help", action="store_true", help="show help; after a plan, that plan's parameters")
     pre.add_argument("-o", "--output", help="the mp4 to write (atomically)")
     for name in LAYER3_OPTIONS:
         pre.add_argument(_option(name), help=f"the plan's {name.replace('_', ' ')} parameter (if it declares one)")
+    pre.add_argument("--prompts", metavar="FILE", help="prompts, one per line: a video each (-o is then a folder)")
     return pre
 
 
 def build_parser(plan) -> argparse.ArgumentParser:
     """The parser of one plan: an option per Layer 3 parameter, with its type, default and choices."""
+    ranks = f", {plan.mesh.world_size} ranks" if plan.mesh.world_size > 1 else ""
     parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=f"{DESCRIPTION} Plan: recipe {plan.recipe.name!r}, {plan.pipeline_type} on {plan.device}.",
+        prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{DESCRIPTION} Plan: recipe {plan.recipe.name!r}, {plan.pipeline_type} on {plan.device}{ranks}.",
     )
     parser.add_argument("plan", help="the plan JSON (written by telefuser-compile)")
     params = plan.layer3_user_interface.parameters
@@ -63,15 +77,33 @@ def build_parser(plan) -> argparse.ArgumentParser:
                 kwargs["help"] += f" (range {spec.minimum}..{spec.maximum})"
         if spec.choices:
             kwargs["choices"] = spec.choices
-        if spec.required:
+        if spec.required and name != "prompt":  # --prompts stands in for --prompt
             kwargs["required"] = True
         else:
             kwargs["default"] = None  # None: the plan's default, resolved by the runtime
             kwargs["help"] += f" (default: {_shown_default(plan, name, spec.default)!r})"
         parser.add_argument(_option(name), dest=name, metavar=name.upper() if not spec.choices else None, **kwargs)
-    parser.add_argument("-o", "--output", required=True, help="the mp4 to write (written atomically)")
+    if "prompt" in params:
+        parser.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line ('#' lines and "
+                            "blank lines skipped): one video each, same seed and settings, split across the "
+                            "plan's dp replicas; -o is then a folder")
+    parser.add_argument("-o", "--output", required=True,
+                        help="the mp4 to write (written atomically); with --prompts, the folder for the videos")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _parse(plan, argv: list[str]) -> argparse.Namespace:
+    parser = build_parser(plan)
+    args = parser.parse_args(argv)  # argparse itself exits 2 on a bad value
+    if "prompt" in plan.layer3_user_interface.parameters:
+        if args.prompt is not None and args.prompts is not None:
+            parser.error("give --prompt or --prompts, not both")
+        if args.prompt is None and args.prompts is None and plan.layer3_user_interface.parameters["prompt"].required:
+            parser.error("the following arguments are required: --prompt (or --prompts FILE)")
+    else:
+        args.prompts = None
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -90,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan, _raw = read_plan(pre.plan)
     except TeleFuserError as exc:
         return report(PROG, str(exc))
-    args = build_parser(plan).parse_args(argv)  # argparse itself exits 2 on a bad value
+    args = _parse(plan, argv)
     rank = os.environ.get("RANK")
     if plan.mesh.world_size > 1 and rank is None:
         # N ranks on this host: refuse bad input once, here, then start them (each runs this command).
@@ -101,13 +133,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _check_before_loading(args: argparse.Namespace, plan) -> dict:
     """Refuse bad values, unwritable outputs and a machine that lacks the plan's devices, before loading."""
+    from telefuser.runtime.batch import output_folder, read_prompts
     from telefuser.runtime.params import resolve_parameters
     from telefuser.runtime.plan_io import check_target
     from telefuser.runtime.video import check_output_path
 
     values = {name: getattr(args, name) for name in plan.layer3_user_interface.parameters}
-    check_output_path(args.output)
-    resolve_parameters(plan, **values)
+    if args.prompts is not None:
+        values.pop("prompt")
+        values["prompts"] = read_prompts(args.prompts)
+        output_folder(args.output)
+        for prompt in values["prompts"]:
+            resolve_parameters(plan, prompt=prompt, **{k: v for k, v in values.items() if k != "prompts"})
+    else:
+        check_output_path(args.output)
+        resolve_parameters(plan, **values)
     check_target(plan)
     return values
 
@@ -125,6 +165,8 @@ def _run(args: argparse.Namespace, plan) -> int:
     values = _check_before_loading(args, plan)
     pipeline = load_plan(args.plan)
     try:
+        if "prompts" in values:
+            return _run_batch(pipeline, values, Path(args.output), not args.no_progress)
         video = pipeline.run(**values, progress=not args.no_progress)
         if video is None:  # a rank other than 0: rank 0 writes and reports
             return 0
@@ -133,6 +175,25 @@ def _run(args: argparse.Namespace, plan) -> int:
         pipeline.close()
     print(f"wrote {written} ({video.num_frames} frames, {video.size[0]}x{video.size[1]}, {video.fps} fps)")
     print(video.timings.summary())
+    return 0
+
+
+def _run_batch(pipeline, values: dict, folder: Path, progress: bool) -> int:
+    """Each dp replica's lead writes its own videos as they finish; rank 0 lists them all at the end."""
+    from telefuser.runtime.batch import video_name
+
+    prompts = values.pop("prompts")
+    start = time.perf_counter()
+    written = []
+    for index, video in pipeline.run_many(prompts, **values, progress=progress):
+        path = video.save(folder / video_name(index, prompts[index]))
+        written.append((index, str(path), video.num_frames, video.size, sum(video.timings.steps)))
+    everything = sorted(w for rank_written in pipeline.rank.gather_to_rank0(written) for w in rank_written)
+    for index, path, frames, (width, height), denoise in everything:
+        print(f"wrote {path} ({frames} frames, {width}x{height}; denoise {denoise:.2f} s)")
+    if pipeline.rank.rank == 0:
+        print(f"{len(everything)} videos in {time.perf_counter() - start:.2f} s "
+              f"over {pipeline.rank.degree('dp')} dp replica(s)")
     return 0
 
 

@@ -15,7 +15,7 @@ from telefuser.schema.resolution import RESOLUTION_TABLE
 
 from .dispatch import build_dispatch
 from .memory import estimate_memory
-from .mesh import build_mesh
+from .mesh import build_mesh, check_parallel
 from .models import check_compatible, plan_model
 from .recipe_loader import LoadedRecipe, load_recipe
 from .stages import build_stages
@@ -53,6 +53,7 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
     models = [plan_model(spec, recipe, loaded.path.parent, inspect_weights) for spec in recipe.layer1.models]
     if inspect_weights:
         check_compatible(models, recipe.layer1.pipeline)
+    check_parallel(recipe.layer2.parallel_config, models)
     dispatch = build_dispatch(models, recipe.layer2.models, resolved)
     memory = estimate_memory(recipe, models, resolved.memory_bytes) if inspect_weights else None
     if memory is not None and memory.peak_bytes > memory.capacity_bytes:
@@ -92,7 +93,11 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
     return Plan.model_validate(raw)
 
 
-def compile_recipe(path: str | Path, overrides: Sequence[str] = (), inspect_weights: bool = True,
-                   target: Target | None = None) -> Plan:
-    """Recipe file -> frozen Plan (raises TeleFuserError subclasses on bad input)."""
-    return compile_loaded(load_recipe(path, overrides), inspect_weights=inspect_weights, target=target)
+def compile_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), inspect_weights: bool = True,
+                   target: Target | None = None, base_dir: str | Path | None = None) -> Plan:
+    """Recipe file, or Recipe built in Python, -> frozen Plan (raises TeleFuserError subclasses on bad input).
+
+    A Recipe object's relative paths resolve against `base_dir` (default: the current directory); it compiles
+    to the plan, hash included, of an equal recipe file `<base_dir>/<name>.toml` (see recipe_loader)."""
+    loaded = load_recipe(recipe, overrides, base_dir=base_dir)
+    return compile_loaded(loaded, inspect_weights=inspect_weights, target=target)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from telefuser.schema.plan import Mesh, RankInfo
+from telefuser.errors import PlanError
+from telefuser.schema.plan import Mesh, PlannedModel, RankInfo
 from telefuser.schema.recipe import MESH_ORDER, ParallelConfig
 
 
@@ -22,3 +23,25 @@ def build_mesh(parallel: ParallelConfig, num_devices: int) -> Mesh:
             by_rest.setdefault(c[:axis] + c[axis + 1:], []).append(r)
         groups[dim] = list(by_rest.values())
     return Mesh(world_size=len(ranks), order=list(MESH_ORDER), degrees=degrees, ranks=ranks, groups=groups)
+
+
+def check_parallel(parallel: ParallelConfig, models: list[PlannedModel]) -> None:
+    """Refuse degrees no runtime can take, before any plan is written."""
+    if parallel.pp_degree > 1:
+        raise PlanError(
+            f"layer2.parallel_config.pp_degree = {parallel.pp_degree}: pipeline parallelism is not built yet; "
+            "set pp_degree = 1 and spread the devices over cfg_degree, sp_ulysses_degree, sp_ring_degree or tp_degree."
+        )
+    for model in models:
+        heads = model.arch.get("num_heads")
+        if not model.role.startswith("dit") or heads is None:
+            continue  # --no-weights without an asserted arch: the runtime checks it before loading
+        for dim in ("sp_ulysses", "tp"):
+            degree = parallel.degree(dim)
+            if heads % degree:
+                fits = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 16]
+                raise PlanError(
+                    f"layer2.parallel_config.{dim}_degree = {degree} does not divide the {heads} attention heads of "
+                    f"model {model.name!r}, which {dim} splits across ranks; choose one of {fits} "
+                    "(or move devices to sp_ring_degree / cfg_degree)."
+                )

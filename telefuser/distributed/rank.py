@@ -27,20 +27,35 @@ class RankContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: Optional[DeviceMesh] = None
     coords: dict[str, int] = field(default_factory=dict)
+    # The ranks that make one video together (every rank with this rank's dp coordinate) and their lead.
+    replica_group: Optional[dist.ProcessGroup] = None
+    replica_lead: int = 0
 
     @property
     def is_writer(self) -> bool:
-        """Rank 0 alone encodes text, decodes, writes files and prints."""
-        return self.rank == 0
+        """The lead of each dp replica alone encodes text, decodes and writes; rank 0 also prints."""
+        return self.rank == self.replica_lead
+
+    @property
+    def dp_index(self) -> int:
+        return self.coords.get("dp", 0)
 
     def degree(self, dim: str) -> int:
         return degree(self.mesh, dim)
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank 0's `tensor` on every rank (others pass a buffer of the same shape and dtype)."""
-        if self.world_size > 1:
-            dist.broadcast(tensor, src=0)
+        """The replica lead's `tensor` on every rank of its replica (others pass a buffer of its shape and dtype)."""
+        if self.world_size // self.degree("dp") > 1:
+            dist.broadcast(tensor, src=self.replica_lead, group=self.replica_group)
         return tensor
+
+    def gather_to_rank0(self, value: object) -> list[object]:
+        """Every rank's `value` on rank 0 (in rank order), [] elsewhere."""
+        if self.world_size == 1:
+            return [value]
+        values: list[object] = [None] * self.world_size if self.rank == 0 else []
+        dist.gather_object(value, values if self.rank == 0 else None, dst=0)
+        return values
 
     def all_gather(self, tensor: torch.Tensor, dim: str) -> list[torch.Tensor]:
         """Every rank's `tensor` along mesh dimension `dim`, in coordinate order."""
@@ -109,4 +124,10 @@ def join(plan: Plan) -> RankContext:
         # aborts the interpreter (gloo's P2P threads), so the group this call made is left at exit.
         atexit.register(_leave)
     mesh = device_mesh_from_plan(plan.mesh, plan.device)
-    return RankContext(rank=rank, world_size=world, device=device, mesh=mesh, coords=dict(info.coords))
+    replicas = [[r.rank for r in plan.mesh.ranks if r.coords.get("dp", 0) == d] for d in range(plan.mesh.degrees["dp"])]
+    mine = replicas[info.coords.get("dp", 0)]
+    group = None
+    if len(replicas) > 1:  # every rank takes part in creating every group
+        group = [dist.new_group(ranks) for ranks in replicas][info.coords.get("dp", 0)]
+    return RankContext(rank=rank, world_size=world, device=device, mesh=mesh, coords=dict(info.coords),
+                       replica_group=group, replica_lead=min(mine))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from telefuser.errors import PlanError, TeleFuserError, WeightsError
 from telefuser.schema.plan import Plan
 from telefuser.schema.recipe import ModelRuntimeConfig
 
-from .params import resolve_parameters
+from .params import RunParameters, resolve_parameters
 from .placement import Placement, peak_memory, reset_peak_memory
 from .video import Timings, Video
 
@@ -38,7 +38,7 @@ def unsupported_features(plan: Plan) -> list[str]:
     if l2.lq_noise_strength:
         found.append("lq_noise_strength")
     parallel = l2.parallel_config
-    found += [f"parallel_config.{d}_degree = {parallel.degree(d)}" for d in ("dp", "tp", "pp") if parallel.degree(d) > 1]
+    found += [f"parallel_config.{d}_degree = {parallel.degree(d)}" for d in ("tp", "pp") if parallel.degree(d) > 1]
     if parallel.enable_fsdp:
         found.append("parallel_config.enable_fsdp")
     for name, cfg in l2.models.items():
@@ -122,13 +122,39 @@ class Pipeline:
         aspect_ratio: Optional[str] = None,
         progress: bool = True,
     ) -> Optional[Video]:
-        """Generate one video; parameters left as None take the plan's defaults. None on ranks other than 0."""
-        from .stages import STAGES, RunState
-
+        """Generate one video; parameters left as None take the plan's defaults. None on ranks other than 0
+        (under dp, replica 0 makes it and the other replicas wait)."""
         params = resolve_parameters(
             self.plan, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
             resolution=resolution, aspect_ratio=aspect_ratio,
         )
+        if self.rank.dp_index != 0:
+            return None
+        video = self._generate(params, progress)
+        return video if self.rank.rank == 0 else None
+
+    def run_many(
+        self,
+        prompts: Sequence[str],
+        negative_prompt: Optional[str] = None,
+        seed: Optional[int] = None,
+        resolution: Optional[str] = None,
+        aspect_ratio: Optional[str] = None,
+        progress: bool = True,
+    ) -> Iterator[tuple[int, Video]]:
+        """A video per prompt, each with the same seed and settings (prompt i's video is the one `run` makes
+        for it). Prompt i goes to dp replica i % dp_degree; each replica's lead yields (i, video) as it is done."""
+        batch = [resolve_parameters(self.plan, prompt=p, negative_prompt=negative_prompt, seed=seed,
+                                    resolution=resolution, aspect_ratio=aspect_ratio) for p in prompts]
+        for index in range(self.rank.dp_index, len(batch), self.rank.degree("dp")):
+            video = self._generate(batch[index], progress)
+            if video is not None:
+                yield index, video
+
+    def _generate(self, params: RunParameters, progress: bool) -> Optional[Video]:
+        """One video from resolved parameters, on every rank of this dp replica; the Video on its lead."""
+        from .stages import STAGES, RunState
+
         state = RunState(params=params, timings=Timings(load=self.load_seconds), progress=progress)
         reset_peak_memory(self.device)
         for stage in self.plan.stages:

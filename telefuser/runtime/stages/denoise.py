@@ -50,7 +50,7 @@ def denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
     timesteps = list(solver.timesteps)
     latents = state.latents
     context_null = state.context_null if p["cfg"] else None
-    bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not (state.progress and ctx.rank.is_writer))
+    bar = tqdm(total=len(timesteps), desc="denoising", unit="step", disable=not (state.progress and ctx.rank.rank == 0))
     index = 0
     for name, scale, lowest_t in phases(stage):
         span = []
