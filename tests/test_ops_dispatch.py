@@ -4,6 +4,7 @@ native path under torch.compile (Inductor sees plain aten ops) and on CPU tensor
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import pytest
@@ -93,3 +94,34 @@ def test_attention_stays_out_of_compiled_graphs():
     compiled = torch.compile(lambda t: attention(t * 2, t, t) + 1, backend=capture)
     torch.testing.assert_close(compiled(q), attention(q * 2, q, q) + 1)
     assert len(graphs) == 2 and not any("attention" in g for g in graphs)  # a graph break around it
+
+
+def test_outside_a_plan_cpu_tensors_take_the_native_path(spy):
+    calls = spy("rms_norm")
+    with dispatch.use_dispatch({}):  # plain eager code: no plan recorded anything
+        out = CASES["rms_norm"][2](*_inputs())
+    assert out.shape == (B, S, D)
+    assert calls == ([1] if torch.cuda.is_available() else [])  # even under Triton's interpreter
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", list(CASES))
+def test_outside_a_plan_cuda_tensors_use_the_kernel(op, spy):
+    calls, call = spy(op), CASES[op][2]
+    with dispatch.use_dispatch({}):
+        call(*_inputs())
+    assert calls == [1]
+
+
+def test_attention_takes_the_reference_designs_config_and_names_a_missing_package():
+    from telefuser.ops.attention import attention
+    from telefuser.schema.recipe import AttentionConfig
+
+    q, k, v = (torch.randn(1, 8, 2, 16, device=DEVICE) for _ in range(3))
+    out = attention(q, k, v, attention_config=AttentionConfig(attn_impl="TORCH_SDPA"))
+    expected = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        with pytest.raises(RuntimeError, match="needs the package 'flash_attn_interface', which is not installed"):
+            attention(q, k, v, attention_config=AttentionConfig(attn_impl="FLASH_ATTN_3"))

@@ -115,6 +115,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_confi
     if name not in _RUNNERS:
         known = ", ".join(_RUNNERS)
         raise ValueError(f"attention backend {name!r} has no runner in this build (runnable: {known})")
+    if ATTENTION_BACKENDS[name].package:
+        _flash_package(name)  # a backend that is not installed is named first: no other fix helps
     problems = requirement_problems(name, q)
     if problems:
         raise ValueError(f"attention backend {name} cannot run here: {'; '.join(problems)}. "

@@ -17,6 +17,7 @@ import torch
 from .requirements import KERNELS
 
 _table: dict[str, str] = {}
+AUTO = "auto"  # no recorded choice: the kernel where it runs natively (CUDA), else native PyTorch
 
 
 def set_dispatch(table: Mapping[str, str]) -> None:
@@ -55,6 +56,12 @@ def _kernel_accepts(op: str, x: torch.Tensor) -> bool:
 
 
 def use_kernel(op: str, x: torch.Tensor) -> bool:
-    """True when the op should run its Triton kernel on `x`: recorded as "triton", eager mode, and the
-    kernel accepts `x` (device, capability, dtype, width); otherwise the native path runs."""
-    return current(op) == "triton" and not torch.compiler.is_compiling() and _kernel_accepts(op, x)
+    """True when the op should run its Triton kernel on `x`, in eager mode only:
+    - recorded as "triton" (a plan's choice): wherever the kernel accepts `x` (device, capability, dtype,
+      width), Triton's interpreter on the CPU included;
+    - nothing recorded (plain eager code outside a plan, "auto"): on CUDA tensors the kernel accepts;
+    otherwise (recorded "torch", under torch.compile, CPU tensors outside a plan) the native path runs."""
+    impl = current(op, AUTO)
+    if torch.compiler.is_compiling() or impl not in ("triton", AUTO):
+        return False
+    return _kernel_accepts(op, x) and (impl == "triton" or x.is_cuda)
