@@ -40,6 +40,10 @@ LAYOUTS = {
     "ring2": (2, ["sp_ring_degree=2"]),
     "ring2_ulysses2": (4, ["sp_ring_degree=2", "sp_ulysses_degree=2"]),
     "cfg2_ulysses2": (4, ["cfg_degree=2", "sp_ulysses_degree=2"]),
+    "tp2": (2, ["tp_degree=2"]),
+    "cfg2_tp2": (4, ["cfg_degree=2", "tp_degree=2"]),
+    "cfg2_fsdp": (2, ["cfg_degree=2", "enable_fsdp=true"]),
+    "ring2_ulysses2_fsdp": (4, ["sp_ring_degree=2", "sp_ulysses_degree=2", "enable_fsdp=true"]),
 }
 
 
@@ -207,3 +211,30 @@ def test_prompt_and_prompts_together_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(plan), "--prompt", "x", "--prompts", "p.txt", "-o", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err
+
+
+def test_vae_parallel_gives_the_one_rank_tiled_video(tmp_path, monkeypatch):
+    """The VAE's tiles shared over 2 ranks (with Ulysses 2 for the DiT) equal one rank's tiled decode."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tiles = ("layer2.tile_size=[8, 8]",)
+    single = telefuser.load_plan(str(compile_tiny(tmp_path, 1, [], (*tiles, "layer2.tiled=true"))))
+    expected = single.run(prompt=PROMPT, seed=SEED, progress=False).frames
+    plan = compile_tiny(tmp_path, 2, ["sp_ulysses_degree=2"], (*tiles, "layer2.enable_vae_parallel=true"))
+    out = tmp_path / "frames.npy"
+    assert run_local_ranks([sys.executable, "-c", DRIVER, str(plan), PROMPT, str(SEED), str(out)], 2) == 0
+    diff = np.abs(np.load(out).astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"max {diff.max()}, differing {(diff > 0).mean()}"
+
+
+def test_memory_estimate_reflects_tp_and_fsdp(tmp_path):
+    def weights(degrees: list[str], world: int) -> dict[str, int]:
+        overrides = [f"target.num_devices={world}", *(f"layer2.parallel_config.{d}" for d in degrees)]
+        plan = compile_recipe(RECIPE, overrides)
+        return {k: v for k, v in plan.memory.breakdown.items() if k.startswith("weights.")}
+
+    one = weights([], 1)
+    tp = weights(["tp_degree=2"], 2)
+    fsdp = weights(["cfg_degree=2", "enable_fsdp=true"], 2)
+    assert tp["weights.dit"] == one["weights.dit"] // 2 and tp["weights.text_encoder"] == one["weights.text_encoder"]
+    assert fsdp["weights.dit"] == one["weights.dit"] // 2 and fsdp["weights.text_encoder"] == one["weights.text_encoder"] // 2
+    assert fsdp["weights.vae"] == one["weights.vae"]

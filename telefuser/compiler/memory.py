@@ -45,8 +45,8 @@ def _weight_bytes(model: PlannedModel, runtime: ModelRuntimeConfig, recipe: Reci
     p = recipe.layer2.parallel_config
     if model.role.startswith("dit"):
         total //= p.tp_degree
-        if p.enable_fsdp:
-            total //= p.world_size
+    if p.enable_fsdp and (model.role.startswith("dit") or model.role == ModelRole.TEXT_ENCODER.value):
+        total //= p.world_size  # each rank keeps its share (plus one whole block while it runs)
     return total
 
 

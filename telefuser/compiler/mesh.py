@@ -45,3 +45,9 @@ def check_parallel(parallel: ParallelConfig, models: list[PlannedModel]) -> None
                     f"model {model.name!r}, which {dim} splits across ranks; choose one of {fits} "
                     "(or move devices to sp_ring_degree / cfg_degree)."
                 )
+        both = parallel.sp_ulysses_degree * parallel.tp_degree
+        if heads % both:
+            raise PlanError(
+                f"sp_ulysses_degree x tp_degree = {both} does not divide the {heads} attention heads of model "
+                f"{model.name!r}: tp splits the heads, then Ulysses splits each rank's share; lower one of them."
+            )

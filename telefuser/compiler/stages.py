@@ -41,8 +41,13 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
         denoise["cfg_scale"] = l2.cfg_scale
         dits = [by_role[ModelRole.DIT.value]]
     stages.append(Stage(name="denoise", kind="denoise", models=dits, params=denoise))
+    # VAE parallel: the tiled decode's tiles shared out over the ranks of a dp replica (same frames as the
+    # one-rank tiled decode with this tile size), so it implies tiling.
+    replica_ranks = l2.parallel_config.world_size // l2.parallel_config.dp_degree
+    parallel_vae = l2.enable_vae_parallel and replica_ranks > 1
     stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role[ModelRole.VAE.value]],
-                        params={"tiled": l2.tiled, "tile_size": list(l2.tile_size)}))
+                        params={"tiled": l2.tiled or parallel_vae, "tile_size": list(l2.tile_size),
+                                "parallel_ranks": replica_ranks if parallel_vae else 1}))
     stages.append(Stage(name="write_video", kind="write_video",
                         params={"fps": l2.fps, "container": "mp4", "codec": "libx264", "pixel_format": "yuv420p"}))
     return stages

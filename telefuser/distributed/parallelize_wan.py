@@ -44,10 +44,11 @@ def parallelize_wan_dit(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Make `model` (a WanDiT) run sequence-parallel over the mesh's sp_ring x sp_ulysses ranks, in place."""
     if sp_size(mesh) == 1:
         return model
-    heads = model.config.num_heads
+    heads = model.blocks[0].self_attn.num_heads  # this rank's heads: fewer under tensor parallelism
     ulysses = degree(mesh, "sp_ulysses")
     if heads % ulysses:
-        raise ValueError(f"Ulysses degree {ulysses} does not divide the DiT's {heads} attention heads")
+        raise ValueError(f"Ulysses degree {ulysses} does not divide the DiT's {heads} attention heads"
+                         f"{' held by this rank' if heads != model.config.num_heads else ''}")
     state = _SequenceState()
 
     def first_block(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -26,21 +26,61 @@ class OutOfMemory(TeleFuserError):
     """The device ran out of memory while executing a plan."""
 
 
-# Roles whose models only rank 0 uses: it encodes the text (broadcast to the others) and decodes.
+# Roles whose models only each dp replica's lead uses: it encodes the text (broadcast to the others)
+# and decodes; unless the plan shares them (FSDP: every rank runs the sharded text encoder; VAE parallel).
 WRITER_ROLES = ("tokenizer", "text_encoder", "image_encoder", "vae")
+# Models whose weights enable_fsdp shards over all ranks.
+FSDP_ROLES = ("dit", "dit_high_noise", "dit_low_noise", "text_encoder")
+
+
+def _shared(role: str, plan: Plan) -> bool:
+    """Whether every rank, not only the replica's lead, runs the model of this role."""
+    l2 = plan.layer2_inference_config
+    if role == "vae":
+        return l2.enable_vae_parallel
+    return l2.parallel_config.enable_fsdp and role in ("tokenizer", "text_encoder")
+
+
+def _parallelize(module: torch.nn.Module, role: str, mesh, sharded: bool) -> None:
+    """The plan's parallelism on one loaded model: tp, then the sequence hooks (which see the local heads),
+    then FSDP over all ranks."""
+    if role.startswith("dit"):
+        from telefuser.distributed.parallelize_wan import parallelize_wan_dit
+        from telefuser.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(module, mesh)
+        parallelize_wan_dit(module, mesh)
+    if sharded:
+        from telefuser.distributed.fsdp import apply_fsdp
+
+        apply_fsdp(module, mesh)
 
 
 def unsupported_features(plan: Plan) -> list[str]:
     """Plan settings this runtime cannot honour yet (refused rather than silently ignored)."""
     l2 = plan.layer2_inference_config
-    found = [name for name in ("enable_clip_stage", "enable_vfi", "enable_sr", "enable_vae_parallel")
-             if getattr(l2, name)]
+    found = [name for name in ("enable_clip_stage", "enable_vfi", "enable_sr") if getattr(l2, name)]
     if l2.lq_noise_strength:
         found.append("lq_noise_strength")
     parallel = l2.parallel_config
-    found += [f"parallel_config.{d}_degree = {parallel.degree(d)}" for d in ("tp", "pp") if parallel.degree(d) > 1]
-    if parallel.enable_fsdp:
-        found.append("parallel_config.enable_fsdp")
+    if parallel.pp_degree > 1:
+        found.append(f"parallel_config.pp_degree = {parallel.pp_degree}")
+    if parallel.tp_degree > 1:  # DTensor weights stay on their device and replace plain nn.Linear layers
+        for model in plan.layer1_model_definition.models:
+            cfg = l2.models.get(model.name, ModelRuntimeConfig())
+            if model.role.startswith("dit") and cfg.offload_config.offload_type != "NO_CPU_OFFLOAD":
+                found.append(f"tp_degree > 1 with models.{model.name}.offload_config")
+            if model.role.startswith("dit") and cfg.quant_config.quant_type != "none":
+                found.append(f"tp_degree > 1 with models.{model.name}.quant_config")
+            if model.role.startswith("dit") and cfg.compile_config.enabled:
+                found.append(f"tp_degree > 1 with models.{model.name}.compile_config")
+    if parallel.enable_fsdp:  # every rank runs every sharded forward in step: no uneven dp batches, no movers
+        if parallel.dp_degree > 1:
+            found.append("enable_fsdp with dp_degree > 1")
+        if parallel.tp_degree > 1:
+            found.append("enable_fsdp with tp_degree > 1")
+        found += [f"enable_fsdp with models.{name}.offload_config" for name, cfg in l2.models.items()
+                  if cfg.offload_config.offload_type != "NO_CPU_OFFLOAD"]
     for name, cfg in l2.models.items():
         if cfg.offload_config.offload_type not in ("NO_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"):
             found.append(f"models.{name}.offload_config.offload_type = {cfg.offload_config.offload_type}")
@@ -82,21 +122,23 @@ class Pipeline:
         self.device = self.rank.device
         self.placements: dict[str, Placement] = {}  # by model name
         self.tokenizers: dict[str, object] = {}
+        l2 = plan.layer2_inference_config
         for planned in plan.layer1_model_definition.models:
-            if planned.role in WRITER_ROLES and not self.rank.is_writer:
+            if planned.role in WRITER_ROLES and not self.rank.is_writer and not _shared(planned.role, plan):
                 continue
             if planned.role == "tokenizer":
-                self.tokenizers[planned.name] = _load_tokenizer(planned, plan.layer2_inference_config.text_len)
+                self.tokenizers[planned.name] = _load_tokenizer(planned, l2.text_len)
                 continue
-            runtime = plan.layer2_inference_config.models.get(planned.name, ModelRuntimeConfig())
+            runtime = l2.models.get(planned.name, ModelRuntimeConfig())
             offload = runtime.offload_config.offload_type == "MODEL_CPU_OFFLOAD"
+            sharded = l2.parallel_config.enable_fsdp and planned.role in FSDP_ROLES and self.rank.mesh is not None
             with _oom_guard(f"loading model {planned.name!r}"):
-                module = build_model(planned, runtime, torch.device("cpu") if offload else self.device,
+                # FSDP takes the model from the CPU and moves each rank's share of every block to the device.
+                on_cpu = offload or sharded
+                module = build_model(planned, runtime, torch.device("cpu") if on_cpu else self.device,
                                      base_dir=Path(plan.recipe.path).parent)
-            if planned.role.startswith("dit") and self.rank.mesh is not None:
-                from telefuser.distributed.parallelize_wan import parallelize_wan_dit
-
-                parallelize_wan_dit(module, self.rank.mesh)
+                if self.rank.mesh is not None:
+                    _parallelize(module, planned.role, self.rank.mesh, sharded)
             self.placements[planned.name] = Placement(module, self.device, offload)
         self.load_seconds = time.perf_counter() - start
 

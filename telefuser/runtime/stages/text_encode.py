@@ -1,4 +1,5 @@
-"""text_encode: positive (and negative) prompt -> umT5 context, on rank 0, broadcast to the other ranks."""
+"""text_encode: positive (and negative) prompt -> umT5 context, on each dp replica's lead and broadcast to the
+other ranks; under FSDP every rank runs the sharded encoder on the same prompts."""
 
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ def text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     prompts = [state.params.prompt]
     if stage.params["negative"]:
         prompts.append(state.params.negative_prompt)
+    shared = ctx.plan.layer2_inference_config.parallel_config.enable_fsdp  # sharded: every rank runs it
     with timed(state.timings, "encode", ctx):
-        if ctx.rank.is_writer:
+        if shared:
+            with ctx.placements[encoder_name].active() as encoder, ctx.dispatch(encoder_name):
+                context = encode_prompts(encoder, ctx.tokenizers[tokenizer_name], prompts, ctx.device)
+        elif ctx.rank.is_writer:
             with ctx.placements[encoder_name].active() as encoder, ctx.dispatch(encoder_name):
                 context = encode_prompts(encoder, ctx.tokenizers[tokenizer_name], prompts, ctx.device)
         else:  # the encoder lives on rank 0 only; its output arrives here
             planned = next(m for m in ctx.plan.layer1_model_definition.models if m.name == encoder_name)
             shape = (len(prompts), ctx.plan.layer2_inference_config.text_len, planned.arch["dim"])
             context = torch.empty(shape, dtype=torch.float32, device=ctx.device)
-        context = ctx.rank.broadcast(context)
+        if not shared:
+            context = ctx.rank.broadcast(context)
     state.context = context[:1]
     state.context_null = context[1:] if len(prompts) > 1 else None
