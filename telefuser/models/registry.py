@@ -37,9 +37,8 @@ class ModelEntry:
         return detect(keys)
 
     def convert(self, state: Mapping[str, Any], layout: str) -> dict[str, Any]:
-        """A state dict in `layout` -> the model's own (Wan) layout."""
-        if layout == "wan":
-            return dict(state)
+        """A state dict in `layout` -> the model's own (Wan) layout. Always through the keys module: even a
+        file in Wan's layout may hold tensors the model does not use (CLIP's text tower), dropped there."""
         return self._load(self.keys_module, "to_wan_layout")(state)
 
 
@@ -49,6 +48,8 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry("WanDiT", "telefuser.models.wan.dit", "WanDiT", "WanDiTConfig", "telefuser.models.wan.dit_keys"),
         ModelEntry("WanVAE", "telefuser.models.wan.vae", "WanVAE", "WanVAEConfig", "telefuser.models.wan.vae_keys"),
         ModelEntry("UMT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config", "telefuser.models.t5.umt5_keys"),
+        ModelEntry("CLIPVision", "telefuser.models.clip.vision", "ClipVisionEncoder", "ClipVisionConfig",
+                   "telefuser.models.clip.vision_keys"),
     )
 }
 
