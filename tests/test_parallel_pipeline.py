@@ -238,3 +238,15 @@ def test_memory_estimate_reflects_tp_and_fsdp(tmp_path):
     assert tp["weights.dit"] == one["weights.dit"] // 2 and tp["weights.text_encoder"] == one["weights.text_encoder"]
     assert fsdp["weights.dit"] == one["weights.dit"] // 2 and fsdp["weights.text_encoder"] == one["weights.text_encoder"] // 2
     assert fsdp["weights.vae"] == one["weights.vae"]
+
+
+def test_torchrun_runs_telefuser_run_as_its_ranks(tmp_path):
+    """`torchrun --nproc-per-node 2 $(which telefuser-run) plan ...`: the ranks join instead of spawning."""
+    bin_dir = Path(sys.executable).parent
+    plan = compile_tiny(tmp_path, 2, ["cfg_degree=2"])
+    out = tmp_path / "fox.mp4"
+    done = subprocess.run([bin_dir / "torchrun", "--standalone", "--nproc-per-node", "2", bin_dir / "telefuser-run",
+                           str(plan), "--prompt", PROMPT, "-o", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0 and done.stdout.count("wrote ") == 1
