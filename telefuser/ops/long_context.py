@@ -47,6 +47,10 @@ def _cuda_kernel(q: torch.Tensor) -> str:
     capability = torch.cuda.get_device_capability(q.device)
     head_dim = q.shape[-1]
     half = q.dtype in (torch.float16, torch.bfloat16)
+    # cuDNN's fused attention is SDPA's own choice on Hopper and 1.6x faster there than flash (FA2) for Wan's
+    # shapes (docs/benchmarks.md); it returns the log-sum-exp too.
+    if half and capability >= (9, 0) and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
     if half and capability >= (8, 0) and head_dim % 8 == 0 and head_dim <= 256:
         return "flash"
     # Memory-efficient attention needs 16-byte aligned rows and, for bf16, Ampere or newer.
@@ -69,7 +73,11 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BNSD views, as the SDPA ops take
     if q.is_cuda:
         kernel = _cuda_kernel(q)
-        if kernel == "flash":
+        if kernel == "cudnn":
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False,
+                                                                          scale=scale)[:2]
+            lse = lse.reshape(lse.shape[:3])  # cuDNN returns it as [B, N, S, 1]
+        elif kernel == "flash":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False,
                                                                           scale=scale)[:2]
         elif kernel == "efficient":
