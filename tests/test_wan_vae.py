@@ -60,14 +60,15 @@ def test_decode_matches_diffusers(pair) -> None:
     assert rel_err(out, expected) < TOL
 
 
-def test_encode_matches_diffusers(pair) -> None:
+@pytest.mark.parametrize("frames", [9, 1])  # a video, and the single conditioning image of image-to-video
+def test_encode_matches_diffusers(pair, frames) -> None:
     ours, ref, gen = pair
-    video = torch.rand(1, 3, 9, 32, 32, generator=gen) * 2 - 1
+    video = torch.rand(1, 3, frames, 32, 32, generator=gen) * 2 - 1
     with torch.no_grad():
         out = ours.encode(video)
         mean = ref.encode(video).latent_dist.mean
     expected = (mean - torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1)) / torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1)
-    assert out.shape == (1, 16, 3, 4, 4)
+    assert out.shape == (1, 16, (frames - 1) // 4 + 1, 4, 4)
     assert rel_err(out, expected) < TOL
 
 

@@ -47,6 +47,8 @@ REGISTRY: dict[str, ModelEntry] = {
     for e in (
         ModelEntry("WanDiT", "telefuser.models.wan.dit", "WanDiT", "WanDiTConfig", "telefuser.models.wan.dit_keys"),
         ModelEntry("WanVAE", "telefuser.models.wan.vae", "WanVAE", "WanVAEConfig", "telefuser.models.wan.vae_keys"),
+        ModelEntry("Wan22VAE", "telefuser.models.wan.vae22", "Wan22VAE", "Wan22VAEConfig",
+                   "telefuser.models.wan.vae22_keys"),
         ModelEntry("UMT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config", "telefuser.models.t5.umt5_keys"),
         ModelEntry("CLIPVision", "telefuser.models.clip.vision", "ClipVisionEncoder", "ClipVisionConfig",
                    "telefuser.models.clip.vision_keys"),

@@ -281,7 +281,10 @@ class WanVAE(nn.Module):
         if (video.shape[2] - 1) % self.temporal_ratio:
             raise ValueError(f"the Wan VAE encodes 1+4k frames, got {video.shape[2]}")
         cache = CausalCache()
-        chunks = [video[:, :, :1]] + list(video[:, :, 1:].split(self.temporal_ratio, dim=2))
+        # The first frame alone, then chunks of 4 (none for a single image: split() of zero frames gives one
+        # empty chunk, which the causal convolution cannot take).
+        rest = video[:, :, 1:]
+        chunks = [video[:, :, :1]] + (list(rest.split(self.temporal_ratio, dim=2)) if rest.shape[2] else [])
         out = torch.cat([self.encoder(c, cache) for c in chunks], dim=2)
         mean = self.conv1(out).chunk(2, dim=1)[0]
         latent_mean, latent_std = self.latent_stats.to(mean.dtype)
