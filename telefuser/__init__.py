@@ -5,6 +5,8 @@
     import telefuser
     video = telefuser.load_plan("plan.json").run(prompt="a cat surfing", seed=7)
     video.save("cat.mp4")
+
+    plan = telefuser.compile("recipes/tiny.toml")   # or a Recipe built with telefuser.core.config
 """
 
 from __future__ import annotations
@@ -12,10 +14,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
     from telefuser.runtime.pipeline import Pipeline
     from telefuser.runtime.video import Video
+    from telefuser.schema.plan import Plan
+    from telefuser.schema.recipe import Recipe, Target
 
-__all__ = ["load_plan", "Pipeline", "Video"]
+__all__ = ["compile", "load_plan", "Pipeline", "Video"]
+
+
+def compile(recipe: "str | Path | Recipe", *, base_dir: "str | Path | None" = None, overrides: "Sequence[str]" = (),
+            inspect_weights: bool = True, target: "Target | None" = None) -> "Plan":  # noqa: A001 (the API's name)
+    """Compile a recipe (a .toml path, or a Recipe built in Python) into its frozen Plan; no GPU, no weights loaded.
+
+    A Recipe object's relative weight paths resolve against `base_dir` (default: the current directory), and it
+    compiles to the same plan, plan_hash included, as an equal recipe file saved as `<base_dir>/<name>.toml`.
+    The plan file `telefuser-compile` writes is `telefuser.schema.canonical.pretty_json(plan.model_dump(mode="json",
+    by_alias=True))`, written with `telefuser.atomic.atomic_output`.
+    """
+    from telefuser.compiler.build import compile_recipe
+
+    return compile_recipe(recipe, overrides, inspect_weights=inspect_weights, target=target, base_dir=base_dir)
 
 
 def load_plan(path: str) -> "Pipeline":

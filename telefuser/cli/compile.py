@@ -10,20 +10,22 @@ from typing import Optional, Sequence
 
 from telefuser.errors import RecipeError, TeleFuserError
 
-from .errors import USAGE_ERROR, guarded, report
+from .errors import USAGE_ERROR, exiting_on_signals, guarded, report
 
 PROG = "telefuser-compile"
 EPILOG = """\
 examples:
   telefuser-compile recipes/wan21_t2v_1.3b.toml -o plan.json
   telefuser-compile recipes/wan21_t2v_1.3b.toml -o plan.json --set layer2.num_inference_steps=20 --target h100
+  telefuser-compile recipes/wan21_t2v_1.3b.toml -o plan.json --hash-weights   record each file's SHA-256
   telefuser-compile --check recipes/                 validate every recipe (one line each)
   telefuser-compile --check --no-weights recipes/    ... without the weight files (CI)
   telefuser-compile --explain plan.json              readable summary of a plan
   telefuser-compile --diff a.json b.json             what differs, semantically
 
 targets (--target): cpu, cuda, auto (this machine), or a GPU preset: h100, h200, a100, l40s, rtx4090, b200.
-exit codes: 0 success, 1 --check found bad recipes or --diff found differences, 2 bad input.
+exit codes: 0 success, 1 --check found bad recipes or --diff found differences, 2 bad input,
+130 / 143 interrupted by Ctrl-C / SIGTERM (no partial plan is left).
 """
 
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. layer2.num_inference_steps=4 (repeatable; typed by the schema)")
     p.add_argument("--target", metavar="TARGET", help="override the recipe's target: cpu, cuda, auto or a GPU preset")
+    p.add_argument("--hash-weights", action="store_true",
+                   help="also record each weight file's full SHA-256 in the plan (reads every file once); "
+                        "telefuser-run then checks them before loading and refuses a file that changed in any byte")
     p.add_argument("--no-weights", action="store_true",
                    help="skip reading weight headers (for --check where the weights are absent)")
     mode = p.add_mutually_exclusive_group()
@@ -79,7 +84,14 @@ def _compile(args: argparse.Namespace) -> int:
         raise RecipeError("--no-weights is for --check only: a plan records the weights' architecture and fingerprints, "
                           "so point the recipe's model paths at real files (or set TELEFUSER_MODEL_ROOT) and drop --no-weights.")
     loaded = load_recipe(args.paths[0], args.overrides)
-    plan = compile_loaded(loaded, target=_target(args.target, loaded.recipe.target))
+    target = _target(args.target, loaded.recipe.target)
+    if args.hash_weights:
+        from telefuser.schema.fingerprint import recording_sha256
+
+        with recording_sha256():
+            plan = compile_loaded(loaded, target=target)
+    else:
+        plan = compile_loaded(loaded, target=target)
     text = pretty_json(plan.model_dump(mode="json", by_alias=True))
     if args.output == "-":
         sys.stdout.write(text)
@@ -104,6 +116,8 @@ def _recipe_files(paths: Sequence[str]) -> list[Path]:
 def _check(args: argparse.Namespace) -> int:
     from telefuser.compiler import compile_loaded, load_recipe
 
+    if args.hash_weights:
+        raise RecipeError("--hash-weights records hashes in a plan; --check writes none, so drop it.")
     files = _recipe_files(args.paths)
     if not files:
         raise RecipeError(f"--check found no .toml recipes under {', '.join(args.paths) or '(no path given)'}.")
@@ -155,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         body = lambda: _compile(args)  # noqa: E731
     else:
         return report(PROG, "give a recipe to compile (or --check/--explain/--diff); see --help.")
-    return guarded(PROG, body)
+    with exiting_on_signals():  # SIGTERM unwinds like Ctrl-C: exit 143, no partial plan
+        return guarded(PROG, body)
 
 
 if __name__ == "__main__":

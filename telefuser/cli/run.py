@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from telefuser.cli.errors import guarded, report
+from telefuser.cli.errors import exit_now_if_interrupted, exiting_on_signals, forced_exit_after, guarded, report
 from telefuser.errors import TeleFuserError
 
 PROG = "telefuser-run"
@@ -28,10 +29,30 @@ itself and returns one exit code; rank 0 prints and writes. Under torchrun it jo
   torchrun --nproc-per-node N $(which telefuser-run) plan.json --prompt "..." -o out.mp4
 A rank that fails stops every rank, with one message naming it.
 
-exit codes: 0 success, 2 bad input (one-paragraph message; no partial mp4 is left),
-130 / 143 interrupted by Ctrl-C / SIGTERM, another code: the failed rank's."""
+weights: a plan compiled with `telefuser-compile --hash-weights` records each weight file's SHA-256;
+telefuser-run then reads every file once and checks it before loading (--no-verify-weights skips that).
+Without hashes, each file's size and safetensors header are still checked (a same-size file with the
+same header but other tensor bytes is only caught with hashes). With several ranks the launching
+process verifies once, before the ranks start.
+
+exit codes: 0 success; 2 bad input: a bad option or value, an edited or stale plan, a plan of another
+format version, missing/changed/damaged weights, an unwritable output or full disk, out of memory
+(one-paragraph message, no partial mp4 is left); 130 / 143 interrupted by Ctrl-C / SIGTERM (the
+process stops within about two seconds and leaves no partial or temporary file); another code with
+several ranks: the failed rank's."""
+# A prompt longer than this is refused: the text encoder reads at most text_len tokens (512 for Wan,
+# about 2,000 characters of English), so such a prompt is a mistake (a file pasted in?), not a prompt.
+MAX_PROMPT_CHARS = 10_000
 # Every Layer 3 parameter a plan may declare: the pre-parser must know which options take a value.
 LAYER3_OPTIONS = ("prompt", "negative_prompt", "seed", "resolution", "aspect_ratio", "image")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with any huge value it echoes in an error (a 5,000-digit --seed) cut short."""
+
+    def error(self, message: str):
+        message = re.sub(r"\S{81,}", lambda m: f"{m.group()[:40]}...({len(m.group()):,} characters)", message)
+        super().error(message)
 
 
 def _shown_default(plan, name: str, default):
@@ -46,7 +67,7 @@ def _option(name: str) -> str:
 
 
 def _pre_parser() -> argparse.ArgumentParser:
-    pre = argparse.ArgumentParser(
+    pre = _Parser(
         prog=PROG, description=DESCRIPTION, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG)
     pre.add_argument("plan", nargs="?", help="a plan JSON written by telefuser-compile")
@@ -55,13 +76,16 @@ def _pre_parser() -> argparse.ArgumentParser:
     for name in LAYER3_OPTIONS:
         pre.add_argument(_option(name), help=f"the plan's {name.replace('_', ' ')} parameter (if it declares one)")
     pre.add_argument("--prompts", metavar="FILE", help="prompts, one per line: a video each (-o is then a folder)")
+    pre.add_argument("--verify-weights", action=argparse.BooleanOptionalAction, default=None,
+                     help="check each weight file's SHA-256 recorded by telefuser-compile --hash-weights before "
+                          "loading (default: on when the plan records them)")
     return pre
 
 
 def build_parser(plan) -> argparse.ArgumentParser:
     """The parser of one plan: an option per Layer 3 parameter, with its type, default and choices."""
     ranks = f", {plan.mesh.world_size} ranks" if plan.mesh.world_size > 1 else ""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{DESCRIPTION} Plan: recipe {plan.recipe.name!r}, {plan.pipeline_type} on {plan.device}{ranks}.",
     )
@@ -90,7 +114,18 @@ def build_parser(plan) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True,
                         help="the mp4 to write (written atomically); with --prompts, the folder for the videos")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hashed = "this plan records them: on by default" if _records_sha256(plan) else \
+        "this plan records none (compiled without --hash-weights): nothing to verify"
+    parser.add_argument("--verify-weights", action=argparse.BooleanOptionalAction, default=None,
+                        help="before loading, read every weight file and check the SHA-256 that telefuser-compile "
+                             f"--hash-weights recorded ({hashed}); a file that differs is refused with exit code 2")
     return parser
+
+
+def _records_sha256(plan) -> bool:
+    from telefuser.runtime.plan_io import plan_records_sha256
+
+    return plan_records_sha256(plan)
 
 
 def _parse(plan, argv: list[str]) -> argparse.Namespace:
@@ -107,7 +142,14 @@ def _parse(plan, argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # From here on SIGINT and SIGTERM unwind as exceptions: exit 130 / 143, nothing half-written.
+    with exiting_on_signals():
+        code = guarded(PROG, lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+    # The command's own process, interrupted: everything is cleaned up, skip the interpreter's slow teardown.
+    return exit_now_if_interrupted(code) if argv is None else code
+
+
+def _main(argv: list[str]) -> int:
     pre, _ = _pre_parser().parse_known_args(argv)
     if pre.plan is None:
         if pre.help:
@@ -116,10 +158,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         return report(PROG, "no plan given; usage: telefuser-run PLAN --prompt TEXT -o OUT.mp4 "
                             "(telefuser-run PLAN --help lists that plan's parameters)")
-    from telefuser.runtime.plan_io import read_plan
+    from telefuser.runtime.plan_io import check_plan_hash, read_plan
 
     try:
-        plan, _raw = read_plan(pre.plan)
+        plan, raw = read_plan(pre.plan)
+        check_plan_hash(plan, raw, pre.plan)  # before anything trusts its content (the weights' hashes)
     except TeleFuserError as exc:
         return report(PROG, str(exc))
     args = _parse(plan, argv)
@@ -128,51 +171,114 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # N ranks on this host: refuse bad input once, here, then start them (each runs this command).
         return guarded(PROG, lambda: _launch(args, plan, argv))
     prog = PROG if plan.mesh.world_size == 1 or rank is None else f"{PROG} (rank {rank})"
-    return guarded(prog, lambda: _run(args, plan))
+    return guarded(prog, lambda: _run(args, plan, prog))
+
+
+def _check_text(option: str, value: Optional[str], path: bool = False, text_len: int = 512) -> None:
+    """Values no prompt or path can be: a NUL character, text that is not UTF-8, a prompt of a book's length."""
+    from telefuser.runtime.params import ParameterError
+
+    if value is None:
+        return
+    if "\x00" in value:
+        raise ParameterError(f"{option} holds a NUL character (\\x00, at position {value.index(chr(0))}), which no "
+                             f"{'path' if path else 'prompt'} can contain; remove it.")
+    if path:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParameterError(f"{option} is not UTF-8 text (undecodable bytes at character {exc.start}); pass the "
+                             "text in UTF-8.") from exc
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ParameterError(f"{option} is {len(value):,} characters long; the text encoder reads only its first "
+                             f"{text_len} tokens (layer2.text_len; a few thousand characters at most), so at most "
+                             f"{MAX_PROMPT_CHARS:,} characters are accepted: shorten it.")
+
+
+def _check_texts(args: argparse.Namespace, plan) -> None:
+    params = plan.layer3_user_interface.parameters
+    text_len = plan.layer2_inference_config.text_len
+    for name in ("prompt", "negative_prompt"):
+        if name in params:
+            _check_text(_option(name), getattr(args, name), text_len=text_len)
+    prompt = getattr(args, "prompt", None)
+    if "prompt" in params and params["prompt"].required and prompt is not None and not prompt.strip():
+        from telefuser.runtime.params import ParameterError
+
+        raise ParameterError('--prompt is empty; describe the video, e.g. --prompt "a red fox running through '
+                             'fresh snow".')
+    _check_text("-o/--output", args.output, path=True)
+    _check_text("--prompts", getattr(args, "prompts", None), path=True)
 
 
 def _check_before_loading(args: argparse.Namespace, plan) -> dict:
-    """Refuse bad values, unwritable outputs and a machine that lacks the plan's devices, before loading."""
+    """Refuse bad values, unwritable outputs, a machine that lacks the plan's devices and changed weights,
+    before loading; the weights' SHA-256 last (it reads every file)."""
     from telefuser.runtime.batch import output_folder, read_prompts
     from telefuser.runtime.params import resolve_parameters
-    from telefuser.runtime.plan_io import check_target
+    from telefuser.runtime.plan_io import check_fingerprints, check_target
     from telefuser.runtime.video import check_output_path
 
+    _check_texts(args, plan)
     values = {name: getattr(args, name) for name in plan.layer3_user_interface.parameters}
     if args.prompts is not None:
         values.pop("prompt")
         values["prompts"] = read_prompts(args.prompts)
         output_folder(args.output)
-        for prompt in values["prompts"]:
+        for line, prompt in enumerate(values["prompts"], 1):
+            _check_text(f"prompt {line} of --prompts {args.prompts!r}", prompt,
+                        text_len=plan.layer2_inference_config.text_len)
             resolve_parameters(plan, prompt=prompt, **{k: v for k, v in values.items() if k != "prompts"})
     else:
         check_output_path(args.output)
         resolve_parameters(plan, **values)
     check_target(plan)
+    check_fingerprints(plan)
+    _verify_weights(args, plan)
     return values
+
+
+def _verify_weights(args: argparse.Namespace, plan) -> None:
+    """--verify-weights (default: when the plan records SHA-256s): read and hash every weight file."""
+    from telefuser.runtime.plan_io import RECOMPILE, plan_records_sha256, verify_weight_hashes
+    from telefuser.runtime.params import ParameterError
+
+    hashed = plan_records_sha256(plan)
+    if args.verify_weights is False:
+        return
+    if not hashed:
+        if args.verify_weights:
+            raise ParameterError(
+                f"--verify-weights: plan {args.plan!r} records no SHA-256 of its weight files, so there is nothing to "
+                f"check them against; {RECOMPILE.replace('RECIPE', '--hash-weights RECIPE')}, or drop --verify-weights."
+            )
+        return
+    verify_weight_hashes(plan, progress=not args.no_progress)
 
 
 def _launch(args: argparse.Namespace, plan, argv: list[str]) -> int:
     from telefuser.distributed.launch import spawn_local_ranks
 
-    _check_before_loading(args, plan)
-    return spawn_local_ranks(argv, plan.mesh.world_size)
+    _check_before_loading(args, plan)  # the weights' hashes included: once here, not in every rank
+    return spawn_local_ranks([*argv, "--no-verify-weights"], plan.mesh.world_size)
 
 
-def _run(args: argparse.Namespace, plan) -> int:
+def _run(args: argparse.Namespace, plan, prog: str = PROG) -> int:
     from telefuser.runtime.api import load_plan
 
-    values = _check_before_loading(args, plan)
-    pipeline = load_plan(args.plan)
-    try:
-        if "prompts" in values:
-            return _run_batch(pipeline, values, Path(args.output), not args.no_progress)
-        video = pipeline.run(**values, progress=not args.no_progress)
-        if video is None:  # a rank other than 0: rank 0 writes and reports
-            return 0
-        written = video.save(args.output)
-    finally:
-        pipeline.close()
+    with forced_exit_after(prog):  # a signal that cannot unwind in time still ends the process, cleanly
+        values = _check_before_loading(args, plan)
+        pipeline = load_plan(args.plan)
+        try:
+            if "prompts" in values:
+                return _run_batch(pipeline, values, Path(args.output), not args.no_progress)
+            video = pipeline.run(**values, progress=not args.no_progress)
+            if video is None:  # a rank other than 0: rank 0 writes and reports
+                return 0
+            written = video.save(args.output)
+        finally:
+            pipeline.close()
     print(f"wrote {written} ({video.num_frames} frames, {video.size[0]}x{video.size[1]}, {video.fps} fps)")
     print(video.timings.summary())
     return 0

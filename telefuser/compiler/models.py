@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from telefuser.errors import RecipeError, WeightsError
-from telefuser.schema.fingerprint import fingerprint
+from telefuser.schema.fingerprint import fingerprint, sha256_requested
 from telefuser.schema.plan import DetectedAttributes, PlannedModel
 from telefuser.schema.recipe import ModelRuntimeConfig, ModelSpec, Recipe
 
@@ -88,7 +88,8 @@ def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool)
     return PlannedModel(
         name=spec.name, role=spec.role, path=str(path), class_=det.class_name, dtype=dtype, compute_dtype=compute,
         key_layout=det.layout, attributes=_attributes(spec, dtype, index.metadata, moe), arch=arch,
-        parameter_count=parameter_count(index.tensors), files=[fingerprint(f) for f in index.files],
+        parameter_count=parameter_count(index.tensors),
+        files=[fingerprint(f, full_hash=sha256_requested()) for f in index.files],  # --hash-weights: full SHA-256 too
     )
 
 

@@ -2,6 +2,13 @@
 
 Every failure is a RecipeError whose message names the file, the line, the key
 path, what was expected and what was found.
+
+A Recipe built in Python takes the same road from its `to_data()` (what a TOML
+file of it holds): ${VAR} -> --set -> JSON Schema -> pydantic. It stands for the
+file `<base_dir>/<name>.toml` (base_dir: where its relative paths resolve; the
+current directory by default), which is the path the plan records, and its
+source hash is computed as a file's is, from the validated recipe: so a Recipe
+and an equal TOML file at that path compile to the same plan hash.
 """
 
 from __future__ import annotations
@@ -216,14 +223,43 @@ def _validate_model(data: dict[str, Any], where: _Locator) -> Recipe:
         raise RecipeError(f"{where(path)}: {dotted}: {message}{found}.{more}") from exc
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
-    """Read, merge, interpolate, override and validate a recipe file."""
-    path = Path(path)
-    data, sources = _load_chain(path)
-    where = _Locator(sources)
+def source_sha256(recipe: Recipe) -> str:
+    """The recipe's identity: sha256 of the canonical JSON of the validated recipe, every default filled in.
+    Comments, formatting, `extends` layout and defaults written out or left implicit do not change it."""
+    return sha256_text(canonical_json(recipe.model_dump(mode="json", by_alias=True)))
+
+
+def _in_memory(recipe: Recipe, base_dir: str | Path | None) -> tuple[dict[str, Any], Path, _Locator]:
+    if recipe.extends is not None:
+        raise RecipeError(
+            f"recipe {recipe.name!r} (built in Python) has extends = {recipe.extends!r}; a Recipe object is already "
+            "complete: load the base with load_recipe(path).recipe and change it with model_copy(update=...), "
+            "or write the variant as a TOML file."
+        )
+    base = Path.cwd() if base_dir is None else Path(base_dir)
+    if not base.is_dir():
+        raise RecipeError(f"base_dir {str(base)!r} for recipe {recipe.name!r} is not a folder; "
+                          "the recipe's relative paths resolve against it.")
+    path = base.resolve() / f"{recipe.name}.toml"
+    return recipe.to_data(), path, _Locator([_Source(Path(f"recipe {recipe.name!r} (built in Python)"), {})])
+
+
+def load_recipe(source: str | Path | Recipe, overrides: Sequence[str] = (),
+                base_dir: str | Path | None = None) -> LoadedRecipe:
+    """Read, merge, interpolate, override and validate a recipe file, or a Recipe built in Python (its
+    relative paths resolve against `base_dir`, default the current directory)."""
+    if isinstance(source, Recipe):
+        data, path, where = _in_memory(source, base_dir)
+    else:
+        if base_dir is not None:
+            raise TypeError("base_dir applies to a Recipe object; "
+                            "a recipe file's relative paths resolve against its folder")
+        path = Path(source).resolve()
+        data, sources = _load_chain(path)
+        where = _Locator(sources)
     data = _interpolate(data, (), where)
     for assignment in overrides:
         apply_override(data, assignment)
     _validate_schema(data, where)
     recipe = _validate_model(data, where)
-    return LoadedRecipe(recipe=recipe, path=path.resolve(), data=data, source_sha256=sha256_text(canonical_json(data)))
+    return LoadedRecipe(recipe=recipe, path=path, data=data, source_sha256=source_sha256(recipe))

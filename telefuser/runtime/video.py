@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -77,32 +80,85 @@ class Video:
 
 def check_output_path(path: str | os.PathLike) -> Path:
     """Refuse, before any work is done, an output that cannot be written as an mp4."""
-    target = Path(path).expanduser().absolute()
     hint = "choose a writable folder and a file name ending in .mp4 (for example -o out/video.mp4)"
+    if "\x00" in os.fspath(path):
+        raise OutputPathError(f"output path {os.fspath(path)!r} holds a NUL character, which no path can; {hint}.")
+    target = Path(path).expanduser().absolute()
     if target.suffix.lower() != ".mp4":
         raise OutputPathError(f"output path {str(path)!r} does not end in .mp4; {hint}.")
-    if target.is_dir():
-        raise OutputPathError(f"output path {str(path)!r} is a folder, not a file; {hint}.")
-    folder = target.parent
-    if not folder.is_dir():
-        raise OutputPathError(f"the folder {str(folder)!r} of output {str(path)!r} does not exist; create it or {hint}.")
-    try:  # a real probe: os.access says yes to root even on read-only mounts
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.stem}.", suffix=".probe"):
+    try:
+        if target.is_dir():
+            raise OutputPathError(f"output path {str(path)!r} is a folder, not a file; {hint}.")
+        folder = target.parent
+        if not folder.is_dir():
+            raise OutputPathError(f"the folder {str(folder)!r} of output {str(path)!r} does not exist; create it or {hint}.")
+        # A real probe (os.access says yes to root even on read-only mounts), named like the temporary file
+        # of write_mp4_atomically plus a character: a name too long for that is refused now, not after the run.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".partial.probe"):
             pass
-    except OSError as exc:
-        raise OutputPathError(f"output {str(path)!r} is not writable ({exc.strerror}); {hint}.") from exc
-    if target.exists() and not os.access(target, os.W_OK):
-        raise OutputPathError(f"output {str(path)!r} exists and is not writable; {hint}.")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise OutputPathError(f"output {str(path)!r} exists and is not writable; {hint}.")
+    except OSError as exc:  # not writable, name too long, a path through a file, ...
+        raise OutputPathError(f"output {str(path)!r} is not writable ({exc.strerror or exc}); {hint}.") from exc
     return target
 
 
 def write_mp4_atomically(target: Path, frames: np.ndarray, fps: int) -> None:
-    """Encode into a temporary file beside the target, then rename it over the target."""
+    """Encode into a temporary file beside the target, then rename it over the target.
+
+    The rename happens only when ffmpeg finished a complete mp4; a failed encoder, a full disk, an
+    exception or an interrupt (KeyboardInterrupt, SIGTERM under telefuser-run) removes the temporary file
+    and leaves the target as it was."""
     try:
         with atomic_output(target, suffix=".partial.mp4") as tmp:
             _encode(tmp, frames, fps)
+            _check_complete_mp4(tmp)
     except OSError as exc:
-        raise OutputPathError(f"could not write {str(target)!r}: {exc}; check free disk space and permissions.") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, BrokenPipeError) or isinstance(exc.__context__, BrokenPipeError):
+            reason = f"the encoder (ffmpeg) stopped before it had every frame ({reason})"
+        raise OutputPathError(
+            f"could not write {str(target)!r}: {reason}{_space_hint(target.parent)}; nothing was written. "
+            "Check free disk space and permissions (ffmpeg's own message, if any, is above)."
+        ) from exc
+
+
+def _space_hint(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" (the disk holding {str(folder)!r} is full: {free / 2**20:.1f} MiB free)" if free < 64 * 2**20 else ""
+
+
+class IncompleteVideo(OSError):
+    """ffmpeg ended without writing a whole mp4 (it failed, or the disk filled up)."""
+
+
+def _check_complete_mp4(path: Path) -> None:
+    """The file must be an mp4 that ffmpeg finished: top-level boxes that cover it exactly, `mdat` and
+    `moov` among them (ffmpeg writes `moov` last, so a file cut short lacks it or ends inside it)."""
+    size = path.stat().st_size
+    seen, offset = set(), 0
+    with path.open("rb") as f:
+        while offset < size:
+            f.seek(offset)
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            box_size, kind = struct.unpack(">I4s", head)
+            if box_size == 1:  # 64-bit size follows
+                large = f.read(8)
+                box_size = struct.unpack(">Q", large)[0] if len(large) == 8 else 0
+            elif box_size == 0:  # the last box runs to the end of the file
+                box_size = size - offset
+            if box_size < 8 or offset + box_size > size:
+                break
+            seen.add(kind)
+            offset += box_size
+    if offset != size or not {b"ftyp", b"mdat", b"moov"} <= seen:
+        raise IncompleteVideo(f"the encoder (ffmpeg) ended without finishing the mp4 ({size} bytes, "
+                              f"{'incomplete' if offset != size else 'no index'})")
 
 
 def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
@@ -125,5 +181,12 @@ def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            # KeyboardInterrupt / SIGTERM / SystemExit: thrown into the writer, it kills ffmpeg at once
+            # instead of waiting for it to encode what it was sent; the caller removes the file.
+            with contextlib.suppress(BaseException):
+                writer.throw(exc)
+        raise
     finally:
         writer.close()  # waits for ffmpeg, or stops it when a frame failed

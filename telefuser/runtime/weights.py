@@ -35,13 +35,20 @@ def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def _read_safetensors(path: Path, device: torch.device, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
-    # safe_open memory-maps the file and copies each tensor straight to `device`.
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for key in f.keys():
-            out[key] = _cast(f.get_tensor(key), dtype)
+    try:
+        # safe_open memory-maps the file and copies each tensor straight to `device`.
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                out[key] = _cast(f.get_tensor(key), dtype)
+    except (SafetensorError, OSError) as exc:  # truncated, damaged or unreadable (out of memory is not caught)
+        raise WeightsError(
+            f"cannot read weight file {str(path)!r} ({exc}): it is truncated, damaged or unreadable; restore "
+            "the original file (or re-download it), or fix the model's path in the recipe and recompile "
+            "(telefuser-compile)."
+        ) from exc
     return out
 
 

@@ -37,6 +37,12 @@ class FileFingerprint(FrozenModel):
     path: str
     size: int = Field(ge=0)
     header_sha256: str = Field(description="sha256 of the safetensors header (or of the pickle index).")
+    sha256: Optional[str] = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the whole file, recorded by `telefuser-compile --hash-weights` and checked by "
+        "`telefuser-run` before loading; null when the plan was compiled without it.",
+    )
 
 
 class DetectedAttributes(FrozenModel):

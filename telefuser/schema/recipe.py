@@ -7,8 +7,10 @@ validators.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Optional
+import re
+from typing import Any, Literal, Optional
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
@@ -113,6 +115,9 @@ class Layer1(StrictModel):
 
 
 class SparseAttentionConfig(StrictModel):
+    sparse_impl: Optional[Literal["radial", "local", "sol"]] = Field(
+        None, description="Sparse pattern: radial, local or sol; must agree with a sparse attn_impl."
+    )
     dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
     dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
     decay_factor: float = Field(1.0, gt=0, le=1.0)
@@ -120,9 +125,50 @@ class SparseAttentionConfig(StrictModel):
     block_size: int = Field(128, ge=16)
 
 
+# The sparse attention implementations and the `sparse_impl` each one runs.
+SPARSE_IMPL_OF = {
+    AttnImplType.RADIAL_ATTN.value: "radial",
+    AttnImplType.LOCAL_SPARSE_ATTN.value: "local",
+    AttnImplType.SOL_ATTN.value: "sol",
+}
+
+
 class AttentionConfig(StrictModel):
     attn_impl: AttnImplType = AttnImplType.TORCH_SDPA
     sparse_config: Optional[SparseAttentionConfig] = None
+
+    @classmethod
+    def dense_attention(cls, attn_impl: AttnImplType = AttnImplType.FLASH_ATTN_2, **kwargs: Any) -> "AttentionConfig":
+        """Dense attention with `attn_impl` (the reference design's default: FLASH_ATTN_2)."""
+        return cls(attn_impl=attn_impl, sparse_config=None, **kwargs)
+
+    @classmethod
+    def radial_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, decay_factor: float = 1.0,
+                         **kwargs: Any) -> "AttentionConfig":
+        """Radial sparse attention; the first `dense_timesteps` steps and `dense_layers` blocks stay dense."""
+        sparse = SparseAttentionConfig(sparse_impl="radial", dense_timesteps=dense_timesteps,
+                                       dense_layers=dense_layers, decay_factor=decay_factor)
+        return cls(attn_impl=AttnImplType.RADIAL_ATTN, sparse_config=sparse, **kwargs)
+
+    @classmethod
+    def local_sparse_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, local_window_size: int = 6,
+                               **kwargs: Any) -> "AttentionConfig":
+        """Local-window sparse attention of `local_window_size` tokens per side."""
+        sparse = SparseAttentionConfig(sparse_impl="local", dense_timesteps=dense_timesteps,
+                                       dense_layers=dense_layers, local_window_size=local_window_size)
+        return cls(attn_impl=AttnImplType.LOCAL_SPARSE_ATTN, sparse_config=sparse, **kwargs)
+
+    def is_sparse(self) -> bool:
+        return self.attn_impl in SPARSE_IMPL_OF
+
+    @model_validator(mode="after")
+    def _sparse_impl_matches(self) -> "AttentionConfig":
+        wanted = SPARSE_IMPL_OF.get(self.attn_impl)
+        found = self.sparse_config.sparse_impl if self.sparse_config is not None else None
+        if wanted is not None and found is not None and found != wanted:
+            raise ValueError(f"attn_impl {self.attn_impl} runs sparse_impl {wanted!r}, but sparse_config.sparse_impl "
+                             f"is {found!r}; make them agree (or leave sparse_impl out)")
+        return self
 
 
 class OffloadConfig(StrictModel):
@@ -189,6 +235,25 @@ class ParallelConfig(StrictModel):
     def degree(self, dim: str) -> int:
         return getattr(self, f"{dim}_degree")
 
+    def validate(self) -> "ParallelConfig":  # type: ignore[override]
+        """The reference design's check: the degrees multiply to the device count (len(device_ids), or 1
+        device when device_ids is None). Returns self; raises ValueError naming the degrees otherwise.
+
+        This instance method overrides pydantic's deprecated classmethod `BaseModel.validate(value)`, which
+        pydantic itself never calls; `ParallelConfig.validate(value)` on the class keeps that meaning.
+        """
+        if not isinstance(self, ParallelConfig):  # called on the class with a value: pydantic's meaning
+            return super(ParallelConfig, ParallelConfig).validate(self)  # type: ignore[misc]
+        devices = len(self.device_ids) if self.device_ids is not None else 1
+        if self.world_size != devices:
+            degrees = " x ".join(f"{d}_degree={self.degree(d)}" for d in PARALLEL_DIMS)
+            listed = (f"device_ids {self.device_ids} lists {devices} device(s)" if self.device_ids is not None
+                      else "device_ids is None, which means 1 device")
+            raise ValueError(f"ParallelConfig: the parallel degrees multiply to {self.world_size} ({degrees}), but "
+                             f"{listed}; list {self.world_size} device_ids or change the degrees to multiply "
+                             f"to {devices}")
+        return self
+
     @property
     def world_size(self) -> int:
         return math.prod(self.degree(d) for d in PARALLEL_DIMS)
@@ -199,6 +264,19 @@ class ParallelConfig(StrictModel):
         if ids is not None and (len(set(ids)) != len(ids) or any(i < 0 for i in ids)):
             raise ValueError(f"device_ids must be distinct non-negative integers, got {ids}")
         return ids
+
+
+# The reference design's per-model keywords of Wan21/Wan22VideoPipelineConfig, and the layer-1 model name
+# each one configures (its role's name; VFI has no layer-1 role yet, so a recipe refuses "vfi").
+MODEL_CONFIG_KEYWORDS = {
+    "dit_config": ModelRole.DIT.value,
+    "dit_high_config": ModelRole.DIT_HIGH_NOISE.value,
+    "dit_low_config": ModelRole.DIT_LOW_NOISE.value,
+    "vae_config": ModelRole.VAE.value,
+    "text_encoding_config": ModelRole.TEXT_ENCODER.value,
+    "clip_config": ModelRole.IMAGE_ENCODER.value,
+    "vfi_config": "vfi",
+}
 
 
 class Layer2(StrictModel):
@@ -226,6 +304,25 @@ class Layer2(StrictModel):
     lq_noise_strength: float = Field(0.0, ge=0, le=1)
     models: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)
     parallel_config: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_config_keywords(cls, data: Any) -> Any:
+        """Layer2 is also the reference design's Wan21VideoPipelineConfig / Wan22VideoPipelineConfig: their
+        per-model keywords (`dit_config=`, `vae_config=`, ...: MODEL_CONFIG_KEYWORDS) are filed under `models`
+        by the model's conventional name. Construction keywords only: never stored, never dumped, and not
+        recipe keys (the JSON Schema refuses them in TOML)."""
+        if not isinstance(data, dict) or not MODEL_CONFIG_KEYWORDS.keys() & data.keys():
+            return data
+        data = dict(data)
+        models = dict(data.get("models") or {})
+        for keyword, name in MODEL_CONFIG_KEYWORDS.items():
+            if keyword in data:
+                if name in models:
+                    raise ValueError(f"{keyword} configures model {name!r}, which models also sets; give it once")
+                models[name] = data.pop(keyword)
+        data["models"] = models
+        return data
 
     @field_validator("num_frames")
     @classmethod
@@ -299,6 +396,8 @@ class Layer3(StrictModel):
 # ---------------------------------------------------------------- recipe
 
 
+# Built from TOML by telefuser.compiler.load_recipe, or in Python from these models (telefuser.core.config
+# names them as the reference design does); telefuser.compile takes either.
 class Recipe(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", description="Deployment name (model x hardware).")
     description: str = ""
@@ -345,3 +444,66 @@ class Recipe(StrictModel):
         if l1.pipeline == PipelineType.WAN_I2V.value and self.layer3.image is None:
             raise ValueError("the wan_i2v pipeline needs a [layer3.image] parameter")
         return self
+
+    def to_data(self) -> dict[str, Any]:
+        """The recipe as a TOML file of it holds it: JSON types, recipe key names, only the values that differ
+        from their defaults (so `extends` and the file stay small), no nulls (TOML has none; every optional
+        key defaults to null). `Recipe.model_validate(recipe.to_data()) == recipe`."""
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude_none=True)
+
+    def to_toml(self) -> str:
+        """TOML text of `to_data()`, which loads back (tomllib, or `load_recipe` from a file) to an equal Recipe."""
+        lines: list[str] = []
+        _toml_table(self.to_data(), (), lines)
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- TOML text
+# A tiny emitter rather than a dependency (tomli-w): a recipe holds only strings, numbers, booleans,
+# lists, tables and the one array of tables layer1.models (and lora_configs), all from to_data().
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # ints as digits; floats in their shortest round-trip form (no nan/inf in a recipe)
+    if isinstance(value, str):  # JSON's escapes are TOML basic-string escapes; TOML also wants DEL escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    raise TypeError(f"no TOML form for {type(value).__name__} {value!r}")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _toml_table(table: dict[str, Any], path: tuple[str, ...], lines: list[str], array: bool = False) -> None:
+    """One table: its plain keys, then its sub-tables under headers. Top-level sections and tables that
+    hold tables get a [header]; other tables below them are written inline, as recipes are by hand."""
+
+    def nested(v: Any) -> bool:
+        return _is_table_array(v) or (isinstance(v, dict) and (not path or any(
+            isinstance(x, dict) or _is_table_array(x) for x in v.values())))
+
+    plain = [(k, v) for k, v in table.items() if not nested(v)]
+    if path and (array or plain or not table):
+        header = ".".join(_toml_key(k) for k in path)
+        lines += ["", f"[[{header}]]" if array else f"[{header}]"]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in plain]
+    for key, value in table.items():
+        if _is_table_array(value):
+            for entry in value:
+                _toml_table(entry, (*path, key), lines, array=True)
+        elif nested(value):
+            _toml_table(value, (*path, key), lines)
