@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace, plan, prog: str = PROG) -> int:
 
     with forced_exit_after(prog):  # a signal that cannot unwind in time still ends the process, cleanly
         values = _check_before_loading(args, plan)
-        pipeline = load_plan(args.plan)
+        pipeline = load_plan(args.plan, verify_weights=False)  # checked by _check_before_loading
         try:
             if "prompts" in values:
                 return _run_batch(pipeline, values, Path(args.output), not args.no_progress)

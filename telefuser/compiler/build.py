@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,10 +95,15 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
 
 
 def compile_recipe(recipe: str | Path | Recipe, overrides: Sequence[str] = (), inspect_weights: bool = True,
-                   target: Target | None = None, base_dir: str | Path | None = None) -> Plan:
+                   target: Target | None = None, base_dir: str | Path | None = None,
+                   hash_weights: bool = False) -> Plan:
     """Recipe file, or Recipe built in Python, -> frozen Plan (raises TeleFuserError subclasses on bad input).
 
     A Recipe object's relative paths resolve against `base_dir` (default: the current directory); it compiles
-    to the plan, hash included, of an equal recipe file `<base_dir>/<name>.toml` (see recipe_loader)."""
+    to the plan, hash included, of an equal recipe file `<base_dir>/<name>.toml` (see recipe_loader).
+    `hash_weights` records every weight file's full SHA-256 (`telefuser-compile --hash-weights`)."""
+    from telefuser.schema.fingerprint import recording_sha256
+
     loaded = load_recipe(recipe, overrides, base_dir=base_dir)
-    return compile_loaded(loaded, inspect_weights=inspect_weights, target=target)
+    with recording_sha256() if hash_weights else contextlib.nullcontext():
+        return compile_loaded(loaded, inspect_weights=inspect_weights, target=target)

@@ -142,6 +142,19 @@ class Pipeline:
             self.placements[planned.name] = Placement(module, self.device, offload)
         self.load_seconds = time.perf_counter() - start
 
+    def dump_config(self, path: str | Path | None = None) -> dict:
+        """The plan this pipeline runs, as a dict (`layer1_model_definition`, `layer2_inference_config`, ...);
+        with `path`, also written there atomically as the plan file telefuser-compile writes, which loads and
+        runs identically (same plan_hash)."""
+        from telefuser.atomic import atomic_output
+        from telefuser.schema.canonical import pretty_json
+
+        config = self.plan.model_dump(mode="json", by_alias=True)
+        if path is not None:
+            with atomic_output(Path(path)) as tmp:
+                tmp.write_text(pretty_json(config), encoding="utf-8")
+        return config
+
     def dispatch(self, model: str):
         from telefuser.ops.dispatch import use_dispatch
 
