@@ -88,7 +88,7 @@ def stop_at_loading(monkeypatch):
     which checks ran before loading without paying for a whole run."""
     import telefuser.runtime.api
 
-    def refuse(path):
+    def refuse(path, verify_weights=None):
         raise ReachedLoading("reached loading")
 
     monkeypatch.setattr(telefuser.runtime.api, "load_plan", refuse)
