@@ -67,7 +67,11 @@ from telefuser.runtime.stages.denoise import guided  # noqa: E402
 
 CFG_SCALE = 5.0
 SEED = 0
-TOLERANCE = {"bf16": 3e-2, "fp32": 1e-4}  # relative L2 error of a layout's prediction against the 1-GPU one
+# Relative L2 error of a layout's prediction against the same side's 1-GPU one. bf16: on random weights, rounding
+# differences grow through the 30-40 blocks: the two correct 1-GPU implementations (TeleFuser, diffusers) differ by
+# 4.6e-2 (1.3B) and 4.9e-2 (14B), and ring (a different summation order) by 4.2e-2 / 4.4e-2 on both sides
+# (H200, 2026-11-23); a misplaced shard is uncorrelated (rel ~1), so 1e-1 separates the two.
+TOLERANCE = {"bf16": 1e-1, "fp32": 1e-4}
 TARGETS = {("cfg", 2): 1.9, ("ulysses", 2): 1.9, ("ring", 2): 1.8}  # speedup at 2 GPUs, and faster than diffusers
 # The dispatch table of bench/wan21.py: SDPA for attention (cuDNN on the H100/H200), Triton kernels for the rest.
 GPU_KERNELS = {"attention": "TORCH_SDPA", **{op: "triton" for op in
