@@ -250,3 +250,27 @@ def test_torchrun_runs_telefuser_run_as_its_ranks(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0 and done.stdout.count("wrote ") == 1
+
+
+TWO_GPUS = ["cfg_degree=2"], ["sp_ulysses_degree=2"], ["sp_ring_degree=2"], ["tp_degree=2"], ["cfg_degree=2", "enable_fsdp=true"]
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_devices() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("degrees", TWO_GPUS, ids=["_".join(d) for d in TWO_GPUS])
+def test_layouts_on_two_gpus_over_nccl(degrees, tmp_path):
+    """The tiny plan on 2 GPUs (NCCL) through the launcher, against the same plan on one GPU."""
+    cuda = ("target.device=cuda",)
+    single = telefuser.load_plan(str(compile_tiny(tmp_path, 1, [], cuda)))
+    expected = single.run(prompt=PROMPT, seed=SEED, progress=False).frames
+    plan = compile_tiny(tmp_path, 2, degrees, cuda)
+    out = tmp_path / "frames.npy"
+    assert run_local_ranks([sys.executable, "-c", DRIVER, str(plan), PROMPT, str(SEED), str(out)], 2) == 0
+    diff = np.abs(np.load(out).astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"{degrees}: max {diff.max()}, differing {(diff > 0).mean()}"
