@@ -45,13 +45,14 @@ def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> tor
             f"the plan's arch for model {planned.name!r} does not fit {planned.class_} ({exc}); "
             "recompile the recipe with this TeleFuser version."
         ) from exc
-    # On the meta device no memory or time is spent on weights the checkpoint replaces anyway.
+    # On the meta device no memory or time is spent on weights the checkpoint replaces, and nothing is
+    # initialised at random. Buffers a model derives in __init__ and no checkpoint holds (the VAE's latent
+    # statistics) it computes for real even there (on the CPU; moved with the model).
     with torch.device("meta"):
         model = model_class(config)
     persistent = model.state_dict().keys()
-    if any(name not in persistent for name, _ in model.named_buffers()):
-        # Buffers the model derives in __init__ (e.g. the VAE's latent statistics) are not in the
-        # checkpoint: such a model is built for real (only small models carry them).
+    if any(b.is_meta and name not in persistent for name, b in model.named_buffers()):
+        # A model that cannot derive such a buffer under meta is built for real (only small models carry them).
         with torch.device(device):
             model = model_class(config)
     return model

@@ -271,8 +271,11 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
-        stats = torch.tensor([LATENT_MEAN, LATENT_STD]) if config.z_dim == len(LATENT_MEAN) else \
-            torch.stack([torch.zeros(config.z_dim), torch.ones(config.z_dim)])
+        # Not in checkpoints, derived from constants: real values even when the model is built on the meta
+        # device (the loader does so, then assigns the checkpoint's tensors and moves the model).
+        on = "cpu" if torch.get_default_device().type == "meta" else None
+        stats = torch.tensor([LATENT_MEAN, LATENT_STD], device=on) if config.z_dim == len(LATENT_MEAN) else \
+            torch.stack([torch.zeros(config.z_dim, device=on), torch.ones(config.z_dim, device=on)])
         self.register_buffer("latent_stats", stats.view(2, 1, config.z_dim, 1, 1, 1), persistent=False)
 
     @torch.no_grad()
