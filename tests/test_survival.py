@@ -429,14 +429,14 @@ def test_signal_while_writing_the_mp4_kills_ffmpeg_and_removes_the_temporary_fil
 def test_keyboard_interrupt_is_130_and_sigterm_143(shared_plan, tmp_path, capsys, monkeypatch):
     import telefuser.runtime.api
 
-    def interrupted(path):
+    def interrupted(path, verify_weights=None):
         raise Interrupted(signal.SIGTERM)
 
     monkeypatch.setattr(telefuser.runtime.api, "load_plan", interrupted)
     assert run([shared_plan, "--prompt", "x", "-o", tmp_path / "v.mp4"]) == 143
     assert "interrupted by SIGTERM" in capsys.readouterr().err
 
-    def ctrl_c(path):
+    def ctrl_c(path, verify_weights=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(telefuser.runtime.api, "load_plan", ctrl_c)
