@@ -377,7 +377,7 @@ def test_a_process_stuck_in_native_code_is_still_ended_cleanly(tmp_path):
     _, err = proc.communicate(timeout=30)
     elapsed = time.monotonic() - start
     assert proc.returncode == 143, err
-    assert 1.0 <= elapsed < 5
+    assert 1.0 <= elapsed < 10  # 1.5 s grace; the rest is a loaded 2-core machine starting nothing new
     assert "still busy in native code" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["child.pid"]  # the temporary file is gone
     time.sleep(0.2)
