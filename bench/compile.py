@@ -105,7 +105,8 @@ def build_model_root(root: Path) -> None:
     write_pth_index_only(common / "models_t5_umt5-xxl-enc-bf16.pth", module_shapes(UMT5Encoder, UMT5Config()), torch.bfloat16)
     write_pth_index_only(common / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", clip_shapes(), torch.float16)
     t2v_14b = module_shapes(WanDiT, WanDiTConfig(**DIT_14B))
-    for release in ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.2-T2V-A14B", "Wan2.2-T2V-A14B-Distill"):
+    for release in ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P", "Wan2.2-T2V-A14B",
+                    "Wan2.2-T2V-A14B-Distill"):
         folder = root / release
         folder.mkdir()
         for item in common.iterdir():
@@ -113,8 +114,9 @@ def build_model_root(root: Path) -> None:
     write_safetensors_index_only(root / "Wan2.1-T2V-1.3B" / "diffusion_pytorch_model.safetensors",
                                  module_shapes(WanDiT, WanDiTConfig(**DIT_1_3B)), torch.float32)
     write_shards(root / "Wan2.1-T2V-14B", t2v_14b, torch.float32, 6)
-    write_shards(root / "Wan2.1-I2V-14B-480P", module_shapes(WanDiT, WanDiTConfig(model_type="i2v", in_dim=36, **DIT_14B)),
-                 torch.float32, 7)
+    for release in ("Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P"):
+        write_shards(root / release, module_shapes(WanDiT, WanDiTConfig(model_type="i2v", in_dim=36, **DIT_14B)),
+                     torch.float32, 7)
     for release in ("Wan2.2-T2V-A14B", "Wan2.2-T2V-A14B-Distill"):
         for expert in ("high_noise_model", "low_noise_model"):
             write_shards(root / release / expert, t2v_14b, torch.bfloat16, 6)

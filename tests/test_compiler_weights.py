@@ -116,19 +116,30 @@ def _index(shapes: dict[str, tuple[int, ...]]) -> WeightIndex:
                        metadata={})
 
 
+HF_CLIP = {"vision_model.embeddings.patch_embedding.weight": (64, 3, 14, 14),
+           "vision_model.embeddings.position_embedding.weight": (5, 64),
+           "vision_model.encoder.layers.0.self_attn.q_proj.weight": (64, 64),
+           "vision_model.encoder.layers.0.mlp.fc1.weight": (256, 64),
+           "vision_model.encoder.layers.1.self_attn.q_proj.weight": (64, 64)}
+
+
 @pytest.mark.parametrize("shapes,layout", [
-    ({"visual.patch_embedding.weight": (64, 3, 14, 14), "visual.transformer.0.attn.to_qkv.weight": (192, 64),
+    ({"visual.patch_embedding.weight": (64, 3, 14, 14), "visual.pos_embedding": (1, 5, 64),
+      "visual.transformer.0.attn.to_qkv.weight": (192, 64), "visual.transformer.0.mlp.0.weight": (256, 64),
       "visual.transformer.1.attn.to_qkv.weight": (192, 64), "textual.token_embedding.weight": (100, 32)}, "wan"),
-    ({"visual.conv1.weight": (64, 3, 14, 14), "visual.transformer.resblocks.0.attn.in_proj_weight": (192, 64),
+    ({"visual.conv1.weight": (64, 3, 14, 14), "visual.positional_embedding": (5, 64),
+      "visual.transformer.resblocks.0.attn.in_proj_weight": (192, 64),
+      "visual.transformer.resblocks.0.mlp.c_fc.weight": (256, 64),
       "visual.transformer.resblocks.1.attn.in_proj_weight": (192, 64)}, "open_clip"),
-    ({"vision_model.embeddings.patch_embedding.weight": (64, 3, 14, 14),
-      "vision_model.encoder.layers.0.self_attn.q_proj.weight": (64, 64),
-      "vision_model.encoder.layers.1.self_attn.q_proj.weight": (64, 64)}, "hf"),
-])
+    (HF_CLIP, "hf"),
+    ({k.removeprefix("vision_model."): v for k, v in HF_CLIP.items()}, "hf"),  # transformers >= 5: no prefix
+], ids=["wan", "open_clip", "hf", "hf_bare"])
 def test_clip_detected_in_each_layout(shapes, layout):
     found = detect(_index(shapes))
-    assert (found.class_name, found.layout, found.arch) == ("CLIPVision", layout,
-                                                           {"dim": 64, "patch_size": 14, "num_layers": 2})
+    # 5 positions: the class token and 2 x 2 patches of 14 px -> 28 px images; heads = dim // 80 (at least 1).
+    assert (found.class_name, found.layout, found.arch) == ("CLIPVision", layout, {
+        "image_size": 28, "patch_size": 14, "dim": 64, "mlp_dim": 256, "num_heads": 1, "num_layers": 2, "eps": 1e-5,
+        "activation": "gelu"})
 
 
 def test_unknown_weights_named(tmp_path):

@@ -74,6 +74,59 @@ def test_layout_gives_the_one_rank_video(layout, reference, tmp_path, monkeypatc
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"{layout}: max {diff.max()}, differing {(diff > 0).mean()}"
 
 
+I2V_RECIPE = RECIPE.parent / "tiny_i2v.toml"
+I2V_DRIVER = DRIVER.replace("progress=False)", "image=sys.argv[5], progress=False)")
+I2V_LAYOUTS = {"ulysses2": (2, ["sp_ulysses_degree=2"]), "cfg2": (2, ["cfg_degree=2"])}
+
+
+@pytest.fixture(scope="module")
+def i2v_image(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("i2v") / "first.png"
+    rng = np.random.default_rng(7)
+    Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((400, 300)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def i2v_reference(i2v_image) -> np.ndarray:
+    folder = Path(os.environ.get("TMPDIR", "/tmp"))
+    plan = folder / "plan_i2v_single.json"
+    plan.write_text(pretty_json(compile_recipe(I2V_RECIPE).model_dump(mode="json", by_alias=True)))
+    return telefuser.load_plan(str(plan)).run(prompt=PROMPT, seed=SEED, image=str(i2v_image), progress=False).frames
+
+
+@pytest.mark.parametrize("layout", list(I2V_LAYOUTS))
+def test_i2v_layout_gives_the_one_rank_video(layout, i2v_reference, i2v_image, tmp_path, monkeypatch):
+    """Image-to-video: the image is read, CLIP-encoded and VAE-encoded on rank 0 and its y and CLIP tokens broadcast;
+    Ulysses shards the tokens after the DiT concatenated y to the noise; under cfg parallel rank 1 runs the
+    unconditional branch with the same y and CLIP tokens."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    world, degrees = I2V_LAYOUTS[layout]
+    overrides = [f"target.num_devices={world}", *(f"layer2.parallel_config.{d}" for d in degrees)]
+    plan = tmp_path / "plan.json"
+    plan.write_text(pretty_json(compile_recipe(I2V_RECIPE, overrides).model_dump(mode="json", by_alias=True)))
+    out = tmp_path / "frames.npy"
+    code = run_local_ranks([sys.executable, "-c", I2V_DRIVER, str(plan), PROMPT, str(SEED), str(out), str(i2v_image)],
+                           world)
+    assert code == 0
+    diff = np.abs(np.load(out).astype(int) - i2v_reference.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"{layout}: max {diff.max()}, differing {(diff > 0).mean()}"
+
+
+def test_a_bad_image_is_refused_before_the_ranks_start(tmp_path):
+    overrides = ["target.num_devices=2", "layer2.parallel_config.sp_ulysses_degree=2"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(pretty_json(compile_recipe(I2V_RECIPE, overrides).model_dump(mode="json", by_alias=True)))
+    (tmp_path / "notes.png").write_text("not an image")
+    run = _telefuser_run(str(plan), "--image", str(tmp_path / "notes.png"), "--prompt", PROMPT, "-o",
+                         str(tmp_path / "x.mp4"))
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and stderr.count("is not an image") == 1 and "rank" not in stderr, stderr
+    assert not list(tmp_path.glob("*.mp4*"))
+
+
 def _telefuser_run(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "telefuser.cli.run", *args], text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},

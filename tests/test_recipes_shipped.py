@@ -35,6 +35,20 @@ def test_wan22_moe_recipe_values():
     assert all(m.attributes.distill for m in distill.layer1.models if m.role.startswith("dit"))
 
 
+def test_wan21_i2v_recipe_values():
+    """Wan's generate.py for i2v-14B: 40 steps, guide scale 5.0, shift 3.0 at 832*480 / 480*832 and 5.0 otherwise;
+    CLIP in float16 (wan_i2v_14B config's clip_dtype)."""
+    for name, shift, resolution in (("wan21_i2v_14b_480p", 3.0, "480p"), ("wan21_i2v_14b_720p", 5.0, "720p")):
+        recipe = load_recipe(RECIPES / f"{name}.toml").recipe
+        l2 = recipe.layer2
+        assert recipe.layer1.pipeline == "wan_i2v" and l2.enable_clip_stage, name
+        assert (l2.num_inference_steps, l2.cfg_scale, l2.sigma_shift, l2.num_frames) == (40, 5.0, shift, 81), name
+        assert [str(c) for c in recipe.layer3.resolution.choices] == [resolution] and recipe.layer3.image.required
+        assert l2.models["image_encoder"].torch_dtype == "float16"
+        release = "Wan2.1-I2V-14B-" + resolution.upper()
+        assert all(release in m.path for m in recipe.layer1.models), name
+
+
 def test_model_root_from_environment(monkeypatch):
     monkeypatch.setenv("TELEFUSER_MODEL_ROOT", "/data/wan")
     recipe = load_recipe(RECIPES / "wan21_t2v_1.3b.toml").recipe

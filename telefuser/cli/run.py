@@ -111,6 +111,8 @@ def build_parser(plan) -> argparse.ArgumentParser:
         parser.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line ('#' lines and "
                             "blank lines skipped): one video each, same seed and settings, split across the "
                             "plan's dp replicas; -o is then a folder")
+    if "image" not in params:  # refused with a message saying why (a text-to-video plan), not argparse's
+        parser.add_argument("--image", dest="image", default=None, help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", required=True,
                         help="the mp4 to write (written atomically); with --prompts, the folder for the videos")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,6 +133,10 @@ def _records_sha256(plan) -> bool:
 def _parse(plan, argv: list[str]) -> argparse.Namespace:
     parser = build_parser(plan)
     args = parser.parse_args(argv)  # argparse itself exits 2 on a bad value
+    if "image" not in plan.layer3_user_interface.parameters and args.image is not None:
+        from telefuser.runtime.params import image_not_taken
+
+        raise image_not_taken(plan, args.image)
     if "prompt" in plan.layer3_user_interface.parameters:
         if args.prompt is not None and args.prompts is not None:
             parser.error("give --prompt or --prompts, not both")
@@ -210,6 +216,7 @@ def _check_texts(args: argparse.Namespace, plan) -> None:
                              'fresh snow".')
     _check_text("-o/--output", args.output, path=True)
     _check_text("--prompts", getattr(args, "prompts", None), path=True)
+    _check_text("--image", getattr(args, "image", None), path=True)
 
 
 def _check_before_loading(args: argparse.Namespace, plan) -> dict:
@@ -222,6 +229,11 @@ def _check_before_loading(args: argparse.Namespace, plan) -> dict:
 
     _check_texts(args, plan)
     values = {name: getattr(args, name) for name in plan.layer3_user_interface.parameters}
+    if values.get("image") is not None:
+        from telefuser.runtime.image import as_image
+
+        # Read and checked once (before any rank starts or model loads), then shared by every prompt.
+        values["image"] = as_image(values["image"])
     if args.prompts is not None:
         values.pop("prompt")
         values["prompts"] = read_prompts(args.prompts)

@@ -49,14 +49,17 @@ def _dit(shapes: Shapes) -> Detection | None:
     else:
         return None
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    image = any(k.startswith(n["img"]) for k in shapes)
     arch = {
-        "model_type": "i2v" if any(k.startswith(n["img"]) for k in shapes) else "t2v",
+        "model_type": "i2v" if image else "t2v",
         "patch_size": list(patch), "in_dim": in_dim, "dim": dim, "ffn_dim": shapes[n["ffn"]][0],
         "freq_dim": shapes[n["time"]][1], "text_dim": shapes[n["text"]][1],
         "out_dim": shapes[n["head"]][0] // math.prod(patch), "num_heads": max(dim // WAN_HEAD_DIM, 1),
         "num_layers": _count(shapes, r"blocks\.(\d+)\."), "qk_norm": n["qk"] in shapes,
         "cross_attn_norm": n["xnorm"] in shapes, "eps": 1e-6,
     }
+    if image:  # the CLIP feature width: img_emb.proj.0 is the LayerNorm over it (diffusers: image_embedder.norm1)
+        arch["image_dim"] = shapes[n["img"] + ("proj.0.weight" if layout == "wan" else "norm1.weight")][0]
     return Detection("WanDiT", layout, arch, [f"num_heads = dim // {WAN_HEAD_DIM} (Wan's head dim; not stored in weights)"])
 
 
@@ -108,19 +111,36 @@ def _umt5(shapes: Shapes) -> Detection | None:
     return Detection("UMT5Encoder", layout, arch)
 
 
+CLIP_HEAD_DIM = 80  # ViT-H/14: 1280 / 16 heads; heads are not stored in the weights
+
+
 def _clip(shapes: Shapes) -> Detection | None:
     """The vision tower: Wan's XLM-RoBERTa CLIP (`visual.transformer.N`), open_clip's
-    (`visual.transformer.resblocks.N`) or Hugging Face's (`vision_model.encoder.layers.N`)."""
+    (`visual.transformer.resblocks.N`) or Hugging Face's (`vision_model.encoder.layers.N`; transformers >= 5
+    saves a bare CLIPVisionModel without the `vision_model.` prefix)."""
     if "visual.patch_embedding.weight" in shapes:
-        layout, stem, rx = "wan", "visual.patch_embedding.weight", r"visual\.transformer\.(\d+)\."
+        layout, v, blocks = "wan", "visual.", r"visual\.transformer\.(\d+)\."
+        stem, pos, mlp = "patch_embedding.weight", "pos_embedding", "transformer.0.mlp.0.weight"
     elif "visual.conv1.weight" in shapes:
-        layout, stem, rx = "open_clip", "visual.conv1.weight", r"visual\.transformer\.resblocks\.(\d+)\."
-    elif "vision_model.embeddings.patch_embedding.weight" in shapes:
-        layout, stem, rx = "hf", "vision_model.embeddings.patch_embedding.weight", r"vision_model\.encoder\.layers\.(\d+)\."
+        layout, v, blocks = "open_clip", "visual.", r"visual\.transformer\.resblocks\.(\d+)\."
+        stem, pos, mlp = "conv1.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"
+    elif "vision_model.embeddings.patch_embedding.weight" in shapes or "embeddings.patch_embedding.weight" in shapes:
+        v = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in shapes else ""
+        layout, blocks = "hf", re.escape(v) + r"encoder\.layers\.(\d+)\."
+        stem, pos, mlp = "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight", "encoder.layers.0.mlp.fc1.weight"
     else:
         return None
-    dim, _, patch, _ = shapes[stem]
-    return Detection("CLIPVision", layout, {"dim": dim, "patch_size": patch, "num_layers": _count(shapes, rx)})
+    dim, _, patch, _ = shapes[v + stem]
+    tokens = shapes[v + pos][-2]  # the class token and (image_size / patch_size)^2 patches
+    side = math.isqrt(tokens - 1)
+    if side * side != tokens - 1:
+        raise ValueError(f"{v + pos} of {tokens} positions, not a square grid plus the class token")
+    arch = {"image_size": side * patch, "patch_size": patch, "dim": dim, "mlp_dim": shapes[v + mlp][0],
+            "num_heads": max(dim // CLIP_HEAD_DIM, 1), "num_layers": _count(shapes, blocks), "eps": 1e-5,
+            "activation": "gelu"}
+    return Detection("CLIPVision", layout, arch,
+                     [f"num_heads = dim // {CLIP_HEAD_DIM} (ViT-H/14's head dim; not stored in weights); "
+                      "activation gelu and eps 1e-5 as open-clip's ViT-H/14"])
 
 
 DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _umt5, _clip]
@@ -136,7 +156,8 @@ def detect(index: WeightIndex) -> Detection:
             if found is not None:
                 return found
     except (KeyError, ValueError, UnboundLocalError) as exc:
-        raise WeightsError(f"{index.files[0]}: looks like a known model but is incomplete (missing {exc}); re-download it.") from exc
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise WeightsError(f"{index.files[0]}: looks like a known model but is incomplete ({what}); re-download it.") from exc
     sample = ", ".join(sorted(shapes)[:4])
     raise WeightsError(
         f"{index.files[0]}: the tensor names ({sample}, ...) match no model TeleFuser knows "

@@ -54,12 +54,34 @@ def explain(plan: Plan) -> str:
     lines += ["", f"mesh: {plan.mesh.world_size} rank(s), {mesh}",
               f"memory: peak {mem.peak_bytes / GIB:.2f} GiB of {mem.capacity_bytes / GIB:.1f} GiB per device at {mem.at}",
               "", "stages: " + " -> ".join(s.name for s in plan.stages)]
+    lines += _image_path(plan)
     params = plan.layer3_user_interface.parameters
     lines += ["", "parameters (telefuser-run):"]
     for name, p in params.items():
         extra = f" choices {p.choices}" if p.choices else ""
-        lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} default {p.default!r}{extra}")
+        given = "required" if p.required else f"default {p.default!r}"
+        lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} {given}{extra}")
     return "\n".join(lines)
+
+
+def _image_path(plan: Plan) -> list[str]:
+    """Image-to-video: what each stage does with the image, from its recorded parameters."""
+    lines = []
+    for s in plan.stages:
+        p, models = s.params, ", ".join(s.models)
+        if s.kind == "image_load":
+            what = f"--image, {p.get('resample')} resize to cover the frame and centre crop ({p.get('fit')}), values in {p.get('value_range')}"
+        elif s.kind == "image_encode":
+            what = f"{models}: CLIP tokens ({p.get('features')}) of the fitted image -> {p.get('output')}"
+        elif s.kind == "vae_encode":
+            what = (f"{models}: latents of [image, {p.get('num_frames', 1) - 1} zero frames] behind a {p.get('mask_channels')}-channel "
+                    f"{p.get('condition')} mask -> {p.get('output')}")
+        elif p.get("conditioning"):
+            what = f"{models}: gets {', '.join(p['conditioning'])} in both CFG branches, concatenated / cross-attended"
+        else:
+            continue
+        lines.append(f"  {s.name:<17} {s.kind:<13} {what}")
+    return ["", "image path:", *lines] if lines else []
 
 
 IGNORED = {"timestamp", "plan_hash"}

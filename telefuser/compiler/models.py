@@ -16,7 +16,7 @@ from .weights import read_index
 CLASS_BY_ROLE = {"dit": "WanDiT", "dit_high_noise": "WanDiT", "dit_low_noise": "WanDiT", "vae": "WanVAE",
                  "text_encoder": "UMT5Encoder", "tokenizer": "UMT5Tokenizer", "image_encoder": "CLIPVision"}
 # Architecture numbers the weights do not store; the recipe's value is taken when it gives one.
-NOT_IN_WEIGHTS = {"WanDiT": {"num_heads", "eps"}}
+NOT_IN_WEIGHTS = {"WanDiT": {"num_heads", "eps"}, "CLIPVision": {"num_heads", "eps", "activation"}}
 
 
 def resolve_path(raw: str, recipe_dir: Path) -> Path:
@@ -117,6 +117,21 @@ def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
             raise WeightsError(f"layer1.pipeline = {pipeline!r} feeds DiT {dit.name!r} {expected} input channels, but its "
                                f"weights take {a.get('in_dim')} ({kind} model): set the pipeline that matches the "
                                "weights, or point the path at the right DiT.")
+    clip = by_role.get("image_encoder")
+    for dit in dits:
+        takes_image = dit.arch.get("model_type") == "i2v"  # img_emb + k_img/v_img: Wan2.1 I2V attends to CLIP tokens
+        if takes_image and clip is None:
+            raise WeightsError(f"DiT {dit.name!r} attends to CLIP image features (its weights have img_emb: Wan2.1 "
+                               "image-to-video), but layer1.models has no image_encoder; add the CLIP model (role = "
+                               "\"image_encoder\", class = \"CLIPVision\", e.g. models_clip_open-clip-xlm-roberta-large-"
+                               "vit-huge-14.pth of the same release) and set layer2.enable_clip_stage = true.")
+        if clip is not None and not takes_image:
+            raise WeightsError(f"image encoder {clip.name!r} would be unused: DiT {dit.name!r} has no image cross-attention "
+                               "(no img_emb in its weights); drop the image_encoder model and layer2.enable_clip_stage, "
+                               "or point the DiT at image-to-video weights.")
+        if clip is not None and dit.arch.get("image_dim") != clip.arch.get("dim"):
+            raise WeightsError(f"DiT {dit.name!r} takes CLIP features of width {dit.arch.get('image_dim')}, but image "
+                               f"encoder {clip.name!r} produces {clip.arch.get('dim')}: these weights belong to different models.")
     if len(dits) == 2:
         differing = sorted(k for k in dits[0].arch if dits[0].arch[k] != dits[1].arch.get(k))
         if differing:

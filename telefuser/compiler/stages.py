@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from telefuser.schema.enums import ModelRole
+from telefuser.schema.enums import ModelRole, PipelineType
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe
 
 NUM_TRAIN_TIMESTEPS = 1000
+TEMPORAL_RATIO, SPATIAL_RATIO = 4, 8  # the Wan2.1 VAE: 4x in time (after the first frame), 8x8 in space
+
+
+def image_stages(recipe: Recipe, by_role: dict[str, str], stages: list[Stage]) -> list[str]:
+    """Wan2.1 image-to-video: the image fitted to the frame, its CLIP tokens, and the VAE latents of [image, zero
+    frames] behind a first-frame mask. Appends the stages; returns the DiT inputs they make."""
+    stages.append(Stage(name="load_image", kind="image_load",
+                        params={"fit": "cover_center_crop", "resample": "lanczos", "value_range": [-1, 1]}))
+    conditioning = []
+    if ModelRole.IMAGE_ENCODER.value in by_role:
+        stages.append(Stage(name="encode_image", kind="image_encode", models=[by_role[ModelRole.IMAGE_ENCODER.value]],
+                            params={"features": "penultimate_block", "output": "clip_fea"}))
+        conditioning.append("clip_fea")
+    stages.append(Stage(name="encode_condition", kind="vae_encode", models=[by_role[ModelRole.VAE.value]],
+                        params={"condition": "first_frame", "num_frames": recipe.layer2.num_frames,
+                                "temporal_ratio": TEMPORAL_RATIO, "spatial_ratio": SPATIAL_RATIO,
+                                "mask_channels": TEMPORAL_RATIO, "output": "y"}))
+    return ["y", *conditioning]
 
 
 def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
@@ -18,15 +36,18 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
     stages.append(Stage(name="encode_text", kind="text_encode",
                         models=[by_role[ModelRole.TOKENIZER.value], by_role[ModelRole.TEXT_ENCODER.value]],
                         params={"text_len": l2.text_len, "negative": use_cfg}))
-    if ModelRole.IMAGE_ENCODER.value in by_role:
-        stages.append(Stage(name="encode_image", kind="image_encode", models=[by_role[ModelRole.IMAGE_ENCODER.value]]))
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     latent_channels = int(vae.arch.get("z_dim", 16)) if vae is not None and vae.arch else 16
+    conditioning: list[str] = []
+    if recipe.layer1.pipeline == PipelineType.WAN_I2V.value:
+        conditioning = image_stages(recipe, by_role, stages)
     stages.append(Stage(name="prepare_latents", kind="noise",
-                        params={"num_frames": l2.num_frames, "latent_channels": latent_channels, "temporal_ratio": 4, "spatial_ratio": 8,
-                                "generator": "cpu"}))
+                        params={"num_frames": l2.num_frames, "latent_channels": latent_channels,
+                                "temporal_ratio": TEMPORAL_RATIO, "spatial_ratio": SPATIAL_RATIO, "generator": "cpu"}))
     denoise: dict = {"solver": l2.sample_solver, "num_inference_steps": l2.num_inference_steps,
                      "sigma_shift": l2.sigma_shift, "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg}
+    if conditioning:  # the DiT's extra inputs, the same for the conditional and the unconditional branch
+        denoise["conditioning"] = conditioning
     if recipe.layer1.is_moe:
         high, low = by_role[ModelRole.DIT_HIGH_NOISE.value], by_role[ModelRole.DIT_LOW_NOISE.value]
         denoise.update({

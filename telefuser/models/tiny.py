@@ -6,6 +6,10 @@
 - vae.safetensors           WanVAE (z_dim 16, base_dim 4, 1 residual block per level), Wan's key names
 - text_encoder.safetensors  UMT5Encoder (dim 32, 2 layers), Wan's key names
 - tokenizer.json            the tiny umT5-style tokenizer (its vocabulary sizes the encoder)
+- dit_i2v.safetensors       WanDiT of Wan2.1 image-to-video (model_type i2v: 36 input channels, img_emb,
+                            k_img/v_img), otherwise as dit.safetensors, Wan's key names
+- image_encoder.safetensors CLIPVision: a ViT in the layout of Wan's open-clip ViT-H/14 (`visual.*`; 28 px
+                            images of 14 px patches, dim 32, 3 blocks), whose width the I2V DiT's img_emb takes
 
 Key names and shapes come from the model classes themselves (built on the meta
 device, so nothing is allocated); every tensor's values come from a generator
@@ -23,7 +27,8 @@ from pathlib import Path
 import torch
 
 SEED = 20250601
-FILES = {"dit": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors"}
+FILES = {"dit": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors",
+         "dit_i2v": "dit_i2v.safetensors", "image_encoder": "image_encoder.safetensors"}
 TOKENIZER_FILE = "tokenizer.json"
 
 TINY_ARCH: dict[str, dict] = {
@@ -59,8 +64,25 @@ TINY_ARCH: dict[str, dict] = {
         "num_buckets": 32,
         "shared_pos": False,
     },
+    "image_encoder": {
+        "image_size": 28,  # 2 x 2 patches + the class token = 5 tokens
+        "patch_size": 14,
+        "dim": 32,
+        "mlp_dim": 64,
+        "num_heads": 2,
+        "num_layers": 3,  # Wan runs all but the last: the penultimate block's tokens
+        "eps": 1e-5,
+        "activation": "gelu",
+    },
 }
-CLASSES = {"dit": "WanDiT", "vae": "WanVAE", "text_encoder": "UMT5Encoder"}
+# Wan2.1 image-to-video's DiT: the text-to-video one with the noise, 4 mask and 16 image-latent channels in, and
+# image cross-attention over the CLIP tokens (of the tiny encoder's width).
+TINY_ARCH["dit_i2v"] = {**TINY_ARCH["dit"], "model_type": "i2v", "in_dim": 36,
+                        "image_dim": TINY_ARCH["image_encoder"]["dim"]}
+CLASSES = {"dit": "WanDiT", "vae": "WanVAE", "text_encoder": "UMT5Encoder", "dit_i2v": "WanDiT",
+           "image_encoder": "CLIPVision"}
+# The LayerNorms of the I2V DiT's img_emb (proj.0, proj.4): their names do not say "norm".
+NORM_WEIGHTS = {"img_emb.proj.0.weight", "img_emb.proj.4.weight"}
 
 
 def _value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -68,7 +90,8 @@ def _value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(SEED ^ zlib.crc32(name.encode()))
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
-    is_norm_scale = leaf == "gamma" or ("norm" in name and leaf == "weight" and len([s for s in shape if s > 1]) <= 1)
+    is_norm_scale = leaf == "gamma" or ("norm" in name and leaf == "weight" and len([s for s in shape if s > 1]) <= 1) \
+        or name in NORM_WEIGHTS
     if is_norm_scale:
         return 1.0 + 0.1 * noise
     if leaf == "bias":

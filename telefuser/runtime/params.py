@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from telefuser.errors import TeleFuserError
 from telefuser.schema.plan import Plan, UserParameter
 from telefuser.schema.resolution import frame_size
+
+if TYPE_CHECKING:
+    from .image import ConditioningImage
 
 
 class ParameterError(TeleFuserError):
@@ -23,6 +27,7 @@ class RunParameters:
     aspect_ratio: str
     width: int
     height: int
+    image: Optional["ConditioningImage"] = None  # image-to-video: the checked conditioning image
 
 
 def _check(name: str, spec: UserParameter, value: Any) -> Any:
@@ -46,10 +51,22 @@ def _check(name: str, spec: UserParameter, value: Any) -> Any:
     return value
 
 
+def image_not_taken(plan: Plan, image: Any, unknown: list[str] | None = None) -> ParameterError:
+    """The error for an image given to a plan without an image parameter (a text-to-video plan)."""
+    shown = repr(str(image)) if isinstance(image, (str, os.PathLike)) else f"(a {type(image).__name__})"
+    return ParameterError(
+        f"this plan does not take parameter(s) {', '.join(unknown or ['image'])}: it is a {plan.pipeline_type} "
+        f"(text-to-video) plan, so image {shown} would be ignored; drop --image, or run an image-to-video plan "
+        "(compiled from a recipe with layer1.pipeline = \"wan_i2v\", e.g. recipes/tiny_i2v.toml)."
+    )
+
+
 def resolve_parameters(plan: Plan, **given: Any) -> RunParameters:
     """Merge the given values (None = not given) with the plan's defaults and check each one."""
     specs = plan.layer3_user_interface.parameters
     unknown = sorted(k for k, v in given.items() if v is not None and k not in specs)
+    if "image" in unknown:
+        raise image_not_taken(plan, given["image"], unknown)
     if unknown:
         raise ParameterError(
             f"this plan does not take parameter(s) {', '.join(unknown)}; it takes {', '.join(sorted(specs))}."
@@ -58,12 +75,19 @@ def resolve_parameters(plan: Plan, **given: Any) -> RunParameters:
     for name, spec in specs.items():
         value: Optional[Any] = given.get(name)
         if value is None:
+            if name == "image" and spec.required:
+                raise ParameterError("this image-to-video plan needs the video's first frame: pass --image PATH (a PNG, "
+                                     "JPEG or WebP file) on the command line, or image=... (a path, a PIL image or an "
+                                     "RGB uint8 numpy array) in Python.")
             if spec.required:
                 raise ParameterError(f"the plan requires {name}; pass it (--{name.replace('_', '-')} on the command line).")
             value = spec.default
+        if name == "image" and spec.type == "path":
+            from .image import as_image
+
+            values[name] = as_image(value) if value is not None else None
+            continue
         values[name] = _check(name, spec, value) if value is not None else None
-    if "image" in specs:
-        raise ParameterError("image-to-video plans are not supported by this runtime yet; use a text-to-video plan.")
     negative_prompt = values.get("negative_prompt") or ""
     if given.get("negative_prompt") is None and not negative_prompt:
         # Layer 2's negative prompt is the algorithm's default when Layer 3 offers none.
@@ -77,6 +101,7 @@ def resolve_parameters(plan: Plan, **given: Any) -> RunParameters:
         aspect_ratio=values["aspect_ratio"],
         width=width,
         height=height,
+        image=values.get("image"),
     )
 
 

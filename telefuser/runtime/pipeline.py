@@ -59,7 +59,7 @@ def _parallelize(module: torch.nn.Module, role: str, mesh, sharded: bool) -> Non
 def unsupported_features(plan: Plan) -> list[str]:
     """Plan settings this runtime cannot honour yet (refused rather than silently ignored)."""
     l2 = plan.layer2_inference_config
-    found = [name for name in ("enable_clip_stage", "enable_vfi", "enable_sr") if getattr(l2, name)]
+    found = [name for name in ("enable_vfi", "enable_sr") if getattr(l2, name)]
     if l2.lq_noise_strength:
         found.append("lq_noise_strength")
     parallel = l2.parallel_config
@@ -88,8 +88,10 @@ def unsupported_features(plan: Plan) -> list[str]:
             found.append(f"models.{name}.attention_config.sparse_config")
         if cfg.feature_cache_config.method != "none":
             found.append(f"models.{name}.feature_cache_config.method = {cfg.feature_cache_config.method}")
-    if plan.pipeline_type != "wan_t2v":
+    if plan.pipeline_type not in ("wan_t2v", "wan_i2v"):
         found.append(f"pipeline {plan.pipeline_type}")
+    if plan.pipeline_type == "wan_i2v" and any(m.role == "dit_high_noise" for m in plan.layer1_model_definition.models):
+        found.append("pipeline wan_i2v with two DiTs (Wan2.2 image-to-video)")
     return found
 
 
@@ -176,12 +178,14 @@ class Pipeline:
         resolution: Optional[str] = None,
         aspect_ratio: Optional[str] = None,
         progress: bool = True,
+        image=None,
     ) -> Optional[Video]:
         """Generate one video; parameters left as None take the plan's defaults. None on ranks other than 0
-        (under dp, replica 0 makes it and the other replicas wait)."""
+        (under dp, replica 0 makes it and the other replicas wait). `image` (image-to-video plans): the first
+        frame, as a file path, a PIL image or a numpy array [H, W, 3] uint8 RGB."""
         params = resolve_parameters(
             self.plan, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-            resolution=resolution, aspect_ratio=aspect_ratio,
+            resolution=resolution, aspect_ratio=aspect_ratio, image=image,
         )
         if self.rank.dp_index != 0:
             return None
@@ -196,11 +200,15 @@ class Pipeline:
         resolution: Optional[str] = None,
         aspect_ratio: Optional[str] = None,
         progress: bool = True,
+        image=None,
     ) -> Iterator[tuple[int, Video]]:
         """A video per prompt, each with the same seed and settings (prompt i's video is the one `run` makes
         for it). Prompt i goes to dp replica i % dp_degree; each replica's lead yields (i, video) as it is done."""
-        batch = [resolve_parameters(self.plan, prompt=p, negative_prompt=negative_prompt, seed=seed,
-                                    resolution=resolution, aspect_ratio=aspect_ratio) for p in prompts]
+        batch = []
+        for p in prompts:
+            batch.append(resolve_parameters(self.plan, prompt=p, negative_prompt=negative_prompt, seed=seed,
+                                            resolution=resolution, aspect_ratio=aspect_ratio, image=image))
+            image = batch[-1].image or image  # a file is read and checked once, then shared by every prompt
         for index in range(self.rank.dp_index, len(batch), self.rank.degree("dp")):
             video = self._generate(batch[index], progress)
             if video is not None:

@@ -296,7 +296,8 @@ class Layer2(StrictModel):
     tile_size: list[PositiveInt] = Field(default_factory=lambda: [34, 34], min_length=2, max_length=2,
                                          description="VAE tile size in latent pixels (height, width).")
     negative_prompt: str = ""
-    enable_clip_stage: bool = False
+    enable_clip_stage: bool = Field(False, description="Run the image encoder (role image_encoder, CLIP) on the "
+                                    "conditioning image; Wan2.1 I2V needs it. True exactly when that model is present.")
     enable_denoising_parallel: bool = True
     enable_vae_parallel: bool = False
     enable_vfi: bool = False
@@ -378,7 +379,7 @@ class AspectRatioParam(_ChoiceParam):
 
 
 class ImageParam(StrictModel):
-    required: bool = True
+    required: bool = Field(True, description="Must stay true: the image is the video's first frame.")
     description: str = "Conditioning image (I2V)."
 
 
@@ -443,6 +444,20 @@ class Recipe(StrictModel):
             raise ValueError("layer3.image is only for the wan_i2v pipeline")
         if l1.pipeline == PipelineType.WAN_I2V.value and self.layer3.image is None:
             raise ValueError("the wan_i2v pipeline needs a [layer3.image] parameter")
+        if self.layer3.image is not None and not self.layer3.image.required:
+            raise ValueError("layer3.image.required must be true: the image is the video's first frame, and an "
+                             "image-to-video plan has no default image")
+        roles = {m.role for m in l1.models}
+        clip = ModelRole.IMAGE_ENCODER.value in roles
+        if clip and l1.pipeline != PipelineType.WAN_I2V.value:
+            raise ValueError("a model with role 'image_encoder' is only for the wan_i2v pipeline (it encodes the "
+                             "conditioning image); remove it, or set layer1.pipeline = \"wan_i2v\"")
+        if l2.enable_clip_stage and not clip:
+            raise ValueError("layer2.enable_clip_stage = true needs a model with role 'image_encoder' (the CLIP "
+                             "vision tower, class CLIPVision) in layer1.models; add it, or set enable_clip_stage = false")
+        if clip and not l2.enable_clip_stage:
+            raise ValueError("layer1.models has an image_encoder, so the plan runs the CLIP stage: set "
+                             "layer2.enable_clip_stage = true (or remove the image_encoder)")
         return self
 
     def to_data(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from telefuser.ops.normalization import LayerNorm, RMSNorm, norm_modulate
 from telefuser.ops.residual import gated_add
 from telefuser.ops.rotary import apply_rotary_emb, wan_rope_cos_sin
 
-CLIP_DIM = 1280  # CLIP ViT-H/14 penultimate features fed to img_emb
+CLIP_DIM = 1280  # CLIP ViT-H/14 penultimate features fed to img_emb (Wan2.1 I2V)
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -59,6 +59,7 @@ class WanDiTConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    image_dim: int = CLIP_DIM  # i2v: width of the CLIP image features img_emb takes (read from img_emb.proj.0)
 
     def __post_init__(self) -> None:
         if self.model_type not in ("t2v", "i2v"):
@@ -210,7 +211,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(c) for _ in range(c.num_layers))
         self.head = WanHead(c)
         if c.model_type == "i2v":
-            self.img_emb = WanImageEmbedding(CLIP_DIM, c.dim)
+            self.img_emb = WanImageEmbedding(c.image_dim, c.dim)
         # The RoPE table is built on the CPU in float64 (tens of ms at 480p); once per grid and device.
         self._rope_cache: dict[tuple[tuple[int, ...], torch.device], Rope] = {}
 

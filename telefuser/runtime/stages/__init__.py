@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import STAGES, RunState, StageContext
-from . import denoise, noise, text_encode, vae_decode, write_video  # noqa: F401  (each registers its kind)
+from . import (denoise, image_encode, image_load, noise, text_encode, vae_decode, vae_encode,  # noqa: F401
+               write_video)  # (each registers its kind)
 
 __all__ = ["STAGES", "RunState", "StageContext"]

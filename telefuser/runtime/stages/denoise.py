@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from telefuser.distributed.rank import RankContext
+from telefuser.errors import PlanError
 from telefuser.schema.plan import Stage
 
 from .base import RunState, StageContext, register
@@ -26,17 +27,35 @@ def phases(stage: Stage) -> list[tuple[str, float, float]]:
 
 
 def guided(dit: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-           context_null: Optional[torch.Tensor], scale: float, rank: RankContext) -> torch.Tensor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond), in float32."""
+           context_null: Optional[torch.Tensor], scale: float, rank: RankContext,
+           conditioning: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond), in float32. `conditioning` (image-to-video: `y`,
+    `clip_fea`) goes to both branches alike, as Wan does: only the text differs between them."""
+    extra = conditioning or {}
     if context_null is None or scale == 1.0:
-        return dit(x, t, context).float()  # scale 1 gives exactly the conditional prediction
+        return dit(x, t, context, **extra).float()  # scale 1 gives exactly the conditional prediction
     if rank.degree("cfg") == 2:
         mine = context if rank.coords["cfg"] == 0 else context_null.to(context.dtype)
-        cond, uncond = rank.all_gather(dit(x, t, mine).float(), "cfg")
+        cond, uncond = rank.all_gather(dit(x, t, mine, **extra).float(), "cfg")
     else:
-        cond = dit(x, t, context).float()
-        uncond = dit(x, t, context_null.to(context.dtype)).float()
+        cond = dit(x, t, context, **extra).float()
+        uncond = dit(x, t, context_null.to(context.dtype), **extra).float()
     return uncond + scale * (cond - uncond)
+
+
+def conditioning_inputs(state: RunState, stage: Stage, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The DiT's extra inputs the plan names (`y`, `clip_fea`), made by earlier stages, in the DiT's dtype."""
+    inputs = {}
+    for name in stage.params.get("conditioning", []):
+        if name not in ("y", "clip_fea"):
+            raise PlanError(f"the plan's stage {stage.name!r} feeds the DiT {name!r}, which this runtime does not "
+                            "make; recompile the recipe with this version.")
+        value = getattr(state, name)
+        if value is None:
+            raise PlanError(f"the plan's stage {stage.name!r} feeds the DiT {name!r}, but no earlier stage made it; "
+                            "recompile the recipe.")
+        inputs[name] = value.to(dtype)
+    return inputs
 
 
 @register("denoise")
@@ -61,10 +80,11 @@ def denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
             continue
         with ctx.placements[name].active() as dit, ctx.dispatch(name):
             dtype = next(dit.parameters()).dtype
+            extra = conditioning_inputs(state, stage, dtype)
             for t in span:
                 start = time.perf_counter()
                 velocity = guided(dit, latents.to(dtype), t.reshape(1).to(ctx.device), state.context.to(dtype),
-                                  context_null, scale, ctx.rank)
+                                  context_null, scale, ctx.rank, extra)
                 latents = solver.step(velocity, t, latents)
                 ctx.sync()
                 state.timings.steps.append(time.perf_counter() - start)

@@ -1,0 +1,29 @@
+"""image_load: the conditioning image fitted to the chosen frame (Lanczos resize to cover, centre crop) and mapped
+to [-1, 1], on each dp replica's lead: the models that read it (CLIP, the VAE encoder) live there."""
+
+from __future__ import annotations
+
+from telefuser.errors import PlanError
+from telefuser.schema.plan import Stage
+
+from .base import RunState, StageContext, register, timed
+
+FITS = {("cover_center_crop", "lanczos")}
+
+
+@register("image_load")
+def image_load(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    from ..image import fit_image, to_pixels
+
+    p = stage.params
+    if (p["fit"], p["resample"]) not in FITS or list(p["value_range"]) != [-1, 1]:
+        raise PlanError(f"the plan's stage {stage.name!r} fits the image with {p['fit']}/{p['resample']} to "
+                        f"{p['value_range']}, which this runtime does not do; recompile the recipe with this version.")
+    if state.params.image is None:
+        raise PlanError(f"the plan's stage {stage.name!r} needs an image, but the plan declares no image parameter; "
+                        "recompile the recipe (an image-to-video recipe has a [layer3.image]).")
+    if not ctx.rank.is_writer:
+        return
+    with timed(state.timings, "encode", ctx):
+        frame = fit_image(state.params.image, state.params.width, state.params.height)
+        state.image = to_pixels(frame).to(ctx.device)
