@@ -354,8 +354,32 @@ class Bench:
                 continue
             self.run_model(spec)
             self.release()  # the model's weights went with run_model's frame
+        if self.args.fsdp_memory and self.world > 1:  # the 14B DiT on GPUs: no forward needed, so always it
+            self.fsdp_weights(MODELS["14b"] if self.cuda else specs[-1])
         self.log("done")
         self.write()
+
+    def fsdp_weights(self, spec: ModelSpec) -> None:
+        """The DiT's weight bytes per GPU, replicated and under enable_fsdp (FSDP2 over every rank), as the
+        allocator counts them: built on the meta device, sharded, then each rank's share allocated."""
+        from telefuser.distributed.fsdp import apply_fsdp
+
+        with torch.device("meta"):
+            model = WanDiT(spec.config).to(self.dtype)
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        apply_fsdp(model, self.mesh(("fsdp",), (self.world,)))
+        self.release()
+        before = torch.cuda.memory_allocated(self.device) if self.cuda else 0
+        model.to_empty(device=self.device)
+        held = (torch.cuda.memory_allocated(self.device) - before) if self.cuda else sum(
+            p.to_local().numel() * p.element_size() for p in model.parameters())
+        held = self.all_max([float(held)])[0]
+        note = (f"{spec.title}, enable_fsdp over {self.world} GPUs: DiT weights {held / 2**30:.2f} GiB per GPU "
+                f"(the most on any rank) against {full / 2**30:.2f} GiB replicated ({full / held:.2f}x less).")
+        self.notes.append(note)
+        self.log(note)
+        del model
+        self.release()
 
     def diffusers_ready(self) -> None:
         if self.args.no_diffusers:
@@ -680,6 +704,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--diffusers-backend", default="", help="diffusers attention backend (default _native_cudnn on GPU)")
     p.add_argument("--no-diffusers", action="store_true", help="TeleFuser only")
     p.add_argument("--collective-timeout-s", type=float, default=0.0, help="process-group timeout (default 180 / 60)")
+    p.add_argument("--fsdp-memory", action="store_true",
+                   help="also the 14B DiT's weight bytes per GPU, replicated and under enable_fsdp")
     p.add_argument("--cpu-smoke", action="store_true", help="the whole logic on the CPU: gloo, tiny DiTs, float32")
     p.add_argument("--world", type=int, default=2, help="processes in --cpu-smoke mode (default 2)")
     args = p.parse_args(argv)
