@@ -519,6 +519,23 @@ def test_compiler_refuses_inconsistent_i2v_recipes(tmp_path, edit, needle):
     assert needle in " ".join(str(info.value).split())
 
 
+def test_a_whole_wan_clip_file_counts_and_loads_its_vision_tower_only(tmp_path):
+    """Wan's CLIP file holds the whole XLM-RoBERTa CLIP: the text tower, log_scale and the projection head are
+    dropped on loading and left out of the parameter count (and so of the memory estimate)."""
+    from safetensors.torch import load_file
+
+    from telefuser.runtime.loading import build_model
+    from telefuser.schema.recipe import ModelRuntimeConfig
+
+    vision = load_file(str(TINY / "image_encoder.safetensors"))
+    whole = {**vision, "visual.head": torch.zeros(32, 16), "log_scale": torch.zeros(()),
+             "textual.token_embedding.weight": torch.zeros(100, 16), "textual.blocks.0.attn.q.weight": torch.zeros(16, 16)}
+    clip = compile_recipe(_i2v_folder(tmp_path, clip_state=whole)).model("image_encoder")
+    assert clip.key_layout == "wan" and clip.parameter_count == sum(t.numel() for t in vision.values())
+    model = build_model(clip, ModelRuntimeConfig(), torch.device("cpu"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in vision.items())
+
+
 def test_compiler_refuses_clip_of_another_width(tmp_path):
     from safetensors.torch import load_file
 

@@ -173,5 +173,20 @@ def storage_dtype(tensors: dict[str, TensorInfo]) -> str:
     return max(totals, key=totals.get) if totals else "auto"  # type: ignore[arg-type]
 
 
+# Tensors a checkpoint holds that its model drops on loading: a CLIP file's text tower, logit scale and projection
+# heads (Wan's XLM-RoBERTa CLIP file is about half text tower), by layout.
+_CLIP_VISION = {"wan": lambda k: k.startswith("visual.") and k != "visual.head",
+                "open_clip": lambda k: k.startswith("visual.") and k != "visual.proj",
+                "hf": lambda k: not k.startswith(("text_model.", "text_projection", "logit_scale", "visual_projection"))}
+
+
+def used_tensors(det: Detection, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors the model loads (what its weights cost in memory)."""
+    if det.class_name != "CLIPVision":
+        return tensors
+    keep = _CLIP_VISION[det.layout]
+    return {k: t for k, t in tensors.items() if keep(k)}
+
+
 def parameter_count(tensors: dict[str, TensorInfo]) -> int:
     return sum(math.prod(t.shape) for t in tensors.values())

@@ -10,7 +10,7 @@ from telefuser.schema.fingerprint import fingerprint, sha256_requested
 from telefuser.schema.plan import DetectedAttributes, PlannedModel
 from telefuser.schema.recipe import ModelRuntimeConfig, ModelSpec, Recipe
 
-from .detect import Detection, detect, parameter_count, storage_dtype
+from .detect import Detection, detect, parameter_count, storage_dtype, used_tensors
 from .weights import read_index
 
 CLASS_BY_ROLE = {"dit": "WanDiT", "dit_high_noise": "WanDiT", "dit_low_noise": "WanDiT", "vae": "WanVAE",
@@ -88,7 +88,7 @@ def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool)
     return PlannedModel(
         name=spec.name, role=spec.role, path=str(path), class_=det.class_name, dtype=dtype, compute_dtype=compute,
         key_layout=det.layout, attributes=_attributes(spec, dtype, index.metadata, moe), arch=arch,
-        parameter_count=parameter_count(index.tensors),
+        parameter_count=parameter_count(used_tensors(det, index.tensors)),  # a CLIP file's text tower is dropped
         files=[fingerprint(f, full_hash=sha256_requested()) for f in index.files],  # --hash-weights: full SHA-256 too
     )
 
