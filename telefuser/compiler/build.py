@@ -56,7 +56,8 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
         check_compatible(models, recipe.layer1.pipeline)
     check_parallel(recipe.layer2.parallel_config, models)
     dispatch = build_dispatch(models, recipe.layer2.models, resolved)
-    memory = estimate_memory(recipe, models, resolved.memory_bytes) if inspect_weights else None
+    stages = build_stages(recipe, models)
+    memory = estimate_memory(recipe, models, resolved.memory_bytes, stages) if inspect_weights else None
     if memory is not None and memory.peak_bytes > memory.capacity_bytes:
         gib = 2**30
         top = sorted(memory.breakdown.items(), key=lambda kv: -kv[1])[:3]
@@ -84,7 +85,7 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
         "mesh": build_mesh(recipe.layer2.parallel_config, resolved.num_devices).model_dump(mode="json"),
         "memory": memory.model_dump(mode="json") if memory else
         {"peak_bytes": 0, "capacity_bytes": resolved.memory_bytes, "breakdown": {}, "at": {"skipped": "--no-weights"}},
-        "stages": [s.model_dump(mode="json") for s in build_stages(recipe, models)],
+        "stages": [s.model_dump(mode="json") for s in stages],
     }
     # Hash exactly what the plan file will hold: pydantic's JSON dump of the validated plan.
     draft = Plan.model_validate({**content, "plan_hash": "", "timestamp": ""})

@@ -52,8 +52,9 @@ def explain(plan: Plan) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.degrees.items() if v > 1) or "single device"
     mem = plan.memory
     lines += ["", f"mesh: {plan.mesh.world_size} rank(s), {mesh}",
-              f"memory: peak {mem.peak_bytes / GIB:.2f} GiB of {mem.capacity_bytes / GIB:.1f} GiB per device at {mem.at}",
-              "", "stages: " + " -> ".join(s.name for s in plan.stages)]
+              f"memory: peak {mem.peak_bytes / GIB:.2f} GiB of {mem.capacity_bytes / GIB:.1f} GiB per device at {mem.at}"]
+    lines += _offload(plan)
+    lines += ["", "stages: " + " -> ".join(s.name for s in plan.stages)]
     lines += _image_path(plan)
     params = plan.layer3_user_interface.parameters
     lines += ["", "parameters (telefuser-run):"]
@@ -62,6 +63,30 @@ def explain(plan: Plan) -> str:
         given = "required" if p.required else f"default {p.default!r}"
         lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} {given}{extra}")
     return "\n".join(lines)
+
+
+def _offload(plan: Plan) -> list[str]:
+    """MODEL_CPU_OFFLOAD models: where their host copy lives, and per use whether it is prefetched and why."""
+    l2 = plan.layer2_inference_config
+    offloaded = [name for name, cfg in l2.models.items() if cfg.offload_config.offload_type == "MODEL_CPU_OFFLOAD"]
+    if not offloaded:
+        return []
+
+    def host(name: str) -> str:
+        if plan.device != "cuda":
+            return "host memory (a CPU plan: a second RAM copy while in use)"
+        return "pinned host memory" if l2.models[name].offload_config.pin_cpu_memory else "pageable host memory"
+
+    lines = ["offload (MODEL_CPU_OFFLOAD: loaded once into host memory, copied in for each use, dropped after "
+             "without copying back):"]
+    lines += [f"  {name:<14} in {host(name)}" for name in offloaded]
+    if not plan.memory.prefetch:
+        lines.append("  prefetch: none recorded (compiled without weights, or by an older TeleFuser)")
+    for d in plan.memory.prefetch:
+        during = f" during {d.during_stage} ({d.during_model})" if d.during_stage and d.peak_bytes else ""
+        what = f"{'prefetch' if d.prefetch else 'no prefetch'}{during}: {d.reason}"
+        lines.append(f"  {d.model:<14} for {d.stage:<17} {what}")
+    return lines
 
 
 def _image_path(plan: Plan) -> list[str]:

@@ -12,12 +12,20 @@ feature maps of one latent frame's 4 output frames at base_dim channels,
 calibrated on an H100 (docs/benchmarks.md: 4.8 GiB peak for the Wan2.1 VAE at
 480p x 81 frames), plus the decoded video in float32.
 These are estimates for refusing the clearly impossible, not promises.
+
+Prefetch: for every use of a MODEL_CPU_OFFLOAD model (a stage naming it, in run order)
+the previous model use is where it could be copied in ahead of time, on a side
+stream. That is recorded as a prefetch when the estimated peak of that previous
+use with both models on the device (resident weights, the running model if it is
+offloaded too, the prefetched one, that stage's activations, the workspace) stays
+within PREFETCH_HEADROOM of the capacity; otherwise, or for a model's first use in
+a video, the plan records "no prefetch" and why.
 """
 
 from __future__ import annotations
 
 from telefuser.schema.enums import ModelRole, WeightOffloadType
-from telefuser.schema.plan import MemoryEstimate, PlannedModel
+from telefuser.schema.plan import MemoryEstimate, PlannedModel, PrefetchDecision, Stage
 from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
 
@@ -25,6 +33,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "f
 FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
 WORKSPACE_BYTES = 1 * 2**30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
 VAE_LIVE_MAPS = 15  # concatenated caches, padding copies, residual inputs and outputs at full resolution
+# A prefetch holds two models on the device at once; it is planned only with this share of the capacity to spare,
+# since a wrong estimate would turn a run that fits into one that does not.
+PREFETCH_HEADROOM = 0.9
 
 
 def _largest_frame(recipe: Recipe) -> tuple[int, int, str, str]:
@@ -50,7 +61,9 @@ def _weight_bytes(model: PlannedModel, runtime: ModelRuntimeConfig, recipe: Reci
     return total
 
 
-def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int) -> MemoryEstimate:
+def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
+                    stages: list[Stage] | None = None) -> MemoryEstimate:
+    """The peak estimate; with the plan's `stages`, also the prefetch decision for every offloaded model use."""
     l2 = recipe.layer2
     width, height, res, ar = _largest_frame(recipe)
     breakdown: dict[str, int] = {}
@@ -82,6 +95,91 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int) -
     breakdown["workspace"] = WORKSPACE_BYTES
     peak_activation = max(breakdown["activations.dit"], breakdown.get("activations.vae_decode", 0))
     peak = int(resident + (max(offloaded) if offloaded else 0) + peak_activation + WORKSPACE_BYTES)
+    prefetch = plan_prefetch(recipe, models, stages or [], capacity, resident, breakdown, (width, height))
+    # A planned prefetch holds two models at once: its peak counts (it was planned only where it fits).
+    peak = max([peak, *(d.peak_bytes for d in prefetch if d.prefetch)])
     return MemoryEstimate(peak_bytes=peak, capacity_bytes=capacity, breakdown=breakdown,
                           at={"width": width, "height": height, "resolution": res, "aspect_ratio": ar,
-                              "num_frames": l2.num_frames, "tokens": tokens})
+                              "num_frames": l2.num_frames, "tokens": tokens},
+                          prefetch=prefetch)
+
+
+def model_uses(stages: list[Stage], models: list[PlannedModel]) -> list[tuple[Stage, str]]:
+    """(stage, model) for every model a stage activates, in run order (the tokenizer is no device model; a
+    denoise stage's models in phase order)."""
+    device_models = {m.name for m in models if m.role != ModelRole.TOKENIZER.value}
+    return [(s, name) for s in stages if s.kind != "load" for name in s.models if name in device_models]
+
+
+def _stage_activation(stage: Stage, models: list[PlannedModel], breakdown: dict[str, int], frame: tuple[int, int],
+                      text_len: int) -> int:
+    """Activation bytes while `stage` runs, at the estimate's largest frame."""
+    kind = stage.kind
+    if kind == "denoise":
+        return breakdown.get("activations.dit", 0)
+    if kind in ("vae_decode", "vae_encode"):  # the encoder's feature maps are those of the decoder, mirrored
+        return breakdown.get("activations.vae_decode", 0)
+    by_name = {m.name: m for m in models}
+    if kind == "text_encode":
+        encoder = by_name.get(stage.models[-1]) if stage.models else None
+        if encoder is None:
+            return 0
+        arch, width = encoder.arch, DTYPE_BYTES[encoder.compute_dtype]
+        batch = 2 if stage.params.get("negative") else 1
+        dim, ffn, heads = int(arch.get("dim", 0)), int(arch.get("dim_ffn", 0)), int(arch.get("num_heads", 1))
+        # the residual stream and the FFN's hidden layer, plus the float32 attention scores (position bias)
+        return batch * text_len * (2 * dim + ffn) * width + batch * heads * text_len * text_len * 4
+    if kind == "image_encode":
+        encoder = by_name.get(stage.models[0]) if stage.models else None
+        if encoder is None:
+            return 0
+        arch, width = encoder.arch, DTYPE_BYTES[encoder.compute_dtype]
+        tokens = (int(arch.get("image_size", 224)) // int(arch.get("patch_size", 14))) ** 2 + 1
+        dim, mlp, heads = int(arch.get("dim", 0)), int(arch.get("mlp_dim", 0)), int(arch.get("num_heads", 1))
+        return tokens * (2 * dim + mlp) * width + heads * tokens * tokens * 4 + 3 * frame[0] * frame[1] * 4
+    return 0
+
+
+def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], capacity: int, resident: int,
+                  breakdown: dict[str, int], frame: tuple[int, int]) -> list[PrefetchDecision]:
+    """For each use of a MODEL_CPU_OFFLOAD model: prefetch it during the previous model use, or not, and why."""
+    l2 = recipe.layer2
+
+    def offload(name: str):
+        return l2.models.get(name, ModelRuntimeConfig()).offload_config
+
+    def offloaded(name: str) -> bool:
+        return offload(name).offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD.value
+
+    limit = int(capacity * PREFETCH_HEADROOM)
+    uses = model_uses(stages, models)
+    decisions = []
+    for index, (stage, name) in enumerate(uses):
+        if not offloaded(name):
+            continue
+        if index == 0:
+            decisions.append(PrefetchDecision(model=name, stage=stage.name, prefetch=False, peak_bytes=0,
+                                              reason="its first use in a video: copied in when its stage starts"))
+            continue
+        before, running = uses[index - 1]
+        if running == name:
+            decisions.append(PrefetchDecision(
+                model=name, stage=stage.name, during_stage=before.name, during_model=running, prefetch=False,
+                peak_bytes=0, reason=f"the use before is its own (stage {before.name}): copied in again at its stage"))
+            continue
+        size = breakdown.get(f"weights.{name}", 0)
+        peak = resident + size + _stage_activation(before, models, breakdown, frame, l2.text_len) + WORKSPACE_BYTES
+        if offloaded(running):
+            peak += breakdown.get(f"weights.{running}", 0)
+        if offload(name).prefetch_size == 0:
+            fits, reason = False, f"layer2.models.{name}.offload_config.prefetch_size = 0"
+        elif peak <= limit:
+            fits, reason = True, (f"both fit: est. peak {peak / 2**30:.2f} GiB, limit {limit / 2**30:.2f} GiB "
+                                  f"({PREFETCH_HEADROOM:.0%} of {capacity / 2**30:.2f} GiB)")
+        else:
+            fits, reason = False, (f"both would need est. {peak / 2**30:.2f} GiB, over the limit of "
+                                   f"{limit / 2**30:.2f} GiB ({PREFETCH_HEADROOM:.0%} of {capacity / 2**30:.2f} GiB): "
+                                   "copied in when its stage starts")
+        decisions.append(PrefetchDecision(model=name, stage=stage.name, during_stage=before.name,
+                                          during_model=running, prefetch=fits, peak_bytes=peak, reason=reason))
+    return decisions

@@ -18,6 +18,7 @@ from telefuser.schema.plan import Plan
 from telefuser.schema.recipe import ModelRuntimeConfig
 
 from .params import RunParameters, resolve_parameters
+from .offload import PrefetchSchedule
 from .placement import Placement, peak_memory, reset_peak_memory
 from .video import Timings, Video
 
@@ -123,6 +124,7 @@ class Pipeline:
         self.rank = ranks.join(plan)
         self.device = self.rank.device
         self.placements: dict[str, Placement] = {}  # by model name
+        self.prefetch = PrefetchSchedule(plan.memory.prefetch, self.placements, self.device)  # the plan's decisions
         self.tokenizers: dict[str, object] = {}
         l2 = plan.layer2_inference_config
         for planned in plan.layer1_model_definition.models:
@@ -141,7 +143,8 @@ class Pipeline:
                                      base_dir=Path(plan.recipe.path).parent)
                 if self.rank.mesh is not None:
                     _parallelize(module, planned.role, self.rank.mesh, sharded)
-            self.placements[planned.name] = Placement(module, self.device, offload)
+            self.placements[planned.name] = Placement(module, self.device, offload, name=planned.name,
+                                                      pin=runtime.offload_config.pin_cpu_memory, schedule=self.prefetch)
         self.load_seconds = time.perf_counter() - start
 
     def dump_config(self, path: str | Path | None = None) -> dict:
@@ -228,6 +231,7 @@ class Pipeline:
                     f"execute (it runs {', '.join(STAGES)}); recompile the recipe with this TeleFuser version."
                 )
             with _oom_guard(f"stage {stage.name!r}"), torch.inference_mode():
+                self.prefetch.enter_stage(stage.name)
                 runner(self, state, stage)
         if not self.rank.is_writer:
             return None

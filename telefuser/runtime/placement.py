@@ -5,29 +5,65 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
+from .offload import OffloadedWeights, PrefetchSchedule, prefetch_failed
+
 
 class Placement:
-    """A model kept on the compute device, or on the CPU and moved there only for its stage."""
+    """A model kept on the compute device, or (offload) in host memory and on the device only while active.
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, offload: bool) -> None:
+    Offloaded (`telefuser.runtime.offload`): the weights are packed once into host chunks, pinned on CUDA when
+    `pin`; `active()` copies them into one device buffer (or waits for a prefetch's copy) and points the module's
+    tensors at it; leaving drops that buffer without copying anything back. `schedule` (the plan's prefetch
+    decisions) learns of each activation, to start the next model's copy while this one runs.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, offload: bool, *, name: str = "",
+                 pin: bool = True, schedule: Optional[PrefetchSchedule] = None) -> None:
         self.module = module
-        self.device = device
-        self.offload = offload and device.type != "cpu"
+        self.device = torch.device(device)
+        self.name = name
+        self.schedule = schedule
+        self.weights = OffloadedWeights(module, self.device, pin=pin) if offload else None
+        self._depth = 0
+
+    @property
+    def offload(self) -> bool:
+        return self.weights is not None
+
+    def prefetch(self, stream: Optional[torch.cuda.Stream] = None) -> bool:
+        """Start copying an inactive offloaded model in (on `stream` when given); whether a copy started."""
+        if self.weights is None or self._depth or self.weights.device_buffer is not None:
+            return False
+        try:
+            self.weights.fetch(stream)
+        except torch.OutOfMemoryError as exc:
+            prefetch_failed(self.name, exc)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Drop a prefetched copy that was not used (nothing copied back)."""
+        if self.weights is not None and not self._depth:
+            self.weights.deactivate()
 
     @contextlib.contextmanager
     def active(self) -> Iterator[torch.nn.Module]:
-        if self.offload:
-            self.module.to(self.device)
+        first = self._depth == 0
+        if first and self.weights is not None:
+            self.weights.activate()
+        self._depth += 1
         try:
+            if first and self.schedule is not None:
+                self.schedule.used(self.name)
             yield self.module
         finally:
-            if self.offload:
-                self.module.to("cpu")
-                torch.cuda.empty_cache()
+            self._depth -= 1
+            if self._depth == 0 and self.weights is not None:
+                self.weights.deactivate()
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -108,11 +108,31 @@ class Mesh(FrozenModel):
     groups: dict[str, list[list[int]]] = Field(description="Per dimension: the rank groups that communicate.")
 
 
+class PrefetchDecision(FrozenModel):
+    """One use of a MODEL_CPU_OFFLOAD model, and whether it is copied in ahead of it."""
+
+    model: str = Field(description="The offloaded model.")
+    stage: str = Field(description="The stage that uses it.")
+    during_stage: Optional[str] = Field(
+        default=None, description="The stage of the model use before this one in a video (null: none).")
+    during_model: Optional[str] = Field(
+        default=None, description="The model of that previous use: while it is active, this model is copied in.")
+    prefetch: bool = Field(description="Copied in on a side stream while `during_model` runs in `during_stage`; "
+                                       "false: copied in when its own stage activates it.")
+    peak_bytes: int = Field(ge=0, description="Estimated peak per device during the previous use with both on the "
+                                              "device (0 when there is no previous use).")
+    reason: str
+
+
 class MemoryEstimate(FrozenModel):
     peak_bytes: int = Field(ge=0, description="Estimated peak per device.")
     capacity_bytes: int = Field(ge=0)
     breakdown: dict[str, int] = Field(description="Bytes by component (weights per model, activations, ...).")
     at: dict[str, Scalar] = Field(description="The shape the estimate was made at (largest allowed).")
+    prefetch: list[PrefetchDecision] = Field(
+        default_factory=list,
+        description="Per use of each MODEL_CPU_OFFLOAD model, in run order: whether the runtime copies it in "
+        "while the previous model use runs (decided when both fit in the estimate).")
 
 
 class Stage(FrozenModel):

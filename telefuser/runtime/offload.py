@@ -1,0 +1,259 @@
+"""MODEL_CPU_OFFLOAD: a model's weights held in host memory, copied to the device for each use, dropped after.
+
+Loaded once: at load time every parameter and buffer of the model (after LoRA merging and fp8 conversion) is
+copied into a few host chunks and the module's tensors become views of them. On a CUDA device with the plan's
+`pin_cpu_memory` the chunks are pinned (page-locked), so host-to-device copies run at the link's speed and
+asynchronously. PyTorch's pinned allocator rounds every request up to a power of two; the chunks are therefore
+planned as the binary decomposition of the total (in CHUNK_GRANULE units) and filled first-fit by decreasing
+tensor size, which wastes at most about one granule instead of up to half of the model.
+
+Moving in (`OffloadedWeights.fetch`): one device buffer for the whole model and one non-blocking copy per chunk.
+A prefetch copies on a side stream that first waits for the current stream's queued work (the caching allocator
+may hand out memory that work still reads), and records an event; `activate` makes the current stream wait for
+that event before the module's tensors are pointed at their slices of the device buffer.
+
+Moving out (`OffloadedWeights.deactivate`): the module's tensors point at their host views again and the device
+buffer is dropped. Nothing is copied back: inference does not change weights, so the host copy is still exact.
+
+On a CPU "device" the same path runs with a second CPU buffer as the device copy (synchronous copies, no
+streams), so the swap logic is exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+ALIGN = 512  # bytes: every tensor starts at a multiple (covers any dtype's alignment and the copy engines')
+CHUNK_GRANULE = 32 << 20  # host chunks are this size times a power of two
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class _Slot:
+    """One distinct tensor of the module: where it lives in the host chunks, and who holds it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    buffers: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
+    chunk: int = -1
+    offset: int = 0
+    host: Optional[torch.Tensor] = None
+
+
+def plan_chunks(sizes: list[int], granule: int = CHUNK_GRANULE) -> tuple[list[int], list[tuple[int, int]]]:
+    """(capacity of each chunk, (chunk, byte offset) of each size). Capacities are granule x 2^k: the binary
+    decomposition of the aligned total rounded up to a granule, largest first; sizes go first-fit by decreasing
+    size; one that fits nowhere opens a chunk of its own power of two. Chunks left empty are dropped."""
+    padded = [_aligned(n) for n in sizes]
+    units = -(-sum(padded) // granule)
+    capacities = [granule << k for k in reversed(range(units.bit_length())) if units >> k & 1]
+    used = [0] * len(capacities)
+    where: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -padded[i]):
+        need = padded[index]
+        chunk = next((c for c in range(len(capacities)) if used[c] + need <= capacities[c]), None)
+        if chunk is None:
+            capacities.append(_pow2_at_least(max(need, granule)))
+            used.append(0)
+            chunk = len(capacities) - 1
+        where[index] = (chunk, used[chunk])
+        used[chunk] += need
+    keep = [c for c in range(len(capacities)) if used[c]]
+    renumber = {c: i for i, c in enumerate(keep)}
+    return [capacities[c] for c in keep], [(renumber[c], offset) for c, offset in where]
+
+
+def _typed(raw: torch.Tensor, start: int, slot: _Slot) -> torch.Tensor:
+    """The slot's tensor as a view of a uint8 buffer at byte `start`."""
+    return raw.narrow(0, start, slot.nbytes).view(slot.dtype).view(slot.shape)
+
+
+class OffloadedWeights:
+    """A module's parameters and buffers kept in host chunks and, while active, in one device buffer."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, pin: bool = True) -> None:
+        self.device = torch.device(device)
+        self.slots = self._collect(module)
+        capacities, where = plan_chunks([s.nbytes for s in self.slots])
+        for slot, (chunk, offset) in zip(self.slots, where):
+            slot.chunk, slot.offset = chunk, offset
+        used = [0] * len(capacities)
+        for slot in self.slots:
+            used[slot.chunk] = max(used[slot.chunk], slot.offset + _aligned(slot.nbytes))
+        self.pinned = pin and self.device.type == "cuda" and torch.cuda.is_available()
+        self.chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=self.pinned) for n in used]
+        self.chunk_capacity = capacities
+        # Where each chunk goes in the device buffer (chunks back to back).
+        self.device_offsets, total = [], 0
+        for n in used:
+            self.device_offsets.append(total)
+            total += n
+        self.nbytes = total
+        for slot in self.slots:  # copy and swap one tensor at a time: the source is freed as it goes
+            slot.host = _typed(self.chunks[slot.chunk], slot.offset, slot)
+            source = slot.params[0].data if slot.params else slot.buffers[0][0]._buffers[slot.buffers[0][1]]
+            slot.host.copy_(source)
+            self._point(slot, slot.host)
+        self.device_buffer: Optional[torch.Tensor] = None
+        self.ready: Optional[torch.cuda.Event] = None
+        self.active = False
+        self.copies_in = 0  # whole-model copies to the device (for tests and benches)
+        self.bytes_in = 0
+
+    @staticmethod
+    def _collect(module: torch.nn.Module) -> list[_Slot]:
+        by_id: dict[int, _Slot] = {}
+        for owner in module.modules():
+            for name, param in owner._parameters.items():
+                if param is None:
+                    continue
+                slot = by_id.get(id(param))
+                if slot is None:
+                    slot = by_id[id(param)] = _Slot(param.dtype, tuple(param.shape), param.numel() * param.element_size())
+                if not any(p is param for p in slot.params):
+                    slot.params.append(param)
+            for name, buffer in owner._buffers.items():
+                if buffer is None:
+                    continue
+                slot = by_id.get(id(buffer))
+                if slot is None:
+                    slot = by_id[id(buffer)] = _Slot(buffer.dtype, tuple(buffer.shape),
+                                                     buffer.numel() * buffer.element_size())
+                slot.buffers.append((owner, name))
+        for slot in by_id.values():
+            if slot.params and slot.buffers:
+                raise ValueError("a tensor registered both as a parameter and as a buffer cannot be offloaded")
+        return list(by_id.values())
+
+    @staticmethod
+    def _point(slot: _Slot, tensor: torch.Tensor) -> None:
+        for param in slot.params:
+            param.data = tensor
+        for owner, name in slot.buffers:
+            owner._buffers[name] = tensor
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The host copy of every tensor (the views the module holds while inactive)."""
+        return [slot.host for slot in self.slots]
+
+    def fetch(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Start copying the model into a new device buffer (no-op if one is there). With `stream` (CUDA), the
+        copies run on it after the current stream's queued work and `activate` waits for them."""
+        if self.device_buffer is not None:
+            return
+        buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)  # on the current stream
+        side = stream is not None and self.device.type == "cuda"
+        if side:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            buffer.record_stream(stream)  # not reused before the side stream's copies end, even if never activated
+            context = torch.cuda.stream(stream)
+        else:
+            context = _NULL
+        with context:
+            for chunk, start in zip(self.chunks, self.device_offsets):
+                buffer.narrow(0, start, chunk.numel()).copy_(chunk, non_blocking=self.pinned)
+            if side:
+                self.ready = torch.cuda.Event()
+                self.ready.record(stream)
+        self.device_buffer = buffer
+        self.copies_in += 1
+        self.bytes_in += self.nbytes
+
+    def activate(self) -> None:
+        """The module's tensors on the device, ready for the current stream."""
+        if self.active:
+            return
+        self.fetch()
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+            self.ready = None
+        start = dict(enumerate(self.device_offsets))
+        for slot in self.slots:
+            self._point(slot, _typed(self.device_buffer, start[slot.chunk] + slot.offset, slot))
+        self.active = True
+
+    def deactivate(self) -> None:
+        """The module's tensors back on their host copies; the device buffer is dropped, nothing copied back."""
+        for slot in self.slots:
+            self._point(slot, slot.host)
+        self.device_buffer = None
+        self.ready = None
+        self.active = False
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
+class PrefetchSchedule:
+    """The plan's prefetch decisions (`plan.memory.prefetch`) at run time: when the decision's `during_model`
+    becomes active in its `during_stage`, the decision's model starts copying in on a side stream. The pipeline
+    names the stage that runs (`enter_stage`); placements report their activation (`used`)."""
+
+    def __init__(self, decisions, placements: dict, device: torch.device) -> None:
+        self.triggers: dict[tuple[str, str], list[tuple[str, str]]] = {}  # -> [(model, the stage that uses it)]
+        for d in decisions:
+            if d.prefetch and d.during_stage is not None and d.during_model is not None:
+                self.triggers.setdefault((d.during_stage, d.during_model), []).append((d.model, d.stage))
+        self.placements = placements
+        self.device = torch.device(device)
+        self.stage: Optional[str] = None
+        self._stream: Optional[torch.cuda.Stream] = None
+        self.started: list[tuple[str, str]] = []  # (stage, model) of each prefetch started (tests, benches)
+        self.pending: dict[str, list] = {}  # model prefetched, not used yet -> [its stage, whether it began]
+
+    def enter_stage(self, name: str) -> None:
+        """A stage begins. A prefetched model its stage did not use (a MoE phase without steps) is dropped when the
+        stage after that one begins, so its device copy does not outlive the video."""
+        for model, state in list(self.pending.items()):
+            if state[1]:
+                del self.pending[model]
+                self.placements[model].release()
+            elif state[0] == name:
+                state[1] = True
+        self.stage = name
+
+    @property
+    def stream(self) -> Optional[torch.cuda.Stream]:
+        if self.device.type != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def used(self, model: str) -> None:
+        """`model` became active in the current stage: start the prefetches the plan records for that."""
+        self.pending.pop(model, None)
+        for name, stage in self.triggers.get((self.stage, model), ()):
+            placement = self.placements.get(name)
+            if placement is None or placement.weights is None:  # not on this rank, or not offloaded here
+                continue
+            if placement.prefetch(self.stream):
+                self.started.append((self.stage, name))
+                self.pending[name] = [stage, stage == self.stage]
+
+
+def prefetch_failed(name: str, exc: BaseException) -> None:
+    warnings.warn(f"prefetching model {name!r} ran out of device memory ({str(exc).splitlines()[0]}); it is copied "
+                  "in when its stage starts instead. The plan's memory estimate was too low for this run.",
+                  RuntimeWarning, stacklevel=3)
