@@ -106,7 +106,7 @@ def build_model_root(root: Path) -> None:
     write_pth_index_only(common / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", clip_shapes(), torch.float16)
     t2v_14b = module_shapes(WanDiT, WanDiTConfig(**DIT_14B))
     for release in ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P", "Wan2.2-T2V-A14B",
-                    "Wan2.2-T2V-A14B-Distill"):
+                    "Wan2.2-T2V-A14B-Distill", "Wan2.2-I2V-A14B"):
         folder = root / release
         folder.mkdir()
         for item in common.iterdir():
@@ -120,6 +120,9 @@ def build_model_root(root: Path) -> None:
     for release in ("Wan2.2-T2V-A14B", "Wan2.2-T2V-A14B-Distill"):
         for expert in ("high_noise_model", "low_noise_model"):
             write_shards(root / release / expert, t2v_14b, torch.bfloat16, 6)
+    for expert in ("high_noise_model", "low_noise_model"):  # Wan2.2 I2V: 36 channels in, no img_emb (no CLIP)
+        write_shards(root / "Wan2.2-I2V-A14B" / expert, module_shapes(WanDiT, WanDiTConfig(in_dim=36, **DIT_14B)),
+                     torch.bfloat16, 6)
 
 
 def median_seconds(fn, runs: int = 7) -> float:

@@ -10,6 +10,13 @@
                             k_img/v_img), otherwise as dit.safetensors, Wan's key names
 - image_encoder.safetensors CLIPVision: a ViT in the layout of Wan's open-clip ViT-H/14 (`visual.*`; 28 px
                             images of 14 px patches, dim 32, 3 blocks), whose width the I2V DiT's img_emb takes
+- dit_wan22_i2v_high.safetensors, dit_wan22_i2v_low.safetensors
+                            the Wan2.2 I2V A14B pair of experts (high noise, low noise): WanDiT with 36 input
+                            channels (noise, 4 mask and 16 image-latent channels) and no img_emb (Wan2.2 has no
+                            CLIP), otherwise as dit.safetensors; the two hold different values
+
+The Wan2.2 files are stored in bfloat16 (as Wan2.2's checkpoints are), which keeps the set small; the tiny
+recipes compute in float32.
 
 Key names and shapes come from the model classes themselves (built on the meta
 device, so nothing is allocated); every tensor's values come from a generator
@@ -28,7 +35,8 @@ import torch
 
 SEED = 20250601
 FILES = {"dit": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors",
-         "dit_i2v": "dit_i2v.safetensors", "image_encoder": "image_encoder.safetensors"}
+         "dit_i2v": "dit_i2v.safetensors", "image_encoder": "image_encoder.safetensors",
+         "dit_wan22_i2v_high": "dit_wan22_i2v_high.safetensors", "dit_wan22_i2v_low": "dit_wan22_i2v_low.safetensors"}
 TOKENIZER_FILE = "tokenizer.json"
 
 TINY_ARCH: dict[str, dict] = {
@@ -79,15 +87,21 @@ TINY_ARCH: dict[str, dict] = {
 # image cross-attention over the CLIP tokens (of the tiny encoder's width).
 TINY_ARCH["dit_i2v"] = {**TINY_ARCH["dit"], "model_type": "i2v", "in_dim": 36,
                         "image_dim": TINY_ARCH["image_encoder"]["dim"]}
+# Wan2.2 image-to-video A14B: two experts with Wan2.1 I2V's 36 input channels but no image cross-attention.
+TINY_ARCH["dit_wan22_i2v_high"] = {**TINY_ARCH["dit"], "in_dim": 36}
+TINY_ARCH["dit_wan22_i2v_low"] = dict(TINY_ARCH["dit_wan22_i2v_high"])
 CLASSES = {"dit": "WanDiT", "vae": "WanVAE", "text_encoder": "UMT5Encoder", "dit_i2v": "WanDiT",
-           "image_encoder": "CLIPVision"}
+           "image_encoder": "CLIPVision", "dit_wan22_i2v_high": "WanDiT", "dit_wan22_i2v_low": "WanDiT"}
+# Roles whose tensors are seeded by role and name (the two experts share every name) and stored in bfloat16; the
+# files of the other roles, older, are seeded by name alone and stored in float32.
+WAN22_ROLES = ("dit_wan22_i2v_high", "dit_wan22_i2v_low")
 # The LayerNorms of the I2V DiT's img_emb (proj.0, proj.4): their names do not say "norm".
 NORM_WEIGHTS = {"img_emb.proj.0.weight", "img_emb.proj.4.weight"}
 
 
-def _value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _value(name: str, shape: tuple[int, ...], salt: str = "") -> torch.Tensor:
     """A deterministic tensor for one weight, scaled so activations stay O(1) through the network."""
-    generator = torch.Generator().manual_seed(SEED ^ zlib.crc32(name.encode()))
+    generator = torch.Generator().manual_seed(SEED ^ zlib.crc32((salt + name).encode()))
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
     is_norm_scale = leaf == "gamma" or ("norm" in name and leaf == "weight" and len([s for s in shape if s > 1]) <= 1) \
@@ -116,6 +130,9 @@ def tiny_state_dict(role: str, arch: dict) -> dict[str, torch.Tensor]:
     model_class, config = entry.model_class, entry.config_class(**arch)
     with torch.device("meta"):  # names and shapes only: nothing is allocated
         model = model_class(config)
+    if role in WAN22_ROLES:
+        return {name: _value(name, tuple(t.shape), salt=f"{role}:").to(torch.bfloat16)
+                for name, t in model.state_dict().items()}
     return {name: _value(name, tuple(t.shape)) for name, t in model.state_dict().items()}
 
 

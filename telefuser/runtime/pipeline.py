@@ -1,4 +1,4 @@
-"""Wan text-to-video: the plan's stages, executed as recorded, on one rank or on the plan's mesh.
+"""Wan text- and image-to-video: the plan's stages, executed as recorded, on one rank or on the plan's mesh.
 
 Each stage kind is a module of `telefuser.runtime.stages`; this module loads the models (each rank
 only those it uses), applies the plan's parallelism and runs the stages in order.
@@ -91,8 +91,6 @@ def unsupported_features(plan: Plan) -> list[str]:
             found.append(f"models.{name}.feature_cache_config.method = {cfg.feature_cache_config.method}")
     if plan.pipeline_type not in ("wan_t2v", "wan_i2v"):
         found.append(f"pipeline {plan.pipeline_type}")
-    if plan.pipeline_type == "wan_i2v" and any(m.role == "dit_high_noise" for m in plan.layer1_model_definition.models):
-        found.append("pipeline wan_i2v with two DiTs (Wan2.2 image-to-video)")
     return found
 
 
