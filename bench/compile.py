@@ -34,12 +34,14 @@ from telefuser.compiler import compile_recipe
 from telefuser.models.t5.umt5 import UMT5Config, UMT5Encoder
 from telefuser.models.wan.dit import WanDiT, WanDiTConfig
 from telefuser.models.wan.vae import WanVAE, WanVAEConfig
+from telefuser.models.wan.vae22 import Wan22VAE, Wan22VAEConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
 DIT_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 DIT_1_3B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+DIT_TI2V_5B = dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -106,7 +108,7 @@ def build_model_root(root: Path) -> None:
     write_pth_index_only(common / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", clip_shapes(), torch.float16)
     t2v_14b = module_shapes(WanDiT, WanDiTConfig(**DIT_14B))
     for release in ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P", "Wan2.2-T2V-A14B",
-                    "Wan2.2-T2V-A14B-Distill", "Wan2.2-I2V-A14B"):
+                    "Wan2.2-T2V-A14B-Distill", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B"):
         folder = root / release
         folder.mkdir()
         for item in common.iterdir():
@@ -123,6 +125,9 @@ def build_model_root(root: Path) -> None:
     for expert in ("high_noise_model", "low_noise_model"):  # Wan2.2 I2V: 36 channels in, no img_emb (no CLIP)
         write_shards(root / "Wan2.2-I2V-A14B" / expert, module_shapes(WanDiT, WanDiTConfig(in_dim=36, **DIT_14B)),
                      torch.bfloat16, 6)
+    write_shards(root / "Wan2.2-TI2V-5B", module_shapes(WanDiT, WanDiTConfig(**DIT_TI2V_5B)), torch.bfloat16, 3)
+    write_pth_index_only(root / "Wan2.2-TI2V-5B" / "Wan2.2_VAE.pth", module_shapes(Wan22VAE, Wan22VAEConfig()),
+                         torch.float32)
 
 
 def median_seconds(fn, runs: int = 7) -> float:

@@ -28,19 +28,31 @@ def _inputs(grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
     return x, torch.tensor([700.0]), torch.randn(1, 12, CONFIG.text_dim, generator=g)
 
 
-def _check(names: tuple[str, ...], shape: tuple[int, ...], grid: tuple[int, int, int]) -> None:
+def _first_frame_timesteps(t: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Wan2.2 TI2V's per-token timesteps [1, S]: 0 for the first latent frame's tokens, t for the others."""
+    f, h, w = grid
+    per_token = t.reshape(1, 1).expand(1, f * h * w).clone()
+    per_token[:, : h * w] = 0.0
+    return per_token
+
+
+def _check(names: tuple[str, ...], shape: tuple[int, ...], grid: tuple[int, int, int], per_token: bool = False) -> None:
     torch.manual_seed(0)
     reference = WanDiT(CONFIG).eval()
     parallel = WanDiT(CONFIG).eval()
     parallel.load_state_dict(reference.state_dict())
     parallelize_wan_dit(parallel, init_device_mesh("cpu", shape, mesh_dim_names=names))
     x, t, context = _inputs(grid)
+    if per_token:  # per-token modulation [1, S, 6, dim] and head modulation [1, S, dim], sharded with the tokens
+        t = _first_frame_timesteps(t, grid)
     with torch.inference_mode():
         expected = reference(x, t, context)
         for _ in range(2):  # a second forward reuses the RoPE shard
             got = parallel(x, t, context)
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL,
-                                       msg=lambda m: f"{names} {shape} grid {grid}: {m}")
+                                       msg=lambda m: f"{names} {shape} grid {grid} per_token={per_token}: {m}")
+        if per_token:  # and a per-video forward after a per-token one leaves no per-token shard behind
+            torch.testing.assert_close(parallel(x, t[:, -1], context), reference(x, t[:, -1], context), atol=ATOL, rtol=RTOL)
 
 
 def _worker_2() -> None:
@@ -48,6 +60,9 @@ def _worker_2() -> None:
         _check(names, (2,), (2, 3, 4))  # 24 tokens: 12 per rank
         _check(names, (2,), (3, 3, 3))  # 27 tokens: padded to 28
     _check(("cfg", "sp_ulysses"), (1, 2), (1, 3, 5))
+    for names in (("sp_ulysses",), ("sp_ring",)):  # Wan2.2 TI2V: a timestep per token
+        _check(names, (2,), (2, 3, 4), per_token=True)
+        _check(names, (2,), (3, 3, 3), per_token=True)  # 27 tokens: padded to 28, the padding's modulation too
 
 
 def _worker_4() -> None:
@@ -55,6 +70,7 @@ def _worker_4() -> None:
     _check(("sp_ring", "sp_ulysses"), (2, 2), (1, 5, 5))  # 25 tokens: padded to 28
     _check(("sp_ulysses",), (4,), (1, 3, 3))
     _check(("sp_ring",), (4,), (1, 1, 5))  # 5 tokens on 4 ranks: the last shard is all padding
+    _check(("sp_ring", "sp_ulysses"), (2, 2), (3, 2, 3), per_token=True)  # 18 tokens: padded to 20
 
 
 def test_sequence_parallel_dit_2_ranks(monkeypatch):

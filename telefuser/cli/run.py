@@ -103,6 +103,9 @@ def build_parser(plan) -> argparse.ArgumentParser:
             kwargs["choices"] = spec.choices
         if spec.required and name != "prompt":  # --prompts stands in for --prompt
             kwargs["required"] = True
+        elif name == "image":  # an optional image (Wan2.2 TI2V): without one the run is text-to-video
+            kwargs["default"] = None
+            kwargs["help"] += " (optional: without it, text-to-video)"
         else:
             kwargs["default"] = None  # None: the plan's default, resolved by the runtime
             kwargs["help"] += f" (default: {_shown_default(plan, name, spec.default)!r})"

@@ -89,6 +89,37 @@ def _vae(shapes: Shapes) -> Detection | None:
     return Detection("WanVAE", layout, arch)
 
 
+def _vae22(shapes: Shapes) -> Detection | None:
+    """The Wan2.2 VAE (TI2V-5B's `Wan2.2_VAE.pth`, diffusers' AutoencoderKLWan with is_residual): each encoder
+    stage nests its residual blocks and resampler (`encoder.downsamples.i.downsamples.j`, diffusers'
+    `encoder.down_blocks.i.resnets.j` / `.downsampler`); the video's 2x2 pixel blocks enter as channels."""
+    if "encoder.downsamples.0.downsamples.0.residual.0.gamma" in shapes:
+        layout, stem, dec_stem, post = "wan", "encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight"
+        stage = r"encoder\.downsamples\.{i}\.downsamples\.(\d+)\.residual\."
+        conv2, time_conv = "encoder.downsamples.{i}.downsamples.0.residual.6.weight", \
+            r"encoder\.downsamples\.{i}\.downsamples\.\d+\.time_conv\.weight"
+        stages = r"encoder\.downsamples\.(\d+)\."
+    elif "encoder.down_blocks.0.resnets.0.norm1.gamma" in shapes:
+        layout, stem, dec_stem, post = "diffusers", "encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight"
+        stage = r"encoder\.down_blocks\.{i}\.resnets\.(\d+)\."
+        conv2, time_conv = "encoder.down_blocks.{i}.resnets.0.conv2.weight", \
+            r"encoder\.down_blocks\.{i}\.downsampler\.time_conv\.weight"
+        stages = r"encoder\.down_blocks\.(\d+)\."
+    else:
+        return None
+    base, pixels = shapes[stem][0], shapes[stem][1]
+    patch = math.isqrt(pixels // 3)
+    if 3 * patch * patch != pixels:
+        raise ValueError(f"{stem} takes {pixels} channels, not 3 x patch x patch")
+    count = _count(shapes, stages)
+    mult = [shapes[conv2.format(i=i)][0] // base for i in range(count)]
+    temporal = [any(re.match(time_conv.format(i=i), k) for k in shapes) for i in range(count - 1)]
+    arch = {"z_dim": shapes[post][0], "base_dim": base, "decoder_base_dim": shapes[dec_stem][0] // mult[-1],
+            "dim_mult": mult, "num_res_blocks": _count(shapes, stage.format(i=0)), "temporal_downsample": temporal,
+            "patch_size": patch}
+    return Detection("Wan22VAE", layout, arch)
+
+
 def _umt5(shapes: Shapes) -> Detection | None:
     if "token_embedding.weight" in shapes and "blocks.0.attn.q.weight" in shapes:
         layout, emb, q, fc1, pos = "wan", "token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight", "blocks.0.pos_embedding.embedding.weight"
@@ -143,7 +174,7 @@ def _clip(shapes: Shapes) -> Detection | None:
                       "activation gelu and eps 1e-5 as open-clip's ViT-H/14"])
 
 
-DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _umt5, _clip]
+DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _vae22, _umt5, _clip]
 
 
 def detect(index: WeightIndex) -> Detection:
@@ -161,7 +192,7 @@ def detect(index: WeightIndex) -> Detection:
     sample = ", ".join(sorted(shapes)[:4])
     raise WeightsError(
         f"{index.files[0]}: the tensor names ({sample}, ...) match no model TeleFuser knows "
-        "(Wan DiT, Wan VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout)."
+        "(Wan DiT, Wan2.1 VAE, Wan2.2 VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout)."
     )
 
 

@@ -60,7 +60,7 @@ def explain(plan: Plan) -> str:
     lines += ["", "parameters (telefuser-run):"]
     for name, p in params.items():
         extra = f" choices {p.choices}" if p.choices else ""
-        given = "required" if p.required else f"default {p.default!r}"
+        given = "required" if p.required else "optional" if p.type == "path" else f"default {p.default!r}"
         lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} {given}{extra}")
     return "\n".join(lines)
 
@@ -96,11 +96,17 @@ def _image_path(plan: Plan) -> list[str]:
         p, models = s.params, ", ".join(s.models)
         if s.kind == "image_load":
             what = f"--image, {p.get('resample')} resize to cover the frame and centre crop ({p.get('fit')}), values in {p.get('value_range')}"
+            what += "; without --image the run is text-to-video" if p.get("optional") else ""
         elif s.kind == "image_encode":
             what = f"{models}: CLIP tokens ({p.get('features')}) of the fitted image -> {p.get('output')}"
+        elif s.kind == "vae_encode" and p.get("condition") == "image_latent":
+            what = f"{models}: latent of the image alone (one latent frame, {p.get('spatial_ratio')}x smaller) -> {p.get('output')}"
         elif s.kind == "vae_encode":
             what = (f"{models}: latents of [image, {p.get('num_frames', 1) - 1} zero frames] behind a {p.get('mask_channels')}-channel "
                     f"{p.get('condition')} mask -> {p.get('output')}")
+        elif p.get("first_frame"):
+            what = (f"{models}: {p['first_frame']} replaces the first latent frame before and after every step; its "
+                    "tokens get timestep 0, the others t")
         elif p.get("conditioning"):
             what = f"{models}: gets {', '.join(p['conditioning'])} in both CFG branches, concatenated / cross-attended"
         else:

@@ -82,14 +82,24 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     dit = next(m for m in models if m.role.startswith("dit"))
     dim, ffn = int(dit.arch.get("dim", 0)), int(dit.arch.get("ffn_dim", 0))
     act_bytes = DTYPE_BYTES[dit.compute_dtype]
-    latent_frames = (l2.num_frames - 1) // 4 + 1
-    tokens = latent_frames * (height // 16) * (width // 16)
+    noise = next((s for s in stages or [] if s.kind == "noise"), None)  # the VAE's compression (Wan2.2's: 4 x 16 x 16)
+    time_ratio, space = (noise.params["temporal_ratio"], noise.params["spatial_ratio"]) if noise else (4, 8)
+    patch = list(dit.arch.get("patch_size", [1, 2, 2]))
+    latent_frames = (l2.num_frames - 1) // time_ratio + 1
+    tokens = latent_frames * (height // (space * patch[1])) * (width // (space * patch[2]))
     sp = l2.parallel_config.sp_ulysses_degree * l2.parallel_config.sp_ring_degree
     batch = 1 if l2.parallel_config.cfg_degree == 2 or l2.cfg_scale == 1.0 else 2
     breakdown["activations.dit"] = batch * -(-tokens // sp) * (2 * dim + max(ffn, 4 * dim)) * act_bytes
+    if any(s.params.get("first_frame") for s in stages or [] if s.kind == "denoise"):
+        # TI2V per-token timesteps: float32 modulation e [S, 6, dim] and time embedding [S, dim] of the whole
+        # sequence, and each block's modulation + e of its tokens
+        breakdown["activations.dit"] += tokens * 7 * dim * 4 + -(-tokens // sp) * 6 * dim * 4
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     if vae is not None:
-        base = int(vae.arch.get("base_dim", 96))
+        # Wan2.2's decoder works at half resolution in patch space (2x2 pixels as channels): per output pixel
+        # it holds decoder_base_dim / 4 channels
+        base = int(vae.arch.get("base_dim", 96)) if vae.class_ != "Wan22VAE" else \
+            int(vae.arch.get("decoder_base_dim", 256)) // int(vae.arch.get("patch_size", 2)) ** 2
         breakdown["activations.vae_decode"] = VAE_LIVE_MAPS * 4 * base * width * height * DTYPE_BYTES[vae.compute_dtype] \
             + l2.num_frames * 3 * width * height * 4
     breakdown["workspace"] = WORKSPACE_BYTES

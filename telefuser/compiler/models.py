@@ -13,8 +13,9 @@ from telefuser.schema.recipe import ModelRuntimeConfig, ModelSpec, Recipe
 from .detect import Detection, detect, parameter_count, storage_dtype, used_tensors
 from .weights import read_index
 
-CLASS_BY_ROLE = {"dit": "WanDiT", "dit_high_noise": "WanDiT", "dit_low_noise": "WanDiT", "vae": "WanVAE",
-                 "text_encoder": "UMT5Encoder", "tokenizer": "UMT5Tokenizer", "image_encoder": "CLIPVision"}
+CLASS_BY_ROLE = {"dit": ("WanDiT",), "dit_high_noise": ("WanDiT",), "dit_low_noise": ("WanDiT",),
+                 "vae": ("WanVAE", "Wan22VAE"), "text_encoder": ("UMT5Encoder",), "tokenizer": ("UMT5Tokenizer",),
+                 "image_encoder": ("CLIPVision",)}
 # Architecture numbers the weights do not store; the recipe's value is taken when it gives one.
 NOT_IN_WEIGHTS = {"WanDiT": {"num_heads", "eps"}, "CLIPVision": {"num_heads", "eps", "activation"}}
 
@@ -35,9 +36,9 @@ def _check_declared(spec: ModelSpec, det: Detection, dtype: str) -> dict[str, An
         raise WeightsError(f"{where}: class = {spec.class_!r}, but {spec.path} holds a {det.class_name} "
                            f"({det.layout} layout); fix the class or the path.")
     expected_class = CLASS_BY_ROLE[spec.role]
-    if det.class_name != expected_class:
-        raise WeightsError(f"{where}: role {spec.role!r} needs a {expected_class}, but {spec.path} holds a "
-                           f"{det.class_name}: weights of another model; fix the path.")
+    if det.class_name not in expected_class:
+        raise WeightsError(f"{where}: role {spec.role!r} needs a {' or a '.join(expected_class)}, but {spec.path} "
+                           f"holds a {det.class_name}: weights of another model; fix the path.")
     if spec.dtype != "auto" and det.class_name != "UMT5Tokenizer" and spec.dtype != dtype:
         raise WeightsError(f"{where}: dtype = {spec.dtype!r}, but the weights are stored as {dtype}; "
                            "fix the recipe (or use dtype = \"auto\").")
@@ -94,7 +95,8 @@ def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool)
 
 
 def _latent_input_channels(pipeline: str, z_dim: int) -> int:
-    """Channels a Wan DiT takes: the noisy latent, plus for I2V the first frame's latent and a 4-channel mask."""
+    """Channels a Wan DiT takes: the noisy latent, plus for I2V the first frame's latent and a 4-channel mask.
+    TI2V (Wan2.2 5B) takes the latent alone: the image's latent replaces its first frame."""
     return 2 * z_dim + 4 if pipeline == "wan_i2v" else z_dim
 
 
@@ -109,8 +111,12 @@ def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
             raise WeightsError(f"DiT {dit.name!r} takes text features of width {a.get('text_dim')}, but text encoder "
                                f"{text.name!r} produces {text.arch.get('dim')}: these weights belong to different models.")
         if vae and a.get("out_dim") != vae.arch.get("z_dim"):
+            hint = {("WanVAE", 48): " (a 48-channel DiT is Wan2.2 TI2V-5B's: it takes the Wan2.2 VAE, Wan2.2_VAE.pth)",
+                    ("Wan22VAE", 16): " (a 16-channel DiT takes the Wan2.1 VAE, Wan2.1_VAE.pth; the Wan2.2 VAE's "
+                                      "48 channels are TI2V-5B's)"}.get((vae.class_, a.get("out_dim")), "")
             raise WeightsError(f"DiT {dit.name!r} outputs {a.get('out_dim')} latent channels, but VAE {vae.name!r} "
-                               f"decodes {vae.arch.get('z_dim')}: these weights belong to different models.")
+                               f"({vae.class_}) decodes {vae.arch.get('z_dim')}: these weights belong to different "
+                               f"models{hint}.")
         expected = _latent_input_channels(pipeline, int(a.get("out_dim", 0)))
         if a.get("in_dim") != expected:
             kind = "an image-to-video" if a.get("in_dim", 0) > a.get("out_dim", 0) else "a text-to-video"

@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
+from telefuser.errors import RecipeError
 from telefuser.schema.enums import ModelRole, PipelineType
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe
+from telefuser.schema.resolution import RESOLUTION_TABLE
 
 NUM_TRAIN_TIMESTEPS = 1000
 TEMPORAL_RATIO, SPATIAL_RATIO = 4, 8  # the Wan2.1 VAE: 4x in time (after the first frame), 8x8 in space
+LATENT_CHANNELS = {"WanVAE": 16, "Wan22VAE": 48}  # z_dim, where a --no-weights plan has no arch to read it from
+IMAGE_FIT = {"fit": "cover_center_crop", "resample": "lanczos", "value_range": [-1, 1]}
 
 
-def image_stages(recipe: Recipe, by_role: dict[str, str], stages: list[Stage]) -> list[str]:
+def vae_ratios(vae: PlannedModel | None) -> tuple[int, int]:
+    """(temporal, spatial) compression of the plan's VAE, from its architecture (read from the weights): 2 per
+    down-sampling stage, times the Wan2.2 VAE's patchify (2x2 pixels folded into channels first: 16x in all).
+    A --no-weights plan has only the recipe's class: Wan2.1's 4 x 8 x 8, Wan2.2's 4 x 16 x 16."""
+    arch = vae.arch if vae is not None else {}
+    class_ = vae.class_ if vae is not None else "WanVAE"
+    temporal = 2 ** sum(bool(d) for d in arch["temporal_downsample"]) if "temporal_downsample" in arch else TEMPORAL_RATIO
+    spatial = 2 ** (len(arch["dim_mult"]) - 1) if "dim_mult" in arch else SPATIAL_RATIO
+    if class_ == "Wan22VAE":
+        spatial *= int(arch.get("patch_size", 2))
+    return temporal, spatial
+
+
+def check_frame_sizes(recipe: Recipe, spatial: int, patch: list[int]) -> None:
+    """Every allowed resolution x aspect ratio must split into whole latent pixels and whole DiT patches."""
+    step_h, step_w = spatial * int(patch[1]), spatial * int(patch[2])
+    l3 = recipe.layer3
+    for res in l3.resolution.choices:
+        for ar in l3.aspect_ratio.choices:
+            width, height = RESOLUTION_TABLE[res][ar]
+            if width % step_w or height % step_h:
+                fits = sorted({str(r) for r, table in RESOLUTION_TABLE.items() for w, h in table.values()
+                               if w % step_w == 0 and h % step_h == 0})
+                raise RecipeError(
+                    f"layer3: resolution {res} at aspect ratio {ar} is {width}x{height}, but this plan's frames must "
+                    f"have sides in multiples of {step_w} x {step_h} (the VAE's {spatial}x spatial compression x the "
+                    f"DiT's {patch[1]}x{patch[2]} patch), or the latent would not split into whole patches. Restrict "
+                    f"layer3.resolution.choices / layer3.aspect_ratio.choices to sizes that fit (resolutions with "
+                    f"some that do: {', '.join(fits) or 'none'}; 704p is Wan2.2 TI2V-5B's 720p, 1280x704).")
+
+
+def image_stages(recipe: Recipe, by_role: dict[str, str], stages: list[Stage], temporal: int, spatial: int) -> list[str]:
     """Wan2.1 image-to-video: the image fitted to the frame, its CLIP tokens, and the VAE latents of [image, zero
     frames] behind a first-frame mask. Appends the stages; returns the DiT inputs they make."""
-    stages.append(Stage(name="load_image", kind="image_load",
-                        params={"fit": "cover_center_crop", "resample": "lanczos", "value_range": [-1, 1]}))
+    stages.append(Stage(name="load_image", kind="image_load", params=dict(IMAGE_FIT)))
     conditioning = []
     if ModelRole.IMAGE_ENCODER.value in by_role:
         stages.append(Stage(name="encode_image", kind="image_encode", models=[by_role[ModelRole.IMAGE_ENCODER.value]],
@@ -22,9 +56,20 @@ def image_stages(recipe: Recipe, by_role: dict[str, str], stages: list[Stage]) -
         conditioning.append("clip_fea")
     stages.append(Stage(name="encode_condition", kind="vae_encode", models=[by_role[ModelRole.VAE.value]],
                         params={"condition": "first_frame", "num_frames": recipe.layer2.num_frames,
-                                "temporal_ratio": TEMPORAL_RATIO, "spatial_ratio": SPATIAL_RATIO,
-                                "mask_channels": TEMPORAL_RATIO, "output": "y"}))
+                                "temporal_ratio": temporal, "spatial_ratio": spatial,
+                                "mask_channels": temporal, "output": "y"}))
     return ["y", *conditioning]
+
+
+def first_frame_stages(recipe: Recipe, by_role: dict[str, str], stages: list[Stage], temporal: int,
+                       spatial: int) -> None:
+    """Wan2.2 TI2V: the image fitted to the frame and its VAE latent (one latent frame), which the denoise stage
+    puts in place of the first latent frame. With an optional image, both stages do nothing on a run without one."""
+    optional = {"optional": True} if not recipe.layer3.image.required else {}  # type: ignore[union-attr]
+    stages.append(Stage(name="load_image", kind="image_load", params={**IMAGE_FIT, **optional}))
+    stages.append(Stage(name="encode_condition", kind="vae_encode", models=[by_role[ModelRole.VAE.value]],
+                        params={"condition": "image_latent", "num_frames": 1, "temporal_ratio": temporal,
+                                "spatial_ratio": spatial, "output": "image_latent", **optional}))
 
 
 def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
@@ -37,17 +82,30 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
                         models=[by_role[ModelRole.TOKENIZER.value], by_role[ModelRole.TEXT_ENCODER.value]],
                         params={"text_len": l2.text_len, "negative": use_cfg}))
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
-    latent_channels = int(vae.arch.get("z_dim", 16)) if vae is not None and vae.arch else 16
+    latent_channels = int(vae.arch.get("z_dim", 16)) if vae is not None and vae.arch else \
+        LATENT_CHANNELS.get(vae.class_ if vae is not None else "", 16)
+    temporal, spatial = vae_ratios(vae)
+    dit = next(m for m in models if m.role.startswith("dit"))
+    check_frame_sizes(recipe, spatial, list(dit.arch.get("patch_size", [1, 2, 2])))
+    if l2.enable_vae_parallel and vae is not None and vae.class_ == "Wan22VAE":
+        raise RecipeError("layer2.enable_vae_parallel: the tiled decode shared out over ranks is the Wan2.1 VAE's; "
+                          "the Wan2.2 VAE (Wan22VAE) decodes on each replica's lead. Set enable_vae_parallel = false.")
     conditioning: list[str] = []
+    first_frame = False
     if recipe.layer1.pipeline == PipelineType.WAN_I2V.value:
-        conditioning = image_stages(recipe, by_role, stages)
+        conditioning = image_stages(recipe, by_role, stages, temporal, spatial)
+    elif recipe.layer1.pipeline == PipelineType.WAN_TI2V.value and recipe.layer3.image is not None:
+        first_frame_stages(recipe, by_role, stages, temporal, spatial)
+        first_frame = True
     stages.append(Stage(name="prepare_latents", kind="noise",
                         params={"num_frames": l2.num_frames, "latent_channels": latent_channels,
-                                "temporal_ratio": TEMPORAL_RATIO, "spatial_ratio": SPATIAL_RATIO, "generator": "cpu"}))
+                                "temporal_ratio": temporal, "spatial_ratio": spatial, "generator": "cpu"}))
     denoise: dict = {"solver": l2.sample_solver, "num_inference_steps": l2.num_inference_steps,
                      "sigma_shift": l2.sigma_shift, "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg}
     if conditioning:  # the DiT's extra inputs, the same for the conditional and the unconditional branch
         denoise["conditioning"] = conditioning
+    if first_frame:  # TI2V: the image's latent is the first latent frame, at timestep 0 for its tokens
+        denoise["first_frame"] = "image_latent"
     if recipe.layer1.is_moe:
         high, low = by_role[ModelRole.DIT_HIGH_NOISE.value], by_role[ModelRole.DIT_LOW_NOISE.value]
         denoise.update({

@@ -14,6 +14,10 @@
                             the Wan2.2 I2V A14B pair of experts (high noise, low noise): WanDiT with 36 input
                             channels (noise, 4 mask and 16 image-latent channels) and no img_emb (Wan2.2 has no
                             CLIP), otherwise as dit.safetensors; the two hold different values
+- dit_ti2v.safetensors      the Wan2.2 TI2V-5B architecture: WanDiT with 48 input and output channels (the Wan2.2
+                            VAE's latent), no img_emb, otherwise as dit.safetensors
+- vae22.safetensors         Wan22VAE (z_dim 48, so Wan2.2's latent statistics; base_dim 4, decoder_base_dim 4,
+                            1 residual block per encoder stage), Wan's key names
 
 The Wan2.2 files are stored in bfloat16 (as Wan2.2's checkpoints are), which keeps the set small; the tiny
 recipes compute in float32.
@@ -36,7 +40,8 @@ import torch
 SEED = 20250601
 FILES = {"dit": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "text_encoder.safetensors",
          "dit_i2v": "dit_i2v.safetensors", "image_encoder": "image_encoder.safetensors",
-         "dit_wan22_i2v_high": "dit_wan22_i2v_high.safetensors", "dit_wan22_i2v_low": "dit_wan22_i2v_low.safetensors"}
+         "dit_wan22_i2v_high": "dit_wan22_i2v_high.safetensors", "dit_wan22_i2v_low": "dit_wan22_i2v_low.safetensors",
+         "dit_ti2v": "dit_ti2v.safetensors", "vae22": "vae22.safetensors"}
 TOKENIZER_FILE = "tokenizer.json"
 
 TINY_ARCH: dict[str, dict] = {
@@ -90,11 +95,23 @@ TINY_ARCH["dit_i2v"] = {**TINY_ARCH["dit"], "model_type": "i2v", "in_dim": 36,
 # Wan2.2 image-to-video A14B: two experts with Wan2.1 I2V's 36 input channels but no image cross-attention.
 TINY_ARCH["dit_wan22_i2v_high"] = {**TINY_ARCH["dit"], "in_dim": 36}
 TINY_ARCH["dit_wan22_i2v_low"] = dict(TINY_ARCH["dit_wan22_i2v_high"])
+# Wan2.2 TI2V-5B: the latent of the Wan2.2 VAE in and out (48 channels), no image cross-attention.
+TINY_ARCH["dit_ti2v"] = {**TINY_ARCH["dit"], "in_dim": 48, "out_dim": 48}
+TINY_ARCH["vae22"] = {
+    "z_dim": 48,  # Wan2.2's: its published latent statistics apply
+    "base_dim": 4,
+    "decoder_base_dim": 4,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 1,
+    "temporal_downsample": [False, True, True],
+    "patch_size": 2,
+}
 CLASSES = {"dit": "WanDiT", "vae": "WanVAE", "text_encoder": "UMT5Encoder", "dit_i2v": "WanDiT",
-           "image_encoder": "CLIPVision", "dit_wan22_i2v_high": "WanDiT", "dit_wan22_i2v_low": "WanDiT"}
+           "image_encoder": "CLIPVision", "dit_wan22_i2v_high": "WanDiT", "dit_wan22_i2v_low": "WanDiT",
+           "dit_ti2v": "WanDiT", "vae22": "Wan22VAE"}
 # Roles whose tensors are seeded by role and name (the two experts share every name) and stored in bfloat16; the
 # files of the other roles, older, are seeded by name alone and stored in float32.
-WAN22_ROLES = ("dit_wan22_i2v_high", "dit_wan22_i2v_low")
+WAN22_ROLES = ("dit_wan22_i2v_high", "dit_wan22_i2v_low", "dit_ti2v", "vae22")
 # The LayerNorms of the I2V DiT's img_emb (proj.0, proj.4): their names do not say "norm".
 NORM_WEIGHTS = {"img_emb.proj.0.weight", "img_emb.proj.4.weight"}
 

@@ -57,7 +57,8 @@ def image_not_taken(plan: Plan, image: Any, unknown: list[str] | None = None) ->
     return ParameterError(
         f"this plan does not take parameter(s) {', '.join(unknown or ['image'])}: it is a {plan.pipeline_type} "
         f"(text-to-video) plan, so image {shown} would be ignored; drop --image, or run an image-to-video plan "
-        "(compiled from a recipe with layer1.pipeline = \"wan_i2v\", e.g. recipes/tiny_i2v.toml)."
+        "(compiled from a recipe with layer1.pipeline = \"wan_i2v\", e.g. recipes/tiny_i2v.toml, or a \"wan_ti2v\" "
+        "one with a [layer3.image], e.g. recipes/tiny_ti2v.toml)."
     )
 
 

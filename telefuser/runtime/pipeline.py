@@ -89,7 +89,7 @@ def unsupported_features(plan: Plan) -> list[str]:
             found.append(f"models.{name}.attention_config.sparse_config")
         if cfg.feature_cache_config.method != "none":
             found.append(f"models.{name}.feature_cache_config.method = {cfg.feature_cache_config.method}")
-    if plan.pipeline_type not in ("wan_t2v", "wan_i2v"):
+    if plan.pipeline_type not in ("wan_t2v", "wan_i2v", "wan_ti2v"):
         found.append(f"pipeline {plan.pipeline_type}")
     return found
 

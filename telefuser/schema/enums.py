@@ -84,6 +84,7 @@ class ModelClass(StrEnum):
     AUTO = "auto"
     WAN_DIT = "WanDiT"
     WAN_VAE = "WanVAE"
+    WAN22_VAE = "Wan22VAE"
     UMT5_ENCODER = "UMT5Encoder"
     UMT5_TOKENIZER = "UMT5Tokenizer"
     CLIP_VISION = "CLIPVision"
@@ -92,6 +93,7 @@ class ModelClass(StrEnum):
 class PipelineType(StrEnum):
     WAN_T2V = "wan_t2v"
     WAN_I2V = "wan_i2v"
+    WAN_TI2V = "wan_ti2v"  # Wan2.2 TI2V-5B: text-to-video, or image-to-video when given an image, one checkpoint
 
 
 class TargetDevice(StrEnum):
@@ -124,6 +126,7 @@ class Resolution(StrEnum):
     P144 = "144p"
     P480 = "480p"
     P720 = "720p"
+    P704 = "704p"  # Wan2.2 TI2V-5B's 720p: 1280x704 (sides multiples of 32: Wan2.2 VAE 16 x DiT patch 2)
 
 
 class AspectRatio(StrEnum):

@@ -379,7 +379,8 @@ class AspectRatioParam(_ChoiceParam):
 
 
 class ImageParam(StrictModel):
-    required: bool = Field(True, description="Must stay true: the image is the video's first frame.")
+    required: bool = Field(True, description="wan_i2v: must stay true (the image is the video's first frame). "
+                           "wan_ti2v: false lets each run choose: with --image, image-to-video; without, text-to-video.")
     description: str = "Conditioning image (I2V)."
 
 
@@ -440,13 +441,17 @@ class Recipe(StrictModel):
             )
         if parallel.cfg_degree == 2 and l2.cfg_scale == 1.0 and not l1.is_moe:
             raise ValueError("cfg parallel (cfg_degree = 2) needs classifier-free guidance; cfg_scale 1.0 has no negative branch")
-        if self.layer3.image is not None and l1.pipeline != PipelineType.WAN_I2V.value:
-            raise ValueError("layer3.image is only for the wan_i2v pipeline")
+        takes_image = (PipelineType.WAN_I2V.value, PipelineType.WAN_TI2V.value)
+        if self.layer3.image is not None and l1.pipeline not in takes_image:
+            raise ValueError("layer3.image is only for the wan_i2v pipeline (image-to-video) and the wan_ti2v pipeline "
+                             "(Wan2.2 TI2V: text- or image-to-video)")
         if l1.pipeline == PipelineType.WAN_I2V.value and self.layer3.image is None:
             raise ValueError("the wan_i2v pipeline needs a [layer3.image] parameter")
-        if self.layer3.image is not None and not self.layer3.image.required:
+        if self.layer3.image is not None and not self.layer3.image.required and \
+                l1.pipeline != PipelineType.WAN_TI2V.value:
             raise ValueError("layer3.image.required must be true: the image is the video's first frame, and an "
-                             "image-to-video plan has no default image")
+                             "image-to-video plan has no default image (only a wan_ti2v plan, whose one checkpoint "
+                             "also makes text-to-video, may take the image optionally)")
         roles = {m.role for m in l1.models}
         clip = ModelRole.IMAGE_ENCODER.value in roles
         if clip and l1.pipeline != PipelineType.WAN_I2V.value:

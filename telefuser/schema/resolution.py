@@ -3,6 +3,11 @@
 An explicit table rather than a formula: the 16:9 entries are the sizes Wan was
 trained at (832x480, 1280x720), and every side is a multiple of 16 (VAE
 stride 8 x DiT patch 2). Other ratios keep the area at or under the 16:9 one.
+
+704p is Wan2.2 TI2V-5B's 720p (1280*704 and 704*1280, its only sizes): the Wan2.2 VAE
+compresses space 16x, so with the DiT's 2x2 patch every side is a multiple of 32,
+which 720 is not. Its other ratios are multiples of 32 too (1:1 928x928, 4:3 1024x768).
+The compiler refuses a choice whose sides do not fit the plan's VAE and patch.
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ RESOLUTION_TABLE: dict[Resolution, dict[AspectRatio, tuple[int, int]]] = {
         AspectRatio.R1_1: (960, 960),
         AspectRatio.R4_3: (1088, 816),
         AspectRatio.R3_4: (816, 1088),
+    },
+    Resolution.P704: {
+        AspectRatio.R16_9: (1280, 704),
+        AspectRatio.R9_16: (704, 1280),
+        AspectRatio.R1_1: (928, 928),
+        AspectRatio.R4_3: (1024, 768),
+        AspectRatio.R3_4: (768, 1024),
     },
 }
 

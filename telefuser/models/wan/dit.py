@@ -22,6 +22,13 @@ zeroes the rows past each prompt's length, at the plan's text_len: 512 for
 Wan, fewer for the tiny test model), and the DiT takes the context as given.
 In I2V the image tokens travel apart from the text, so no token count is
 assumed where Wan splits them off by it.
+
+Timesteps: `t` is [B] (one timestep per video: Wan2.1, Wan2.2 A14B) or [B, S],
+one per token (Wan2.2 TI2V-5B with an image: its first latent frame's tokens
+are at t = 0). Per token, the time embedding and every modulation vector are
+per token too ([B, S, dim], [B, S, 6, dim]), as Wan2.2 computes them; the time
+MLP runs once per distinct timestep (two per TI2V step), not once per token.
+[B] keeps the per-video path ([B, 6, dim] broadcast over the tokens).
 """
 
 from __future__ import annotations
@@ -167,8 +174,12 @@ class WanBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: Rope, context_img: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # e: [B, 6, dim] float32; each chunk [B, 1, dim] broadcasts over tokens.
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(6, dim=1)
+        # e: [B, 6, dim] float32, each chunk [B, 1, dim] broadcast over the tokens; or per token [B, S, 6, dim],
+        # each chunk [B, S, dim] (a strided view: the kernels read the modulation through its strides).
+        if e.dim() == 3:
+            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(6, dim=1)
+        else:
+            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(2)
         x = gated_add(x, self.self_attn(norm_modulate(x, shift_sa, scale_sa, eps=self.eps), rope), gate_sa)
         x = x + self.cross_attn(self.norm3(x), context, context_img)
         return gated_add(x, self.ffn(norm_modulate(x, shift_ff, scale_ff, eps=self.eps)), gate_ff)
@@ -182,7 +193,11 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + t_emb[:, None]).chunk(2, dim=1)
+        # t_emb: [B, dim] (per video), or [B, S, dim] per token
+        if t_emb.dim() == 2:
+            shift, scale = (self.modulation.float() + t_emb[:, None]).chunk(2, dim=1)
+        else:
+            shift, scale = (self.modulation.float() + t_emb[:, :, None]).unbind(2)
         return self.head(norm_modulate(x, shift, scale, eps=self.eps))
 
 
@@ -222,7 +237,12 @@ class WanDiT(nn.Module):
         return self._rope_cache[key]
 
     def time_embeddings(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t_emb [B, dim], e [B, 6, dim]), float32 whatever the model dtype, as Wan computes them."""
+        """(t_emb [B, dim], e [B, 6, dim]) for t [B]; (t_emb [B, S, dim], e [B, S, 6, dim]) for t [B, S]. Float32
+        whatever the model dtype, as Wan computes them."""
+        if t.dim() == 2:  # per token: the MLP on each distinct timestep once, then gathered per token
+            values, index = torch.unique(t, return_inverse=True)
+            t_emb, e = self.time_embeddings(values)
+            return t_emb[index], e[index]
         lin1, act, lin2 = self.time_embedding
         t_emb = linear_fp32(lin2, act(linear_fp32(lin1, sinusoidal_embedding(t, self.config.freq_dim))))
         act, proj = self.time_projection
@@ -236,7 +256,8 @@ class WanDiT(nn.Module):
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, in, F, H, W] (I2V: `y` holds the extra conditioning channels), t [B], context [B, L, text_dim]."""
+        """x [B, in, F, H, W] (I2V: `y` holds the extra conditioning channels), t [B] or per token [B, S] (S = the
+        tokens of x: F/pt * H/ph * W/pw, in frame, height, width order), context [B, L, text_dim]."""
         if y is not None:
             x = torch.cat([x, y], dim=1)
         dtype = self.patch_embedding.weight.dtype
@@ -244,6 +265,8 @@ class WanDiT(nn.Module):
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # [B, S, dim], (frame, height, width) order
         rope = self.rope(grid, tokens.device)
+        if t.dim() == 2 and tuple(t.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"per-token timesteps must be [batch, tokens] = {list(tokens.shape[:2])}, got {list(t.shape)}")
         t_emb, e = self.time_embeddings(t)
 
         context = self.text_embedding(context.to(dtype))

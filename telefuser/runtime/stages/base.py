@@ -42,6 +42,7 @@ class RunState:
     image: Optional[torch.Tensor] = None  # image-to-video: the first frame [1, 3, H, W] in [-1, 1] (replica lead)
     clip_fea: Optional[torch.Tensor] = None  # CLIP tokens of the image [1, tokens, dim]
     y: Optional[torch.Tensor] = None  # the DiT's conditioning channels: first-frame mask + VAE latents
+    image_latent: Optional[torch.Tensor] = None  # TI2V: the image's VAE latent [1, z, 1, h, w], the first latent frame
     frames: Optional[np.ndarray] = None
     writer: dict = field(default_factory=dict)
 

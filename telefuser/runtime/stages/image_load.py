@@ -1,5 +1,6 @@
 """image_load: the conditioning image fitted to the chosen frame (Lanczos resize to cover, centre crop) and mapped
-to [-1, 1], on each dp replica's lead: the models that read it (CLIP, the VAE encoder) live there."""
+to [-1, 1], on each dp replica's lead: the models that read it (CLIP, the VAE encoder) live there. An `optional`
+stage (Wan2.2 TI2V with an optional image) does nothing on a run without an image."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def image_load(ctx: StageContext, state: RunState, stage: Stage) -> None:
         raise PlanError(f"the plan's stage {stage.name!r} fits the image with {p['fit']}/{p['resample']} to "
                         f"{p['value_range']}, which this runtime does not do; recompile the recipe with this version.")
     if state.params.image is None:
+        if p.get("optional"):  # TI2V run without an image: text-to-video
+            return
         raise PlanError(f"the plan's stage {stage.name!r} needs an image, but the plan declares no image parameter; "
                         "recompile the recipe (an image-to-video recipe has a [layer3.image]).")
     if not ctx.rank.is_writer:

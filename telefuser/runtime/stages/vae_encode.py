@@ -1,4 +1,9 @@
-"""vae_encode: Wan2.1 image-to-video's conditioning `y`, on each dp replica's lead and broadcast to the others.
+"""vae_encode: the image's VAE conditioning, on each dp replica's lead and broadcast to the others: Wan2.1 (and
+Wan2.2 A14B) image-to-video's `y` (condition "first_frame"), or Wan2.2 TI2V's `image_latent` (condition
+"image_latent": the VAE latent of the image alone, one latent frame [1, z_dim, 1, H/s, W/s], which the denoise
+stage puts in place of the first latent frame).
+
+Condition "first_frame":
 
 The Wan VAE encodes the video [image, num_frames - 1 zero frames] (the causal encoder sees the image first, so
 the zero frames' latents carry it too); in front of those z_dim latent channels go `mask_channels` (= the
@@ -27,12 +32,44 @@ def first_frame_mask(num_frames: int, temporal_ratio: int, height: int, width: i
     return per_pixel_frame.view(1, latent_frames, temporal_ratio, height, width).transpose(1, 2)
 
 
+def image_latent(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    """TI2V: the VAE latent of the fitted image as a one-frame video (Wan2.2's `vae.encode([img])`)."""
+    p = stage.params
+    if state.params.image is None:
+        if p.get("optional"):  # a run without an image: text-to-video
+            return
+        raise PlanError(f"the plan's stage {stage.name!r} encodes the image, but this run has none; pass --image.")
+    (name,) = stage.models
+    space, width, height = p["spatial_ratio"], state.params.width, state.params.height
+    if p["num_frames"] != 1 or height % space or width % space:
+        raise PlanError(f"the plan's stage {stage.name!r} encodes {p['num_frames']} frame(s) of {width}x{height}, which "
+                        f"does not fit the VAE's {space}x{space} compression of one image; recompile the recipe.")
+    shape = (1, height // space, width // space)
+    with timed(state.timings, "encode", ctx):
+        if ctx.rank.is_writer:
+            if state.image is None:
+                raise PlanError(f"the plan's stage {stage.name!r} comes before any image_load stage; recompile the recipe.")
+            with ctx.placements[name].active() as vae, ctx.dispatch(name):
+                dtype = next(vae.parameters()).dtype
+                latent = vae.encode(state.image.to(ctx.device, dtype)[:, :, None]).float().contiguous()
+            if tuple(latent.shape[2:]) != shape:
+                raise PlanError(f"the VAE encoded a {width}x{height} image to a latent of shape {tuple(latent.shape)}, "
+                                f"not {shape}; the plan's VAE does not fit its stage parameters: recompile the recipe.")
+        else:  # the VAE encodes on the replica's lead; the latent arrives here
+            z_dim = next(m for m in ctx.plan.layer1_model_definition.models if m.name == name).arch["z_dim"]
+            latent = torch.empty((1, z_dim, *shape), dtype=torch.float32, device=ctx.device)
+        state.image_latent = ctx.rank.broadcast(latent)
+
+
 @register("vae_encode")
 def vae_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     p = stage.params
+    if p["condition"] == "image_latent":
+        return image_latent(ctx, state, stage)
     if p["condition"] != "first_frame" or p["mask_channels"] != p["temporal_ratio"]:
         raise PlanError(f"the plan's stage {stage.name!r} asks for a {p['condition']!r} condition with "
-                        f"{p['mask_channels']} mask channels; this runtime makes Wan2.1's first-frame condition. "
+                        f"{p.get('mask_channels')} mask channels; this runtime makes Wan2.1's first-frame condition and "
+                        "Wan2.2 TI2V's image latent. "
                         "Recompile the recipe with this version.")
     (name,) = stage.models
     frames, time_ratio, space = p["num_frames"], p["temporal_ratio"], p["spatial_ratio"]
