@@ -32,6 +32,31 @@ def first_frame_mask(num_frames: int, temporal_ratio: int, height: int, width: i
     return per_pixel_frame.view(1, latent_frames, temporal_ratio, height, width).transpose(1, 2)
 
 
+def _encoded_on_lead(ctx: StageContext, state: RunState, stage: Stage, frames: int,
+                     shape: tuple[int, int, int]) -> torch.Tensor:
+    """Latents [1, z_dim, *shape] float32 of the video [image, frames - 1 zero frames], encoded on the dp
+    replica's lead (the VAE lives there) and broadcast to the replica's other ranks."""
+    (name,) = stage.models
+    width, height = state.params.width, state.params.height
+    if ctx.rank.is_writer:
+        if state.image is None:
+            raise PlanError(f"the plan's stage {stage.name!r} comes before any image_load stage; recompile the recipe.")
+        with ctx.placements[name].active() as vae, ctx.dispatch(name):
+            dtype = next(vae.parameters()).dtype
+            image = state.image.to(ctx.device, dtype)[:, :, None]  # [1, 3, 1, H, W]
+            video = torch.cat([image, image.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+            latents = vae.encode(video).float().contiguous()
+            del video
+        if tuple(latents.shape[2:]) != shape:
+            raise PlanError(f"the VAE encoded {frames} frame(s) of {width}x{height} to latents of shape "
+                            f"{tuple(latents.shape)}, not {shape}; the plan's VAE does not fit its stage "
+                            "parameters: recompile the recipe.")
+    else:  # the latents arrive here
+        z_dim = next(m for m in ctx.plan.layer1_model_definition.models if m.name == name).arch["z_dim"]
+        latents = torch.empty((1, z_dim, *shape), dtype=torch.float32, device=ctx.device)
+    return ctx.rank.broadcast(latents)
+
+
 def image_latent(ctx: StageContext, state: RunState, stage: Stage) -> None:
     """TI2V: the VAE latent of the fitted image as a one-frame video (Wan2.2's `vae.encode([img])`)."""
     p = stage.params
@@ -39,26 +64,12 @@ def image_latent(ctx: StageContext, state: RunState, stage: Stage) -> None:
         if p.get("optional"):  # a run without an image: text-to-video
             return
         raise PlanError(f"the plan's stage {stage.name!r} encodes the image, but this run has none; pass --image.")
-    (name,) = stage.models
     space, width, height = p["spatial_ratio"], state.params.width, state.params.height
     if p["num_frames"] != 1 or height % space or width % space:
         raise PlanError(f"the plan's stage {stage.name!r} encodes {p['num_frames']} frame(s) of {width}x{height}, which "
                         f"does not fit the VAE's {space}x{space} compression of one image; recompile the recipe.")
-    shape = (1, height // space, width // space)
     with timed(state.timings, "encode", ctx):
-        if ctx.rank.is_writer:
-            if state.image is None:
-                raise PlanError(f"the plan's stage {stage.name!r} comes before any image_load stage; recompile the recipe.")
-            with ctx.placements[name].active() as vae, ctx.dispatch(name):
-                dtype = next(vae.parameters()).dtype
-                latent = vae.encode(state.image.to(ctx.device, dtype)[:, :, None]).float().contiguous()
-            if tuple(latent.shape[2:]) != shape:
-                raise PlanError(f"the VAE encoded a {width}x{height} image to a latent of shape {tuple(latent.shape)}, "
-                                f"not {shape}; the plan's VAE does not fit its stage parameters: recompile the recipe.")
-        else:  # the VAE encodes on the replica's lead; the latent arrives here
-            z_dim = next(m for m in ctx.plan.layer1_model_definition.models if m.name == name).arch["z_dim"]
-            latent = torch.empty((1, z_dim, *shape), dtype=torch.float32, device=ctx.device)
-        state.image_latent = ctx.rank.broadcast(latent)
+        state.image_latent = _encoded_on_lead(ctx, state, stage, 1, (1, height // space, width // space))
 
 
 @register("vae_encode")
@@ -71,7 +82,6 @@ def vae_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
                         f"{p.get('mask_channels')} mask channels; this runtime makes Wan2.1's first-frame condition and "
                         "Wan2.2 TI2V's image latent. "
                         "Recompile the recipe with this version.")
-    (name,) = stage.models
     frames, time_ratio, space = p["num_frames"], p["temporal_ratio"], p["spatial_ratio"]
     width, height = state.params.width, state.params.height
     if (frames - 1) % time_ratio or height % space or width % space:
@@ -79,22 +89,7 @@ def vae_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
                         "compression; pick another resolution and recompile.")
     latent_shape = ((frames - 1) // time_ratio + 1, height // space, width // space)
     with timed(state.timings, "encode", ctx):
-        if ctx.rank.is_writer:
-            if state.image is None:
-                raise PlanError(f"the plan's stage {stage.name!r} comes before any image_load stage; recompile the recipe.")
-            with ctx.placements[name].active() as vae, ctx.dispatch(name):
-                dtype = next(vae.parameters()).dtype
-                image = state.image.to(ctx.device, dtype)[:, :, None]  # [1, 3, 1, H, W]
-                video = torch.cat([image, image.new_zeros(1, 3, frames - 1, height, width)], dim=2)
-                latents = vae.encode(video).float()
-                del video
-            if tuple(latents.shape[2:]) != latent_shape:
-                raise PlanError(f"the VAE encoded {frames} frames of {width}x{height} to latents of shape "
-                                f"{tuple(latents.shape)}, not {latent_shape}; the plan's VAE does not fit its stage "
-                                "parameters: recompile the recipe.")
-            mask = first_frame_mask(frames, time_ratio, *latent_shape[1:]).to(latents.device)
-            y = torch.cat([mask, latents], dim=1).contiguous()
-        else:  # the VAE encodes on the replica's lead; y arrives here
-            z_dim = next(m for m in ctx.plan.layer1_model_definition.models if m.name == name).arch["z_dim"]
-            y = torch.empty((1, p["mask_channels"] + z_dim, *latent_shape), dtype=torch.float32, device=ctx.device)
-        state.y = ctx.rank.broadcast(y)
+        latents = _encoded_on_lead(ctx, state, stage, frames, latent_shape)
+        # The mask is cheap and the same on every rank: made where it is used rather than broadcast.
+        mask = first_frame_mask(frames, time_ratio, *latent_shape[1:]).to(latents.device)
+        state.y = torch.cat([mask, latents], dim=1).contiguous()
