@@ -117,9 +117,8 @@ class Pipeline:
                 "remove these settings from the recipe and recompile."
             )
         check_fingerprints(plan)
-        ranks.check_world(plan)
         start = time.perf_counter()
-        self.rank = ranks.join(plan)
+        self.rank = ranks.join(plan)  # refuses a launch that does not fit the plan before anything loads
         self.device = self.rank.device
         self.placements: dict[str, Placement] = {}  # by model name
         self.prefetch = PrefetchSchedule(plan.memory.prefetch, self.placements, self.device)  # the plan's decisions
