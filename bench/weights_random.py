@@ -1,0 +1,115 @@
+"""Random weights of the real shapes, written in diffusers' / transformers' folder layouts, for benchmarks that
+load the same files into TeleFuser (whose compiler reads those layouts) and into diffusers.
+
+Tensors are generated one at a time on the benchmark's device from the shapes of the reference classes built on
+the meta device (no model is materialised), and shards of at most SHARD_BYTES are written as they fill, so host
+memory holds one shard at a time. Norm gains are 1, everything else N(0, 0.02), all bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+BF16 = torch.bfloat16
+SHARD_BYTES = 4 << 30
+
+
+def _value(name: str, shape: torch.Size, device: str, gen: torch.Generator) -> torch.Tensor:
+    t = torch.empty(shape, dtype=BF16, device=device)
+    return t.fill_(1.0) if ("norm" in name or name.endswith("gamma")) else t.normal_(0, 0.02, generator=gen)
+
+
+def write_module(module: torch.nn.Module, folder: Path, stem: str, device: str, skip: tuple[str, ...] = (),
+                 convert=None) -> Path:
+    """Every persistent tensor of a meta `module` (minus `skip`), random, as `folder/stem.safetensors` or
+    shards `stem-0000k.safetensors` with a `stem.safetensors.index.json`; returns the file or the index.
+    `convert(name, tensor) -> {name: tensor}` rewrites a tensor on its way to disk (e.g. to another layout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    written = 0
+    weight_map: dict[str, str] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size, written
+        if shard:
+            written += 1
+            name = f"{stem}-{written:05d}.safetensors"
+            save_file(shard, folder / name)
+            weight_map.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for name, meta in module.state_dict().items():
+        if name in skip:
+            continue
+        value = _value(name, meta.shape, device, gen)
+        for key, tensor in (convert(name, value) if convert else {name: value}).items():
+            if size and size + tensor.nbytes > SHARD_BYTES:
+                flush()
+            shard[key] = tensor.contiguous().cpu()
+            size += tensor.nbytes
+            total += tensor.nbytes
+    if not written:  # everything fitted in one shard: a plain file
+        path = folder / f"{stem}.safetensors"
+        save_file(shard, path)
+        return path
+    flush()
+    index = folder / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return index
+
+
+def diffusers_transformer(cfg, image_dim: int | None = None):
+    """diffusers' WanTransformer3DModel of a TeleFuser WanDiTConfig, on meta (config saved by the caller)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        return WanTransformer3DModel(
+            patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+            qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=image_dim)
+
+
+def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> dict[str, Path]:
+    """transformer/, vae/, text_encoder/ (config.json + weights) and tokenizer.json under `root`; returns the
+    weight paths by role. Skipped when root/done.json exists."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config as HFConfig, UMT5EncoderModel
+
+    from telefuser.models.t5.tokenizer import build_tiny_tokenizer
+
+    paths = {"dit": root / "transformer" / "diffusion_pytorch_model.safetensors.index.json",
+             "vae": root / "vae" / "diffusion_pytorch_model.safetensors",
+             "text_encoder": root / "text_encoder" / "model.safetensors", "tokenizer": root / "tokenizer.json"}
+    done = root / "done.json"
+    if done.is_file():
+        return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+    root.mkdir(parents=True, exist_ok=True)
+    build_tiny_tokenizer(paths["tokenizer"])
+    transformer = diffusers_transformer(dit_cfg)
+    transformer.save_config(root / "transformer")
+    paths["dit"] = write_module(transformer, root / "transformer", "diffusion_pytorch_model", device)
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(base_dim=vae_cfg.base_dim, z_dim=vae_cfg.z_dim, dim_mult=list(vae_cfg.dim_mult),
+                               num_res_blocks=vae_cfg.num_res_blocks,
+                               temperal_downsample=list(vae_cfg.temporal_downsample))
+    vae.save_config(root / "vae")
+    paths["vae"] = write_module(vae, root / "vae", "diffusion_pytorch_model", device)
+    hf = HFConfig(vocab_size=t5_cfg.vocab_size, d_model=t5_cfg.dim, d_kv=t5_cfg.dim_attn // t5_cfg.num_heads,
+                  d_ff=t5_cfg.dim_ffn, num_layers=t5_cfg.num_layers, num_heads=t5_cfg.num_heads,
+                  relative_attention_num_buckets=t5_cfg.num_buckets, relative_attention_max_distance=128,
+                  feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, torch_dtype="bfloat16")
+    hf.save_pretrained(root / "text_encoder")
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(hf)
+    # encoder.embed_tokens is tied to shared: saved once, as save_pretrained does
+    paths["text_encoder"] = write_module(encoder, root / "text_encoder", "model", device,
+                                         skip=("encoder.embed_tokens.weight",))
+    done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths
