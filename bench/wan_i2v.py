@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,11 +66,11 @@ class Setup:
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
     clip_dtype: torch.dtype = torch.float16
-    i2v: object = None  # WanDiTConfig of Wan2.1 I2V 14B
-    ti2v: object = None  # WanDiTConfig of Wan2.2 TI2V-5B
-    clip: object = None
-    vae: object = None
-    vae22: object = None
+    i2v: Any = None  # WanDiTConfig of Wan2.1 I2V 14B
+    ti2v: Any = None  # WanDiTConfig of Wan2.2 TI2V-5B
+    clip: Any = None  # ClipVisionConfig
+    vae: Any = None  # WanVAEConfig
+    vae22: Any = None  # Wan22VAEConfig
     i2v_frames_hw: tuple[int, int, int] = (81, 480, 832)
     ti2v_frames_hw: tuple[int, int, int] = (121, 704, 1280)
     text_len: int = 512  # diffusers' I2V attention splits the image tokens off by Wan's 512 text tokens
@@ -292,7 +293,7 @@ def cfg_step_inputs(setup: Setup, cfg, frames_hw: tuple[int, int, int], ratio: t
             "context_null": randn(1, setup.text_len, cfg.text_dim).to(setup.dtype)}
 
 
-def bench_i2v_dit(setup: Setup) -> list[str]:
+def bench_i2v_dit(setup: Setup) -> tuple[list[str], dict[str, str]]:
     """Wan2.1 I2V 14B: one CFG step, ours (runtime's guided + plan dispatch) vs diffusers' pipeline loop."""
     from telefuser.distributed.rank import RankContext
     from telefuser.models.wan.dit import WanDiT
@@ -437,7 +438,7 @@ def bench_wan21_vae_encode(setup: Setup) -> list[str]:
     return [row(what, mine, theirs, err, vae_target(mine, theirs))]
 
 
-def bench_ti2v_dit(setup: Setup) -> tuple[list[str], dict[str, str]]:
+def bench_ti2v_dit(setup: Setup) -> list[str]:
     """Wan2.2 TI2V-5B with an image: one CFG step, per-token timesteps (ours) vs expand_timesteps (diffusers)."""
     from telefuser.distributed.rank import RankContext
     from telefuser.models.wan.dit import WanDiT
@@ -496,7 +497,7 @@ def bench_ti2v_dit(setup: Setup) -> tuple[list[str], dict[str, str]]:
     what = (f"Wan2.2 TI2V-5B DiT step with CFG (2 forwards at batch 1), image in the first latent frame, per-token "
             f"timesteps [1, {tokens}], {width}x{height} {frames}f: latent {list(latents.shape)}, text "
             f"[1, {setup.text_len}, {cfg.text_dim}], {str(setup.dtype).removeprefix('torch.')}")
-    return [row(what, mine, theirs, rel_err(mine.out, theirs.out, "TI2V DiT step"), dit_target(mine, theirs))], table
+    return [row(what, mine, theirs, rel_err(mine.out, theirs.out, "TI2V DiT step"), dit_target(mine, theirs))]
 
 
 def bench_vae22(setup: Setup) -> list[str]:
@@ -541,8 +542,6 @@ def bench_vae22(setup: Setup) -> list[str]:
               "image": measure(lambda: ref.encode(image).latent_dist.mode(), max(runs, 3)),
               "decode": measure(lambda: ref.decode(raw, return_dict=False)[0], runs,
                                 warmup=lambda: ref.decode(raw[:, :, :2], return_dict=False)[0])}
-    del ref
-    free()
     dtype = str(setup.dtype).removeprefix("torch.")
     rows = []
     for key, what in (("video", f"Wan2.2 VAE encode of the video [1, 3, {frames}, {height}, {width}]"),
@@ -643,13 +642,9 @@ def main(argv: list[str] | None = None) -> None:
     rows += i2v_rows
     notes.append(f"TeleFuser DiT dispatch (the compiler's table for this machine): {describe(i2v_table)}.")
     flush()
-    for section in (bench_clip, bench_wan21_vae_encode):
+    for section in (bench_clip, bench_wan21_vae_encode, bench_ti2v_dit, bench_vae22):
         rows += section(setup)
         flush()
-    ti2v_rows, _ = bench_ti2v_dit(setup)
-    rows += ti2v_rows
-    flush()
-    rows += bench_vae22(setup)
     notes.append(f"Whole script: {time.perf_counter() - started:.0f} s.")
     flush()
     print("\n".join(head + rows + [""] + notes))
