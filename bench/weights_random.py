@@ -78,7 +78,7 @@ def diffusers_transformer(cfg, image_dim: int | None = None):
 
 def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> dict[str, Path]:
     """transformer/, vae/, text_encoder/ (config.json + weights) and tokenizer.json under `root`; returns the
-    weight paths by role. Skipped when root/done.json exists."""
+    weight paths by role. No transformer when `dit_cfg` is None. Skipped when root/done.json exists."""
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config as HFConfig, UMT5EncoderModel
 
@@ -92,9 +92,12 @@ def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> 
         return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer(paths["tokenizer"])
-    transformer = diffusers_transformer(dit_cfg)
-    transformer.save_config(root / "transformer")
-    paths["dit"] = write_module(transformer, root / "transformer", "diffusion_pytorch_model", device)
+    if dit_cfg is None:
+        del paths["dit"]
+    else:
+        transformer = diffusers_transformer(dit_cfg)
+        transformer.save_config(root / "transformer")
+        paths["dit"] = write_module(transformer, root / "transformer", "diffusion_pytorch_model", device)
     with torch.device("meta"):
         vae = AutoencoderKLWan(base_dim=vae_cfg.base_dim, z_dim=vae_cfg.z_dim, dim_mult=list(vae_cfg.dim_mult),
                                num_res_blocks=vae_cfg.num_res_blocks,
@@ -113,3 +116,34 @@ def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> 
                                          skip=("encoder.embed_tokens.weight",))
     done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
+
+
+def write_fp8_scaled(cfg, path: Path, device: str) -> Path:
+    """A Wan-layout DiT of `cfg` as the "scaled fp8" checkpoints published for Wan store it (ComfyUI / Kijai
+    `*_fp8_e4m3fn_scaled`): each block linear's `.weight` in float8_e4m3fn with a float32 `.scale_weight`
+    (amax / 448, one per tensor), the `scaled_fp8` marker, everything else bf16; `path` names the file (or,
+    sharded, its index: returned). Skipped when it exists."""
+    from telefuser.models.wan.dit import WanDiT
+
+    stem = path.name.removesuffix(".safetensors")
+    for done in (path.parent / f"{stem}.safetensors.index.json", path):
+        if done.is_file():
+            return done
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    fp8 = torch.float8_e4m3fn
+
+    def quantise(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not (name.startswith("blocks.") and name.endswith(".weight") and value.ndim == 2):
+            return {name: value}
+        scale = value.float().abs().amax() / 448.0
+        return {name: (value.float() / scale).to(fp8), name[: -len("weight")] + "scale_weight": scale.reshape(())}
+
+    out = write_module(model, path.parent, stem, device, convert=quantise)
+    if out.suffix == ".json":  # sharded: the marker gets a file of its own in the index
+        save_file({"scaled_fp8": torch.empty(0, dtype=fp8)}, path.parent / f"{stem}-marker.safetensors")
+        index = json.loads(out.read_text())
+        index["weight_map"]["scaled_fp8"] = f"{stem}-marker.safetensors"
+        out.write_text(json.dumps(index))
+    return out

@@ -1,0 +1,321 @@
+"""Memory modes on one GPU (issue 10): step time and measured peak per offload mode, beside the plan's estimate
+and beside diffusers' offloading, same weights, same call.
+
+Random weights of the real shapes are written once under $WAN_MEMORY_ROOT (default /tmp/wan_memory) by
+bench/weights_random.py: the Wan2.1-14B DiT (bf16), the Wan2.1 VAE and umT5-XXL in diffusers' / transformers'
+folder layouts (our compiler reads those too, so both sides load the same files), and DiTs in the "scaled fp8"
+layout published for Wan (block linears float8_e4m3fn + per-tensor `scale_weight`, Wan's key names).
+
+MEMORY_PART=wan21 (default): Wan2.1-14B, 480p 16:9, 81 frames, 2 UniPC steps, CFG 5.0, the text encoder
+MODEL_CPU_OFFLOAD in every plan (as recipes/wan21_t2v_14b.toml ships). The DiT resident, MODEL_CPU_OFFLOAD,
+SEQUENTIAL_CPU_OFFLOAD, ASYNC_CPU_OFFLOAD, the FP8 checkpoint resident and FP8 + async; then diffusers'
+WanPipeline resident, with `enable_model_cpu_offload()`, and with block-level group offloading of the
+transformer (`apply_group_offloading(..., "block_level", num_blocks_per_group=1, use_stream=True)`).
+MEMORY_PART=wan22: Wan2.2 T2V A14B with both experts FP8, 480p 81f, 4 UniPC steps (shift 12, boundary 0.875: 3
+high-noise steps, 1 low-noise), experts resident, MODEL_CPU_OFFLOAD and ASYNC_CPU_OFFLOAD.
+
+Per row: seconds per step (the mean of the run's steps; the first plan runs twice so Triton's JIT compilation is
+not counted), each stage's peak (max_memory_allocated / max_memory_reserved, reset as each stage starts), the
+plan's estimated peak, and measured / estimate. A plan this TeleFuser refuses is reported with its message.
+Writes $OUT/memory_<part>.md. GPU: `PYTHONPATH=. python3 bench/memory.py` (then MEMORY_PART=wan22); CPU check of
+the logic at tiny sizes: `PYTHONPATH=. python3 bench/memory.py --cpu-smoke`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from bench import weights_random
+from bench.weights_random import write_fp8_scaled, write_wan21_diffusers
+
+BF16 = torch.bfloat16
+PROMPT = "a red fox running through fresh snow"
+RECIPE = """\
+name = "memory_{label}"
+[target]
+device = "{device}"
+[layer1]
+torch_dtype = "bfloat16"
+pipeline = "wan_t2v"
+{dits}
+[[layer1.models]]
+name = "vae"
+role = "vae"
+path = "{vae}"
+[[layer1.models]]
+name = "text_encoder"
+role = "text_encoder"
+path = "{text_encoder}"
+[[layer1.models]]
+name = "tokenizer"
+role = "tokenizer"
+path = "{tokenizer}"
+[layer2]
+num_inference_steps = {steps}
+num_frames = {frames}
+text_len = {text_len}
+sigma_shift = {shift}
+{moe}
+[layer2.models.text_encoder]
+offload_config = {{ offload_type = "MODEL_CPU_OFFLOAD" }}
+{offload}
+[layer3.resolution]
+default = "{res}"
+choices = ["{res}"]
+"""
+DIT = '[[layer1.models]]\nname = "{name}"\nrole = "{role}"\nclass = "WanDiT"\npath = "{path}"\narch = {{ num_heads = {heads} }}\n'
+MOE = "cfg_scale_high = 4.0\ncfg_scale_low = 3.0\nboundary = 0.875"
+OFFLOAD = '[layer2.models.{name}]\noffload_config = {{ offload_type = "{mode}" }}\n'
+
+
+class Setup:
+    def __init__(self, smoke: bool, part: str) -> None:
+        from telefuser.models.t5.umt5 import UMT5_XXL, UMT5Config
+        from telefuser.models.wan.dit import WAN21_14B, WanDiTConfig
+        from telefuser.models.wan.vae import WanVAEConfig
+
+        self.smoke, self.part = smoke, part
+        self.device = "cpu" if smoke else "cuda"
+        self.root = Path(os.environ.get("WAN_MEMORY_ROOT", "/tmp/wan_memory") + ("_smoke" if smoke else ""))
+        if smoke:
+            from tokenizers import Tokenizer
+
+            from telefuser.models.t5.tokenizer import build_tiny_tokenizer
+            from telefuser.models.tiny import TINY_ARCH
+
+            self.dit, self.vae = WanDiTConfig(**TINY_ARCH["dit"]), WanVAEConfig(**TINY_ARCH["vae"])
+            (self.root / "base").mkdir(parents=True, exist_ok=True)
+            vocab = Tokenizer.from_file(str(build_tiny_tokenizer(self.root / "base" / "tokenizer.json"))).get_vocab_size()
+            self.t5 = UMT5Config(**dict(TINY_ARCH["text_encoder"], vocab_size=vocab))
+            self.res, self.frames, self.text_len, self.size_hw = "144p", 9, 64, (144, 256)
+            weights_random.SHARD_BYTES = 1 << 16  # shards and index files, as at full size
+        else:
+            self.dit, self.vae, self.t5 = WAN21_14B, WanVAEConfig(), UMT5_XXL
+            self.res, self.frames, self.text_len, self.size_hw = "480p", 81, 512, (480, 832)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.accelerator.empty_host_cache() if hasattr(torch.accelerator, "empty_host_cache") else None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+class StagePeaks:
+    """Each stage's peak: the runtime's stage functions wrapped for the duration of a run (measurement only)."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, tuple[int, int]] = {}
+
+    def __enter__(self) -> "StagePeaks":
+        from telefuser.runtime import stages
+
+        self.saved = dict(stages.STAGES)
+
+        def wrap(fn):
+            def run(pipe, state, stage):
+                if torch.cuda.is_available():
+                    sync()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    return fn(pipe, state, stage)
+                finally:
+                    if torch.cuda.is_available():
+                        sync()
+                        self.peaks[stage.name] = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+            return run
+
+        for kind, fn in self.saved.items():
+            stages.STAGES[kind] = wrap(fn)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from telefuser.runtime import stages
+
+        stages.STAGES.clear()
+        stages.STAGES.update(self.saved)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+
+
+def recipe(setup: Setup, paths: dict[str, Path], label: str, dits: list[tuple[str, str, Path]],
+           modes: dict[str, str], steps: int, moe: bool) -> Path:
+    text = RECIPE.format(
+        label=_slug(label), device="cpu" if setup.smoke else "auto",
+        dits="".join(DIT.format(name=n, role=r, path=p, heads=setup.dit.num_heads) for n, r, p in dits),
+        steps=steps, frames=setup.frames, text_len=setup.text_len, shift=12.0 if moe else 5.0, res=setup.res,
+        moe=MOE if moe else "", offload="".join(OFFLOAD.format(name=n, mode=m) for n, m in modes.items()),
+        **{k: str(v) for k, v in paths.items() if k != "dit"})
+    path = setup.root / f"{_slug(label)}.toml"
+    path.write_text(text)
+    return path
+
+
+def run_plan(setup: Setup, label: str, recipe_path: Path, repeat: int = 1) -> list[str]:
+    """Compile, load, run `repeat` videos (the last one is reported); a refusal becomes the row."""
+    import telefuser
+    from telefuser.errors import TeleFuserError
+
+    from telefuser.schema.canonical import pretty_json
+
+    try:
+        plan = telefuser.compile(recipe_path)
+        plan_path = recipe_path.with_suffix(".plan.json")
+        plan_path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+        pipe = telefuser.load_plan(str(plan_path))
+    except TeleFuserError as exc:
+        return [f"| {label} | refused: {str(exc)[:300]} | | | | | |"]
+    try:
+        for _ in range(repeat):
+            with StagePeaks() as peaks:
+                video = pipe.run(prompt=PROMPT, seed=7, progress=False)
+    except TeleFuserError as exc:
+        return [f"| {label} | failed: {str(exc)[:300]} | | | | | |"]
+    est = plan.memory.peak_bytes
+    steps = video.timings.steps
+    allocated = max((a for a, _ in peaks.peaks.values()), default=video.timings.peak_memory_bytes)
+    reserved = max((r for _, r in peaks.peaks.values()), default=0)
+    per_stage = ", ".join(f"{name} {gib(a)}" for name, (a, _) in peaks.peaks.items())
+    denoise = next((a for name, (a, _) in peaks.peaks.items() if "denoise" in name), 0)
+    ratio = f"{allocated / est:.2f}" if est else "-"
+    rows = [f"| {label} | {sum(steps) / len(steps):.2f} | {gib(denoise)} | {gib(allocated)} / {gib(reserved)} | "
+            f"{gib(est)} | {ratio} | {per_stage} |"]
+    del pipe, video
+    free()
+    return rows
+
+
+def diffusers_rows(setup: Setup, paths: dict[str, Path]) -> list[str]:
+    """diffusers' WanPipeline on the same files: resident, model CPU offload, block-level group offload."""
+    import transformers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers.hooks import apply_group_offloading
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    rows = []
+    for mode in ("resident", "enable_model_cpu_offload", "group offload (block_level, 1 block, use_stream)"):
+        pipe = WanPipeline(
+            tokenizer=PreTrainedTokenizerFast(tokenizer_file=str(paths["tokenizer"]), pad_token="<pad>",
+                                              eos_token="</s>", unk_token="<unk>"),
+            text_encoder=UMT5EncoderModel.from_pretrained(paths["text_encoder"].parent, **{dtype_kw: BF16}).eval(),
+            vae=AutoencoderKLWan.from_pretrained(paths["vae"].parent, torch_dtype=BF16).eval(),
+            transformer=WanTransformer3DModel.from_pretrained(paths["dit"].parent, torch_dtype=BF16).eval(),
+            scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              num_train_timesteps=1000, flow_shift=5.0))
+        if setup.smoke or mode == "resident":
+            pipe.to(setup.device)
+        elif mode == "enable_model_cpu_offload":
+            pipe.enable_model_cpu_offload()
+        else:
+            apply_group_offloading(pipe.transformer, onload_device=torch.device("cuda"), offload_type="block_level",
+                                   num_blocks_per_group=1, use_stream=True)
+            pipe.text_encoder.to("cuda")
+            pipe.vae.to("cuda")
+        steps: list[float] = []
+
+        def step_end(_pipe, _i, _t, kwargs):
+            sync()
+            steps.append(time.perf_counter())
+            return kwargs
+
+        height, width = setup.size_hw
+        for _ in range(1 if setup.smoke else 2):  # the first warms up
+            steps.clear()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                pipe(prompt=PROMPT, negative_prompt="", height=height, width=width, num_frames=setup.frames,
+                     num_inference_steps=2, guidance_scale=5.0, max_sequence_length=setup.text_len,
+                     generator=torch.Generator(setup.device).manual_seed(7), output_type="np",
+                     callback_on_step_end=step_end)
+            sync()
+        # the first step's time starts after text encoding: measured from the second step on
+        per_step = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
+        rows.append(f"| diffusers {mode} | {per_step:.2f} | | {gib(peak)} / {gib(reserved)} | | | whole run "
+                    f"{time.perf_counter() - start:.1f} s |")
+        del pipe
+        free()
+    return rows
+
+
+def part_wan21(setup: Setup) -> list[str]:
+    paths = write_wan21_diffusers(setup.root / "base", setup.dit, setup.vae, setup.t5, setup.device)
+    fp8 = write_fp8_scaled(setup.dit, setup.root / "fp8" / "dit_fp8_e4m3fn_scaled.safetensors", setup.device)
+    rows = []
+    for label, path, mode in (("bf16 resident", paths["dit"], "NO_CPU_OFFLOAD"),
+                              ("bf16 MODEL_CPU_OFFLOAD", paths["dit"], "MODEL_CPU_OFFLOAD"),
+                              ("bf16 SEQUENTIAL_CPU_OFFLOAD", paths["dit"], "SEQUENTIAL_CPU_OFFLOAD"),
+                              ("bf16 ASYNC_CPU_OFFLOAD", paths["dit"], "ASYNC_CPU_OFFLOAD"),
+                              ("fp8 resident", fp8, "NO_CPU_OFFLOAD"),
+                              ("fp8 ASYNC_CPU_OFFLOAD", fp8, "ASYNC_CPU_OFFLOAD")):
+        r = recipe(setup, paths, label, [("dit", "dit", path)], {"dit": mode}, steps=2, moe=False)
+        rows += run_plan(setup, f"TeleFuser {label}", r, repeat=2 if not rows else 1)
+    return rows + diffusers_rows(setup, paths)
+
+
+def part_wan22(setup: Setup) -> list[str]:
+    paths = write_wan21_diffusers(setup.root / "base22", None, setup.vae, setup.t5, setup.device)
+    experts = [(name, role, write_fp8_scaled(setup.dit, setup.root / name / f"{name}_fp8_e4m3fn_scaled.safetensors",
+                                            setup.device))
+               for name, role in (("dit_high", "dit_high_noise"), ("dit_low", "dit_low_noise"))]
+    rows = []
+    for label, mode in (("A14B fp8 experts resident", "NO_CPU_OFFLOAD"),
+                        ("A14B fp8 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
+                        ("A14B fp8 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")):
+        r = recipe(setup, paths, label, experts, {"dit_high": mode, "dit_low": mode}, steps=4, moe=True)
+        rows += run_plan(setup, f"TeleFuser {label}", r, repeat=2 if not rows else 1)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (checks the logic)")
+    args = parser.parse_args(argv)
+    part = os.environ.get("MEMORY_PART", "wan21")
+    setup = Setup(args.cpu_smoke, part)
+    if setup.smoke:
+        env = f"CPU smoke run, PyTorch {torch.__version__}"
+    else:
+        from bench.common import environment
+
+        env = environment()
+        # the other part's files do not fit beside this part's on a 64 GiB disk
+        for other in (["base22", "dit_high", "dit_low"] if part == "wan21" else ["base", "fp8"]):
+            shutil.rmtree(setup.root / other, ignore_errors=True)
+    start = time.perf_counter()
+    rows = part_wan21(setup) if part == "wan21" else part_wan22(setup)
+    from bench.common import out_dir
+
+    lines = [f"Measured: {env}; random weights, {setup.res}, {setup.frames} frames; whole script "
+             f"{time.perf_counter() - start:.0f} s.", "",
+             "| configuration | s / step | denoise peak GiB | run peak allocated / reserved GiB | plan estimate GiB | "
+             "measured / estimate | peak per stage GiB |", "|---|---|---|---|---|---|---|", *rows]
+    (out_dir() / f"memory_{part}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
