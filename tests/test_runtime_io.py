@@ -1,4 +1,4 @@
-"""Weight reading (safetensors, shards, safe pickles), LoRA merge, and the atomic mp4 writer."""
+"""Weight reading (safetensors, shards, safe pickles) and the atomic mp4 writer (LoRA: tests/test_lora.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 from telefuser.errors import WeightsError
-from telefuser.runtime.lora import lora_deltas, merge_lora
 from telefuser.runtime.video import OutputPathError, Timings, Video, check_output_path
 from telefuser.runtime.weights import read_state_dict
 
@@ -51,32 +50,6 @@ def test_pth_loads_weights_only_and_refuses_objects(tmp_path):
 def test_missing_file_is_a_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="missing"):
         read_state_dict([tmp_path / "nope.safetensors"])
-
-
-@pytest.mark.parametrize("style", ["kohya", "peft"])
-def test_lora_merge_adds_scaled_low_rank_update(style):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
-    before = model[0].weight.detach().clone()
-    down, up = torch.randn(2, 6), torch.randn(5, 2)
-    if style == "kohya":  # alpha 1 over rank 2 -> scale 0.5
-        state = {"diffusion_model.0.lora_down.weight": down, "diffusion_model.0.lora_up.weight": up,
-                 "diffusion_model.0.alpha": torch.tensor(1.0)}
-        scale = 0.5
-    else:
-        state = {"transformer.0.lora_A.weight": down, "transformer.0.lora_B.weight": up}
-        scale = 1.0
-    merge_lora(model, lora_deltas(state, "l.safetensors"), 0.8, "l.safetensors")
-    torch.testing.assert_close(model[0].weight, before + 0.8 * scale * up @ down, atol=1e-6, rtol=1e-6)
-
-
-def test_lora_for_another_model_is_refused():
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
-    deltas = lora_deltas({"x.lora_A.weight": torch.ones(1, 6), "x.lora_B.weight": torch.ones(5, 1)}, "l")
-    with pytest.raises(WeightsError, match="does not have"):
-        merge_lora(model, deltas, 1.0, "l")
-    with pytest.raises(WeightsError, match="unpaired"):
-        lora_deltas({"x.lora_A.weight": torch.ones(1, 6)}, "l")
 
 
 def _frames(n=5, h=32, w=48):

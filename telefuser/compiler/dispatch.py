@@ -81,9 +81,21 @@ def _kernel_op(model: PlannedModel, op: str, runtime: ModelRuntimeConfig, target
 
 def _linear(model: PlannedModel, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
     quant = runtime.quant_config.quant_type
+    stored = model.attributes.fp8_layout
+    cc = _cc(target)
+    if stored is not None and quant == "none":
+        if target.device == "cuda" and (cc is None or cc < FP8_MIN_CC):
+            raise RecipeError(
+                f"model {model.name!r} is an FP8 checkpoint, whose linears run on float8 tensor cores (compute "
+                f"capability >= 8.9); the target is cuda{' cc ' + target.compute_capability if target.compute_capability else ''}."
+                " Use the model's bf16 checkpoint on this GPU.")
+        where = "PyTorch's CPU implementation" if target.device == "cpu" else "float8 tensor cores"
+        return DispatchEntry(model=model.name, op="linear", impl="fp8_scaled_mm",
+                             reason=f"FP8 checkpoint run as stored ({stored.granularity.replace('_', ' ')} weight "
+                                    f"scales, per-{'row' if stored.granularity == 'per_channel' else 'tensor'} "
+                                    f"activation scales): torch._scaled_mm, {where}; other linears torch")
     if quant == "none":
         return DispatchEntry(model=model.name, op="linear", impl="torch", reason="no quantisation: torch.nn.Linear (cuBLAS)")
-    cc = _cc(target)
     if target.device != "cuda" or cc is None or (quant.startswith("fp8") and cc < FP8_MIN_CC):
         raise RecipeError(
             f"layer2.models.{model.name}.quant_config.quant_type = {quant!r} needs a CUDA GPU with compute capability "

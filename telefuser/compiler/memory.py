@@ -52,7 +52,9 @@ def _weight_bytes(model: PlannedModel, runtime: ModelRuntimeConfig, recipe: Reci
     bytes_per = DTYPE_BYTES[model.compute_dtype]
     if runtime.quant_config.quant_type in FP8_QUANT:
         bytes_per = 1
-    total = model.parameter_count * bytes_per
+    stored = model.attributes.fp8_layout  # an FP8 checkpoint's linears stay 1 byte; the rest takes the compute dtype
+    fp8 = stored.linear_parameters if stored is not None else 0
+    total = (model.parameter_count - fp8) * bytes_per + fp8
     p = recipe.layer2.parallel_config
     if model.role.startswith("dit"):
         total //= p.tp_degree

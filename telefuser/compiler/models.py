@@ -7,11 +7,13 @@ from typing import Any
 
 from telefuser.errors import RecipeError, WeightsError
 from telefuser.schema.fingerprint import fingerprint, sha256_requested
-from telefuser.schema.plan import DetectedAttributes, PlannedModel
+from telefuser.schema.fp8_keys import scan_fp8
+from telefuser.schema.plan import DetectedAttributes, Fp8Layout, PlannedModel
 from telefuser.schema.recipe import ModelRuntimeConfig, ModelSpec, Recipe
 
 from .detect import Detection, detect, parameter_count, storage_dtype, used_tensors
-from .weights import read_index
+from .lora import plan_loras
+from .weights import WeightIndex, read_index
 
 CLASS_BY_ROLE = {"dit": ("WanDiT",), "dit_high_noise": ("WanDiT",), "dit_low_noise": ("WanDiT",),
                  "vae": ("WanVAE", "Wan22VAE"), "text_encoder": ("UMT5Encoder",), "tokenizer": ("UMT5Tokenizer",),
@@ -56,19 +58,51 @@ def _check_declared(spec: ModelSpec, det: Detection, dtype: str) -> dict[str, An
     return arch
 
 
-def _attributes(spec: ModelSpec, dtype: str, metadata: dict[str, str], moe: bool) -> DetectedAttributes:
+def _fp8_layout(spec: ModelSpec, index: WeightIndex, class_name: str, runtime: ModelRuntimeConfig,
+                tp_degree: int) -> Fp8Layout | None:
+    """The checkpoint's FP8 layout (None: no float8 tensors), and the layer-2 settings it rules out."""
+    try:
+        layout = scan_fp8({k: (t.dtype, t.shape) for k, t in index.tensors.items()})
+    except ValueError as exc:
+        raise WeightsError(f"layer1.models.{spec.name}: {spec.path}: {exc}.") from exc
+    if layout is None:
+        return None
+    if class_name != "WanDiT":
+        raise WeightsError(f"layer1.models.{spec.name}: {spec.path} stores {class_name} weights in float8; FP8 "
+                           "checkpoints are supported for the Wan DiT only: use the model's bf16/fp32 file.")
+    quant = runtime.quant_config.quant_type
+    fits = {"per_tensor": "fp8_e4m3fn", "unscaled": "fp8_e4m3fn", "per_channel": "fp8_e4m3fn_rowwise"}.get(
+        layout.granularity)
+    if quant not in ("none", fits):
+        raise RecipeError(
+            f"layer2.models.{spec.name}.quant_config.quant_type = {quant!r}, but {spec.path} already stores its "
+            f"linears in float8 ({layout.granularity.replace('_', ' ')} scales): re-quantising them would lose "
+            f"precision for nothing. Set quant_type = \"none\" (the stored FP8 linears run as stored)"
+            + (f" or \"{fits}\" (also quantises the linears the file keeps in bf16)." if fits else "."))
+    if tp_degree > 1:
+        raise RecipeError(f"layer1.models.{spec.name}: an FP8 checkpoint with parallel_config.tp_degree > 1: tensor "
+                          "parallelism shards plain linears, not FP8 ones; set tp_degree = 1 (use Ulysses/ring/cfg "
+                          "parallelism) or the bf16 checkpoint.")
+    return layout
+
+
+def _attributes(spec: ModelSpec, dtype: str, metadata: dict[str, str], moe: bool,
+                fp8_layout: Fp8Layout | None) -> DetectedAttributes:
     where = f"layer1.models.{spec.name}.attributes"
-    fp8 = dtype.startswith("float8")
+    fp8 = fp8_layout is not None
     declared = spec.attributes
     if declared.fp8 is not None and declared.fp8 != fp8:
-        raise WeightsError(f"{where}.fp8 = {str(declared.fp8).lower()}, but the weights are stored as {dtype}.")
+        stored = (f"stored as {dtype}" if not fp8 else f"stored as float8_e4m3fn ({fp8_layout.fp8_tensors} float8 "
+                  f"tensors, {fp8_layout.granularity.replace('_', ' ')} scales)")  # type: ignore[union-attr]
+        raise WeightsError(f"{where}.fp8 = {str(declared.fp8).lower()}, but the weights are {stored}: the "
+                           "weights decide; fix or drop the recipe's value.")
     found = {}
     for name in ("distill", "meanflow"):
         in_file, said = _flag(metadata, name), getattr(declared, name)
         if in_file is not None and said is not None and in_file != said:
             raise WeightsError(f"{where}.{name} = {str(said).lower()}, but the weights' metadata says {name} = {str(in_file).lower()}.")
         found[name] = bool(in_file if in_file is not None else said)
-    return DetectedAttributes(fp8=fp8, moe=moe, **found)
+    return DetectedAttributes(fp8=fp8, moe=moe, fp8_layout=fp8_layout, **found)
 
 
 def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool) -> PlannedModel:
@@ -86,11 +120,14 @@ def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool)
     det = detect(index)
     dtype = storage_dtype(index.tensors) if index.tensors else "auto"
     arch = _check_declared(spec, det, dtype)
+    tp = recipe.layer2.parallel_config.tp_degree
+    fp8_layout = _fp8_layout(spec, index, det.class_name, runtime, tp)
     return PlannedModel(
         name=spec.name, role=spec.role, path=str(path), class_=det.class_name, dtype=dtype, compute_dtype=compute,
-        key_layout=det.layout, attributes=_attributes(spec, dtype, index.metadata, moe), arch=arch,
+        key_layout=det.layout, attributes=_attributes(spec, dtype, index.metadata, moe, fp8_layout), arch=arch,
         parameter_count=parameter_count(used_tensors(det, index.tensors)),  # a CLIP file's text tower is dropped
         files=[fingerprint(f, full_hash=sha256_requested()) for f in index.files],  # --hash-weights: full SHA-256 too
+        loras=plan_loras(spec.name, det.class_name, det.layout, index.tensors, runtime, recipe_dir, tp),
     )
 
 

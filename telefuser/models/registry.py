@@ -41,6 +41,11 @@ class ModelEntry:
         file in Wan's layout may hold tensors the model does not use (CLIP's text tower), dropped there."""
         return self._load(self.keys_module, "to_wan_layout")(state)
 
+    def own_name(self, key: str, layout: str) -> str:
+        """One tensor name of `layout` -> its name in the model's own layout (a rename; for the models whose keys
+        module has `from_layout`: the Wan DiT, whose LoRAs are matched this way)."""
+        return next(iter(self._load(self.keys_module, "from_layout")({key: None}, layout)))
+
 
 REGISTRY: dict[str, ModelEntry] = {
     e.name: e

@@ -19,6 +19,14 @@
 - vae22.safetensors         Wan22VAE (z_dim 48, so Wan2.2's latent statistics; base_dim 4, decoder_base_dim 4,
                             1 residual block per encoder stage), Wan's key names
 
+- dit_fp8_scaled.safetensors the DiT of dit.safetensors as a ComfyUI/Kijai "scaled" FP8 checkpoint: the blocks'
+                            linear weights in float8_e4m3fn, each with its float32 `scale_weight`, the `scaled_fp8`
+                            marker; embeddings, norms, biases, modulation and head stay float32
+- lora_distill.safetensors  a LoRA for dit.safetensors in the layout of lightx2v's distill LoRAs: kohya names under
+                            `diffusion_model.` (`lora_down`/`lora_up`/`alpha`, rank 4, on every block linear) and
+                            full differences `.diff_b` (those linears' biases), `.diff` (q/k norms, head),
+                            `blocks.N.diff_m` (modulation)
+
 The Wan2.2 files are stored in bfloat16 (as Wan2.2's checkpoints are), which keeps the set small; the tiny
 recipes compute in float32.
 
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -153,6 +162,54 @@ def tiny_state_dict(role: str, arch: dict) -> dict[str, torch.Tensor]:
     return {name: _value(name, tuple(t.shape)) for name, t in model.state_dict().items()}
 
 
+# The linears the published fp8 checkpoints store in float8 (LightX2V's converter: self_attn, cross_attn, ffn).
+BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.((self|cross)_attn\.(q|k|v|o|k_img|v_img)|ffn\.[02])\.weight$")
+
+
+def quantise_fp8(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale) with weight ~= q * scale: scale = amax / 448, per tensor ([]) or
+    per output channel ([out, 1], as LightX2V stores it)."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+    scale = amax.clamp(min=1e-12) / 448.0
+    return (w / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def fp8_checkpoint(state: dict[str, torch.Tensor], scale_key: str | None = "scale_weight",
+                   per_channel: bool = False, marker: bool = True) -> dict[str, torch.Tensor]:
+    """A Wan-layout DiT state dict as a pre-quantised FP8 checkpoint: the blocks' linear weights in float8 with a
+    `<layer>.<scale_key>` each (None: plain float8, scale 1), plus ComfyUI's `scaled_fp8` marker."""
+    out = {}
+    for name, tensor in state.items():
+        if not BLOCK_LINEAR.match(name):
+            out[name] = tensor
+        elif scale_key is None:
+            out[name] = tensor.to(torch.float8_e4m3fn)
+        else:
+            out[name], scale = quantise_fp8(tensor, per_channel)
+            out[name[: -len("weight")] + scale_key] = scale
+    if marker and scale_key is not None:
+        out["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)  # as LightX2V's converter writes it
+    return out
+
+
+def distill_lora(state: dict[str, torch.Tensor], rank: int = 4, alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """A LoRA for a Wan-layout DiT in the layout of lightx2v's distill LoRAs (see the module docstring)."""
+    out = {}
+    for name, tensor in state.items():
+        module = name.rsplit(".", 1)[0]
+        if BLOCK_LINEAR.match(name):
+            out[f"diffusion_model.{module}.lora_down.weight"] = 0.5 * _value(f"lora:{module}.down", (rank, tensor.shape[1]))
+            out[f"diffusion_model.{module}.lora_up.weight"] = 0.5 * _value(f"lora:{module}.up", (tensor.shape[0], rank))
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(alpha)
+            out[f"diffusion_model.{module}.diff_b"] = _value(f"lora:{module}.bias", tuple(state[module + ".bias"].shape))
+        elif name.endswith(("norm_q.weight", "norm_k.weight")) or name == "head.head.weight":
+            out[f"diffusion_model.{module}.diff"] = 0.05 * _value(f"lora:{name}", tuple(tensor.shape))
+        elif re.match(r"^blocks\.\d+\.modulation$", name):
+            out[f"diffusion_model.{module}.diff_m"] = 0.1 * _value(f"lora:{name}", tuple(tensor.shape))
+    return out
+
+
 def generate(folder: str | Path) -> dict[str, Path]:
     """Write the tiny model set into `folder`; returns role -> file."""
     from safetensors.torch import save_file
@@ -170,6 +227,10 @@ def generate(folder: str | Path) -> dict[str, Path]:
         state = tiny_state_dict(role, arch[role])
         save_file(state, str(folder / filename), metadata={"format": "pt", "telefuser": "tiny"})
         written[role] = folder / filename
+        if role == "dit":
+            for extra, variant in (("dit_fp8_scaled", fp8_checkpoint(state)), ("lora_distill", distill_lora(state))):
+                written[extra] = folder / f"{extra}.safetensors"
+                save_file(variant, str(written[extra]), metadata={"format": "pt", "telefuser": "tiny"})
     return written
 
 

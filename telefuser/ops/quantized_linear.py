@@ -32,15 +32,38 @@ def _quantise(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch
 
 
 class LinearFP8(nn.Module):
+    """y = (x_q * x_scale) @ (W_q * weight_scale)^T + bias. Built from a float linear (quantised here), or with
+    `from_quantised` from a checkpoint's float8 weight and its scales (used as stored)."""
+
     def __init__(self, linear: nn.Linear, data_type: torch.dtype = torch.float8_e4m3fn, rowwise: bool = False) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.data_type, self.rowwise = data_type, rowwise
-        self.out_dtype = linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.bfloat16
         weight, scale = _quantise(linear.weight.detach(), data_type, rowwise)
+        out_dtype = linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.bfloat16
+        self._store(weight, scale, None if linear.bias is None else linear.bias.detach(), out_dtype, rowwise)
+
+    def _store(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+               rowwise: bool) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.data_type, self.rowwise, self.out_dtype = weight.dtype, rowwise, out_dtype
         self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", scale.reshape(1, -1) if rowwise else scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(self.out_dtype))
+        self.register_buffer("weight_scale", scale.reshape(1, -1) if rowwise else scale.reshape(()))
+        self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
+
+    @classmethod
+    def from_quantised(cls, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                       out_dtype: torch.dtype) -> "LinearFP8":
+        """A layer over weights already in float8_e4m3fn (a pre-quantised checkpoint's), used as stored:
+        W = weight * scale, `scale` one value (per tensor; None: 1) or one per output channel ([out] or [out, 1])."""
+        if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+            raise ValueError(f"expected a 2-D float8_e4m3fn weight, got {weight.dtype} {list(weight.shape)}")
+        scale = torch.ones((), device=weight.device) if scale is None else scale.float()
+        rowwise = scale.numel() > 1
+        if rowwise and scale.numel() != weight.shape[0]:
+            raise ValueError(f"a per-channel scale needs {weight.shape[0]} values, got {list(scale.shape)}")
+        layer = cls.__new__(cls)  # not __init__, which quantises a float layer
+        nn.Module.__init__(layer)
+        layer._store(weight, scale, bias, out_dtype, rowwise)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -11,7 +11,8 @@ from telefuser.errors import PlanError, WeightsError
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.recipe import ModelRuntimeConfig
 
-from .lora import lora_deltas, merge_lora
+from .fp8_checkpoint import float32_linears, place_fp8_linears
+from .lora import apply_loras, wrap_unmerged
 from .weights import read_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,19 +64,25 @@ def build_model(
 ) -> torch.nn.Module:
     """The model of the plan with its weights, LoRA and quantisation applied, on `device`.
 
-    `base_dir` resolves relative LoRA paths: the recipe's folder, like every path in a recipe.
+    An FP8 checkpoint's float8 linears become LinearFP8 layers straight from the stored weights and scales.
+    LoRAs come from the plan (`planned.loras`: paths resolved against the recipe's folder and fingerprinted at
+    compile time), so `base_dir` (the recipe's folder, which callers pass) is not needed for them.
     """
     entry = _registry_entry(planned)
     dtype = DTYPES[planned.compute_dtype]
-    state = read_state_dict([Path(f.path) for f in planned.files], device, dtype)
+    fp8 = planned.attributes.fp8_layout is not None
+    # An FP8 checkpoint is read as stored (scales stay float32); place_fp8_linears casts the rest.
+    state = read_state_dict([Path(f.path) for f in planned.files], device, None if fp8 else dtype)
     layout = _layout(entry, state.keys(), f"the weights of model {planned.name!r}")
     if layout != planned.key_layout:
         raise WeightsError(
             f"the weights of model {planned.name!r} are now in the {layout!r} key layout but the plan "
             f"recorded {planned.key_layout!r}; recompile the recipe."
         )
-    state = entry.convert(state, layout)
+    state = entry.convert(state, layout)  # scale tensors are renamed with their weights (same module prefix)
     model = _instantiate(entry, planned, device)
+    if fp8:
+        place_fp8_linears(model, state, planned, dtype)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -83,12 +90,12 @@ def build_model(
             f"the weights of model {planned.name!r} do not match {planned.class_} built from the plan's arch: "
             f"{str(exc).splitlines()[0]} ...; the files changed or the arch is wrong: recompile the recipe."
         ) from exc
-    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    for lora in runtime.lora_configs:
-        path = str(Path(base_dir or ".", lora.path))  # an absolute lora.path stays as it is
-        deltas = lora_deltas(read_state_dict([Path(path)], "cpu"), path)
-        lora_layout = _layout(entry, deltas.keys(), f"LoRA {path!r}")
-        merge_lora(model, deltas, lora.strength, path, lambda d: entry.convert(d, lora_layout))
+    # .to(dtype) would cast float8 buffers too (float8 counts as floating point): an FP8 model is cast already
+    model.to(device=device, dtype=None if fp8 else dtype).eval().requires_grad_(False)
+    if runtime.lora_configs and len(planned.loras) != len(runtime.lora_configs):
+        raise PlanError(f"model {planned.name!r} has LoRAs the plan did not match (it was compiled with "
+                        "--no-weights); compile it with its weights.")
+    pending = apply_loras(model, planned, lambda key: entry.own_name(key, "diffusers"), dtype)
     if runtime.quant_config.quant_type != "none":
         try:
             from telefuser.ops.quantized_linear import replace_linear_layers
@@ -98,10 +105,13 @@ def build_model(
                 "has no telefuser.ops.quantized_linear; set quant_config.quant_type = \"none\" and recompile."
             ) from exc
         try:
-            replace_linear_layers(model, runtime.quant_config.quant_type, skip_modules=runtime.quant_config.skip_modules)
+            # an FP8 checkpoint's linears are LinearFP8 already: only its remaining nn.Linear layers are quantised
+            replace_linear_layers(model, runtime.quant_config.quant_type,
+                                  skip_modules=[*runtime.quant_config.skip_modules, *float32_linears(model)])
         except ValueError as exc:
             raise PlanError(f"model {planned.name!r}: {exc}; change layer2.models.{planned.name}.quant_config "
                             "and recompile.") from exc
+    wrap_unmerged(model, pending, dtype)
     if runtime.compile_config.enabled:
         _compile_blocks(model, runtime)
     return model

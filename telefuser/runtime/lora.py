@@ -1,78 +1,99 @@
-"""LoRA merged into the weights at load: W += strength * scale * up @ down.
+"""LoRAs applied as the plan recorded them: merged into the weights at load (W += strength * alpha/rank * up @ down),
+or (merge = false) beside each targeted linear as a LoraLinear, so that FP8 weights stay FP8.
 
-Two key conventions are read: kohya/Wan style (`<module>.lora_down.weight`,
-`<module>.lora_up.weight`, optional `<module>.alpha`, scale = alpha / rank) and
-PEFT/diffusers style (`<module>.lora_A.weight`, `<module>.lora_B.weight`,
-scale 1). Module names may carry a wrapper prefix, which is stripped.
+The file is checked against the plan's fingerprint first, and matched with the same rules the compiler used
+(telefuser.schema.lora_keys): a match that differs from the plan's counts is refused. Full-tensor differences
+(`.diff`, `.diff_b`, `.diff_m`) are added to their tensor in either mode (strength times the difference); the
+compiler refuses them on float8 weights. Linears the model reads as float itself (FLOAT32_LINEARS) are merged.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import fnmatch
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from telefuser.errors import WeightsError
+from telefuser.errors import PlanError, WeightsError
+from telefuser.ops.lora_linear import LoraLinear
+from telefuser.schema.fingerprint import file_sha256, fingerprint
+from telefuser.schema.lora_keys import match_lora, parse_lora
+from telefuser.schema.plan import PlannedLora, PlannedModel
 
-_PAIRS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up"}
-_PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
+from .fp8_checkpoint import float32_linears
+from .weights import read_state_dict
+
+RECOMPILE = "recompile the recipe (telefuser-compile)"
+# target module -> [(down [r, in], up [out, r] scaled by strength * alpha / rank)]
+Pending = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def _module_name(name: str) -> str:
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+def _check_file(lora: PlannedLora, model: str) -> None:
+    path = Path(lora.path)
+    if not path.is_file():
+        raise WeightsError(f"LoRA file {lora.path!r} of model {model!r} is missing; restore it, or fix its path in "
+                           f"the recipe and {RECOMPILE}.")
+    try:
+        now = fingerprint(path, full_hash=False)
+        changed = (now.size, now.header_sha256) != (lora.file.size, lora.file.header_sha256) or (
+            lora.file.sha256 is not None and file_sha256(path, what="checking") != lora.file.sha256)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"LoRA file {lora.path!r} of model {model!r} cannot be read ({exc}): it is truncated or "
+                           f"damaged; restore the original file, or {RECOMPILE}.") from exc
+    if changed:
+        raise WeightsError(f"LoRA file {lora.path!r} of model {model!r} changed since the plan was compiled (its "
+                           f"size, header or contents differ); the plan's match may no longer hold, so {RECOMPILE}.")
 
 
-def lora_deltas(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """`<module>.weight` -> the fp32 update `scale * up @ down` for every LoRA pair in `state`."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        for suffix, role in _PAIRS.items():
-            if key.endswith("." + suffix):
-                parts.setdefault(_module_name(key[: -len(suffix) - 1]), {})[role] = tensor
-                break
-        else:
-            if key.endswith(".alpha"):
-                parts.setdefault(_module_name(key[: -len(".alpha")]), {})["alpha"] = tensor
-            else:
-                raise WeightsError(f"LoRA file {source!r} holds {key!r}, which is not a LoRA tensor name I know.")
-    deltas = {}
-    for module, p in parts.items():
-        if "down" not in p or "up" not in p:
-            raise WeightsError(f"LoRA file {source!r} has an unpaired down/up (A/B) matrix for {module!r}.")
-        down, up = p["down"].float().flatten(1), p["up"].float().flatten(1)
-        rank = down.shape[0]
-        scale = float(p["alpha"]) / rank if "alpha" in p else 1.0
-        deltas[module + ".weight"] = scale * (up @ down)
-    if not deltas:
-        raise WeightsError(f"LoRA file {source!r} holds no lora_down/lora_up or lora_A/lora_B pairs.")
-    return deltas
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name) if module_name else model, attr)
 
 
 @torch.no_grad()
-def merge_lora(
-    model: torch.nn.Module,
-    deltas: Mapping[str, torch.Tensor],
-    strength: float,
-    source: str,
-    to_canonical: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-) -> int:
-    """Add the deltas into the model's weights (renamed to the model's own layout first); returns count."""
-    renamed = to_canonical(dict(deltas)) if to_canonical is not None else dict(deltas)
-    params = dict(model.named_parameters())
-    for name, delta in renamed.items():
-        param = params.get(name)
-        if param is None:
-            raise WeightsError(
-                f"LoRA {source!r} updates {name!r}, which this model does not have; "
-                "is the LoRA made for another model?"
-            )
-        if param.shape != delta.shape:
-            raise WeightsError(
-                f"LoRA {source!r} updates {name!r} with shape {tuple(delta.shape)}, "
-                f"but the weight is {tuple(param.shape)}; is the LoRA made for another model size?"
-            )
-        param.add_((strength * delta).to(device=param.device, dtype=param.dtype))
-    return len(renamed)
+def apply_loras(model: nn.Module, planned: PlannedModel, from_diffusers, dtype: torch.dtype) -> Pending:
+    """Merge every merged LoRA and every full difference into `model`; return the unmerged low-rank updates by
+    target module, for `wrap_unmerged` once the base layers are final (after any on-the-fly quantisation)."""
+    own_shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    keep_float = float32_linears(model)
+    pending: Pending = {}
+    for lora in planned.loras:
+        _check_file(lora, planned.name)
+        tensors = read_state_dict([Path(lora.path)], "cpu")
+        modules, _ = parse_lora(tensors)
+        match = match_lora(modules, {k: tuple(t.shape) for k, t in tensors.items()}, own_shapes, from_diffusers)
+        if match.matched != lora.matched:
+            raise PlanError(f"LoRA {lora.path!r} now matches {match.matched} tensors of model {planned.name!r}, the "
+                            f"plan recorded {lora.matched}; {RECOMPILE}.")
+        for module, target in match.targets:
+            param = _tensor(model, target)
+            if not module.is_pair:
+                update = lora.strength * tensors[module.keys["diff"]].float()
+            else:
+                down = tensors[module.keys["down"]].float().flatten(1)
+                up = tensors[module.keys["up"]].float().flatten(1)
+                alpha = module.keys.get("alpha")
+                factor = lora.strength * (float(tensors[alpha]) / down.shape[0] if alpha else 1.0)
+                module_name = target.removesuffix(".weight")
+                if not lora.merge and not any(fnmatch.fnmatch(module_name, p) for p in keep_float):
+                    pending.setdefault(module_name, []).append((down, factor * up))
+                    continue
+                update = (factor * up @ down).reshape(param.shape)
+            if param.element_size() == 1:  # float8: the compiler refuses this; a changed plan could ask for it
+                raise PlanError(f"LoRA {lora.path!r} would be merged into {target} of model {planned.name!r}, which "
+                                f"is stored in float8; set its merge = false and {RECOMPILE}.")
+            param.add_(update.to(device=param.device, dtype=param.dtype))
+    return pending
+
+
+def wrap_unmerged(model: nn.Module, pending: Pending, dtype: torch.dtype) -> int:
+    """Replace each targeted layer by a LoraLinear around it (several LoRAs stacked along the rank)."""
+    for name, updates in pending.items():
+        base = model.get_submodule(name)
+        device = next(iter(base.state_dict().values())).device
+        down = torch.cat([d for d, _ in updates]).to(device=device, dtype=dtype)
+        up = torch.cat([u for _, u in updates], dim=1).to(device=device, dtype=dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, LoraLinear(base, down, up))
+    return len(pending)

@@ -45,11 +45,45 @@ class FileFingerprint(FrozenModel):
     )
 
 
+class Fp8Layout(FrozenModel):
+    """How a checkpoint stores float8 (e4m3) weights, read from its tensor names, dtypes and shapes."""
+
+    scale_key: Optional[Literal["scale_weight", "weight_scale"]] = Field(
+        description="Suffix of the scale tensors beside each `<layer>.weight` (ComfyUI/Kijai scaled fp8: "
+        "scale_weight; LightX2V and ComfyUI's newer format: weight_scale); null: no scales (scale 1).")
+    granularity: Literal["per_tensor", "per_channel", "mixed", "unscaled"] = Field(
+        description="Scale per weight tensor, per output channel, some of each, or none.")
+    marker: bool = Field(description="The file carries ComfyUI's `scaled_fp8` marker tensor.")
+    fp8_tensors: int = Field(ge=0, description="Tensors stored in float8_e4m3fn.")
+    linear_parameters: int = Field(
+        ge=0, description="Elements of the 2-D float8 `.weight` tensors: the linears kept in fp8 (1 byte each).")
+
+
 class DetectedAttributes(FrozenModel):
     distill: bool = False
     moe: bool = False
     fp8: bool = False
     meanflow: bool = False
+    fp8_layout: Optional[Fp8Layout] = Field(
+        default=None, description="Set when the weights are stored in float8: scales and their layout.")
+
+
+class PlannedLora(FrozenModel):
+    """A LoRA of layer2.models.<name>.lora_configs, matched against the model's weights at compile time."""
+
+    path: str
+    strength: float
+    merge: bool
+    on_mismatch: Literal["error", "warn"]
+    file: FileFingerprint
+    key_layout: Literal["wan", "diffusers", "kohya"] = Field(
+        description="Module names as Wan's keys, diffusers' keys, or kohya's flattened `lora_unet_` names.")
+    modules: int = Field(ge=0, description="Updates the file holds: low-rank pairs plus full differences.")
+    matched: int = Field(ge=0, description="Of those, the ones that name a tensor of the model, of its shape.")
+    unmatched_examples: list[str] = Field(default_factory=list,
+                                          description="Up to 5 modules that match nothing (applied: none).")
+    linears_covered: int = Field(ge=0, description="The model's linear layers the low-rank pairs update.")
+    linears_total: int = Field(ge=0, description="The model's linear layers (2-D `.weight` tensors).")
 
 
 class PlannedModel(FrozenModel):
@@ -64,6 +98,7 @@ class PlannedModel(FrozenModel):
     arch: dict[str, Any] = Field(description="Constructor arguments of the model's config.")
     parameter_count: int = Field(ge=0)
     files: list[FileFingerprint]
+    loras: list[PlannedLora] = Field(default_factory=list, description="The model's LoRAs, in application order.")
 
 
 class Layer1Plan(FrozenModel):

@@ -192,8 +192,17 @@ class QuantConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    path: str = Field(min_length=1)
-    strength: float = 1.0
+    """One LoRA file for this model: kohya/ComfyUI (`lora_down`/`lora_up`/`alpha`, `diffusion_model.` or
+    `lora_unet_` prefixes, `.diff`/`.diff_b`/`.diff_m` full differences) or diffusers/PEFT (`lora_A`/`lora_B`)."""
+
+    path: str = Field(min_length=1, description="The LoRA .safetensors file; relative to the recipe.")
+    strength: float = Field(1.0, description="Multiplier of the LoRA's update (times alpha / rank).")
+    merge: bool = Field(True, description="true: added into the weights at load; false: applied beside each "
+                        "targeted linear (y = W x + strength * alpha/rank * up(down x)), which leaves FP8 "
+                        "weights FP8 (required for a LoRA on an FP8 checkpoint's linears).")
+    on_mismatch: Literal["error", "warn"] = Field(
+        "error", description="A LoRA module that names no layer of the model (or one of another shape): error "
+        "refuses the recipe with the counts; warn applies the modules that match and warns.")
 
 
 class FeatureCacheConfig(StrictModel):

@@ -215,6 +215,10 @@ class WanImageEmbedding(nn.Module):
 
 
 class WanDiT(nn.Module):
+    # Linears that `time_embeddings` runs in float32 through linear_fp32 (reading .weight): never quantised, and
+    # dequantised when a checkpoint stores them in float8.
+    FLOAT32_LINEARS = ("time_embedding.*", "time_projection.*")
+
     def __init__(self, config: WanDiTConfig) -> None:
         super().__init__()
         self.config = config

@@ -100,6 +100,11 @@ def detect_layout(keys: Iterable[str]) -> str:
     raise ValueError("these keys are neither Wan's nor diffusers' Wan DiT layout (no time_projection/condition_embedder)")
 
 
+def from_layout(state: Mapping[str, T], layout: str) -> dict[str, T]:
+    """Keys in `layout` ('wan' or 'diffusers') -> Wan's own; any subset of a checkpoint's keys (a LoRA's targets)."""
+    return dict(state) if layout == "wan" else diffusers_to_wan(state)
+
+
 def to_wan_layout(state: Mapping[str, T]) -> dict[str, T]:
     """Any supported layout -> Wan's own."""
     return dict(state) if detect_layout(state.keys()) == "wan" else diffusers_to_wan(state)

@@ -1,0 +1,128 @@
+"""LoRA files by their tensor names: what each tensor updates, and which tensor of a model that is.
+
+Shared by the compiler (which reads a LoRA's header and records the match in the plan) and the runtime (which
+applies the tensors), so both see the same match. Published layouts for Wan:
+
+- kohya / ComfyUI, as lightx2v's distill LoRAs (`Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32`) and
+  Wan2.2-Lightning's are: `diffusion_model.blocks.0.self_attn.q.lora_down.weight` [rank, in],
+  `...lora_up.weight` [out, rank], `...alpha` (scale alpha / rank), and full-tensor differences `<module>.diff`
+  (the weight), `.diff_b` (the bias), `.diff_m` (`blocks.N.diff_m`: the block's modulation);
+- musubi-tuner / kohya flattened: `lora_unet_blocks_0_self_attn_q.lora_down.weight` (dots as underscores);
+- diffusers / PEFT: `transformer.blocks.0.attn1.to_q.lora_A.weight` / `lora_B.weight` (scale 1), and
+  `lora_B.bias` (a bias difference, as diffusers converts `diff_b`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+KOHYA_PREFIX = "lora_unet_"
+PAIR_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up"}
+# suffix -> the parameter of the module it changes
+DIFF_SUFFIXES = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation", "lora_B.bias": "bias"}
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class LoraModule:
+    """One update a LoRA file holds: a low-rank pair (keys down, up, maybe alpha) or a full difference (key diff)."""
+
+    name: str  # module name in the file, wrapper prefix stripped (kohya: still flattened)
+    param: str  # the module's parameter it changes: weight, bias or modulation
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_pair(self) -> bool:
+        return "diff" not in self.keys
+
+
+def _strip(name: str) -> str:
+    for prefix in (KOHYA_PREFIX, *PREFIXES):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def parse_lora(keys: Iterable[str]) -> tuple[list[LoraModule], list[str]]:
+    """(the updates, in file order; tensor names that are no LoRA tensor). ValueError for a down without its up."""
+    modules: dict[tuple[str, str], LoraModule] = {}
+    unknown = []
+    for key in keys:
+        for suffix, param in DIFF_SUFFIXES.items():
+            if key.endswith("." + suffix):
+                name = _strip(key[: -len(suffix) - 1])
+                modules.setdefault((name, "diff:" + param), LoraModule(name, param)).keys["diff"] = key
+                break
+        else:
+            for suffix, role in (*PAIR_SUFFIXES.items(), ("alpha", "alpha")):
+                if key.endswith("." + suffix):
+                    name = _strip(key[: -len(suffix) - 1])
+                    modules.setdefault((name, "pair"), LoraModule(name, "weight")).keys[role] = key
+                    break
+            else:
+                unknown.append(key)
+    for module in modules.values():
+        if module.is_pair and not {"down", "up"} <= module.keys.keys():
+            have = ", ".join(sorted(module.keys))
+            raise ValueError(f"module {module.name!r} has only {have}: a low-rank update needs both its down (A) "
+                             "and up (B) matrices")
+    return list(modules.values()), unknown
+
+
+@dataclass
+class LoraMatch:
+    """Each update's target tensor in the model's own (Wan) names, or why it has none."""
+
+    targets: list[tuple[LoraModule, str]]  # (update, model tensor name)
+    unmatched: list[str]  # "name: reason"
+    layout: str  # wan, diffusers or kohya: how most module names were written
+
+    @property
+    def matched(self) -> int:
+        return len(self.targets)
+
+
+def update_shape(module: LoraModule, shapes: Mapping[str, Shape]) -> Shape:
+    """The shape the update has: [out, in] of up @ down, or the difference's own."""
+    if not module.is_pair:
+        return tuple(shapes[module.keys["diff"]])
+    down, up = shapes[module.keys["down"]], shapes[module.keys["up"]]
+    if len(down) < 2 or len(up) < 2 or up[1] != down[0]:
+        return ()
+    return (up[0], *down[1:])
+
+
+def match_lora(modules: list[LoraModule], lora_shapes: Mapping[str, Shape], model_shapes: Mapping[str, Shape],
+               from_diffusers: Callable[[str], str]) -> LoraMatch:
+    """Match every update to a model tensor (`model_shapes`: the model's tensors in Wan's names) by name, in Wan's,
+    diffusers' (renamed by `from_diffusers`) or kohya's flattened spelling, and by shape."""
+    flat = {}
+    for key in model_shapes:
+        module, _, _ = key.rpartition(".")
+        flat[module.replace(".", "_")] = module
+    targets, unmatched, layouts = [], [], Counter()
+    for module in modules:
+        wanted = update_shape(module, lora_shapes)
+        found = None
+        for layout, name in (("wan", f"{module.name}.{module.param}"),
+                             ("diffusers", from_diffusers(f"{module.name}.{module.param}")),
+                             ("kohya", f"{flat.get(module.name, '')}.{module.param}")):
+            if name in model_shapes:
+                found = (layout, name)
+                break
+        if found is None:
+            unmatched.append(f"{module.name}: no such {module.param} in the model")
+            continue
+        layout, name = found
+        have = tuple(model_shapes[name])
+        # a linear's weight is [out, in]; a conv LoRA's down may carry the kernel's trailing dims of 1
+        if wanted != have and not (module.is_pair and wanted[:2] == have[:2] and all(d == 1 for d in wanted[2:])):
+            unmatched.append(f"{module.name}: LoRA shape {list(wanted)}, model {list(have)}")
+            continue
+        targets.append((module, name))
+        layouts[layout] += 1
+    return LoraMatch(targets, unmatched, layouts.most_common(1)[0][0] if layouts else "wan")
