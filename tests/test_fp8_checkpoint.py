@@ -210,3 +210,24 @@ def test_fp8_layout_recorded_in_the_plan_must_still_hold(tmp_path):
     stale = planned.model_copy(update={"attributes": planned.attributes.model_copy(update={"fp8_layout": edited})})
     with pytest.raises(WeightsError, match="no longer have the FP8 layout the plan recorded"):
         build_model(stale, ModelRuntimeConfig(), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs fp8 tensor cores")
+@pytest.mark.parametrize("layout", ["comfy_kj_scaled", "lightx2v_per_channel"])
+def test_fp8_checkpoint_on_gpu(tmp_path, layout):
+    """The same files loaded to the GPU (pinned staging reader) in bfloat16 compute, against the float32 CPU
+    reference with the dequantised weights: FP8 activations (within 5%, as on the CPU) plus bf16 rounding."""
+    folder, state = _write(tmp_path, layout)
+    recipe = write_recipe(folder)
+    recipe.write_text(recipe.read_text().replace('torch_dtype = "float32"', 'torch_dtype = "bfloat16"'))
+    planned = compile_recipe(recipe, ["target.device=auto"]).model("dit")
+    model = build_model(planned, ModelRuntimeConfig(), torch.device("cuda"))
+    linear = model.blocks[0].ffn[2]
+    assert isinstance(linear, LinearFP8) and linear.weight.is_cuda and linear.weight.dtype == torch.float8_e4m3fn
+    reference = _reference_dit(state, planned.model_copy(update={"compute_dtype": "float32"}))
+    with torch.no_grad():
+        out = model(*(t.cuda() for t in _inputs())).float().cpu()
+        expected = reference(*_inputs())
+    assert ((out - expected).norm() / expected.norm()).item() < 0.06
