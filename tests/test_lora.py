@@ -131,7 +131,10 @@ def test_several_loras_with_strengths_and_unmerged_equals_merged(tmp_path):
     reference = _expected([(LORA, 1.0), (second, -0.6)])
     for key, value in merged.state_dict().items():
         torch.testing.assert_close(value, reference[key], atol=2e-6, rtol=1e-6, msg=key)
-    _, unmerged = _build(folder, _lora_toml(*loras, merge=False), "u.toml")
+    planned, unmerged = _build(folder, _lora_toml(*loras, merge=False), "u.toml")
+    # the memory estimate keeps the unmerged LoRAs resident beside the float32 weights (their files' size)
+    sizes = sum((folder / name).stat().st_size for name, _ in loras)
+    assert compile_recipe(folder / "u.toml").memory.breakdown["weights.dit"] == planned.parameter_count * 4 + sizes
     wrapped = [n for n, m in unmerged.named_modules() if isinstance(m, LoraLinear)]
     assert len(wrapped) == 20 and torch.equal(unmerged.blocks[0].self_attn.q.base.weight, BASE["blocks.0.self_attn.q.weight"])
     assert unmerged.blocks[0].self_attn.q.down.shape == (2 * RANK, 64)  # the two LoRAs stacked along the rank

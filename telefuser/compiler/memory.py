@@ -55,6 +55,8 @@ def _weight_bytes(model: PlannedModel, runtime: ModelRuntimeConfig, recipe: Reci
     stored = model.attributes.fp8_layout  # an FP8 checkpoint's linears stay 1 byte; the rest takes the compute dtype
     fp8 = stored.linear_parameters if stored is not None else 0
     total = (model.parameter_count - fp8) * bytes_per + fp8
+    # unmerged LoRAs stay resident beside the weights: about their file's size (bf16 LoRAs, bf16 compute)
+    total += sum(lora.file.size for lora in model.loras if not lora.merge)
     p = recipe.layer2.parallel_config
     if model.role.startswith("dit"):
         total //= p.tp_degree
