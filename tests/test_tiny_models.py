@@ -7,15 +7,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from telefuser.models.tiny import FILES, TOKENIZER_FILE, generate
+from telefuser.models.tiny import DERIVED, FILES, TOKENIZER_FILE, generate
 
 COMMITTED = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 
 
 def test_regenerating_gives_the_committed_files(tmp_path):
     written = generate(tmp_path)
-    assert set(written) == {*FILES, "tokenizer"}
-    for role, filename in FILES.items():
+    assert set(written) == {*FILES, *DERIVED, "tokenizer"}
+    for role, filename in {**FILES, **DERIVED}.items():
         fresh, committed = load_file(str(tmp_path / filename)), load_file(str(COMMITTED / filename))
         assert {k: (v.shape, v.dtype) for k, v in fresh.items()} == {k: (v.shape, v.dtype) for k, v in committed.items()}, role
         for key, value in fresh.items():

@@ -51,6 +51,8 @@ FILES = {"dit": "dit.safetensors", "vae": "vae.safetensors", "text_encoder": "te
          "dit_i2v": "dit_i2v.safetensors", "image_encoder": "image_encoder.safetensors",
          "dit_wan22_i2v_high": "dit_wan22_i2v_high.safetensors", "dit_wan22_i2v_low": "dit_wan22_i2v_low.safetensors",
          "dit_ti2v": "dit_ti2v.safetensors", "vae22": "vae22.safetensors"}
+# Files derived from the DiT of dit.safetensors: its FP8 checkpoint and a LoRA for it (fp8_checkpoint, distill_lora).
+DERIVED = {"dit_fp8_scaled": "dit_fp8_scaled.safetensors", "lora_distill": "lora_distill.safetensors"}
 TOKENIZER_FILE = "tokenizer.json"
 
 TINY_ARCH: dict[str, dict] = {
@@ -229,7 +231,7 @@ def generate(folder: str | Path) -> dict[str, Path]:
         written[role] = folder / filename
         if role == "dit":
             for extra, variant in (("dit_fp8_scaled", fp8_checkpoint(state)), ("lora_distill", distill_lora(state))):
-                written[extra] = folder / f"{extra}.safetensors"
+                written[extra] = folder / DERIVED[extra]
                 save_file(variant, str(written[extra]), metadata={"format": "pt", "telefuser": "tiny"})
     return written
 
