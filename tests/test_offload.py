@@ -144,6 +144,53 @@ def test_moving_out_copies_nothing_back(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(weights.chunks, snapshot))
 
 
+def test_a_model_loaded_on_the_device_copies_nothing_in_first_and_is_packed_in_the_background(monkeypatch):
+    expected = Toy().eval()(tokens())
+    model = Toy().eval()
+    originals = [t.clone() for t in module_tensors(model)]
+    loaded = [t.data_ptr() for t in module_tensors(model)]
+    gate = __import__("threading").Event()
+    pack = OffloadedWeights._pack
+
+    def held(self, *args, **kwargs):  # the background copy finishes only when the test says so
+        gate.wait(10)
+        return pack(self, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadedWeights, "_pack", held)
+    schedule = PrefetchSchedule([], {}, torch.device("cpu"))
+    placement = Placement(model, torch.device("cpu"), offload=True, name="toy", schedule=schedule,
+                          loaded_on_device=True)
+    schedule.placements["toy"] = placement
+    weights = placement.weights
+    with placement.active() as active:  # first use: the tensors it was loaded with, nothing copied
+        assert torch.equal(active(tokens()), expected)
+    assert weights.copies_in == 0 and weights.loaded_on_device  # host copy not ready: the device copy stays
+    assert [t.data_ptr() for t in module_tensors(model)] == loaded
+    gate.set()
+    weights._packer.join()
+    schedule.enter_stage("next")  # a stage boundary drops the device copy once the host copy is complete
+    assert not weights.loaded_on_device
+    assert all(torch.equal(t, o) for t, o in zip(module_tensors(model), originals))
+    host = {t.data_ptr() for t in weights.host_tensors() if t.numel()}
+    assert {t.data_ptr() for t in module_tensors(model) if t.numel()} == host
+    for _ in range(2):  # from then on it moves like any offloaded model
+        with placement.active() as active:
+            assert torch.equal(active(tokens()), expected)
+    assert weights.copies_in == 2 and {t.data_ptr() for t in module_tensors(model) if t.numel()} == host
+
+
+def test_a_failed_background_copy_is_raised_where_the_model_is_released(monkeypatch):
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("can't allocate memory: pinned host memory exhausted")
+
+    monkeypatch.setattr(OffloadedWeights, "_pack", fail)
+    placement = Placement(Toy().eval(), torch.device("cpu"), offload=True, name="toy", loaded_on_device=True)
+    placement.weights._packer.join()
+    with pytest.raises(RuntimeError, match="pinned host memory exhausted"):
+        with placement.active():
+            pass
+
+
 def test_chunks_are_powers_of_two_and_waste_little():
     mib = 1 << 20
     sizes = [2100 * mib, 700 * mib, 3, 0, *[37 * mib] * 90, *[5000] * 400]
@@ -228,15 +275,15 @@ def _compile(tmp_path, layer2_extra: str = ALL_OFFLOADED, overrides=()):
 def test_prefetch_decisions_recorded_and_explained(tmp_path):
     plan = _compile(tmp_path)
     got = [(d.model, d.stage, d.during_stage, d.during_model, d.prefetch) for d in plan.memory.prefetch]
-    assert got == [("text_encoder", "encode_text", None, None, False),
+    assert got == [("text_encoder", "encode_text", "load_models", None, True),
                    ("dit", "denoise", "encode_text", "text_encoder", True),
                    ("vae", "decode_vae", "denoise", "dit", True)]
-    assert plan.memory.prefetch[0].reason.startswith("its first use")
+    assert plan.memory.prefetch[0].reason.startswith("read straight to the device at load for the first video")
     assert all(d.peak_bytes <= plan.memory.peak_bytes for d in plan.memory.prefetch)
     text = explain(plan)
     assert "dit            for denoise           prefetch during encode_text (text_encoder): both fit" in text
     assert "vae            for decode_vae        prefetch during denoise (dit)" in text
-    assert "text_encoder   for encode_text       no prefetch: its first use in a video" in text
+    assert "text_encoder   for encode_text       prefetch at load_models: read straight to the device" in text
 
 
 def test_cli_explain_prints_the_prefetch_decisions(tmp_path, capsys):
@@ -270,6 +317,7 @@ def test_a_prefetch_that_would_not_fit_records_no_prefetch(tmp_path):
     pipe.run(prompt="a fox", seed=1, progress=False)
     assert pipe.prefetch.started == []
     assert all(p.weights.copies_in == 1 for p in pipe.placements.values())
+    assert not plan.memory.prefetch[0].prefetch and "loading it on the device would need" in plan.memory.prefetch[0].reason
 
 
 def test_prefetch_size_zero_turns_prefetch_off(tmp_path):
@@ -295,15 +343,19 @@ def test_pipeline_with_every_model_offloaded_makes_the_resident_video(tmp_path):
     expected = plans["resident"].run(prompt="a red fox", seed=5, progress=False).frames
     pipe = plans["offloaded"]
     assert all(p.offload for p in pipe.placements.values())
-    host = {n: [t.data_ptr() for t in module_tensors(p.module)] for n, p in pipe.placements.items()}
+    # the text encoder, used first, was read straight to the "device" and is packed into host memory meanwhile
+    assert pipe.placements["text_encoder"].weights.loaded_on_device
+    host = {n: {t.data_ptr() for t in p.weights.host_tensors() if t.numel()} for n, p in pipe.placements.items()}
     for round_ in (1, 2):
         video = pipe.run(prompt="a red fox", seed=5, progress=False)
         assert np.array_equal(video.frames, expected)
         assert pipe.prefetch.started == [("encode_text", "dit"), ("denoise", "vae")] * round_
         for name, placement in pipe.placements.items():
             assert placement.weights.device_buffer is None  # nothing left on the device between videos
-            assert placement.weights.copies_in == round_  # a prefetched model is not copied twice
-            assert [t.data_ptr() for t in module_tensors(placement.module)] == host[name]
+            assert not placement.weights.loaded_on_device
+            # a prefetched model is not copied twice; the text encoder's first use copied nothing in
+            assert placement.weights.copies_in == (round_ - 1 if name == "text_encoder" else round_)
+            assert {t.data_ptr() for t in module_tensors(placement.module) if t.numel()} == host[name]
 
 
 def test_plans_without_prefetch_decisions_still_load(tmp_path):

@@ -83,7 +83,8 @@ def _offload(plan: Plan) -> list[str]:
     if not plan.memory.prefetch:
         lines.append("  prefetch: none recorded (compiled without weights, or by an older TeleFuser)")
     for d in plan.memory.prefetch:
-        during = f" during {d.during_stage} ({d.during_model})" if d.during_stage and d.peak_bytes else ""
+        during = (f" at {d.during_stage}" if d.during_model is None else f" during {d.during_stage} ({d.during_model})") \
+            if d.during_stage and d.peak_bytes else ""
         what = f"{'prefetch' if d.prefetch else 'no prefetch'}{during}: {d.reason}"
         lines.append(f"  {d.model:<14} for {d.stage:<17} {what}")
     return lines

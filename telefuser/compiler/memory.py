@@ -18,8 +18,11 @@ the previous model use is where it could be copied in ahead of time, on a side
 stream. That is recorded as a prefetch when the estimated peak of that previous
 use with both models on the device (resident weights, the running model if it is
 offloaded too, the prefetched one, that stage's activations, the workspace) stays
-within PREFETCH_HEADROOM of the capacity; otherwise, or for a model's first use in
-a video, the plan records "no prefetch" and why.
+within PREFETCH_HEADROOM of the capacity; otherwise the plan records "no prefetch" and why.
+The first model use of a video has no use before it: that model is recorded as read
+straight to the device at load (during_stage = the load stage, no during_model) when it
+fits beside everything the first video holds, since its host copy is then pinned in the
+background while the first video runs (`_at_load`).
 """
 
 from __future__ import annotations
@@ -154,6 +157,34 @@ def _stage_activation(stage: Stage, models: list[PlannedModel], breakdown: dict[
     return 0
 
 
+def _at_load(name: str, stage: Stage, stages: list[Stage], uses: list[tuple[Stage, str]], models: list[PlannedModel],
+             breakdown: dict[str, int], frame: tuple[int, int], text_len: int, resident: int, limit: int,
+             capacity: int, prefetch_size: int, offloaded) -> PrefetchDecision:
+    """The first model use of a video: the model can be read straight to the device at load (the first video then
+    copies nothing in) while its pinned host copy is made in the background, since pinning is the slow part of
+    loading. Until that copy is ready the device copy stays, possibly through the rest of the first video: that
+    peak (every later stage's activations, the largest other offloaded model) must fit."""
+    load = next((s for s in stages if s.kind == "load"), None)
+    first_use = "its first use in a video: copied in when its stage starts"
+    if load is None:
+        return PrefetchDecision(model=name, stage=stage.name, prefetch=False, peak_bytes=0, reason=first_use)
+    others = [breakdown.get(f"weights.{m}", 0) for _, m in uses if m != name and offloaded(m)]
+    worst = max(_stage_activation(s, models, breakdown, frame, text_len) for s, _ in uses)
+    peak = resident + breakdown.get(f"weights.{name}", 0) + max(others, default=0) + worst + WORKSPACE_BYTES
+    if prefetch_size == 0:
+        return PrefetchDecision(model=name, stage=stage.name, prefetch=False, peak_bytes=0,
+                                reason=f"{first_use} (layer2.models.{name}.offload_config.prefetch_size = 0)")
+    if peak > limit:
+        return PrefetchDecision(model=name, stage=stage.name, during_stage=load.name, prefetch=False, peak_bytes=peak,
+                                reason=f"{first_use}; loading it on the device would need est. {peak / 2**30:.2f} GiB "
+                                       f"during the first video, over the limit of {limit / 2**30:.2f} GiB")
+    return PrefetchDecision(
+        model=name, stage=stage.name, during_stage=load.name, prefetch=True, peak_bytes=peak,
+        reason=f"read straight to the device at load for the first video, its pinned host copy made in the "
+               f"background and the device copy dropped once that is ready: est. peak {peak / 2**30:.2f} GiB, limit "
+               f"{limit / 2**30:.2f} GiB ({PREFETCH_HEADROOM:.0%} of {capacity / 2**30:.2f} GiB)")
+
+
 def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], capacity: int, resident: int,
                   breakdown: dict[str, int], frame: tuple[int, int]) -> list[PrefetchDecision]:
     """For each use of a MODEL_CPU_OFFLOAD model: prefetch it during the previous model use, or not, and why."""
@@ -172,8 +203,8 @@ def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage
         if not offloaded(name):
             continue
         if index == 0:
-            decisions.append(PrefetchDecision(model=name, stage=stage.name, prefetch=False, peak_bytes=0,
-                                              reason="its first use in a video: copied in when its stage starts"))
+            decisions.append(_at_load(name, stage, stages, uses, models, breakdown, frame, l2.text_len, resident,
+                                      limit, capacity, offload(name).prefetch_size, offloaded))
             continue
         before, running = uses[index - 1]
         if running == name:

@@ -15,12 +15,20 @@ that event before the module's tensors are pointed at their slices of the device
 Moving out (`OffloadedWeights.deactivate`): the module's tensors point at their host views again and the device
 buffer is dropped. Nothing is copied back: inference does not change weights, so the host copy is still exact.
 
+Loaded on the device (`background=True`, when the plan records the model's first use as read straight to the
+device at load): pinning is the slow part of loading (the driver locks pages at ~2 GB/s), so the module keeps
+the device tensors it was loaded with, and a background thread pins the host chunks and copies those tensors
+into them once, on a side stream. The first use copies nothing in; the device tensors are dropped at the first
+moving out (or stage boundary, `release_loaded`) after the host copy is complete, and from then on the model
+moves like any other.
+
 On a CPU "device" the same path runs with a second CPU buffer as the device copy (synchronous copies, no
 streams), so the swap logic is exercised without a GPU.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -84,7 +92,7 @@ def _typed(raw: torch.Tensor, start: int, slot: _Slot) -> torch.Tensor:
 class OffloadedWeights:
     """A module's parameters and buffers kept in host chunks and, while active, in one device buffer."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, pin: bool = True) -> None:
+    def __init__(self, module: torch.nn.Module, device: torch.device, pin: bool = True, background: bool = False) -> None:
         self.device = torch.device(device)
         self.slots = self._collect(module)
         capacities, where = plan_chunks([s.nbytes for s in self.slots])
@@ -94,7 +102,7 @@ class OffloadedWeights:
         for slot in self.slots:
             used[slot.chunk] = max(used[slot.chunk], slot.offset + _aligned(slot.nbytes))
         self.pinned = pin and self.device.type == "cuda" and torch.cuda.is_available()
-        self.chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=self.pinned) for n in used]
+        self.chunks: list[torch.Tensor] = []
         self.chunk_capacity = capacities
         # Where each chunk goes in the device buffer (chunks back to back).
         self.device_offsets, total = [], 0
@@ -102,16 +110,63 @@ class OffloadedWeights:
             self.device_offsets.append(total)
             total += n
         self.nbytes = total
-        for slot in self.slots:  # copy and swap one tensor at a time: the source is freed as it goes
-            slot.host = _typed(self.chunks[slot.chunk], slot.offset, slot)
-            source = slot.params[0].data if slot.params else slot.buffers[0][0]._buffers[slot.buffers[0][1]]
-            slot.host.copy_(source)
-            self._point(slot, slot.host)
         self.device_buffer: Optional[torch.Tensor] = None
         self.ready: Optional[torch.cuda.Event] = None
         self.active = False
         self.copies_in = 0  # whole-model copies to the device (for tests and benches)
         self.bytes_in = 0
+        self.loaded_on_device = background  # the module still holds the device tensors it was loaded with
+        self._used_since_load = False  # ... which are kept at least until the use they were loaded for
+        self._packer: Optional[threading.Thread] = None
+        self._failure: Optional[BaseException] = None
+        if not background:
+            self._pack(used, None, point=True)
+            return
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if side is not None:  # the loaded tensors are complete on the current stream before the side stream reads
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        self._packer = threading.Thread(target=self._pack_in_background, args=(used, side), daemon=True,
+                                        name="telefuser-pin")
+        self._packer.start()
+
+    def _pack(self, used: list[int], stream: Optional[torch.cuda.Stream], point: bool) -> None:
+        """Allocate the host chunks and copy every tensor into its slot; with `point`, swap the module to each host
+        view as it goes (a source in host memory is then freed as it goes)."""
+        self.chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=self.pinned) for n in used]
+        with torch.cuda.stream(stream) if stream is not None else _NULL:
+            for slot in self.slots:
+                slot.host = _typed(self.chunks[slot.chunk], slot.offset, slot)
+                source = slot.params[0].data if slot.params else slot.buffers[0][0]._buffers[slot.buffers[0][1]]
+                slot.host.copy_(source, non_blocking=stream is not None and self.pinned)
+                if point:
+                    self._point(slot, slot.host)
+        if stream is not None:
+            stream.synchronize()
+
+    def _pack_in_background(self, used: list[int], stream: Optional[torch.cuda.Stream]) -> None:
+        try:
+            self._pack(used, stream, point=False)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread by _wait_packed)
+            self._failure = exc
+
+    def _wait_packed(self) -> None:
+        if self._packer is not None:
+            self._packer.join()
+            self._packer = None
+        if self._failure is not None:
+            raise self._failure
+
+    def release_loaded(self) -> bool:
+        """Drop the device tensors the model was loaded with, once it has been used, is not in use and its host copy
+        is complete; whether that happened now. Never waits for the background copy."""
+        if (not self.loaded_on_device or self.active or not self._used_since_load
+                or (self._packer is not None and self._packer.is_alive())):
+            return False
+        self._wait_packed()
+        for slot in self.slots:
+            self._point(slot, slot.host)
+        self.loaded_on_device = False
+        return True
 
     @staticmethod
     def _collect(module: torch.nn.Module) -> list[_Slot]:
@@ -147,12 +202,13 @@ class OffloadedWeights:
 
     def host_tensors(self) -> list[torch.Tensor]:
         """The host copy of every tensor (the views the module holds while inactive)."""
+        self._wait_packed()
         return [slot.host for slot in self.slots]
 
     def fetch(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Start copying the model into a new device buffer (no-op if one is there). With `stream` (CUDA), the
         copies run on it after the current stream's queued work and `activate` waits for them."""
-        if self.device_buffer is not None:
+        if self.device_buffer is not None or self.loaded_on_device:
             return
         buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)  # on the current stream
         side = stream is not None and self.device.type == "cuda"
@@ -176,6 +232,9 @@ class OffloadedWeights:
         """The module's tensors on the device, ready for the current stream."""
         if self.active:
             return
+        if self.loaded_on_device:  # still on the tensors it was loaded with: nothing to copy
+            self.active = self._used_since_load = True
+            return
         self.fetch()
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
@@ -186,7 +245,12 @@ class OffloadedWeights:
         self.active = True
 
     def deactivate(self) -> None:
-        """The module's tensors back on their host copies; the device buffer is dropped, nothing copied back."""
+        """The module's tensors back on their host copies; the device buffer is dropped, nothing copied back. A model
+        still on the tensors it was loaded with keeps them until its host copy is complete (`release_loaded`)."""
+        if self.loaded_on_device:
+            self.active = False
+            self.release_loaded()
+            return
         for slot in self.slots:
             self._point(slot, slot.host)
         self.device_buffer = None
@@ -225,6 +289,9 @@ class PrefetchSchedule:
     def enter_stage(self, name: str) -> None:
         """A stage begins. A prefetched model its stage did not use (a MoE phase without steps) is dropped when the
         stage after that one begins, so its device copy does not outlive the video."""
+        for placement in self.placements.values():  # loaded on the device: dropped once the host copy is ready
+            if placement.weights is not None and placement.weights.loaded_on_device:
+                placement.weights.release_loaded()
         for model, state in list(self.pending.items()):
             if state[1]:
                 del self.pending[model]

@@ -124,6 +124,9 @@ class Pipeline:
         self.prefetch = PrefetchSchedule(plan.memory.prefetch, self.placements, self.device)  # the plan's decisions
         self.tokenizers: dict[str, object] = {}
         l2 = plan.layer2_inference_config
+        load_stage = next((s.name for s in plan.stages if s.kind == "load"), None)
+        at_load = {d.model for d in plan.memory.prefetch  # read straight to the device for the first video
+                   if d.prefetch and d.during_model is None and d.during_stage == load_stage}
         for planned in plan.layer1_model_definition.models:
             if planned.role in WRITER_ROLES and not self.rank.is_writer and not _shared(planned.role, plan):
                 continue
@@ -133,15 +136,17 @@ class Pipeline:
             runtime = l2.models.get(planned.name, ModelRuntimeConfig())
             offload = runtime.offload_config.offload_type == "MODEL_CPU_OFFLOAD"
             sharded = l2.parallel_config.enable_fsdp and planned.role in FSDP_ROLES and self.rank.mesh is not None
+            first_on_device = offload and planned.name in at_load
             with _oom_guard(f"loading model {planned.name!r}"):
                 # FSDP takes the model from the CPU and moves each rank's share of every block to the device.
-                on_cpu = offload or sharded
+                on_cpu = (offload and not first_on_device) or sharded
                 module = build_model(planned, runtime, torch.device("cpu") if on_cpu else self.device,
                                      base_dir=Path(plan.recipe.path).parent)
                 if self.rank.mesh is not None:
                     _parallelize(module, planned.role, self.rank.mesh, sharded)
             self.placements[planned.name] = Placement(module, self.device, offload, name=planned.name,
-                                                      pin=runtime.offload_config.pin_cpu_memory, schedule=self.prefetch)
+                                                      pin=runtime.offload_config.pin_cpu_memory, schedule=self.prefetch,
+                                                      loaded_on_device=first_on_device)
         self.load_seconds = time.perf_counter() - start
 
     def dump_config(self, path: str | Path | None = None) -> dict:

@@ -22,12 +22,14 @@ class Placement:
     """
 
     def __init__(self, module: torch.nn.Module, device: torch.device, offload: bool, *, name: str = "",
-                 pin: bool = True, schedule: Optional[PrefetchSchedule] = None) -> None:
+                 pin: bool = True, schedule: Optional[PrefetchSchedule] = None, loaded_on_device: bool = False) -> None:
+        """`loaded_on_device` (offload only): `module` was loaded onto `device` for its first use, as the plan
+        records; its host copy is made in the background (OffloadedWeights, background=True)."""
         self.module = module
         self.device = torch.device(device)
         self.name = name
         self.schedule = schedule
-        self.weights = OffloadedWeights(module, self.device, pin=pin) if offload else None
+        self.weights = OffloadedWeights(module, self.device, pin=pin, background=loaded_on_device) if offload else None
         self._depth = 0
 
     @property
@@ -36,7 +38,7 @@ class Placement:
 
     def prefetch(self, stream: Optional[torch.cuda.Stream] = None) -> bool:
         """Start copying an inactive offloaded model in (on `stream` when given); whether a copy started."""
-        if self.weights is None or self._depth or self.weights.device_buffer is not None:
+        if self.weights is None or self._depth or self.weights.device_buffer is not None or self.weights.loaded_on_device:
             return False
         try:
             self.weights.fetch(stream)
