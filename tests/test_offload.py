@@ -358,6 +358,28 @@ def test_pipeline_with_every_model_offloaded_makes_the_resident_video(tmp_path):
             assert {t.data_ptr() for t in module_tensors(placement.module) if t.numel()} == host[name]
 
 
+def test_a_text_encoder_read_to_the_device_at_load_is_run_once_there(tmp_path, monkeypatch):
+    import telefuser
+    import telefuser.runtime.text as text
+
+    calls = []
+    encode = text.encode_prompts
+    monkeypatch.setattr(text, "encode_prompts", lambda *args: calls.append(args[2]) or encode(*args))
+    models = model_set(tmp_path / "models")
+    for name, extra, warmed in (("resident", "", []), ("offloaded", ALL_OFFLOADED, [[""]])):
+        calls.clear()
+        plan = compile_recipe(write_recipe(models, layer2_extra=extra, name=f"{name}.toml"))
+        path = tmp_path / f"{name}.plan.json"
+        path.write_text(json.dumps(plan.model_dump(mode="json", by_alias=True)))
+        pipe = telefuser.load_plan(path)
+        assert calls == warmed  # an empty prompt, at load, only for the model the plan reads to the device then
+        if warmed:
+            weights = pipe.placements["text_encoder"].weights
+            assert weights.loaded_on_device and weights.copies_in == 0  # not counted as its first use
+            pipe.run(prompt="a fox", seed=1, progress=False)
+            assert weights.copies_in == 0 and calls == [[""], ["a fox", ""]]
+
+
 def test_plans_without_prefetch_decisions_still_load(tmp_path):
     from telefuser.schema.canonical import plan_hash
     from telefuser.schema.plan import Plan

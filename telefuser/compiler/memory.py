@@ -178,11 +178,13 @@ def _at_load(name: str, stage: Stage, stages: list[Stage], uses: list[tuple[Stag
         return PrefetchDecision(model=name, stage=stage.name, during_stage=load.name, prefetch=False, peak_bytes=peak,
                                 reason=f"{first_use}; loading it on the device would need est. {peak / 2**30:.2f} GiB "
                                        f"during the first video, over the limit of {limit / 2**30:.2f} GiB")
+    warm_up = stage.kind == "text_encode"  # an empty prompt is a valid input to run it on at load (the runtime does)
     return PrefetchDecision(
         model=name, stage=stage.name, during_stage=load.name, prefetch=True, peak_bytes=peak,
-        reason=f"read straight to the device at load for the first video, its pinned host copy made in the "
-               f"background and the device copy dropped once that is ready: est. peak {peak / 2**30:.2f} GiB, limit "
-               f"{limit / 2**30:.2f} GiB ({PREFETCH_HEADROOM:.0%} of {capacity / 2**30:.2f} GiB)")
+        reason=f"read straight to the device at load for the first video{', run once there on an empty prompt' if warm_up else ''}"
+               f", its pinned host copy made in the background and the device copy dropped once that is ready: est. "
+               f"peak {peak / 2**30:.2f} GiB, limit {limit / 2**30:.2f} GiB ({PREFETCH_HEADROOM:.0%} of "
+               f"{capacity / 2**30:.2f} GiB)")
 
 
 def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], capacity: int, resident: int,

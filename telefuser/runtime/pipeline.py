@@ -147,7 +147,26 @@ class Pipeline:
             self.placements[planned.name] = Placement(module, self.device, offload, name=planned.name,
                                                       pin=runtime.offload_config.pin_cpu_memory, schedule=self.prefetch,
                                                       loaded_on_device=first_on_device)
+        self._warm_up(plan)
         self.load_seconds = time.perf_counter() - start
+
+    def _warm_up(self, plan: Plan) -> None:
+        """Run, on an empty prompt, a text encoder the plan reads to the device at load (its decision's reason says
+        so), so that the first video's stage pays no first-call setup (Triton compilation, library handles)."""
+        from .text import encode_prompts
+
+        stages = {s.name: s for s in plan.stages}
+        load = next((s.name for s in plan.stages if s.kind == "load"), None)
+        for d in plan.memory.prefetch:
+            stage = stages.get(d.stage)
+            at_load = d.prefetch and d.during_model is None and d.during_stage == load
+            if not at_load or stage is None or stage.kind != "text_encode" or d.model not in self.placements:
+                continue
+            # the module is still on the tensors it was loaded with; not through active(), which would count this
+            # as the use they were loaded for
+            with torch.inference_mode(), self.dispatch(d.model):
+                encode_prompts(self.placements[d.model].module, self.tokenizers[stage.models[0]], [""], self.device)
+        self.sync()
 
     def dump_config(self, path: str | Path | None = None) -> dict:
         """The plan this pipeline runs, as a dict (`layer1_model_definition`, `layer2_inference_config`, ...);
