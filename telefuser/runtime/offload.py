@@ -178,8 +178,7 @@ class OffloadedWeights:
                 or (self._packer is not None and self._packer.is_alive())):
             return False
         self._wait_packed()
-        for slot in self.slots:
-            self._point(slot, slot.host)
+        self.point_at_host()
         self.loaded_on_device = False
         return True
 
@@ -234,14 +233,30 @@ class OffloadedWeights:
         else:
             context = _NULL
         with context:
-            for chunk, start in zip(self.chunks, self.device_offsets):
-                buffer.narrow(0, start, chunk.numel()).copy_(chunk, non_blocking=self.pinned)
+            self.copy_into(buffer)
             if side:
                 self.ready = torch.cuda.Event()
                 self.ready.record(stream)
         self.device_buffer = buffer
         self.copies_in += 1
         self.bytes_in += self.nbytes
+
+    def copy_into(self, buffer: torch.Tensor) -> None:
+        """Copy the host chunks into a uint8 `buffer` of at least `nbytes` on the device, on the current stream
+        (asynchronously from pinned memory)."""
+        for chunk, start in zip(self.chunks, self.device_offsets):
+            buffer.narrow(0, start, chunk.numel()).copy_(chunk, non_blocking=self.pinned)
+
+    def point_at(self, buffer: torch.Tensor) -> None:
+        """The module's tensors become their slices of `buffer` (laid out as `copy_into` fills it)."""
+        start = dict(enumerate(self.device_offsets))
+        for slot in self.slots:
+            self._point(slot, _typed(buffer, start[slot.chunk] + slot.offset, slot))
+
+    def point_at_host(self) -> None:
+        """The module's tensors become their host views again."""
+        for slot in self.slots:
+            self._point(slot, slot.host)
 
     def activate(self) -> None:
         """The module's tensors on the device, ready for the current stream."""
@@ -254,9 +269,7 @@ class OffloadedWeights:
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
             self.ready = None
-        start = dict(enumerate(self.device_offsets))
-        for slot in self.slots:
-            self._point(slot, _typed(self.device_buffer, start[slot.chunk] + slot.offset, slot))
+        self.point_at(self.device_buffer)
         self.active = True
 
     def deactivate(self) -> None:
@@ -266,8 +279,7 @@ class OffloadedWeights:
             self.active = False
             self.release_loaded()
             return
-        for slot in self.slots:
-            self._point(slot, slot.host)
+        self.point_at_host()
         self.device_buffer = None
         self.ready = None
         self.active = False
