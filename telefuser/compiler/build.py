@@ -8,14 +8,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from telefuser.errors import PlanError
 from telefuser.schema.canonical import plan_hash
 from telefuser.schema.plan import PLAN_VERSION, Layer3Plan, Plan, RecipeInfo, UserParameter
 from telefuser.schema.recipe import Recipe, Target
 from telefuser.schema.resolution import RESOLUTION_TABLE
 
+from .block_offload import check_offload_settings
 from .dispatch import build_dispatch
 from .memory import estimate_memory
+from .memory_fit import refuse_over_capacity
 from .mesh import build_mesh, check_parallel
 from .models import check_compatible, plan_model
 from .recipe_loader import LoadedRecipe, load_recipe
@@ -55,19 +56,12 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
     if inspect_weights:
         check_compatible(models, recipe.layer1.pipeline)
     check_parallel(recipe.layer2.parallel_config, models)
+    check_offload_settings(recipe, models)
     dispatch = build_dispatch(models, recipe.layer2.models, resolved)
     stages = build_stages(recipe, models)
     memory = estimate_memory(recipe, models, resolved.memory_bytes, stages) if inspect_weights else None
-    if memory is not None and memory.peak_bytes > memory.capacity_bytes:
-        gib = 2**30
-        top = sorted(memory.breakdown.items(), key=lambda kv: -kv[1])[:3]
-        raise PlanError(
-            f"estimated peak memory {memory.peak_bytes / gib:.1f} GiB per device exceeds the target's "
-            f"{memory.capacity_bytes / gib:.1f} GiB at {memory.at['width']}x{memory.at['height']}, {memory.at['num_frames']} frames "
-            f"(largest: {', '.join(f'{k} {v / gib:.1f} GiB' for k, v in top)}). Set "
-            "layer2.models.<name>.offload_config.offload_type = \"MODEL_CPU_OFFLOAD\", raise layer2.parallel_config.sp_ulysses_degree/tp_degree over more "
-            "devices, or restrict layer3.resolution.choices."
-        )
+    if memory is not None:
+        refuse_over_capacity(memory, recipe, models, resolved)
     content: dict[str, Any] = {
         "format": "telefuser.plan",
         "version": PLAN_VERSION,

@@ -111,13 +111,15 @@ def _linear(model: PlannedModel, runtime: ModelRuntimeConfig, target: ResolvedTa
 
 def build_dispatch(models: list[PlannedModel], runtimes: dict[str, ModelRuntimeConfig], target: ResolvedTarget) -> list[DispatchEntry]:
     entries = []
+    host = target.model_copy(update={"device": "cpu", "gpu": None, "compute_capability": None})
     for model in models:
         runtime = runtimes.get(model.name, ModelRuntimeConfig())
+        where = host if runtime.run_on_cpu else target  # run_on_cpu: chosen as for a CPU target
         for op in OPS_BY_CLASS.get(model.class_, ()):
             if op == "attention":
-                entries.append(_attention(model, runtime, target))
+                entries.append(_attention(model, runtime, where))
             elif op == "linear":
-                entries.append(_linear(model, runtime, target))
+                entries.append(_linear(model, runtime, where))
             else:
-                entries.append(_kernel_op(model, op, runtime, target))
+                entries.append(_kernel_op(model, op, runtime, where))
     return entries

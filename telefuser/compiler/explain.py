@@ -53,7 +53,9 @@ def explain(plan: Plan) -> str:
     mem = plan.memory
     lines += ["", f"mesh: {plan.mesh.world_size} rank(s), {mesh}",
               f"memory: peak {mem.peak_bytes / GIB:.2f} GiB of {mem.capacity_bytes / GIB:.1f} GiB per device at {mem.at}"]
+    lines += _stage_memory(plan)
     lines += _offload(plan)
+    lines += _block_offload(plan)
     lines += ["", "stages: " + " -> ".join(s.name for s in plan.stages)]
     lines += _image_path(plan)
     params = plan.layer3_user_interface.parameters
@@ -63,6 +65,31 @@ def explain(plan: Plan) -> str:
         given = "required" if p.required else "optional" if p.type == "path" else f"default {p.default!r}"
         lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} {given}{extra}")
     return "\n".join(lines)
+
+
+def _stage_memory(plan: Plan) -> list[str]:
+    """The estimated peak of every stage, with its components (largest first)."""
+    lines = []
+    for s in plan.memory.stages:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(s.components.items(), key=lambda kv: -kv[1]) if v)
+        lines.append(f"  {s.stage:<17} peak {s.peak_bytes / GIB:6.2f} GiB  ({parts})")
+    return ["memory per stage (estimated peak per device, GiB):", *lines] if lines else []
+
+
+def _block_offload(plan: Plan) -> list[str]:
+    """SEQUENTIAL / ASYNC_CPU_OFFLOAD DiTs: groups, ring and what stays on the device."""
+    if not plan.memory.block_offload:
+        return []
+    lines = ["block offload (DiT blocks in host memory, streamed into a ring of device buffers group by group):"]
+    for b in plan.memory.block_offload:
+        streamed = sum(len(g) for g in b.groups)
+        copy = (f"{b.prefetch_groups} group(s) copied ahead on a side stream" if b.prefetch_groups
+                else "each group copied in before it runs")
+        where = "resident for the run" if b.resident_between_uses else "copied in per use (the inactive expert is all in host memory)"
+        lines.append(f"  {b.model:<14} {b.mode}: {streamed} of {b.num_blocks} blocks streamed in {len(b.groups)} "
+                     f"group(s) of {b.blocks_per_group}, ring of {b.groups_resident} x {b.group_bytes / 2**20:.1f} MiB, "
+                     f"{copy}; non-block weights and kept blocks {b.resident_bytes / 2**20:.1f} MiB {where}")
+    return lines
 
 
 def _offload(plan: Plan) -> list[str]:

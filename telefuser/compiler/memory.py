@@ -1,16 +1,24 @@
-"""Peak memory per device, estimated before anything is loaded.
+"""Peak memory per device, estimated before anything is loaded, per stage.
 
 weights: parameters x bytes of the compute dtype (fp8-quantised linears 1
-byte), divided by tp (and by the mesh size under FSDP); offloaded models are
-resident only while their stage runs, so their bytes count once, at the
-largest of them. activations: the DiT at the largest allowed frame size and
-num_frames, with tokens split by sequence parallelism: per token, the
+byte), divided by tp (and by the mesh size under FSDP). Where they are:
+NO_CPU_OFFLOAD resident for the whole run; MODEL_CPU_OFFLOAD on the device only
+during a stage that uses the model; SEQUENTIAL/ASYNC_CPU_OFFLOAD (a DiT) the
+non-block weights and kept blocks resident (per use for Wan2.2's two experts)
+plus, while it runs, the ring of `groups_resident` group buffers
+(compiler/block_offload.py); `run_on_cpu` models none (their bytes are
+reported as host_weights). activations: the DiT at the largest allowed frame
+size and num_frames, with tokens split by sequence parallelism: per token, the
 residual stream plus the largest transient (the FFN hidden layer, or q/k/v/o)
 in the compute dtype, times the CFG batch of 2; attention is flash-style
 (no S x S matrix). The VAE decode workspace is VAE_LIVE_MAPS full-resolution
-feature maps of one latent frame's 4 output frames at base_dim channels,
+feature maps of one latent frame's 4 output frames at base_dim channels (a
+tile's instead when the plan tiles the decode),
 calibrated on an H100 (docs/benchmarks.md: 4.8 GiB peak for the Wan2.1 VAE at
 480p x 81 frames), plus the decoded video in float32.
+A stage's peak (`stage_peaks`) is the sum of its components, each kept in
+the plan (memory.stages) so measured peaks can be set beside them; the plan's
+peak is the largest stage's (or a planned prefetch's, when larger).
 These are estimates for refusing the clearly impossible, not promises.
 
 Prefetch: for every use of a MODEL_CPU_OFFLOAD model (a stage naming it, in run order)
@@ -28,9 +36,11 @@ background while the first video runs (`_at_load`).
 from __future__ import annotations
 
 from telefuser.schema.enums import ModelRole, WeightOffloadType
-from telefuser.schema.plan import MemoryEstimate, PlannedModel, PrefetchDecision, Stage
+from telefuser.schema.plan import BlockOffload, MemoryEstimate, PlannedModel, PrefetchDecision, Stage, StageMemory
 from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
+
+from .block_offload import plan_block_offload
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
@@ -68,24 +78,64 @@ def _weight_bytes(model: PlannedModel, runtime: ModelRuntimeConfig, recipe: Reci
     return total
 
 
-def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
-                    stages: list[Stage] | None = None) -> MemoryEstimate:
-    """The peak estimate; with the plan's `stages`, also the prefetch decision for every offloaded model use."""
+def _device_weights(recipe: Recipe, models: list[PlannedModel]) -> tuple[dict[str, int], int, dict[str, int],
+                                                                        list[BlockOffload]]:
+    """(breakdown of weights, bytes resident for the whole run, bytes each model adds while in use, block plans)."""
     l2 = recipe.layer2
-    width, height, res, ar = _largest_frame(recipe)
     breakdown: dict[str, int] = {}
-    resident, offloaded = 0, []
+    resident, in_use, blocks = 0, {}, []
+    several_dits = sum(m.role.startswith("dit") for m in models) > 1
     for m in models:
         runtime = l2.models.get(m.name, ModelRuntimeConfig())
         size = _weight_bytes(m, runtime, recipe)
-        breakdown[f"weights.{m.name}"] = size
         mode = runtime.offload_config.offload_type
+        if runtime.run_on_cpu:  # host memory only; its stage's work runs on the CPU too
+            breakdown[f"host_weights.{m.name}"] = size
+            in_use[m.name] = 0
+            continue
+        breakdown[f"weights.{m.name}"] = size
         if mode == WeightOffloadType.NO_CPU_OFFLOAD.value:
             resident += size
         elif mode == WeightOffloadType.MODEL_CPU_OFFLOAD.value:
-            offloaded.append(size)  # on the device only during its own stage
-        else:  # sequential / async: the kept fraction stays, the rest streams through block by block
-            resident += int(size * (1 - runtime.offload_config.offload_ratio))
+            in_use[m.name] = size  # on the device only during its own stage
+        elif m.role.startswith("dit"):  # sequential / async: kept part resident, a ring of group buffers in use
+            plan = plan_block_offload(m, runtime, size, several_dits)
+            blocks.append(plan)
+            ring = plan.groups_resident * plan.group_bytes
+            breakdown[f"blocks.{m.name}.resident"] = plan.resident_bytes
+            breakdown[f"blocks.{m.name}.ring"] = ring
+            if plan.resident_between_uses:
+                resident += plan.resident_bytes
+                in_use[m.name] = ring
+            else:
+                in_use[m.name] = ring + plan.resident_bytes
+    return breakdown, resident, in_use, blocks
+
+
+def _vae_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, space: int, tiled: bool) -> int:
+    """VAE_LIVE_MAPS feature maps of one latent frame's 4 output frames at full resolution (at one tile's when
+    tiled: `tile_size` latent pixels x the spatial ratio, and that tile's decoded frames), plus the video in float32."""
+    l2 = recipe.layer2
+    # Wan2.2's decoder works at half resolution in patch space (2x2 pixels as channels): per output pixel
+    # it holds decoder_base_dim / 4 channels
+    base = int(vae.arch.get("base_dim", 96)) if vae.class_ != "Wan22VAE" else \
+        int(vae.arch.get("decoder_base_dim", 256)) // int(vae.arch.get("patch_size", 2)) ** 2
+    width_bytes = DTYPE_BYTES[vae.compute_dtype]
+    area = width * height
+    tile = 0
+    if tiled:
+        area = min(area, l2.tile_size[0] * space * l2.tile_size[1] * space)
+        tile = l2.num_frames * 3 * area * width_bytes
+    return VAE_LIVE_MAPS * 4 * base * area * width_bytes + tile + l2.num_frames * 3 * width * height * 4
+
+
+def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
+                    stages: list[Stage] | None = None) -> MemoryEstimate:
+    """The peak estimate; with the plan's `stages`, also the peak per stage and the prefetch decision for every
+    offloaded model use."""
+    l2 = recipe.layer2
+    width, height, res, ar = _largest_frame(recipe)
+    breakdown, resident, in_use, blocks = _device_weights(recipe, models)
     dit = next(m for m in models if m.role.startswith("dit"))
     dim, ffn = int(dit.arch.get("dim", 0)), int(dit.arch.get("ffn_dim", 0))
     act_bytes = DTYPE_BYTES[dit.compute_dtype]
@@ -103,22 +153,59 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
         breakdown["activations.dit"] += tokens * 7 * dim * 4 + -(-tokens // sp) * 6 * dim * 4
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     if vae is not None:
-        # Wan2.2's decoder works at half resolution in patch space (2x2 pixels as channels): per output pixel
-        # it holds decoder_base_dim / 4 channels
-        base = int(vae.arch.get("base_dim", 96)) if vae.class_ != "Wan22VAE" else \
-            int(vae.arch.get("decoder_base_dim", 256)) // int(vae.arch.get("patch_size", 2)) ** 2
-        breakdown["activations.vae_decode"] = VAE_LIVE_MAPS * 4 * base * width * height * DTYPE_BYTES[vae.compute_dtype] \
-            + l2.num_frames * 3 * width * height * 4
+        decode = next((s for s in stages or [] if s.kind == "vae_decode"), None)
+        tiled = bool(decode.params.get("tiled")) if decode is not None else l2.tiled
+        breakdown["activations.vae_decode"] = _vae_workspace(recipe, vae, width, height, space, tiled)
+        if tiled:  # the encoder (image-to-video's condition) still sees whole frames
+            breakdown["activations.vae_encode"] = _vae_workspace(recipe, vae, width, height, space, False)
     breakdown["workspace"] = WORKSPACE_BYTES
-    peak_activation = max(breakdown["activations.dit"], breakdown.get("activations.vae_decode", 0))
-    peak = int(resident + (max(offloaded) if offloaded else 0) + peak_activation + WORKSPACE_BYTES)
-    prefetch = plan_prefetch(recipe, models, stages or [], capacity, resident, breakdown, (width, height))
+    prefetch = plan_prefetch(recipe, models, stages or [], capacity, resident, breakdown, (width, height), in_use)
+    per_stage = stage_peaks(stages or [], models, breakdown, (width, height), l2.text_len, resident, in_use, prefetch)
+    if per_stage:
+        peak = max(s.peak_bytes for s in per_stage)
+    else:  # no stages (a bare estimate): the largest model in use beside the largest activations
+        peak_activation = max(breakdown["activations.dit"], breakdown.get("activations.vae_decode", 0),
+                              breakdown.get("activations.vae_encode", 0))
+        peak = int(resident + max(in_use.values(), default=0) + peak_activation + WORKSPACE_BYTES)
     # A planned prefetch holds two models at once: its peak counts (it was planned only where it fits).
     peak = max([peak, *(d.peak_bytes for d in prefetch if d.prefetch)])
     return MemoryEstimate(peak_bytes=peak, capacity_bytes=capacity, breakdown=breakdown,
                           at={"width": width, "height": height, "resolution": res, "aspect_ratio": ar,
                               "num_frames": l2.num_frames, "tokens": tokens},
-                          prefetch=prefetch)
+                          prefetch=prefetch, block_offload=blocks, stages=per_stage)
+
+
+def stage_peaks(stages: list[Stage], models: list[PlannedModel], breakdown: dict[str, int], frame: tuple[int, int],
+                text_len: int, resident: int, in_use: dict[str, int],
+                prefetch: list[PrefetchDecision]) -> list[StageMemory]:
+    """The peak of every stage that uses the device: resident weights, the largest model it activates (its models
+    run one after another), prefetches made during it, a first-use model still on the device from loading, its
+    activations and the workspace."""
+    on_cpu = {name for name, size in in_use.items() if size == 0 and f"host_weights.{name}" in breakdown}
+    at_load = [d.model for d in prefetch if d.prefetch and d.during_model is None]
+    out = []
+    for stage in stages:
+        if stage.kind in ("load", "write_video", "noise", "image_load"):
+            continue
+        used = [n for n in stage.models if n in in_use]
+        components = {"resident": resident}
+        if used:
+            largest = max(used, key=lambda n: in_use[n])
+            if in_use[largest]:
+                components[f"in_use.{largest}"] = in_use[largest]
+        for d in prefetch:
+            if d.prefetch and d.during_stage == stage.name and d.during_model is not None:
+                components[f"prefetch.{d.model}"] = breakdown.get(f"weights.{d.model}", 0)
+        for name in at_load:  # its device copy may stay until its pinned host copy is made (first video)
+            if name not in used:
+                components[f"loaded_at_start.{name}"] = breakdown.get(f"weights.{name}", 0)
+        device_models = [n for n in stage.models if n not in on_cpu and n in {m.name for m in models}
+                         and next(m for m in models if m.name == n).role != ModelRole.TOKENIZER.value]
+        activation = _stage_activation(stage, models, breakdown, frame, text_len) if device_models else 0
+        components["activations"] = activation
+        components["workspace"] = WORKSPACE_BYTES
+        out.append(StageMemory(stage=stage.name, peak_bytes=sum(components.values()), components=components))
+    return out
 
 
 def model_uses(stages: list[Stage], models: list[PlannedModel]) -> list[tuple[Stage, str]]:
@@ -134,7 +221,9 @@ def _stage_activation(stage: Stage, models: list[PlannedModel], breakdown: dict[
     kind = stage.kind
     if kind == "denoise":
         return breakdown.get("activations.dit", 0)
-    if kind in ("vae_decode", "vae_encode"):  # the encoder's feature maps are those of the decoder, mirrored
+    if kind == "vae_encode":  # the encoder's feature maps are those of the untiled decoder, mirrored
+        return breakdown.get("activations.vae_encode", breakdown.get("activations.vae_decode", 0))
+    if kind == "vae_decode":
         return breakdown.get("activations.vae_decode", 0)
     by_name = {m.name: m for m in models}
     if kind == "text_encode":
@@ -188,8 +277,10 @@ def _at_load(name: str, stage: Stage, stages: list[Stage], uses: list[tuple[Stag
 
 
 def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], capacity: int, resident: int,
-                  breakdown: dict[str, int], frame: tuple[int, int]) -> list[PrefetchDecision]:
-    """For each use of a MODEL_CPU_OFFLOAD model: prefetch it during the previous model use, or not, and why."""
+                  breakdown: dict[str, int], frame: tuple[int, int], in_use: dict[str, int]) -> list[PrefetchDecision]:
+    """For each use of a MODEL_CPU_OFFLOAD model: prefetch it during the previous model use, or not, and why.
+    `in_use`: bytes each model adds on the device while it runs (an offloaded model's weights, a block-offloaded
+    DiT's ring of group buffers)."""
     l2 = recipe.layer2
 
     def offload(name: str):
@@ -216,8 +307,7 @@ def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage
             continue
         size = breakdown.get(f"weights.{name}", 0)
         peak = resident + size + _stage_activation(before, models, breakdown, frame, l2.text_len) + WORKSPACE_BYTES
-        if offloaded(running):
-            peak += breakdown.get(f"weights.{running}", 0)
+        peak += in_use.get(running, 0)
         if offload(name).prefetch_size == 0:
             fits, reason = False, f"layer2.models.{name}.offload_config.prefetch_size = 0"
         elif peak <= limit:

@@ -30,6 +30,7 @@ class OutOfMemory(TeleFuserError):
 # Roles whose models only each dp replica's lead uses: it encodes the text (broadcast to the others)
 # and decodes; unless the plan shares them (FSDP: every rank runs the sharded text encoder; VAE parallel).
 WRITER_ROLES = ("tokenizer", "text_encoder", "image_encoder", "vae")
+BLOCK_MODES = ("SEQUENTIAL_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")
 # Models whose weights enable_fsdp shards over all ranks.
 FSDP_ROLES = ("dit", "dit_high_noise", "dit_low_noise", "text_encoder")
 
@@ -83,8 +84,9 @@ def unsupported_features(plan: Plan) -> list[str]:
         found += [f"enable_fsdp with models.{name}.offload_config" for name, cfg in l2.models.items()
                   if cfg.offload_config.offload_type != "NO_CPU_OFFLOAD"]
     for name, cfg in l2.models.items():
-        if cfg.offload_config.offload_type not in ("NO_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"):
-            found.append(f"models.{name}.offload_config.offload_type = {cfg.offload_config.offload_type}")
+        if cfg.offload_config.offload_type in BLOCK_MODES and plan.memory.block_plan(name) is None:
+            found.append(f"models.{name}.offload_config.offload_type = {cfg.offload_config.offload_type} without "
+                         "its streaming in plan.memory.block_offload (compiled with --no-weights?)")
         if cfg.attention_config.sparse_config is not None:
             found.append(f"models.{name}.attention_config.sparse_config")
         if cfg.feature_cache_config.method != "none":
@@ -135,18 +137,21 @@ class Pipeline:
                 continue
             runtime = l2.models.get(planned.name, ModelRuntimeConfig())
             offload = runtime.offload_config.offload_type == "MODEL_CPU_OFFLOAD"
+            blocks = plan.memory.block_plan(planned.name) if runtime.offload_config.offload_type in BLOCK_MODES else None
             sharded = l2.parallel_config.enable_fsdp and planned.role in FSDP_ROLES and self.rank.mesh is not None
             first_on_device = offload and planned.name in at_load
+            device = torch.device("cpu") if runtime.run_on_cpu else self.device  # run_on_cpu: encoders only
             with _oom_guard(f"loading model {planned.name!r}"):
-                # FSDP takes the model from the CPU and moves each rank's share of every block to the device.
-                on_cpu = (offload and not first_on_device) or sharded
-                module = build_model(planned, runtime, torch.device("cpu") if on_cpu else self.device,
+                # FSDP takes the model from the CPU and moves each rank's share of every block to the device;
+                # block offload packs the streamed blocks from host memory and moves the rest.
+                on_cpu = (offload and not first_on_device) or sharded or blocks is not None
+                module = build_model(planned, runtime, torch.device("cpu") if on_cpu else device,
                                      base_dir=Path(plan.recipe.path).parent)
                 if self.rank.mesh is not None:
                     _parallelize(module, planned.role, self.rank.mesh, sharded)
-            self.placements[planned.name] = Placement(module, self.device, offload, name=planned.name,
-                                                      pin=runtime.offload_config.pin_cpu_memory, schedule=self.prefetch,
-                                                      loaded_on_device=first_on_device)
+                self.placements[planned.name] = Placement(
+                    module, device, offload, name=planned.name, pin=runtime.offload_config.pin_cpu_memory,
+                    schedule=self.prefetch, loaded_on_device=first_on_device, blocks=blocks)
         self._warm_up(plan)
         self.load_seconds = time.perf_counter() - start
 

@@ -9,20 +9,30 @@ from typing import Iterator, Optional
 
 import torch
 
+from telefuser.schema.plan import BlockOffload
+
+from .block_offload import BlockStreamer
 from .offload import OffloadedWeights, PrefetchSchedule, prefetch_failed
 
 
 class Placement:
-    """A model kept on the compute device, or (offload) in host memory and on the device only while active.
+    """A model kept on the compute device, or (offload) in host memory and on the device only while active, or
+    (block offload) with its DiT blocks streamed in group by group while active.
 
     Offloaded (`telefuser.runtime.offload`): the weights are packed once into host chunks, pinned on CUDA when
     `pin`; `active()` copies them into one device buffer (or waits for a prefetch's copy) and points the module's
     tensors at it; leaving drops that buffer without copying anything back. `schedule` (the plan's prefetch
     decisions) learns of each activation, to start the next model's copy while this one runs.
+
+    Block offload (`telefuser.runtime.block_offload`, `blocks` = the plan's record for this model, `module` on the
+    CPU): the streamed blocks' groups are packed into host chunks; the rest (non-block weights, kept blocks) is moved
+    to the device once, or, when the plan says it is not resident between uses (Wan2.2's two experts), offloaded
+    like a whole model around each use. `active()` allocates the ring of group buffers; the blocks' hooks fill it.
     """
 
     def __init__(self, module: torch.nn.Module, device: torch.device, offload: bool, *, name: str = "",
-                 pin: bool = True, schedule: Optional[PrefetchSchedule] = None, loaded_on_device: bool = False) -> None:
+                 pin: bool = True, schedule: Optional[PrefetchSchedule] = None, loaded_on_device: bool = False,
+                 blocks: Optional[BlockOffload] = None) -> None:
         """`loaded_on_device` (offload only): `module` was loaded onto `device` for its first use, as the plan
         records; its host copy is made in the background (OffloadedWeights, background=True)."""
         self.module = module
@@ -30,6 +40,12 @@ class Placement:
         self.name = name
         self.schedule = schedule
         self.weights = OffloadedWeights(module, self.device, pin=pin, background=loaded_on_device) if offload else None
+        self.streamer = BlockStreamer(module, self.device, blocks, pin=pin) if blocks is not None else None
+        if blocks is not None:
+            if blocks.resident_between_uses:
+                self.streamer.rest.to(self.device)
+            else:
+                self.weights = OffloadedWeights(self.streamer.rest, self.device, pin=pin)
         self._depth = 0
 
     @property
@@ -57,6 +73,8 @@ class Placement:
         first = self._depth == 0
         if first and self.weights is not None:
             self.weights.activate()
+        if first and self.streamer is not None:
+            self.streamer.begin()
         self._depth += 1
         try:
             if first and self.schedule is not None:
@@ -64,6 +82,8 @@ class Placement:
             yield self.module
         finally:
             self._depth -= 1
+            if self._depth == 0 and self.streamer is not None:
+                self.streamer.end()
             if self._depth == 0 and self.weights is not None:
                 self.weights.deactivate()
 

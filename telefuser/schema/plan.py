@@ -159,8 +159,41 @@ class PrefetchDecision(FrozenModel):
     reason: str
 
 
+class BlockOffload(FrozenModel):
+    """How a DiT under SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD streams its blocks; the runtime does exactly this."""
+
+    model: str
+    mode: Literal["SEQUENTIAL_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD"]
+    num_blocks: int = Field(ge=1, description="The DiT's blocks.")
+    groups: list[list[int]] = Field(
+        description="The streamed blocks (kept in host memory), in groups of blocks_per_group, in run order; a group "
+        "is copied in as one. Blocks in no group stay resident on the device.")
+    blocks_per_group: int = Field(ge=1)
+    groups_resident: int = Field(ge=1, description="Device buffers of the ring a group is copied into: 1 (sequential: "
+                                                   "copy, then compute) or 1 + prefetch_groups.")
+    prefetch_groups: int = Field(ge=0, description="Groups copied ahead on a side stream while one computes (async).")
+    group_bytes: int = Field(ge=0, description="Bytes of one ring buffer: the largest group's tensors, each aligned "
+                                               "to 512 bytes.")
+    resident_bytes: int = Field(ge=0, description="Bytes on the device outside the ring: non-block weights "
+                                                  "(embeddings, time MLP, head, modulation) and the kept blocks.")
+    resident_between_uses: bool = Field(
+        description="true: the resident part stays on the device for the whole run; false (several DiTs: Wan2.2's "
+        "MoE): it is copied in when the model becomes active and dropped after, so the inactive expert is entirely "
+        "in host memory.")
+
+
+class StageMemory(FrozenModel):
+    """The estimated peak per device while one stage runs, by component."""
+
+    stage: str
+    peak_bytes: int = Field(ge=0)
+    components: dict[str, int] = Field(description="resident (weights on the device for the whole run), weights of "
+                                                   "models used in the stage, ring buffers, prefetches, activations, "
+                                                   "workspace.")
+
+
 class MemoryEstimate(FrozenModel):
-    peak_bytes: int = Field(ge=0, description="Estimated peak per device.")
+    peak_bytes: int = Field(ge=0, description="Estimated peak per device: the largest stage's.")
     capacity_bytes: int = Field(ge=0)
     breakdown: dict[str, int] = Field(description="Bytes by component (weights per model, activations, ...).")
     at: dict[str, Scalar] = Field(description="The shape the estimate was made at (largest allowed).")
@@ -168,6 +201,13 @@ class MemoryEstimate(FrozenModel):
         default_factory=list,
         description="Per use of each MODEL_CPU_OFFLOAD model, in run order: whether the runtime copies it in "
         "while the previous model use runs (decided when both fit in the estimate).")
+    block_offload: list[BlockOffload] = Field(
+        default_factory=list, description="Per DiT under SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD: its streaming.")
+    stages: list[StageMemory] = Field(default_factory=list,
+                                      description="Per stage that uses a device, in run order: its estimated peak.")
+
+    def block_plan(self, model: str) -> Optional[BlockOffload]:
+        return next((b for b in self.block_offload if b.model == model), None)
 
 
 class Stage(FrozenModel):

@@ -174,8 +174,13 @@ class AttentionConfig(StrictModel):
 class OffloadConfig(StrictModel):
     offload_type: WeightOffloadType = WeightOffloadType.NO_CPU_OFFLOAD
     pin_cpu_memory: bool = True
-    offload_ratio: float = Field(1.0, gt=0, le=1.0, description="Fraction of blocks kept on the CPU.")
-    prefetch_size: int = Field(1, ge=0, description="Blocks fetched ahead (async offload).")
+    offload_ratio: float = Field(1.0, gt=0, le=1.0, description="SEQUENTIAL/ASYNC_CPU_OFFLOAD: fraction of the "
+                                 "DiT's blocks kept on the CPU and streamed in (spread evenly); the rest stay resident.")
+    prefetch_size: int = Field(1, ge=0, description="ASYNC_CPU_OFFLOAD: block groups copied ahead of the one "
+                               "computing (at least 1); MODEL_CPU_OFFLOAD: 0 turns the planned prefetch off.")
+    blocks_per_group: Optional[PositiveInt] = Field(
+        None, description="SEQUENTIAL/ASYNC_CPU_OFFLOAD: blocks streamed in together (one copy, one device buffer); "
+        "unset: the compiler takes the fewest blocks whose weights reach 64 MiB. The plan records the choice.")
 
 
 class CompileConfig(StrictModel):
@@ -220,6 +225,8 @@ class ModelRuntimeConfig(StrictModel):
     lora_configs: list[LoraConfig] = Field(default_factory=list)
     feature_cache_config: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
     torch_dtype: Optional[TorchDtype] = Field(None, description="Override of layer1.torch_dtype for this model.")
+    run_on_cpu: bool = Field(False, description="Keep this model in host memory and run it on the CPU (its outputs "
+                             "are copied to the device): the text encoder or the CLIP image encoder only.")
 
 
 # Mesh dimensions; each one's degree is the field `<dim>_degree` of ParallelConfig.

@@ -21,9 +21,11 @@ def image_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
         if ctx.rank.is_writer:
             if state.image is None:
                 raise PlanError(f"the plan's stage {stage.name!r} comes before any image_load stage; recompile the recipe.")
-            with ctx.placements[name].active() as encoder, ctx.dispatch(name):
-                # Preprocessing (bicubic resize to the tower's size, CLIP mean/std) happens inside, in float32.
-                features = encoder(state.image).float().contiguous()
+            placement = ctx.placements[name]
+            with placement.active() as encoder, ctx.dispatch(name):
+                # Preprocessing (bicubic resize to the tower's size, CLIP mean/std) happens inside, in float32; on
+                # the model's device (the CPU under run_on_cpu), then to the compute device.
+                features = encoder(state.image.to(placement.device)).float().to(ctx.device).contiguous()
         else:  # the encoder lives on the replica's lead; its output arrives here
             arch = next(m for m in ctx.plan.layer1_model_definition.models if m.name == name).arch
             tokens = (arch["image_size"] // arch["patch_size"]) ** 2 + 1

@@ -19,13 +19,13 @@ def text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     if stage.params["negative"]:
         prompts.append(state.params.negative_prompt)
     shared = ctx.plan.layer2_inference_config.parallel_config.enable_fsdp  # sharded: every rank runs it
+    placement = ctx.placements.get(encoder_name)
     with timed(state.timings, "encode", ctx):
-        if shared:
-            with ctx.placements[encoder_name].active() as encoder, ctx.dispatch(encoder_name):
-                context = encode_prompts(encoder, ctx.tokenizers[tokenizer_name], prompts, ctx.device)
-        elif ctx.rank.is_writer:
-            with ctx.placements[encoder_name].active() as encoder, ctx.dispatch(encoder_name):
-                context = encode_prompts(encoder, ctx.tokenizers[tokenizer_name], prompts, ctx.device)
+        if shared or ctx.rank.is_writer:
+            with placement.active() as encoder, ctx.dispatch(encoder_name):
+                # on the model's device (the CPU under run_on_cpu), then to the compute device
+                context = encode_prompts(encoder, ctx.tokenizers[tokenizer_name], prompts, placement.device)
+                context = context.to(ctx.device)
         else:  # the encoder lives on rank 0 only; its output arrives here
             planned = next(m for m in ctx.plan.layer1_model_definition.models if m.name == encoder_name)
             shape = (len(prompts), ctx.plan.layer2_inference_config.text_len, planned.arch["dim"])

@@ -1,0 +1,140 @@
+"""SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD decided: which DiT blocks stream, in which groups, into how many
+device buffers, and how many bytes each holds; and the recipe settings the block modes and `run_on_cpu` refuse.
+
+A Wan block's tensors are known from the architecture numbers alone (`wan_block_tensors`, checked against the
+model class by tests/test_block_offload.py), so a group's device buffer is sized exactly as the runtime packs it
+(runtime/offload.py: every tensor at a 512-byte boundary), without loading anything.
+"""
+
+from __future__ import annotations
+
+from telefuser.errors import RecipeError
+from telefuser.schema.enums import WeightOffloadType
+from telefuser.schema.plan import BlockOffload, PlannedModel
+from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+
+BLOCK_MODES = (WeightOffloadType.SEQUENTIAL_CPU_OFFLOAD.value, WeightOffloadType.ASYNC_CPU_OFFLOAD.value)
+CPU_ROLES = ("text_encoder", "image_encoder")
+ALIGN = 512  # runtime/offload.py ALIGN: where every tensor starts in a packed buffer
+MIN_GROUP_BYTES = 64 << 20  # default group: copies this large run at the link's speed; per-group costs vanish
+FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def wan_block_tensors(arch: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of one WanBlock, as telefuser.models.wan.dit builds it."""
+    dim, ffn = int(arch["dim"]), int(arch["ffn_dim"])
+    qk_norm, image = bool(arch.get("qk_norm", True)), arch.get("model_type", "t2v") == "i2v"
+    tensors: list[tuple[str, tuple[int, ...]]] = []
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        tensors.extend([(f"{name}.weight", (n_out, n_in)), (f"{name}.bias", (n_out,))])
+
+    for attn in ("self_attn", "cross_attn"):
+        for proj in ("q", "k", "v", "o"):
+            linear(f"{attn}.{proj}", dim, dim)
+        if qk_norm:
+            tensors.extend([(f"{attn}.norm_q.weight", (dim,)), (f"{attn}.norm_k.weight", (dim,))])
+    if image:
+        linear("cross_attn.k_img", dim, dim)
+        linear("cross_attn.v_img", dim, dim)
+        if qk_norm:
+            tensors.append(("cross_attn.norm_k_img.weight", (dim,)))
+    if arch.get("cross_attn_norm", True):
+        tensors.extend([("norm3.weight", (dim,)), ("norm3.bias", (dim,))])
+    linear("ffn.0", dim, ffn)
+    linear("ffn.2", ffn, dim)
+    tensors.append(("modulation", (1, 6, dim)))
+    return tensors
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def block_bytes(model: PlannedModel, runtime: ModelRuntimeConfig) -> tuple[int, int]:
+    """(bytes one block's tensors take packed, their bytes unpadded). Linear weights quantised to 8 bits (quant_type,
+    or an FP8 checkpoint) take 1 byte per value plus their float32 scale (per row, or one per tensor); unmerged LoRA
+    updates are counted with the model's weights, not here."""
+    width = DTYPE_BYTES[model.compute_dtype]
+    quant = runtime.quant_config.quant_type
+    eight_bit = quant in FP8_QUANT or model.attributes.fp8_layout is not None
+    per_row = quant in ("fp8_e4m3fn_rowwise", "int8") or (
+        model.attributes.fp8_layout is not None and model.attributes.fp8_layout.granularity == "per_channel")
+    sizes: list[int] = []
+    for name, shape in wan_block_tensors(model.arch):
+        numel = 1
+        for n in shape:
+            numel *= n
+        if eight_bit and name.endswith(".weight") and len(shape) == 2:
+            sizes += [numel, 4 * (shape[0] if per_row else 1)]
+        elif eight_bit and quant == "int8" and name.endswith(".bias"):
+            sizes.append(4 * numel)  # int8 linears keep a float32 bias
+        else:
+            sizes.append(width * numel)
+    return sum(_aligned(n) for n in sizes), sum(sizes)
+
+
+def streamed_blocks(num_blocks: int, ratio: float) -> list[int]:
+    """round(ratio x blocks) block indices (at least one), spread evenly over the depth, so resident blocks sit
+    between streamed ones and give the copies compute to hide behind."""
+    count = min(num_blocks, max(1, round(ratio * num_blocks)))
+    return [i for i in range(num_blocks) if (i + 1) * count // num_blocks > i * count // num_blocks]
+
+
+def plan_block_offload(model: PlannedModel, runtime: ModelRuntimeConfig, weight_bytes: int,
+                       several_dits: bool) -> BlockOffload:
+    """The streaming of one DiT; `weight_bytes` is its whole weight estimate (memory._weight_bytes)."""
+    cfg = runtime.offload_config
+    num_blocks = int(model.arch["num_layers"])
+    packed, raw = block_bytes(model, runtime)
+    streamed = streamed_blocks(num_blocks, cfg.offload_ratio)
+    per_group = cfg.blocks_per_group or max(1, min(len(streamed), -(-MIN_GROUP_BYTES // max(packed, 1))))
+    groups = [streamed[i:i + per_group] for i in range(0, len(streamed), per_group)]
+    ahead = cfg.prefetch_size if cfg.offload_type == WeightOffloadType.ASYNC_CPU_OFFLOAD.value else 0
+    resident_groups = min(len(groups), 1 + ahead)
+    return BlockOffload(
+        model=model.name, mode=cfg.offload_type, num_blocks=num_blocks, groups=groups,
+        blocks_per_group=min(per_group, len(streamed)), groups_resident=resident_groups,
+        prefetch_groups=min(ahead, resident_groups - 1), group_bytes=max(len(g) for g in groups) * packed,
+        resident_bytes=max(0, weight_bytes - len(streamed) * raw), resident_between_uses=not several_dits)
+
+
+def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
+    """Refuse block modes off a DiT or beside tp / FSDP, ASYNC without prefetch, and run_on_cpu off the encoders."""
+    l2 = recipe.layer2
+    parallel = l2.parallel_config
+    roles = {m.name: m.role for m in models}
+    for name, runtime in l2.models.items():
+        where = f"layer2.models.{name}"
+        mode = runtime.offload_config.offload_type
+        role = roles.get(name, "")
+        if mode in BLOCK_MODES:
+            if not role.startswith("dit"):
+                raise RecipeError(
+                    f"{where}.offload_config.offload_type = {mode!r}: block offload streams a DiT's transformer "
+                    f"blocks, and {name!r} is the {role or 'unknown'} model; use \"MODEL_CPU_OFFLOAD\" for it "
+                    "(whole model in host memory, copied in for its stage).")
+            if parallel.tp_degree > 1 or parallel.enable_fsdp:
+                what = "tp_degree > 1 (tensor-parallel weights stay on their device)" if parallel.tp_degree > 1 \
+                    else "enable_fsdp (FSDP owns where the shards live)"
+                raise RecipeError(
+                    f"{where}.offload_config.offload_type = {mode!r} with layer2.parallel_config.{what}: the two "
+                    "do not compose; use sp_ulysses_degree / sp_ring_degree / cfg_degree (which do), or "
+                    "offload_type = \"NO_CPU_OFFLOAD\".")
+            if mode == WeightOffloadType.ASYNC_CPU_OFFLOAD.value and runtime.offload_config.prefetch_size < 1:
+                raise RecipeError(
+                    f"{where}.offload_config: ASYNC_CPU_OFFLOAD with prefetch_size = 0 copies nothing ahead; set "
+                    "prefetch_size >= 1 (groups copied while one computes), or use \"SEQUENTIAL_CPU_OFFLOAD\".")
+        if runtime.run_on_cpu:
+            if role not in CPU_ROLES:
+                raise RecipeError(
+                    f"{where}.run_on_cpu = true: only the text encoder and the CLIP image encoder run on the CPU "
+                    f"(one forward per video); {name!r} is the {role or 'unknown'} model. Drop the key, or use "
+                    "offload_config.offload_type = \"MODEL_CPU_OFFLOAD\" to keep it in host memory between uses.")
+            if mode != WeightOffloadType.NO_CPU_OFFLOAD.value:
+                raise RecipeError(f"{where}: run_on_cpu = true keeps the model in host memory already; drop "
+                                  f"offload_config.offload_type = {mode!r}.")
+            if parallel.enable_fsdp and role == "text_encoder":
+                raise RecipeError(f"{where}.run_on_cpu = true with layer2.parallel_config.enable_fsdp: FSDP shards the "
+                                  "text encoder over the GPUs; drop one of them.")

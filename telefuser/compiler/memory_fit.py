@@ -1,0 +1,110 @@
+"""A plan over the target's memory, refused with the settings that would fit.
+
+The compiler picks nothing silently: it does not switch a recipe to offload on its own. When the estimate
+exceeds the capacity it re-estimates the recipe with each memory-saving setting it does not use yet (the
+encoders offloaded after encoding, the DiT(s) streamed block by block, on-the-fly FP8 linears, a tiled VAE
+decode), alone and stacked in that order, and names those whose estimate fits, as `--set` overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from telefuser.errors import PlanError
+from telefuser.schema.plan import MemoryEstimate, PlannedModel, ResolvedTarget
+from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+
+from .memory import estimate_memory
+from .stages import build_stages
+
+GIB = 2**30
+FP8_MIN_CC = (8, 9)  # float8 tensor cores (compiler/dispatch.py refuses fp8 quantisation below)
+
+
+def _candidates(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarget) -> list[dict[str, Any]]:
+    """Each memory-saving change the recipe does not make yet: {--set key: value}."""
+    l2 = recipe.layer2
+    found = []
+
+    def runtime(name: str) -> ModelRuntimeConfig:
+        return l2.models.get(name, ModelRuntimeConfig())
+
+    encoders = [m.name for m in models if m.role in ("text_encoder", "image_encoder")
+                and runtime(m.name).offload_config.offload_type == "NO_CPU_OFFLOAD" and not runtime(m.name).run_on_cpu]
+    if encoders and not l2.parallel_config.enable_fsdp:
+        found.append({f"layer2.models.{n}.offload_config.offload_type": "MODEL_CPU_OFFLOAD" for n in encoders})
+    dits = [m for m in models if m.role.startswith("dit")]
+    streamable = [m.name for m in dits if runtime(m.name).offload_config.offload_type in ("NO_CPU_OFFLOAD",
+                                                                                          "MODEL_CPU_OFFLOAD")]
+    if streamable and l2.parallel_config.tp_degree == 1 and not l2.parallel_config.enable_fsdp:
+        found.append({f"layer2.models.{n}.offload_config.offload_type": "ASYNC_CPU_OFFLOAD" for n in streamable})
+    cc = tuple(int(p) for p in target.compute_capability.split(".")) if target.compute_capability else None
+    plain = [m.name for m in dits if m.attributes.fp8_layout is None and runtime(m.name).quant_config.quant_type == "none"]
+    if plain and target.device == "cuda" and cc is not None and cc >= FP8_MIN_CC and l2.parallel_config.tp_degree == 1:
+        found.append({f"layer2.models.{n}.quant_config.quant_type": "fp8_e4m3fn" for n in plain})
+    if not l2.tiled:
+        found.append({"layer2.tiled": True})
+    return found
+
+
+def _apply(data: dict[str, Any], changes: dict[str, Any]) -> None:
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+
+def _estimate_with(recipe: Recipe, models: list[PlannedModel], capacity: int,
+                   changes: dict[str, Any]) -> MemoryEstimate:
+    data = recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    _apply(data, changes)
+    changed = Recipe.model_validate(data)
+    return estimate_memory(changed, models, capacity, build_stages(changed, models))
+
+
+def fitting_settings(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarget) -> list[tuple[str, int]]:
+    """(`--set` overrides, estimated peak) of every candidate change, alone and stacked in order, that fits."""
+    candidates = _candidates(recipe, models, target)
+    tries = list(candidates)
+    stacked: dict[str, Any] = {}
+    for index, changes in enumerate(candidates):
+        stacked = {**stacked, **changes}
+        if index:
+            tries.append(dict(stacked))
+    fits, seen = [], set()
+    for changes in tries:
+        text = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
+        if text in seen:
+            continue
+        seen.add(text)
+        peak = _estimate_with(recipe, models, target.memory_bytes, changes).peak_bytes
+        if peak <= target.memory_bytes:
+            fits.append((text, peak))
+    return fits
+
+
+def refuse_over_capacity(memory: MemoryEstimate, recipe: Recipe, models: list[PlannedModel],
+                         target: ResolvedTarget) -> None:
+    """Raise PlanError when the estimate exceeds the capacity, naming the largest stage and what would fit."""
+    if memory.peak_bytes <= memory.capacity_bytes:
+        return
+    top = sorted(memory.breakdown.items(), key=lambda kv: -kv[1])[:3]
+    worst = max(memory.stages, key=lambda s: s.peak_bytes, default=None)
+    where = f" (largest in stage {worst.stage}: {worst.peak_bytes / GIB:.1f} GiB)" if worst is not None else ""
+    fits = fitting_settings(recipe, models, target)
+    if fits:
+        advice = ("These settings would fit (estimated peak): " + "; ".join(
+            f"{text} ({peak / GIB:.1f} GiB)" for text, peak in fits) + ". Set one in the recipe (or pass it to "
+            "telefuser-compile), or")
+    else:
+        advice = ("No offload, FP8 or tiling setting fits here, alone or together (layer2.models.<name>."
+                  "offload_config.offload_type = \"MODEL_CPU_OFFLOAD\" or, for a DiT, \"ASYNC_CPU_OFFLOAD\"; "
+                  "quant_config.quant_type; layer2.tiled); lower layer2.num_frames,")
+    raise PlanError(
+        f"estimated peak memory {memory.peak_bytes / GIB:.1f} GiB per device exceeds the target's "
+        f"{memory.capacity_bytes / GIB:.1f} GiB at {memory.at['width']}x{memory.at['height']}, "
+        f"{memory.at['num_frames']} frames{where} (largest components: "
+        f"{', '.join(f'{k} {v / GIB:.1f} GiB' for k, v in top)}). {advice} raise "
+        "layer2.parallel_config.sp_ulysses_degree/tp_degree over more devices, or restrict layer3.resolution.choices.")
