@@ -262,18 +262,22 @@ def diffusers_rows(setup: Setup, paths: dict[str, Path]) -> list[str]:
 
 
 def part_wan21(setup: Setup) -> list[str]:
+    """MEMORY_ROWS (comma-separated labels) limits the TeleFuser rows; MEMORY_PEERS=0 leaves out diffusers."""
     paths = write_wan21_diffusers(setup.root / "base", setup.dit, setup.vae, setup.t5, setup.device)
-    fp8 = write_fp8_scaled(setup.dit, setup.root / "fp8" / "dit_fp8_e4m3fn_scaled.safetensors", setup.device)
+    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(",") if r]
+    configs = [(label, mode) for label, mode in (
+        ("bf16 resident", "NO_CPU_OFFLOAD"), ("bf16 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
+        ("bf16 SEQUENTIAL_CPU_OFFLOAD", "SEQUENTIAL_CPU_OFFLOAD"), ("bf16 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD"),
+        ("fp8 resident", "NO_CPU_OFFLOAD"), ("fp8 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")) if not rows_wanted or label in rows_wanted]
+    fp8 = None
+    if any(label.startswith("fp8") for label, _ in configs):
+        fp8 = write_fp8_scaled(setup.dit, setup.root / "fp8" / "dit_fp8_e4m3fn_scaled.safetensors", setup.device)
     rows = []
-    for label, path, mode in (("bf16 resident", paths["dit"], "NO_CPU_OFFLOAD"),
-                              ("bf16 MODEL_CPU_OFFLOAD", paths["dit"], "MODEL_CPU_OFFLOAD"),
-                              ("bf16 SEQUENTIAL_CPU_OFFLOAD", paths["dit"], "SEQUENTIAL_CPU_OFFLOAD"),
-                              ("bf16 ASYNC_CPU_OFFLOAD", paths["dit"], "ASYNC_CPU_OFFLOAD"),
-                              ("fp8 resident", fp8, "NO_CPU_OFFLOAD"),
-                              ("fp8 ASYNC_CPU_OFFLOAD", fp8, "ASYNC_CPU_OFFLOAD")):
+    for label, mode in configs:
+        path = fp8 if label.startswith("fp8") else paths["dit"]
         r = recipe(setup, paths, label, [("dit", "dit", path)], {"dit": mode}, steps=2, moe=False)
         rows += run_plan(setup, f"TeleFuser {label}", r, repeat=2 if not rows else 1)
-    return rows + diffusers_rows(setup, paths)
+    return rows + (diffusers_rows(setup, paths) if os.environ.get("MEMORY_PEERS", "1") != "0" else [])
 
 
 def part_wan22(setup: Setup) -> list[str]:
