@@ -65,7 +65,8 @@ def _estimate_with(recipe: Recipe, models: list[PlannedModel], capacity: int,
 
 
 def fitting_settings(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarget) -> list[tuple[str, int]]:
-    """(`--set` overrides, estimated peak) of every candidate change, alone and stacked in order, that fits."""
+    """(`--set` overrides, estimated peak) of every candidate change, alone and stacked in order, that fits; a stack
+    that holds a change already fitting alone is not named again."""
     candidates = _candidates(recipe, models, target)
     tries = list(candidates)
     stacked: dict[str, Any] = {}
@@ -73,15 +74,16 @@ def fitting_settings(recipe: Recipe, models: list[PlannedModel], target: Resolve
         stacked = {**stacked, **changes}
         if index:
             tries.append(dict(stacked))
-    fits, seen = [], set()
+    fits: list[tuple[str, int]] = []
+    fitting: list[dict[str, Any]] = []
     for changes in tries:
-        text = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
-        if text in seen:
+        if any(f.items() <= changes.items() for f in fitting):
             continue
-        seen.add(text)
         peak = _estimate_with(recipe, models, target.memory_bytes, changes).peak_bytes
         if peak <= target.memory_bytes:
-            fits.append((text, peak))
+            fitting.append(changes)
+            fits.append((" ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}"
+                                  for k, v in changes.items()), peak))
     return fits
 
 
