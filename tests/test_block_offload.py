@@ -361,14 +361,13 @@ def test_a_block_offload_plan_without_its_streaming_is_refused(deep_set):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_async_streaming_is_bit_identical_uses_the_side_stream_and_lowers_the_peak(tmp_path):
-    from telefuser.runtime.placement import Placement
     from telefuser.compiler.block_offload import plan_block_offload
+    from telefuser.models import registry
+    from telefuser.runtime.placement import Placement
     from telefuser.schema.recipe import ModelRuntimeConfig
 
     device = torch.device("cuda")
     arch = {**tiny.TINY_ARCH["dit"], "dim": 512, "ffn_dim": 2048, "num_heads": 4, "num_layers": 8}
-    from telefuser.models import registry
-
     entry = registry.get("WanDiT")
     state = tiny.tiny_state_dict("dit", arch)
 
@@ -415,7 +414,8 @@ def test_cuda_async_streaming_is_bit_identical_uses_the_side_stream_and_lowers_t
     assert torch.equal(got, want)
     side = streamer._side
     assert streamer.copy_streams == {side.cuda_stream} and side.cuda_stream != torch.cuda.current_stream().cuda_stream
-    assert streamer.copies_in == len(spec.groups) and spec.groups_resident == 2
+    # 8 groups through a ring of 2: each copied once, and the first once more ahead of a next forward
+    assert streamer.copies_in == len(spec.groups) + 1 and spec.groups_resident == 2
     assert streamed_peak < resident_peak
 
 
@@ -438,3 +438,32 @@ def test_block_offload_under_ulysses_and_cfg_parallel_gives_the_one_rank_video(t
     assert run_local_ranks([sys.executable, "-c", DRIVER, str(plan), PROMPT, str(SEED), str(out)], 4) == 0
     diff = np.abs(np.load(out).astype(int) - reference.frames.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"max {diff.max()}, differing {(diff > 0).mean()}"
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_fp8_layers_and_loras_stream_bit_identically(tmp_path, fp8):
+    """recipes/tiny_fp8_lora.toml (LinearFP8 layers, whose weight and scale are buffers, with the LoRA unmerged
+    beside them: LoraLinear), and the plain DiT with the LoRA merged: streamed in groups of one block, the DiT's
+    output on fresh inputs is the resident one's, bit for bit (one forward: FP8 matmuls are slow on a CPU)."""
+    shutil.copytree(TINY, tmp_path / "tiny")
+    shutil.copy(TINY.parent / "tiny.toml", tmp_path / "tiny.toml")
+    recipe = (TINY.parent / "tiny_fp8_lora.toml").read_text()
+    if not fp8:  # merging into float8 weights is refused: the merged LoRA goes into the plain DiT
+        recipe = recipe.replace("tiny/dit_fp8_scaled.safetensors", "tiny/dit.safetensors").replace(
+            "attributes = { fp8 = true }", "").replace("merge = false", "merge = true")
+    g = torch.Generator().manual_seed(8)
+    x, context = torch.randn(1, 16, 1, 8, 8, generator=g), torch.randn(1, 16, 32, generator=g)
+    outputs = []
+    for name, extra in (("resident", ""), ("streamed", offload("dit", offload_type="ASYNC_CPU_OFFLOAD",
+                                                                   blocks_per_group=1))):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(recipe.replace("[[layer2.models.dit.lora_configs]]", extra + "[[layer2.models.dit.lora_configs]]"))
+        plan_path = tmp_path / f"{name}.plan.json"
+        plan_path.write_text(json.dumps(compile_recipe(path).model_dump(mode="json", by_alias=True)))
+        placement = telefuser.load_plan(plan_path).placements["dit"]
+        kinds = {type(m).__name__ for m in placement.module.blocks[0].modules()}
+        assert ("LinearFP8" in kinds) == fp8 and ("LoraLinear" in kinds) == fp8
+        assert (placement.streamer is not None) == (name == "streamed")
+        with torch.inference_mode(), placement.active() as dit:
+            outputs.append(dit(x, torch.tensor([800.0]), context))
+    assert torch.equal(outputs[0], outputs[1])
