@@ -124,6 +124,7 @@ def test_explain_shows_the_stage_peaks_and_the_streaming(deep_set):
 MODES = {
     "model": offload("dit", offload_type="MODEL_CPU_OFFLOAD"),
     "sequential_1": offload("dit", offload_type="SEQUENTIAL_CPU_OFFLOAD", blocks_per_group=1),
+    # blocks 1, 3, 4 streamed as [1, 3], [4] through one buffer: every group evicts the one before
     "sequential_2_ratio": offload("dit", offload_type="SEQUENTIAL_CPU_OFFLOAD", blocks_per_group=2, offload_ratio=0.6),
     "async_1": offload("dit", offload_type="ASYNC_CPU_OFFLOAD", blocks_per_group=1, prefetch_size=1),
     "async_2_ahead_2": offload("dit", offload_type="ASYNC_CPU_OFFLOAD", blocks_per_group=2, prefetch_size=2),
@@ -467,3 +468,26 @@ def test_fp8_layers_and_loras_stream_bit_identically(tmp_path, fp8):
         with torch.inference_mode(), placement.active() as dit:
             outputs.append(dit(x, torch.tensor([800.0]), context))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_text_and_clip_encoders_on_the_cpu_in_an_image_to_video_plan(tmp_path):
+    """tiny_i2v with both encoders run_on_cpu: their stages run on the CPU placement and the video is the resident
+    plan's (same device here; on a GPU the outputs are copied to it)."""
+    shutil.copytree(TINY, tmp_path / "tiny")
+    shutil.copy(TINY.parent / "tiny.toml", tmp_path / "tiny.toml")  # which tiny_i2v.toml extends
+    image = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    frames = []
+    for name, extra in (("resident", ""), ("cpu", "[layer2.models.text_encoder]\nrun_on_cpu = true\n"
+                                                  "[layer2.models.image_encoder]\nrun_on_cpu = true\n")):
+        path = tmp_path / f"{name}.toml"
+        path.write_text((TINY.parent / "tiny_i2v.toml").read_text() + "\n" + extra)
+        plan = compile_recipe(path, overrides=["layer2.num_inference_steps=1", "layer2.num_frames=5"])
+        plan_path = tmp_path / f"{name}.plan.json"
+        plan_path.write_text(json.dumps(plan.model_dump(mode="json", by_alias=True)))
+        pipe = telefuser.load_plan(plan_path)
+        frames.append(pipe.run(prompt="a cat", seed=2, image=image, progress=False).frames)
+        if name == "cpu":
+            assert {f"host_weights.{m}" for m in ("text_encoder", "image_encoder")} <= plan.memory.breakdown.keys()
+            assert all(next(s for s in plan.memory.stages if s.stage == st).components["activations"] == 0
+                       for st in ("encode_text", "encode_image"))
+    assert np.array_equal(frames[0], frames[1])
