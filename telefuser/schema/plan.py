@@ -171,7 +171,9 @@ class BlockOffload(FrozenModel):
     blocks_per_group: int = Field(ge=1)
     groups_resident: int = Field(ge=1, description="Device buffers of the ring a group is copied into: 1 (sequential: "
                                                    "copy, then compute) or 1 + prefetch_groups.")
-    prefetch_groups: int = Field(ge=0, description="Groups copied ahead on a side stream while one computes (async).")
+    prefetch_groups: int = Field(ge=0, description="Groups copied ahead on a side stream while one computes (async): "
+                                 "the next ones in run order, after the last group the first ones, which the next "
+                                 "forward starts with.")
     group_bytes: int = Field(ge=0, description="Bytes of one ring buffer: the largest group's tensors, each aligned "
                                                "to 512 bytes.")
     resident_bytes: int = Field(ge=0, description="Bytes on the device outside the ring: non-block weights "
