@@ -287,5 +287,6 @@ def _oom_guard(what: str):
             raise
         raise OutOfMemory(
             f"out of memory during {what}: {str(exc).splitlines()[0]}; lower the resolution or frame count, "
-            "or enable offload (layer2.models.<name>.offload_config.offload_type = \"MODEL_CPU_OFFLOAD\") and recompile."
+            "or enable offload (layer2.models.<name>.offload_config.offload_type = \"MODEL_CPU_OFFLOAD\", for a DiT "
+            "\"ASYNC_CPU_OFFLOAD\") and recompile."
         ) from exc
