@@ -62,8 +62,8 @@ class BlockStreamer:
         self.occupant: list[Optional[int]] = []  # group held by each slot
         self.slot_of: dict[int, int] = {}
         self.stamp: list[int] = []  # when each slot's group was last entered (least recently used goes first)
-        self.ready: list[Optional[torch.cuda.Event]] = []
-        self.done: list[Optional[torch.cuda.Event]] = []
+        self.ready: list[torch.cuda.Event] = []  # per slot (async): its last copy is complete
+        self.done: list[torch.cuda.Event] = []  # per slot (async): its group's kernels are complete
         self.current: Optional[int] = None
         self._clock = 0
         self._side: Optional[torch.cuda.Stream] = None
@@ -91,10 +91,9 @@ class BlockStreamer:
             if self._side is None:
                 self._side = torch.cuda.Stream(self.device)
             self._side.wait_stream(torch.cuda.current_stream(self.device))  # the ring's memory is free for it
+            # waiting on an event never recorded waits for nothing: a slot's first copy needs no `done`
             self.ready = [torch.cuda.Event() for _ in range(count)]
-            self.done = [None] * count
-        else:
-            self.ready, self.done = [None] * count, [None] * count
+            self.done = [torch.cuda.Event() for _ in range(count)]
 
     def end(self) -> None:
         """The model stops being active: every group back on its host views, the ring dropped."""
@@ -119,9 +118,8 @@ class BlockStreamer:
             return
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         if self.current is not None and self.async_copy:
-            slot = self.slot_of[self.current]
-            self.done[slot] = self.done[slot] or torch.cuda.Event()
-            self.done[slot].record(compute)  # the previous group's kernels are all queued before this point
+            # the previous group's kernels are all queued on the compute stream before this point
+            self.done[self.slot_of[self.current]].record(compute)
         ahead = min(self.plan.prefetch_groups, len(self.groups) - 1)
         wanted = [(group + k) % len(self.groups) for k in range(ahead + 1)]
         self._ensure(group, wanted)
@@ -147,9 +145,7 @@ class BlockStreamer:
         weights, buffer = self.groups[group], self.ring[slot]
         if self.async_copy:
             side = self._side
-            if self.done[slot] is not None:
-                side.wait_event(self.done[slot])  # the slot's previous group has finished computing
-                self.done[slot] = None
+            side.wait_event(self.done[slot])  # the slot's previous group has finished computing
             with torch.cuda.stream(side):
                 weights.copy_into(buffer)
                 self.ready[slot].record(side)
