@@ -268,6 +268,8 @@ def test_text_encoder_on_the_cpu_gives_the_same_video_and_cpu_dispatch(deep_set,
     (offload("dit", offload_type="SEQUENTIAL_CPU_OFFLOAD"),
      ["target.num_devices=2", "layer2.parallel_config.tp_degree=2"], "tp_degree > 1 (tensor-parallel weights"),
     ("[layer2.models.dit]\nrun_on_cpu = true\n", [], "only the text encoder and the CLIP image encoder run on the CPU"),
+    (offload("dit", offload_type="ASYNC_CPU_OFFLOAD") + "compile_config = { enabled = true, fullgraph = true }\n", [],
+     "ASYNC_CPU_OFFLOAD with compile_config.fullgraph = true: the streaming hook runs eagerly"),
 ])
 def test_settings_that_do_not_compose_are_refused(tmp_path, extra, overrides, needle):
     recipe = write_recipe(model_set(tmp_path / "m"), layer2_extra=extra)

@@ -101,7 +101,8 @@ def plan_block_offload(model: PlannedModel, runtime: ModelRuntimeConfig, weight_
 
 
 def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
-    """Refuse block modes off a DiT or beside tp / FSDP, ASYNC without prefetch, and run_on_cpu off the encoders."""
+    """Refuse block modes off a DiT, beside tp / FSDP or a fullgraph compile, ASYNC without prefetch, and run_on_cpu
+    off the encoders."""
     l2 = recipe.layer2
     parallel = l2.parallel_config
     roles = {m.name: m.role for m in models}
@@ -122,6 +123,11 @@ def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
                     f"{where}.offload_config.offload_type = {mode!r} with layer2.parallel_config.{what}: the two "
                     "do not compose; use sp_ulysses_degree / sp_ring_degree / cfg_degree (which do), or "
                     "offload_type = \"NO_CPU_OFFLOAD\".")
+            if runtime.compile_config.enabled and runtime.compile_config.fullgraph:
+                raise RecipeError(
+                    f"{where}: {mode} with compile_config.fullgraph = true: the streaming hook runs eagerly before "
+                    "each streamed block (a graph break, which fullgraph forbids); set compile_config.fullgraph = "
+                    "false (each block's own forward stays one graph).")
             if mode == WeightOffloadType.ASYNC_CPU_OFFLOAD.value and runtime.offload_config.prefetch_size < 1:
                 raise RecipeError(
                     f"{where}.offload_config: ASYNC_CPU_OFFLOAD with prefetch_size = 0 copies nothing ahead; set "
