@@ -10,7 +10,7 @@ plus, while it runs, the ring of `groups_resident` group buffers
 reported as host_weights). activations: the DiT at the largest allowed frame
 size and num_frames, with tokens split by sequence parallelism: per token, the
 residual stream plus the largest transient (the FFN hidden layer, or q/k/v/o)
-in the compute dtype, times the CFG batch of 2; attention is flash-style
+in the compute dtype, for one CFG branch (they run one after the other); attention is flash-style
 (no S x S matrix). The VAE decode workspace is VAE_LIVE_MAPS full-resolution
 feature maps of one latent frame's 4 output frames at base_dim channels (a
 tile's instead when the plan tiles the decode),
@@ -145,8 +145,9 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     latent_frames = (l2.num_frames - 1) // time_ratio + 1
     tokens = latent_frames * (height // (space * patch[1])) * (width // (space * patch[2]))
     sp = l2.parallel_config.sp_ulysses_degree * l2.parallel_config.sp_ring_degree
-    batch = 1 if l2.parallel_config.cfg_degree == 2 or l2.cfg_scale == 1.0 else 2
-    breakdown["activations.dit"] = batch * -(-tokens // sp) * (2 * dim + max(ffn, 4 * dim)) * act_bytes
+    # one CFG branch at a time: the runtime runs the conditional and the unconditional forward one after the other
+    # (stages/denoise.guided), so only one branch's activations are live (plus a float32 prediction, negligible)
+    breakdown["activations.dit"] = -(-tokens // sp) * (2 * dim + max(ffn, 4 * dim)) * act_bytes
     if any(s.params.get("first_frame") for s in stages or [] if s.kind == "denoise"):
         # TI2V per-token timesteps: float32 modulation e [S, 6, dim] and time embedding [S, dim] of the whole
         # sequence, and each block's modulation + e of its tokens
