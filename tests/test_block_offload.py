@@ -270,6 +270,8 @@ def test_text_encoder_on_the_cpu_gives_the_same_video_and_cpu_dispatch(deep_set,
     ("[layer2.models.dit]\nrun_on_cpu = true\n", [], "only the text encoder and the CLIP image encoder run on the CPU"),
     (offload("dit", offload_type="ASYNC_CPU_OFFLOAD") + "compile_config = { enabled = true, fullgraph = true }\n", [],
      "ASYNC_CPU_OFFLOAD with compile_config.fullgraph = true: the streaming hook runs eagerly"),
+    (offload("dit", offload_type="SEQUENTIAL_CPU_OFFLOAD") + "compile_config = { enabled = true, mode = "
+     "\"reduce-overhead\" }\n", [], "CUDA graphs replay fixed weight addresses"),
 ])
 def test_settings_that_do_not_compose_are_refused(tmp_path, extra, overrides, needle):
     recipe = write_recipe(model_set(tmp_path / "m"), layer2_extra=extra)

@@ -101,8 +101,8 @@ def plan_block_offload(model: PlannedModel, runtime: ModelRuntimeConfig, weight_
 
 
 def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
-    """Refuse block modes off a DiT, beside tp / FSDP or a fullgraph compile, ASYNC without prefetch, and run_on_cpu
-    off the encoders."""
+    """Refuse block modes off a DiT, beside tp / FSDP, a fullgraph or CUDA-graph compile, ASYNC without prefetch, and
+    run_on_cpu off the encoders."""
     l2 = recipe.layer2
     parallel = l2.parallel_config
     roles = {m.name: m.role for m in models}
@@ -123,6 +123,13 @@ def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
                     f"{where}.offload_config.offload_type = {mode!r} with layer2.parallel_config.{what}: the two "
                     "do not compose; use sp_ulysses_degree / sp_ring_degree / cfg_degree (which do), or "
                     "offload_type = \"NO_CPU_OFFLOAD\".")
+            compile_cfg = runtime.compile_config
+            if compile_cfg.enabled and (compile_cfg.backend == "cudagraphs"
+                                        or compile_cfg.mode in ("reduce-overhead", "max-autotune")):
+                raise RecipeError(
+                    f"{where}: {mode} with compile_config backend {compile_cfg.backend!r}, mode {compile_cfg.mode!r}: "
+                    "CUDA graphs replay fixed weight addresses, but streamed blocks move between ring buffers; use "
+                    "mode \"default\" or \"max-autotune-no-cudagraphs\" with the inductor backend.")
             if runtime.compile_config.enabled and runtime.compile_config.fullgraph:
                 raise RecipeError(
                     f"{where}: {mode} with compile_config.fullgraph = true: the streaming hook runs eagerly before "
