@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import telefuser
-from compiler_fixtures import RECIPE, TINY, model_set, write_recipe
+from compiler_fixtures import TINY, model_set, write_recipe
 from telefuser.compiler import compile_recipe
 from telefuser.compiler.block_offload import ALIGN, block_bytes, streamed_blocks, wan_block_tensors
 from telefuser.compiler.explain import explain
