@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ from bench.weights_random import write_fp8_scaled, write_wan21_diffusers
 
 BF16 = torch.bfloat16
 PROMPT = "a red fox running through fresh snow"
+RAW: list[dict] = []  # every TeleFuser row's numbers, written beside the table as JSON
 RECIPE = """\
 name = "memory_{label}"
 [target]
@@ -193,9 +195,17 @@ def run_plan(setup: Setup, label: str, recipe_path: Path, repeat: int = 1) -> li
     steps = video.timings.steps
     allocated = max((a for a, _ in peaks.peaks.values()), default=video.timings.peak_memory_bytes)
     reserved = max((r for _, r in peaks.peaks.values()), default=0)
-    per_stage = ", ".join(f"{name} {gib(a)}" for name, (a, _) in peaks.peaks.items())
+    estimates = {s.stage: s.peak_bytes for s in plan.memory.stages}
+    # per stage: measured allocated / reserved against the plan's estimate of that stage
+    per_stage = ", ".join(
+        f"{name} {gib(a)}/{gib(r)} est {gib(estimates[name])}" if name in estimates else f"{name} {gib(a)}/{gib(r)}"
+        for name, (a, r) in peaks.peaks.items())
     denoise = next((a for name, (a, _) in peaks.peaks.items() if "denoise" in name), 0)
-    ratio = f"{allocated / est:.2f}" if est else "-"
+    ratio = f"{allocated / est:.2f} / {reserved / est:.2f}" if est else "-"
+    RAW.append({"label": label, "s_per_step": sum(steps) / len(steps), "steps": list(steps),
+                "measured": {name: {"allocated": a, "reserved": r} for name, (a, r) in peaks.peaks.items()},
+                "estimate": {s.stage: {"peak": s.peak_bytes, "components": s.components} for s in plan.memory.stages},
+                "plan_peak": est, "breakdown": plan.memory.breakdown})
     rows = [f"| {label} | {sum(steps) / len(steps):.2f} | {gib(denoise)} | {gib(allocated)} / {gib(reserved)} | "
             f"{gib(est)} | {ratio} | {per_stage} |"]
     del pipe, video
@@ -264,7 +274,7 @@ def diffusers_rows(setup: Setup, paths: dict[str, Path]) -> list[str]:
 def part_wan21(setup: Setup) -> list[str]:
     """MEMORY_ROWS (comma-separated labels) limits the TeleFuser rows; MEMORY_PEERS=0 leaves out diffusers."""
     paths = write_wan21_diffusers(setup.root / "base", setup.dit, setup.vae, setup.t5, setup.device)
-    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(",") if r]
+    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(",") if r]  # "none": only the peers
     configs = [(label, mode) for label, mode in (
         ("bf16 resident", "NO_CPU_OFFLOAD"), ("bf16 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
         ("bf16 SEQUENTIAL_CPU_OFFLOAD", "SEQUENTIAL_CPU_OFFLOAD"), ("bf16 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD"),
@@ -316,8 +326,9 @@ def main(argv=None) -> None:
     lines = [f"Measured: {env}; random weights, {setup.res}, {setup.frames} frames; whole script "
              f"{time.perf_counter() - start:.0f} s.", "",
              "| configuration | s / step | denoise peak GiB | run peak allocated / reserved GiB | plan estimate GiB | "
-             "measured / estimate | peak per stage GiB |", "|---|---|---|---|---|---|---|", *rows]
+             "allocated / reserved over estimate | per stage: allocated/reserved, estimate GiB |", "|---|---|---|---|---|---|---|", *rows]
     (out_dir() / f"memory_{part}.md").write_text("\n".join(lines) + "\n")
+    (out_dir() / f"memory_{part}.json").write_text(json.dumps({"environment": env, "rows": RAW}, indent=1))
     print("\n".join(lines))
 
 
