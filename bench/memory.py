@@ -7,12 +7,14 @@ folder layouts (our compiler reads those too, so both sides load the same files)
 layout published for Wan (block linears float8_e4m3fn + per-tensor `scale_weight`, Wan's key names).
 
 MEMORY_PART=wan21 (default): Wan2.1-14B, 480p 16:9, 81 frames, 2 UniPC steps, CFG 5.0, the text encoder
-MODEL_CPU_OFFLOAD in every plan (as recipes/wan21_t2v_14b.toml ships). The DiT resident, MODEL_CPU_OFFLOAD,
+MODEL_CPU_OFFLOAD in every plan (as recipes/wan21_t2v_14b.toml ships). The DiT resident, MODEL_CPU_OFFLOAD (with
+the plan's prefetches, and with prefetch_size 0: one model on the device at a time, as diffusers' hooks keep it),
 SEQUENTIAL_CPU_OFFLOAD, ASYNC_CPU_OFFLOAD, the FP8 checkpoint resident and FP8 + async; then diffusers'
 WanPipeline resident, with `enable_model_cpu_offload()`, and with block-level group offloading of the
 transformer (`apply_group_offloading(..., "block_level", num_blocks_per_group=1, use_stream=True)`).
 MEMORY_PART=wan22: Wan2.2 T2V A14B with both experts FP8, 480p 81f, 4 UniPC steps (shift 12, boundary 0.875: 3
-high-noise steps, 1 low-noise), experts resident, MODEL_CPU_OFFLOAD and ASYNC_CPU_OFFLOAD.
+high-noise steps, 1 low-noise), experts resident, MODEL_CPU_OFFLOAD and ASYNC_CPU_OFFLOAD. No diffusers rows here:
+diffusers reads no FP8 checkpoint, and two bf16 experts (57 GB) beside the FP8 files do not fit the 64 GiB disk.
 
 Per row: seconds per step (the mean of the run's steps; the first plan runs twice so Triton's JIT compilation is
 not counted), each stage's peak (max_memory_allocated / max_memory_reserved, reset as each stage starts), the
@@ -65,8 +67,6 @@ num_frames = {frames}
 text_len = {text_len}
 sigma_shift = {shift}
 {moe}
-[layer2.models.text_encoder]
-offload_config = {{ offload_type = "MODEL_CPU_OFFLOAD" }}
 {offload}
 [layer3.resolution]
 default = "{res}"
@@ -74,7 +74,12 @@ choices = ["{res}"]
 """
 DIT = '[[layer1.models]]\nname = "{name}"\nrole = "{role}"\nclass = "WanDiT"\npath = "{path}"\narch = {{ num_heads = {heads} }}\n'
 MOE = "cfg_scale_high = 4.0\ncfg_scale_low = 3.0\nboundary = 0.875"
-OFFLOAD = '[layer2.models.{name}]\noffload_config = {{ offload_type = "{mode}" }}\n'
+OFFLOAD = '[layer2.models.{name}]\noffload_config = {{ {config} }}\n'
+
+
+def offload(mode: str, prefetch: bool = True) -> str:
+    """An offload_config inline table's body; without `prefetch`, nothing is copied in ahead of its use."""
+    return f'offload_type = "{mode}"' + ("" if prefetch else ", prefetch_size = 0")
 
 
 class Setup:
@@ -160,11 +165,13 @@ def _slug(label: str) -> str:
 
 def recipe(setup: Setup, paths: dict[str, Path], label: str, dits: list[tuple[str, str, Path]],
            modes: dict[str, str], steps: int, moe: bool) -> Path:
+    """`modes`: model name -> offload_config body (`offload`); the text encoder is MODEL_CPU_OFFLOAD unless given."""
+    modes = {"text_encoder": offload("MODEL_CPU_OFFLOAD"), **modes}
     text = RECIPE.format(
         label=_slug(label), device="cpu" if setup.smoke else "auto",
         dits="".join(DIT.format(name=n, role=r, path=p, heads=setup.dit.num_heads) for n, r, p in dits),
         steps=steps, frames=setup.frames, text_len=setup.text_len, shift=12.0 if moe else 5.0, res=setup.res,
-        moe=MOE if moe else "", offload="".join(OFFLOAD.format(name=n, mode=m) for n, m in modes.items()),
+        moe=MOE if moe else "", offload="".join(OFFLOAD.format(name=n, config=c) for n, c in modes.items()),
         **{k: str(v) for k, v in paths.items() if k != "dit"})
     path = setup.root / f"{_slug(label)}.toml"
     path.write_text(text)
@@ -188,7 +195,9 @@ def run_plan(setup: Setup, label: str, recipe_path: Path, repeat: int = 1) -> li
     try:
         for _ in range(repeat):
             with StagePeaks() as peaks:
+                start = time.perf_counter()
                 video = pipe.run(prompt=PROMPT, seed=7, progress=False)
+                whole = time.perf_counter() - start
     except TeleFuserError as exc:
         return [f"| {label} | failed: {str(exc)[:300]} | | | | | |"]
     est = plan.memory.peak_bytes
@@ -205,9 +214,9 @@ def run_plan(setup: Setup, label: str, recipe_path: Path, repeat: int = 1) -> li
     RAW.append({"label": label, "s_per_step": sum(steps) / len(steps), "steps": list(steps),
                 "measured": {name: {"allocated": a, "reserved": r} for name, (a, r) in peaks.peaks.items()},
                 "estimate": {s.stage: {"peak": s.peak_bytes, "components": s.components} for s in plan.memory.stages},
-                "plan_peak": est, "breakdown": plan.memory.breakdown})
+                "plan_peak": est, "breakdown": plan.memory.breakdown, "whole_run_s": whole})
     rows = [f"| {label} | {sum(steps) / len(steps):.2f} | {gib(denoise)} | {gib(allocated)} / {gib(reserved)} | "
-            f"{gib(est)} | {ratio} | {per_stage} |"]
+            f"{gib(est)} | {ratio} | whole run {whole:.1f} s; {per_stage} |"]
     del pipe, video
     free()
     return rows
@@ -275,17 +284,23 @@ def part_wan21(setup: Setup) -> list[str]:
     """MEMORY_ROWS (comma-separated labels) limits the TeleFuser rows; MEMORY_PEERS=0 leaves out diffusers."""
     paths = write_wan21_diffusers(setup.root / "base", setup.dit, setup.vae, setup.t5, setup.device)
     rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(",") if r]  # "none": only the peers
-    configs = [(label, mode) for label, mode in (
-        ("bf16 resident", "NO_CPU_OFFLOAD"), ("bf16 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
-        ("bf16 SEQUENTIAL_CPU_OFFLOAD", "SEQUENTIAL_CPU_OFFLOAD"), ("bf16 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD"),
-        ("fp8 resident", "NO_CPU_OFFLOAD"), ("fp8 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")) if not rows_wanted or label in rows_wanted]
+    no_prefetch = {"text_encoder": offload("MODEL_CPU_OFFLOAD", prefetch=False),
+                   "dit": offload("MODEL_CPU_OFFLOAD", prefetch=False)}  # one model at a time, as diffusers' hooks
+    configs = [(label, modes) for label, modes in (
+        ("bf16 resident", {"dit": offload("NO_CPU_OFFLOAD")}),
+        ("bf16 MODEL_CPU_OFFLOAD", {"dit": offload("MODEL_CPU_OFFLOAD")}),
+        ("bf16 MODEL_CPU_OFFLOAD, prefetch_size 0", no_prefetch),
+        ("bf16 SEQUENTIAL_CPU_OFFLOAD", {"dit": offload("SEQUENTIAL_CPU_OFFLOAD")}),
+        ("bf16 ASYNC_CPU_OFFLOAD", {"dit": offload("ASYNC_CPU_OFFLOAD")}),
+        ("fp8 resident", {"dit": offload("NO_CPU_OFFLOAD")}),
+        ("fp8 ASYNC_CPU_OFFLOAD", {"dit": offload("ASYNC_CPU_OFFLOAD")})) if not rows_wanted or label in rows_wanted]
     fp8 = None
     if any(label.startswith("fp8") for label, _ in configs):
         fp8 = write_fp8_scaled(setup.dit, setup.root / "fp8" / "dit_fp8_e4m3fn_scaled.safetensors", setup.device)
     rows = []
-    for label, mode in configs:
+    for label, modes in configs:
         path = fp8 if label.startswith("fp8") else paths["dit"]
-        r = recipe(setup, paths, label, [("dit", "dit", path)], {"dit": mode}, steps=2, moe=False)
+        r = recipe(setup, paths, label, [("dit", "dit", path)], modes, steps=2, moe=False)
         rows += run_plan(setup, f"TeleFuser {label}", r, repeat=2 if not rows else 1)
     return rows + (diffusers_rows(setup, paths) if os.environ.get("MEMORY_PEERS", "1") != "0" else [])
 
@@ -299,7 +314,8 @@ def part_wan22(setup: Setup) -> list[str]:
     for label, mode in (("A14B fp8 experts resident", "NO_CPU_OFFLOAD"),
                         ("A14B fp8 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
                         ("A14B fp8 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")):
-        r = recipe(setup, paths, label, experts, {"dit_high": mode, "dit_low": mode}, steps=4, moe=True)
+        r = recipe(setup, paths, label, experts, {"dit_high": offload(mode), "dit_low": offload(mode)}, steps=4,
+                   moe=True)
         rows += run_plan(setup, f"TeleFuser {label}", r, repeat=2 if not rows else 1)
     return rows
 

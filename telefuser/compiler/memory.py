@@ -9,13 +9,13 @@ plus, while it runs, the ring of `groups_resident` group buffers
 (compiler/block_offload.py); `run_on_cpu` models none (their bytes are
 reported as host_weights). activations: the DiT at the largest allowed frame
 size and num_frames, with tokens split by sequence parallelism: per token, the
-residual stream plus the largest transient (the FFN hidden layer, or q/k/v/o)
-in the compute dtype, for one CFG branch (they run one after the other); attention is flash-style
-(no S x S matrix). The VAE decode workspace is VAE_LIVE_MAPS full-resolution
-feature maps of one latent frame's 4 output frames at base_dim channels (a
-tile's instead when the plan tiles the decode),
-calibrated on an H100 (docs/benchmarks.md: 4.8 GiB peak for the Wan2.1 VAE at
-480p x 81 frames), plus the decoded video in float32.
+residual stream, the normalised FFN input and the FFN's hidden layer before and after its
+activation, in the compute dtype (FP8 linears add FP8_FFN_EXTRA bytes per hidden value), for one CFG branch
+(they run one after the other); attention is flash-style (no S x S matrix). The VAE decode workspace is
+VAE_LIVE_MAPS full-resolution feature maps of one latent frame's 4 output frames at base_dim channels (a
+tile's instead when the plan tiles the decode), plus the decoded video in float32. Both calibrated on an H100
+(bench/memory.py, docs/benchmarks.md "Memory modes": the Wan2.1-14B DiT at 480p x 81 frames held 2.31-2.38 GiB of
+activations in bf16, 3.17-3.52 GiB with FP8 linears; the Wan2.1 VAE's decode 3.1 GiB).
 A stage's peak (`stage_peaks`) is the sum of its components, each kept in
 the plan (memory.stages) so measured peaks can be set beside them; the plan's
 peak is the largest stage's (or a planned prefetch's, when larger).
@@ -45,7 +45,10 @@ from .block_offload import plan_block_offload
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
 WORKSPACE_BYTES = 1 * 2**30  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
-VAE_LIVE_MAPS = 15  # concatenated caches, padding copies, residual inputs and outputs at full resolution
+VAE_LIVE_MAPS = 10  # concatenated caches, padding copies, residual inputs and outputs at full resolution
+# FP8 linears quantise their input: the FFN's second linear holds an FP8 copy of the hidden layer and _scaled_mm's
+# output beside the bf16 hidden layer; measured on an H100 as about 2 more bytes per hidden value (bench/memory.py)
+FP8_FFN_EXTRA = 2
 # A prefetch holds two models on the device at once; it is planned only with this share of the capacity to spare,
 # since a wrong estimate would turn a run that fits into one that does not.
 PREFETCH_HEADROOM = 0.9
@@ -146,8 +149,12 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     tokens = latent_frames * (height // (space * patch[1])) * (width // (space * patch[2]))
     sp = l2.parallel_config.sp_ulysses_degree * l2.parallel_config.sp_ring_degree
     # one CFG branch at a time: the runtime runs the conditional and the unconditional forward one after the other
-    # (stages/denoise.guided), so only one branch's activations are live (plus a float32 prediction, negligible)
-    breakdown["activations.dit"] = -(-tokens // sp) * (2 * dim + max(ffn, 4 * dim)) * act_bytes
+    # (stages/denoise.guided), so only one branch's activations are live (plus a float32 prediction, negligible).
+    # Per token: the residual stream, the normalised FFN input, the hidden layer before and after the GELU.
+    dit_runtime = l2.models.get(dit.name, ModelRuntimeConfig())
+    fp8 = dit_runtime.quant_config.quant_type in FP8_QUANT or dit.attributes.fp8_layout is not None
+    per_token = (2 * dim + 2 * ffn) * act_bytes + (FP8_FFN_EXTRA * ffn if fp8 else 0)
+    breakdown["activations.dit"] = -(-tokens // sp) * per_token
     if any(s.params.get("first_frame") for s in stages or [] if s.kind == "denoise"):
         # TI2V per-token timesteps: float32 modulation e [S, 6, dim] and time embedding [S, dim] of the whole
         # sequence, and each block's modulation + e of its tokens
@@ -180,10 +187,11 @@ def stage_peaks(stages: list[Stage], models: list[PlannedModel], breakdown: dict
                 text_len: int, resident: int, in_use: dict[str, int],
                 prefetch: list[PrefetchDecision]) -> list[StageMemory]:
     """The peak of every stage that uses the device: resident weights, the largest model it activates (its models
-    run one after another), prefetches made during it, a first-use model still on the device from loading, its
-    activations and the workspace."""
+    run one after another), prefetches made during it, a model read to the device at load whose first use has not
+    come yet, its activations and the workspace."""
     on_cpu = {name for name, size in in_use.items() if size == 0 and f"host_weights.{name}" in breakdown}
     at_load = [d.model for d in prefetch if d.prefetch and d.during_model is None]
+    seen: set[str] = set()  # models used by an earlier stage
     out = []
     for stage in stages:
         if stage.kind in ("load", "write_video", "noise", "image_load"):
@@ -197,9 +205,10 @@ def stage_peaks(stages: list[Stage], models: list[PlannedModel], breakdown: dict
         for d in prefetch:
             if d.prefetch and d.during_stage == stage.name and d.during_model is not None:
                 components[f"prefetch.{d.model}"] = breakdown.get(f"weights.{d.model}", 0)
-        for name in at_load:  # its device copy may stay until its pinned host copy is made (first video)
-            if name not in used:
+        for name in at_load:  # on the device from loading until its first use ends (runtime/offload.py)
+            if name not in used and name not in seen:
                 components[f"loaded_at_start.{name}"] = breakdown.get(f"weights.{name}", 0)
+        seen.update(used)
         device_models = [n for n in stage.models if n not in on_cpu and n in {m.name for m in models}
                          and next(m for m in models if m.name == n).role != ModelRole.TOKENIZER.value]
         activation = _stage_activation(stage, models, breakdown, frame, text_len) if device_models else 0
@@ -247,32 +256,31 @@ def _stage_activation(stage: Stage, models: list[PlannedModel], breakdown: dict[
     return 0
 
 
-def _at_load(name: str, stage: Stage, stages: list[Stage], uses: list[tuple[Stage, str]], models: list[PlannedModel],
-             breakdown: dict[str, int], frame: tuple[int, int], text_len: int, resident: int, limit: int,
-             capacity: int, prefetch_size: int, offloaded) -> PrefetchDecision:
+def _at_load(name: str, stage: Stage, stages: list[Stage], models: list[PlannedModel], breakdown: dict[str, int],
+             frame: tuple[int, int], text_len: int, resident: int, limit: int, capacity: int,
+             prefetch_size: int) -> PrefetchDecision:
     """The first model use of a video: the model can be read straight to the device at load (the first video then
     copies nothing in) while its pinned host copy is made in the background, since pinning is the slow part of
-    loading. Until that copy is ready the device copy stays, possibly through the rest of the first video: that
-    peak (every later stage's activations, the largest other offloaded model) must fit."""
+    loading. The device copy is dropped when that first use ends (the runtime waits for the host copy there if it
+    is not complete), so the peak to fit is that stage's: the model beside everything resident and its activations."""
     load = next((s for s in stages if s.kind == "load"), None)
     first_use = "its first use in a video: copied in when its stage starts"
     if load is None:
         return PrefetchDecision(model=name, stage=stage.name, prefetch=False, peak_bytes=0, reason=first_use)
-    others = [breakdown.get(f"weights.{m}", 0) for _, m in uses if m != name and offloaded(m)]
-    worst = max(_stage_activation(s, models, breakdown, frame, text_len) for s, _ in uses)
-    peak = resident + breakdown.get(f"weights.{name}", 0) + max(others, default=0) + worst + WORKSPACE_BYTES
+    activation = _stage_activation(stage, models, breakdown, frame, text_len)
+    peak = resident + breakdown.get(f"weights.{name}", 0) + activation + WORKSPACE_BYTES
     if prefetch_size == 0:
         return PrefetchDecision(model=name, stage=stage.name, prefetch=False, peak_bytes=0,
                                 reason=f"{first_use} (layer2.models.{name}.offload_config.prefetch_size = 0)")
     if peak > limit:
         return PrefetchDecision(model=name, stage=stage.name, during_stage=load.name, prefetch=False, peak_bytes=peak,
                                 reason=f"{first_use}; loading it on the device would need est. {peak / 2**30:.2f} GiB "
-                                       f"during the first video, over the limit of {limit / 2**30:.2f} GiB")
+                                       f"in stage {stage.name}, over the limit of {limit / 2**30:.2f} GiB")
     warm_up = stage.kind == "text_encode"  # an empty prompt is a valid input to run it on at load (the runtime does)
     return PrefetchDecision(
         model=name, stage=stage.name, during_stage=load.name, prefetch=True, peak_bytes=peak,
         reason=f"read straight to the device at load for the first video{', run once there on an empty prompt' if warm_up else ''}"
-               f", its pinned host copy made in the background and the device copy dropped once that is ready: est. "
+               f", its pinned host copy made in the background and the device copy dropped when that use ends: est. "
                f"peak {peak / 2**30:.2f} GiB, limit {limit / 2**30:.2f} GiB ({PREFETCH_HEADROOM:.0%} of "
                f"{capacity / 2**30:.2f} GiB)")
 
@@ -297,8 +305,8 @@ def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage
         if not offloaded(name):
             continue
         if index == 0:
-            decisions.append(_at_load(name, stage, stages, uses, models, breakdown, frame, l2.text_len, resident,
-                                      limit, capacity, offload(name).prefetch_size, offloaded))
+            decisions.append(_at_load(name, stage, stages, models, breakdown, frame, l2.text_len, resident, limit,
+                                      capacity, offload(name).prefetch_size))
             continue
         before, running = uses[index - 1]
         if running == name:

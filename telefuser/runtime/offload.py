@@ -18,9 +18,10 @@ buffer is dropped. Nothing is copied back: inference does not change weights, so
 Loaded on the device (`background=True`, when the plan records the model's first use as read straight to the
 device at load): pinning is the slow part of loading (the driver locks pages at ~2 GB/s), so the module keeps
 the device tensors it was loaded with, and a background thread pins the host chunks and copies those tensors
-into them once, on a side stream. The first use copies nothing in; the device tensors are dropped at the first
-moving out (or stage boundary, `release_loaded`) after the host copy is complete, and from then on the model
-moves like any other.
+into them once, on a side stream. The first use copies nothing in; the device tensors are dropped when that use
+ends, after waiting for the host copy if it is not complete yet (rarely: loading the other models takes longer), and
+their freed blocks are handed back to the driver, so the plan's per-stage estimate holds from the next stage on
+(compiler/memory.py counts the loaded copy only until then). From then on the model moves like any other.
 
 On a CPU "device" the same path runs with a second CPU buffer as the device copy (synchronous copies, no
 streams), so the swap logic is exercised without a GPU.
@@ -171,16 +172,18 @@ class OffloadedWeights:
         if self._failure is not None:
             raise self._failure
 
-    def release_loaded(self) -> bool:
-        """Drop the device tensors the model was loaded with, once it has been used, is not in use and its host copy
-        is complete; whether that happened now. Never waits for the background copy."""
-        if (not self.loaded_on_device or self.active or not self._used_since_load
-                or (self._packer is not None and self._packer.is_alive())):
-            return False
+    def release_loaded(self) -> None:
+        """Drop the device tensors the model was loaded with, once it has been used and is not in use, waiting for the
+        background host copy if it is still running (a failed copy is raised here)."""
+        if not self.loaded_on_device or self.active or not self._used_since_load:
+            return
         self._wait_packed()
         self.point_at_host()
         self.loaded_on_device = False
-        return True
+        if self.device.type == "cuda":
+            # the loaded tensors were allocated one by one: their cached blocks fit nothing the runtime allocates
+            # later (whole-model buffers, activations), so they go back to the driver instead of staying reserved
+            torch.cuda.empty_cache()
 
     @staticmethod
     def _collect(module: torch.nn.Module) -> list[_Slot]:
@@ -274,7 +277,7 @@ class OffloadedWeights:
 
     def deactivate(self) -> None:
         """The module's tensors back on their host copies; the device buffer is dropped, nothing copied back. A model
-        still on the tensors it was loaded with keeps them until its host copy is complete (`release_loaded`)."""
+        still on the tensors it was loaded with drops them once its host copy is complete (`release_loaded`)."""
         if self.loaded_on_device:
             self.active = False
             self.release_loaded()
@@ -316,9 +319,6 @@ class PrefetchSchedule:
     def enter_stage(self, name: str) -> None:
         """A stage begins. A prefetched model its stage did not use (a MoE phase without steps) is dropped when the
         stage after that one begins, so its device copy does not outlive the video."""
-        for placement in self.placements.values():  # loaded on the device: dropped once the host copy is ready
-            if placement.weights is not None and placement.weights.loaded_on_device:
-                placement.weights.release_loaded()
         for model, state in list(self.pending.items()):
             if state[1]:
                 del self.pending[model]
