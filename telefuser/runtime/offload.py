@@ -283,9 +283,16 @@ class OffloadedWeights:
             self.release_loaded()
             return
         self.point_at_host()
+        had_buffer = self.device_buffer is not None
         self.device_buffer = None
         self.ready = None
         self.active = False
+        if had_buffer and self.device.type == "cuda":
+            # The freed whole-model buffer would stay reserved by the caching allocator, and the next model's buffer
+            # (another size) could not reuse it: reserved memory would grow to the sum of the models (measured: 38.0
+            # GiB reserved for 29.2 GiB allocated, bench/memory.py). Handing it back costs a device synchronisation
+            # and a cudaFree, once per model use.
+            torch.cuda.empty_cache()
 
 
 class _Null:
