@@ -55,7 +55,7 @@ def _aligned(n: int) -> int:
 def block_bytes(model: PlannedModel, runtime: ModelRuntimeConfig) -> tuple[int, int]:
     """(bytes one block's tensors take packed, their bytes unpadded). Linear weights quantised to 8 bits (quant_type,
     or an FP8 checkpoint) take 1 byte per value plus their float32 scale (per row, or one per tensor); unmerged LoRA
-    updates are counted with the model's weights, not here."""
+    updates are added by plan_block_offload."""
     width = DTYPE_BYTES[model.compute_dtype]
     quant = runtime.quant_config.quant_type
     eight_bit = quant in FP8_QUANT or model.attributes.fp8_layout is not None
@@ -88,6 +88,11 @@ def plan_block_offload(model: PlannedModel, runtime: ModelRuntimeConfig, weight_
     cfg = runtime.offload_config
     num_blocks = int(model.arch["num_layers"])
     packed, raw = block_bytes(model, runtime)
+    # Unmerged LoRA updates live beside the linears they update and stream with their block. The LoRAs published
+    # for Wan update the block linears, so a block carries about 1/num_blocks of each file (an estimate: the
+    # runtime sizes its ring from the tensors it packs).
+    lora = sum(entry.file.size for entry in model.loras if not entry.merge) // num_blocks
+    packed, raw = packed + lora, raw + lora
     streamed = streamed_blocks(num_blocks, cfg.offload_ratio)
     per_group = cfg.blocks_per_group or max(1, min(len(streamed), -(-MIN_GROUP_BYTES // max(packed, 1))))
     groups = [streamed[i:i + per_group] for i in range(0, len(streamed), per_group)]
