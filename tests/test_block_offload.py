@@ -424,6 +424,51 @@ def test_cuda_async_streaming_is_bit_identical_uses_the_side_stream_and_lowers_t
     assert streamed_peak < resident_peak
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_async_streaming_under_inductor_gives_the_resident_compiled_output(tmp_path):
+    """compile_config with inductor (each block compiled, as runtime/loading.py does) beside ASYNC streaming: the
+    hook is a graph break before each streamed block and the weights move between ring slots from one forward to
+    the next, so three forwards (groups landing in other slots each time) must each give the resident compiled
+    model's output. Same graphs on both sides: bit-identical unless inductor compiled them differently, so the
+    tolerance is bf16's rounding of the output (2^-8 relative to its largest value)."""
+    from telefuser.compiler.block_offload import plan_block_offload
+    from telefuser.models import registry
+    from telefuser.runtime.placement import Placement
+    from telefuser.schema.recipe import ModelRuntimeConfig
+
+    device = torch.device("cuda")
+    arch = {**tiny.TINY_ARCH["dit"], "dim": 256, "ffn_dim": 1024, "num_heads": 2, "num_layers": 5}
+    entry = registry.get("WanDiT")
+    state = tiny.tiny_state_dict("dit", arch)
+
+    def build() -> torch.nn.Module:
+        model = entry.model_class(entry.config_class(**arch))
+        model.load_state_dict(state)
+        model = model.to(torch.bfloat16).eval()
+        for block in model.blocks:
+            block.compile(backend="inductor")
+        return model
+
+    g = torch.Generator().manual_seed(4)
+    x, context = torch.randn(1, 16, 3, 16, 16, generator=g), torch.randn(1, 16, 32, generator=g)
+    inputs = [a.to(device) for a in (x, torch.tensor([600.0]), context)]
+    with torch.inference_mode():
+        want = build().to(device)(*inputs)
+    planned = compile_recipe(write_recipe(model_set(tmp_path / "m"))).model("dit")
+    planned = planned.model_copy(update={"arch": arch, "compute_dtype": "bfloat16"})
+    runtime = ModelRuntimeConfig.model_validate({"offload_config": {"offload_type": "ASYNC_CPU_OFFLOAD",
+                                                                    "blocks_per_group": 2, "prefetch_size": 1}})
+    spec = plan_block_offload(planned, runtime, 0, several_dits=False)
+    placement = Placement(build(), device, offload=False, name="dit", blocks=spec)
+    scale = want.abs().max().item()
+    with torch.inference_mode(), placement.active() as dit:
+        for _ in range(3):  # 3 groups through a ring of 2: every forward finds them in other slots
+            got = dit(*inputs)
+            assert (got - want).abs().max().item() <= scale * 2**-8
+    assert placement.streamer.copies_in > len(spec.groups)
+
+
 def test_block_offload_under_ulysses_and_cfg_parallel_gives_the_one_rank_video(tmp_path, monkeypatch):
     """The streaming hooks beside the sequence-parallel hooks on the same blocks, on 4 gloo ranks (cfg 2 x Ulysses
     2) against one resident rank; tolerance as in test_parallel_pipeline (reordered float32 sums: a pixel may move

@@ -80,7 +80,8 @@ class BlockStreamer:
         return bool(self.ring)
 
     def begin(self) -> None:
-        """The model becomes active: allocate the ring (on the compute stream)."""
+        """The model becomes active: allocate the ring (on the compute stream); async, start copying the first
+        groups."""
         if self.active:
             return
         count = self.plan.groups_resident
@@ -94,6 +95,11 @@ class BlockStreamer:
             # waiting on an event never recorded waits for nothing: a slot's first copy needs no `done`
             self.ready = [torch.cuda.Event() for _ in range(count)]
             self.done = [torch.cuda.Event() for _ in range(count)]
+            # the first forward begins with group 0: its copy (and the groups after it) overlaps the embeddings and
+            # whatever else runs before the first streamed block
+            first = list(range(min(self.plan.prefetch_groups, len(self.groups) - 1) + 1))
+            for group in first:
+                self._ensure(group, first)
 
     def end(self) -> None:
         """The model stops being active: every group back on its host views, the ring dropped."""
