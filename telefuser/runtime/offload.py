@@ -50,7 +50,9 @@ def use_registered_pinning() -> None:
     """Switch PyTorch's pinned host allocator to cudaHostRegister with 8 threads (PINNED_ALLOCATOR), unless
     PYTORCH_CUDA_ALLOC_CONF already chooses how pinned memory is made."""
     if "pinned_use_cuda_host_register" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        torch.cuda.memory._set_allocator_settings(PINNED_ALLOCATOR)
+        with warnings.catch_warnings():  # PyTorch 2.11 deprecates the name for a private one; both do the same
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.cuda.memory._set_allocator_settings(PINNED_ALLOCATOR)
 
 
 def _aligned(n: int) -> int:
