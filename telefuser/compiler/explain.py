@@ -10,6 +10,7 @@ import pydantic
 
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Plan
+from telefuser.schema.step_list import step_list_timesteps
 
 GIB = 2**30
 
@@ -46,7 +47,9 @@ def explain(plan: Plan) -> str:
                      f"{m.parameter_count / 1e6:9.1f}M  {arch}{'  [' + ', '.join(flags) + ']' if flags else ''}")
     moe = f", boundary {l2.boundary} (cfg high {l2.cfg_scale_high}, low {l2.cfg_scale_low})" if l2.boundary else ""
     lines += ["", f"sampling: {l2.sample_solver}, {l2.num_inference_steps} steps, shift {l2.sigma_shift}, "
-                  f"cfg {l2.cfg_scale}{moe}, {l2.num_frames} frames at {l2.fps} fps", "", "dispatch:"]
+                  f"cfg {l2.cfg_scale}{moe}, {l2.num_frames} frames at {l2.fps} fps"]
+    lines += _step_list(plan)
+    lines += ["", "dispatch:"]
     for d in plan.dispatch:
         lines.append(f"  {d.model:<14} {d.op:<14} {d.impl:<14} {d.reason}")
     mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.degrees.items() if v > 1) or "single device"
@@ -65,6 +68,22 @@ def explain(plan: Plan) -> str:
         given = "required" if p.required else "optional" if p.type == "path" else f"default {p.default!r}"
         lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} {given}{extra}")
     return "\n".join(lines)
+
+
+def _step_list(plan: Plan) -> list[str]:
+    """A step-distilled schedule: the listed timesteps, what the DiT is fed, and (MoE) which expert runs each."""
+    denoise = next((s for s in plan.stages if s.kind == "denoise"), None)
+    steps = denoise.params.get("denoising_step_list") if denoise is not None else None
+    if not steps:
+        return []
+    fed = step_list_timesteps(steps, denoise.params["sigma_shift"], denoise.params["num_train_timesteps"])
+    line = f"  timesteps {steps} (the distilled model's list) -> DiT timesteps {[round(t, 1) for t in fed]}"
+    boundary = denoise.params.get("boundary_timestep")
+    if boundary is None:
+        return [line]
+    high, low = (phase["model"] for phase in denoise.params["phases"])
+    experts = [high if t >= boundary else low for t in fed]
+    return [line, f"  experts per step (t >= {boundary:g}: {high}): {experts}"]
 
 
 def _stage_memory(plan: Plan) -> list[str]:

@@ -102,6 +102,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
                                 "temporal_ratio": temporal, "spatial_ratio": spatial, "generator": "cpu"}))
     denoise: dict = {"solver": l2.sample_solver, "num_inference_steps": l2.num_inference_steps,
                      "sigma_shift": l2.sigma_shift, "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg}
+    if l2.denoising_step_list is not None:  # a step-distilled model's own timesteps (schema/step_list.py)
+        denoise["denoising_step_list"] = list(l2.denoising_step_list)
     if conditioning:  # the DiT's extra inputs, the same for the conditional and the unconditional branch
         denoise["conditioning"] = conditioning
     if first_frame:  # TI2V: the image's latent is the first latent frame, at timestep 0 for its tokens

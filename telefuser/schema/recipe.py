@@ -32,6 +32,7 @@ from .enums import (
     WeightDtype,
     WeightOffloadType,
 )
+from .step_list import check_step_list
 
 # ---------------------------------------------------------------- target
 
@@ -300,6 +301,11 @@ class Layer2(StrictModel):
 
     sample_solver: SampleSolver = SampleSolver.UNIPC
     num_inference_steps: PositiveInt = 50
+    denoising_step_list: Optional[list[int]] = Field(
+        None, description="A step-distilled model's own training timesteps, highest first (LightX2V's key; e.g. "
+        "[1000, 750, 500, 250] for the 4-step Wan models): sampled instead of the solver's grid, each t at the "
+        "training grid's sigma 1 - t/1000 shifted by sigma_shift. num_inference_steps must equal its length; "
+        "sample_solver \"euler\" (flow step) or \"lcm\" (re-noised between steps).")
     num_frames: PositiveInt = Field(81, description="Video frames; must be 4k+1 for the Wan VAE.")
     fps: PositiveInt = 16
     cfg_scale: float = Field(5.0, ge=0)
@@ -340,6 +346,23 @@ class Layer2(StrictModel):
                 models[name] = data.pop(keyword)
         data["models"] = models
         return data
+
+    @model_validator(mode="after")
+    def _step_list(self) -> "Layer2":
+        steps = self.denoising_step_list
+        if steps is None:
+            if self.sample_solver == SampleSolver.LCM.value:
+                raise ValueError("sample_solver \"lcm\" samples a step-distilled model's own timesteps: set "
+                                 "layer2.denoising_step_list (e.g. [1000, 750, 500, 250])")
+            return self
+        check_step_list(steps)
+        if len(steps) != self.num_inference_steps:
+            raise ValueError(f"layer2.denoising_step_list has {len(steps)} timesteps but num_inference_steps is "
+                             f"{self.num_inference_steps}; set num_inference_steps = {len(steps)}")
+        if self.sample_solver not in (SampleSolver.EULER.value, SampleSolver.LCM.value):
+            raise ValueError(f"layer2.denoising_step_list is sampled with sample_solver \"euler\" or \"lcm\", not "
+                             f"{self.sample_solver!r}")
+        return self
 
     @field_validator("num_frames")
     @classmethod

@@ -39,6 +39,7 @@ class RunState:
     context: Optional[torch.Tensor] = None
     context_null: Optional[torch.Tensor] = None
     latents: Optional[torch.Tensor] = None
+    generator: Optional[torch.Generator] = None  # the seeded noise generator (a re-noising solver draws on from it)
     image: Optional[torch.Tensor] = None  # image-to-video: the first frame [1, 3, H, W] in [-1, 1] (replica lead)
     clip_fea: Optional[torch.Tensor] = None  # CLIP tokens of the image [1, tokens, dim]
     y: Optional[torch.Tensor] = None  # the DiT's conditioning channels: first-frame mask + VAE latents

@@ -97,7 +97,8 @@ def denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
     from ..solvers import make_solver
 
     p = stage.params
-    solver = make_solver(p["solver"], p["num_inference_steps"], p["sigma_shift"], p["num_train_timesteps"])
+    solver = make_solver(p["solver"], p["num_inference_steps"], p["sigma_shift"], p["num_train_timesteps"],
+                         step_list=p.get("denoising_step_list"), generator=state.generator)
     timesteps = list(solver.timesteps)
     latents = state.latents
     first = first_frame_latent(state, stage)

@@ -23,5 +23,5 @@ def noise(ctx: StageContext, state: RunState, stage: Stage) -> None:
         )
     shape = (1, p["latent_channels"], (p["num_frames"] - 1) // time_ratio + 1,
              state.params.height // space, state.params.width // space)
-    generator = torch.Generator("cpu").manual_seed(state.params.seed)
-    state.latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(ctx.device)
+    state.generator = torch.Generator("cpu").manual_seed(state.params.seed)
+    state.latents = torch.randn(shape, generator=state.generator, dtype=torch.float32).to(ctx.device)

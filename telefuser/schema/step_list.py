@@ -1,0 +1,50 @@
+"""The sigma schedule of a step-distilled model: its own fixed list of training timesteps, not a solver's grid.
+
+Published facts (ModelTC/LightX2V, lightx2v/models/schedulers/wan/step_distill/scheduler.py and its configs under
+configs/distill/ and configs/wan22/; the Wan2.1 and Wan2.2 4-step distill models and LoRAs use them):
+
+- The training grid is sigma_i = 1 - i / 1000 for i = 0..999 (float32 `linspace(1, 0, 1001)` without its last
+  point), shifted by the model's `sample_shift`: sigma' = shift * sigma / (1 + (shift - 1) * sigma).
+- An entry t of `denoising_step_list` selects grid index 1000 - t; the DiT is fed sigma' * 1000 (fractional).
+- The 4-step models use denoising_step_list = [1000, 750, 500, 250] with sample_shift 5.0 and no CFG: sigmas
+  1.0, 0.9375, 0.8333, 0.625, timesteps 1000, 937.5, 833.3, 625.
+- Wan2.2 A14B's pair switches expert after 2 of the 4 steps (`boundary_step_index` 2); Wan2.2's own boundary, t >=
+  0.875 * 1000 for the high-noise expert, splits these timesteps the same way.
+
+Shared by the compiler (which records and explains the schedule) and the runtime's solvers.
+"""
+
+from __future__ import annotations
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def check_step_list(steps: list[int], num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> None:
+    """Raise ValueError unless `steps` is a non-empty, strictly decreasing list of integers in [1, T]."""
+    if not steps:
+        raise ValueError("denoising_step_list is empty; give the distilled model's timesteps, e.g. [1000, 750, 500, 250]")
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in steps):
+        raise ValueError(f"denoising_step_list must hold integers, got {steps}")
+    if any(not 1 <= t <= num_train_timesteps for t in steps):
+        raise ValueError(f"denoising_step_list entries must be within [1, {num_train_timesteps}] (grid index T - t), "
+                         f"got {steps}")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"denoising_step_list must be strictly decreasing (highest noise first), got {steps}")
+
+
+def step_list_sigmas(steps: list[int], shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:
+    """The shifted sigma of each listed timestep, computed in float32 on the training grid as published."""
+    import torch  # the published float32 arithmetic; imported here so the schema package stays torch-free
+
+    check_step_list(steps, num_train_timesteps)
+    grid = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
+    shifted = shift * grid / (1 + (shift - 1) * grid)
+    return shifted[[num_train_timesteps - t for t in steps]].tolist()
+
+
+def step_list_timesteps(steps: list[int], shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:
+    """What the DiT is fed at each step: sigma * T in float32."""
+    import torch
+
+    sigmas = torch.tensor(step_list_sigmas(steps, shift, num_train_timesteps), dtype=torch.float32)
+    return (sigmas * num_train_timesteps).tolist()
