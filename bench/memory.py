@@ -13,7 +13,7 @@ SEQUENTIAL_CPU_OFFLOAD, ASYNC_CPU_OFFLOAD, the FP8 checkpoint resident and FP8 +
 WanPipeline resident, with `enable_model_cpu_offload()`, and with block-level group offloading of the
 transformer (`apply_group_offloading(..., "block_level", num_blocks_per_group=1, use_stream=True)`).
 MEMORY_PART=wan22: Wan2.2 T2V A14B with both experts FP8, 480p 81f, 4 UniPC steps (shift 12, boundary 0.875: 3
-high-noise steps, 1 low-noise), experts resident, MODEL_CPU_OFFLOAD and ASYNC_CPU_OFFLOAD. No diffusers rows here:
+high-noise steps, 1 low-noise), experts resident, MODEL_CPU_OFFLOAD, SEQUENTIAL_ and ASYNC_CPU_OFFLOAD. No diffusers rows here:
 diffusers reads no FP8 checkpoint, and two bf16 experts (57 GB) beside the FP8 files do not fit the 64 GiB disk.
 
 Per row: seconds per step (the mean of the run's steps; the first plan runs twice so Triton's JIT compilation is
@@ -313,6 +313,7 @@ def part_wan22(setup: Setup) -> list[str]:
     rows = []
     for label, mode in (("A14B fp8 experts resident", "NO_CPU_OFFLOAD"),
                         ("A14B fp8 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
+                        ("A14B fp8 SEQUENTIAL_CPU_OFFLOAD", "SEQUENTIAL_CPU_OFFLOAD"),
                         ("A14B fp8 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")):
         r = recipe(setup, paths, label, experts, {"dit_high": offload(mode), "dit_low": offload(mode)}, steps=4,
                    moe=True)
