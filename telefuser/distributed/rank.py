@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -72,8 +73,28 @@ class RankContext:
 
 
 def _leave() -> None:
+    """Tear the process group down once every rank has finished with it. Without the barrier a rank that finishes
+    first closes its gloo connections while a peer's last collective may still use them, and that peer's gloo thread
+    can abort the process (seen rarely on loaded CPUs: SIGABRT, "terminate called without an active exception")."""
     if dist.is_initialized():
+        if not _failed:  # a rank leaving on an exception must not wait: its peers may be stuck in a collective
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer is already gone (it failed or was stopped): nothing left to wait for
+                pass
         dist.destroy_process_group()
+
+
+_failed = False
+
+
+def _note_failure(previous):
+    """sys.excepthook that records an uncaught exception (it runs before the atexit handlers) and then reports it."""
+    def hook(*exc_info) -> None:
+        global _failed
+        _failed = True
+        previous(*exc_info)
+    return hook
 
 
 def launched_world() -> Optional[tuple[int, int]]:
@@ -123,6 +144,7 @@ def join(plan: Plan) -> RankContext:
         # Python API users under torchrun need not call close(): a process group left alive at exit
         # aborts the interpreter (gloo's P2P threads), so the group this call made is left at exit.
         atexit.register(_leave)
+        sys.excepthook = _note_failure(sys.excepthook)
     mesh = device_mesh_from_plan(plan.mesh, plan.device)
     replicas = [[r.rank for r in plan.mesh.ranks if r.coords.get("dp", 0) == d] for d in range(plan.mesh.degrees["dp"])]
     mine = replicas[info.coords.get("dp", 0)]
