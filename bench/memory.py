@@ -13,8 +13,10 @@ SEQUENTIAL_CPU_OFFLOAD, ASYNC_CPU_OFFLOAD, the FP8 checkpoint resident and FP8 +
 WanPipeline resident, with `enable_model_cpu_offload()`, and with block-level group offloading of the
 transformer (`apply_group_offloading(..., "block_level", num_blocks_per_group=1, use_stream=True)`).
 MEMORY_PART=wan22: Wan2.2 T2V A14B with both experts FP8, 480p 81f, 4 UniPC steps (shift 12, boundary 0.875: 3
-high-noise steps, 1 low-noise), experts resident, MODEL_CPU_OFFLOAD, SEQUENTIAL_ and ASYNC_CPU_OFFLOAD. No diffusers rows here:
-diffusers reads no FP8 checkpoint, and two bf16 experts (57 GB) beside the FP8 files do not fit the 64 GiB disk.
+high-noise steps, 1 low-noise), experts resident, MODEL_CPU_OFFLOAD, SEQUENTIAL_ and ASYNC_CPU_OFFLOAD; then diffusers'
+WanPipeline with two bf16 experts (transformer, transformer_2, boundary_ratio 0.875) resident, with model CPU offload
+and with group offloading. diffusers reads no FP8 checkpoint, and two bf16 expert files (57 GB) beside the FP8 ones
+do not fit the device's 64 GiB disk, so its experts are built in memory with random weights (one run each: no JIT).
 
 Per row: seconds per step (the mean of the run's steps; the first plan runs twice so Triton's JIT compilation is
 not counted), each stage's peak (max_memory_allocated / max_memory_reserved, reset as each stage starts), the
@@ -222,31 +224,57 @@ def run_plan(setup: Setup, label: str, recipe_path: Path, repeat: int = 1) -> li
     return rows
 
 
-def diffusers_rows(setup: Setup, paths: dict[str, Path]) -> list[str]:
-    """diffusers' WanPipeline on the same files: resident, model CPU offload, block-level group offload."""
+def random_transformer(setup: Setup, device: str):
+    """diffusers' WanTransformer3DModel of the setup's DiT with random bf16 weights made on `device` (Wan2.2's two
+    bf16 experts are built in memory: beside the FP8 files they do not fit the device's 64 GiB disk)."""
+    from bench.weights_random import _value, diffusers_transformer
+
+    model = diffusers_transformer(setup.dit).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(_value(name, tensor.shape, device, gen))
+    return model.to(BF16).eval()
+
+
+def diffusers_rows(setup: Setup, paths: dict[str, Path], moe: bool = False) -> list[str]:
+    """diffusers' WanPipeline on the same text encoder and VAE files: resident, model CPU offload, block-level group
+    offload. Wan2.1: the same DiT files; Wan2.2 (`moe`): two bf16 experts built in memory, boundary 0.875, CFG 4/3."""
     import transformers
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from diffusers.hooks import apply_group_offloading
     from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    steps_run = 4 if moe else 2
     rows = []
     for mode in ("resident", "enable_model_cpu_offload", "group offload (block_level, 1 block, use_stream)"):
+        # resident experts are made on the GPU; offloaded ones start in host memory, as from_pretrained leaves them
+        where = setup.device if setup.smoke or mode == "resident" else "cpu"
+        if moe:
+            experts = {"transformer": random_transformer(setup, setup.device).to(where),
+                       "transformer_2": random_transformer(setup, setup.device).to(where), "boundary_ratio": 0.875}
+        else:
+            experts = {"transformer": WanTransformer3DModel.from_pretrained(paths["dit"].parent,
+                                                                            torch_dtype=BF16).eval()}
+        free()
         pipe = WanPipeline(
             tokenizer=PreTrainedTokenizerFast(tokenizer_file=str(paths["tokenizer"]), pad_token="<pad>",
                                               eos_token="</s>", unk_token="<unk>"),
             text_encoder=UMT5EncoderModel.from_pretrained(paths["text_encoder"].parent, **{dtype_kw: BF16}).eval(),
             vae=AutoencoderKLWan.from_pretrained(paths["vae"].parent, torch_dtype=BF16).eval(),
-            transformer=WanTransformer3DModel.from_pretrained(paths["dit"].parent, torch_dtype=BF16).eval(),
             scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                              num_train_timesteps=1000, flow_shift=5.0))
+                                              num_train_timesteps=1000, flow_shift=12.0 if moe else 5.0),
+            **experts)
         if setup.smoke or mode == "resident":
             pipe.to(setup.device)
         elif mode == "enable_model_cpu_offload":
             pipe.enable_model_cpu_offload()
         else:
-            apply_group_offloading(pipe.transformer, onload_device=torch.device("cuda"), offload_type="block_level",
-                                   num_blocks_per_group=1, use_stream=True)
+            for transformer in (pipe.transformer, pipe.transformer_2):
+                if transformer is not None:
+                    apply_group_offloading(transformer, onload_device=torch.device("cuda"),
+                                           offload_type="block_level", num_blocks_per_group=1, use_stream=True)
             pipe.text_encoder.to("cuda")
             pipe.vae.to("cuda")
         steps: list[float] = []
@@ -257,7 +285,8 @@ def diffusers_rows(setup: Setup, paths: dict[str, Path]) -> list[str]:
             return kwargs
 
         height, width = setup.size_hw
-        for _ in range(1 if setup.smoke else 2):  # the first warms up
+        guidance = {"guidance_scale": 4.0, "guidance_scale_2": 3.0} if moe else {"guidance_scale": 5.0}
+        for _ in range(1 if setup.smoke or moe else 2):  # Wan2.1: the first warms up
             steps.clear()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -265,9 +294,9 @@ def diffusers_rows(setup: Setup, paths: dict[str, Path]) -> list[str]:
             start = time.perf_counter()
             with torch.inference_mode():
                 pipe(prompt=PROMPT, negative_prompt="", height=height, width=width, num_frames=setup.frames,
-                     num_inference_steps=2, guidance_scale=5.0, max_sequence_length=setup.text_len,
+                     num_inference_steps=steps_run, max_sequence_length=setup.text_len,
                      generator=torch.Generator(setup.device).manual_seed(7), output_type="np",
-                     callback_on_step_end=step_end)
+                     callback_on_step_end=step_end, **guidance)
             sync()
         # the first step's time starts after text encoding: measured from the second step on
         per_step = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
@@ -275,7 +304,7 @@ def diffusers_rows(setup: Setup, paths: dict[str, Path]) -> list[str]:
         reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
         rows.append(f"| diffusers {mode} | {per_step:.2f} | | {gib(peak)} / {gib(reserved)} | | | whole run "
                     f"{time.perf_counter() - start:.1f} s |")
-        del pipe
+        del pipe, experts
         free()
     return rows
 
@@ -307,18 +336,21 @@ def part_wan21(setup: Setup) -> list[str]:
 
 def part_wan22(setup: Setup) -> list[str]:
     paths = write_wan21_diffusers(setup.root / "base22", None, setup.vae, setup.t5, setup.device)
-    experts = [(name, role, write_fp8_scaled(setup.dit, setup.root / name / f"{name}_fp8_e4m3fn_scaled.safetensors",
-                                            setup.device))
-               for name, role in (("dit_high", "dit_high_noise"), ("dit_low", "dit_low_noise"))]
+    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(",") if r]  # "none": only the peers
     rows = []
     for label, mode in (("A14B fp8 experts resident", "NO_CPU_OFFLOAD"),
                         ("A14B fp8 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
                         ("A14B fp8 SEQUENTIAL_CPU_OFFLOAD", "SEQUENTIAL_CPU_OFFLOAD"),
                         ("A14B fp8 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")):
+        if rows_wanted and label not in rows_wanted:
+            continue
+        experts = [(name, role, write_fp8_scaled(setup.dit, setup.root / name / f"{name}_fp8_e4m3fn_scaled.safetensors",
+                                                setup.device))
+                   for name, role in (("dit_high", "dit_high_noise"), ("dit_low", "dit_low_noise"))]
         r = recipe(setup, paths, label, experts, {"dit_high": offload(mode), "dit_low": offload(mode)}, steps=4,
                    moe=True)
         rows += run_plan(setup, f"TeleFuser {label}", r, repeat=2 if not rows else 1)
-    return rows
+    return rows + (diffusers_rows(setup, paths, moe=True) if os.environ.get("MEMORY_PEERS", "1") != "0" else [])
 
 
 def main(argv=None) -> None:
