@@ -229,12 +229,16 @@ def random_transformer(setup: Setup, device: str):
     bf16 experts are built in memory: beside the FP8 files they do not fit the device's 64 GiB disk)."""
     from bench.weights_random import _value, diffusers_transformer
 
-    model = diffusers_transformer(setup.dit).to_empty(device=device)
+    model = diffusers_transformer(setup.dit).to(BF16)  # on meta: free; the weights are made at bf16 size
+    for name, module in model.named_modules():  # as from_pretrained(torch_dtype=bf16) keeps them
+        if any(keep in name.split(".") for keep in model._keep_in_fp32_modules or ()):
+            module.float()
+    model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             tensor.copy_(_value(name, tensor.shape, device, gen))
-    return model.to(BF16).eval()
+    return model.eval()
 
 
 def diffusers_rows(setup: Setup, paths: dict[str, Path], moe: bool = False) -> list[str]:
