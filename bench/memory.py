@@ -314,9 +314,9 @@ def diffusers_rows(setup: Setup, paths: dict[str, Path], moe: bool = False) -> l
 
 
 def part_wan21(setup: Setup) -> list[str]:
-    """MEMORY_ROWS (comma-separated labels) limits the TeleFuser rows; MEMORY_PEERS=0 leaves out diffusers."""
+    """MEMORY_ROWS (labels separated by ";") limits the TeleFuser rows; MEMORY_PEERS=0 leaves out diffusers."""
     paths = write_wan21_diffusers(setup.root / "base", setup.dit, setup.vae, setup.t5, setup.device)
-    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(",") if r]  # "none": only the peers
+    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(";") if r]  # "none": only the peers
     no_prefetch = {"text_encoder": offload("MODEL_CPU_OFFLOAD", prefetch=False),
                    "dit": offload("MODEL_CPU_OFFLOAD", prefetch=False)}  # one model at a time, as diffusers' hooks
     configs = [(label, modes) for label, modes in (
@@ -340,19 +340,24 @@ def part_wan21(setup: Setup) -> list[str]:
 
 def part_wan22(setup: Setup) -> list[str]:
     paths = write_wan21_diffusers(setup.root / "base22", None, setup.vae, setup.t5, setup.device)
-    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(",") if r]  # "none": only the peers
+    rows_wanted = [r for r in os.environ.get("MEMORY_ROWS", "").split(";") if r]  # "none": only the peers
     rows = []
-    for label, mode in (("A14B fp8 experts resident", "NO_CPU_OFFLOAD"),
-                        ("A14B fp8 MODEL_CPU_OFFLOAD", "MODEL_CPU_OFFLOAD"),
-                        ("A14B fp8 SEQUENTIAL_CPU_OFFLOAD", "SEQUENTIAL_CPU_OFFLOAD"),
-                        ("A14B fp8 ASYNC_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")):
+    def both(mode: str, prefetch: bool = True) -> dict[str, str]:
+        return {"dit_high": offload(mode, prefetch), "dit_low": offload(mode, prefetch)}
+
+    one_at_a_time = {**both("MODEL_CPU_OFFLOAD", prefetch=False),
+                     "text_encoder": offload("MODEL_CPU_OFFLOAD", prefetch=False)}  # as diffusers' hooks
+    for label, modes in (("A14B fp8 experts resident", both("NO_CPU_OFFLOAD")),
+                         ("A14B fp8 MODEL_CPU_OFFLOAD", both("MODEL_CPU_OFFLOAD")),
+                         ("A14B fp8 MODEL_CPU_OFFLOAD, prefetch_size 0", one_at_a_time),
+                         ("A14B fp8 SEQUENTIAL_CPU_OFFLOAD", both("SEQUENTIAL_CPU_OFFLOAD")),
+                         ("A14B fp8 ASYNC_CPU_OFFLOAD", both("ASYNC_CPU_OFFLOAD"))):
         if rows_wanted and label not in rows_wanted:
             continue
         experts = [(name, role, write_fp8_scaled(setup.dit, setup.root / name / f"{name}_fp8_e4m3fn_scaled.safetensors",
                                                 setup.device))
                    for name, role in (("dit_high", "dit_high_noise"), ("dit_low", "dit_low_noise"))]
-        r = recipe(setup, paths, label, experts, {"dit_high": offload(mode), "dit_low": offload(mode)}, steps=4,
-                   moe=True)
+        r = recipe(setup, paths, label, experts, modes, steps=4, moe=True)
         rows += run_plan(setup, f"TeleFuser {label}", r, repeat=2 if not rows else 1)
     return rows + (diffusers_rows(setup, paths, moe=True) if os.environ.get("MEMORY_PEERS", "1") != "0" else [])
 
