@@ -77,7 +77,8 @@ def _step_list(plan: Plan) -> list[str]:
     if not steps:
         return []
     fed = step_list_timesteps(steps, denoise.params["sigma_shift"], denoise.params["num_train_timesteps"])
-    line = f"  timesteps {steps} (the distilled model's list) -> DiT timesteps {[round(t, 1) for t in fed]}"
+    line = (f"  timesteps {steps}, shift {denoise.params['sigma_shift']} (the distilled model's list) -> DiT "
+            f"timesteps {[round(t, 1) for t in fed]}")
     boundary = denoise.params.get("boundary_timestep")
     if boundary is None:
         return [line]

@@ -40,7 +40,7 @@ class SampleSolver(StrEnum):
     EULER = "euler"
     UNIPC = "unipc"
     DPMPP = "dpm++"
-    LCM = "lcm"  # a step-distilled model's list, re-noised between steps (layer2.denoising_step_list)
+    LCM = "lcm"  # a step-distilled model's list with x0 re-noised between steps (layer2.denoising_step_list)
 
 
 class TorchDtype(StrEnum):

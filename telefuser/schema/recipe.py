@@ -305,7 +305,8 @@ class Layer2(StrictModel):
         None, description="A step-distilled model's own training timesteps, highest first (LightX2V's key; e.g. "
         "[1000, 750, 500, 250] for the 4-step Wan models): sampled instead of the solver's grid, each t at the "
         "training grid's sigma 1 - t/1000 shifted by sigma_shift. num_inference_steps must equal its length; "
-        "sample_solver \"euler\" (flow step) or \"lcm\" (re-noised between steps).")
+        "sample_solver \"euler\" (the flow step: LightX2V's current distill schedulers, Wan2.2-Lightning) or \"lcm\" "
+        "(x0 re-noised to the next sigma: LightX2V's Wan2.1 distill sampler of Jul-Nov 2025).")
     num_frames: PositiveInt = Field(81, description="Video frames; must be 4k+1 for the Wan VAE.")
     fps: PositiveInt = 16
     cfg_scale: float = Field(5.0, ge=0)

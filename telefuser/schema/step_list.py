@@ -1,15 +1,17 @@
 """The sigma schedule of a step-distilled model: its own fixed list of training timesteps, not a solver's grid.
 
 Published facts (ModelTC/LightX2V, lightx2v/models/schedulers/wan/step_distill/scheduler.py and its configs under
-configs/distill/ and configs/wan22/; the Wan2.1 and Wan2.2 4-step distill models and LoRAs use them):
+configs/distill/wan21/ and configs/distill/wan22/; ModelTC/Wan2.2-Lightning, wan/configs/wan_t2v_A14B.py and
+wan/utils/fm_solvers_euler.py; telefuser/runtime/solvers/step_list.py cites them in full, with the update rules):
 
 - The training grid is sigma_i = 1 - i / 1000 for i = 0..999 (float32 `linspace(1, 0, 1001)` without its last
   point), shifted by the model's `sample_shift`: sigma' = shift * sigma / (1 + (shift - 1) * sigma).
 - An entry t of `denoising_step_list` selects grid index 1000 - t; the DiT is fed sigma' * 1000 (fractional).
 - The 4-step models use denoising_step_list = [1000, 750, 500, 250] with sample_shift 5.0 and no CFG: sigmas
   1.0, 0.9375, 0.8333, 0.625, timesteps 1000, 937.5, 833.3, 625.
-- Wan2.2 A14B's pair switches expert after 2 of the 4 steps (`boundary_step_index` 2); Wan2.2's own boundary, t >=
-  0.875 * 1000 for the high-noise expert, splits these timesteps the same way.
+- Wan2.2 A14B's pair switches expert after 2 of the 4 steps (LightX2V's `boundary_step_index` 2); Wan2.2's own
+  boundary, t >= 0.875 * 1000 for the high-noise expert (Wan2.2-Lightning's T2V config), splits these timesteps
+  the same way.
 
 Shared by the compiler (which records and explains the schedule) and the runtime's solvers.
 """
