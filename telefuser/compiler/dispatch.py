@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from telefuser.errors import RecipeError
-from telefuser.schema.backends import ATTENTION_BACKENDS, KERNEL_PACKAGE, AttentionBackend
+from telefuser.schema.backends import ATTENTION_BACKENDS, KERNEL_PACKAGE, AttentionBackend, attention_problems
 from telefuser.schema.plan import DispatchEntry, PlannedModel, ResolvedTarget
 from telefuser.schema.recipe import ModelRuntimeConfig
 
@@ -21,24 +21,10 @@ def _cc(target: ResolvedTarget) -> tuple[int, int] | None:
     return tuple(int(x) for x in target.compute_capability.split(".")) if target.compute_capability else None  # type: ignore[return-value]
 
 
-def attention_problems(spec: AttentionBackend, target: ResolvedTarget, dtype: str, head_dim: int | None) -> list[str]:
+def target_attention_problems(spec: AttentionBackend, target: ResolvedTarget, dtype: str,
+                              head_dim: int | None) -> list[str]:
     """Why `spec` cannot run on `target` (empty when it can)."""
-    problems = []
-    if target.device not in spec.devices:
-        problems.append(f"runs on {'/'.join(spec.devices)}, not {target.device}")
-    cc = _cc(target)
-    if target.device == "cuda" and cc is not None:
-        if spec.min_cc and cc < spec.min_cc:
-            problems.append(f"needs compute capability >= {'.'.join(map(str, spec.min_cc))}, target has {target.compute_capability}")
-        if spec.max_cc and cc > spec.max_cc:
-            problems.append(f"needs compute capability <= {'.'.join(map(str, spec.max_cc))}, target has {target.compute_capability}")
-    if spec.package and spec.package not in target.packages:
-        problems.append(f"needs the package {spec.package!r}, not installed on the target (target.packages)")
-    if spec.dtypes and dtype not in spec.dtypes:
-        problems.append(f"supports {', '.join(spec.dtypes)}, not {dtype}")
-    if spec.head_dims and head_dim is not None and head_dim not in spec.head_dims:
-        problems.append(f"supports head dims {spec.head_dims}, not {head_dim}")
-    return problems
+    return attention_problems(spec, target.device, _cc(target), dtype, head_dim, target.packages)
 
 
 def _head_dim(model: PlannedModel) -> int | None:
@@ -54,10 +40,10 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
     impl = runtime.attention_config.attn_impl
     head_dim = _head_dim(model)
     spec = ATTENTION_BACKENDS[impl]
-    problems = attention_problems(spec, target, model.compute_dtype, head_dim)
+    problems = target_attention_problems(spec, target, model.compute_dtype, head_dim)
     if problems:
         workable = [name for name, s in ATTENTION_BACKENDS.items()
-                    if not attention_problems(s, target, model.compute_dtype, head_dim)]
+                    if not target_attention_problems(s, target, model.compute_dtype, head_dim)]
         raise RecipeError(
             f"layer2.models.{model.name}.attention_config.attn_impl = {impl!r} cannot run on this target "
             f"({target.device}{' cc ' + target.compute_capability if target.compute_capability else ''}): "

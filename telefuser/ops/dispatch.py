@@ -8,35 +8,36 @@ runs; CPU tensors take the native path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 
-from .requirements import KERNELS
+from telefuser.schema.backends import KERNELS
 
-_table: dict[str, str] = {}
+# The table in force, per thread and task: a service running two plans in two threads sees each its own.
+_table: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("telefuser_dispatch", default=MappingProxyType({}))
 AUTO = "auto"  # no recorded choice: the kernel where it runs natively (CUDA), else native PyTorch
 
 
 def set_dispatch(table: Mapping[str, str]) -> None:
-    _table.clear()
-    _table.update(table)
+    _table.set(MappingProxyType(dict(table)))
 
 
 @contextlib.contextmanager
 def use_dispatch(table: Mapping[str, str]) -> Iterator[None]:
-    saved = dict(_table)
-    set_dispatch(table)
+    token = _table.set(MappingProxyType(dict(table)))
     try:
         yield
     finally:
-        set_dispatch(saved)
+        _table.reset(token)
 
 
 def current(op: str, default: str = "torch") -> str:
-    return _table.get(op, default)
+    return _table.get().get(op, default)
 
 
 @functools.lru_cache(maxsize=None)

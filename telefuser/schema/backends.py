@@ -8,7 +8,7 @@ time. Head-dim and dtype limits are the backends' published ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 KERNEL_PACKAGE = "triton"  # TeleFuser's fused kernels
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -19,7 +19,7 @@ class AttentionBackend:
     name: str
     description: str
     devices: tuple[str, ...] = ("cuda",)
-    package: Optional[str] = None  # import name that must be installed on the target
+    package: Optional[str] = None  # import name that must be installed on a CUDA target
     min_cc: Optional[tuple[int, int]] = None
     max_cc: Optional[tuple[int, int]] = None
     dtypes: tuple[str, ...] = ("bfloat16", "float16")
@@ -28,6 +28,8 @@ class AttentionBackend:
 
 
 _HALF = ("bfloat16", "float16")
+_ANY_FLOAT = ("bfloat16", "float16", "float32")
+_QUANT_DIMS = (32, 64, 128)  # 8-bit tensor-core products need a head dim >= 32
 _SPARSE_DIMS = (64, 128)
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
@@ -40,12 +42,17 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
                      min_cc=(9, 0), max_cc=(9, 0), dtypes=_HALF, head_dims=(64, 96, 128, 192, 256)),
     AttentionBackend("FLASH_ATTN_4", "FlashAttention-4 (CuTe DSL, flash_attn.cute)", package="flash_attn.cute",
                      min_cc=(9, 0), dtypes=_HALF, head_dims=(64, 96, 128)),
-    AttentionBackend("SAGE_ATTN_2_8_8", "SageAttention2, int8 QK / fp8 PV", package="sageattention", min_cc=(8, 0),
-                     dtypes=_HALF, head_dims=(64, 128)),
-    AttentionBackend("SAGE_ATTN_2_8_16", "SageAttention2, int8 QK / fp16 PV", package="sageattention", min_cc=(8, 0),
-                     dtypes=_HALF, head_dims=(64, 128)),
-    AttentionBackend("SAGE_ATTN_2_8_8_SM90", "SageAttention2, int8 QK / fp8 PV, Hopper kernel", package="sageattention",
-                     min_cc=(9, 0), max_cc=(9, 0), dtypes=_HALF, head_dims=(64, 128)),
+    # TeleFuser's own SageAttention2-style Triton kernel (telefuser/kernels/triton/sage_attention.py): INT8 Q·K^T
+    # (K smoothed, per-token scales). On the CPU the same arithmetic runs in PyTorch (no Triton needed there).
+    AttentionBackend("SAGE_ATTN_2_8_8", "TeleFuser Triton: INT8 Q·K^T, FP8 e4m3 P·V, FP32 accumulation",
+                     devices=("cpu", "cuda"), package=KERNEL_PACKAGE,
+                     min_cc=(8, 9), dtypes=_ANY_FLOAT, head_dims=_QUANT_DIMS),
+    AttentionBackend("SAGE_ATTN_2_8_16", "TeleFuser Triton: INT8 Q·K^T, P·V in bf16/fp16, FP32 accumulation",
+                     devices=("cpu", "cuda"), package=KERNEL_PACKAGE, min_cc=(8, 0), dtypes=_ANY_FLOAT,
+                     head_dims=_QUANT_DIMS),
+    AttentionBackend("SAGE_ATTN_2_8_8_SM90", "TeleFuser Triton: INT8 Q·K^T, FP8 e4m3 P·V, FP32 accumulation, "
+                     "at the block sizes measured fastest on Hopper; Hopper only", devices=("cpu", "cuda"), package=KERNEL_PACKAGE,
+                     min_cc=(9, 0), dtypes=_ANY_FLOAT, head_dims=_QUANT_DIMS),
     AttentionBackend("SPARGE_ATTN", "SpargeAttn block-sparse attention", package="spas_sage_attn", min_cc=(8, 0),
                      dtypes=_HALF, head_dims=_SPARSE_DIMS, dense=False),
     AttentionBackend("RADIAL_ATTN", "Radial attention (energy-decay sparse mask)", package="spas_sage_attn", min_cc=(8, 0),
@@ -55,6 +62,30 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
     AttentionBackend("SOL_ATTN", "SOL sparse attention", package="sol_attn", min_cc=(9, 0), dtypes=_HALF,
                      head_dims=_SPARSE_DIMS, dense=False),
 )}
+
+
+def attention_problems(spec: AttentionBackend, device: str, cc: Optional[tuple[int, int]], dtype: str,
+                       head_dim: Optional[int], packages: Optional[Sequence[str]] = None) -> list[str]:
+    """Why backend `spec` cannot run (empty when it can): the one rule, used by the compiler on a described
+    target and by ops on real tensors. `cc` None: unknown (not checked); `packages` None: not checked
+    (ops imports the package instead, which names it when missing)."""
+    problems = []
+    if device not in spec.devices:
+        problems.append(f"runs on {'/'.join(spec.devices)}, not {device}")
+    if device == "cuda" and cc is not None:
+        if spec.min_cc and cc < spec.min_cc:
+            problems.append(f"needs compute capability >= {'.'.join(map(str, spec.min_cc))}, "
+                            f"the GPU has {'.'.join(map(str, cc))}")
+        if spec.max_cc and cc > spec.max_cc:
+            problems.append(f"needs compute capability <= {'.'.join(map(str, spec.max_cc))}, "
+                            f"the GPU has {'.'.join(map(str, cc))}")
+    if device == "cuda" and packages is not None and spec.package and spec.package not in packages:
+        problems.append(f"needs the package {spec.package!r}, not installed on the target (target.packages)")
+    if spec.dtypes and dtype not in spec.dtypes:
+        problems.append(f"supports {', '.join(spec.dtypes)}, not {dtype}")
+    if spec.head_dims and head_dim is not None and head_dim not in spec.head_dims:
+        problems.append(f"supports head dims {spec.head_dims}, not {head_dim}")
+    return problems
 
 
 @dataclass(frozen=True)
