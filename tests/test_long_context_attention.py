@@ -18,7 +18,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from gloo_ranks import spawn
-from telefuser.ops.long_context import (_cuda_kernel, _math_attention_with_lse, attention_with_lse,
+from telefuser.ops.long_context import (_cuda_kernel, _math_attention_with_lse, attention_with_lse, ulysses_groups,
                                         long_context_attention)
 
 ATOL, RTOL = 2e-5, 1e-4
@@ -87,6 +87,8 @@ def test_attention_with_lse_refuses_empty_keys() -> None:
 CASES_2 = [
     (("sp_ulysses",), (2,), 2, 16, 16, 4, 16, None),
     (("sp_ulysses",), (2,), 1, 15, 16, 2, 16, "TORCH_SDPA"),  # backend name passed through
+    (("sp_ulysses",), (2,), 1, 15, 16, 8, 16, None),  # 4 heads per rank: the exchange pipelined in 4 groups
+    (("sp_ulysses",), (2,), 2, 16, 16, 6, 16, None),  # 3 per rank: 3 groups
     (("sp_ring",), (2,), 2, 16, 16, 3, 16, None),
     (("sp_ring",), (2,), 1, 13, 14, 2, 16, None),  # the second block holds 6 valid keys of 7
     (("dp", "sp_ring"), (1, 2), 1, 9, 10, 2, 16, None),
@@ -135,6 +137,33 @@ def _run_case(names: tuple[str, ...], shape: tuple[int, ...], batch: int, seq_le
                                msg=lambda m: f"case {names} {shape} seq_len={seq_len}, sp rank {sp_rank}: {m}")
 
 
+def _check_overlap_is_exact() -> None:
+    """The pipelined Ulysses exchange computes what the plain one does (attention is independent per head)."""
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("sp_ulysses",))
+    g = torch.Generator().manual_seed(7 + mesh.get_local_rank("sp_ulysses"))
+    q, k, v = (torch.randn(2, 8, 8, 16, generator=g) for _ in range(3))
+    assert ulysses_groups(8, 2) == 4
+    torch.testing.assert_close(long_context_attention(q, k, v, mesh, seq_len=15),
+                               long_context_attention(q, k, v, mesh, seq_len=15, overlap=False), atol=0, rtol=0)
+
+
+def _check_quantised(names: tuple[str, ...], shape: tuple[int, ...], impl: str, bound: float) -> None:
+    """SAGE_ATTN_* under Ulysses (the local attention after the exchange) and ring (its blocks' log-sum-exps
+    merged): within the variant's bound of float64 attention (tests/test_quantized_attention.py)."""
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    sp_rank = mesh.get_local_rank(names[0])
+    g = torch.Generator().manual_seed(99)
+    seq_len, padded, heads, head_dim = 250, 256, 4, 32
+    q, k, v = (torch.randn(1, padded, heads, head_dim, generator=g) for _ in range(3))
+    ref, _ = reference(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len], head_dim ** -0.5)
+    local = padded // shape[0]
+    shard = slice(sp_rank * local, (sp_rank + 1) * local)
+    out = long_context_attention(q[:, shard], k[:, shard], v[:, shard], mesh, seq_len=seq_len, attention_config=impl)
+    valid = max(0, min(local, seq_len - sp_rank * local))
+    got, want = out[:, :valid].double(), ref[:, shard][:, :valid]
+    assert ((got - want).norm() / want.norm()).item() < bound, (names, impl)
+
+
 def _check_indivisible_heads() -> None:
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("sp_ulysses",))
     x = torch.randn(1, 4, 3, 8)
@@ -146,6 +175,10 @@ def _worker_2() -> None:
     for case in CASES_2:
         _run_case(*case)
     _check_indivisible_heads()
+    _check_overlap_is_exact()
+    for dim in ("sp_ulysses", "sp_ring"):
+        _check_quantised((dim,), (2,), "SAGE_ATTN_2_8_16", 0.03)
+        _check_quantised((dim,), (2,), "SAGE_ATTN_2_8_8", 0.06)
 
 
 def _worker_4() -> None:
@@ -154,7 +187,8 @@ def _worker_4() -> None:
 
 
 def test_long_context_attention_2_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ulysses 2, ring 2 (each also padded), an sp dim beside another dim, no sp dims, indivisible heads."""
+    """Ulysses 2 (plain and pipelined in head groups), ring 2 (each also padded), an sp dim beside another dim,
+    no sp dims, indivisible heads, the quantised backends under Ulysses and ring."""
     spawn(_worker_2, 2, monkeypatch)
 
 

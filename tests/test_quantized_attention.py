@@ -166,3 +166,10 @@ def test_tiny_plan_runs_end_to_end_with_each_variant(tiny_videos, impl):
     assert frames.shape == exact_frames.shape
     mse = ((frames - exact_frames) ** 2).mean()
     assert 10 * math.log10(255.0**2 / max(mse, 1e-12)) > 35
+
+
+@pytest.mark.parametrize("pv_fp8", [False, True])
+def test_reference_lse(pv_fp8):
+    q, k, v = inputs(1, 100, 90, 2, 64, layout="BNSD", seed=11)
+    _, lse = reference_quantized_attention(q, k, v, pv_fp8, return_lse=True)
+    assert (lse.double() - exact(q, k, v, "BNSD")[1]).abs().max().item() < 0.05

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from .attention import attention
+from .attention import attention, backend_name
+from .quantized_attention import VARIANTS, quantized_attention_with_lse
 
 ULYSSES_DIM = "sp_ulysses"
 RING_DIM = "sp_ring"
@@ -122,8 +123,71 @@ def _heads_to_seq(x: torch.Tensor, degree: int, group: dist.ProcessGroup) -> tor
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s, degree * h, d)
 
 
+def _block_attention(backend: str):
+    """(q, k, v, scale) -> (out BSND, lse [B, N, S]) for one ring block: the quantised kernel where the backend is
+    one of its variants (it returns the log-sum-exp), else the SDPA kernels of `attention_with_lse`."""
+    if backend not in VARIANTS:
+        return attention_with_lse
+
+    def run(q, k, v, scale):
+        out, lse = quantized_attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend, scale)
+        return out.transpose(1, 2), lse
+    return run
+
+
+def _send_chunks(tensors: tuple[torch.Tensor, ...], degree: int, groups: int, g: int) -> torch.Tensor:
+    """Head group g of each BSND tensor in one buffer for one all-to-all (a single copy):
+    [degree, T, B, S, H/(degree*groups), D], chunk j holding the heads rank j will own."""
+    parts = []
+    for t in tensors:
+        b, s, n, d = t.shape
+        parts.append(t.reshape(b, s, degree, groups, n // (degree * groups), d)[:, :, :, g].permute(2, 0, 1, 3, 4))
+    return torch.stack(parts, dim=1)
+
+
+def _ulysses_overlapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, degree: int, groups: int,
+                        group: dist.ProcessGroup, attend) -> torch.Tensor:
+    """Ulysses attention in `groups` head groups, pipelined: while group g's attention runs, the all-to-all of
+    group g+1's q, k, v (one message) and of group g-1's output are in flight (async collectives run on the
+    backend's own stream, NCCL's or gloo's thread). Same result as the unchunked exchange: attention is
+    independent per head."""
+    b, s, n, d = q.shape
+    hg = n // (degree * groups)  # heads per rank per group
+
+    def exchange_inputs(g: int):
+        send = _send_chunks((q, k, v), degree, groups, g)  # [degree, 3, B, S, hg, D]
+        recv = torch.empty_like(send)
+        return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+    out = torch.empty_like(q).reshape(b, s, degree, groups, hg, d)
+    pending_inputs = exchange_inputs(0)
+    pending_outputs = []
+    for g in range(groups):
+        recv, work = pending_inputs
+        work.wait()
+        if g + 1 < groups:
+            pending_inputs = exchange_inputs(g + 1)  # in flight behind this group's attention
+        # recv[i]: rank i's positions of my heads: [degree, 3, B, S, hg, D] -> q, k, v [B, degree*S, hg, D]
+        qg, kg, vg = recv.permute(1, 2, 0, 3, 4, 5).reshape(3, b, degree * s, hg, d)
+        og = attend(qg, kg, vg)
+        send = og.reshape(b, degree, s, hg, d).transpose(0, 1).contiguous()  # chunk j: rank j's positions
+        back = torch.empty_like(send)
+        pending_outputs.append((g, back, dist.all_to_all_single(back, send, group=group, async_op=True)))
+    for g, back, work in pending_outputs:
+        work.wait()
+        out[:, :, :, g] = back.permute(1, 2, 0, 3, 4)  # chunk i: head slice i of my positions
+    return out.reshape(b, s, n, d)
+
+
+def ulysses_groups(heads: int, degree: int) -> int:
+    """Head groups the Ulysses exchange is pipelined in: up to 4, each with at least one head per rank (1: the
+    plain exchange, no overlap)."""
+    per_rank = heads // degree
+    return next(g for g in (4, 3, 2, 1) if per_rank % g == 0)
+
+
 def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, scale: Optional[float],
-                    degree: int, index: int, group: dist.ProcessGroup) -> torch.Tensor:
+                    degree: int, index: int, group: dist.ProcessGroup, backend: str) -> torch.Tensor:
     """Attention of this rank's queries over every ring rank's keys, passing K/V blocks one step a round.
 
     Each round posts the send of the current block to the next rank and the receive of the next block from
@@ -137,6 +201,7 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
     spare = torch.empty_like(current)  # receive buffer; reused once its previous contents were sent
     out: Optional[torch.Tensor] = None
     lse: Optional[torch.Tensor] = None
+    block_attention = _block_attention(backend)
     for step in range(degree):
         requests = []
         if step < degree - 1:
@@ -144,7 +209,7 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
                                                dist.P2POp(dist.irecv, spare, recv_from, group)])
         valid = _valid_keys(seq_len, (index - step) % degree, block_len)  # the block started at rank index-step
         if valid:
-            block_out, block_lse = attention_with_lse(q, current[0, :, :valid], current[1, :, :valid], scale)
+            block_out, block_lse = block_attention(q, current[0, :, :valid], current[1, :, :valid], scale)
             if out is None:
                 out, lse = block_out.float(), block_lse
             else:
@@ -162,15 +227,17 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
 @torch.compiler.disable
 def long_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device_mesh: DeviceMesh,
                            seq_len: Optional[int] = None, attention_config: Union[str, Any, None] = None,
-                           scale: Optional[float] = None) -> torch.Tensor:
+                           scale: Optional[float] = None, overlap: bool = True) -> torch.Tensor:
     """Full-sequence attention for q, k, v sharded along the sequence ([B, S_local, N, D] each, BSND).
 
     Ulysses (mesh dim "sp_ulysses") trades the sequence shard for a head slice by all-to-all, ring (mesh dim
     "sp_ring") circulates K/V blocks; with both, Ulysses runs inside each ring block (USP). `seq_len` is the
     unpadded total length (None: no padding). Returns this rank's output shard [B, S_local, N, D].
 
-    `attention_config` picks the backend (see `telefuser.ops.attention`) when the ring degree is 1; the ring
-    needs each block's log-sum-exp, so it always runs the SDPA kernels of `attention_with_lse`.
+    `attention_config` picks the backend (see `telefuser.ops.attention`; None: the dispatch table's). Ulysses
+    alone pipelines its all-to-alls with the attention of head groups (`overlap`, see `ulysses_groups`). The
+    ring needs each block's log-sum-exp: the quantised backends (SAGE_ATTN_*) return it; every other backend
+    runs the SDPA kernels of `attention_with_lse` there.
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(f"long_context_attention takes q, k, v as [B, S_local, N, D] with equal B, S_local, N; "
@@ -186,17 +253,22 @@ def long_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, de
         raise ValueError(f"seq_len {seq_len} must be in 1..{total} (S_local {local_len} x sequence-parallel "
                          f"degree {ulysses * ring})")
 
+    backend = backend_name(attention_config)
+    if ulysses > 1 and ring == 1 and overlap:
+        group = device_mesh.get_group(ULYSSES_DIM)
+        valid = _valid_keys(seq_len, 0, local_len * ulysses)
+        return _ulysses_overlapped(
+            q, k, v, ulysses, ulysses_groups(heads, ulysses), group,
+            lambda qg, kg, vg: attention(qg, kg[:, :valid], vg[:, :valid], attention_config=backend, scale=scale))
     if ulysses > 1:
-        # One all-to-all each: stacking q, k, v into one was measured no faster (the stacking copy costs what the
-        # saved launches gain; 2 x H200, 1.3B 480p, 2026-11-23).
         group = device_mesh.get_group(ULYSSES_DIM)
         q, k, v = (_seq_to_heads(t, ulysses, group) for t in (q, k, v))
     if ring > 1:
         out = _ring_attention(q, k, v, seq_len, scale, ring, device_mesh.get_local_rank(RING_DIM),
-                              device_mesh.get_group(RING_DIM))
+                              device_mesh.get_group(RING_DIM), backend)
     else:
         valid = _valid_keys(seq_len, 0, k.shape[1])
-        out = attention(q, k[:, :valid], v[:, :valid], attention_config=attention_config, scale=scale)
+        out = attention(q, k[:, :valid], v[:, :valid], attention_config=backend, scale=scale)
     if ulysses > 1:
         out = _heads_to_seq(out, ulysses, device_mesh.get_group(ULYSSES_DIM))
     return out

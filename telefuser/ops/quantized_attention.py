@@ -59,17 +59,20 @@ def _quantize_rows(x: torch.Tensor, fp8: bool, block: int = 1) -> tuple[torch.Te
 
 
 def reference_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool,
-                                  scale: Optional[float] = None, qk_fp8: bool = False) -> torch.Tensor:
-    """BNSD q, k, v -> BNSD output in q's dtype: quantise, dequantise, attend (the kernel's arithmetic)."""
+                                  scale: Optional[float] = None, qk_fp8: bool = False, return_lse: bool = False):
+    """BNSD q, k, v -> BNSD output in q's dtype: quantise, dequantise, attend (the kernel's arithmetic); with
+    `return_lse` also the natural-log log-sum-exp of the scaled scores, [B, N, Sq] float32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kf = k.float()
-    kq, k_scale = _quantize_rows(kf - kf.mean(dim=2, keepdim=True), qk_fp8, K_SCALE_BLOCK)
+    k_mean = kf.mean(dim=2, keepdim=True)
+    kq, k_scale = _quantize_rows(kf - k_mean, qk_fp8, K_SCALE_BLOCK)
     if pv_fp8:
         v_scale = v.float().abs().amax(dim=2, keepdim=True).clamp(min=1e-8) / E4M3_MAX  # per channel
         vq = (v.float() / v_scale).to(torch.float8_e4m3fn).float()
     else:
         vq = v.to(torch.float16 if v.dtype == torch.float16 else torch.bfloat16).float()
     out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     for start in range(0, q.shape[2], QUERY_CHUNK):
         qq, q_scale = _quantize_rows(q[:, :, start:start + QUERY_CHUNK].float(), qk_fp8)
         s = (qq @ kq.transpose(-1, -2)) * (q_scale * scale * math.log2(math.e))[..., None] * k_scale[..., None, :]
@@ -80,7 +83,11 @@ def reference_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         p = p.to(torch.float8_e4m3fn if pv_fp8 else p16).float()
         o = (p @ vq) / denom
         out[:, :, start:start + QUERY_CHUNK] = (o * v_scale if pv_fp8 else o).to(q.dtype)
-    return out
+        lse[:, :, start:start + QUERY_CHUNK] = (shift + torch.log2(denom)).squeeze(-1) * math.log(2)
+    if not return_lse:
+        return out
+    # the smoothing removed q·mean(k) from every score of a row: added back, as the kernel does
+    return out, lse + (q.float() @ k_mean.transpose(-1, -2)).squeeze(-1) * scale
 
 
 def runs_kernel(q: torch.Tensor) -> bool:
@@ -91,11 +98,19 @@ def runs_kernel(q: torch.Tensor) -> bool:
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str,
                         scale: Optional[float] = None) -> torch.Tensor:
     """BNSD attention with the named variant (`VARIANTS`), on the kernel or the reference."""
-    spec = VARIANTS[variant]
     if k.shape[2] != q.shape[2] and k.shape[2] <= SHORT_CROSS_KEYS:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return quantized_attention_with_lse(q, k, v, variant, scale, return_lse=False)
+
+
+def quantized_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str,
+                                 scale: Optional[float] = None, return_lse: bool = True):
+    """BNSD attention with the named variant and (by default) its log-sum-exp [B, N, Sq] float32, which ring
+    attention merges blocks with."""
+    spec = VARIANTS[variant]
     if runs_kernel(q):
         from telefuser.kernels.triton.sage_attention import sage_attention
 
-        return sage_attention(q, k, v, pv_fp8=spec.pv_fp8, qk_fp8=spec.qk_fp8, layout="BNSD", scale=scale)
-    return reference_quantized_attention(q, k, v, spec.pv_fp8, scale, spec.qk_fp8)
+        return sage_attention(q, k, v, pv_fp8=spec.pv_fp8, qk_fp8=spec.qk_fp8, layout="BNSD", scale=scale,
+                              return_lse=return_lse)
+    return reference_quantized_attention(q, k, v, spec.pv_fp8, scale, spec.qk_fp8, return_lse=return_lse)
