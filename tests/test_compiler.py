@@ -109,7 +109,8 @@ def test_dispatch_cpu_and_cuda(wan_set):
 def test_impossible_attention_names_alternatives(wan_set):
     recipe = write_recipe(wan_set)
     bf16_hd64 = ["layer1.torch_dtype=bfloat16", "layer1.models.dit.arch.num_heads=1"]  # head dim 64
-    with pytest.raises(RecipeError, match=r"FLASH_ATTN_3.*flash_attn_interface.*would work: TORCH_SDPA, TORCH_CUDNN\."):
+    with pytest.raises(RecipeError, match=r"FLASH_ATTN_3.*flash_attn_interface.*would work: TORCH_SDPA, TORCH_CUDNN, "
+                                          r"SAGE_ATTN_2_8_8, SAGE_ATTN_2_8_16, SAGE_ATTN_2_8_8_SM90\."):
         compile_recipe(recipe, ["target.device=cuda", "target.gpu=H100", *bf16_hd64,
                                 "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3"])
     with pytest.raises(RecipeError, match="not float32.*not 32"):  # fp32 and head dim 32: two reasons named
@@ -122,6 +123,26 @@ def test_impossible_attention_names_alternatives(wan_set):
                    *bf16_hd64,
                    "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3")
     assert _dispatch(ok)[("dit", "attention")] == "FLASH_ATTN_3"
+
+
+def test_quantised_attention_requirements(wan_set):
+    """SAGE_ATTN_*: Triton on a CUDA target, FP8 (8_8) from compute capability 8.9, the SM90 variant 9.0;
+    on the CPU they run (the reference path), the plan saying so."""
+    recipe = write_recipe(wan_set)
+    sage = "layer2.models.dit.attention_config.attn_impl=SAGE_ATTN_2_8_8"
+    bf16 = ["layer1.torch_dtype=bfloat16", "layer1.models.dit.arch.num_heads=1"]  # head dim 64
+    with pytest.raises(RecipeError, match=r"compute capability >= 8.9"):
+        compile_recipe(recipe, ["target.device=cuda", "target.gpu=A100", *bf16, sage])
+    with pytest.raises(RecipeError, match=r"needs the package 'triton'"):
+        compile_recipe(recipe, ["target.device=cuda", "target.gpu=H100", "target.packages=[]", *bf16, sage])
+    with pytest.raises(RecipeError, match=r"compute capability >= 9.0"):
+        compile_recipe(recipe, ["target.device=cuda", "target.gpu=RTX4090", *bf16, sage + "_SM90"])
+    a100 = plan_dict(recipe, "target.device=cuda", "target.gpu=A100", *bf16,
+                     "layer2.models.dit.attention_config.attn_impl=SAGE_ATTN_2_8_16")
+    assert _dispatch(a100)[("dit", "attention")] == "SAGE_ATTN_2_8_16"
+    cpu = plan_dict(recipe, sage)
+    entry = next(d for d in cpu["dispatch"] if d["model"] == "dit" and d["op"] == "attention")
+    assert entry["impl"] == "SAGE_ATTN_2_8_8" and "PyTorch reference" in entry["reason"]
 
 
 def test_fp8_linear_needs_hopper_or_ada(wan_set):

@@ -36,6 +36,9 @@ def _head_dim(model: PlannedModel) -> int | None:
     return None
 
 
+QUANTISED = ("SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8_SM90")  # telefuser/kernels/triton/sage_attention.py
+
+
 def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:
     impl = runtime.attention_config.attn_impl
     head_dim = _head_dim(model)
@@ -49,8 +52,15 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
             f"({target.device}{' cc ' + target.compute_capability if target.compute_capability else ''}): "
             f"{'; '.join(problems)}. Backends that would work: {', '.join(workable) or 'none'}."
         )
-    return DispatchEntry(model=model.name, op="attention", impl=impl,
-                         reason=f"requested; {spec.description}; requirements met on the target")
+    reason = f"requested; {spec.description}; requirements met on the target"
+    if impl in QUANTISED:
+        if target.device != "cuda":
+            reason += "; on the CPU the PyTorch reference of the kernel's arithmetic (the kernel under TRITON_INTERPRET=1)"
+        reason += ("; cross-attention over <= 2048 keys (text, image tokens) stays exact SDPA; under sp_ring "
+                   "the kernel's log-sum-exp merges the blocks")
+    elif impl in ("FLASH_ATTN_2", "FLASH_ATTN_3", "FLASH_ATTN_4"):
+        reason += "; under sp_ring the blocks run SDPA's kernels, which return the log-sum-exp the merge needs"
+    return DispatchEntry(model=model.name, op="attention", impl=impl, reason=reason)
 
 
 def _kernel_op(model: PlannedModel, op: str, runtime: ModelRuntimeConfig, target: ResolvedTarget) -> DispatchEntry:

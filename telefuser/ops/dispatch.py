@@ -62,7 +62,9 @@ def use_kernel(op: str, x: torch.Tensor) -> bool:
       width), Triton's interpreter on the CPU included;
     - nothing recorded (plain eager code outside a plan, "auto"): on CUDA tensors the kernel accepts;
     otherwise (recorded "torch", under torch.compile, CPU tensors outside a plan) the native path runs."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace a ContextVar read
+        return False
     impl = current(op, AUTO)
-    if torch.compiler.is_compiling() or impl not in ("triton", AUTO):
+    if impl not in ("triton", AUTO):
         return False
     return _kernel_accepts(op, x) and (impl == "triton" or x.is_cuda)
