@@ -265,6 +265,14 @@ def test_corrupt_or_mismatched_flownet_is_refused_naming_the_file(tmp_path, tiny
         describe_flownet(tmp_path / "absent.pkl")
 
 
+def test_legacy_format_flownet_is_read_too(tmp_path):
+    """torch.save's pre-1.6 format (not a zip): indexed by the same restricted unpickler, loaded by torch.load."""
+    path = tmp_path / "flownet.pkl"
+    torch.save(tiny_flownet_state(), path, _use_new_zipfile_serialization=False)
+    assert describe_flownet(path) == TINY_RIFE
+    assert load_flownet(path).config == IFNetConfig(**TINY_RIFE)
+
+
 def test_describe_flownet_needs_no_torch(tiny_path):
     code = ("import sys; from telefuser.models.rife.keys import describe_flownet; "
             f"a = describe_flownet({str(tiny_path)!r}); print(a['block_channels'], 'torch' in sys.modules)")

@@ -111,13 +111,36 @@ def describe(shapes: Mapping[str, Iterable[int]]) -> dict[str, Any]:
     return arch
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER, the first pickle of a pre-1.6 file
+
+
+def _pickle_index(path: Path) -> dict[str, Any]:
+    """name -> PickledTensor of a torch.save file: the zip format through the compiler's reader, or torch's
+    legacy format (magic number, protocol, system info, then the object: the same pickle with the same
+    persistent ids), which Practical-RIFE releases saved with torch < 1.6 would be in."""
+    import zipfile
+
+    from telefuser.compiler import pickle_index
+
+    if zipfile.is_zipfile(path):
+        return pickle_index.read_pickle_index(path)
+    with open(path, "rb") as f:
+        header = [pickle_index._IndexUnpickler(f).load() for _ in range(3)]
+        if header[0] != _LEGACY_MAGIC:
+            raise ValueError("neither a zip archive nor a legacy torch.save file")
+        tensors = pickle_index._find_state_dict(pickle_index._IndexUnpickler(f).load())
+    if not tensors:
+        raise ValueError("its pickle holds no state dict")
+    return tensors
+
+
 def describe_flownet(path: str | Path) -> dict[str, Any]:
-    """The arch dict of a `flownet.pkl` (a torch.save zip), read from its pickle alone: no tensor bytes, no torch.
+    """The arch dict of a `flownet.pkl` (torch.save, zip or legacy format), read from its pickle alone by the
+    compiler's restricted unpickler (telefuser.compiler.pickle_index): no tensor bytes, no torch, no code run.
 
     Raises telefuser.errors.WeightsError naming the file when it is unreadable, not a plain state dict, or not a
     RIFE 4.2x IFNet; the compiler calls this to refuse such a file at compile time.
     """
-    from telefuser.compiler.pickle_index import read_pickle_index  # the one pickle reader that runs no code
     from telefuser.errors import WeightsError
 
     path = Path(path)
@@ -125,7 +148,7 @@ def describe_flownet(path: str | Path) -> dict[str, Any]:
         raise WeightsError(f"RIFE weights {str(path)!r} do not exist; download Practical-RIFE v{VERSION}'s "
                            "train_log/flownet.pkl there or fix the path.")
     try:
-        index = read_pickle_index(path)
+        index = _pickle_index(path)
     except Exception as exc:  # noqa: BLE001 - a corrupt archive fails in many ways (zip, zlib, pickle); each is bad input
         raise WeightsError(f"RIFE weights {str(path)!r} are not a readable PyTorch checkpoint: {exc}; "
                            "re-download flownet.pkl.") from exc
