@@ -21,9 +21,9 @@ from telefuser.models.taehv.decoder import TAEHV, TAEHVConfig, load_taehv
 from telefuser.models.taehv.keys import describe, describe_file, detect_layout, expected_shapes, to_wan_layout
 from telefuser.models.tiny_vfi import TINY_TAEW2_1, TINY_TAEW2_2, tiny_flownet_state, tiny_taehv_state
 
-PUBLISHED_W21 = {"latent_channels": 16, "patch_size": 1, "channels": [256, 128, 64, 64],
+PUBLISHED_W21 = {"z_dim": 16, "patch_size": 1, "channels": [256, 128, 64, 64],
                  "decoder_time_upscale": [False, True, True]}
-PUBLISHED_W22 = {**PUBLISHED_W21, "latent_channels": 48, "patch_size": 2}
+PUBLISHED_W22 = {**PUBLISHED_W21, "z_dim": 48, "patch_size": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def as_video(ref):  # [0, 1] NTCHW -> [-1, 1] NCTHW
 def test_decoder_matches_float64_reference(arch, salt, tmp_path):
     state = tiny_taehv_state(arch, salt)
     model = load_taehv(saved(state, tmp_path))
-    z = torch.randn(2, arch["latent_channels"], 5, 3, 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, arch["z_dim"], 5, 3, 4, generator=torch.Generator().manual_seed(0))
     ref = as_video(reference_decode(state, z, arch))
     assert ref.shape == (2, 3, 17, 3 * 8 * arch["patch_size"], 4 * 8 * arch["patch_size"])
     assert ref.std() > 0.05  # the frames are not a constant: the comparison means something
@@ -98,11 +98,11 @@ def test_decoder_matches_float64_reference(arch, salt, tmp_path):
 def test_21_latent_frames_make_81():
     """Wan2.1 480p: 21 latent frames -> 84 decoded, the first 3 trimmed -> 81, as the Wan VAE gives."""
     model = TAEHV(TAEHVConfig(**TINY_TAEW2_1))
-    assert model.num_frames(21) == 81 and model.t_upscale == 4 and model.latent_channels == 16
+    assert model.num_frames(21) == 81 and model.t_upscale == 4 and model.z_dim == 16
     video = model.decode(torch.randn(1, 16, 21, 2, 2), chunk_frames=8)
     assert video.shape == (1, 3, 81, 16, 16) and video.abs().max() <= 1
     wan22 = TAEHV(TAEHVConfig(**TINY_TAEW2_2))
-    assert wan22.latent_channels == 48 and wan22.space_upscale == 16
+    assert wan22.z_dim == 48 and wan22.space_upscale == 16
     assert wan22.decode(torch.randn(1, 48, 2, 2, 3)).shape == (1, 3, 5, 32, 48)
 
 

@@ -30,9 +30,9 @@ from telefuser.models.taehv.keys import expected_shapes as taehv_decoder_shapes
 SEED = 20250619
 TINY_RIFE: dict[str, Any] = {"head_channels": 4, "block_channels": [8, 8, 4, 4, 4], "num_res_convs": 2,
                              "feature_channels": 2}
-TINY_TAEW2_1: dict[str, Any] = {"latent_channels": 16, "patch_size": 1, "channels": [8, 8, 8, 8],
+TINY_TAEW2_1: dict[str, Any] = {"z_dim": 16, "patch_size": 1, "channels": [8, 8, 8, 8],
                                 "decoder_time_upscale": [False, True, True]}
-TINY_TAEW2_2: dict[str, Any] = {**TINY_TAEW2_1, "latent_channels": 48, "patch_size": 2}
+TINY_TAEW2_2: dict[str, Any] = {**TINY_TAEW2_1, "z_dim": 48, "patch_size": 2}
 TINY_ENCODER_WIDTH = 8  # the published encoders are 64 wide
 FILES = {"rife": "flownet.pkl", "taew2_1": "taew2_1.pth", "taew2_2": "taew2_2.pth"}
 
@@ -57,7 +57,7 @@ def tiny_flownet_state(arch: dict[str, Any] | None = None) -> dict[str, torch.Te
 def _taehv_encoder_shapes(arch: dict[str, Any], width: int = TINY_ENCODER_WIDTH) -> dict[str, tuple[int, ...]]:
     """taehv's encoder (kept in every published checkpoint, unused by the decoder): conv, then 3 x (TPool,
     stride-2 conv, 3 MemBlocks), then a conv to the latent; time strides 2, 2, 1."""
-    p, z = arch["patch_size"], arch["latent_channels"]
+    p, z = arch["patch_size"], arch["z_dim"]
     shapes: dict[str, tuple[int, ...]] = {"encoder.0.weight": (width, 3 * p * p, 3, 3), "encoder.0.bias": (width,)}
     for stage, stride in enumerate((2, 2, 1)):
         base = 2 + 5 * stage

@@ -24,7 +24,7 @@ from torch import nn
 class TAEHVConfig:
     """Arch of one TAEHV checkpoint, read off its shapes (keys.describe). Defaults: taew2_1.pth."""
 
-    latent_channels: int = 16  # Wan2.1 / Wan2.2-A14B VAE; 48 for taew2_2 (Wan2.2-TI2V-5B)
+    z_dim: int = 16  # taehv's latent_channels: Wan2.1 / Wan2.2-A14B VAE; 48 for taew2_2 (Wan2.2-TI2V-5B)
     patch_size: int = 1  # 2 for taew2_2
     channels: list[int] = field(default_factory=lambda: [256, 128, 64, 64])
     decoder_time_upscale: list[bool] = field(default_factory=lambda: [False, True, True])
@@ -65,7 +65,7 @@ class TAEHV(nn.Module):
         cfg = config or TAEHVConfig()
         self.config = cfg
         n = cfg.channels
-        layers: list[nn.Module] = [Clamp(), nn.Conv2d(cfg.latent_channels, n[0], 3, padding=1), nn.ReLU()]
+        layers: list[nn.Module] = [Clamp(), nn.Conv2d(cfg.z_dim, n[0], 3, padding=1), nn.ReLU()]
         for stage in range(3):
             c = n[stage]
             layers += [MemBlock(c), MemBlock(c), MemBlock(c),
@@ -76,8 +76,8 @@ class TAEHV(nn.Module):
         self.decoder = nn.Sequential(*layers)
 
     @property
-    def latent_channels(self) -> int:
-        return self.config.latent_channels
+    def z_dim(self) -> int:
+        return self.config.z_dim
 
     @property
     def t_upscale(self) -> int:
@@ -108,11 +108,11 @@ class TAEHV(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
-        """z [B, latent_channels, T, h, w] (the DiT's latents) -> video [B, 3, T * 4 - 3, h * 8, w * 8] in [-1, 1]
+        """z [B, z_dim, T, h, w] (the DiT's latents) -> video [B, 3, T * 4 - 3, h * 8, w * 8] in [-1, 1]
         (Wan2.2's 5B: h * 16, w * 16), in the parameters' dtype. `chunk_frames` latent frames at a time (None:
         all at once)."""
-        if z.ndim != 5 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"TAEHV decodes [B, {self.latent_channels}, T, h, w] latents, got {tuple(z.shape)}")
+        if z.ndim != 5 or z.shape[1] != self.z_dim:
+            raise ValueError(f"TAEHV decodes [B, {self.z_dim}, T, h, w] latents, got {tuple(z.shape)}")
         dtype = self.decoder[1].weight.dtype
         b, _, t, h, w = z.shape
         up, p, s = self.t_upscale, self.config.patch_size, self.space_upscale

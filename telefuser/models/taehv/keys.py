@@ -4,14 +4,15 @@ without torch.
 A checkpoint is the `state_dict()` of the whole TAEHV (`encoder.*` and `decoder.*`, no prefix). The decoder is one
 `nn.Sequential`, so its names are indices (base variant; n = `channels`, (256, 128, 64, 64) as published):
 
-    0 Clamp (tanh(x / 3) * 3)     1 Conv2d(latent_channels, n0, 3)     2 ReLU
+    0 Clamp (tanh(x / 3) * 3)     1 Conv2d(z_dim, n0, 3)     2 ReLU
     3, 4, 5 MemBlock(n0): conv.0 Conv2d(2 n0, n0, 3), conv.2 and conv.4 Conv2d(n0, n0, 3) (ReLUs between)
     6 Upsample(x2, nearest)   7 TGrow(n0): conv Conv2d(n0, n0 * stride, 1, no bias)   8 Conv2d(n0, n1, 3, no bias)
     9..11 MemBlock(n1)  12 Upsample  13 TGrow(n1)  14 Conv2d(n1, n2, no bias)
     15..17 MemBlock(n2) 18 Upsample  19 TGrow(n2)  20 Conv2d(n2, n3, no bias)  21 ReLU
     22 Conv2d(n3, 3 * patch_size ** 2, 3), then PixelShuffle(patch_size)
 
-Read off the shapes: latent_channels (16 for Wan2.1 and Wan2.2-A14B's VAE, 48 for Wan2.2-5B's), patch_size (1 or
+Read off the shapes: z_dim (taehv's `latent_channels`, the repo's name for a VAE's latent channels, the key the
+compiler compares with the DiT's out_dim: 16 for Wan2.1 and Wan2.2-A14B's VAE, 48 for Wan2.2-5B's), patch_size (1 or
 2), the widths, and each TGrow's time stride (rows / columns: 1, 2, 2 as published, so T latents -> 4 T frames,
 of which the first 3 are trimmed: 21 -> 81). The "super" decoder variant (`*_super.pth`, ConvNeXt-style blocks,
 `decoder.0` a 1x1 conv) is recognised and refused. Shapes cannot tell taew2_1 from Hunyuan's `taehv.pth` (the same
@@ -30,7 +31,7 @@ MEMBLOCKS = ((3, 4, 5), (9, 10, 11), (15, 16, 17))  # decoder indices of the Mem
 TGROWS = (7, 13, 19)
 STAGE_CONVS = (8, 14, 20)  # the width-changing conv after each stage's TGrow
 FIRST_CONV, LAST_CONV = 1, 22
-ARCH_KEYS = ("latent_channels", "patch_size", "channels", "decoder_time_upscale")
+ARCH_KEYS = ("z_dim", "patch_size", "channels", "decoder_time_upscale")
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -51,7 +52,7 @@ def to_wan_layout(state: Mapping[str, T]) -> dict[str, T]:
 
 def expected_shapes(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every decoder tensor of a TAEHV of `arch` and its shape."""
-    n, z, p = arch["channels"], arch["latent_channels"], arch["patch_size"]
+    n, z, p = arch["channels"], arch["z_dim"], arch["patch_size"]
     strides = [2 if t else 1 for t in arch["decoder_time_upscale"]]
     shapes: dict[str, tuple[int, ...]] = {f"decoder.{FIRST_CONV}.weight": (n[0], z, 3, 3),
                                           f"decoder.{FIRST_CONV}.bias": (n[0],)}
@@ -88,7 +89,7 @@ def describe(shapes: Mapping[str, Iterable[int]]) -> dict[str, Any]:
     patch = round((out / 3) ** 0.5)
     if 3 * patch * patch != out:
         raise ValueError(f"its last conv makes {out} channels, not 3 x patch_size^2")
-    arch = {"latent_channels": z, "patch_size": patch, "channels": channels, "decoder_time_upscale": time_up}
+    arch = {"z_dim": z, "patch_size": patch, "channels": channels, "decoder_time_upscale": time_up}
     want = expected_shapes(arch)
     missing = sorted(want.keys() - own.keys())
     if missing:
