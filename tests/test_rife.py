@@ -34,7 +34,9 @@ from telefuser.models.rife.keys import (MODULE_PREFIX, describe, describe_flowne
 from telefuser.models.tiny_vfi import TINY_RIFE, tiny_flownet_state, tiny_taehv_state
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLISHED = {"head_channels": 4, "block_channels": [192, 128, 96, 64, 32], "num_res_convs": 8, "feature_channels": 8}
+PUBLISHED = {"head_channels": 4, "block_channels": [192, 128, 96, 64, 32], "num_res_convs": 8, "feature_channels": 8,
+             "scales": [16, 8, 4, 2, 1]}
+LITE = {**PUBLISHED, "block_channels": [192, 128, 96, 64, 24], "scales": [32, 16, 8, 4, 1]}  # v4.25-lite
 HEAVY = {**PUBLISHED, "head_channels": 16}  # ccvfi's RIFE_IFNet_v426_heavy
 TINY_HEAVY = {**TINY_RIFE, "head_channels": 16, "feature_channels": 8}
 
@@ -97,7 +99,7 @@ def _ref_head(sd, x):
     return F.conv_transpose2d(x, sd["encode.cnn3.weight"], sd["encode.cnn3.bias"], stride=2, padding=1)
 
 
-def reference_ifnet(state, img0, img1, timestep=0.5, scale=1.0):
+def reference_ifnet(state, img0, img1, timestep=0.5, scale=1.0, pyramid=(16, 8, 4, 2, 1)):
     """Practical-RIFE's Model.inference (4.26): scale_list 16/s .. 1/s, fast mode, in float64."""
     sd = {k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k: v.double() for k, v in state.items()}
     n_res = len({k.split(".")[2] for k in sd if k.startswith("block0.convblock.")})
@@ -106,7 +108,7 @@ def reference_ifnet(state, img0, img1, timestep=0.5, scale=1.0):
     f0, f1 = _ref_head(sd, img0), _ref_head(sd, img1)
     flow = mask = feat = None
     w0, w1 = img0, img1
-    for i, s in enumerate([16 / scale, 8 / scale, 4 / scale, 2 / scale, 1 / scale]):
+    for i, s in enumerate([p / scale for p in pyramid]):
         p = f"block{i}."
         if flow is None:
             flow, mask, feat = _ref_block(sd, p, torch.cat((img0, img1, f0, f1, t), 1), None, s, n_res)
@@ -197,6 +199,21 @@ def test_ifnet_matches_ccvfi_with_the_same_weights(tmp_path):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+def test_lite_pyramid_is_taken_from_the_weights(tmp_path):
+    """v4.25-lite's flownet (last block 24 wide) runs at scales 32, 16, 8, 4, 1 (vs-rife): found from the
+    shapes, so its weights cannot run at 4.26's scales; it needs sizes a multiple of 128."""
+    lite_tiny = {**TINY_RIFE, "block_channels": [192, 128, 96, 64, 24]}
+    state = tiny_flownet_state(lite_tiny)
+    model = load_flownet(save_flownet(state, tmp_path))
+    assert model.config.scales == [32, 16, 8, 4, 1] and model.config.min_multiple == 128
+    img0, img1 = frames_pair(128, 128)
+    with torch.no_grad():
+        ours = model(img0, img1)
+    assert (ours.double() - reference_ifnet(state, img0, img1, pyramid=(32, 16, 8, 4, 1))).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="multiple of 128"):
+        interpolate(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), model, pad_to=64)
+
+
 def test_bf16_convolutions_stay_close_to_float32(tiny_path):
     """The precision switch is the model's dtype; flows, warps and the blend stay float32. With the tiny random
     weights the bf16 frame is within 0.02 of the float32 one (measured 0.005: bf16's 2^-8 relative rounding
@@ -212,7 +229,7 @@ def test_bf16_convolutions_stay_close_to_float32(tiny_path):
 
 # ---- key layouts ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", [PUBLISHED, HEAVY, TINY_RIFE], ids=["v4.26", "v4.26-heavy", "tiny"])
+@pytest.mark.parametrize("arch", [PUBLISHED, HEAVY, LITE, TINY_RIFE], ids=["v4.26", "v4.26-heavy", "v4.25-lite", "tiny"])
 def test_model_keys_are_the_published_layout(arch):
     with torch.device("meta"):
         model = IFNet(IFNetConfig(**arch))
@@ -331,7 +348,9 @@ def test_uint8_video_matches_the_padded_reference(tiny_path):
     ref = reference_ifnet(tiny_flownet_state(), x[:-1], x[1:])[:, :, :40, :72]
     ref = (ref.clamp(0, 1) * 255).round().permute(0, 2, 3, 1)
     assert (out[1::2].double() - ref).abs().max().item() <= 1
-    assert pad_multiple(1.0) == 128 and pad_multiple(0.5) == 256
+    assert pad_multiple(1.0) == 128 and pad_multiple(0.5) == 256 and pad_multiple(1.0, 64) == 64
+    out64 = interpolate(frames, model, 2, batch_size=2, pad_to=64)  # vs-rife's padding: other border values
+    assert out64.shape == out.shape and torch.equal(out64[::2], frames)
 
 
 def test_4x_is_2x_twice(tiny_path):

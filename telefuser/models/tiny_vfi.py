@@ -29,7 +29,7 @@ from telefuser.models.taehv.keys import expected_shapes as taehv_decoder_shapes
 
 SEED = 20250619
 TINY_RIFE: dict[str, Any] = {"head_channels": 4, "block_channels": [8, 8, 4, 4, 4], "num_res_convs": 2,
-                             "feature_channels": 2}
+                             "feature_channels": 2, "scales": [16, 8, 4, 2, 1]}
 TINY_TAEW2_1: dict[str, Any] = {"z_dim": 16, "patch_size": 1, "channels": [8, 8, 8, 8],
                                 "decoder_time_upscale": [False, True, True]}
 TINY_TAEW2_2: dict[str, Any] = {**TINY_TAEW2_1, "z_dim": 48, "patch_size": 2}

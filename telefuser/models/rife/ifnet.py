@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .keys import HEAD_WIDTH
-
-SCALES = (16, 8, 4, 2, 1)  # image scale divisor per block, at Practical-RIFE's --scale 1.0
+from .keys import HEAD_WIDTH, SCALES
 
 
 @dataclass
@@ -31,6 +29,12 @@ class IFNetConfig:
     block_channels: list[int] = field(default_factory=lambda: [192, 128, 96, 64, 32])
     num_res_convs: int = 8
     feature_channels: int = 8
+    scales: list[int] = field(default_factory=lambda: list(SCALES))  # per block, at Practical-RIFE's --scale 1
+
+    @property
+    def min_multiple(self) -> int:
+        """H and W must be multiples of this (over --scale): the coarsest block downsamples 4x more."""
+        return 4 * max(self.scales)
 
 
 def _conv_act(cin: int, cout: int) -> nn.Sequential:
@@ -99,8 +103,9 @@ class IFNet(nn.Module):
     def __init__(self, config: IFNetConfig | None = None) -> None:
         super().__init__()
         cfg = config or IFNetConfig()
-        if len(cfg.block_channels) != len(SCALES):
-            raise ValueError(f"IFNet 4.2x has {len(SCALES)} blocks, got block_channels {cfg.block_channels}")
+        if len(cfg.block_channels) != len(SCALES) or len(cfg.scales) != len(SCALES):
+            raise ValueError(f"IFNet 4.2x has {len(SCALES)} blocks, got block_channels {cfg.block_channels}, "
+                             f"scales {cfg.scales}")
         self.config = cfg
         head, feat = cfg.head_channels, cfg.feature_channels
         for n, c in enumerate(cfg.block_channels):
@@ -114,7 +119,8 @@ class IFNet(nn.Module):
 
     def forward(self, img0: torch.Tensor, img1: torch.Tensor, timestep: float = 0.5, scale: float = 1.0
                 ) -> torch.Tensor:
-        """Frames [B, 3, H, W] in [0, 1] (H, W multiples of 64 / scale) -> the frame at `timestep`, float32.
+        """Frames [B, 3, H, W] in [0, 1] (H, W multiples of config.min_multiple / scale: 64 / scale for v4.26)
+        -> the frame at `timestep`, float32.
 
         `scale` is Practical-RIFE's --scale (0.5 for 4K input: flows estimated at half size)."""
         img0, img1 = img0.float(), img1.float()
@@ -125,7 +131,7 @@ class IFNet(nn.Module):
         flow = mask = feat = None
         warped0, warped1 = img0, img1
         for n, block in enumerate(self.blocks):
-            s = SCALES[n] / scale
+            s = self.config.scales[n] / scale
             if flow is None:
                 flow, mask, feat = block(torch.cat((img0, img1, f0, f1, t), 1), None, s)
             else:

@@ -5,7 +5,7 @@ k/m of the way from original i to i + 1 at index i * m + k; F frames -> (F - 1) 
 at 4x). Every level of the halving works in place in the one preallocated output: level step s (m, m/2, .., 2)
 makes out[i + s/2] from out[i] and out[i + s], so the frames are never held twice, only `batch_size` pairs at a
 time on the model's device. The padding (zeros at the right and bottom, to a multiple of max(128, 128 / scale),
-as Practical-RIFE's inference_video pads) is cropped off again.
+as Practical-RIFE's inference_video pads; `pad_to`) is cropped off again.
 
 Several ranks: `split_pairs` gives each rank a contiguous share of the pairs (i, i + 1); the rank interpolates
 only its frames (`interpolate_share`), and the shares' outputs concatenated in rank order are the whole video,
@@ -31,9 +31,10 @@ def output_frame_count(num_frames: int, multiplier: int) -> int:
     return (num_frames - 1) * multiplier + 1 if num_frames > 0 else 0
 
 
-def pad_multiple(scale: float = 1.0) -> int:
-    """What Practical-RIFE pads H and W to (the IFNet itself needs multiples of 64 / scale)."""
-    return max(128, int(128 / scale))
+def pad_multiple(scale: float = 1.0, pad_to: int = 128) -> int:
+    """What H and W are padded to: max(pad_to, pad_to / scale), with Practical-RIFE's (and LightX2V's) 128 by
+    default; 64 (vs-rife's for 4.26) is the least a v4.26 IFNet takes, and pads 832 px to 832 instead of 896."""
+    return max(pad_to, int(pad_to / scale))
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _channels_last(frames: torch.Tensor, channels_last: bool | None) -> bool:
 
 @torch.no_grad()
 def interpolate(frames: Frames, model: IFNet, multiplier: int = 2, batch_size: int = 8, scale: float = 1.0,
-                channels_last: bool | None = None, out: Frames | None = None) -> Frames:
+                channels_last: bool | None = None, out: Frames | None = None, pad_to: int = 128) -> Frames:
     """F frames -> (F - 1) * multiplier + 1, originals at indices multiple of `multiplier`.
 
     frames: [F, H, W, 3] (channels_last, the runtime's uint8 frames) or [F, 3, H, W], uint8 (0..255) or float in
@@ -107,6 +108,7 @@ def interpolate(frames: Frames, model: IFNet, multiplier: int = 2, batch_size: i
     same type, layout, dtype and device (uint8: rounded). `channels_last` None: [F, H, W, 3] when the last dim
     is 3. The model computes in its own dtype (see ifnet: bf16 convolutions, float32 flow and warps) on its own
     device, `batch_size` pairs at a time. `out`: a preallocated output to write into (its shape is checked).
+    `pad_to`: see pad_multiple.
     """
     _check_multiplier(multiplier)
     src = _as_torch(frames)
@@ -127,7 +129,11 @@ def interpolate(frames: Frames, model: IFNet, multiplier: int = 2, batch_size: i
     dst[::multiplier] = src
     device = next(model.parameters()).device
     h, w = (src.shape[1], src.shape[2]) if last else (src.shape[2], src.shape[3])
-    m = pad_multiple(scale)
+    m = pad_multiple(scale, pad_to)
+    config = getattr(model, "config", None)
+    if config is not None and (m * scale) % config.min_multiple:
+        raise ValueError(f"pad_to {pad_to} at scale {scale}: this IFNet needs sizes a multiple of "
+                         f"{config.min_multiple} / scale")
     pad = (0, (-w) % m, 0, (-h) % m)
 
     def load(idx: list[int]) -> torch.Tensor:  # [B, 3, H', W'] float32 in [0, 1] on the model's device
@@ -156,8 +162,8 @@ def interpolate(frames: Frames, model: IFNet, multiplier: int = 2, batch_size: i
 
 
 def interpolate_share(frames: Frames, model: IFNet, share: RankShare, multiplier: int = 2, batch_size: int = 8,
-                      scale: float = 1.0, channels_last: bool | None = None) -> Frames:
+                      scale: float = 1.0, channels_last: bool | None = None, pad_to: int = 128) -> Frames:
     """This rank's contribution (share.num_out frames) from the whole input video's frames."""
     part = interpolate(frames[share.frame_start:share.frame_stop], model, multiplier, batch_size, scale,
-                       channels_last)
+                       channels_last, pad_to=pad_to)
     return part[:share.num_out]

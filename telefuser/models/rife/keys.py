@@ -30,8 +30,15 @@ NUM_BLOCKS = 5  # block0..block4 in the 4.2x series (scales 16, 8, 4, 2, 1)
 HEAD_WIDTH = 16  # encode.cnn0..cnn2 width, the same in every 4.2x release
 VERSION = "4.26"  # the release whose IFNet this is (LightX2V's `RIFEv4.26`); 4.25 has the same layout
 
-# Arch dict keys (IFNetConfig fields), all read off the weights.
-ARCH_KEYS = ("head_channels", "block_channels", "num_res_convs", "feature_channels")
+# Image scale divisor of each block. Not stored in the weights: 4.25, 4.26 and their heavy variants use
+# 16, 8, 4, 2, 1; 4.25-lite (recognised by its last block's width, 24) uses 32, 16, 8, 4, 1 (vs-rife's
+# IFNet_HDv3_v4_25_lite). Its weights would otherwise load and run at the wrong scales.
+SCALES = [16, 8, 4, 2, 1]
+LITE_BLOCK_CHANNELS = [192, 128, 96, 64, 24]
+LITE_SCALES = [32, 16, 8, 4, 1]
+
+# Arch dict keys (IFNetConfig fields): the first four read off the weights, `scales` from them as above.
+ARCH_KEYS = ("head_channels", "block_channels", "num_res_convs", "feature_channels", "scales")
 
 
 def _own(key: str) -> str:
@@ -99,7 +106,9 @@ def describe(shapes: Mapping[str, Iterable[int]]) -> dict[str, Any]:
                          "feature head): an older RIFE release, another network, or a truncated file") from None
     if any(re.match(rf"block{NUM_BLOCKS}\.", k) for k in own):
         raise ValueError(f"it has more than {NUM_BLOCKS} IFBlocks: not the 4.2x IFNet")
-    arch = {"head_channels": head, "block_channels": blocks, "num_res_convs": n_res, "feature_channels": feat}
+    scales = list(LITE_SCALES if blocks == LITE_BLOCK_CHANNELS else SCALES)
+    arch = {"head_channels": head, "block_channels": blocks, "num_res_convs": n_res, "feature_channels": feat,
+            "scales": scales}
     want = expected_shapes(arch)
     missing = sorted(want.keys() - own.keys())
     if missing:
