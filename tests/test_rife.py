@@ -11,11 +11,8 @@ Tolerances (outputs are frames in [0, 1]):
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ccvfi_peer import SUPPORTED, ccvfi_version, load_ccvfi
 from telefuser.errors import WeightsError
 from telefuser.models import registry
 from telefuser.models.rife.ifnet import IFNet, IFNetConfig, load_flownet
@@ -150,37 +148,14 @@ def test_ifnet_matches_float64_reference(arch, tmp_path):
 
 
 def _ccvfi_ifnet_class():
-    """ccvfi's IFNet module, loaded from its installed files alone: ccvfi's package __init__ imports cv2 and
-    torchvision (its image I/O), which the network does not need, so those modules are stubbed for the load."""
-    try:
-        version = importlib.metadata.version("ccvfi")
-    except importlib.metadata.PackageNotFoundError:
+    """ccvfi's IFNet, loaded from its network files alone (tests/ccvfi_peer.py: its package __init__ imports
+    cv2 and torchvision, which the network does not need)."""
+    version = ccvfi_version()
+    if version is None:
         pytest.skip("ccvfi is not installed (test extra)")
-    if version != "0.0.3":
-        pytest.skip(f"ccvfi {version}: this comparison is written against 0.0.3's IFNet (v4.26 heavy)")
-    root = Path(importlib.util.find_spec("ccvfi").submodule_search_locations[0])
-    saved = {k: v for k, v in sys.modules.items() if k == "ccvfi" or k.startswith("ccvfi.")}
-    stubs = {}
-    for name in ("ccvfi", "ccvfi.arch", "ccvfi.arch.arch_utils", "ccvfi.type"):
-        mod = types.ModuleType(name)
-        mod.__path__ = [str(root / Path(*name.split(".")[1:]))]
-        stubs[name] = mod
-    stubs["ccvfi.arch"].ARCH_REGISTRY = types.SimpleNamespace(register=lambda **_: (lambda cls: cls))
-    stubs["ccvfi.type"].ArchType = types.SimpleNamespace(IFNET="IFNET")
-    try:
-        sys.modules.update(stubs)
-        mods = {}
-        for name, rel in (("ccvfi.arch.arch_utils.warplayer", "arch/arch_utils/warplayer.py"),
-                          ("ccvfi.arch.ifnet_arch", "arch/ifnet_arch.py")):
-            spec = importlib.util.spec_from_file_location(name, root / rel)
-            mods[name] = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mods[name]
-            spec.loader.exec_module(mods[name])
-        return mods["ccvfi.arch.ifnet_arch"].IFNet
-    finally:
-        for k in [k for k in sys.modules if k == "ccvfi" or k.startswith("ccvfi.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    if version != SUPPORTED:
+        pytest.skip(f"ccvfi {version}: this comparison is written against {SUPPORTED}'s IFNet (v4.26 heavy)")
+    return load_ccvfi()["IFNet"]
 
 
 def test_ifnet_matches_ccvfi_with_the_same_weights(tmp_path):
