@@ -140,6 +140,9 @@ def test_ifnet_matches_float64_reference(arch, tmp_path):
     ref = reference_ifnet(state, img0, img1)
     assert ours.dtype == torch.float32 and ours.shape == img0.shape
     assert (ours.double() - ref).abs().max().item() < 1e-4
+    with torch.no_grad():  # another timestep (Practical-RIFE 4.x takes any t in [0, 1])
+        ours = model(img0, img1, 0.25)
+    assert (ours.double() - reference_ifnet(state, img0, img1, 0.25)).abs().max().item() < 1e-4
     # and at scale 0.5 (Practical-RIFE's --scale for 4K: flows at half size; sizes a multiple of 128)
     img0, img1 = frames_pair(128, 128, seed=1)
     with torch.no_grad():
