@@ -100,7 +100,7 @@ class TAEHV(nn.Module):
                 prev = memory.get(i)
                 prev = torch.zeros_like(seq[:, :1]) if prev is None else prev.unsqueeze(1)
                 past = torch.cat((prev, seq[:, :-1]), 1).reshape(x.shape)
-                memory[i] = seq[:, -1]
+                memory[i] = seq[:, -1].clone()  # a copy: a view would keep the whole chunk alive
                 x = layer(x, past)
             else:
                 x = layer(x)
