@@ -73,10 +73,15 @@ def _taehv_encoder_shapes(arch: dict[str, Any], width: int = TINY_ENCODER_WIDTH)
 
 
 def tiny_taehv_state(arch: dict[str, Any] | None = None, salt: str = "taew2_1:") -> dict[str, torch.Tensor]:
-    """The state dict as a taew2_*.pth holds it: encoder and decoder, taehv's own names."""
+    """The state dict as a taew2_*.pth holds it: encoder and decoder, taehv's own names. The RGB conv
+    (decoder.22) is scaled by 1/4 and its bias raised by 1/2, so the frames sit around mid-grey inside [0, 1]
+    rather than half clamped: the preview is a picture, and a comparison with a reference sees every pixel."""
     arch = arch or TINY_TAEW2_1
     shapes = {**_taehv_encoder_shapes(arch), **taehv_decoder_shapes(arch)}
-    return {k: _value(k, s, salt) for k, s in shapes.items()}
+    state = {k: _value(k, s, salt) for k, s in shapes.items()}
+    state["decoder.22.weight"] = state["decoder.22.weight"] / 4
+    state["decoder.22.bias"] = state["decoder.22.bias"] + 0.5
+    return state
 
 
 def generate(folder: str | Path) -> dict[str, Path]:
