@@ -207,7 +207,8 @@ def test_bf16_convolutions_stay_close_to_float32(tiny_path):
 
 # ---- key layouts ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", [PUBLISHED, HEAVY, LITE, TINY_RIFE], ids=["v4.26", "v4.26-heavy", "v4.25-lite", "tiny"])
+@pytest.mark.parametrize("arch", [PUBLISHED, HEAVY, LITE, TINY_RIFE],
+                         ids=["v4.26", "v4.26-heavy", "v4.25-lite", "tiny"])
 def test_model_keys_are_the_published_layout(arch):
     with torch.device("meta"):
         model = IFNet(IFNetConfig(**arch))

@@ -158,7 +158,7 @@ def describe_flownet(path: str | Path) -> dict[str, Any]:
                            "train_log/flownet.pkl there or fix the path.")
     try:
         index = _pickle_index(path)
-    except Exception as exc:  # noqa: BLE001 - a corrupt archive fails in many ways (zip, zlib, pickle); each is bad input
+    except Exception as exc:  # noqa: BLE001 - a corrupt archive fails in many ways (zip, zlib, pickle)
         raise WeightsError(f"RIFE weights {str(path)!r} are not a readable PyTorch checkpoint: {exc}; "
                            "re-download flownet.pkl.") from exc
     try:
