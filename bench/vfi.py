@@ -97,7 +97,13 @@ def ours(part: str, arch_name: str, model: IFNet, frames: torch.Tensor, batches:
             reference = out if reference is None else reference
             diff = int((out.int() - reference.int()).abs().max())
             row(part, f"TeleFuser {arch_name} {str(dtype)[6:]} batch {bs}", s, out.shape[0], peak, diff)
-    model.float()
+    m = model.to(dtype=BF16, memory_format=torch.channels_last)  # NHWC convolutions (cuDNN's fast bf16 path)
+    for pad_to in (128, 64):  # 64: vs-rife's padding for 4.26, ccvfi's multiple (832 px wide stays 832)
+        out, s, peak = timed(lambda: interpolate(frames, m, 2, batch_size=batches[-1], pad_to=pad_to), device)
+        diff = int((out.int() - reference.int()).abs().max())
+        row(part, f"TeleFuser {arch_name} bfloat16 channels_last batch {batches[-1]} pad {pad_to}", s,
+            out.shape[0], peak, diff)
+    model.to(dtype=torch.float32, memory_format=torch.contiguous_format)
     return reference
 
 
