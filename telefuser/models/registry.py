@@ -57,6 +57,8 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry("UMT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config", "telefuser.models.t5.umt5_keys"),
         ModelEntry("CLIPVision", "telefuser.models.clip.vision", "ClipVisionEncoder", "ClipVisionConfig",
                    "telefuser.models.clip.vision_keys"),
+        ModelEntry("RIFE", "telefuser.models.rife.ifnet", "IFNet", "IFNetConfig", "telefuser.models.rife.keys"),
+        ModelEntry("TAEHV", "telefuser.models.taehv.decoder", "TAEHV", "TAEHVConfig", "telefuser.models.taehv.keys"),
     )
 }
 
