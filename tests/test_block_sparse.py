@@ -20,8 +20,8 @@ import os
 import pytest
 import torch
 
-from telefuser.kernels.triton.block_sparse_attention import (BlockLayout, block_sparse_attention_reference,
-                                                             layout_from_mask)
+from telefuser.ops.sparse_attention import (BlockLayout, block_sparse_attention_reference,
+                                             layout_from_mask)
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,14 +81,19 @@ def test_reference_matches_dense_masked(seq):
     assert out[:, bs: 2 * bs].abs().max() == 0  # the empty query block
 
 
+def block_sparse_attention(q, k, v, layout, **kwargs):
+    """The Triton kernel itself (not the ops dispatch) on a layout."""
+    from telefuser.kernels.triton.block_sparse_attention import block_sparse_attention as kernel
+
+    return kernel(q, k, v, layout.counts, layout.indices, layout.block_size, **kwargs)
+
+
 needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_dense_masked(dtype):
-    from telefuser.kernels.triton.block_sparse_attention import block_sparse_attention
-
     bs, seq = 32, 80  # 3 blocks, the last one ragged (16 of 32 tokens)
     mask = random_mask(3, 3, seed=1)
     mask[2, 0] = mask[0, 2] = True  # a full key block after the ragged one's row, and the ragged key block
@@ -103,8 +108,6 @@ def test_kernel_matches_dense_masked(dtype):
 @needs_triton
 def test_kernel_strided_inputs_per_head_layout_empty_rows_and_scale():
     """BSND views of a packed qkv tensor (no copies), head dim 128, a mask per head with an empty query block."""
-    from telefuser.kernels.triton.block_sparse_attention import block_sparse_attention
-
     bs, seq, heads = 16, 40, 2
     qkv = rand(1, seq, 3, heads, 128, seed=5)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # strided: token stride 3 * heads * 128
@@ -121,8 +124,6 @@ def test_kernel_strided_inputs_per_head_layout_empty_rows_and_scale():
 
 @needs_triton
 def test_kernel_dense_layout_equals_sdpa():
-    from telefuser.kernels.triton.block_sparse_attention import block_sparse_attention
-
     q, k, v = (rand(1, 48, 2, 64, seed=i) for i in range(3))
     out = block_sparse_attention(q, k, v, layout_from_mask(torch.ones(3, 3, dtype=torch.bool), 16))
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v)))

@@ -1,9 +1,9 @@
 """Block-sparse flash attention: each query block attends only to the key blocks its layout lists.
 
 The layout is built once from a boolean block mask `[Mq, Mk]` (or per head `[N, Mq, Mk]`) at `block_size`
-tokens per block (`layout_from_mask`): for each query block, the number of key blocks it computes
-(`counts [H, Mq]`) and their indices (`indices [H, Mq, max_count]`, ascending, padded with 0), CSR-like
-with rows padded to the longest one. One program handles `BLOCK_M` query rows of one (batch, head) and walks
+tokens per block (`telefuser.ops.sparse_attention.layout_from_mask`): for each query block, the number of
+key blocks it computes (`counts [H, Mq]`) and their indices (`indices [H, Mq, max_count]`, ascending,
+padded with 0), CSR-like with rows padded to the longest one. One program handles `BLOCK_M` query rows of one (batch, head) and walks
 only its row's listed key blocks: a skipped block costs nothing but not being in the list, so the time
 scales with the computed blocks.
 
@@ -17,96 +17,21 @@ scales with the computed blocks.
 - Optionally returns the log-sum-exp (natural log, [B, N, Sq] float32): for merging partial results (ring
   attention, a text segment attended apart). A query block whose list is empty gets output 0 and lse -inf.
 
-`block_sparse_attention_reference` computes the same thing with PyTorch (dense scores, the mask expanded to
-tokens), for the CPU and for the tests.
+The layout (`BlockLayout`, `layout_from_mask`) and the PyTorch reference with the same semantics (for the
+CPU) live in `telefuser.ops.sparse_attention`, which dispatches between the two.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-
-
-class BlockLayout(NamedTuple):
-    """Which key blocks each query block computes; built once per mask (`layout_from_mask`)."""
-
-    counts: torch.Tensor  # int32 [H, Mq]: computed key blocks per query block (H = 1: shared by every head)
-    indices: torch.Tensor  # int32 [H, Mq, max(1, max count)]: their indices, ascending, padded with 0
-    block_size: int  # tokens per block, for queries and keys alike
-    shape: tuple[int, int]  # (Mq, Mk): blocks along the queries and the keys
-
-    def to(self, device: torch.device | str) -> "BlockLayout":
-        return BlockLayout(self.counts.to(device), self.indices.to(device), self.block_size, self.shape)
-
-
-def layout_from_mask(block_mask: torch.Tensor, block_size: int) -> BlockLayout:
-    """The layout of a boolean block mask [Mq, Mk] (every head alike) or [H, Mq, Mk] (one per head)."""
-    if block_mask.dtype != torch.bool or block_mask.dim() not in (2, 3):
-        raise ValueError(f"a block mask is a bool tensor [Mq, Mk] or [heads, Mq, Mk], got {block_mask.dtype} "
-                         f"{tuple(block_mask.shape)}")
-    mask = block_mask if block_mask.dim() == 3 else block_mask[None]
-    h, mq, mk = mask.shape
-    counts = mask.sum(-1, dtype=torch.int32)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    # Stable sort of (not selected) puts the selected key blocks first, in ascending order.
-    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width].to(torch.int32)
-    keep = torch.arange(width, device=mask.device)[None, None, :] < counts[..., None]
-    indices = torch.where(keep, order, torch.zeros_like(order)).contiguous()
-    return BlockLayout(counts.contiguous(), indices, int(block_size), (mq, mk))
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"expected q [B, Sq, N, D] and k, v [B, Sk, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    mq, mk = math.ceil(q.shape[1] / layout.block_size), math.ceil(k.shape[1] / layout.block_size)
-    if layout.shape != (mq, mk):
-        raise ValueError(f"the layout has {layout.shape} blocks of {layout.block_size} tokens, the sequences "
-                         f"({q.shape[1]} queries, {k.shape[1]} keys) need {(mq, mk)}")
-    if layout.counts.shape[0] not in (1, q.shape[2]):
-        raise ValueError(f"a per-head layout needs one mask per head ({q.shape[2]}), got {layout.counts.shape[0]}")
-
-
-def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                                     scale: Optional[float] = None, return_lse: bool = False):
-    """The kernel's semantics in PyTorch (float32 math): softmax over the listed key blocks only. One query
-    block at a time, so memory is [B, N, block_size, Sk] scores, never [Sq, Sk]."""
-    _check(q, k, v, layout)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bs, sq, sk = layout.block_size, q.shape[1], k.shape[1]
-    block_mask = _mask_of(layout, q.device)  # [H, Mq, Mk]
-    kf, vf = (t.float().transpose(1, 2) for t in (k, v))  # [B, N, Sk, D]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[0], q.shape[2], sq, dtype=torch.float32, device=q.device)
-    for m in range(layout.shape[0]):
-        rows = slice(m * bs, min((m + 1) * bs, sq))
-        keys = block_mask[:, m].repeat_interleave(bs, -1)[:, None, :sk]  # [H, 1, Sk]
-        scores = (q[:, rows].float().transpose(1, 2) @ kf.transpose(-1, -2)) * scale  # [B, N, rows, Sk]
-        scores = scores.masked_fill(~keys[None], float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # -inf where the block computes nothing
-        finite = torch.isfinite(row_lse)[..., None]
-        probs = torch.where(finite, torch.exp(scores - torch.where(finite, row_lse[..., None], 0.0)), 0.0)
-        out[:, rows] = (probs @ vf).transpose(1, 2).to(q.dtype)
-        lse[:, :, rows] = row_lse
-    return (out, lse) if return_lse else out
-
-
-def _mask_of(layout: BlockLayout, device: torch.device) -> torch.Tensor:
-    """The boolean block mask [H, Mq, Mk] a layout lists."""
-    h, (mq, mk) = layout.counts.shape[0], layout.shape
-    width = layout.indices.shape[-1]
-    counts, indices = layout.counts.to(device), layout.indices.to(device).long()
-    listed = torch.arange(width, device=device)[None, None, :] < counts[..., None]
-    hits = torch.zeros(h, mq, mk + 1, dtype=torch.int32, device=device)  # column mk takes the padding
-    hits.scatter_add_(2, torch.where(listed, indices, mk), listed.to(torch.int32))
-    return hits[..., :mk] > 0
 
 
 @triton.jit
@@ -207,12 +132,23 @@ def _tiles(block_size: int, head_dim: int) -> tuple[int, int, int]:
     return block_m, block_n, 4 if block_m * head_dim <= 8192 else 8
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                           scale: Optional[float] = None, return_lse: bool = False):
-    """softmax(q k^T * scale) v over the key blocks `layout` lists for each query block; q [B, Sq, N, D],
-    k, v [B, Sk, N, D] (BSND, any strides with a contiguous head dim). Returns out [B, Sq, N, D] in q's dtype
-    (contiguous), and with `return_lse` also lse [B, N, Sq] float32 (natural log)."""
-    _check(q, k, v, layout)
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
+                           indices: torch.Tensor, block_size: int, scale: Optional[float] = None,
+                           return_lse: bool = False):
+    """softmax(q k^T * scale) v over the key blocks listed for each query block; q [B, Sq, N, D], k, v
+    [B, Sk, N, D] (BSND, any strides with a contiguous head dim); `counts` int32 [H, Mq] and `indices` int32
+    [H, Mq, W] (H = 1: every head alike; see `telefuser.ops.sparse_attention.layout_from_mask`), blocks of
+    `block_size` tokens. Returns out [B, Sq, N, D] in q's dtype (contiguous), and with `return_lse` also
+    lse [B, N, Sq] float32 (natural log)."""
+    mq = math.ceil(q.shape[1] / block_size)  # the indices are trusted (built by layout_from_mask): no device sync
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"expected q [B, Sq, N, D] and k, v [B, Sk, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if counts.dim() != 2 or counts.shape[1] != mq or indices.dim() != 3 or indices.shape[:2] != counts.shape:
+        raise ValueError(f"counts [H, {mq}] and indices [H, {mq}, W] expected for {q.shape[1]} queries in blocks of "
+                         f"{block_size}, got {tuple(counts.shape)} and {tuple(indices.shape)}")
+    if counts.shape[0] not in (1, q.shape[2]):
+        raise ValueError(f"a per-head layout needs one row list per head ({q.shape[2]}), got {counts.shape[0]}")
     b, sq, n, d = q.shape
     sk = k.shape[1]
     if d not in (16, 32, 64, 128, 256):
@@ -223,12 +159,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}'s head dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
-    bs = layout.block_size
+    bs = int(block_size)
     block_m, block_n, warps = _tiles(bs, d)
     if bs % block_m or bs % block_n or bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two of at least 16, got {bs}")
-    counts = layout.counts.to(device=q.device, dtype=torch.int32)
-    indices = layout.indices.to(device=q.device, dtype=torch.int32)
+    counts = counts.to(device=q.device, dtype=torch.int32)
+    indices = indices.to(device=q.device, dtype=torch.int32)
     out = torch.empty(b, sq, n, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, n, sq, device=q.device, dtype=torch.float32) if return_lse else out  # unused when False
     scale = d ** -0.5 if scale is None else scale
