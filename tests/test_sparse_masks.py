@@ -184,3 +184,26 @@ def test_sparse_attention_kernel_equals_reference_on_a_radial_layout():
     out = sa.sparse_attention(q, k, v, layout=layout)  # the kernel, under the interpreter
     ref = sa.sparse_attention(q, k, v, layout=layout, use_kernel=False)
     assert ((out - ref).norm() / ref.norm()).item() < 2e-5
+
+
+def test_sparse_or_dense_attention_and_padding():
+    grid, bs = (4, 3, 8), 16  # 96 tokens
+    cfg = SimpleNamespace(sparse_impl="radial", block_size=bs, decay_factor=1.0, dense_timesteps=1, dense_layers=1)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 100, 2, 32, generator=g) for _ in range(3))  # padded to 100 (sequence parallel)
+    calls = []
+
+    def dense(*args):
+        calls.append(args)
+        return args[0]
+
+    assert sa.sparse_or_dense_attention(q, k, v, cfg, grid, 0, 3, dense) is q  # a dense step
+    assert sa.sparse_or_dense_attention(q, k, v, cfg, grid, 4, 0, dense) is q  # a dense layer
+    assert len(calls) == 2
+    out = sa.sparse_or_dense_attention(q, k, v, cfg, grid, 1, 1, dense)
+    ref = sa.sparse_attention(q[:, :96].contiguous(), k[:, :96].contiguous(), v[:, :96].contiguous(),
+                              block_mask=sa.radial_block_mask(grid, bs), block_size=bs, use_kernel=False)
+    assert len(calls) == 2 and out.shape == q.shape
+    assert torch.allclose(out[:, :96], ref, atol=1e-5) and out[:, 96:].abs().max() == 0
+    with pytest.raises(ValueError, match="ring"):
+        sa.sparse_or_dense_attention(q[:, :50], k[:, :50], v[:, :50], cfg, grid, 1, 1, dense)

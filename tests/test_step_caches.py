@@ -240,3 +240,43 @@ def test_refusals(dit):
             apply_step_cache(dit, "first_block", 0.1)
     finally:
         cache.detach()
+
+
+@torch.no_grad()
+def test_moe_experts_keep_apart_states(dit):
+    """Wan2.2's two experts are two DiTs, each with its own cache: the low-noise expert starts with nothing
+    cached at the switch (its first step computes) and the high-noise one's state ends with its span."""
+    low = WanDiT(WanDiTConfig(**TINY_ARCH["dit"]))
+    low.load_state_dict({k: v * 0.9 for k, v in tiny_state_dict("dit", TINY_ARCH["dit"]).items()})
+    high_cache = apply_step_cache(dit, "static", compute_steps=[0])
+    low_cache = apply_step_cache(low, "static", compute_steps=[0])
+    try:
+        x, cond, uncond = inputs()
+        for i, t in enumerate(TIMESTEPS):
+            model = dit if i < 3 else low  # the boundary after 3 steps
+            model(x, torch.tensor([t]), cond)
+            model(x, torch.tensor([t]), uncond)
+    finally:
+        high_cache.detach()
+        low_cache.detach()
+    assert [d[2] for d in high_cache.decisions] == [True, True, False, False, False, False]
+    assert [d[2] for d in low_cache.decisions] == [True, True, False, False, False, False]
+    assert low_cache.stats() == {"cond": {"computed": 1, "reused": 2}, "uncond": {"computed": 1, "reused": 2}}
+
+
+@torch.no_grad()
+def test_first_block_reuse_adds_the_rest_of_the_stack(dit):
+    """On a reused step block 0 still runs: the output is head(block0(x) + residual of blocks 1.. last)."""
+    x, cond, _ = inputs()
+    ts = [999.0, 998.999]  # nearly equal: the second step reuses at a loose threshold
+    cache = apply_step_cache(dit, "first_block", 0.5, branch_names=("cond",))
+    try:
+        outs = [dit(x, torch.tensor([t]), cond) for t in ts]
+    finally:
+        cache.detach()
+    assert [d[2] for d in cache.decisions] == [True, False]
+    _, _, after_first0, end0 = manual_forward(dit, x, torch.tensor([ts[0]]), cond)
+    _, start1, after_first1, _ = manual_forward(dit, x, torch.tensor([ts[1]]), cond)
+    expected, *_ = manual_forward(dit, x, torch.tensor([ts[1]]), cond,
+                                  residual=(after_first1 - start1) + (end0 - after_first0))
+    assert torch.allclose(outs[1], expected, atol=1e-6, rtol=1e-5)

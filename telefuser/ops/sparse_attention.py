@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -293,16 +293,30 @@ def kernel_available(q: torch.Tensor) -> bool:
 @torch.compiler.disable
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Optional[torch.Tensor] = None,
                      layout: Optional[BlockLayout] = None, block_size: int = 128, scale: Optional[float] = None,
-                     return_lse: bool = False, use_kernel: Optional[bool] = None):
+                     return_lse: bool = False, use_kernel: Optional[bool] = None, seq_len: Optional[int] = None):
     """Block-sparse attention over q [B, Sq, N, D], k, v [B, Sk, N, D] (BSND): each query block attends to the
     key blocks of `block_mask` ([Mq, Mk] or [N, Mq, Mk] bool, at `block_size` tokens) or of a prebuilt
     `layout` (preferred: build it once with `block_layout_for`). The Triton kernel where it runs
-    (`kernel_available`), else the PyTorch reference; `use_kernel` forces either. Returns out [B, Sq, N, D]
-    in q's dtype, and with `return_lse` also the log-sum-exp [B, N, Sq] float32."""
+    (`kernel_available`), else the PyTorch reference; `use_kernel` forces either. `seq_len`: the true length of
+    a self-attention sequence padded at its end (sequence parallel pads to a multiple of its degree): the
+    first `seq_len` tokens attend among themselves (views, no copies) and the padded rows get 0 (lse -inf).
+    Returns out [B, Sq, N, D] in q's dtype, and with `return_lse` also the log-sum-exp [B, N, Sq] float32."""
     if (block_mask is None) == (layout is None):
         raise ValueError("pass exactly one of block_mask and layout")
     if layout is None:
         layout = layout_from_mask(block_mask, block_size)
+    if seq_len is not None and seq_len < q.shape[1]:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("seq_len is for self-attention over one padded sequence (as many keys as queries)")
+        inner = sparse_attention(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len], layout=layout, scale=scale,
+                                 return_lse=return_lse, use_kernel=use_kernel)
+        out = q.new_zeros(q.shape)
+        out[:, :seq_len] = inner[0] if return_lse else inner
+        if not return_lse:
+            return out
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+        lse[..., :seq_len] = inner[1]
+        return out, lse
     if use_kernel is None:
         use_kernel = kernel_available(q)
     if use_kernel:
@@ -312,3 +326,20 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
         return block_sparse_attention(q, k, v, layout.counts, layout.indices, layout.block_size, scale=scale,
                                       return_lse=return_lse)
     return block_sparse_attention_reference(q, k, v, layout, scale=scale, return_lse=return_lse)
+
+
+def sparse_or_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any, grid: Grid,
+                              step_index: int, layer_index: int, dense: Callable[..., torch.Tensor],
+                              seq_len: Optional[int] = None) -> torch.Tensor:
+    """One self-attention call of a DiT under a sparse config: `dense(q, k, v)` on the dense steps and layers
+    (`use_dense`), else the config's pattern over the (frames, height, width) token `grid` with the cached
+    layout. q, k, v [B, S, N, D]; `seq_len` as in `sparse_attention` (default: the grid's token count when
+    q is longer, i.e. padded)."""
+    if use_dense(step_index, layer_index, config):
+        return dense(q, k, v)
+    tokens = grid[0] * grid[1] * grid[2]
+    if q.shape[1] < tokens:
+        raise ValueError(f"sparse attention over a grid of {tokens} tokens got {q.shape[1]} queries: a sequence "
+                         "shard (ring attention) cannot take a global mask; use Ulysses (whole sequences per rank)")
+    layout = block_layout_for(config, grid, q.device)
+    return sparse_attention(q, k, v, layout=layout, seq_len=tokens if seq_len is None else seq_len)
