@@ -136,3 +136,20 @@ def test_layout_checks_shapes():
     with pytest.raises(ValueError, match="need"):
         block_sparse_attention_reference(q, q, q, layout)
     assert isinstance(layout, BlockLayout)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.bfloat16, 128)])
+def test_kernel_default_block_size_sub_tiles(dtype, head_dim):
+    """block_size 128 (the default): key blocks walked in 64-key sub-tiles; 150 tokens leave a last block of 22
+    keys, so its second sub-tile lies wholly past the end (skipped) and its first is ragged (masked)."""
+    bs, seq = 128, 150
+    mask = torch.tensor([[True, False], [True, True]])
+    q, k, v = (rand(1, seq, 1, head_dim, dtype=dtype, seed=i) for i in range(3))
+    out = block_sparse_attention(q, k, v, layout_from_mask(mask, bs))
+    ref, _ = dense_masked(q, k, v, mask, bs)
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+    lone = layout_from_mask(torch.tensor([[False, True], [False, True]]), bs)  # only the ragged block
+    out = block_sparse_attention(q, k, v, lone)
+    ref, _ = dense_masked(q, k, v, torch.tensor([[False, True], [False, True]]), bs)
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)

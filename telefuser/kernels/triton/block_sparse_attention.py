@@ -71,43 +71,44 @@ def _block_sparse_attn_kernel(
         key_block = tl.load(row_indices + i)
         for sub in range(0, MASK_BLOCK // BLOCK_N):
             start_n = key_block * MASK_BLOCK + sub * BLOCK_N
-            cols = start_n + offs_n
-            k_offs = cols[None, :].to(tl.int64) * k_ss + offs_d[:, None]  # K^T tile [D, BLOCK_N]
-            v_offs = cols[:, None].to(tl.int64) * v_ss + offs_d[None, :]
-            if start_n + BLOCK_N <= Sk:  # a full tile: no masks
-                kt = tl.load(k_base + k_offs)
-                vt = tl.load(v_base + v_offs)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
+            if start_n < Sk:  # a sub-tile wholly past the end of a ragged last block is skipped
+                cols = start_n + offs_n
+                k_offs = cols[None, :].to(tl.int64) * k_ss + offs_d[:, None]  # K^T tile [D, BLOCK_N]
+                v_offs = cols[:, None].to(tl.int64) * v_ss + offs_d[None, :]
+                if start_n + BLOCK_N <= Sk:  # a full tile: no masks
+                    kt = tl.load(k_base + k_offs)
+                    vt = tl.load(v_base + v_offs)
+                    if UPCAST:
+                        kt = kt.to(tl.float32)
+                    if IEEE:
+                        s = tl.dot(q, kt, input_precision="ieee")
+                    else:
+                        s = tl.dot(q, kt)
+                    s = s * scale_log2
+                else:  # the ragged end of the keys: only in the last key block
+                    valid = cols < Sk
+                    kt = tl.load(k_base + k_offs, mask=valid[None, :], other=0.0)
+                    vt = tl.load(v_base + v_offs, mask=valid[:, None], other=0.0)
+                    if UPCAST:
+                        kt = kt.to(tl.float32)
+                    if IEEE:
+                        s = tl.dot(q, kt, input_precision="ieee")
+                    else:
+                        s = tl.dot(q, kt)
+                    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # m_new is finite: every tile that gets here holds at least one valid key (start_n < Sk)
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                pv = p.to(vt.dtype)  # P rounded to the input dtype for the second dot, as flash kernels do
                 if IEEE:
-                    s = tl.dot(q, kt, input_precision="ieee")
+                    acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
+                elif UPCAST:
+                    acc = acc * alpha[:, None] + tl.dot(pv.to(tl.float32), vt.to(tl.float32))
                 else:
-                    s = tl.dot(q, kt)
-                s = s * scale_log2
-            else:  # the ragged end of the keys: only in the last key block
-                valid = cols < Sk
-                kt = tl.load(k_base + k_offs, mask=valid[None, :], other=0.0)
-                vt = tl.load(v_base + v_offs, mask=valid[:, None], other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                if IEEE:
-                    s = tl.dot(q, kt, input_precision="ieee")
-                else:
-                    s = tl.dot(q, kt)
-                s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # m_new is finite once any key of the row was seen: every listed tile holds at least one valid key
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            pv = p.to(vt.dtype)  # P rounded to the input dtype for the second dot, as flash kernels do
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
-            elif UPCAST:
-                acc = acc * alpha[:, None] + tl.dot(pv.to(tl.float32), vt.to(tl.float32))
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pv, vt)
-            m_i = m_new
+                    acc = acc * alpha[:, None] + tl.dot(pv, vt)
+                m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
