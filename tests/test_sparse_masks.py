@@ -207,3 +207,52 @@ def test_sparse_or_dense_attention_and_padding():
     assert torch.allclose(out[:, :96], ref, atol=1e-5) and out[:, 96:].abs().max() == 0
     with pytest.raises(ValueError, match="ring"):
         sa.sparse_or_dense_attention(q[:, :50], k[:, :50], v[:, :50], cfg, grid, 1, 1, dense)
+
+
+# ---------------------------------------------------------------- on the tiny DiT, through the attend seam
+
+
+@torch.no_grad()
+def test_tiny_dit_through_the_attend_seam_dense_steps_and_layers():
+    """The wiring the integrator does: each block's `self_attn.attend` replaced by sparse_or_dense_attention
+    with its layer index, the step index and the grid from the DiT's input; dense steps and layers give the
+    plain DiT's attention bit for bit, a window covering everything gives dense attention, radial differs."""
+    from telefuser.models.tiny import TINY_ARCH, tiny_state_dict
+    from telefuser.models.wan.dit import WanDiT, WanDiTConfig
+    from telefuser.ops.attention import attention
+
+    dit = WanDiT(WanDiTConfig(**TINY_ARCH["dit"]))
+    dit.load_state_dict(tiny_state_dict("dit", TINY_ARCH["dit"]))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 16, 8, 4, 16, generator=g)  # grid (8, 2, 8): 128 tokens, a frame per block of 16
+    t, context = torch.tensor([900.0]), torch.randn(1, 8, TINY_ARCH["dit"]["text_dim"], generator=g)
+    ref = dit(x, t, context)
+    grid = (8, 2, 8)
+    state = {"step": 0}
+    calls = {"sparse": 0}
+
+    def bind(cfg):
+        for index, block in enumerate(dit.blocks):
+            def attend(q, k, v, index=index):
+                if not sa.use_dense(state["step"], index, cfg):
+                    calls["sparse"] += 1
+                return sa.sparse_or_dense_attention(q, k, v, cfg, grid, state["step"], index, dense=attention)
+            block.self_attn.attend = attend
+
+    try:
+        radial = SimpleNamespace(sparse_impl="radial", block_size=16, decay_factor=1.0, dense_timesteps=1,
+                                 dense_layers=1)
+        bind(radial)
+        assert torch.equal(dit(x, t, context), ref) and calls["sparse"] == 0  # step 0: dense everywhere
+        state["step"] = 1
+        out = dit(x, t, context)
+        assert calls["sparse"] == 1  # layer 1 only (dense_layers = 1)
+        assert sa.density(sa.radial_block_mask(grid, 16)) < 1 and not torch.allclose(out, ref, atol=1e-4)
+        wide = SimpleNamespace(sparse_impl="local", block_size=16, local_window_size=8, dense_timesteps=0,
+                               dense_layers=0)
+        assert sa.density(sa.local_block_mask(grid, 16, 8)) == 1.0
+        bind(wide)
+        assert torch.allclose(dit(x, t, context), ref, atol=1e-5, rtol=1e-4)
+    finally:
+        for block in dit.blocks:
+            del block.self_attn.attend
