@@ -53,7 +53,8 @@ def denoise(model, timesteps=TIMESTEPS, cfg=True, seed=0, scale=5.0):
 @pytest.mark.parametrize("method,kwargs", [("teacache", {"coefficients": "wan2.1_t2v_1.3b"}),
                                            ("teacache", {"coefficients": "wan2.1_t2v_14b"}),  # negative near 0
                                            ("first_block", {}),
-                                           ("static", {"compute_steps": range(len(TIMESTEPS))})])
+                                           ("static", {"compute_steps": range(len(TIMESTEPS))}),
+                                           ("taylorseer", {"interval": 1, "order": 2})])
 def test_threshold_zero_is_bit_identical(dit, method, kwargs):
     ref, ref_out = denoise(dit)
     cache = apply_step_cache(dit, method, 0.0, **kwargs)
@@ -280,3 +281,28 @@ def test_first_block_reuse_adds_the_rest_of_the_stack(dit):
     expected, *_ = manual_forward(dit, x, torch.tensor([ts[1]]), cond,
                                   residual=(after_first1 - start1) + (end0 - after_first0))
     assert torch.allclose(outs[1], expected, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("order", [1, 2])
+def test_taylorseer_forecast_by_hand(dit, order):
+    """Interval 2: steps 0, 2, 4 compute; a reused step adds the Taylor forecast of the stack residual from
+    finite differences over the computed steps (step distance 2), written out here."""
+    x, cond, _ = inputs()
+    ts = [999.0, 998.0, 997.0, 996.0, 995.0, 994.0]
+    cache = apply_step_cache(dit, "taylorseer", interval=2, order=order, branch_names=("cond",))
+    try:
+        outs = [dit(x, torch.tensor([t]), cond) for t in ts]
+    finally:
+        cache.detach()
+    assert [d[2] for d in cache.decisions] == [True, False, True, False, True, False]
+    r = {}
+    for i in (0, 2, 4):
+        _, start, _, end = manual_forward(dit, x, torch.tensor([ts[i]]), cond)
+        r[i] = end - start
+    d1_2, d1_4 = (r[2] - r[0]) / 2, (r[4] - r[2]) / 2
+    forecasts = {1: r[0], 3: r[2] + d1_2}
+    forecasts[5] = r[4] + d1_4 + ((d1_4 - d1_2) / 2 / 2 if order == 2 else 0)
+    for step, residual in forecasts.items():
+        expected, *_ = manual_forward(dit, x, torch.tensor([ts[step]]), cond, residual=residual)
+        assert torch.allclose(outs[step], expected, atol=1e-5, rtol=1e-4), step

@@ -79,6 +79,10 @@ class CachePolicy:
     def after_compute(self, cache: "StepCache", ctx: CallContext) -> None:
         """Called once the stack has run on a computed step (the policy may record what it compared)."""
 
+    def reuse_residual(self, cache: "StepCache", ctx: CallContext) -> torch.Tensor:
+        """What a reused step adds for the skipped blocks: the last computed residual (a forecast in TaylorSeer)."""
+        return ctx.state.residual
+
 
 class StepCache:
     """A step cache attached to one DiT (see the module's docstring). `stats()` gives computed / reused steps per
@@ -216,7 +220,7 @@ class StepCache:
                     s.reused += 1
                     s.consecutive_reuses += 1
                     ctx.reusing = True
-                    return x + s.residual
+                    return x + self.policy.reuse_residual(self, ctx)
             elif index > first and ctx.reusing:
                 return x  # the residual added at block `first` stands for this block
             out = forward(x, *args, **kwargs)
