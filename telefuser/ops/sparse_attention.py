@@ -175,15 +175,20 @@ def _radial_mask(grid: Grid, block_size: int, decay_factor: float) -> torch.Tens
     t = h * w
     m = -(-f * t // block_size)
     mask = torch.zeros(m, m, dtype=torch.bool)
-    for i in range(f):
-        for j in range(f):
-            blocks = _pair_blocks(i, j, t, block_size, decay_factor)
-            if blocks is None:
-                continue
-            r0, c0 = (i * t) // block_size, (j * t) // block_size
-            rows, cols = min(blocks.shape[0], m - r0), min(blocks.shape[1], m - c0)
-            mask[r0: r0 + rows, c0: c0 + cols] |= blocks[:rows, :cols]
-    mask.requires_grad_(False)
+    # F^2 small tensor programs: intra-op threads only add overhead (50x slower on a loaded 2-core host)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(f):
+            for j in range(f):
+                blocks = _pair_blocks(i, j, t, block_size, decay_factor)
+                if blocks is None:
+                    continue
+                r0, c0 = (i * t) // block_size, (j * t) // block_size
+                rows, cols = min(blocks.shape[0], m - r0), min(blocks.shape[1], m - c0)
+                mask[r0: r0 + rows, c0: c0 + cols] |= blocks[:rows, :cols]
+    finally:
+        torch.set_num_threads(threads)
     return mask
 
 
