@@ -306,3 +306,30 @@ def test_taylorseer_forecast_by_hand(dit, order):
     for step, residual in forecasts.items():
         expected, *_ = manual_forward(dit, x, torch.tensor([ts[step]]), cond, residual=residual)
         assert torch.allclose(outs[step], expected, atol=1e-5, rtol=1e-4), step
+
+
+@torch.no_grad()
+def test_first_block_sums_go_through_reduce_sums(dit):
+    """Sequence parallel: the decision's two L1 sums are handed to reduce_sums (an all-reduce there) so every
+    rank decides alike; doubling both (two equal shards) leaves the decisions unchanged."""
+    x, cond, _ = inputs()
+    ts = [999.0, 998.999, 998.998]
+    seen = []
+
+    def reduce_sums(sums):
+        seen.append(sums.clone())
+        return sums * 2
+
+    plain = apply_step_cache(dit, "first_block", 0.5, branch_names=("cond",))
+    try:
+        for t in ts:
+            dit(x, torch.tensor([t]), cond)
+    finally:
+        plain.detach()
+    reduced = apply_step_cache(dit, "first_block", 0.5, branch_names=("cond",), reduce_sums=reduce_sums)
+    try:
+        for t in ts:
+            dit(x, torch.tensor([t]), cond)
+    finally:
+        reduced.detach()
+    assert reduced.decisions == plain.decisions and len(seen) == 2 and all(s.shape == (2,) for s in seen)

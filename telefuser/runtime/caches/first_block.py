@@ -28,11 +28,12 @@ class FirstBlockPolicy(CachePolicy):
     def decide(self, cache: StepCache, ctx: CallContext, x: torch.Tensor, forced: bool) -> bool:
         residual = x - ctx.first_input  # block Fn's input is block Fn-1's output
         history = ctx.state.policy
-        history["pending"] = residual
         last = history.get("first_residual")
-        if forced or last is None or last.shape != residual.shape or self.threshold <= 0:
-            return True
-        return relative_l1(residual, last, cache.reduce_sums) >= self.threshold
+        compute = (forced or last is None or last.shape != residual.shape or self.threshold <= 0
+                   or relative_l1(residual, last, cache.reduce_sums) >= self.threshold)
+        if compute:  # kept only until the stack has run (then it becomes the reference), never on reuse
+            history["pending"] = residual
+        return compute
 
     def after_compute(self, cache: StepCache, ctx: CallContext) -> None:
         history = ctx.state.policy
