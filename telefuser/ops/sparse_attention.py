@@ -287,7 +287,8 @@ def use_dense(step_index: int, layer_index: int, config: Any) -> bool:
     layer_idx < dense_block`). No sparse config (None, or no `sparse_impl`): dense."""
     if config is None or getattr(config, "sparse_impl", None) is None:
         return True
-    return step_index < int(getattr(config, "dense_timesteps", 0)) or layer_index < int(getattr(config, "dense_layers", 0))
+    return (step_index < int(getattr(config, "dense_timesteps", 0))
+            or layer_index < int(getattr(config, "dense_layers", 0)))
 
 
 def kernel_available(q: torch.Tensor) -> bool:

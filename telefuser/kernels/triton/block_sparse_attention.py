@@ -3,9 +3,9 @@
 The layout is built once from a boolean block mask `[Mq, Mk]` (or per head `[N, Mq, Mk]`) at `block_size`
 tokens per block (`telefuser.ops.sparse_attention.layout_from_mask`): for each query block, the number of
 key blocks it computes (`counts [H, Mq]`) and their indices (`indices [H, Mq, max_count]`, ascending,
-padded with 0), CSR-like with rows padded to the longest one. One program handles `BLOCK_M` query rows of one (batch, head) and walks
-only its row's listed key blocks: a skipped block costs nothing but not being in the list, so the time
-scales with the computed blocks.
+padded with 0), CSR-like with rows padded to the longest one. One program handles `BLOCK_M` query rows
+of one (batch, head) and walks only its row's listed key blocks: a skipped block costs nothing but not
+being in the list, so the time scales with the computed blocks.
 
 - q, k, v are [B, S, N, D] (BSND) read through their strides: no copies, no transposes; D in 16..256, a
   power of two (Wan: 64 / 128).

@@ -64,5 +64,5 @@ def apply_step_cache(dit: torch.nn.Module, method: str, threshold: float = 0.0, 
 
 
 __all__ = ["METHODS", "apply_step_cache", "StepCache", "CachePolicy", "BranchState", "CallContext", "relative_l1",
-           "TeaCachePolicy", "FirstBlockPolicy", "StaticPolicy", "TaylorSeerPolicy", "compute_steps_from_mask", "WAN21_COEFFICIENTS",
-           "RET_WARMUP_STEPS", "wan21_coefficients_key", "polyval"]
+           "TeaCachePolicy", "FirstBlockPolicy", "StaticPolicy", "TaylorSeerPolicy", "compute_steps_from_mask",
+           "WAN21_COEFFICIENTS", "RET_WARMUP_STEPS", "wan21_coefficients_key", "polyval"]
