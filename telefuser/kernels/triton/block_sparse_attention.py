@@ -34,6 +34,34 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+def _heuristic_tiles(block_size: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) dividing the mask's block: 128 x 64 (64-dim heads) or 64 x 64 (128-dim heads)."""
+    return min(block_size, 128 if head_dim <= 64 else 64), min(block_size, 64)
+
+
+def _candidate_configs() -> list[triton.Config]:
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=st)
+               for m in (64, 128) for w in (4, 8) for st in (2, 3)]
+    configs += [triton.Config({"BLOCK_M": b, "BLOCK_N": b}, num_warps=4, num_stages=2) for b in (16, 32)]
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles must divide the mask's block; small blocks get one tile per block. Under the interpreter only the
+    heuristic tiles run (autotuning there would only multiply the tests' time)."""
+    args = {**named_args, **kwargs}
+    bs, d = int(args["MASK_BLOCK"]), int(args["HEAD_DIM"])
+    smallest = min(bs, 64)
+    kept = [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
+            and c.kwargs["BLOCK_M"] >= smallest and c.kwargs["BLOCK_N"] >= smallest]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        m, n = _heuristic_tiles(bs, d)
+        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (m, n)][:1]
+    return kept
+
+
+@triton.autotune(configs=_candidate_configs(), key=["HEAD_DIM", "MASK_BLOCK", "IEEE", "RETURN_LSE"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _block_sparse_attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, counts_ptr, indices_ptr,
@@ -126,13 +154,6 @@ def _interpreter_upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tiles(block_size: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): tiles dividing the mask's block; 64 x 64 (128-dim heads) or 128 x 64."""
-    block_m = min(block_size, 128 if head_dim <= 64 else 64)
-    block_n = min(block_size, 64)
-    return block_m, block_n, 4 if block_m * head_dim <= 8192 else 8
-
-
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
                            indices: torch.Tensor, block_size: int, scale: Optional[float] = None,
                            return_lse: bool = False):
@@ -161,8 +182,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         if t.stride(-1) != 1:
             raise ValueError(f"{name}'s head dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
     bs = int(block_size)
-    block_m, block_n, warps = _tiles(bs, d)
-    if bs % block_m or bs % block_n or bs & (bs - 1):
+    if bs < 16 or bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two of at least 16, got {bs}")
     counts = counts.to(device=q.device, dtype=torch.int32)
     indices = indices.to(device=q.device, dtype=torch.int32)
@@ -170,13 +190,15 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     lse = torch.empty(b, n, sq, device=q.device, dtype=torch.float32) if return_lse else out  # unused when False
     scale = d ** -0.5 if scale is None else scale
     shared = counts.shape[0] == 1
-    grid = (triton.cdiv(sq, block_m), b * n)
+    def grid(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * n)
+
     _block_sparse_attn_kernel[grid](
         q, k, v, out, lse, counts, indices, sq, sk, n, float(scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         0 if shared else counts.stride(0), 0 if shared else indices.stride(0), indices.stride(1),
-        MASK_BLOCK=bs, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
-        IEEE=q.dtype == torch.float32, RETURN_LSE=return_lse, UPCAST=_interpreter_upcast(q.dtype), num_warps=warps,
+        MASK_BLOCK=bs, HEAD_DIM=d,
+        IEEE=q.dtype == torch.float32, RETURN_LSE=return_lse, UPCAST=_interpreter_upcast(q.dtype),
     )
     return (out, lse) if return_lse else out
