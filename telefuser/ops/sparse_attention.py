@@ -336,11 +336,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
 
 def sparse_or_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any, grid: Grid,
                               step_index: int, layer_index: int, dense: Callable[..., torch.Tensor],
-                              seq_len: Optional[int] = None) -> torch.Tensor:
+                              seq_len: Optional[int] = None, use_kernel: Optional[bool] = None) -> torch.Tensor:
     """One self-attention call of a DiT under a sparse config: `dense(q, k, v)` on the dense steps and layers
     (`use_dense`), else the config's pattern over the (frames, height, width) token `grid` with the cached
     layout. q, k, v [B, S, N, D]; `seq_len` as in `sparse_attention` (default: the grid's token count when
-    q is longer, i.e. padded)."""
+    q is longer, i.e. padded); `use_kernel` as in `sparse_attention`."""
     if use_dense(step_index, layer_index, config):
         return dense(q, k, v)
     tokens = grid[0] * grid[1] * grid[2]
@@ -348,4 +348,5 @@ def sparse_or_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"sparse attention over a grid of {tokens} tokens got {q.shape[1]} queries: a sequence "
                          "shard (ring attention) cannot take a global mask; use Ulysses (whole sequences per rank)")
     layout = block_layout_for(config, grid, q.device)
-    return sparse_attention(q, k, v, layout=layout, seq_len=tokens if seq_len is None else seq_len)
+    return sparse_attention(q, k, v, layout=layout, seq_len=tokens if seq_len is None else seq_len,
+                            use_kernel=use_kernel)
