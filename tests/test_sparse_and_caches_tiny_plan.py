@@ -88,3 +88,36 @@ def test_sparse_attention_on_the_tiny_plan(pipe, baseline):
             del block.self_attn.attend
     assert seen["grid"] == (3, 9, 16) and sa.density(sa.radial_block_mask((3, 9, 16), 16)) < 1
     assert frames.shape == baseline.shape and not np.array_equal(frames, baseline)
+
+
+def test_caches_on_the_tiny_moe_plan(tmp_path):
+    """Wan2.2's expert pair (4 steps: 2 high-noise, 2 low-noise): one cache per expert, each starting empty
+    at its first step, threshold 0 byte-identical, a static schedule computing each expert's first step."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((144, 256, 3)) * 255).astype(np.uint8)
+    plan = tmp_path / "moe.plan.json"
+    plan.write_text(pretty_json(compile_recipe(RECIPES / "tiny_wan22_i2v.toml").model_dump(mode="json",
+                                                                                             by_alias=True)))
+    pipe = telefuser.load_plan(str(plan))
+
+    def video():
+        return pipe.run(prompt="a lighthouse in a storm", seed=2, image=image, progress=False).frames
+
+    baseline = video()
+    high, low = pipe.placements["dit_high"].module, pipe.placements["dit_low"].module
+    caches = [apply_step_cache(high, "first_block", 0.0), apply_step_cache(low, "first_block", 0.0)]
+    try:
+        assert np.array_equal(video(), baseline)
+    finally:
+        for c in caches:
+            c.detach()
+    assert [c.stats()["cond"] for c in caches] == [{"computed": 2, "reused": 0}] * 2
+    caches = [apply_step_cache(high, "static", compute_steps=[0]), apply_step_cache(low, "static", compute_steps=[0])]
+    try:
+        frames = video()
+    finally:
+        for c in caches:
+            c.detach()
+    # each expert counts its own steps: its first computes (nothing cached at the switch), its second reuses
+    assert [[d[2] for d in c.decisions] for c in caches] == [[True, True, False, False]] * 2
+    assert not np.array_equal(frames, baseline)
