@@ -1,0 +1,352 @@
+"""Sparse self-attention over video tokens: the block masks (Radial Attention, a local 3-D window), their
+density, and `sparse_attention`, which runs our block-sparse Triton kernel (CUDA, or the interpreter) or its
+PyTorch reference (CPU).
+
+Tokens are in Wan's (frame, height, width) order over the latent patch grid `grid = (F, H, W)`; a block is
+`block_size` consecutive tokens (default 128), so blocks straddle rows and frames as the sequence runs.
+Masks are `[M, M]` bool with `M = ceil(F*H*W / block_size)` (the last block ragged) and are built once per
+(grid, pattern) and cached (functools.lru_cache): never per step or per layer.
+
+Radial mask (Radial Attention, Li et al. 2025, arXiv:2506.19852; the rule as implemented for Wan in
+mit-han-lab/radial-attention, radial_attn/attn_mask.py, `gen_log_mask_shrinked` with model_type "wan",
+commits 09c88be / a5c638b). For a query frame i and a key frame j at distance d = |i - j|, with
+T = tokens per frame and bitlen(x) = Python's int.bit_length:
+- j == 0 (the first frame, an attention sink): every token pair;
+- otherwise token pairs at in-frame offsets |r - c| <= width(d): width(0) = T (the whole frame),
+  width(1) = T // 2, and for d >= 2 width(d) = max(2**bitlen(T) / 2**bitlen(d) * decay_factor, block_size),
+  a band that halves each time the distance doubles (`decay_factor` scales it);
+- and, for d >= 1, only frames where d % split(d) == 0, split(d) = int(block_size / L(d)) when
+  L(d) = 2**bitlen(T) / 2**bitlen(d) is below block_size (the repository hard-codes 128 "equal to block-size";
+  here it is block_size: the same at the default). Far frames are thus also subsampled in time.
+Each frame pair's token mask is turned into blocks as the repository does (`shrinkMaskStrict`): the pair's
+T x T mask is placed at its offsets inside whole blocks ((i*T) % block_size rows, (j*T) % block_size columns
+in), cut to ceil(T / block_size) blocks each way (so a frame's last rows/columns spilling into one more block
+give that block nothing from this pair, as there), and a block is kept when more than 60% of its columns that
+hold any pair have a density (pairs / block_size) above 1/3; the pairs' blocks are OR-ed. One difference:
+the repository's mask has floor(S / 128) blocks (its last, ragged block stays dense, outside the mask);
+here the ragged last block is computed by the same rule.
+
+Local mask: a key token is in a query token's window when it lies within `local_window_size` tokens per
+side along each of the three axes (frame, height, width) of the token grid; a block pair is kept when any
+of its token pairs is in a window (so the block mask is symmetric).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+Grid = tuple[int, int, int]
+
+
+class BlockLayout(NamedTuple):
+    """Which key blocks each query block computes; built once per mask (`layout_from_mask`)."""
+
+    counts: torch.Tensor  # int32 [H, Mq]: computed key blocks per query block (H = 1: shared by every head)
+    indices: torch.Tensor  # int32 [H, Mq, max(1, max count)]: their indices, ascending, padded with 0
+    block_size: int  # tokens per block, for queries and keys alike
+    shape: tuple[int, int]  # (Mq, Mk): blocks along the queries and the keys
+
+    def to(self, device: torch.device | str) -> "BlockLayout":
+        return BlockLayout(self.counts.to(device), self.indices.to(device), self.block_size, self.shape)
+
+
+def layout_from_mask(block_mask: torch.Tensor, block_size: int) -> BlockLayout:
+    """The layout of a boolean block mask [Mq, Mk] (every head alike) or [H, Mq, Mk] (one per head)."""
+    if block_mask.dtype != torch.bool or block_mask.dim() not in (2, 3):
+        raise ValueError(f"a block mask is a bool tensor [Mq, Mk] or [heads, Mq, Mk], got {block_mask.dtype} "
+                         f"{tuple(block_mask.shape)}")
+    mask = block_mask if block_mask.dim() == 3 else block_mask[None]
+    h, mq, mk = mask.shape
+    counts = mask.sum(-1, dtype=torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    # Stable sort of (not selected) puts the selected key blocks first, in ascending order.
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width].to(torch.int32)
+    keep = torch.arange(width, device=mask.device)[None, None, :] < counts[..., None]
+    indices = torch.where(keep, order, torch.zeros_like(order)).contiguous()
+    return BlockLayout(counts.contiguous(), indices, int(block_size), (mq, mk))
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"expected q [B, Sq, N, D] and k, v [B, Sk, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    mq, mk = math.ceil(q.shape[1] / layout.block_size), math.ceil(k.shape[1] / layout.block_size)
+    if layout.shape != (mq, mk):
+        raise ValueError(f"the layout has {layout.shape} blocks of {layout.block_size} tokens, the sequences "
+                         f"({q.shape[1]} queries, {k.shape[1]} keys) need {(mq, mk)}")
+    if layout.counts.shape[0] not in (1, q.shape[2]):
+        raise ValueError(f"a per-head layout needs one mask per head ({q.shape[2]}), got {layout.counts.shape[0]}")
+
+
+def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                                     scale: Optional[float] = None, return_lse: bool = False):
+    """The kernel's semantics in PyTorch (float32 math): softmax over the listed key blocks only. One query
+    block at a time, so memory is [B, N, block_size, Sk] scores, never [Sq, Sk]."""
+    _check(q, k, v, layout)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bs, sq, sk = layout.block_size, q.shape[1], k.shape[1]
+    block_mask = _mask_of(layout, q.device)  # [H, Mq, Mk]
+    kf, vf = (t.float().transpose(1, 2) for t in (k, v))  # [B, N, Sk, D]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[0], q.shape[2], sq, dtype=torch.float32, device=q.device)
+    for m in range(layout.shape[0]):
+        rows = slice(m * bs, min((m + 1) * bs, sq))
+        keys = block_mask[:, m].repeat_interleave(bs, -1)[:, None, :sk]  # [H, 1, Sk]
+        scores = (q[:, rows].float().transpose(1, 2) @ kf.transpose(-1, -2)) * scale  # [B, N, rows, Sk]
+        scores = scores.masked_fill(~keys[None], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # -inf where the block computes nothing
+        finite = torch.isfinite(row_lse)[..., None]
+        probs = torch.where(finite, torch.exp(scores - torch.where(finite, row_lse[..., None], 0.0)), 0.0)
+        out[:, rows] = (probs @ vf).transpose(1, 2).to(q.dtype)
+        lse[:, :, rows] = row_lse
+    return (out, lse) if return_lse else out
+
+
+def _mask_of(layout: BlockLayout, device: torch.device) -> torch.Tensor:
+    """The boolean block mask [H, Mq, Mk] a layout lists."""
+    h, (mq, mk) = layout.counts.shape[0], layout.shape
+    width = layout.indices.shape[-1]
+    counts, indices = layout.counts.to(device), layout.indices.to(device).long()
+    listed = torch.arange(width, device=device)[None, None, :] < counts[..., None]
+    hits = torch.zeros(h, mq, mk + 1, dtype=torch.int32, device=device)  # column mk takes the padding
+    hits.scatter_add_(2, torch.where(listed, indices, mk), listed.to(torch.int32))
+    return hits[..., :mk] > 0
+
+
+def _bitlen(x: int) -> int:
+    return int(x).bit_length()
+
+
+def radial_window(dist: int, tokens_per_frame: int, block_size: int, decay_factor: float) -> float:
+    """In-frame band half-width of a frame pair at temporal distance `dist` (Radial Attention, Wan)."""
+    if dist == 0:
+        return tokens_per_frame
+    if dist == 1:
+        return tokens_per_frame // 2
+    decay = 2 ** _bitlen(tokens_per_frame) / 2 ** _bitlen(dist) * decay_factor
+    return max(decay, block_size)
+
+
+def radial_frame_kept(dist: int, tokens_per_frame: int, block_size: int) -> bool:
+    """Whether a frame pair at distance `dist` is kept by the temporal subsampling of far frames."""
+    decay = 2 ** _bitlen(tokens_per_frame) / 2 ** _bitlen(dist)
+    if decay >= block_size:
+        return True
+    return dist % int(block_size / decay) == 0
+
+
+def _pair_blocks(i: int, j: int, t: int, bs: int, decay_factor: float) -> Optional[torch.Tensor]:
+    """The [nb, nb] block mask one frame pair contributes (nb = ceil(T / bs) blocks from the pair's first
+    block row/column), or None when the pair holds no token pair."""
+    dist = abs(i - j)
+    sink = j == 0
+    if not sink and not radial_frame_kept(dist, t, bs):
+        return None
+    nb = -(-t // bs)
+    rr, rc = (i * t) % bs, (j * t) % bs
+    # rows of the frame inside padded block a: [a*bs, (a+1)*bs) ∩ [rr, rr + t), shifted to frame rows
+    a = torch.arange(nb)
+    lo = (a * bs - rr).clamp(0, t)
+    hi = ((a + 1) * bs - rr).clamp(0, t)
+    c = torch.arange(t)
+    if sink:
+        counts = (hi - lo)[:, None].expand(nb, t)
+    else:
+        w = math.floor(radial_window(dist, t, bs, decay_factor))
+        top = torch.minimum(hi[:, None] - 1, c[None, :] + w)
+        bottom = torch.maximum(lo[:, None], c[None, :] - w)
+        counts = (top - bottom + 1).clamp(min=0)  # [nb, t]: pairs per (block row, frame column)
+    padded = torch.zeros(nb, rc + nb * bs, dtype=counts.dtype)
+    padded[:, rc: rc + t] = counts
+    per_col = padded[:, : nb * bs].view(nb, nb, bs)  # cut to nb column blocks, as the reference does
+    nonzero = (per_col > 0).sum(-1)
+    high = (3 * per_col > bs).sum(-1)  # density count / bs > 1/3
+    return 5 * high > 3 * nonzero  # more than 60% of the non-empty columns (none: not kept)
+
+
+@functools.lru_cache(maxsize=32)
+def _radial_mask(grid: Grid, block_size: int, decay_factor: float) -> torch.Tensor:
+    f, h, w = grid
+    t = h * w
+    m = -(-f * t // block_size)
+    mask = torch.zeros(m, m, dtype=torch.bool)
+    # F^2 small tensor programs: intra-op threads only add overhead (50x slower on a loaded 2-core host)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(f):
+            for j in range(f):
+                blocks = _pair_blocks(i, j, t, block_size, decay_factor)
+                if blocks is None:
+                    continue
+                r0, c0 = (i * t) // block_size, (j * t) // block_size
+                rows, cols = min(blocks.shape[0], m - r0), min(blocks.shape[1], m - c0)
+                mask[r0: r0 + rows, c0: c0 + cols] |= blocks[:rows, :cols]
+    finally:
+        torch.set_num_threads(threads)
+    return mask
+
+
+def radial_block_mask(grid: Grid, block_size: int = 128, decay_factor: float = 1.0) -> torch.Tensor:
+    """The Radial Attention block mask [M, M] over a (frames, height, width) token grid (cached; read-only:
+    clone it before changing it)."""
+    _check_grid(grid, block_size)
+    if not 0 < decay_factor <= 1:
+        raise ValueError(f"decay_factor must be in (0, 1], got {decay_factor}")
+    return _radial_mask(tuple(int(x) for x in grid), int(block_size), float(decay_factor))
+
+
+@functools.lru_cache(maxsize=32)
+def _local_mask(grid: Grid, block_size: int, radius: int) -> torch.Tensor:
+    f, h, w = grid
+    s = f * h * w
+    m = -(-s // block_size)
+    mask = torch.zeros(m, m, dtype=torch.bool)
+    chunk = 64
+    for start in range(0, m, chunk):
+        rows = range(start, min(start + chunk, m))
+        marks = torch.zeros(len(rows), m * block_size)
+        for n, q in enumerate(rows):
+            marks[n, q * block_size: (q + 1) * block_size] = 1.0
+        grid_marks = marks[:, :s].view(len(rows), 1, f, h, w)
+        # dilate each query block's tokens by the window box: the key tokens some query token reaches
+        # (a box is separable: three 1-D max pools, 3 (2r+1) reads per token instead of (2r+1)^3)
+        reach = grid_marks
+        for axis in range(3):
+            kernel = [1, 1, 1]
+            kernel[axis] = 2 * radius + 1
+            pad = [0, 0, 0]
+            pad[axis] = radius
+            reach = torch.nn.functional.max_pool3d(reach, kernel, stride=1, padding=pad)
+        flat = torch.zeros(len(rows), m * block_size)
+        flat[:, :s] = reach.view(len(rows), s)
+        mask[start: start + len(rows)] = flat.view(len(rows), m, block_size).amax(-1) > 0
+    return mask
+
+
+def local_block_mask(grid: Grid, block_size: int = 128, local_window_size: int = 6) -> torch.Tensor:
+    """The local-window block mask [M, M]: `local_window_size` tokens per side along frame, height and width
+    (cached; read-only)."""
+    _check_grid(grid, block_size)
+    if local_window_size < 1:
+        raise ValueError(f"the local pattern needs local_window_size >= 1 token per side, got {local_window_size}")
+    return _local_mask(tuple(int(x) for x in grid), int(block_size), int(local_window_size))
+
+
+def _check_grid(grid: Grid, block_size: int) -> None:
+    if len(grid) != 3 or any(int(x) < 1 for x in grid):
+        raise ValueError(f"grid is the (frames, height, width) of the token grid, got {grid}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two of at least 16, got {block_size}")
+
+
+def density(mask: torch.Tensor) -> float:
+    """Fraction of the block pairs a block mask computes (1.0 = dense). Over blocks, so a ragged last block
+    counts as a whole one."""
+    return float(mask.float().mean()) if mask.numel() else 0.0
+
+
+def block_mask_for(config: Any, grid: Grid) -> torch.Tensor:
+    """The block mask a sparse config asks for: `sparse_impl` "radial" (`decay_factor`) or "local"
+    (`local_window_size`), at `block_size` (attributes of `SparseAttentionConfig`, or any object with them)."""
+    impl = getattr(config, "sparse_impl", None)
+    block_size = int(getattr(config, "block_size", 128))
+    if impl == "radial":
+        return radial_block_mask(grid, block_size, float(getattr(config, "decay_factor", 1.0)))
+    if impl == "local":
+        return local_block_mask(grid, block_size, int(getattr(config, "local_window_size", 0)))
+    raise ValueError(f"no block mask for sparse_impl {impl!r}: this build makes 'radial' and 'local'")
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(impl: str, grid: Grid, block_size: int, decay_factor: float, window: int, device: str) -> BlockLayout:
+    mask = (radial_block_mask(grid, block_size, decay_factor) if impl == "radial"
+            else local_block_mask(grid, block_size, window))
+    return layout_from_mask(mask, block_size).to(device)
+
+
+def block_layout_for(config: Any, grid: Grid, device: torch.device | str = "cpu") -> BlockLayout:
+    """The kernel's layout (counts + indices) for a sparse config and grid, on `device`; cached per (pattern,
+    grid, device), so every layer and step reuses one."""
+    impl = getattr(config, "sparse_impl", None)
+    if impl not in ("radial", "local"):
+        raise ValueError(f"no block mask for sparse_impl {impl!r}: this build makes 'radial' and 'local'")
+    return _layout(impl, tuple(int(x) for x in grid), int(getattr(config, "block_size", 128)),
+                   float(getattr(config, "decay_factor", 1.0)), int(getattr(config, "local_window_size", 0)),
+                   str(torch.device(device)))
+
+
+def use_dense(step_index: int, layer_index: int, config: Any) -> bool:
+    """Whether this step and block run dense attention: the first `dense_timesteps` steps and the first
+    `dense_layers` blocks do (0-based indices; Radial Attention's `numeral_timestep < dense_timestep or
+    layer_idx < dense_block`). No sparse config (None, or no `sparse_impl`): dense."""
+    if config is None or getattr(config, "sparse_impl", None) is None:
+        return True
+    return (step_index < int(getattr(config, "dense_timesteps", 0))
+            or layer_index < int(getattr(config, "dense_layers", 0)))
+
+
+def kernel_available(q: torch.Tensor) -> bool:
+    """The Triton kernel runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.compiler.disable
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Optional[torch.Tensor] = None,
+                     layout: Optional[BlockLayout] = None, block_size: int = 128, scale: Optional[float] = None,
+                     return_lse: bool = False, use_kernel: Optional[bool] = None, seq_len: Optional[int] = None):
+    """Block-sparse attention over q [B, Sq, N, D], k, v [B, Sk, N, D] (BSND): each query block attends to the
+    key blocks of `block_mask` ([Mq, Mk] or [N, Mq, Mk] bool, at `block_size` tokens) or of a prebuilt
+    `layout` (preferred: build it once with `block_layout_for`). The Triton kernel where it runs
+    (`kernel_available`), else the PyTorch reference; `use_kernel` forces either. `seq_len`: the true length of
+    a self-attention sequence padded at its end (sequence parallel pads to a multiple of its degree): the
+    first `seq_len` tokens attend among themselves (views, no copies) and the padded rows get 0 (lse -inf).
+    Returns out [B, Sq, N, D] in q's dtype, and with `return_lse` also the log-sum-exp [B, N, Sq] float32."""
+    if (block_mask is None) == (layout is None):
+        raise ValueError("pass exactly one of block_mask and layout")
+    if layout is None:
+        layout = layout_from_mask(block_mask, block_size)
+    if seq_len is not None and seq_len < q.shape[1]:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("seq_len is for self-attention over one padded sequence (as many keys as queries)")
+        inner = sparse_attention(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len], layout=layout, scale=scale,
+                                 return_lse=return_lse, use_kernel=use_kernel)
+        out = q.new_zeros(q.shape)
+        out[:, :seq_len] = inner[0] if return_lse else inner
+        if not return_lse:
+            return out
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+        lse[..., :seq_len] = inner[1]
+        return out, lse
+    if use_kernel is None:
+        use_kernel = kernel_available(q)
+    if use_kernel:
+        from telefuser.kernels.triton.block_sparse_attention import block_sparse_attention
+
+        layout = layout.to(q.device)
+        return block_sparse_attention(q, k, v, layout.counts, layout.indices, layout.block_size, scale=scale,
+                                      return_lse=return_lse)
+    return block_sparse_attention_reference(q, k, v, layout, scale=scale, return_lse=return_lse)
+
+
+def sparse_or_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any, grid: Grid,
+                              step_index: int, layer_index: int, dense: Callable[..., torch.Tensor],
+                              seq_len: Optional[int] = None, use_kernel: Optional[bool] = None) -> torch.Tensor:
+    """One self-attention call of a DiT under a sparse config: `dense(q, k, v)` on the dense steps and layers
+    (`use_dense`), else the config's pattern over the (frames, height, width) token `grid` with the cached
+    layout. q, k, v [B, S, N, D]; `seq_len` as in `sparse_attention` (default: the grid's token count when
+    q is longer, i.e. padded); `use_kernel` as in `sparse_attention`."""
+    if use_dense(step_index, layer_index, config):
+        return dense(q, k, v)
+    tokens = grid[0] * grid[1] * grid[2]
+    if q.shape[1] < tokens:
+        raise ValueError(f"sparse attention over a grid of {tokens} tokens got {q.shape[1]} queries: a sequence "
+                         "shard (ring attention) cannot take a global mask; use Ulysses (whole sequences per rank)")
+    layout = block_layout_for(config, grid, q.device)
+    return sparse_attention(q, k, v, layout=layout, seq_len=tokens if seq_len is None else seq_len,
+                            use_kernel=use_kernel)

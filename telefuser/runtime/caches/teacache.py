@@ -1,0 +1,95 @@
+"""TeaCache for Wan (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model",
+arXiv:2411.19108), as its authors run it on Wan2.1 (ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py):
+
+- per CFG branch, the relative L1 change of the block stack's timestep input since the previous call,
+  rel = mean|inp - inp_prev| / mean|inp_prev|, where inp is the time embedding `e` (Wan's [B, dim]
+  `time_embedding` output; `e0`, the [B, 6, dim] time projection every block is modulated with, in the
+  "ret steps" variant), is rescaled by the published polynomial poly(rel) (numpy.poly1d order: highest power
+  first) and accumulated;
+- while the accumulated value stays under `threshold` the step reuses the cached residual of the whole block
+  stack (blocks 0 .. L-1); reaching it, the step computes and the accumulator restarts at 0; the previous
+  input is updated on every call, computed or reused;
+- the first step computes (there is nothing to compare with; the "ret steps" variant computes its first 5),
+  and the reference also computes the last step (`final_steps=1` with `num_inference_steps` here).
+
+The polynomials were fitted by TeaCache's authors on Wan2.1's own checkpoints; they rescale a change of the
+timestep embedding into the expected change of the output. They are facts of those models: other models
+(Wan2.2, distilled schedules) need their own fit, and random weights (the tiny model) make them meaningless
+for quality, though not for the mechanism the tests check.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .base import CachePolicy, CallContext, StepCache, relative_l1
+
+# Source: ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py (the coefficients its README lists for
+# Wan2.1; numpy.poly1d order, highest power first). "*_ret" are the `use_ret_steps` fits (input e0, the
+# first 5 steps computed).
+WAN21_COEFFICIENTS: dict[str, tuple[float, ...]] = {
+    "wan2.1_t2v_1.3b": (2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
+    "wan2.1_t2v_14b": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    "wan2.1_i2v_14b_480p": (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
+    "wan2.1_i2v_14b_720p": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+    "wan2.1_t2v_1.3b_ret": (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
+    "wan2.1_t2v_14b_ret": (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
+}
+RET_WARMUP_STEPS = 5  # the "ret steps" variant computes its first 5 steps (TeaCache4Wan2.1: ret_steps = 5)
+
+
+def wan21_coefficients_key(dim: int, model_type: str, height: Optional[int] = None, ret_steps: bool = False) -> str:
+    """The published polynomial for a Wan2.1 DiT: by width (1536: 1.3B, 5120: 14B) and model type; I2V by the
+    video height (480p / 720p fits). Raises for a model the authors did not fit."""
+    if model_type == "t2v" and dim in (1536, 5120):
+        key = "wan2.1_t2v_1.3b" if dim == 1536 else "wan2.1_t2v_14b"
+    elif model_type == "i2v" and dim == 5120 and height is not None:
+        if ret_steps:
+            raise ValueError("TeaCache publishes no 'ret steps' polynomial for Wan2.1 I2V")
+        return "wan2.1_i2v_14b_720p" if height >= 720 else "wan2.1_i2v_14b_480p"
+    else:
+        raise ValueError(f"TeaCache publishes no Wan2.1 polynomial for a {model_type} DiT of width {dim}"
+                         + (" (I2V needs the video height)" if model_type == "i2v" and height is None else "")
+                         + "; give the coefficients explicitly")
+    return key + "_ret" if ret_steps else key
+
+
+def polyval(coefficients: Sequence[float], x: float) -> float:
+    """numpy.poly1d(coefficients)(x): highest power first (Horner)."""
+    value = 0.0
+    for c in coefficients:
+        value = value * x + c
+    return value
+
+
+class TeaCachePolicy(CachePolicy):
+    name = "teacache"
+    first_blocks = 0
+
+    def __init__(self, threshold: float, coefficients: Sequence[float] | str, input: str = "t_emb") -> None:
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        if input not in ("t_emb", "e0"):
+            raise ValueError(f"TeaCache's input is 't_emb' (Wan's e) or 'e0' (the time projection), got {input!r}")
+        self.threshold = float(threshold)
+        self.coefficients = tuple(WAN21_COEFFICIENTS[coefficients] if isinstance(coefficients, str) else coefficients)
+        self.input = input
+
+    def decide(self, cache: StepCache, ctx: CallContext, x: torch.Tensor, forced: bool) -> bool:
+        t_emb, e0 = cache.dit.time_embeddings(ctx.t)
+        inp = t_emb if self.input == "t_emb" else e0
+        history = ctx.state.policy
+        previous = history.get("input")
+        history["input"] = inp
+        if forced or previous is None or previous.shape != inp.shape:
+            history["accumulated"] = 0.0
+            return True
+        accumulated = history.get("accumulated", 0.0) + polyval(self.coefficients, relative_l1(inp, previous))
+        # threshold 0 never reuses, even where a polynomial is negative near 0 (the 14B fits are)
+        if self.threshold > 0 and accumulated < self.threshold:
+            history["accumulated"] = accumulated
+            return False
+        history["accumulated"] = 0.0
+        return True
