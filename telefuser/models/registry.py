@@ -57,6 +57,14 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry("UMT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config", "telefuser.models.t5.umt5_keys"),
         ModelEntry("CLIPVision", "telefuser.models.clip.vision", "ClipVisionEncoder", "ClipVisionConfig",
                    "telefuser.models.clip.vision_keys"),
+        ModelEntry("HunyuanVideo15DiT", "telefuser.models.hunyuan15.dit", "HunyuanVideo15DiT", "HunyuanVideo15DiTConfig",
+                   "telefuser.models.hunyuan15.dit_keys"),
+        ModelEntry("HunyuanVideo15VAE", "telefuser.models.hunyuan15.vae", "HunyuanVideo15VAE", "HunyuanVideo15VAEConfig",
+                   "telefuser.models.hunyuan15.vae_keys"),
+        ModelEntry("HunyuanVideo15SRUpsampler720p", "telefuser.models.hunyuan15.sr", "SRUpsampler720p",
+                   "SRUpsampler720pConfig", "telefuser.models.hunyuan15.sr_keys"),
+        ModelEntry("HunyuanVideo15SRUpsampler1080p", "telefuser.models.hunyuan15.sr", "SRUpsampler1080p",
+                   "SRUpsampler1080pConfig", "telefuser.models.hunyuan15.sr_keys"),
     )
 }
 

@@ -1,0 +1,154 @@
+"""What a HunyuanVideo-1.5 weight file is, in which key layout, with which architecture numbers: pure functions of
+tensor names and shapes (a safetensors header is enough), for the compiler's detection (`telefuser.compiler.detect`
+calls them and wraps the result in its `Detection`).
+
+Each `detect_*` takes {tensor name: shape} and returns a `Found` or None (not this model). The `arch` dicts are the
+config dataclasses' fields, so `Class(Config(**arch))` builds the model. Numbers the weights do not store are
+named in `notes`.
+
+Order matters against the Wan detectors: a diffusers-layout HunyuanVideo-1.5 VAE has
+`encoder.down_blocks.0.resnets.0.norm1.gamma`, the key the Wan2.2 VAE detector keys on; run these first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+Shapes = dict[str, tuple[int, ...]]
+
+PUBLISHED_HEAD_DIM = 128
+PUBLISHED_ROPE_DIMS = [16, 56, 56]
+
+
+@dataclass(frozen=True)
+class Found:
+    class_name: str  # the registry name
+    layout: str  # "tencent" or "diffusers"
+    arch: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    role: str = ""  # DiT: "base" (T2V/I2V, 2C+1 conditioning channels) or "sr" (2C+1 plus C+1 low-res channels)
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+def rope_dims_for(head_dim: int) -> list[int]:
+    """The published split of the head dim over (t, h, w), [16, 56, 56] of 128, scaled to another head dim:
+    an eighth for time, the rest halved between height and width (each part even)."""
+    t = max(2, head_dim // 8 // 2 * 2)
+    hw = (head_dim - t) // 2 // 2 * 2
+    return [head_dim - 2 * hw, hw, hw]
+
+
+_DIT_NAMES = {
+    "tencent": {
+        "img_in": "img_in.proj.weight", "final": "final_layer.linear.weight", "qnorm": "double_blocks.0.img_attn_q_norm.weight",
+        "fc1": "double_blocks.0.img_mlp.fc1.weight", "double": r"double_blocks\.(\d+)\.", "single": r"single_blocks\.(\d+)\.",
+        "text": "txt_in.input_embedder.weight", "refiner": r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.",
+        "byt5": "byt5_in.fc1.weight", "vision": "vision_in.proj.1.weight", "meanflow": "time_r_in.mlp.0.weight",
+        "guidance": "guidance_in.mlp.0.weight",
+    },
+    "diffusers": {
+        "img_in": "x_embedder.proj.weight", "final": "proj_out.weight", "qnorm": "transformer_blocks.0.attn.norm_q.weight",
+        "fc1": "transformer_blocks.0.ff.net.0.proj.weight", "double": r"transformer_blocks\.(\d+)\.", "single": r"single_blocks\.(\d+)\.",
+        "text": "context_embedder.proj_in.weight", "refiner": r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.",
+        "byt5": "context_embedder_2.linear_1.weight", "vision": "image_embedder.linear_1.weight",
+        "meanflow": "time_embed.timestep_embedder_r.linear_1.weight", "guidance": "guidance_in.mlp.0.weight",
+    },
+}
+
+
+def detect_dit(shapes: Shapes) -> Found | None:
+    if "txt_in.input_embedder.weight" in shapes and "img_in.proj.weight" in shapes:
+        layout = "tencent"
+    elif "context_embedder.proj_in.weight" in shapes and "x_embedder.proj.weight" in shapes \
+            and "cond_type_embed.weight" in shapes:
+        layout = "diffusers"
+    else:
+        return None
+    n = _DIT_NAMES[layout]
+    hidden, in_channels, *patch = shapes[n["img_in"]]
+    head_dim = shapes[n["qnorm"]][0]
+    out_channels = shapes[n["final"]][0] // math.prod(patch)
+    arch = {
+        "in_channels": in_channels, "out_channels": out_channels, "hidden_size": hidden,
+        "heads_num": hidden // head_dim, "mlp_hidden_dim": shapes[n["fc1"]][0],
+        "double_blocks": _count(shapes, n["double"]), "single_blocks": _count(shapes, n["single"]),
+        "patch_size": list(patch),
+        "rope_dim_list": PUBLISHED_ROPE_DIMS if head_dim == PUBLISHED_HEAD_DIM else rope_dims_for(head_dim),
+        "rope_theta": 256.0, "text_states_dim": shapes[n["text"]][1], "refiner_blocks": _count(shapes, n["refiner"]),
+        "byt5_dim": shapes[n["byt5"]][1], "byt5_hidden": shapes[n["byt5"]][0],
+        "vision_states_dim": shapes[n["vision"]][1], "use_meanflow": n["meanflow"] in shapes,
+        "guidance_embed": n["guidance"] in shapes, "eps": 1e-6,
+    }
+    if in_channels == 2 * out_channels + 1:
+        role = "base"
+    elif in_channels == 3 * out_channels + 2:
+        role = "sr"
+    else:
+        raise ValueError(f"img_in takes {in_channels} channels: neither 2 x {out_channels} + 1 (base DiT) "
+                         f"nor 3 x {out_channels} + 2 (SR DiT)")
+    notes = ["heads_num = hidden / the q-norm width (the head dim)",
+             "rope_dim_list and rope_theta (256) are the published ones; not stored in weights",
+             "distillation (cfg-distilled, step-distilled) and sparse attention (SSTA) are not visible in the weights: "
+             "the recipe declares them"]
+    return Found("HunyuanVideo15DiT", layout, arch, notes, role)
+
+
+def detect_vae(shapes: Shapes) -> Found | None:
+    if "encoder.down.0.block.0.conv1.conv.weight" in shapes and "decoder.mid.attn_1.q.weight" in shapes:
+        layout, level, res, down = "tencent", "encoder.down.{i}.block.0.conv1.conv.weight", \
+            r"encoder\.down\.0\.block\.(\d+)\.", "encoder.down.{i}.downsample.conv.conv.weight"
+    elif "encoder.down_blocks.0.resnets.0.conv1.conv.weight" in shapes and \
+            "decoder.mid_block.attentions.0.to_q.weight" in shapes:
+        layout, level, res, down = "diffusers", "encoder.down_blocks.{i}.resnets.0.conv1.conv.weight", \
+            r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", "encoder.down_blocks.{i}.downsamplers.0.conv.conv.weight"
+    else:
+        return None
+    levels = _count(shapes, r"encoder\.down(?:_blocks)?\.(\d+)\.")
+    channels = [shapes[level.format(i=i)][0] for i in range(levels)]
+    spatial = temporal = 0
+    for i in range(levels):
+        key = down.format(i=i)
+        if key in shapes:
+            spatial += 1
+            temporal += shapes[key][0] * 8 == channels[i + 1]  # time is resampled: 2x2x2 pixels per channel
+    arch = {"in_channels": shapes["encoder.conv_in.conv.weight"][1], "out_channels": shapes["decoder.conv_out.conv.weight"][0],
+            "latent_channels": shapes["decoder.conv_in.conv.weight"][1], "block_out_channels": channels,
+            "layers_per_block": _count(shapes, res), "spatial_ratio": 2 ** spatial, "temporal_ratio": 2 ** temporal,
+            "scaling_factor": 1.03682}
+    return Found("HunyuanVideo15VAE", layout, arch, ["scaling_factor 1.03682 is the published one; not stored in weights"])
+
+
+def detect_upsampler(shapes: Shapes) -> Found | None:
+    """The SR stage's latent upsamplers (`upsampler/720p_sr_distilled`, `upsampler/1080p_sr_distilled`)."""
+    if "in_conv.conv.weight" in shapes and "blocks.0.block.0.conv.weight" in shapes:
+        hidden, cin = shapes["in_conv.conv.weight"][:2]
+        arch = {"in_channels": cin, "out_channels": shapes["out_conv.conv.weight"][0], "hidden_channels": hidden,
+                "num_blocks": _count(shapes, r"blocks\.(\d+)\.block\."), "global_residual": False}
+        return Found("HunyuanVideo15SRUpsampler720p", "tencent", arch,
+                     ["global_residual False as published; not stored in weights"])
+    if "conv_in.conv.weight" in shapes and "up.0.block.0.conv1.conv.weight" in shapes and not any(
+            k.startswith(("encoder.", "decoder.")) for k in shapes):
+        levels = _count(shapes, r"up\.(\d+)\.block\.")
+        arch = {"z_channels": shapes["conv_in.conv.weight"][1], "out_channels": shapes["conv_out.conv.weight"][0],
+                "block_out_channels": [shapes[f"up.{i}.block.0.conv1.conv.weight"][0] for i in range(levels)],
+                "num_res_blocks": _count(shapes, r"up\.0\.block\.(\d+)\.") - 1}
+        return Found("HunyuanVideo15SRUpsampler1080p", "tencent", arch)
+    return None
+
+
+DETECTORS = (detect_dit, detect_vae, detect_upsampler)
+
+
+def detect(shapes: Shapes) -> Found | None:
+    for detector in DETECTORS:
+        found = detector(shapes)
+        if found is not None:
+            return found
+    return None
