@@ -1,0 +1,68 @@
+"""The tiny HunyuanVideo-1.5 weights: deterministic, in Tencent's layout (detected as such, with the tiny arch),
+and a CPU run through them: T2V and I2V DiT steps, SR conditioning and an SR DiT step, VAE encode and decode."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from telefuser.models import registry
+from telefuser.models.hunyuan15 import detect, sr, tiny
+from telefuser.models.hunyuan15.dit import condition_latents
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(role: str, path):
+    entry = registry.get(tiny.CLASSES[role])
+    state = load_file(str(path))
+    assert entry.detect_layout(state.keys()) == "tencent"
+    model = entry.model_class(entry.config_class(**tiny.TINY_ARCH[role])).eval()
+    model.load_state_dict(entry.convert(state, "tencent"), strict=True)
+    return model
+
+
+def test_tiny_files_are_deterministic_and_detected(tmp_path) -> None:
+    first = tiny.generate(tmp_path / "a")
+    second = tiny.generate(tmp_path / "b")
+    for role, path in first.items():
+        assert _sha(path) == _sha(second[role]), role
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        found = detect.detect(shapes)
+        assert found is not None and found.class_name == tiny.CLASSES[role] and found.layout == "tencent"
+        assert found.arch == tiny.TINY_ARCH[role], role
+    assert detect.detect_dit({k: tuple(v.shape) for k, v in load_file(str(first["dit_sr"])).items()}).role == "sr"
+    assert sum(p.stat().st_size for p in first.values()) < 8 * 2**20
+
+
+def test_tiny_t2v_i2v_sr_run(tmp_path) -> None:
+    files = tiny.generate(tmp_path)
+    dit, dit_i2v, dit_sr = (_build(r, files[r]) for r in ("dit", "dit_i2v", "dit_sr"))
+    vae, up = _build("vae", files["vae"]), _build("upsampler_720p", files["upsampler_720p"])
+    gen = torch.Generator().manual_seed(0)
+    text, mask = torch.randn(1, 6, 32, generator=gen), torch.ones(1, 6, dtype=torch.long)
+    latents = torch.randn(1, tiny.LATENT, 2, 4, 4, generator=gen)  # 5 frames of 64 x 64
+    with torch.no_grad():
+        v = dit(latents, torch.tensor([1000.0]), text, mask, y=condition_latents(latents))
+        x = latents - v  # one Euler step to sigma 0
+        image = torch.rand(1, 3, 1, 64, 64, generator=gen) * 2 - 1
+        image_latent = vae.encode(image)
+        v_i2v = dit_i2v(latents, torch.tensor([500.0]), text, mask, vision_states=torch.randn(1, 3, 24, generator=gen),
+                        y=condition_latents(latents, image_latent))
+        size = (6, 6)  # 1.5x per side, as 480p -> 720p
+        lq = sr.noise_lq_latent(sr.upsample_lq_latent(x, size, up), 0.7, generator=gen)
+        hr = torch.randn(1, tiny.LATENT, 2, *size, generator=gen)
+        condition, zero = sr.sr_condition(hr, lq)
+        v_sr = dit_sr(hr, torch.tensor([900.0]), text, mask, y=sr.sr_condition_for(900.0, condition, zero),
+                      t_r=torch.tensor([600.0]))
+        video = vae.decode(hr - v_sr, tiled=True, tile_size=(4, 4))
+    assert image_latent.shape == (1, tiny.LATENT, 1, 4, 4)
+    assert v.shape == v_i2v.shape == latents.shape and v_sr.shape == hr.shape
+    assert video.shape == (1, 3, 5, 96, 96) and video.abs().max() <= 1.0
+    assert all(torch.isfinite(t).all() for t in (v, v_i2v, v_sr, video))
