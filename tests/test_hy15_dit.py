@@ -163,3 +163,54 @@ def test_condition_latents_i2v() -> None:
     assert torch.equal(y[:, :4, 0], img[:, :, 0]) and not y[:, :4, 1:].any()
     assert y[:, 4, 0].eq(1).all() and not y[:, 4, 1:].any()
     assert not condition_latents(lat).any()
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Tencent's real-valued RoPE: x * cos + rotate_half(x) * sin on interleaved pairs, cos/sin repeated per pair."""
+    c, s = cos.repeat_interleave(2, -1)[None, :, None], sin.repeat_interleave(2, -1)[None, :, None]
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+    return x * c + rotated * s
+
+
+def test_single_stream_block_matches_float64_reference() -> None:
+    """No published checkpoint or diffusers class has single-stream blocks: checked against a float64 evaluation
+    written from Tencent's MMSingleStreamBlock (1e-5; float32 against float64, measured ~1e-7)."""
+    from telefuser.models.hunyuan15.dit import SingleStreamBlock, rope_cos_sin
+
+    cfg = HunyuanVideo15DiTConfig(**{**TINY.__dict__, "single_blocks": 1})
+    gen = torch.Generator().manual_seed(3)
+    block = SingleStreamBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    n, ctx, h, heads = 12, 5, cfg.hidden_size, cfg.heads_num
+    x, vec = torch.randn(1, n + ctx, h, generator=gen), torch.randn(1, h, generator=gen)
+    cos, sin = rope_cos_sin((1, 3, 4), cfg.rope_dim_list, cfg.rope_theta)
+    with torch.no_grad():
+        got = block(x, vec, n, (cos, sin), None)
+    sd = {k: v.double() for k, v in block.state_dict().items()}
+    lin = lambda name, t: t @ sd[name + ".weight"].T + sd[name + ".bias"]  # noqa: E731
+    xd, vd = x.double(), vec.double()
+    shift, scale, gate = lin("modulation.linear", torch.nn.functional.silu(vd)).chunk(3, -1)
+    xm = torch.nn.functional.layer_norm(xd, (h,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+    q = rms(lin("linear1_q", xm).unflatten(-1, (heads, -1)), sd["q_norm.weight"])
+    k = rms(lin("linear1_k", xm).unflatten(-1, (heads, -1)), sd["k_norm.weight"])
+    v = lin("linear1_v", xm).unflatten(-1, (heads, -1))
+    q = torch.cat([_rope_ref(q[:, :n], cos.double(), sin.double()), q[:, n:]], 1)
+    k = torch.cat([_rope_ref(k[:, :n], cos.double(), sin.double()), k[:, n:]], 1)
+    weights = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim), -1)
+    attn = torch.einsum("bhqk,bkhd->bqhd", weights, v).flatten(2)
+    mlp = torch.nn.functional.gelu(lin("linear1_mlp", xm), approximate="tanh")
+    expected = xd + gate[:, None] * lin("linear2.fc", torch.cat([attn, mlp], -1))
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_single_stream_blocks_run_in_the_model() -> None:
+    cfg = HunyuanVideo15DiTConfig(**{**TINY.__dict__, "single_blocks": 2})
+    model = HunyuanVideo15DiT(cfg).eval()
+    x = inputs(cfg, 2, True)
+    with torch.no_grad():
+        out = model(x["latents"], x["t"], x["text"], x["text_mask"], x["byt5"], x["byt5_mask"], x["vision"], y=x["y"])
+    assert out.shape == x["latents"].shape and torch.isfinite(out).all()
