@@ -4,6 +4,7 @@ ones round-trip to their configs), the registry entries, and no confusion with t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -99,3 +100,18 @@ def test_wan_files_are_not_hunyuan() -> None:
     for shapes in (dit, wan_to_diffusers(dit), wvae, wan_vae_keys.wan_to_diffusers(wvae), w22,
                    vae22_keys.wan_to_diffusers(w22)):
         assert detect.detect(shapes) is None
+
+
+def test_qwen_text_encoder_detected_in_the_hub_layout() -> None:
+    from telefuser.models.hunyuan15.qwen_text import Qwen25VLTextConfig, Qwen25VLTextEncoder
+
+    full = shapes_of(Qwen25VLTextEncoder, Qwen25VLTextConfig(skip_layers=0))  # every layer and the final norm
+    hub = {"model." + k: s for k, s in full.items()} | {"lm_head.weight": (152064, 3584), "visual.merger.mlp.0.weight": (5120, 5120)}
+    found = detect.detect(hub)
+    assert found is not None and (found.class_name, found.layout) == ("Qwen25VLTextEncoder", "hf")
+    assert Qwen25VLTextConfig(**found.arch) == Qwen25VLTextConfig()
+    used = [k for k in hub if detect.qwen_text_used(k, found.arch)]
+    entry = registry.get("Qwen25VLTextEncoder")
+    assert set(shapes_of(entry.model_class, Qwen25VLTextConfig())) == {k[len("model."):] for k in used}
+    params = sum(math.prod(hub[k]) for k in used)
+    assert 6.4e9 < params < 6.7e9, params  # 26 of 28 layers and the embedding of the 7.6B language model

@@ -96,3 +96,24 @@ def test_matches_diffusers_encode_prompt(models_and_tokenizers) -> None:
     assert states.shape == (3, MAX_LEN, 32) and torch.equal(states, e_text) and torch.equal(mask, e_mask.long())
     assert torch.equal(g_states, e_byt5) and torch.equal(g_mask, e_byt5_mask.long())
     assert mask[1].sum() > 0 and not g_mask[1].any()  # the empty prompt: " " has tokens; no glyphs
+
+
+def test_telefuser_qwen_encoder_gives_the_same_text_states(models_and_tokenizers) -> None:
+    """TeleFuser's Qwen2.5-VL language model (the layers up to hidden_states[-3] only) in place of transformers'."""
+    from telefuser.models.hunyuan15.qwen_text import Qwen25VLTextConfig, Qwen25VLTextEncoder
+    from telefuser.models.hunyuan15.qwen_text_keys import to_text_layout
+
+    qwen, qtok, _, _ = models_and_tokenizers
+    c = qwen.config
+    ours = Qwen25VLTextEncoder(Qwen25VLTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+        rope_theta=1e6, eps=c.rms_norm_eps)).eval()
+    ours.load_state_dict(to_text_layout(qwen.state_dict()), strict=True)
+    with torch.no_grad():
+        expected, e_mask = text.encode_text(
+            lambda ids, m: qwen(input_ids=ids, attention_mask=m, output_hidden_states=True).hidden_states,
+            qtok, PROMPTS, max_length=MAX_LEN)
+        got, mask = text.encode_text(ours, qtok, PROMPTS, max_length=MAX_LEN)
+    assert torch.equal(mask, e_mask)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5

@@ -65,6 +65,8 @@ REGISTRY: dict[str, ModelEntry] = {
                    "SRUpsampler720pConfig", "telefuser.models.hunyuan15.sr_keys"),
         ModelEntry("HunyuanVideo15SRUpsampler1080p", "telefuser.models.hunyuan15.sr", "SRUpsampler1080p",
                    "SRUpsampler1080pConfig", "telefuser.models.hunyuan15.sr_keys"),
+        ModelEntry("Qwen25VLTextEncoder", "telefuser.models.hunyuan15.qwen_text", "Qwen25VLTextEncoder",
+                   "Qwen25VLTextConfig", "telefuser.models.hunyuan15.qwen_text_keys"),
     )
 }
 

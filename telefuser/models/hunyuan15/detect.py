@@ -143,7 +143,44 @@ def detect_upsampler(shapes: Shapes) -> Found | None:
     return None
 
 
-DETECTORS = (detect_dit, detect_vae, detect_upsampler)
+QWEN_HEAD_DIM = 128  # Qwen2.5-VL-7B: 3584 / 28 heads; heads are not stored in the weights
+_QWEN_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.", "")
+
+
+def detect_qwen_text(shapes: Shapes) -> Found | None:
+    """Qwen2.5-VL-7B-Instruct (the hub checkpoint, tencent/HunyuanVideo-1.5's `text_encoder/llm`, or diffusers'
+    saved `Qwen2_5_VLTextModel`) as HunyuanVideo-1.5's text encoder."""
+    prefix = next((p for p in _QWEN_PREFIXES if p + "embed_tokens.weight" in shapes
+                   and p + "layers.0.self_attn.q_proj.weight" in shapes), None)
+    if prefix is None or prefix + "layers.0.mlp.gate_proj.weight" not in shapes:
+        return None
+    vocab, hidden = shapes[prefix + "embed_tokens.weight"]
+    kv = shapes[prefix + "layers.0.self_attn.k_proj.weight"][0] // QWEN_HEAD_DIM
+    arch = {"vocab_size": vocab, "hidden_size": hidden,
+            "intermediate_size": shapes[prefix + "layers.0.mlp.gate_proj.weight"][0],
+            "num_layers": _count(shapes, re.escape(prefix) + r"layers\.(\d+)\."), "num_heads": hidden // QWEN_HEAD_DIM,
+            "num_kv_heads": max(kv, 1), "rope_theta": 1000000.0, "eps": 1e-6, "skip_layers": 2}
+    return Found("Qwen25VLTextEncoder", "hf", arch,
+                 [f"heads = hidden / {QWEN_HEAD_DIM} (Qwen2.5-VL-7B's head dim; not stored in weights); rope_theta 1e6 "
+                  "and eps 1e-6 as published; skip_layers 2 is HunyuanVideo-1.5's hidden_states[-3]: the last two "
+                  "layers, the final norm, the LM head and the vision tower are not loaded (`qwen_text_used`)"])
+
+
+def qwen_text_used(key: str, arch: dict[str, Any]) -> bool:
+    """Whether the text encoder loads this tensor of a Qwen2.5-VL checkpoint (for its memory estimate)."""
+    if key.startswith(("visual.", "model.visual.", "lm_head.")):
+        return False
+    for p in _QWEN_PREFIXES:
+        if p and key.startswith(p):
+            key = key[len(p):]
+            break
+    m = re.match(r"layers\.(\d+)\.", key)
+    if m:
+        return int(m.group(1)) < arch["num_layers"] - arch["skip_layers"]
+    return key != "norm.weight" or arch["skip_layers"] == 0
+
+
+DETECTORS = (detect_dit, detect_vae, detect_upsampler, detect_qwen_text)
 
 
 def detect(shapes: Shapes) -> Found | None:

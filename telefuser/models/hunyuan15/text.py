@@ -23,8 +23,8 @@ byT5 for quoted text (`byt5_states`, 1472 wide: Glyph-SDXL-v2's byT5-small encod
   (no glyph token reaches the DiT). Tencent encodes the negative prompt's glyphs as those of "" (always none);
   diffusers extracts them from the negative prompt text.
 
-The models themselves are passed in (any callable with the Hugging Face calling convention); TeleFuser's own
-Qwen2.5-VL / byT5 modules are not part of this package yet.
+The models themselves are passed in as callables: `qwen_text.Qwen25VLTextEncoder` (TeleFuser's Qwen2.5-VL language
+model) or any Hugging Face-style model; a TeleFuser byT5 module is not part of this package yet.
 """
 
 from __future__ import annotations
@@ -81,15 +81,18 @@ def encode_text(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(text_states [B, max_length, D], text_mask [B, max_length] int64) for the DiT.
 
-    `hidden_states(input_ids, attention_mask)` returns the language model's per-layer outputs, embeddings first
-    (Hugging Face's `output_hidden_states=True` convention); `crop` defaults to `crop_start(tokenizer)`.
+    `hidden_states(input_ids, attention_mask)` returns either the language model's per-layer outputs, embeddings
+    first (Hugging Face's `output_hidden_states=True` convention), of which hidden_states[-3] is taken, or that
+    state itself (a tensor: `Qwen25VLTextEncoder`, which runs only the layers needed); `crop` defaults to
+    `crop_start(tokenizer)`.
     """
     crop = crop_start(tokenizer, system_message) if crop is None else crop
     tokens = tokenizer.apply_chat_template([chat(p, system_message) for p in prompts], add_generation_prompt=True,
                                            tokenize=True, return_dict=True, padding="max_length",
                                            max_length=max_length + crop, truncation=True, return_tensors="pt")
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-    states = hidden_states(ids, mask)[-(HIDDEN_STATE_SKIP_LAYER + 1)]
+    out = hidden_states(ids, mask)
+    states = out if isinstance(out, torch.Tensor) else out[-(HIDDEN_STATE_SKIP_LAYER + 1)]
     return states[:, crop:], mask[:, crop:]
 
 
