@@ -67,6 +67,8 @@ REGISTRY: dict[str, ModelEntry] = {
                    "SRUpsampler1080pConfig", "telefuser.models.hunyuan15.sr_keys"),
         ModelEntry("Qwen25VLTextEncoder", "telefuser.models.hunyuan15.qwen_text", "Qwen25VLTextEncoder",
                    "Qwen25VLTextConfig", "telefuser.models.hunyuan15.qwen_text_keys"),
+        ModelEntry("ByT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config",
+                   "telefuser.models.hunyuan15.byt5_keys"),
     )
 }
 

@@ -180,7 +180,28 @@ def qwen_text_used(key: str, arch: dict[str, Any]) -> bool:
     return key != "norm.weight" or arch["skip_layers"] == 0
 
 
-DETECTORS = (detect_dit, detect_vae, detect_upsampler, detect_qwen_text)
+def detect_byt5(shapes: Shapes) -> Found | None:
+    """A T5 v1.1 encoder with one shared position table (byT5-small / Glyph-SDXL-v2's, 1472 wide), as
+    `UMT5Encoder(shared_pos=True)`. Run before the umT5 detector, which would take an HF T5 encoder for a umT5."""
+    for layout, prefix in (("hf", "encoder."), ("glyph", "module.text_tower.encoder."), ("glyph", "")):
+        bias = prefix + "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        if bias in shapes and prefix + "block.0.layer.0.SelfAttention.q.weight" in shapes:
+            break
+    else:
+        return None
+    if prefix + "block.1.layer.0.SelfAttention.relative_attention_bias.weight" in shapes:
+        return None  # a table per layer: umT5
+    emb = prefix + "embed_tokens.weight" if prefix + "embed_tokens.weight" in shapes else "shared.weight"
+    vocab, dim = shapes[emb]
+    buckets, heads = shapes[bias]
+    arch = {"vocab_size": vocab, "dim": dim, "dim_attn": shapes[prefix + "block.0.layer.0.SelfAttention.q.weight"][0],
+            "dim_ffn": shapes[prefix + "block.0.layer.1.DenseReluDense.wi_0.weight"][0], "num_heads": heads,
+            "num_layers": _count(shapes, re.escape(prefix) + r"block\.(\d+)\."), "num_buckets": buckets,
+            "shared_pos": True}
+    return Found("ByT5Encoder", layout, arch, ["T5 v1.1 encoder: UMT5Encoder with one shared position table"])
+
+
+DETECTORS = (detect_dit, detect_vae, detect_upsampler, detect_qwen_text, detect_byt5)
 
 
 def detect(shapes: Shapes) -> Found | None:
