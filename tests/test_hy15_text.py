@@ -117,3 +117,31 @@ def test_telefuser_qwen_encoder_gives_the_same_text_states(models_and_tokenizers
         got, mask = text.encode_text(ours, qtok, PROMPTS, max_length=MAX_LEN)
     assert torch.equal(mask, e_mask)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_rendered_template_and_plain_tokenization_match_the_chat_template(models_and_tokenizers) -> None:
+    _, qtok, _, _ = models_and_tokenizers
+    for prompt in PROMPTS:
+        assert text.render_prompt(prompt) == qtok.apply_chat_template([text.chat(prompt)], add_generation_prompt=True,
+                                                                      tokenize=False)[0]
+    fast = Tokenizer.from_str(qtok.backend_tokenizer.to_str())  # a plain tokenizers.Tokenizer: no Jinja, no transformers
+    fast.no_padding()
+    fast.no_truncation()
+    ids, mask, crop = text.tokenize_rendered(lambda s: fast.encode(s).ids, PROMPTS, qtok.pad_token_id, MAX_LEN)
+    ref = qtok.apply_chat_template([text.chat(p) for p in PROMPTS], add_generation_prompt=True, tokenize=True,
+                                   return_dict=True, padding="max_length", max_length=MAX_LEN + crop, truncation=True,
+                                   return_tensors="pt")
+    assert crop == text.crop_start(qtok)
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+
+
+def test_byt5_ids_match_the_byt5_tokenizer(models_and_tokenizers) -> None:
+    _, _, _, btok = models_and_tokenizers
+    for prompt in PROMPTS + ['"' + "long glyph text " * 20 + '"']:
+        glyph = text.glyph_text(prompt)
+        if glyph is None:
+            continue
+        ref = btok(glyph, padding="max_length", max_length=BYT5_LEN, truncation=True, add_special_tokens=True,
+                   return_tensors="pt")
+        ids, mask = text.byt5_ids(glyph, BYT5_LEN)
+        assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])

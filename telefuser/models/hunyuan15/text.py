@@ -54,6 +54,44 @@ QWEN25_VL_CROP = 108  # the marker's end for Qwen2.5-VL-7B-Instruct's tokenizer 
 _GLYPH = re.compile(r"\"(.*?)\"|“(.*?)”")
 
 
+def render_prompt(prompt: str, system_message: str = SYSTEM_MESSAGE) -> str:
+    """The templated text Qwen2.5-VL's chat template makes of [system, user] with the generation prompt, for
+    string contents (no tokenizer or Jinja needed: the text stage can tokenize it with `tokenizers`)."""
+    user = prompt if prompt else " "
+    return (f"<|im_start|>system\n{system_message}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def tokenize_rendered(encode: Callable[[str], Sequence[int]], prompts: Sequence[str], pad_id: int,
+                      max_length: int = TEXT_MAX_LENGTH, system_message: str = SYSTEM_MESSAGE,
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask [B, max_length + crop], crop) from a plain `encode(text) -> ids` (e.g. a
+    `tokenizers.Tokenizer`'s), right-padded with `pad_id` and truncated as the chat-template path does."""
+    marker = list(encode(USER_MARKER))
+    sample = list(encode(render_prompt("x", system_message)))
+    crop = next((i + len(marker) for i in range(len(sample) - len(marker) + 1) if sample[i: i + len(marker)] == marker),
+                None)
+    if crop is None:
+        raise ValueError(f"the tokenizer splits the {USER_MARKER!r} marker differently in context; is it Qwen2.5-VL's?")
+    total = max_length + crop
+    ids = torch.full((len(prompts), total), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), total, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        row = list(encode(render_prompt(prompt, system_message)))[:total]
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask, crop
+
+
+def byt5_ids(text: str, max_length: int = BYT5_MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """byT5's tokenization without a tokenizer object: UTF-8 bytes + 3 (0 pad, 1 </s>, 2 unk), then </s>, truncated
+    to `max_length` (keeping the </s>), padded with 0: ([1, max_length], [1, max_length] mask)."""
+    row = [b + 3 for b in text.encode("utf-8")][: max_length - 1] + [1]
+    ids = torch.zeros(1, max_length, dtype=torch.long)
+    ids[0, : len(row)] = torch.tensor(row)
+    return ids, (ids != 0).long()
+
+
 def chat(prompt: str, system_message: str = SYSTEM_MESSAGE) -> list[dict[str, str]]:
     return [{"role": "system", "content": system_message}, {"role": "user", "content": prompt if prompt else " "}]
 
