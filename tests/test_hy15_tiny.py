@@ -10,7 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from telefuser.models import registry
-from telefuser.models.hunyuan15 import detect, sr, tiny
+from tokenizers import Tokenizer
+
+from telefuser.models.hunyuan15 import detect, sr, text, tiny
 from telefuser.models.hunyuan15.dit import condition_latents
 
 
@@ -18,12 +20,16 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+LAYOUTS = {"text_encoder": "hf", "byt5": "hf"}  # the others: Tencent's
+
+
 def _build(role: str, path):
     entry = registry.get(tiny.CLASSES[role])
     state = load_file(str(path))
-    assert entry.detect_layout(state.keys()) == "tencent"
+    layout = LAYOUTS.get(role, "tencent")
+    assert entry.detect_layout(state.keys()) == layout
     model = entry.model_class(entry.config_class(**tiny.TINY_ARCH[role])).eval()
-    model.load_state_dict(entry.convert(state, "tencent"), strict=True)
+    model.load_state_dict(entry.convert(state, layout), strict=True)
     return model
 
 
@@ -32,34 +38,48 @@ def test_tiny_files_are_deterministic_and_detected(tmp_path) -> None:
     second = tiny.generate(tmp_path / "b")
     for role, path in first.items():
         assert _sha(path) == _sha(second[role]), role
+        if role == "tokenizer":
+            continue
         with safe_open(str(path), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         found = detect.detect(shapes)
-        assert found is not None and found.class_name == tiny.CLASSES[role] and found.layout == "tencent"
-        assert found.arch == tiny.TINY_ARCH[role], role
+        assert found is not None and found.class_name == tiny.CLASSES[role]
+        assert found.layout == LAYOUTS.get(role, "tencent") and found.arch == tiny.TINY_ARCH[role], role
     assert detect.detect_dit({k: tuple(v.shape) for k, v in load_file(str(first["dit_sr"])).items()}).role == "sr"
-    assert sum(p.stat().st_size for p in first.values()) < 8 * 2**20
+    assert sum(p.stat().st_size for p in first.values()) < 16 * 2**20
 
 
 def test_tiny_t2v_i2v_sr_run(tmp_path) -> None:
     files = tiny.generate(tmp_path)
     dit, dit_i2v, dit_sr = (_build(r, files[r]) for r in ("dit", "dit_i2v", "dit_sr"))
     vae, up = _build("vae", files["vae"]), _build("upsampler_720p", files["upsampler_720p"])
+    qwen, byt5 = _build("text_encoder", files["text_encoder"]), _build("byt5", files["byt5"])
     gen = torch.Generator().manual_seed(0)
-    text, mask = torch.randn(1, 6, 32, generator=gen), torch.ones(1, 6, dtype=torch.long)
+    tokenizer = Tokenizer.from_file(str(files["tokenizer"]))
+    prompt = 'A cat holds a sign that says "HELLO"'
+    ids, ids_mask, crop = text.tokenize_rendered(lambda s: tokenizer.encode(s).ids, [prompt],
+                                                 tokenizer.token_to_id("<|endoftext|>"), max_length=96)
+    with torch.no_grad():
+        states = qwen(ids, ids_mask)[:, crop:]
+        mask = ids_mask[:, crop:]
+        glyph_ids, glyph_mask = text.byt5_ids(text.glyph_text(prompt), 32)
+        glyph = byt5(glyph_ids, glyph_mask)
+    assert states.shape == (1, 96, 256) and 0 < mask.sum() < 96 and glyph.shape == (1, 32, 16)
+    text_states = states
     latents = torch.randn(1, tiny.LATENT, 2, 4, 4, generator=gen)  # 5 frames of 64 x 64
     with torch.no_grad():
-        v = dit(latents, torch.tensor([1000.0]), text, mask, y=condition_latents(latents))
+        v = dit(latents, torch.tensor([1000.0]), text_states, mask, glyph, glyph_mask, y=condition_latents(latents))
         x = latents - v  # one Euler step to sigma 0
         image = torch.rand(1, 3, 1, 64, 64, generator=gen) * 2 - 1
         image_latent = vae.encode(image)
-        v_i2v = dit_i2v(latents, torch.tensor([500.0]), text, mask, vision_states=torch.randn(1, 3, 24, generator=gen),
+        v_i2v = dit_i2v(latents, torch.tensor([500.0]), text_states, mask, vision_states=torch.randn(1, 3, 24, generator=gen),
                         y=condition_latents(latents, image_latent))
         size = (6, 6)  # 1.5x per side, as 480p -> 720p
         lq = sr.noise_lq_latent(sr.upsample_lq_latent(x, size, up), 0.7, generator=gen)
         hr = torch.randn(1, tiny.LATENT, 2, *size, generator=gen)
         condition, zero = sr.sr_condition(hr, lq)
-        v_sr = dit_sr(hr, torch.tensor([900.0]), text, mask, y=sr.sr_condition_for(900.0, condition, zero),
+        v_sr = dit_sr(hr, torch.tensor([900.0]), text_states, mask, glyph, glyph_mask,
+                      y=sr.sr_condition_for(900.0, condition, zero),
                       t_r=torch.tensor([600.0]))
         video = vae.decode(hr - v_sr, tiled=True, tile_size=(4, 4))
     assert image_latent.shape == (1, tiny.LATENT, 1, 4, 4)

@@ -76,4 +76,23 @@ def to_umt5_layout(state: Mapping[str, T]) -> dict[str, T]:
     return out
 
 
+def umt5_to_hf(state: Mapping[str, T]) -> dict[str, T]:
+    """UMT5Encoder(shared_pos=True) names -> a Hugging Face T5EncoderModel's (the tiny files are written so)."""
+    inner = {v: k for k, v in _INNER.items()}
+    out: dict[str, T] = {}
+    for key, value in state.items():
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+        if key == "token_embedding.weight":
+            out["shared.weight"] = value  # tied to encoder.embed_tokens.weight, which safetensors files omit
+        elif key == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = value
+        elif key == "pos_embedding.embedding.weight":
+            out["encoder.block.0." + _SHARED_BIAS] = value
+        elif m and m.group(2) in inner:
+            out[f"encoder.block.{m.group(1)}.{inner[m.group(2)]}"] = value
+        else:
+            raise ValueError(f"unexpected key {key!r} for a T5 encoder with a shared position table")
+    return out
+
+
 to_wan_layout = to_umt5_layout  # the registry's contract name: to the canonical layout

@@ -13,9 +13,16 @@
                              levels of 4..16 channels, 1 residual block per level), 4 latent channels
 - hy15_upsampler_720p.safetensors
                              the SR stage's latent upsampler (SRUpsampler720p: 8 hidden channels, 2 blocks)
+- hy15_text_encoder.safetensors
+                             Qwen25VLTextEncoder in the hub checkpoint's layout (`model.*`): hidden 256 (2 heads of
+                             Qwen2.5-VL's 128, 1 key/value head), 3 layers of which the text stage runs 1
+                             (hidden_states[-3]), the final norm; vocabulary of hy15_tokenizer.json
+- hy15_tokenizer.json        a byte-level tokenizer (`tokenizers`) with Qwen's <|endoftext|>, <|im_start|>,
+                             <|im_end|>: `text.tokenize_rendered` works on it as on Qwen2.5-VL's
+- hy15_byt5.safetensors      ByT5Encoder (UMT5Encoder with one shared position table) in Hugging Face's T5 layout:
+                             byT5's 384 byte ids, dim 16, 2 layers (`text.byt5_ids` tokenizes for it)
 
-The text encoders (Qwen2.5-VL, byT5) and the SigLIP image encoder have no TeleFuser module yet, so no tiny
-weights; the DiT's text/glyph/image widths above are the tiny ones such modules would give.
+No SigLIP image encoder module exists yet: tiny I2V runs pass vision states of width 24 directly.
 
 Names and shapes come from the model classes (built on the meta device); each tensor's values come from a generator
 seeded by its file's role and its name, so the files are identical on every run and machine, stored in float32.
@@ -32,11 +39,14 @@ import torch
 
 SEED = 20251121
 FILES = {"dit": "hy15_dit.safetensors", "dit_i2v": "hy15_dit_i2v.safetensors", "dit_sr": "hy15_dit_sr.safetensors",
-         "vae": "hy15_vae.safetensors", "upsampler_720p": "hy15_upsampler_720p.safetensors"}
+         "vae": "hy15_vae.safetensors", "upsampler_720p": "hy15_upsampler_720p.safetensors",
+         "text_encoder": "hy15_text_encoder.safetensors", "byt5": "hy15_byt5.safetensors"}
+TOKENIZER_FILE = "hy15_tokenizer.json"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 256, 257, 258 after the 256 bytes
 LATENT = 4
 _DIT = {"in_channels": 2 * LATENT + 1, "out_channels": LATENT, "hidden_size": 64, "heads_num": 2,
         "mlp_hidden_dim": 128, "double_blocks": 2, "single_blocks": 0, "patch_size": [1, 1, 1],
-        "rope_dim_list": [4, 14, 14], "rope_theta": 256.0, "text_states_dim": 32, "refiner_blocks": 1, "byt5_dim": 16,
+        "rope_dim_list": [4, 14, 14], "rope_theta": 256.0, "text_states_dim": 256, "refiner_blocks": 1, "byt5_dim": 16,
         "byt5_hidden": 32, "vision_states_dim": 24, "use_meanflow": False, "guidance_embed": False, "eps": 1e-6}
 TINY_ARCH: dict[str, dict] = {
     "dit": _DIT,
@@ -46,9 +56,15 @@ TINY_ARCH: dict[str, dict] = {
             "layers_per_block": 1, "spatial_ratio": 16, "temporal_ratio": 4, "scaling_factor": 1.03682},
     "upsampler_720p": {"in_channels": LATENT, "out_channels": LATENT, "hidden_channels": 8, "num_blocks": 2,
                        "global_residual": False},
+    "text_encoder": {"vocab_size": 256 + len(SPECIAL_TOKENS), "hidden_size": 256, "intermediate_size": 128,
+                     "num_layers": 3, "num_heads": 2, "num_kv_heads": 1, "rope_theta": 1000000.0, "eps": 1e-6,
+                     "skip_layers": 2},
+    "byt5": {"vocab_size": 384, "dim": 16, "dim_attn": 16, "dim_ffn": 32, "num_heads": 2, "num_layers": 2,
+             "num_buckets": 32, "shared_pos": True},
 }
 CLASSES = {"dit": "HunyuanVideo15DiT", "dit_i2v": "HunyuanVideo15DiT", "dit_sr": "HunyuanVideo15DiT",
-           "vae": "HunyuanVideo15VAE", "upsampler_720p": "HunyuanVideo15SRUpsampler720p"}
+           "vae": "HunyuanVideo15VAE", "upsampler_720p": "HunyuanVideo15SRUpsampler720p",
+           "text_encoder": "Qwen25VLTextEncoder", "byt5": "ByT5Encoder"}
 
 
 def _is_norm_scale(name: str, shape: tuple[int, ...]) -> bool:
@@ -79,9 +95,31 @@ def tiny_state_dict(role: str) -> dict[str, torch.Tensor]:
     from telefuser.models import registry
 
     entry = registry.get(CLASSES[role])
+    arch = dict(TINY_ARCH[role])
+    if role == "text_encoder":
+        arch["skip_layers"] = 0  # a checkpoint holds every layer and the final norm; the encoder drops the unused
     with torch.device("meta"):
-        model = entry.model_class(entry.config_class(**TINY_ARCH[role]))
-    return {name: _value(name, tuple(t.shape), f"{role}:") for name, t in model.state_dict().items()}
+        model = entry.model_class(entry.config_class(**arch))
+    state = {name: _value(name, tuple(t.shape), f"{role}:") for name, t in model.state_dict().items()}
+    if role == "text_encoder":
+        return {"model." + k: v for k, v in state.items()}  # the hub checkpoint's names
+    if role == "byt5":
+        from .byt5_keys import umt5_to_hf
+
+        return umt5_to_hf(state)
+    return state
+
+
+def build_tokenizer(path: str | Path) -> None:
+    """A byte-level BPE without merges (every byte a token) plus Qwen's special tokens, as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.save(str(path))
 
 
 def generate(folder: str | Path) -> dict[str, Path]:
@@ -90,7 +128,8 @@ def generate(folder: str | Path) -> dict[str, Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = {}
+    written = {"tokenizer": folder / TOKENIZER_FILE}
+    build_tokenizer(written["tokenizer"])
     for role, filename in FILES.items():
         # one metadata key: safetensors writes its metadata map in a random order, which would change the bytes
         save_file(tiny_state_dict(role), str(folder / filename), metadata={"format": "pt"})
