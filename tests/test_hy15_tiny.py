@@ -20,7 +20,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-LAYOUTS = {"text_encoder": "hf", "byt5": "hf"}  # the others: Tencent's
+LAYOUTS = {"text_encoder": "hf", "byt5": "hf", "image_encoder": "hf"}  # the others: Tencent's
 
 
 def _build(role: str, path):
@@ -54,6 +54,7 @@ def test_tiny_t2v_i2v_sr_run(tmp_path) -> None:
     dit, dit_i2v, dit_sr = (_build(r, files[r]) for r in ("dit", "dit_i2v", "dit_sr"))
     vae, up = _build("vae", files["vae"]), _build("upsampler_720p", files["upsampler_720p"])
     qwen, byt5 = _build("text_encoder", files["text_encoder"]), _build("byt5", files["byt5"])
+    siglip = _build("image_encoder", files["image_encoder"])
     gen = torch.Generator().manual_seed(0)
     tokenizer = Tokenizer.from_file(str(files["tokenizer"]))
     prompt = 'A cat holds a sign that says "HELLO"'
@@ -72,7 +73,8 @@ def test_tiny_t2v_i2v_sr_run(tmp_path) -> None:
         x = latents - v  # one Euler step to sigma 0
         image = torch.rand(1, 3, 1, 64, 64, generator=gen) * 2 - 1
         image_latent = vae.encode(image)
-        v_i2v = dit_i2v(latents, torch.tensor([500.0]), text_states, mask, vision_states=torch.randn(1, 3, 24, generator=gen),
+        vision = siglip(siglip.preprocess(image[:, :, 0]))
+        v_i2v = dit_i2v(latents, torch.tensor([500.0]), text_states, mask, vision_states=vision,
                         y=condition_latents(latents, image_latent))
         size = (6, 6)  # 1.5x per side, as 480p -> 720p
         lq = sr.noise_lq_latent(sr.upsample_lq_latent(x, size, up), 0.7, generator=gen)
@@ -82,7 +84,7 @@ def test_tiny_t2v_i2v_sr_run(tmp_path) -> None:
                       y=sr.sr_condition_for(900.0, condition, zero),
                       t_r=torch.tensor([600.0]))
         video = vae.decode(hr - v_sr, tiled=True, tile_size=(4, 4))
-    assert image_latent.shape == (1, tiny.LATENT, 1, 4, 4)
+    assert image_latent.shape == (1, tiny.LATENT, 1, 4, 4) and vision.shape == (1, 4, 144)
     assert v.shape == v_i2v.shape == latents.shape and v_sr.shape == hr.shape
     assert video.shape == (1, 3, 5, 96, 96) and video.abs().max() <= 1.0
     assert all(torch.isfinite(t).all() for t in (v, v_i2v, v_sr, video))

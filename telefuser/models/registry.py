@@ -69,6 +69,8 @@ REGISTRY: dict[str, ModelEntry] = {
                    "Qwen25VLTextConfig", "telefuser.models.hunyuan15.qwen_text_keys"),
         ModelEntry("ByT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config",
                    "telefuser.models.hunyuan15.byt5_keys"),
+        ModelEntry("SigLIPVision", "telefuser.models.hunyuan15.siglip", "SigLIPVisionEncoder", "SigLIPVisionConfig",
+                   "telefuser.models.hunyuan15.siglip_keys"),
     )
 }
 

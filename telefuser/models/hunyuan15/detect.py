@@ -201,7 +201,34 @@ def detect_byt5(shapes: Shapes) -> Found | None:
     return Found("ByT5Encoder", layout, arch, ["T5 v1.1 encoder: UMT5Encoder with one shared position table"])
 
 
-DETECTORS = (detect_dit, detect_vae, detect_upsampler, detect_qwen_text, detect_byt5)
+SIGLIP_HEAD_DIM = 72  # so400m: 1152 / 16 heads; heads are not stored in the weights
+
+
+def detect_siglip(shapes: Shapes) -> Found | None:
+    """SigLIP's vision tower (the I2V image encoder). Run before the CLIP detector, which keys on the same
+    `vision_model.embeddings.patch_embedding.weight`; SigLIP has no class embedding."""
+    for prefix in ("vision_model.", ""):
+        if prefix + "embeddings.patch_embedding.weight" in shapes and prefix + "embeddings.position_embedding.weight" \
+                in shapes and prefix + "post_layernorm.weight" in shapes:
+            break
+    else:
+        return None
+    if prefix + "embeddings.class_embedding" in shapes:
+        return None  # CLIP
+    dim, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
+    side = math.isqrt(shapes[prefix + "embeddings.position_embedding.weight"][0])
+    head_dim = SIGLIP_HEAD_DIM if dim % SIGLIP_HEAD_DIM == 0 else 64
+    # so400m-patch14-384 takes 384-pixel images of which its 27 x 27 patches of 14 use 378: not derivable
+    image_size = 384 if (side, patch) == (27, 14) else side * patch
+    arch = {"image_size": image_size, "patch_size": patch, "dim": dim,
+            "mlp_dim": shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0], "num_heads": dim // head_dim,
+            "num_layers": _count(shapes, re.escape(prefix) + r"encoder\.layers\.(\d+)\."), "eps": 1e-6}
+    return Found("SigLIPVision", "hf", arch, [f"num_heads = dim / {head_dim} (so400m's head dim 72 where it divides, "
+                                              "else 64; not stored in weights); eps 1e-6 as published; image_size 384 "
+                                              "for 27 x 27 patches of 14 (so400m-patch14-384)"])
+
+
+DETECTORS = (detect_dit, detect_vae, detect_upsampler, detect_qwen_text, detect_byt5, detect_siglip)
 
 
 def detect(shapes: Shapes) -> Found | None:

@@ -4,7 +4,7 @@
 
 - hy15_dit.safetensors       HunyuanVideo15DiT, the base (T2V) architecture: 9 input channels (4 latent + 4
                              condition latent + 1 mask), hidden 64, 2 heads of 32 (RoPE [4, 14, 14]), 2 double-stream
-                             blocks, a 1-block token refiner; text 32 wide (a tiny Qwen2.5-VL's), byT5 16, SigLIP 24
+                             blocks, a 1-block token refiner; text 256 wide, byT5 16, SigLIP 144 (the tiny encoders')
 - hy15_dit_i2v.safetensors   the same architecture with other values (the published I2V DiT is the T2V one's
                              architecture, trained for I2V)
 - hy15_dit_sr.safetensors    the SR DiT: 14 input channels (+ 4 low-resolution latent + 1 mask) and MeanFlow's
@@ -22,7 +22,9 @@
 - hy15_byt5.safetensors      ByT5Encoder (UMT5Encoder with one shared position table) in Hugging Face's T5 layout:
                              byT5's 384 byte ids, dim 16, 2 layers (`text.byt5_ids` tokenizes for it)
 
-No SigLIP image encoder module exists yet: tiny I2V runs pass vision states of width 24 directly.
+- hy15_image_encoder.safetensors
+                             SigLIPVision in SiglipVisionModel's layout: 28-pixel images of 14-pixel patches (4
+                             tokens), dim 144 (2 heads of so400m's 72), 2 layers
 
 Names and shapes come from the model classes (built on the meta device); each tensor's values come from a generator
 seeded by its file's role and its name, so the files are identical on every run and machine, stored in float32.
@@ -40,14 +42,15 @@ import torch
 SEED = 20251121
 FILES = {"dit": "hy15_dit.safetensors", "dit_i2v": "hy15_dit_i2v.safetensors", "dit_sr": "hy15_dit_sr.safetensors",
          "vae": "hy15_vae.safetensors", "upsampler_720p": "hy15_upsampler_720p.safetensors",
-         "text_encoder": "hy15_text_encoder.safetensors", "byt5": "hy15_byt5.safetensors"}
+         "text_encoder": "hy15_text_encoder.safetensors", "byt5": "hy15_byt5.safetensors",
+         "image_encoder": "hy15_image_encoder.safetensors"}
 TOKENIZER_FILE = "hy15_tokenizer.json"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 256, 257, 258 after the 256 bytes
 LATENT = 4
 _DIT = {"in_channels": 2 * LATENT + 1, "out_channels": LATENT, "hidden_size": 64, "heads_num": 2,
         "mlp_hidden_dim": 128, "double_blocks": 2, "single_blocks": 0, "patch_size": [1, 1, 1],
         "rope_dim_list": [4, 14, 14], "rope_theta": 256.0, "text_states_dim": 256, "refiner_blocks": 1, "byt5_dim": 16,
-        "byt5_hidden": 32, "vision_states_dim": 24, "use_meanflow": False, "guidance_embed": False, "eps": 1e-6}
+        "byt5_hidden": 32, "vision_states_dim": 144, "use_meanflow": False, "guidance_embed": False, "eps": 1e-6}
 TINY_ARCH: dict[str, dict] = {
     "dit": _DIT,
     "dit_i2v": dict(_DIT),
@@ -61,10 +64,12 @@ TINY_ARCH: dict[str, dict] = {
                      "skip_layers": 2},
     "byt5": {"vocab_size": 384, "dim": 16, "dim_attn": 16, "dim_ffn": 32, "num_heads": 2, "num_layers": 2,
              "num_buckets": 32, "shared_pos": True},
+    "image_encoder": {"image_size": 28, "patch_size": 14, "dim": 144, "mlp_dim": 64, "num_heads": 2, "num_layers": 2,
+                      "eps": 1e-6},
 }
 CLASSES = {"dit": "HunyuanVideo15DiT", "dit_i2v": "HunyuanVideo15DiT", "dit_sr": "HunyuanVideo15DiT",
            "vae": "HunyuanVideo15VAE", "upsampler_720p": "HunyuanVideo15SRUpsampler720p",
-           "text_encoder": "Qwen25VLTextEncoder", "byt5": "ByT5Encoder"}
+           "text_encoder": "Qwen25VLTextEncoder", "byt5": "ByT5Encoder", "image_encoder": "SigLIPVision"}
 
 
 def _is_norm_scale(name: str, shape: tuple[int, ...]) -> bool:
@@ -107,6 +112,8 @@ def tiny_state_dict(role: str) -> dict[str, torch.Tensor]:
         from .byt5_keys import umt5_to_hf
 
         return umt5_to_hf(state)
+    if role == "image_encoder":
+        return {"vision_model." + k: v for k, v in state.items()}  # SiglipVisionModel's names
     return state
 
 
