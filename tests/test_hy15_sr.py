@@ -206,3 +206,18 @@ def test_published_sr_dit_and_upsamplers_on_meta() -> None:
         up = sr.SRUpsampler720p(sr.SRUpsampler720pConfig())
     assert dit.img_in.proj.weight.shape[1] == 98 and hasattr(dit, "time_r_in")
     assert up.in_conv.conv.weight.shape == (64, 32, 3, 3, 3)
+
+
+def test_closest_bucket_and_cover_crop() -> None:
+    from telefuser.models.hunyuan15 import buckets
+
+    assert buckets.closest_bucket(9, 16, "480p") == (480, 848)
+    assert buckets.closest_bucket(16, 9, "480p") == (848, 480)
+    assert buckets.closest_bucket(9, 16, "720p") == (720, 1280)
+    assert buckets.closest_bucket(1, 1, "480p") == (640, 640)
+    lst = buckets.crop_size_buckets(640)
+    ratios = np.array([round(float(h) / float(w), 5) for h, w in lst])  # the published get_closest_ratio
+    for h, w in [(1080, 1920), (1000, 750), (333, 1000)]:
+        assert buckets.closest_bucket(h, w) == lst[int(np.abs(ratios - h / w).argmin())]
+    (rw, rh), box = buckets.cover_and_crop(1920, 1080, 848, 480)
+    assert (rw, rh) == (853, 480) and box == (2.5, 0.0, 850.5, 480.0)

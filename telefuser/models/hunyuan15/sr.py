@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buckets import BUCKET_BASE_SIZE, crop_size_buckets
 from .dit import condition_latents
 from .vae import CausalConv3d, ResnetBlock, RMSNorm3d
 
@@ -38,7 +39,6 @@ SR_VERSIONS = {
                            "guidance_scale": 1.0, "num_inference_steps": 8, "upsampler": "SRUpsampler1080p"},
 }
 LQ_NOISE_STRENGTH = 0.7  # the published SR pipeline's noise_scale
-BUCKET_BASE_SIZE = {"480p": 640, "720p": 960, "1080p": 1440}  # SizeMap: the bucket area is base_size^2 pixels
 
 
 @dataclass(frozen=True)
@@ -120,21 +120,6 @@ class SRUpsampler1080p(nn.Module):
             for block in level.block:
                 h = block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def crop_size_buckets(base_size: int, patch_size: int = 16, max_ratio: float = 4.0) -> list[tuple[int, int]]:
-    """The published resolution buckets: every (w, h) in patches whose area is the most that fits base_size^2,
-    aspect at most `max_ratio` (hyvideo.utils.data_utils.generate_crop_size_list)."""
-    patches = round((base_size / patch_size) ** 2)
-    out, wp, hp = [], patches, 1
-    while wp > 0:
-        if max(wp, hp) / min(wp, hp) <= max_ratio:
-            out.append((wp * patch_size, hp * patch_size))
-        if (hp + 1) * wp <= patches:
-            hp += 1
-        else:
-            wp -= 1
-    return out
 
 
 def sr_target_size(lr_height: int, lr_width: int, base_resolution: str = "480p",
