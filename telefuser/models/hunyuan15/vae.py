@@ -14,12 +14,14 @@ decoder level), latent_channels 32, ffactor_spatial 16, ffactor_temporal 4, scal
 - The middle block's attention is one head over every pixel of every frame, causal by frame (a frame's pixels
   attend its own frame and earlier ones); here it runs frame by frame against the keys so far, never building the
   [pixels, pixels] mask.
+- Everything is causal in time, so the decode runs one latent frame at a time (1 frame out for the first, 4 for
+  each next), carrying each causal convolution's last two input frames and the attention's keys and values
+  between frames (`StreamCache`): the same video as one pass over the clip, without its activations.
 - Norms are RMS over channels: F.normalize(x, dim=1) * sqrt(C) * gamma.
 
 Latent convention (as `WanVAE`): `encode` returns the posterior mean times `scaling_factor` (what the DiT sees)
 and `decode` takes that, returning video in [-1, 1]. A video of 1 + 4k frames has 1 + k latent frames.
-The decode holds the whole clip's activations at once (the published decoder's causal attention spans all frames);
-`tiled=True` bounds memory by a spatial tile as diffusers' and Tencent's spatial tiling do.
+`tiled=True` also bounds memory by a spatial tile, as diffusers' and Tencent's spatial tiling do.
 """
 
 from __future__ import annotations
@@ -68,16 +70,31 @@ class RMSNorm3d(nn.Module):
         return F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
 
 
+class StreamCache(dict):
+    """State a chunk-by-chunk (causal) decode carries between chunks, per module: each causal convolution's last
+    kernel-1 input frames, the attention's keys and values so far, whether an upsampler has seen the first frame."""
+
+
 class CausalConv3d(nn.Module):
-    """Conv3d (key `conv`) after replicate padding: kernel-1 frames before, kernel//2 pixels on each side."""
+    """Conv3d (key `conv`) after replicate padding: kernel-1 frames before, kernel//2 pixels on each side.
+    With a `StreamCache`, the frames before a chunk are the previous chunk's last ones (the first chunk's first
+    frame, replicated, before the first chunk): the same output as over the whole clip."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3) -> None:
         super().__init__()
+        self.kernel = kernel
         self.pad = (kernel // 2, kernel // 2, kernel // 2, kernel // 2, kernel - 1, 0)
         self.conv = nn.Conv3d(cin, cout, kernel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, self.pad, mode="replicate"))
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if cache is None:
+            return self.conv(F.pad(x, self.pad, mode="replicate"))
+        before = cache.get(id(self))
+        if before is None:
+            before = x[:, :, :1].expand(-1, -1, self.kernel - 1, -1, -1)
+        stream = torch.cat([before, x], dim=2)
+        cache[id(self)] = stream[:, :, stream.shape[2] - (self.kernel - 1):].clone()
+        return self.conv(F.pad(stream, self.pad[:4] + (0, 0), mode="replicate"))
 
 
 class ResnetBlock(nn.Module):
@@ -90,8 +107,8 @@ class ResnetBlock(nn.Module):
         if cin != cout:
             self.nin_shortcut = nn.Conv3d(cin, cout, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x)), cache))), cache)
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
 
@@ -106,13 +123,18 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv3d(dim, dim, 1)
         self.proj_out = nn.Conv3d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         b, c, f, h, w = x.shape
         hn = self.norm(x)
         q, k, v = (m(hn).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # [B, 1, S, C]
-        n = h * w
-        out = torch.cat([attention(q[:, :, i * n:(i + 1) * n], k[:, :, :(i + 1) * n], v[:, :, :(i + 1) * n],
-                                   input_layout="BNSD") for i in range(f)], dim=2)
+        n, seen = h * w, 0
+        if cache is not None:  # the keys and values of the frames before this chunk
+            k_before, v_before = cache.get(id(self), (k[:, :, :0], v[:, :, :0]))
+            seen = k_before.shape[2] // n
+            k, v = torch.cat([k_before, k], dim=2), torch.cat([v_before, v], dim=2)
+            cache[id(self)] = (k, v)
+        out = torch.cat([attention(q[:, :, i * n:(i + 1) * n], k[:, :, :(seen + i + 1) * n],
+                                   v[:, :, :(seen + i + 1) * n], input_layout="BNSD") for i in range(f)], dim=2)
         out = out[:, 0].transpose(1, 2).reshape(b, c, f, h, w)
         return x + self.proj_out(out)
 
@@ -162,14 +184,18 @@ class Upsample(nn.Module):
         self.conv = CausalConv3d(cin, cout * factor)
         self.repeats = factor * cout // cin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x)
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        h = self.conv(x, cache)
         if not self.temporal:
             return depth_to_space(h, 1) + depth_to_space(x.repeat_interleave(self.repeats, dim=1), 1)
-        h_first = depth_to_space(h[:, :, :1], 1)
-        h = torch.cat([h_first[:, : h_first.shape[1] // 2], depth_to_space(h[:, :, 1:], 2)], 2)
-        s_first = depth_to_space(x[:, :, :1], 1).repeat_interleave(self.repeats // 2, dim=1)
-        s_next = depth_to_space(x[:, :, 1:], 2).repeat_interleave(self.repeats, dim=1)
+        first = 1  # the clip's first frame is upsampled in space only
+        if cache is not None:
+            first = 0 if cache.get(id(self)) else 1
+            cache[id(self)] = True
+        h_first = depth_to_space(h[:, :, :first], 1)
+        h = torch.cat([h_first[:, : h_first.shape[1] // 2], depth_to_space(h[:, :, first:], 2)], 2)
+        s_first = depth_to_space(x[:, :, :first], 1).repeat_interleave(self.repeats // 2, dim=1)
+        s_next = depth_to_space(x[:, :, first:], 2).repeat_interleave(self.repeats, dim=1)
         return h + torch.cat([s_first, s_next], 2)
 
 
@@ -188,8 +214,8 @@ class _Mid(nn.Module):
         self.attn_1 = AttnBlock(dim)
         self.block_2 = ResnetBlock(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, cache), cache), cache)
 
 
 class Encoder(nn.Module):
@@ -251,14 +277,14 @@ class Decoder(nn.Module):
         self.norm_out = RMSNorm3d(cin)
         self.conv_out = CausalConv3d(cin, cfg.out_channels)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1))
+    def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        h = self.mid(self.conv_in(z, cache) + z.repeat_interleave(self.repeats, dim=1), cache)
         for level in self.up:
             for block in level.block:
-                h = block(h)
+                h = block(h, cache)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = level.upsample(h, cache)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)
 
 
 class HunyuanVideo15VAE(nn.Module):
@@ -297,9 +323,14 @@ class HunyuanVideo15VAE(nn.Module):
         video = self._decode_tiled(z, tile_size, tile_stride) if tiled else self._decode_frames(z)
         return video.clamp_(-1.0, 1.0)
 
-    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
-        """One tile (or the whole latent) over all its frames; unscaled latents in."""
-        return self.decoder(z)
+    def _decode_frames(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
+        """One tile (or the whole latent), unscaled latents in: `chunk` latent frames at a time, carrying the causal
+        state between chunks (the same video as decoding all frames at once, whose activations are never held
+        whole); None decodes all frames in one pass."""
+        if chunk is None or z.shape[2] <= chunk:
+            return self.decoder(z)
+        cache = StreamCache()
+        return torch.cat([self.decoder(z[:, :, i: i + chunk], cache) for i in range(0, z.shape[2], chunk)], dim=2)
 
     def _decode_tiled(self, z: torch.Tensor, tile: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
         r = self.spatial_ratio
