@@ -305,8 +305,10 @@ class DoubleStreamBlock(nn.Module):
         k = getattr(self, f"{s}_attn_k_norm")(_heads(getattr(self, f"{s}_attn_k")(x), self.heads))
         return q, k, _heads(getattr(self, f"{s}_attn_v")(x), self.heads)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Joint attention over [video, context] tokens: the seam for sequence-parallel attention."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               video_tokens: int) -> torch.Tensor:
+        """Joint attention over [video, context] tokens ([B, S, N, D], the first `video_tokens` of S the video's):
+        the seam for sequence-parallel attention, which shards the video tokens and keeps the context whole."""
         return attention(q, k, v, attn_mask=mask)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope,
@@ -316,8 +318,8 @@ class DoubleStreamBlock(nn.Module):
         iq, ik, iv = self._qkv("img", norm_modulate(img, i_shift1, i_scale1, eps=self.eps))
         iq, ik = apply_rotary_emb(iq, *rope), apply_rotary_emb(ik, *rope)
         tq, tk, tv = self._qkv("txt", norm_modulate(txt, t_shift1, t_scale1, eps=self.eps))
-        out = self.attend(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), mask).flatten(2)
         n = img.shape[1]
+        out = self.attend(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), mask, n).flatten(2)
         img = gated_add(img, self.img_attn_proj(out[:, :n]), i_gate1)
         img = gated_add(img, self.img_mlp(norm_modulate(img, i_shift2, i_scale2, eps=self.eps)), i_gate2)
         txt = gated_add(txt, self.txt_attn_proj(out[:, n:]), t_gate1)
@@ -349,7 +351,9 @@ class SingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(d, eps=1e-6)
         self.modulation = Modulation(h, 3)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               video_tokens: int) -> torch.Tensor:
+        """As DoubleStreamBlock.attend."""
         return attention(q, k, v, attn_mask=mask)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, video_tokens: int, rope: Rope,
@@ -362,7 +366,7 @@ class SingleStreamBlock(nn.Module):
         n = video_tokens
         q = torch.cat([apply_rotary_emb(q[:, :n], *rope), q[:, n:]], 1)
         k = torch.cat([apply_rotary_emb(k[:, :n], *rope), k[:, n:]], 1)
-        out = self.attend(q, k, v, mask).flatten(2)
+        out = self.attend(q, k, v, mask, n).flatten(2)
         mlp = F.gelu(self.linear1_mlp(xm), approximate="tanh")
         return gated_add(x, self.linear2.fc(torch.cat([out, mlp], dim=-1)), gate)
 
