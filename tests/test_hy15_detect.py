@@ -115,3 +115,13 @@ def test_qwen_text_encoder_detected_in_the_hub_layout() -> None:
     assert set(shapes_of(entry.model_class, Qwen25VLTextConfig())) == {k[len("model."):] for k in used}
     params = sum(math.prod(hub[k]) for k in used)
     assert 6.4e9 < params < 6.7e9, params  # 26 of 28 layers and the embedding of the 7.6B language model
+
+
+def test_detection_imports_no_torch() -> None:
+    """The compiler loads no weights and may not need torch: the detectors and buckets import neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, telefuser.models.hunyuan15.detect, telefuser.models.hunyuan15.buckets; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
