@@ -319,9 +319,14 @@ class HunyuanVideo15VAE(nn.Module):
             tile_stride = (tile_size[0] - tile_size[0] // 4, tile_size[1] - tile_size[1] // 4)
         if not all(0 < s <= t for s, t in zip(tile_stride, tile_size)):
             raise ValueError(f"tile_stride {tuple(tile_stride)} must be positive and at most tile_size {tuple(tile_size)}")
-        z = (z / self.config.scaling_factor).to(self.decoder.conv_in.conv.weight.dtype)
+        z = self.unscale(z)
         video = self._decode_tiled(z, tile_size, tile_stride) if tiled else self._decode_frames(z)
         return video.clamp_(-1.0, 1.0)
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> what the decoder takes (Wan's VAE: `conv2(z * std + mean)`), in the weights' dtype:
+        the step before `_decode_frames` that a tile-parallel decode runs once."""
+        return (z / self.config.scaling_factor).to(self.decoder.conv_in.conv.weight.dtype)
 
     def _decode_frames(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
         """One tile (or the whole latent), unscaled latents in: `chunk` latent frames at a time, carrying the causal
