@@ -88,3 +88,17 @@ def test_tiny_t2v_i2v_sr_run(tmp_path) -> None:
     assert v.shape == v_i2v.shape == latents.shape and v_sr.shape == hr.shape
     assert video.shape == (1, 3, 5, 96, 96) and video.abs().max() <= 1.0
     assert all(torch.isfinite(t).all() for t in (v, v_i2v, v_sr, video))
+
+
+def test_tiny_files_load_into_models_built_on_meta(tmp_path) -> None:
+    """As the runtime loads: the model built on the meta device, the converted state assigned (strict)."""
+    for role, path in tiny.generate(tmp_path).items():
+        if role == "tokenizer":
+            continue
+        entry = registry.get(tiny.CLASSES[role])
+        state = load_file(str(path))
+        with torch.device("meta"):
+            model = entry.model_class(entry.config_class(**tiny.TINY_ARCH[role]))
+        model.load_state_dict(entry.convert(state, entry.detect_layout(state.keys())), strict=True, assign=True)
+        assert not any(p.is_meta for p in model.parameters()), role
+        assert not any(b.is_meta for b in model.buffers()), role
