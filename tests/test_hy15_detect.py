@@ -125,3 +125,14 @@ def test_detection_imports_no_torch() -> None:
     code = ("import sys, telefuser.models.hunyuan15.detect, telefuser.models.hunyuan15.buckets; "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_used_tensors() -> None:
+    found = detect.Found("SigLIPVision", "hf", {})
+    assert detect.used(found, "vision_model.encoder.layers.0.mlp.fc1.weight")
+    assert not detect.used(found, "vision_model.head.probe") and not detect.used(found, "text_model.x.weight")
+    t5 = detect.Found("ByT5Encoder", "hf", {})
+    assert detect.used(t5, "encoder.block.0.layer.0.SelfAttention.q.weight") and not detect.used(t5, "decoder.block.0.x")
+    qwen = detect.Found("Qwen25VLTextEncoder", "hf", {"num_layers": 28, "skip_layers": 2})
+    assert detect.used(qwen, "model.layers.25.mlp.up_proj.weight") and not detect.used(qwen, "model.layers.26.mlp.up_proj.weight")
+    assert detect.used(detect.Found("HunyuanVideo15DiT", "tencent", {}), "img_in.proj.weight")

@@ -237,3 +237,18 @@ def detect(shapes: Shapes) -> Found | None:
         if found is not None:
             return found
     return None
+
+
+def used(found: Found, key: str) -> bool:
+    """Whether the model `found` describes loads this tensor of its file (for the memory estimate): a Qwen2.5-VL
+    file's skipped layers, LM head and vision tower, a SigLIP file's head and text tower, a T5 file's decoder are
+    not loaded."""
+    if found.class_name == "Qwen25VLTextEncoder":
+        return qwen_text_used(key, found.arch)
+    if found.class_name == "SigLIPVision":
+        bare = key[len("vision_model."):] if key.startswith("vision_model.") else key
+        return not bare.startswith(("head.", "text_model.", "logit_scale", "logit_bias", "embeddings.position_ids"))
+    if found.class_name == "ByT5Encoder":
+        return not key.startswith(("decoder.", "lm_head."))
+    return True
+
