@@ -33,7 +33,7 @@ def dense_masked(q, k, v, block_mask, bs, scale=None):
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, N, S, D]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = block_mask if block_mask.dim() == 3 else block_mask[None]
-    tokens = mask.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, : q.shape[2], : k.shape[2]]
+    tokens = mask.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, : q.shape[2], : k.shape[2]].to(q.device)
     s = (q @ k.transpose(-1, -2) * scale).masked_fill(~tokens[None], float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)

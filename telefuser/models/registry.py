@@ -59,6 +59,20 @@ REGISTRY: dict[str, ModelEntry] = {
                    "telefuser.models.clip.vision_keys"),
         ModelEntry("RIFE", "telefuser.models.rife.ifnet", "IFNet", "IFNetConfig", "telefuser.models.rife.keys"),
         ModelEntry("TAEHV", "telefuser.models.taehv.decoder", "TAEHV", "TAEHVConfig", "telefuser.models.taehv.keys"),
+        ModelEntry("HunyuanVideo15DiT", "telefuser.models.hunyuan15.dit", "HunyuanVideo15DiT", "HunyuanVideo15DiTConfig",
+                   "telefuser.models.hunyuan15.dit_keys"),
+        ModelEntry("HunyuanVideo15VAE", "telefuser.models.hunyuan15.vae", "HunyuanVideo15VAE", "HunyuanVideo15VAEConfig",
+                   "telefuser.models.hunyuan15.vae_keys"),
+        ModelEntry("HunyuanVideo15SRUpsampler720p", "telefuser.models.hunyuan15.sr", "SRUpsampler720p",
+                   "SRUpsampler720pConfig", "telefuser.models.hunyuan15.sr_keys"),
+        ModelEntry("HunyuanVideo15SRUpsampler1080p", "telefuser.models.hunyuan15.sr", "SRUpsampler1080p",
+                   "SRUpsampler1080pConfig", "telefuser.models.hunyuan15.sr_keys"),
+        ModelEntry("Qwen25VLTextEncoder", "telefuser.models.hunyuan15.qwen_text", "Qwen25VLTextEncoder",
+                   "Qwen25VLTextConfig", "telefuser.models.hunyuan15.qwen_text_keys"),
+        ModelEntry("ByT5Encoder", "telefuser.models.t5.umt5", "UMT5Encoder", "UMT5Config",
+                   "telefuser.models.hunyuan15.byt5_keys"),
+        ModelEntry("SigLIPVision", "telefuser.models.hunyuan15.siglip", "SigLIPVisionEncoder", "SigLIPVisionConfig",
+                   "telefuser.models.hunyuan15.siglip_keys"),
     )
 }
 
