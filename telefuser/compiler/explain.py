@@ -9,6 +9,7 @@ from typing import Any
 import pydantic
 
 from telefuser.errors import PlanError
+from telefuser.schema.enums import WeightOffloadType
 from telefuser.schema.plan import Plan
 from telefuser.schema.step_list import step_list_timesteps
 
@@ -114,15 +115,14 @@ def _block_offload(plan: Plan) -> list[str]:
 
 def _offload(plan: Plan) -> list[str]:
     """MODEL_CPU_OFFLOAD models: where their host copy lives, and per use whether it is prefetched and why."""
-    l2 = plan.layer2_inference_config
-    offloaded = [name for name, cfg in l2.models.items() if cfg.offload_config.offload_type == "MODEL_CPU_OFFLOAD"]
+    offloaded = [p.model for p in plan.placement if p.offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD]
     if not offloaded:
         return []
 
     def host(name: str) -> str:
         if plan.device != "cuda":
             return "host memory (a CPU plan: a second RAM copy while in use)"
-        return "pinned host memory" if l2.models[name].offload_config.pin_cpu_memory else "pageable host memory"
+        return "pinned host memory" if plan.placement_of(name).pinned else "pageable host memory"
 
     lines = ["offload (MODEL_CPU_OFFLOAD: loaded once into host memory, copied in for each use, dropped after "
              "without copying back):"]

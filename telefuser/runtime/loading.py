@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from telefuser.errors import PlanError, WeightsError
+from telefuser.schema.enums import CompileMode, QuantType
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.recipe import ModelRuntimeConfig
 
@@ -92,11 +93,8 @@ def build_model(
         ) from exc
     # .to(dtype) would cast float8 buffers too (float8 counts as floating point): an FP8 model is cast already
     model.to(device=device, dtype=None if fp8 else dtype).eval().requires_grad_(False)
-    if runtime.lora_configs and len(planned.loras) != len(runtime.lora_configs):
-        raise PlanError(f"model {planned.name!r} has LoRAs the plan did not match (it was compiled with "
-                        "--no-weights); compile it with its weights.")
     pending = apply_loras(model, planned, lambda key: entry.own_name(key, "diffusers"), dtype)
-    if runtime.quant_config.quant_type != "none":
+    if runtime.quant_config.quant_type != QuantType.NONE:
         try:
             from telefuser.ops.quantized_linear import replace_linear_layers
         except ImportError as exc:
@@ -124,5 +122,5 @@ def _compile_blocks(model: torch.nn.Module, runtime: ModelRuntimeConfig) -> None
         raise PlanError(f"compile is enabled for a {type(model).__name__}, which has no transformer blocks to compile.")
     cfg = runtime.compile_config
     for block in blocks:
-        block.compile(backend=cfg.backend, mode=None if cfg.mode == "default" else cfg.mode,
+        block.compile(backend=cfg.backend, mode=None if cfg.mode == CompileMode.DEFAULT else cfg.mode,
                       fullgraph=cfg.fullgraph, dynamic=cfg.dynamic)

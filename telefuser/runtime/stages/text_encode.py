@@ -18,7 +18,7 @@ def text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     prompts = [state.params.prompt]
     if stage.params["negative"]:
         prompts.append(state.params.negative_prompt)
-    shared = ctx.plan.layer2_inference_config.parallel_config.enable_fsdp  # sharded: every rank runs it
+    shared = ctx.plan.placement_of(encoder_name).ranks == "all"  # FSDP's sharded encoder: every rank runs it
     placement = ctx.placements.get(encoder_name)
     with timed(state.timings, "encode", ctx):
         if shared or ctx.rank.is_writer:
