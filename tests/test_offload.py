@@ -344,9 +344,12 @@ def test_pipeline_with_every_model_offloaded_makes_the_resident_video(tmp_path):
     # the text encoder, used first, was read straight to the "device" and is packed into host memory meanwhile
     assert pipe.placements["text_encoder"].weights.loaded_on_device
     host = {n: {t.data_ptr() for t in p.weights.host_tensors() if t.numel()} for n, p in pipe.placements.items()}
+    first = None
     for round_ in (1, 2):
         video = pipe.run(prompt="a red fox", seed=5, progress=False)
-        assert np.array_equal(video.frames, expected)
+        assert_same_arithmetic_up_to_kernel_choice(video.frames, expected)
+        first = video.frames if first is None else first
+        assert np.array_equal(video.frames, first)  # the same packed path twice: bit-identical, nothing drifts
         assert pipe.prefetch.started == [("encode_text", "dit"), ("denoise", "vae")] * round_
         for name, placement in pipe.placements.items():
             assert placement.weights.device_buffer is None  # nothing left on the device between videos
@@ -354,6 +357,23 @@ def test_pipeline_with_every_model_offloaded_makes_the_resident_video(tmp_path):
             # a prefetched model is not copied twice; the text encoder's first use copied nothing in
             assert placement.weights.copies_in == (round_ - 1 if name == "text_encoder" else round_)
             assert {t.data_ptr() for t in module_tensors(placement.module) if t.numel()} == host[name]
+    # the offloaded models compute with exactly the resident weights, bit for bit
+    for name, placement in pipe.placements.items():
+        resident = plans["resident"].placements[name].module.state_dict()
+        with placement.active() as module:
+            for key, tensor in module.state_dict().items():
+                assert torch.equal(tensor, resident[key]), (name, key)
+
+
+def assert_same_arithmetic_up_to_kernel_choice(frames: np.ndarray, expected: np.ndarray) -> None:
+    """The offloaded video against the resident one. On a CPU the resident weights are memory-mapped from the
+    safetensors file (data at the header's end: 8-byte alignment) while the offloaded ones are views of a packed
+    buffer (512-byte alignment); BLAS picks its GEMM code path by pointer alignment on some CPUs, which reorders
+    float32 sums (~1e-7 relative). With bit-identical weights (checked above) that can only flip a uint8 rounding
+    at a .5 boundary: at most 1 level, in well under 0.1% of the values (seen: 0.005%). A wrong weight, a stale
+    device buffer or a model used before its copy landed changes most pixels by far more."""
+    diff = np.abs(frames.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, (diff.max(), np.count_nonzero(diff))
 
 
 def test_a_text_encoder_read_to_the_device_at_load_is_run_once_there(tmp_path, monkeypatch):
