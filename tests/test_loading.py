@@ -62,6 +62,28 @@ def test_loaded_models_hold_the_files_tensors_and_nothing_random(plan, init_spy)
     assert init_spy == [], f"parameters initialised at random while loading: {init_spy[:5]}"
 
 
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("tiny*.toml")), ids=lambda p: p.stem)
+def test_no_model_is_initialised_at_random_while_any_tiny_plan_loads(recipe, init_spy):
+    import telefuser
+    from telefuser.runtime.pipeline import Pipeline
+
+    pipe = Pipeline(compile_recipe(recipe))
+    assert pipe.placements and isinstance(pipe, telefuser.Pipeline)
+    assert init_spy == [], f"{recipe.name}: initialised at random while loading: {init_spy[:5]}"
+
+
+@pytest.mark.parametrize("wan22", [False, True], ids=["WanVAE", "Wan22VAE"])
+def test_either_vae_is_built_on_meta_with_its_latent_statistics(wan22):
+    from telefuser.models.wan import vae, vae22
+
+    module, cls, config = (vae22, vae22.Wan22VAE, vae22.Wan22VAEConfig) if wan22 else (vae, vae.WanVAE, vae.WanVAEConfig)
+    with torch.device("meta"):
+        built = cls(config())
+    assert all(p.is_meta for p in built.parameters())
+    assert built.latent_stats.device.type == "cpu"
+    assert torch.equal(built.latent_stats.flatten(), torch.tensor([module.LATENT_MEAN, module.LATENT_STD]).flatten())
+
+
 def test_vae_is_built_on_meta_with_its_latent_statistics(plan):
     from telefuser.models.wan.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
     from telefuser.runtime.loading import _instantiate
