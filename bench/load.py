@@ -211,7 +211,7 @@ class Phases:
     @contextlib.contextmanager
     def installed(self):
         import telefuser.runtime.api as api
-        import telefuser.runtime.loading as loading
+        import telefuser.runtime.load.build as loading
         import telefuser.runtime.pipeline as pipeline
         import telefuser.runtime.plan_io as plan_io
 
@@ -243,8 +243,8 @@ class Phases:
 def previous_loader():
     """The loader before this fix: safe_open(device=...) per tensor (a synchronous pageable copy each) and
     models with derived buffers (the VAE) built for real on the device. Replayed for the before/after."""
-    import telefuser.runtime.loading as loading
-    import telefuser.runtime.weights as weights
+    import telefuser.runtime.load.build as loading
+    import telefuser.runtime.load.weights as weights
     from safetensors import safe_open
 
     def read(path, device, dtype):
@@ -287,7 +287,7 @@ def load_ours(plan: Path, before: bool):
 def reader_variants(path: Path) -> str:
     """read_state_dict of one file to the GPU by each reader and staging setting (best of 2)."""
     import safetensors.torch
-    import telefuser.runtime.weights as weights
+    import telefuser.runtime.load.weights as weights
 
     size = path.stat().st_size
     variants = [("safe_open(device='cuda') per tensor (before)", "before", None),

@@ -211,7 +211,7 @@ def run_diffusers(setup: Setup, pipe) -> list[str]:
 
 def pinning(setup: Setup, gb: float) -> str:
     """Seconds to pack a `gb` GB model into host chunks (pinned on CUDA): the page locking that loading pays."""
-    from telefuser.runtime.offload import OffloadedWeights
+    from telefuser.runtime.memory.offload import OffloadedWeights
 
     numel = int(gb * 1e9) // 2 // 64
     module = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(numel, dtype=BF16), requires_grad=False)

@@ -368,7 +368,7 @@ def test_a_block_offload_plan_without_its_streaming_is_refused(deep_set, tmp_pat
 def test_cuda_async_streaming_is_bit_identical_uses_the_side_stream_and_lowers_the_peak(tmp_path):
     from telefuser.compiler.block_offload import plan_block_offload
     from telefuser.models import registry
-    from telefuser.runtime.placement import Placement
+    from telefuser.runtime.memory.placement import Placement
     from telefuser.schema.recipe import ModelRuntimeConfig
 
     device = torch.device("cuda")
@@ -434,7 +434,7 @@ def test_cuda_async_streaming_under_inductor_gives_the_resident_compiled_output(
     tolerance is bf16's rounding of the output (2^-8 relative to its largest value)."""
     from telefuser.compiler.block_offload import plan_block_offload
     from telefuser.models import registry
-    from telefuser.runtime.placement import Placement
+    from telefuser.runtime.memory.placement import Placement
     from telefuser.schema.recipe import ModelRuntimeConfig
 
     device = torch.device("cuda")

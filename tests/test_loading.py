@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from telefuser.compiler import compile_recipe
 from telefuser.models import registry
-from telefuser.runtime import weights
-from telefuser.runtime.loading import build_model
+from telefuser.runtime.load import weights
+from telefuser.runtime.load.build import build_model
 from telefuser.schema.recipe import ModelRuntimeConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -86,7 +86,7 @@ def test_either_vae_is_built_on_meta_with_its_latent_statistics(wan22):
 
 def test_vae_is_built_on_meta_with_its_latent_statistics(plan):
     from telefuser.models.wan.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
-    from telefuser.runtime.loading import _instantiate
+    from telefuser.runtime.load.build import _instantiate
 
     with torch.device("meta"):
         vae = WanVAE(WanVAEConfig())

@@ -22,7 +22,7 @@ from telefuser.models.tiny import fp8_checkpoint
 from telefuser.models.wan import dit_keys
 from telefuser.ops.lora_linear import LoraLinear
 from telefuser.ops.quantized_linear import LinearFP8
-from telefuser.runtime.loading import build_model
+from telefuser.runtime.load.build import build_model
 from telefuser.schema.recipe import ModelRuntimeConfig
 
 BASE = load_file(TINY / "dit.safetensors")

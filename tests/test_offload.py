@@ -18,9 +18,9 @@ from compiler_fixtures import model_set, write_recipe
 from telefuser.compiler import compile_recipe
 from telefuser.compiler.explain import explain
 from telefuser.compiler.memory import PREFETCH_HEADROOM
-from telefuser.runtime import offload
-from telefuser.runtime.offload import CHUNK_GRANULE, OffloadedWeights, PrefetchSchedule, plan_chunks
-from telefuser.runtime.placement import Placement
+from telefuser.runtime.memory import offload
+from telefuser.runtime.memory.offload import CHUNK_GRANULE, OffloadedWeights, PrefetchSchedule, plan_chunks
+from telefuser.runtime.memory.placement import Placement
 from telefuser.schema.plan import PrefetchDecision
 
 ALL_OFFLOADED = "\n".join(f'[layer2.models.{m}]\noffload_config = {{ offload_type = "MODEL_CPU_OFFLOAD" }}'
@@ -378,7 +378,7 @@ def assert_same_arithmetic_up_to_kernel_choice(frames: np.ndarray, expected: np.
 
 def test_a_text_encoder_read_to_the_device_at_load_is_run_once_there(tmp_path, monkeypatch):
     import telefuser
-    import telefuser.runtime.text as text
+    import telefuser.runtime.stages.text_encode as text
 
     calls = []
     encode = text.encode_prompts

@@ -32,7 +32,8 @@ from telefuser.cli.run import main as run_main
 from telefuser.compiler import compile_recipe
 from telefuser.errors import TeleFuserError, WeightsError
 from telefuser.runtime import plan_io
-from telefuser.runtime.video import OutputPathError, Video, _check_complete_mp4
+from telefuser.errors import OutputPathError
+from telefuser.runtime.io.video import Video, _check_complete_mp4
 from telefuser.schema import fingerprint as fingerprint_module
 from telefuser.schema.canonical import plan_hash, pretty_json
 from telefuser.schema.fingerprint import file_sha256, recording_sha256
@@ -153,7 +154,7 @@ def test_same_size_same_header_other_bytes_needs_hashes(tmp_path, capsys, stop_a
 def test_read_error_at_load_time_is_a_weights_error(tmp_path, capsys, monkeypatch):
     """A file truncated after the checks (or by a path no check saw) fails in safetensors itself: that
     too is one paragraph naming the file."""
-    from telefuser.runtime.weights import read_state_dict
+    from telefuser.runtime.load.weights import read_state_dict
 
     plan = compile_into(tmp_path)
     vae = tmp_path / "tiny" / "vae.safetensors"
@@ -522,7 +523,8 @@ def test_disk_full_through_telefuser_run_exits_2(shared_plan, tmp_path, capsys, 
 DISK_FILLS_UP_SCRIPT = r"""
 import resource, sys
 import numpy as np
-from telefuser.runtime.video import OutputPathError, Video
+from telefuser.errors import OutputPathError
+from telefuser.runtime.io.video import Video
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))   # ffmpeg inherits it: the file stops growing at 20 kB
 frames = np.random.default_rng(0).integers(0, 256, size=(9, 144, 256, 3), dtype=np.uint8)
 try:
@@ -556,7 +558,7 @@ def test_an_mp4_cut_short_is_never_renamed_into_place(tmp_path):
 # ---------------------------------------------------------------- 5. plan format versions
 
 
-@pytest.mark.parametrize("version, age", [("2", "newer"), ("0", "older")])
+@pytest.mark.parametrize("version, age", [(str(int(PLAN_VERSION) + 1), "newer"), ("0", "older")])
 def test_plan_of_another_format_version_names_both(shared_plan, tmp_path, capsys, version, age):
     raw = json.loads(shared_plan.read_text())
     raw["version"] = version

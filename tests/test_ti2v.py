@@ -192,7 +192,7 @@ def test_the_wan22_vae_in_diffusers_layout_compiles_and_loads(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from telefuser.models.wan.vae22_keys import wan_to_diffusers
-    from telefuser.runtime.loading import build_model
+    from telefuser.runtime.load.build import build_model
     from telefuser.schema.recipe import ModelRuntimeConfig
 
     recipe = _ti2v_folder(tmp_path)

@@ -18,10 +18,10 @@ from telefuser.schema.enums import ModelRole, WeightOffloadType
 from telefuser.schema.plan import ModelPlacement, Plan
 from telefuser.schema.recipe import ModelRuntimeConfig
 
-from .params import RunParameters, resolve_parameters
-from .offload import PrefetchSchedule
-from .placement import Placement, peak_memory, reset_peak_memory
-from .video import Timings, Video
+from telefuser.runtime.io.params import RunParameters, resolve_parameters
+from telefuser.runtime.memory.offload import PrefetchSchedule
+from telefuser.runtime.memory.placement import Placement, peak_memory, reset_peak_memory
+from telefuser.runtime.io.video import Timings, Video
 
 
 class OutOfMemory(TeleFuserError):
@@ -71,7 +71,7 @@ class Pipeline:
     def __init__(self, plan: Plan, plan_path: str | Path = "<memory>") -> None:
         from telefuser.distributed import rank as ranks
 
-        from .loading import build_model
+        from telefuser.runtime.load.build import build_model
 
         self.plan = plan
         self.plan_path = str(plan_path)
@@ -110,7 +110,7 @@ class Pipeline:
     def _warm_up(self, plan: Plan) -> None:
         """Run, on an empty prompt, a text encoder the plan reads to the device at load (its decision's reason says
         so), so that the first video's stage pays no first-call setup (Triton compilation, library handles)."""
-        from .text import encode_prompts
+        from telefuser.runtime.stages.text_encode import encode_prompts
 
         for stage in plan.stages:
             if stage.kind != "text_encode":

@@ -14,11 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from telefuser.atomic import atomic_output
-from telefuser.errors import TeleFuserError
-
-
-class OutputPathError(TeleFuserError):
-    """An output path that cannot be written."""
+from telefuser.errors import OutputPathError
 
 
 @dataclass

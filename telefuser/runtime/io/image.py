@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .params import ParameterError
+from telefuser.errors import ParameterError
 
 MAX_PIXELS = 64_000_000  # 64 megapixels (8000 x 8000): larger is refused before decoding
 MIN_SIDE = 16  # pixels per side: one DiT patch (VAE stride 8 x patch 2)
