@@ -369,7 +369,7 @@ def test_cuda_async_streaming_is_bit_identical_uses_the_side_stream_and_lowers_t
     from telefuser.compiler.block_offload import plan_block_offload
     from telefuser.models import registry
     from telefuser.runtime.memory.placement import Placement
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     device = torch.device("cuda")
     arch = {**tiny.TINY_ARCH["dit"], "dim": 512, "ffn_dim": 2048, "num_heads": 4, "num_layers": 8}
@@ -435,7 +435,7 @@ def test_cuda_async_streaming_under_inductor_gives_the_resident_compiled_output(
     from telefuser.compiler.block_offload import plan_block_offload
     from telefuser.models import registry
     from telefuser.runtime.memory.placement import Placement
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     device = torch.device("cuda")
     arch = {**tiny.TINY_ARCH["dit"], "dim": 256, "ffn_dim": 1024, "num_heads": 2, "num_layers": 5}

@@ -18,7 +18,7 @@ from telefuser.models.wan import dit_keys
 from telefuser.ops.quantized_linear import LinearFP8, _quantise
 from telefuser.runtime.load.build import build_model
 from telefuser.schema.fp8_keys import scan_fp8
-from telefuser.schema.recipe import ModelRuntimeConfig, QuantConfig
+from telefuser.schema.model_config import ModelRuntimeConfig, QuantConfig
 
 BASE = load_file(TINY / "dit.safetensors")
 

@@ -476,7 +476,7 @@ def test_clip_in_hugging_face_layouts_compiles_and_loads(tmp_path):
 
     from telefuser.models.clip.vision_keys import wan_to_hf
     from telefuser.runtime.load.build import build_model
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     hf = wan_to_hf(load_file(str(TINY / "image_encoder.safetensors")))
     for name, state in (("vision_model.", hf), ("bare (transformers >= 5)", {k.removeprefix("vision_model."): v
@@ -526,7 +526,7 @@ def test_a_whole_wan_clip_file_counts_and_loads_its_vision_tower_only(tmp_path):
     from safetensors.torch import load_file
 
     from telefuser.runtime.load.build import build_model
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     vision = load_file(str(TINY / "image_encoder.safetensors"))
     whole = {**vision, "visual.head": torch.zeros(32, 16), "log_scale": torch.zeros(()),

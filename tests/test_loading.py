@@ -14,7 +14,7 @@ from telefuser.compiler import compile_recipe
 from telefuser.models import registry
 from telefuser.runtime.load import weights
 from telefuser.runtime.load.build import build_model
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.schema.model_config import ModelRuntimeConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",

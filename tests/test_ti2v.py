@@ -193,7 +193,7 @@ def test_the_wan22_vae_in_diffusers_layout_compiles_and_loads(tmp_path):
 
     from telefuser.models.wan.vae22_keys import wan_to_diffusers
     from telefuser.runtime.load.build import build_model
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     recipe = _ti2v_folder(tmp_path)
     wan = load_file(str(TINY / "vae22.safetensors"))

@@ -11,7 +11,8 @@ from __future__ import annotations
 from telefuser.errors import RecipeError
 from telefuser.schema.enums import BLOCK_MODES, WeightOffloadType, is_dit
 from telefuser.schema.plan import BlockOffload, PlannedModel
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 
 CPU_ROLES = ("text_encoder", "image_encoder")
 ALIGN = 512  # runtime/offload.py ALIGN: where every tensor starts in a packed buffer

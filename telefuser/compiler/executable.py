@@ -17,7 +17,8 @@ from typing import Callable, Optional
 from telefuser.errors import RecipeError
 from telefuser.schema.enums import FeatureCacheMethod, ModelClass, QuantType, WeightOffloadType, is_dit
 from telefuser.schema.plan import PlannedModel
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 
 Check = Callable[[Recipe, list[PlannedModel]], Optional[str]]
 

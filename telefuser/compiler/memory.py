@@ -37,7 +37,8 @@ from __future__ import annotations
 
 from telefuser.schema.enums import ModelRole, WeightOffloadType, is_dit
 from telefuser.schema.plan import BlockOffload, MemoryEstimate, PlannedModel, PrefetchDecision, Stage, StageMemory
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
 
 from .block_offload import plan_block_offload

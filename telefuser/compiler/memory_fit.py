@@ -13,7 +13,8 @@ from typing import Any
 from telefuser.errors import PlanError
 from telefuser.schema.enums import BLOCK_MODES, WeightOffloadType, is_dit
 from telefuser.schema.plan import MemoryEstimate, PlannedModel, ResolvedTarget
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 
 from .memory import estimate_memory
 from .stages import build_stages

@@ -7,7 +7,7 @@ import itertools
 from telefuser.errors import PlanError
 from telefuser.schema.enums import is_dit
 from telefuser.schema.plan import Mesh, PlannedModel, RankInfo
-from telefuser.schema.recipe import MESH_ORDER, ParallelConfig
+from telefuser.schema.parallel import MESH_ORDER, ParallelConfig
 
 
 def build_mesh(parallel: ParallelConfig, num_devices: int) -> Mesh:

@@ -10,7 +10,8 @@ from telefuser.schema.fingerprint import fingerprint, sha256_requested
 from telefuser.schema.enums import is_dit
 from telefuser.schema.fp8_keys import scan_fp8
 from telefuser.schema.plan import DetectedAttributes, Fp8Layout, PlannedModel
-from telefuser.schema.recipe import ModelRuntimeConfig, ModelSpec, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import ModelSpec, Recipe
 
 from .detect import Detection, detect, parameter_count, storage_dtype, used_tensors
 from .lora import plan_loras

@@ -8,7 +8,8 @@ from typing import Optional
 
 from telefuser.schema.enums import BLOCK_MODES, ModelRole, WeightOffloadType, is_dit
 from telefuser.schema.plan import MemoryEstimate, ModelPlacement, PlannedModel, Stage
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 
 # Models FSDP shards over all ranks (parallel_config.enable_fsdp).
 FSDP_ROLES = frozenset({ModelRole.DIT, ModelRole.DIT_HIGH_NOISE, ModelRole.DIT_LOW_NOISE, ModelRole.TEXT_ENCODER})

@@ -16,7 +16,7 @@ import torch
 from telefuser.errors import PlanError, TeleFuserError, WeightsError
 from telefuser.schema.enums import ModelRole, WeightOffloadType
 from telefuser.schema.plan import ModelPlacement, Plan
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.schema.model_config import ModelRuntimeConfig
 
 from telefuser.runtime.io.params import RunParameters, resolve_parameters
 from telefuser.runtime.memory.offload import PrefetchSchedule

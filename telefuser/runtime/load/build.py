@@ -10,7 +10,7 @@ import torch
 from telefuser.errors import PlanError, WeightsError
 from telefuser.schema.enums import CompileMode, QuantType
 from telefuser.schema.plan import PlannedModel
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.schema.model_config import ModelRuntimeConfig
 
 from .fp8_checkpoint import float32_linears, place_fp8_linears
 from .lora import apply_loras, wrap_unmerged
