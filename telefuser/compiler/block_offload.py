@@ -15,8 +15,12 @@ from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
 
 CPU_ROLES = ("text_encoder", "image_encoder")
-ALIGN = 512  # runtime/offload.py ALIGN: where every tensor starts in a packed buffer
-MIN_GROUP_BYTES = 64 << 20  # default group: copies this large run at the link's speed; per-group costs vanish
+ALIGN = 512  # runtime/memory/offload.py ALIGN: where every tensor starts in a packed buffer
+# Default group size: the fewest blocks whose packed weights reach this. A host-to-device copy of 32-64 MiB already
+# runs at the link's full speed (docs/benchmarks.md, "Reading the umT5 file": 30.8 GB/s at 16 MiB, 32.4 at 32, 30.7
+# at 64), so a group this large pays its per-copy costs (launch, event, hook) once per >= 64 MiB: under 1% of the
+# copy time. It is one block of a 14B or 5B DiT and three of 1.3B.
+MIN_GROUP_BYTES = 64 << 20
 FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
