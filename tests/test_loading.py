@@ -167,3 +167,22 @@ def test_gpu_reader_gives_the_files_tensors(tmp_path, monkeypatch):
     pickled = weights.read_state_dict([tmp_path / "m.pth"], "cuda")
     for name, value in pickled.items():
         assert value.is_cuda and torch.equal(weights._as_bytes(value.cpu()), weights._as_bytes(tensors[name])), name
+
+
+def test_load_plan_records_its_phases(tmp_path):
+    import time
+
+    import telefuser
+    from telefuser.schema.canonical import pretty_json
+
+    path = tmp_path / "tiny.plan.json"
+    path.write_text(pretty_json(compile_recipe(RECIPES / "tiny.toml").model_dump(mode="json", by_alias=True)))
+    start = time.perf_counter()
+    pipe = telefuser.load_plan(str(path))
+    wall = time.perf_counter() - start
+    names = [name for name, _ in pipe.load_phases.rows]
+    assert names[:3] == ["read plan", "check plan", "join ranks"] and names[-1] == "warm up"
+    for model in ("dit", "vae", "text_encoder"):
+        assert names.index(f"{model}: read") < names.index(f"{model}: build") < names.index(f"{model}: place")
+    assert "tokenizer: read" in names
+    assert 0 < pipe.load_phases.total <= wall

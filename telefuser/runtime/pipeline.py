@@ -15,13 +15,14 @@ import torch
 
 from telefuser.errors import PlanError, TeleFuserError, WeightsError
 from telefuser.schema.enums import ModelRole, WeightOffloadType
-from telefuser.schema.plan import ModelPlacement, Plan
 from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.plan import ModelPlacement, Plan
 
-from telefuser.runtime.io.params import RunParameters, resolve_parameters
-from telefuser.runtime.memory.offload import PrefetchSchedule
-from telefuser.runtime.memory.placement import Placement, peak_memory, reset_peak_memory
-from telefuser.runtime.io.video import Timings, Video
+from .io.params import RunParameters, resolve_parameters
+from .io.video import Timings, Video
+from .load.phases import LoadPhases
+from .memory.offload import PrefetchSchedule
+from .memory.placement import Placement, peak_memory, reset_peak_memory
 
 
 class OutOfMemory(TeleFuserError):
@@ -68,17 +69,21 @@ class Pipeline:
     ranks, or torchrun); `run` returns the video on rank 0 and None elsewhere.
     """
 
-    def __init__(self, plan: Plan, plan_path: str | Path = "<memory>") -> None:
+    def __init__(self, plan: Plan, plan_path: str | Path = "<memory>", phases: LoadPhases | None = None) -> None:
+        """`phases` (load_plan passes the one it started with reading the plan) records the load's phases;
+        `load_phases` holds them afterwards."""
         from telefuser.distributed import rank as ranks
-
-        from telefuser.runtime.load.build import build_model
+        from .load.build import build_model
 
         self.plan = plan
         self.plan_path = str(plan_path)
-        check_before_load(plan)
+        self.load_phases = phases = phases or LoadPhases()
+        with phases.phase("check plan"):
+            check_before_load(plan)
         start = time.perf_counter()
-        self.rank = ranks.join(plan)  # refuses a launch that does not fit the plan before anything loads
-        self.device = self.rank.device
+        with phases.phase("join ranks"):
+            self.rank = ranks.join(plan)  # refuses a launch that does not fit the plan before anything loads
+        self.device = phases.device = self.rank.device
         self.placements: dict[str, Placement] = {}  # by model name
         self.prefetch = PrefetchSchedule(plan.memory.prefetch, self.placements, self.device)  # the plan's decisions
         self.tokenizers: dict[str, object] = {}
@@ -88,7 +93,8 @@ class Pipeline:
             if placement.ranks == "replica_lead" and not self.rank.is_writer:
                 continue
             if planned.role == ModelRole.TOKENIZER:
-                self.tokenizers[planned.name] = _load_tokenizer(planned, text_len)
+                with phases.phase(f"{planned.name}: read"):
+                    self.tokenizers[planned.name] = _load_tokenizer(planned, text_len)
                 continue
             runtime = plan.layer2_inference_config.models.get(planned.name, ModelRuntimeConfig())
             device = torch.device("cpu") if placement.compute_device == "cpu" else self.device
@@ -97,20 +103,22 @@ class Pipeline:
                 # FSDP takes the model from the CPU and moves each rank's share of every block to the device;
                 # block offload packs the streamed blocks from host memory and moves the rest.
                 module = build_model(planned, runtime, torch.device("cpu") if placement.load_device == "cpu" else device,
-                                     base_dir=Path(plan.recipe.path).parent)
-                if self.rank.mesh is not None:
-                    _parallelize(module, placement, self.rank.mesh)
-                self.placements[planned.name] = Placement(
-                    module, device, placement.offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD, name=planned.name,
-                    pin=placement.pinned, schedule=self.prefetch, loaded_on_device=placement.loaded_on_device,
-                    blocks=blocks)
-        self._warm_up(plan)
+                                     base_dir=Path(plan.recipe.path).parent, phases=phases)
+                with phases.phase(f"{planned.name}: place"):
+                    if self.rank.mesh is not None:
+                        _parallelize(module, placement, self.rank.mesh)
+                    self.placements[planned.name] = Placement(
+                        module, device, placement.offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD,
+                        name=planned.name, pin=placement.pinned, schedule=self.prefetch,
+                        loaded_on_device=placement.loaded_on_device, blocks=blocks)
+        with phases.phase("warm up"):
+            self._warm_up(plan)
         self.load_seconds = time.perf_counter() - start
 
     def _warm_up(self, plan: Plan) -> None:
         """Run, on an empty prompt, a text encoder the plan reads to the device at load (its decision's reason says
         so), so that the first video's stage pays no first-call setup (Triton compilation, library handles)."""
-        from telefuser.runtime.stages.text_encode import encode_prompts
+        from .stages.text_encode import encode_prompts
 
         for stage in plan.stages:
             if stage.kind != "text_encode":
