@@ -58,6 +58,7 @@ def explain(plan: Plan) -> str:
     lines += ["", f"mesh: {plan.mesh.world_size} rank(s), {mesh}",
               f"memory: peak {mem.peak_bytes / GIB:.2f} GiB of {mem.capacity_bytes / GIB:.1f} GiB per device at {mem.at}"]
     lines += _stage_memory(plan)
+    lines += _placement(plan)
     lines += _offload(plan)
     lines += _block_offload(plan)
     lines += ["", "stages: " + " -> ".join(s.name for s in plan.stages)]
@@ -110,6 +111,24 @@ def _block_offload(plan: Plan) -> list[str]:
         lines.append(f"  {b.model:<14} {b.mode}: {streamed} of {b.num_blocks} blocks streamed in {len(b.groups)} "
                      f"group(s) of {b.blocks_per_group}, ring of {b.groups_resident} x {b.group_bytes / 2**20:.1f} MiB, "
                      f"{copy}; non-block weights and kept blocks {b.resident_bytes / 2**20:.1f} MiB {where}")
+    return lines
+
+
+def _placement(plan: Plan) -> list[str]:
+    """Where each model lives (plan.placement), in one line per model."""
+    lines = ["", "placement:"]
+    for p in plan.placement:
+        facts = [p.offload_type, "every rank" if p.ranks == "all" else "each replica's lead",
+                 f"runs on the {'CPU' if p.compute_device == 'cpu' else 'device'}",
+                 f"read to the {'CPU' if p.load_device == 'cpu' else 'device'}"]
+        facts += [name for name, on in (("read to the device for its first use", p.loaded_on_device),
+                                        ("pinned", p.pinned), ("FSDP-sharded", p.sharded),
+                                        ("tp/sequence parallel", p.parallelized)) if on]
+        if p.streamed_blocks:
+            facts.append(f"{p.streamed_blocks} blocks streamed")
+        if p.prefetched_uses:
+            facts.append(f"{p.prefetched_uses} use(s) prefetched")
+        lines.append(f"  {p.model:<14} {', '.join(facts)}")
     return lines
 
 
@@ -182,6 +201,9 @@ def _walk(a: Any, b: Any, path: str, out: list[str]) -> None:
         _walk({e["name"]: e for e in a}, {e["name"]: e for e in b}, path, out)  # models/stages by name
     elif isinstance(a, list) and isinstance(b, list) and all(isinstance(e, dict) and "op" in e for e in a + b):
         _walk({f"{e['model']}.{e['op']}": e for e in a}, {f"{e['model']}.{e['op']}": e for e in b}, path, out)
+    elif isinstance(a, list) and isinstance(b, list) and a + b and all(
+            isinstance(e, dict) and "model" in e and "stage" not in e for e in a + b):
+        _walk({e["model"]: e for e in a}, {e["model"]: e for e in b}, path, out)  # placement, block_offload by model
     elif a != b:
         out.append(f"~ {path}: {json.dumps(a, sort_keys=True)} -> {json.dumps(b, sort_keys=True)}")
 
