@@ -28,7 +28,6 @@ the logic at tiny sizes: `PYTHONPATH=. python3 bench/memory.py --cpu-smoke`.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -38,50 +37,15 @@ from pathlib import Path
 import torch
 
 from bench import weights_random
+from bench.common import compile_shipped, free, offload_overrides, size_overrides, sync, target_overrides
 from bench.weights_random import write_fp8_scaled, write_wan21_diffusers
 
 BF16 = torch.bfloat16
 PROMPT = "a red fox running through fresh snow"
 RAW: list[dict] = []  # every TeleFuser row's numbers, written beside the table as JSON
-RECIPE = """\
-name = "memory_{label}"
-[target]
-device = "{device}"
-[layer1]
-torch_dtype = "bfloat16"
-pipeline = "wan_t2v"
-{dits}
-[[layer1.models]]
-name = "vae"
-role = "vae"
-path = "{vae}"
-[[layer1.models]]
-name = "text_encoder"
-role = "text_encoder"
-path = "{text_encoder}"
-[[layer1.models]]
-name = "tokenizer"
-role = "tokenizer"
-path = "{tokenizer}"
-[layer2]
-num_inference_steps = {steps}
-num_frames = {frames}
-text_len = {text_len}
-sigma_shift = {shift}
-{moe}
-{offload}
-[layer3.resolution]
-default = "{res}"
-choices = ["{res}"]
-"""
-DIT = '[[layer1.models]]\nname = "{name}"\nrole = "{role}"\nclass = "WanDiT"\npath = "{path}"\narch = {{ num_heads = {heads} }}\n'
-MOE = "cfg_scale_high = 4.0\ncfg_scale_low = 3.0\nboundary = 0.875"
-OFFLOAD = '[layer2.models.{name}]\noffload_config = {{ {config} }}\n'
-
-
-def offload(mode: str, prefetch: bool = True) -> str:
-    """An offload_config inline table's body; without `prefetch`, nothing is copied in ahead of its use."""
-    return f'offload_type = "{mode}"' + ("" if prefetch else ", prefetch_size = 0")
+def offload(mode: str, prefetch: bool = True) -> dict[str, object]:
+    """A model's offload_config keys; without `prefetch`, nothing is copied in ahead of its use."""
+    return {"offload_type": mode, **({} if prefetch else {"prefetch_size": 0})}
 
 
 class Setup:
@@ -108,18 +72,6 @@ class Setup:
         else:
             self.dit, self.vae, self.t5 = WAN21_14B, WanVAEConfig(), UMT5_XXL
             self.res, self.frames, self.text_len, self.size_hw = "480p", 81, 512, (480, 832)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.accelerator.empty_host_cache() if hasattr(torch.accelerator, "empty_host_cache") else None
 
 
 def gib(n: float) -> str:
@@ -166,32 +118,28 @@ def _slug(label: str) -> str:
 
 
 def recipe(setup: Setup, paths: dict[str, Path], label: str, dits: list[tuple[str, str, Path]],
-           modes: dict[str, str], steps: int, moe: bool) -> Path:
-    """`modes`: model name -> offload_config body (`offload`); the text encoder is MODEL_CPU_OFFLOAD unless given."""
+           modes: dict[str, dict], steps: int, moe: bool) -> tuple[str, list[str]]:
+    """The shipped recipe (Wan2.1-14B, or Wan2.2 T2V A14B for `moe`) and its `--set`s: these files, this size,
+    `modes` (model name -> `offload(...)`); the text encoder is MODEL_CPU_OFFLOAD unless given."""
     modes = {"text_encoder": offload("MODEL_CPU_OFFLOAD"), **modes}
-    text = RECIPE.format(
-        label=_slug(label), device="cpu" if setup.smoke else "auto",
-        dits="".join(DIT.format(name=n, role=r, path=p, heads=setup.dit.num_heads) for n, r, p in dits),
-        steps=steps, frames=setup.frames, text_len=setup.text_len, shift=12.0 if moe else 5.0, res=setup.res,
-        moe=MOE if moe else "", offload="".join(OFFLOAD.format(name=n, config=c) for n, c in modes.items()),
-        **{k: str(v) for k, v in paths.items() if k != "dit"})
-    path = setup.root / f"{_slug(label)}.toml"
-    path.write_text(text)
-    return path
+    sets = [f"layer1.models.{name}.path={path}" for name, _, path in dits]
+    sets += [f"layer1.models.{name}.path={path}" for name, path in paths.items() if name != "dit"]
+    sets += [f"layer1.models.{name}.arch={{num_heads={setup.dit.num_heads}}}" for name, _, _ in dits]
+    sets += [*target_overrides(setup.smoke), *size_overrides(setup.frames, setup.text_len, setup.res, steps),
+             *offload_overrides(modes)]
+    return ("wan22_t2v_a14b" if moe else "wan21_t2v_14b"), sets
 
 
-def run_plan(setup: Setup, label: str, recipe_path: Path, repeat: int = 1) -> list[str]:
-    """Compile, load, run `repeat` videos (the last one is reported); a refusal becomes the row."""
+def run_plan(setup: Setup, label: str, spec: tuple[str, list[str]], repeat: int = 1) -> list[str]:
+    """Compile `spec` (a shipped recipe and its `--set`s), load, run `repeat` videos (the last one is reported); a
+    refusal becomes the row."""
     import telefuser
     from telefuser.errors import TeleFuserError
 
-    from telefuser.schema.canonical import pretty_json
-
     try:
-        plan = telefuser.compile(recipe_path)
-        plan_path = recipe_path.with_suffix(".plan.json")
-        plan_path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+        plan_path = compile_shipped(spec[0], setup.root / f"{_slug(label)}.plan.json", {}, spec[1])
         pipe = telefuser.load_plan(str(plan_path))
+        plan = pipe.plan
     except TeleFuserError as exc:
         return [f"| {label} | refused: {str(exc)[:300]} | | | | | |"]
     try:
@@ -227,7 +175,7 @@ def run_plan(setup: Setup, label: str, recipe_path: Path, repeat: int = 1) -> li
 def random_transformer(setup: Setup, device: str):
     """diffusers' WanTransformer3DModel of the setup's DiT with random bf16 weights made on `device` (Wan2.2's two
     bf16 experts are built in memory: beside the FP8 files they do not fit the device's 64 GiB disk)."""
-    from bench.weights_random import _value, diffusers_transformer
+    from bench.weights_random import diffusers_transformer, random_value
 
     model = diffusers_transformer(setup.dit).to(BF16)  # on meta: free; the weights are made at bf16 size
     for name, module in model.named_modules():  # as from_pretrained(torch_dtype=bf16) keeps them
@@ -237,7 +185,7 @@ def random_transformer(setup: Setup, device: str):
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            tensor.copy_(_value(name, tensor.shape, device, gen))
+            tensor.copy_(random_value(name, tensor.shape, tensor.dtype, device, gen))
     return model.eval()
 
 

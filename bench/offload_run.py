@@ -22,7 +22,6 @@ CPU check of the logic at tiny sizes: `python bench/offload_run.py --cpu-smoke`.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 from pathlib import Path
@@ -30,61 +29,11 @@ from pathlib import Path
 import torch
 
 from bench import weights_random
+from bench.common import compile_shipped, free, offload_overrides, size_overrides, sync, target_overrides
 from bench.weights_random import write_wan21_diffusers
 
 BF16 = torch.bfloat16
 PROMPT = "a red fox running through fresh snow"
-RECIPE = """\
-name = "wan21_offload_{label}"
-[target]
-device = "{device}"
-[layer1]
-torch_dtype = "bfloat16"
-[[layer1.models]]
-name = "dit"
-role = "dit"
-path = "{dit}"
-arch = {{ num_heads = {heads} }}
-[[layer1.models]]
-name = "vae"
-role = "vae"
-path = "{vae}"
-[[layer1.models]]
-name = "text_encoder"
-role = "text_encoder"
-path = "{text_encoder}"
-[[layer1.models]]
-name = "tokenizer"
-role = "tokenizer"
-path = "{tokenizer}"
-[layer2]
-num_inference_steps = 2
-num_frames = {frames}
-text_len = {text_len}
-sigma_shift = 5.0
-{offload}
-[layer3.resolution]
-default = "{res}"
-choices = ["{res}"]
-"""
-OFFLOAD = '[layer2.models.{name}]\noffload_config = {{ offload_type = "MODEL_CPU_OFFLOAD" }}\n'
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def free() -> None:
-    """Device memory and PyTorch's cached pinned host blocks given back (a later pinned allocation then pays
-    the driver's page locking again, as a fresh process does)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        for name in ("_host_emptyCache", "_cuda_hostEmptyCache", "_accelerator_emptyHostCache"):
-            if hasattr(torch._C, name):
-                getattr(torch._C, name)()
-                break
 
 
 class Setup:
@@ -125,17 +74,15 @@ def warm_page_cache(root: Path) -> float:
 
 
 def compile_plan(setup: Setup, paths: dict[str, Path], label: str, offloaded: list[str]) -> Path:
-    from telefuser.cli.compile import main as compile_main
-
-    recipe = setup.root / f"{label.replace('+', '_')}.toml"
-    recipe.write_text(RECIPE.format(
-        label=label.replace("+", "_"), device="cpu" if setup.smoke else "auto", heads=setup.dit.num_heads,
-        frames=setup.frames, text_len=setup.text_len, res=setup.res,
-        offload="".join(OFFLOAD.format(name=n) for n in offloaded), **{k: str(v) for k, v in paths.items()}))
-    plan = setup.root / f"{label.replace('+', '_')}.plan.json"
-    assert compile_main([str(recipe), "-o", str(plan)]) == 0
-    assert compile_main(["--explain", str(plan)]) == 0
-    return plan
+    """The shipped Wan2.1 recipe of the setup's size, on these files, 2 steps, MODEL_CPU_OFFLOAD for `offloaded` and
+    no offload for the rest."""
+    modes = {name: {"offload_type": "MODEL_CPU_OFFLOAD" if name in offloaded else "NO_CPU_OFFLOAD"}
+             for name in ("dit", "vae", "text_encoder")}
+    overrides = [*target_overrides(setup.smoke), f"layer1.models.dit.arch={{num_heads={setup.dit.num_heads}}}",
+                 *size_overrides(setup.frames, setup.text_len, setup.res, steps=2), "layer2.sigma_shift=5.0",
+                 *offload_overrides(modes)]
+    recipe = "wan21_t2v_14b" if setup.size == "14b" else "wan21_t2v_1.3b"
+    return compile_shipped(recipe, setup.root / f"{label.replace('+', '_')}.plan.json", paths, overrides, explain=True)
 
 
 def run_ours(setup: Setup, plan: Path, label: str, offloaded: list[str]) -> tuple[list[str], float]:
@@ -211,7 +158,7 @@ def run_diffusers(setup: Setup, pipe) -> list[str]:
 
 def pinning(setup: Setup, gb: float) -> str:
     """Seconds to pack a `gb` GB model into host chunks (pinned on CUDA): the page locking that loading pays."""
-    from telefuser.runtime.offload import OffloadedWeights
+    from telefuser.runtime.memory.offload import OffloadedWeights
 
     numel = int(gb * 1e9) // 2 // 64
     module = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(numel, dtype=BF16), requires_grad=False)

@@ -25,6 +25,7 @@ Run on the GPU machine (diffusers and pydantic carried as wheels; stop at --budg
     PYTHONPATH=. python3 bench/parallel.py [--models 1.3b,14b] [--budget-s 540]
 writes $OUT/parallel.md (and parallel.json) after every layout and prints the table last.
 The same logic on the CPU (gloo, 2 processes, tiny DiTs, float32): `PYTHONPATH=. python3 bench/parallel.py --cpu-smoke`.
+This file runs the layouts (one process per GPU); bench/parallel_report.py renders the table.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -57,7 +57,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 
-from bench.common import environment, out_dir  # noqa: E402
+from bench.common import Measured, environment, out_dir  # noqa: E402
+from bench.parallel_report import CFG_SCALE, render  # noqa: E402
+from telefuser.distributed.launch import free_port  # noqa: E402
 from telefuser.distributed.parallelize_wan import parallelize_wan_dit  # noqa: E402
 from telefuser.distributed.rank import RankContext  # noqa: E402
 from telefuser.models.wan.dit import WAN21_1_3B, WAN21_14B, WanDiT, WanDiTConfig  # noqa: E402
@@ -65,14 +67,12 @@ from telefuser.models.wan.dit_keys import wan_to_diffusers  # noqa: E402
 from telefuser.ops.dispatch import use_dispatch  # noqa: E402
 from telefuser.runtime.stages.denoise import guided  # noqa: E402
 
-CFG_SCALE = 5.0
 SEED = 0
 # Relative L2 error of a layout's prediction against the same side's 1-GPU one. bf16: on random weights, rounding
 # differences grow through the 30-40 blocks: the two correct 1-GPU implementations (TeleFuser, diffusers) differ by
 # 4.6e-2 (1.3B) and 4.9e-2 (14B), and ring (a different summation order) by 4.2e-2 / 4.4e-2 on both sides
 # (H200, 2026-11-23); a misplaced shard is uncorrelated (rel ~1), so 1e-1 separates the two.
 TOLERANCE = {"bf16": 1e-1, "fp32": 1e-4}
-TARGETS = {("cfg", 2): 1.9, ("ulysses", 2): 1.9, ("ring", 2): 1.8}  # speedup at 2 GPUs, and faster than diffusers
 # The dispatch table of bench/wan21.py: SDPA for attention (cuDNN on the H100/H200), Triton kernels for the rest.
 GPU_KERNELS = {"attention": "TORCH_SDPA", **{op: "triton" for op in
                                               ("rms_norm", "layer_norm", "norm_modulate", "modulate", "rotary", "gated_add")}}
@@ -170,15 +170,11 @@ def default_degrees(world: int) -> list[int]:
 
 
 def build_ours(cfg: WanDiTConfig, device: torch.device, dtype: torch.dtype) -> WanDiT:
-    """Full-size WanDiT with random weights made on `device` (no float32 copy first: meta, then to_empty)."""
-    from bench.wan21 import random_state
+    """Full-size WanDiT with random weights made on `device` (no float32 copy first: meta, then assigned); the same
+    seed, so the same weights, on every rank."""
+    from bench.weights_random import random_model
 
-    with torch.device("meta"):
-        model = WanDiT(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    torch.manual_seed(SEED)  # seeds every device's generator: the same weights on every rank
-    random_state(model)
-    return model.eval().requires_grad_(False)
+    return random_model(lambda: WanDiT(cfg), device, dtype, seed=SEED)
 
 
 def no_meta(model: torch.nn.Module) -> torch.nn.Module:
@@ -219,17 +215,6 @@ def share_diffusers(cfg: WanDiTConfig, state: dict[str, torch.Tensor], device: t
 
 # ----------------------------------------------------------------------------------------------------------------------
 # one rank's work
-
-
-@dataclass
-class Measured:
-    seconds: float  # median over the timed steps of the slowest rank's time
-    times: list[float]
-    peak_gib: Optional[float]
-    out: torch.Tensor  # the guided prediction, float32
-
-    def summary(self) -> dict[str, Any]:
-        return {"s": self.seconds, "times": self.times, "peak_gib": self.peak_gib}
 
 
 class Bench:
@@ -580,90 +565,6 @@ class Bench:
                 f"{torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}")
 
 
-def _fmt_s(m: Optional[dict[str, Any]]) -> str:
-    return f"{m['s']:.3f}" if m else ""
-
-
-def _speedup(m: Optional[dict[str, Any]], base: Optional[dict[str, Any]]) -> tuple[str, Optional[float]]:
-    if not m or not base:
-        return "", None
-    if "ok" in m and not m["ok"]:
-        return "invalid (WRONG output)", None
-    value = base["s"] / m["s"]
-    return f"{value:.2f}x", value
-
-
-def render(bench: Bench) -> str:
-    diffusers = (f"diffusers {bench.diffusers_version} (attention backend `{bench.backend}`)"
-                 if bench.diffusers_version else "diffusers not measured")
-    lines = [f"Measured: {bench.env}; {diffusers}; {bench.args.warmup} warm-up + {bench.args.steps} timed steps per "
-             f"layout (median of the slowest rank's step time); generated {datetime.datetime.now():%Y-%m-%d %H:%M}.", ""]
-    seen: dict[str, dict[str, Any]] = {}
-    for row in bench.rows:
-        seen.setdefault(row["model"], row)
-    for row in seen.values():
-        lines.append(f"- {row['title']}: latent {row['latent']} ({row['tokens']:,} tokens), {row['layers']} layers, "
-                     f"dim {row['dim']}, {row['heads']} heads; text [1, {row['text_len']}, ...] per branch (cond, "
-                     f"uncond); TeleFuser: two batch-1 forwards per step (one per rank under cfg 2), diffusers: one "
-                     f"batch-2 forward; CFG scale {CFG_SCALE:g}.")
-    lines += ["", "| model | layout | GPUs | TeleFuser s/step | speedup | diffusers s/step | speedup | ours/diffusers "
-              "| peak GiB/GPU (ours, diffusers) | max\\|diff\\| vs 1 GPU (ours; diffusers) | target |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    bases = {r["model"]: r for r in bench.rows if r["gpus"] == 1}
-    for row in bench.rows:
-        base = bases.get(row["model"], {})
-        ours, theirs = row.get("ours"), row.get("diffusers")
-        if row.get("skipped"):
-            lines.append(f"| {row['title']} | {row['layout']} | {row['gpus']} | skipped: {row['skipped']} "
-                         "| | | | | | | |")
-            continue
-        ours_up, ours_value = _speedup(ours, base.get("ours")) if row["gpus"] > 1 else ("1.00x" if ours else "", 1.0)
-        theirs_up, _ = _speedup(theirs, base.get("diffusers")) if row["gpus"] > 1 else ("1.00x" if theirs else "", 1.0)
-        # ours/diffusers: the same layout, or (cfg layouts, which diffusers lacks) diffusers' best on as many GPUs
-        peer, peer_label = theirs, ""
-        if peer is None and ours and row["gpus"] > 1:
-            same = [r["diffusers"] for r in bench.rows if r["model"] == row["model"] and r["gpus"] == row["gpus"]
-                    and r.get("diffusers") and r["diffusers"].get("ok", True)]
-            if same:
-                peer = min(same, key=lambda m: m["s"])
-                peer_label = f" (vs diffusers' best on {row['gpus']})"
-        ratio = ""
-        if ours and peer:
-            wrong = not (ours.get("ok", True) and peer.get("ok", True))
-            ratio = "invalid (WRONG output)" if wrong else f"{ours['s'] / peer['s']:.2f}x{peer_label}"
-        peaks = ", ".join(f"{m['peak_gib']:.1f}" if m and m.get("peak_gib") is not None else "-"
-                          for m in (ours, theirs))
-        checks = []
-        for m, error in ((ours, row.get("ours_error")), (theirs, row.get("diffusers_error"))):
-            if m and "rel" in m:
-                checks.append(f"{m['max_abs']:.1e} (rel {m['rel']:.1e}){'' if m['ok'] else ' WRONG'}")
-            elif row["gpus"] == 1 and m:
-                checks.append("reference")
-            else:
-                checks.append(error or "-")
-        if row["gpus"] == 1 and "cross" in row:
-            checks.append(f"TeleFuser vs diffusers: rel {row['cross']['rel']:.1e}")
-        target = ""
-        wanted = TARGETS.get((row["kind"], row["gpus"]))
-        if wanted is not None:
-            fast_enough = ours_value is not None and ours_value >= wanted
-            if peer is None:
-                target = f">= {wanted}x: {'met' if fast_enough else 'MISSED'}; faster than diffusers: not measured"
-            else:
-                met = fast_enough and peer.get("ok", True) and ours is not None and ours["s"] < peer["s"]
-                target = f">= {wanted}x and faster than diffusers: {'met' if met else 'MISSED'}"
-        errors = [e for e in (row.get("ours_error"), row.get("diffusers_error")) if e and not (ours or theirs)]
-        lines.append(f"| {row['title']} | {row['layout']} | {row['gpus']} | {_fmt_s(ours) or (errors[0] if errors else '')} "
-                     f"| {ours_up} | {_fmt_s(theirs)} | {theirs_up} | {ratio} | {peaks} | {'; '.join(checks)} | {target} |")
-    lines += ["", f"Layouts on fewer GPUs than the machine's {bench.world} run as identical replicas at once (a dp "
-              "dimension); 1-GPU rows: every GPU runs the step alone at once. Correctness: a layout's CFG prediction "
-              f"(float32) against the same side's 1-GPU prediction; WRONG above a relative L2 error of "
-              f"{bench.tolerance:g}. Targets at 2 GPUs: cfg and ulysses >= 1.9x, ring >= 1.8x, each faster than "
-              "diffusers (cfg against diffusers' best 2-GPU layout)."]
-    lines += [f"- {note}" for note in bench.notes]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # processes
 
@@ -685,12 +586,6 @@ def _worker(rank: int, world: int, port: int, opts: dict[str, Any], start: float
         Bench(rank, world, device, args, start).run(specs)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -742,7 +637,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           flush=True)
     if args.cpu_smoke:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.spawn(_worker, args=(world, _free_port(), vars(args), start), nprocs=world, join=False)
+    context = mp.spawn(_worker, args=(world, free_port(), vars(args), start), nprocs=world, join=False)
     status = 0
     hard_stop = start + args.budget_s + 40.0  # the device call's own limit is 600 s: keep time to print
     try:

@@ -4,7 +4,7 @@ Each variant runs in a fresh process: pinning 11.36 GB (umT5-XXL) in 1 GiB piece
 pinned allocator (cudaHostAlloc), with
 PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:N (malloc, pages
 touched by N threads, then cudaHostRegister), and with the runtime's switch to the latter after CUDA is
-initialised (telefuser.runtime.offload.use_registered_pinning); then the same pinning in a background thread while the main
+initialised (telefuser.runtime.memory.offload.use_registered_pinning); then the same pinning in a background thread while the main
 thread runs 200 batches of small matmuls (launch-bound GPU work), against those batches alone.
 GPU: `PYTHONPATH=. python3 bench/pinning.py`.
 """
@@ -21,7 +21,7 @@ GB, PIECE = 11.36e9, 1 << 30
 torch.zeros(1, device="cuda")
 import os
 if os.environ.get("TELEFUSER_PINNING"):  # what the runtime does, after CUDA is initialised
-    from telefuser.runtime.offload import use_registered_pinning
+    from telefuser.runtime.memory.offload import use_registered_pinning
     use_registered_pinning()
 a = torch.randn(256, 256, device="cuda")
 
@@ -56,7 +56,7 @@ def main() -> None:
     variants = [("cudaHostAlloc (default)", None)]
     variants += [(f"cudaHostRegister, {n} threads", f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{n}")
                  for n in (1, 8, 16)]
-    variants.append(("telefuser.runtime.offload.use_registered_pinning() after CUDA init", "runtime"))
+    variants.append(("telefuser.runtime.memory.offload.use_registered_pinning() after CUDA init", "runtime"))
     for label, conf in variants:
         env = dict(os.environ)
         if conf == "runtime":

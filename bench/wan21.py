@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import bench_ms, bf16_matmul_tflops, environment, out_dir, wall_ms
+from bench.weights_random import random_model
 from telefuser.models.wan.dit import WAN21_1_3B, WanDiT, WanDiTConfig
 from telefuser.models.wan.dit_keys import wan_to_diffusers
 from telefuser.ops.attention import attention
@@ -56,15 +57,6 @@ def dit_flops(batch: int, tokens: int, cfg: WanDiTConfig = WAN21_1_3B) -> float:
                  + 4 * TEXT_LEN * d)  # cross-attention QK^T and PV
     context = 4 * TEXT_LEN * d * d  # cross-attention k, v over the text tokens
     return batch * L * (tokens * per_token + context)
-
-
-def random_state(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
 
 
 def peak_of(fn: Callable[[], object]) -> tuple[float, float]:
@@ -107,11 +99,7 @@ def diffusers_dit(cfg: WanDiTConfig, state: dict[str, torch.Tensor]) -> torch.nn
 
 
 def bench_dit(peak_tflops: float) -> list[str]:
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        ours = WanDiT(WAN21_1_3B)
-    ours = ours.to(BF16).eval().requires_grad_(False)
-    random_state(ours)
+    ours = random_model(lambda: WanDiT(WAN21_1_3B), "cuda", BF16)
     x = torch.randn(LATENT, device="cuda", dtype=BF16)
     t = torch.tensor([900.0, 900.0], device="cuda")
     context = torch.randn(2, TEXT_LEN, 4096, device="cuda", dtype=BF16)
@@ -212,11 +200,7 @@ def bench_vae() -> list[str]:
         return [f"| TeleFuser WanVAE not importable ({exc}); section skipped | | |"]
     from diffusers import AutoencoderKLWan
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        ours = WanVAE(WanVAEConfig())
-    ours = ours.to(BF16).eval()
-    random_state(ours)
+    ours = random_model(lambda: WanVAE(WanVAEConfig()), "cuda", BF16)
     z = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=BF16)
     with torch.inference_mode(), use_dispatch(KERNELS):
         ms, mem = peak_of(lambda: ours.decode(z))

@@ -18,49 +18,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.common import environment, out_dir
+from bench.common import compile_shipped, environment, out_dir, target_overrides
+from bench.weights_random import meta_model, random_state
 from telefuser.models.t5.tokenizer import build_tiny_tokenizer
 from telefuser.models.t5.umt5 import UMT5_XXL, UMT5Encoder
 from telefuser.models.wan.dit import WAN21_1_3B, WanDiT
 from telefuser.models.wan.vae import WanVAE, WanVAEConfig
 
 ROOT = Path(os.environ.get("WAN_RANDOM_ROOT", "/tmp/wan21_random"))
-RECIPE = """\
-name = "wan21_t2v_1.3b_random"
-[target]
-device = "auto"
-[layer1]
-torch_dtype = "bfloat16"
-[[layer1.models]]
-name = "dit"
-role = "dit"
-path = "{root}/diffusion_pytorch_model.safetensors"
-[[layer1.models]]
-name = "vae"
-role = "vae"
-path = "{root}/Wan2.1_VAE.safetensors"
-[[layer1.models]]
-name = "text_encoder"
-role = "text_encoder"
-path = "{root}/models_t5_umt5-xxl-enc-bf16.safetensors"
-[[layer1.models]]
-name = "tokenizer"
-role = "tokenizer"
-path = "{root}/tokenizer.json"
-[layer2]
-num_inference_steps = 4
-num_frames = 81
-[layer3.resolution]
-default = "480p"
-choices = ["480p"]
-"""
-
-
-def write_random(model: torch.nn.Module, path: Path) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name or name.endswith("gamma") else p.normal_(0, 0.02)
-    save_file({k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, path)
 
 
 def main() -> None:
@@ -69,22 +34,20 @@ def main() -> None:
     for build, name in ((lambda: WanDiT(WAN21_1_3B), "diffusion_pytorch_model.safetensors"),
                         (lambda: WanVAE(WanVAEConfig()), "Wan2.1_VAE.safetensors"),
                         (lambda: UMT5Encoder(UMT5_XXL), "models_t5_umt5-xxl-enc-bf16.safetensors")):
-        with torch.device("cuda"):
-            model = build().to(torch.bfloat16)
-        write_random(model, ROOT / name)
-        del model
+        state = random_state(meta_model(build), "cuda")
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, ROOT / name)
+        del state
         torch.cuda.empty_cache()
     build_tiny_tokenizer(ROOT / "tokenizer.json")
-    recipe = ROOT / "recipe.toml"
-    recipe.write_text(RECIPE.format(root=ROOT))
     print(f"random weights written in {time.perf_counter() - start:.0f} s")
 
-    from telefuser.cli.compile import main as compile_main
     import telefuser
 
-    plan = ROOT / "plan.json"
-    assert compile_main([str(recipe), "-o", str(plan)]) == 0
-    assert compile_main(["--explain", str(plan)]) == 0
+    # the shipped recipe on these files: 480p, 81 frames, 4 steps
+    paths = {"dit": ROOT / "diffusion_pytorch_model.safetensors", "vae": ROOT / "Wan2.1_VAE.safetensors",
+             "text_encoder": ROOT / "models_t5_umt5-xxl-enc-bf16.safetensors", "tokenizer": ROOT / "tokenizer.json"}
+    plan = compile_shipped("wan21_t2v_1.3b", ROOT / "plan.json", paths,
+                           [*target_overrides(False), "layer2.num_inference_steps=4"], explain=True)
     pipe = telefuser.load_plan(str(plan))
     video = pipe.run(prompt="a red fox running through fresh snow", seed=7, progress=False)
     summary = video.timings.summary()

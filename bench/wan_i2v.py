@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import math
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -53,6 +51,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bench.common import Measured, free, measure
+from bench.weights_random import random_model
 
 CFG_SCALE = 5.0
 TIMESTEP = 900.0
@@ -103,49 +104,8 @@ class Setup:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def log(message: str) -> None:
     print(f"[wan_i2v {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Measured:
-    ms: float
-    peak_gib: float  # max allocated during the calls, weights included
-    extra_gib: float  # ... above what was allocated before them
-    out: torch.Tensor
-
-
-def measure(fn: Callable[[], torch.Tensor], runs: int, warmup: Callable[[], object] | None = None) -> Measured:
-    """Median ms of `runs` synchronised calls after one warm-up call (`warmup`, default `fn` itself), the peak
-    memory over all of them, and the last output in float32."""
-    free()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    with torch.inference_mode():
-        (warmup or fn)()
-        sync()
-        times, out = [], None
-        for _ in range(runs):
-            out = None  # the previous output is not kept alive across a call
-            start = time.perf_counter()
-            out = fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-        out = out.float()
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return Measured(statistics.median(times), peak / 2**30, (peak - resident) / 2**30, out)
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
@@ -156,35 +116,6 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-
-def _random_value(name: str, shape: torch.Size, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
-    leaf = name.rsplit(".", 1)[-1]
-    # Norm gains (the I2V image embedding's LayerNorms are img_emb.proj.0 / .4, the VAE's RMS norms `gamma`)
-    if leaf == "gamma" or (leaf == "weight" and ("norm" in name or name in ("img_emb.proj.0.weight",
-                                                                            "img_emb.proj.4.weight"))):
-        return t.fill_(1.0)
-    if leaf == "bias" and "norm" in name:
-        return t.zero_()
-    if leaf == "weight" and len(shape) >= 2:  # linear / convolution: N(0, 1/fan_in) keeps activations O(1)
-        return t.normal_(0.0, math.prod(shape[1:]) ** -0.5, generator=gen)
-    return t.normal_(0.0, 0.02, generator=gen)  # biases, modulation tables, class / position embeddings
-
-
-def random_model(make: Callable[[], nn.Module], setup: Setup, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A TeleFuser model with random weights, built as the runtime's loader builds one (meta, then the tensors
-    assigned, then to(device, dtype)); a model that derives buffers in __init__ is built on the device."""
-    with torch.device("meta"):
-        model = make()
-    persistent = model.state_dict().keys()
-    if any(b.is_meta and name not in persistent for name, b in model.named_buffers()):
-        with torch.device(setup.device):
-            model = make()
-    gen = torch.Generator(device=setup.device).manual_seed(seed)
-    state = {name: _random_value(name, t.shape, dtype, setup.device, gen) for name, t in model.state_dict().items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=setup.device, dtype=dtype).eval().requires_grad_(False)
 
 
 def peer_model(make: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], setup: Setup) -> nn.Module:
@@ -215,7 +146,8 @@ def dispatch_table(class_: str, arch: dict, dtype: torch.dtype) -> dict[str, str
     from telefuser.compiler.target import resolve_target
     from telefuser.schema.recipe import Target
 
-    model = SimpleNamespace(name="m", class_=class_, compute_dtype=str(dtype).removeprefix("torch."), arch=arch)
+    model = SimpleNamespace(name="m", class_=class_, compute_dtype=str(dtype).removeprefix("torch."), arch=arch,
+                            attributes=SimpleNamespace(fp8_layout=None))
     return {e.op: str(e.impl) for e in build_dispatch([model], {}, resolve_target(Target()))}
 
 
@@ -314,7 +246,7 @@ def bench_i2v_dit(setup: Setup) -> tuple[list[str], dict[str, str]]:
     t = torch.tensor([TIMESTEP])
 
     log("Wan2.1 I2V DiT: building random weights")
-    ours = random_model(lambda: WanDiT(cfg), setup, setup.dtype, seed=10)
+    ours = random_model(lambda: WanDiT(cfg), setup.device, setup.dtype, seed=10)
     table = dispatch_table("WanDiT", {"dim": cfg.dim, "num_heads": cfg.num_heads}, setup.dtype)
     rank = RankContext(device=torch.device(setup.device))
     extra = {"y": y.to(setup.dtype), "clip_fea": clip_fea.to(setup.dtype)}  # once per run, as the denoise stage
@@ -365,7 +297,7 @@ def bench_clip(setup: Setup) -> list[str]:
     cfg = setup.clip
     _, height, width = setup.i2v_frames_hw
     log("CLIP: building random weights")
-    ours = random_model(lambda: ClipVisionEncoder(cfg), setup, setup.clip_dtype, seed=20)
+    ours = random_model(lambda: ClipVisionEncoder(cfg), setup.device, setup.clip_dtype, seed=20)
     table = dispatch_table("CLIPVision", {}, setup.clip_dtype)
     gen = torch.Generator(device=setup.device).manual_seed(3)
     pixels = torch.rand(1, 3, height, width, generator=gen, device=setup.device) * 2 - 1  # the fitted frame
@@ -407,7 +339,7 @@ def bench_wan21_vae_encode(setup: Setup) -> list[str]:
 
     frames, height, width = setup.i2v_frames_hw
     log("Wan2.1 VAE: building random weights")
-    ours = random_model(lambda: WanVAE(setup.vae), setup, setup.dtype, seed=30)
+    ours = random_model(lambda: WanVAE(setup.vae), setup.device, setup.dtype, seed=30)
     table = dispatch_table("WanVAE", {}, setup.dtype)
     gen = torch.Generator(device=setup.device).manual_seed(4)
     image = (torch.rand(1, 3, 1, height, width, generator=gen, device=setup.device) * 2 - 1).to(setup.dtype)
@@ -455,7 +387,7 @@ def bench_ti2v_dit(setup: Setup) -> list[str]:
     t = torch.tensor(TIMESTEP)  # a solver timestep: a CPU scalar, as the runtime's solver keeps them
 
     log("TI2V-5B DiT: building random weights")
-    ours = random_model(lambda: WanDiT(cfg), setup, setup.dtype, seed=40)
+    ours = random_model(lambda: WanDiT(cfg), setup.device, setup.dtype, seed=40)
     table = dispatch_table("WanDiT", {"dim": cfg.dim, "num_heads": cfg.num_heads}, setup.dtype)
     rank = RankContext(device=torch.device(setup.device))
     patch = tuple(cfg.patch_size)
@@ -507,7 +439,7 @@ def bench_vae22(setup: Setup) -> list[str]:
 
     frames, height, width = setup.ti2v_frames_hw
     log("Wan2.2 VAE: building random weights")
-    ours = random_model(lambda: Wan22VAE(setup.vae22), setup, setup.dtype, seed=50)
+    ours = random_model(lambda: Wan22VAE(setup.vae22), setup.device, setup.dtype, seed=50)
     table = dispatch_table("Wan22VAE", {}, setup.dtype)
     gen = torch.Generator(device=setup.device).manual_seed(7)
     video = (torch.rand(1, 3, frames, height, width, generator=gen, device=setup.device) * 2 - 1).to(setup.dtype)

@@ -1,14 +1,18 @@
-"""Random weights of the real shapes, written in diffusers' / transformers' folder layouts, for benchmarks that
-load the same files into TeleFuser (whose compiler reads those layouts) and into diffusers.
+"""Random weights of the real shapes, for every benchmark: the one rule for random values (`random_value`), the one
+meta-device model builder (`meta_model`, `random_model`), and files in Wan's or diffusers' / transformers' folder
+layouts (`write_module`, `write_wan21_diffusers`) that TeleFuser (whose compiler reads those layouts) and the peer
+load alike.
 
-Tensors are generated one at a time on the benchmark's device from the shapes of the reference classes built on
-the meta device (no model is materialised), and shards of at most SHARD_BYTES are written as they fill, so host
-memory holds one shard at a time. Norm gains are 1, everything else N(0, 0.02), all bfloat16.
+Tensors are generated one at a time on the benchmark's device from the shapes of classes built on the meta device
+(no model is materialised), and shards of at most SHARD_BYTES are written as they fill, so host memory holds one
+shard at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,11 +20,51 @@ from safetensors.torch import save_file
 
 BF16 = torch.bfloat16
 SHARD_BYTES = 4 << 30
+# Norm layers' weights by name where the name does not say "norm" (Wan2.1 I2V's image-embedding LayerNorms).
+NORM_WEIGHTS = ("img_emb.proj.0.weight", "img_emb.proj.4.weight")
 
 
-def _value(name: str, shape: torch.Size, device: str, gen: torch.Generator) -> torch.Tensor:
-    t = torch.empty(shape, dtype=BF16, device=device)
-    return t.fill_(1.0) if ("norm" in name or name.endswith("gamma")) else t.normal_(0, 0.02, generator=gen)
+def random_value(name: str, shape: torch.Size, dtype: torch.dtype, device: str | torch.device,
+                 gen: torch.Generator) -> torch.Tensor:
+    """The one rule: norm gains 1 (`gamma`, a norm's weight), norm biases 0, linear and convolution weights
+    N(0, 1/fan_in) (activations stay O(1) through deep stacks, so outputs compare meaningfully), everything else
+    (biases, modulation tables, embeddings) N(0, 0.02)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "gamma" or (leaf == "weight" and ("norm" in name or name in NORM_WEIGHTS)):
+        return t.fill_(1.0)
+    if leaf == "bias" and "norm" in name:
+        return t.zero_()
+    if leaf == "weight" and len(shape) >= 2:
+        return t.normal_(0.0, math.prod(shape[1:]) ** -0.5, generator=gen)
+    return t.normal_(0.0, 0.02, generator=gen)
+
+
+def meta_model(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`make()` on the meta device: every tensor's name and shape, no memory, nothing initialised."""
+    with torch.device("meta"):
+        return make()
+
+
+def random_state(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype = BF16,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random value (`random_value`) for every persistent tensor of `module` (meta is enough), on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return {name: random_value(name, t.shape, dtype, device, gen) for name, t in module.state_dict().items()}
+
+
+def random_model(make: Callable[[], torch.nn.Module], device: str | torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> torch.nn.Module:
+    """A model with random weights, built as TeleFuser's loader builds one: on meta, the tensors assigned, then
+    to(device, dtype); a model that derives buffers in __init__ the meta device cannot hold is built on `device`.
+    The same seed gives the same weights on every rank."""
+    model = meta_model(make)
+    persistent = model.state_dict().keys()
+    if any(b.is_meta and name not in persistent for name, b in model.named_buffers()):
+        with torch.device(device):
+            model = make()
+    model.load_state_dict(random_state(model, device, dtype, seed), strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def write_module(module: torch.nn.Module, folder: Path, stem: str, device: str, skip: tuple[str, ...] = (),
@@ -47,7 +91,7 @@ def write_module(module: torch.nn.Module, folder: Path, stem: str, device: str, 
     for name, meta in module.state_dict().items():
         if name in skip:
             continue
-        value = _value(name, meta.shape, device, gen)
+        value = random_value(name, meta.shape, BF16, device, gen)
         for key, tensor in (convert(name, value) if convert else {name: value}).items():
             if size and size + tensor.nbytes > SHARD_BYTES:
                 flush()

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from telefuser.runtime.pipeline import Pipeline
-    from telefuser.runtime.video import Video
+    from telefuser.runtime.io.video import Video
     from telefuser.schema.plan import Plan
     from telefuser.schema.recipe import Recipe, Target
 
@@ -57,7 +57,7 @@ def __getattr__(name: str):
 
         return Pipeline
     if name == "Video":
-        from telefuser.runtime.video import Video
+        from telefuser.runtime.io.video import Video
 
         return Video
     raise AttributeError(f"module 'telefuser' has no attribute {name!r}")

@@ -39,12 +39,6 @@ def atomic_output(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
                 _live.discard(tmp)
 
 
-def live_temporaries() -> list[Path]:
-    """The temporary files of the `atomic_output` blocks open now."""
-    with _live_lock:
-        return sorted(_live)
-
-
 def remove_live_temporaries() -> None:
     """Removes every temporary file of an open `atomic_output` block (before a forced exit; safe to
     call from any thread)."""

@@ -19,3 +19,11 @@ class WeightsError(TeleFuserError):
 
 class PlanError(TeleFuserError):
     """A plan that is malformed, tampered with, stale, or cannot run on this machine."""
+
+
+class ParameterError(TeleFuserError):
+    """A run parameter the plan does not accept (telefuser-run's options, `Pipeline.run`'s arguments)."""
+
+
+class OutputPathError(TeleFuserError):
+    """An output path that cannot be written."""

@@ -348,17 +348,17 @@ def test_a_cuda_plan_with_block_offload_is_refused_on_a_cpu_machine(tmp_path, ca
     assert not out.exists() and not list(tmp_path.glob("*.mp4*"))
 
 
-def test_a_block_offload_plan_without_its_streaming_is_refused(deep_set):
-    from telefuser.runtime.pipeline import Pipeline
-    from telefuser.schema.canonical import plan_hash
-    from telefuser.schema.plan import Plan
+def test_a_block_offload_plan_without_its_streaming_is_refused(deep_set, tmp_path):
+    from telefuser.schema.canonical import plan_hash, pretty_json
 
     plan = compile_recipe(write_recipe(deep_set, layer2_extra=MODES["async_1"], name="nostream.toml"))
     raw = plan.model_dump(mode="json", by_alias=True)
-    raw["memory"]["block_offload"] = []  # as --no-weights leaves it
+    raw["memory"]["block_offload"] = []  # a hand-edited plan: its placement streams blocks it no longer records
     raw["plan_hash"] = plan_hash(raw)
-    with pytest.raises(PlanError, match="without its streaming in plan.memory.block_offload"):
-        Pipeline(Plan.model_validate(raw))
+    path = tmp_path / "nostream.json"
+    path.write_text(pretty_json(raw))
+    with pytest.raises(PlanError, match="but its streaming in memory.block_offload has 0"):
+        telefuser.load_plan(str(path))
 
 
 # --- CUDA -------------------------------------------------------------------------------------------------------------
@@ -368,8 +368,8 @@ def test_a_block_offload_plan_without_its_streaming_is_refused(deep_set):
 def test_cuda_async_streaming_is_bit_identical_uses_the_side_stream_and_lowers_the_peak(tmp_path):
     from telefuser.compiler.block_offload import plan_block_offload
     from telefuser.models import registry
-    from telefuser.runtime.placement import Placement
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.runtime.memory.placement import Placement
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     device = torch.device("cuda")
     arch = {**tiny.TINY_ARCH["dit"], "dim": 512, "ffn_dim": 2048, "num_heads": 4, "num_layers": 8}
@@ -434,8 +434,8 @@ def test_cuda_async_streaming_under_inductor_gives_the_resident_compiled_output(
     tolerance is bf16's rounding of the output (2^-8 relative to its largest value)."""
     from telefuser.compiler.block_offload import plan_block_offload
     from telefuser.models import registry
-    from telefuser.runtime.placement import Placement
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.runtime.memory.placement import Placement
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     device = torch.device("cuda")
     arch = {**tiny.TINY_ARCH["dit"], "dim": 256, "ffn_dim": 1024, "num_heads": 2, "num_layers": 5}

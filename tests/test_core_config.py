@@ -12,6 +12,8 @@ import pytest
 
 import telefuser
 import telefuser.schema.enums as enums
+import telefuser.schema.model_config as model_config
+import telefuser.schema.parallel as parallel
 import telefuser.schema.recipe as schema
 from telefuser.compiler import load_recipe
 from telefuser.core.config import (
@@ -52,9 +54,11 @@ SHIPPED = sorted(RECIPES.glob("*.toml"))
 def test_design_names_are_the_schema_models_not_copies():
     from telefuser.core import config
 
-    for name in ("ModelRuntimeConfig", "ParallelConfig", "OffloadConfig", "LoraConfig", "AttentionConfig",
-                 "SparseAttentionConfig", "CompileConfig", "QuantConfig", "FeatureCacheConfig", "Recipe"):
-        assert getattr(config, name) is getattr(schema, name), name
+    for name in ("ModelRuntimeConfig", "OffloadConfig", "LoraConfig", "AttentionConfig", "SparseAttentionConfig",
+                 "CompileConfig", "QuantConfig", "FeatureCacheConfig"):
+        assert getattr(config, name) is getattr(model_config, name), name
+    assert config.ParallelConfig is parallel.ParallelConfig
+    assert config.Recipe is schema.Recipe
     for name in ("AttnImplType", "WeightOffloadType", "QuantType"):
         assert getattr(config, name) is getattr(enums, name), name
     assert Wan21VideoPipelineConfig is Wan22VideoPipelineConfig is schema.Layer2

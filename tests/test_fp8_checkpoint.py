@@ -16,9 +16,9 @@ from telefuser.errors import RecipeError, WeightsError
 from telefuser.models.tiny import BLOCK_LINEAR, fp8_checkpoint
 from telefuser.models.wan import dit_keys
 from telefuser.ops.quantized_linear import LinearFP8, _quantise
-from telefuser.runtime.loading import build_model
+from telefuser.runtime.load.build import build_model
 from telefuser.schema.fp8_keys import scan_fp8
-from telefuser.schema.recipe import ModelRuntimeConfig, QuantConfig
+from telefuser.schema.model_config import ModelRuntimeConfig, QuantConfig
 
 BASE = load_file(TINY / "dit.safetensors")
 

@@ -32,8 +32,9 @@ import telefuser
 from telefuser.cli.run import main as run_main
 from telefuser.compiler import compile_recipe
 from telefuser.errors import TeleFuserError
-from telefuser.runtime.image import MAX_PIXELS, as_image, fit_image, read_image, to_pixels
-from telefuser.runtime.params import ParameterError, resolve_parameters
+from telefuser.runtime.io.image import MAX_PIXELS, as_image, fit_image, read_image, to_pixels
+from telefuser.errors import ParameterError
+from telefuser.runtime.io.params import resolve_parameters
 from telefuser.schema.canonical import pretty_json
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -309,7 +310,7 @@ transformers = pytest.importorskip("transformers")
 def _stages_until(pipe, stop: str, image) -> "object":
     """Runs the plan's stages up to (not including) `stop` and returns the RunState."""
     from telefuser.runtime.stages import STAGES, RunState
-    from telefuser.runtime.video import Timings
+    from telefuser.runtime.io.video import Timings
 
     state = RunState(params=resolve_parameters(pipe.plan, prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED,
                                                image=image), timings=Timings(), progress=False)
@@ -474,8 +475,8 @@ def test_clip_in_hugging_face_layouts_compiles_and_loads(tmp_path):
     from safetensors.torch import load_file
 
     from telefuser.models.clip.vision_keys import wan_to_hf
-    from telefuser.runtime.loading import build_model
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.runtime.load.build import build_model
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     hf = wan_to_hf(load_file(str(TINY / "image_encoder.safetensors")))
     for name, state in (("vision_model.", hf), ("bare (transformers >= 5)", {k.removeprefix("vision_model."): v
@@ -524,8 +525,8 @@ def test_a_whole_wan_clip_file_counts_and_loads_its_vision_tower_only(tmp_path):
     dropped on loading and left out of the parameter count (and so of the memory estimate)."""
     from safetensors.torch import load_file
 
-    from telefuser.runtime.loading import build_model
-    from telefuser.schema.recipe import ModelRuntimeConfig
+    from telefuser.runtime.load.build import build_model
+    from telefuser.schema.model_config import ModelRuntimeConfig
 
     vision = load_file(str(TINY / "image_encoder.safetensors"))
     whole = {**vision, "visual.head": torch.zeros(32, 16), "log_scale": torch.zeros(()),

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from telefuser.distributed.launch import free_port, launched_by_torchrun, run_local_ranks, spawn_local_ranks
+from telefuser.distributed.launch import free_port, run_local_ranks, spawn_local_ranks
+from telefuser.distributed.rank import launched_world
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="process groups and signals are POSIX")
 
@@ -185,14 +186,14 @@ def test_spawn_local_ranks_runs_telefuser_run(tmp_path: Path, capfd: pytest.Capt
     assert "missing.json" in err and "reported bad input" in err
 
 
-def test_launched_by_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_launched_world(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert not launched_by_torchrun()
+    assert launched_world() is None
     monkeypatch.setenv("RANK", "0")
-    assert not launched_by_torchrun()
+    assert launched_world() is None
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert launched_by_torchrun()
+    assert launched_world() == (0, 2)
 
 
 def test_free_port_can_be_bound() -> None:

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from telefuser.compiler import compile_recipe
 from telefuser.models import registry
-from telefuser.runtime import weights
-from telefuser.runtime.loading import build_model
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.runtime.load import weights
+from telefuser.runtime.load.build import build_model
+from telefuser.schema.model_config import ModelRuntimeConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
@@ -62,9 +62,31 @@ def test_loaded_models_hold_the_files_tensors_and_nothing_random(plan, init_spy)
     assert init_spy == [], f"parameters initialised at random while loading: {init_spy[:5]}"
 
 
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("tiny*.toml")), ids=lambda p: p.stem)
+def test_no_model_is_initialised_at_random_while_any_tiny_plan_loads(recipe, init_spy):
+    import telefuser
+    from telefuser.runtime.pipeline import Pipeline
+
+    pipe = Pipeline(compile_recipe(recipe))
+    assert pipe.placements and isinstance(pipe, telefuser.Pipeline)
+    assert init_spy == [], f"{recipe.name}: initialised at random while loading: {init_spy[:5]}"
+
+
+@pytest.mark.parametrize("wan22", [False, True], ids=["WanVAE", "Wan22VAE"])
+def test_either_vae_is_built_on_meta_with_its_latent_statistics(wan22):
+    from telefuser.models.wan import vae, vae22
+
+    module, cls, config = (vae22, vae22.Wan22VAE, vae22.Wan22VAEConfig) if wan22 else (vae, vae.WanVAE, vae.WanVAEConfig)
+    with torch.device("meta"):
+        built = cls(config())
+    assert all(p.is_meta for p in built.parameters())
+    assert built.latent_stats.device.type == "cpu"
+    assert torch.equal(built.latent_stats.flatten(), torch.tensor([module.LATENT_MEAN, module.LATENT_STD]).flatten())
+
+
 def test_vae_is_built_on_meta_with_its_latent_statistics(plan):
     from telefuser.models.wan.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
-    from telefuser.runtime.loading import _instantiate
+    from telefuser.runtime.load.build import _instantiate
 
     with torch.device("meta"):
         vae = WanVAE(WanVAEConfig())
@@ -145,3 +167,22 @@ def test_gpu_reader_gives_the_files_tensors(tmp_path, monkeypatch):
     pickled = weights.read_state_dict([tmp_path / "m.pth"], "cuda")
     for name, value in pickled.items():
         assert value.is_cuda and torch.equal(weights._as_bytes(value.cpu()), weights._as_bytes(tensors[name])), name
+
+
+def test_load_plan_records_its_phases(tmp_path):
+    import time
+
+    import telefuser
+    from telefuser.schema.canonical import pretty_json
+
+    path = tmp_path / "tiny.plan.json"
+    path.write_text(pretty_json(compile_recipe(RECIPES / "tiny.toml").model_dump(mode="json", by_alias=True)))
+    start = time.perf_counter()
+    pipe = telefuser.load_plan(str(path))
+    wall = time.perf_counter() - start
+    names = [name for name, _ in pipe.load_phases.rows]
+    assert names[:3] == ["read plan", "check plan", "join ranks"] and names[-1] == "warm up"
+    for model in ("dit", "vae", "text_encoder"):
+        assert names.index(f"{model}: read") < names.index(f"{model}: build") < names.index(f"{model}: place")
+    assert "tokenizer: read" in names
+    assert 0 < pipe.load_phases.total <= wall

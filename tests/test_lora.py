@@ -22,8 +22,8 @@ from telefuser.models.tiny import fp8_checkpoint
 from telefuser.models.wan import dit_keys
 from telefuser.ops.lora_linear import LoraLinear
 from telefuser.ops.quantized_linear import LinearFP8
-from telefuser.runtime.loading import build_model
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.runtime.load.build import build_model
+from telefuser.schema.model_config import ModelRuntimeConfig
 
 BASE = load_file(TINY / "dit.safetensors")
 LORA = load_file(TINY / "lora_distill.safetensors")  # lightx2v's layout: diffusion_model., alpha, diff/diff_b/diff_m

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import telefuser
 from telefuser.compiler import compile_recipe
-from telefuser.errors import PlanError
+from telefuser.errors import PlanError, RecipeError
 from telefuser.runtime.plan_io import check_target
 from telefuser.runtime.solvers import make_solver
 from telefuser.schema.canonical import pretty_json
@@ -120,13 +120,13 @@ def test_plan_assuming_packages_missing_here_is_refused(tmp_path):
         check_target(pipe.plan.model_copy(update={"target": target}))
 
 
-def test_settings_the_runtime_cannot_honour_are_refused_not_ignored(tmp_path):
+def test_settings_the_runtime_cannot_honour_are_refused_at_compile_time_not_ignored(tmp_path):
     recipe = TINY + '''
 [layer2.models.dit.feature_cache_config]
 method = "teacache"
 threshold = 0.1
 '''
-    with pytest.raises(PlanError, match="feature_cache_config.method = teacache"):
+    with pytest.raises(RecipeError, match="feature_cache_config.method = teacache: not executable yet"):
         load(tmp_path, recipe)
 
 

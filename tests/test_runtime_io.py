@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from telefuser.errors import WeightsError
-from telefuser.runtime.video import OutputPathError, Timings, Video, check_output_path
-from telefuser.runtime.weights import read_state_dict
+from telefuser.errors import OutputPathError
+from telefuser.runtime.io.video import Timings, Video, check_output_path
+from telefuser.runtime.load.weights import read_state_dict
 
 
 def _tensors():

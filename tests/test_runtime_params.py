@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from telefuser.runtime.params import ParameterError, resolve_parameters
+from telefuser.errors import ParameterError
+from telefuser.runtime.io.params import resolve_parameters
 from telefuser.schema.plan import Plan
 from telefuser.schema.resolution import RESOLUTION_TABLE, frame_size
 
@@ -43,6 +44,7 @@ def layer3_plan(frame_sizes=None, negative_default="", layer2_negative="") -> Pl
         "dispatch": [],
         "mesh": {"world_size": 1, "order": [], "degrees": {}, "ranks": [], "groups": {}},
         "memory": {"peak_bytes": 0, "capacity_bytes": 0, "breakdown": {}, "at": {}},
+        "placement": [],
         "stages": [],
     })
 

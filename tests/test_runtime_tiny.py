@@ -10,7 +10,7 @@ import pytest
 import telefuser
 from telefuser.compiler import compile_recipe
 from telefuser.schema.canonical import pretty_json
-from telefuser.runtime.params import ParameterError
+from telefuser.errors import ParameterError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -26,16 +26,19 @@ import torch
 import torch.distributed as dist
 
 from gloo_ranks import spawn
-from telefuser.distributed.vae_parallel import band_tile_size, default_tile_stride, parallel_decode, tile_grid
+from telefuser.distributed.vae_parallel import band_tile_size, parallel_decode
+from telefuser.models.wan.causal_vae import default_tile_stride, tile_grid
 from telefuser.models.wan.vae import WanVAE, WanVAEConfig
+from telefuser.models.wan.vae22 import Wan22VAE, Wan22VAEConfig
 
 CONFIG = WanVAEConfig(z_dim=16, base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+CONFIG_22 = Wan22VAEConfig(z_dim=8, base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
 HALO = 108  # video pixels: the receptive-field radius of CONFIG's decoder (13.5 latent pixels)
 ATOL = 1e-5
 
 
-def make_vae(attention: bool = True) -> WanVAE:
-    vae = WanVAE(CONFIG).eval()
+def make_vae(attention: bool = True, wan22: bool = False) -> WanVAE | Wan22VAE:
+    vae = (Wan22VAE(CONFIG_22) if wan22 else WanVAE(CONFIG)).eval()
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for name, p in vae.named_parameters():
@@ -78,7 +81,7 @@ def test_band_tile_size() -> None:
         for n in (1, 2, 3, 4, 8):
             tile = band_tile_size(h, w, n)
             stride = default_tile_stride(tile)
-            grid = tile_grid(h, w, tile, stride)
+            grid = tile_grid(h, w, stride)
             cut = 0 if h >= w else 1
             assert len(grid) * len(grid[0]) <= n
             assert (len(grid), len(grid[0]))[1 - cut] == 1  # one tile across the uncut side
@@ -147,3 +150,30 @@ def test_parallel_decode_bands(world_size: int, monkeypatch: pytest.MonkeyPatch)
     # 4 x 63 latent: vertical bands; 2 ranks: tiles 0:42, 32:63; 4 ranks: 0:21, 16:37, 32:53, 48:63
     # (bands of unequal width, the last one the remainder).
     spawn(functools.partial(_band_worker, (1, 16, 2, 4, 63)), world_size, monkeypatch)
+
+
+def _wan22_worker(shape: tuple[int, ...], tile: tuple[int, int] | None) -> None:
+    vae, z = make_vae(wan22=True), latents(shape)
+    out = parallel_decode(vae, z, None, tile)
+    if dist.get_rank() != 0:
+        assert out is None
+        return
+    if tile is None:
+        tile = band_tile_size(shape[3], shape[4], dist.get_world_size())
+    expected = vae.decode(z, tiled=True, tile_size=tile)
+    assert out.shape == expected.shape == (shape[0], 3, 1 + 4 * (shape[2] - 1), 16 * shape[3], 16 * shape[4])
+    assert torch.equal(out, expected), (out - expected).abs().max()
+
+
+def test_wan22_vae_one_rank_without_process_group() -> None:
+    vae = make_vae(wan22=True)
+    z = latents((1, 8, 2, 5, 6))
+    assert torch.equal(parallel_decode(vae, z, None), vae.decode(z))
+    assert torch.equal(parallel_decode(vae, z, None, (3, 4)), vae.decode(z, tiled=True, tile_size=(3, 4)))
+
+
+@pytest.mark.parametrize("tile", [(4, 4), None])
+def test_parallel_decode_takes_the_wan22_vae(tile, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wan2.2's decoder works in patch space (12 channels at 8x, unfolded to 16x pixels): the tiles are gathered and
+    # blended there, as its single-rank tiled decode does. 6 x 7 latent: tiles of 4 every 3 (3 x 3), or two bands.
+    spawn(functools.partial(_wan22_worker, (1, 8, 2, 6, 7), tile), 2, monkeypatch)

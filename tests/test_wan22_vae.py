@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from telefuser.models.wan.vae import CausalConv3d
+from telefuser.models.wan.vae_blocks import CausalConv3d
 from telefuser.models.wan.vae22 import LATENT_MEAN, LATENT_STD, Wan22VAE, Wan22VAEConfig, patchify
 from telefuser.models.wan.vae22_keys import detect_layout, diffusers_to_wan, to_wan_layout, wan_to_diffusers
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from telefuser.models.wan.vae import LATENT_MEAN, LATENT_STD, AttentionBlock, CausalConv3d, WanVAE, WanVAEConfig
+from telefuser.models.wan.vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEConfig
+from telefuser.models.wan.vae_blocks import AttentionBlock, CausalConv3d
 from telefuser.models.wan.vae_keys import detect_layout, diffusers_to_wan, to_wan_layout, wan_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")

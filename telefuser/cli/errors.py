@@ -39,11 +39,6 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def exit_code_of(exc: KeyboardInterrupt) -> int:
-    """130 for Ctrl-C (a plain KeyboardInterrupt too), 143 for SIGTERM."""
-    return 128 + getattr(exc, "signum", signal.SIGINT)
-
-
 def report(prog: str, message: str) -> int:
     print(textwrap.fill(f"{prog}: error: {message}", width=100, break_long_words=False, break_on_hyphens=False),
           file=sys.stderr)

@@ -56,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _shown_default(plan, name: str, default):
-    # An empty Layer 3 negative prompt falls back to Layer 2's (telefuser.runtime.params).
+    # An empty Layer 3 negative prompt falls back to Layer 2's (telefuser.runtime.io.params).
     if name == "negative_prompt" and not default:
         return plan.layer2_inference_config.negative_prompt
     return default
@@ -137,7 +137,7 @@ def _parse(plan, argv: list[str]) -> argparse.Namespace:
     parser = build_parser(plan)
     args = parser.parse_args(argv)  # argparse itself exits 2 on a bad value
     if "image" not in plan.layer3_user_interface.parameters and args.image is not None:
-        from telefuser.runtime.params import image_not_taken
+        from telefuser.runtime.io.params import image_not_taken
 
         raise image_not_taken(plan, args.image)
     if "prompt" in plan.layer3_user_interface.parameters:
@@ -185,7 +185,7 @@ def _main(argv: list[str]) -> int:
 
 def _check_text(option: str, value: Optional[str], path: bool = False, text_len: int = 512) -> None:
     """Values no prompt or path can be: a NUL character, text that is not UTF-8, a prompt of a book's length."""
-    from telefuser.runtime.params import ParameterError
+    from telefuser.errors import ParameterError
 
     if value is None:
         return
@@ -213,7 +213,7 @@ def _check_texts(args: argparse.Namespace, plan) -> None:
             _check_text(_option(name), getattr(args, name), text_len=text_len)
     prompt = getattr(args, "prompt", None)
     if "prompt" in params and params["prompt"].required and prompt is not None and not prompt.strip():
-        from telefuser.runtime.params import ParameterError
+        from telefuser.errors import ParameterError
 
         raise ParameterError('--prompt is empty; describe the video, e.g. --prompt "a red fox running through '
                              'fresh snow".')
@@ -225,15 +225,15 @@ def _check_texts(args: argparse.Namespace, plan) -> None:
 def _check_before_loading(args: argparse.Namespace, plan) -> dict:
     """Refuse bad values, unwritable outputs, a machine that lacks the plan's devices and changed weights,
     before loading; the weights' SHA-256 last (it reads every file)."""
-    from telefuser.runtime.batch import output_folder, read_prompts
-    from telefuser.runtime.params import resolve_parameters
+    from .batch import output_folder, read_prompts
+    from telefuser.runtime.io.params import resolve_parameters
     from telefuser.runtime.plan_io import check_fingerprints, check_target
-    from telefuser.runtime.video import check_output_path
+    from telefuser.runtime.io.video import check_output_path
 
     _check_texts(args, plan)
     values = {name: getattr(args, name) for name in plan.layer3_user_interface.parameters}
     if values.get("image") is not None:
-        from telefuser.runtime.image import as_image
+        from telefuser.runtime.io.image import as_image
 
         # Read and checked once (before any rank starts or model loads), then shared by every prompt.
         values["image"] = as_image(values["image"])
@@ -257,7 +257,7 @@ def _check_before_loading(args: argparse.Namespace, plan) -> dict:
 def _verify_weights(args: argparse.Namespace, plan) -> None:
     """--verify-weights (default: when the plan records SHA-256s): read and hash every weight file."""
     from telefuser.runtime.plan_io import RECOMPILE, plan_records_sha256, verify_weight_hashes
-    from telefuser.runtime.params import ParameterError
+    from telefuser.errors import ParameterError
 
     hashed = plan_records_sha256(plan)
     if args.verify_weights is False:
@@ -301,7 +301,7 @@ def _run(args: argparse.Namespace, plan, prog: str = PROG) -> int:
 
 def _run_batch(pipeline, values: dict, folder: Path, progress: bool) -> int:
     """Each dp replica's lead writes its own videos as they finish; rank 0 lists them all at the end."""
-    from telefuser.runtime.batch import video_name
+    from .batch import video_name
 
     prompts = values.pop("prompts")
     start = time.perf_counter()

@@ -9,14 +9,18 @@ model class by tests/test_block_offload.py), so a group's device buffer is sized
 from __future__ import annotations
 
 from telefuser.errors import RecipeError
-from telefuser.schema.enums import WeightOffloadType
+from telefuser.schema.enums import BLOCK_MODES, WeightOffloadType, is_dit
 from telefuser.schema.plan import BlockOffload, PlannedModel
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 
-BLOCK_MODES = (WeightOffloadType.SEQUENTIAL_CPU_OFFLOAD.value, WeightOffloadType.ASYNC_CPU_OFFLOAD.value)
 CPU_ROLES = ("text_encoder", "image_encoder")
-ALIGN = 512  # runtime/offload.py ALIGN: where every tensor starts in a packed buffer
-MIN_GROUP_BYTES = 64 << 20  # default group: copies this large run at the link's speed; per-group costs vanish
+ALIGN = 512  # runtime/memory/offload.py ALIGN: where every tensor starts in a packed buffer
+# Default group size: the fewest blocks whose packed weights reach this. A host-to-device copy of 32-64 MiB already
+# runs at the link's full speed (docs/benchmarks.md, "Reading the umT5 file": 30.8 GB/s at 16 MiB, 32.4 at 32, 30.7
+# at 64), so a group this large pays its per-copy costs (launch, event, hook) once per >= 64 MiB: under 1% of the
+# copy time. It is one block of a 14B or 5B DiT and three of 1.3B.
+MIN_GROUP_BYTES = 64 << 20
 FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -96,7 +100,7 @@ def plan_block_offload(model: PlannedModel, runtime: ModelRuntimeConfig, weight_
     streamed = streamed_blocks(num_blocks, cfg.offload_ratio)
     per_group = cfg.blocks_per_group or max(1, min(len(streamed), -(-MIN_GROUP_BYTES // max(packed, 1))))
     groups = [streamed[i:i + per_group] for i in range(0, len(streamed), per_group)]
-    ahead = cfg.prefetch_size if cfg.offload_type == WeightOffloadType.ASYNC_CPU_OFFLOAD.value else 0
+    ahead = cfg.prefetch_size if cfg.offload_type == WeightOffloadType.ASYNC_CPU_OFFLOAD else 0
     resident_groups = min(len(groups), 1 + ahead)
     return BlockOffload(
         model=model.name, mode=cfg.offload_type, num_blocks=num_blocks, groups=groups,
@@ -116,7 +120,7 @@ def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
         mode = runtime.offload_config.offload_type
         role = roles.get(name, "")
         if mode in BLOCK_MODES:
-            if not role.startswith("dit"):
+            if not is_dit(role):
                 raise RecipeError(
                     f"{where}.offload_config.offload_type = {mode!r}: block offload streams a DiT's transformer "
                     f"blocks, and {name!r} is the {role or 'unknown'} model; use \"MODEL_CPU_OFFLOAD\" for it "
@@ -140,7 +144,7 @@ def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
                     f"{where}: {mode} with compile_config.fullgraph = true: the streaming hook runs eagerly before "
                     "each streamed block (a graph break, which fullgraph forbids); set compile_config.fullgraph = "
                     "false (each block's own forward stays one graph).")
-            if mode == WeightOffloadType.ASYNC_CPU_OFFLOAD.value and runtime.offload_config.prefetch_size < 1:
+            if mode == WeightOffloadType.ASYNC_CPU_OFFLOAD and runtime.offload_config.prefetch_size < 1:
                 raise RecipeError(
                     f"{where}.offload_config: ASYNC_CPU_OFFLOAD with prefetch_size = 0 copies nothing ahead; set "
                     "prefetch_size >= 1 (groups copied while one computes), or use \"SEQUENTIAL_CPU_OFFLOAD\".")
@@ -150,7 +154,7 @@ def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
                     f"{where}.run_on_cpu = true: only the text encoder and the CLIP image encoder run on the CPU "
                     f"(one forward per video); {name!r} is the {role or 'unknown'} model. Drop the key, or use "
                     "offload_config.offload_type = \"MODEL_CPU_OFFLOAD\" to keep it in host memory between uses.")
-            if mode != WeightOffloadType.NO_CPU_OFFLOAD.value:
+            if mode != WeightOffloadType.NO_CPU_OFFLOAD:
                 raise RecipeError(f"{where}: run_on_cpu = true keeps the model in host memory already; drop "
                                   f"offload_config.offload_type = {mode!r}.")
             if parallel.enable_fsdp and role == "text_encoder":

@@ -15,10 +15,12 @@ from telefuser.schema.resolution import RESOLUTION_TABLE
 
 from .block_offload import check_offload_settings
 from .dispatch import build_dispatch
+from .executable import check_executable
 from .memory import estimate_memory
 from .memory_fit import refuse_over_capacity
 from .mesh import build_mesh, check_parallel
 from .models import check_compatible, plan_model
+from .placement import resolve_placement
 from .recipe_loader import LoadedRecipe, load_recipe
 from .stages import build_stages
 from .target import resolve_target
@@ -55,8 +57,9 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
     models = [plan_model(spec, recipe, loaded.path.parent, inspect_weights) for spec in recipe.layer1.models]
     if inspect_weights:
         check_compatible(models, recipe.layer1.pipeline)
-    check_parallel(recipe.layer2.parallel_config, models)
     check_offload_settings(recipe, models)
+    check_executable(recipe, models)
+    check_parallel(recipe.layer2.parallel_config, models)
     dispatch = build_dispatch(models, recipe.layer2.models, resolved)
     stages = build_stages(recipe, models)
     memory = estimate_memory(recipe, models, resolved.memory_bytes, stages) if inspect_weights else None
@@ -79,6 +82,8 @@ def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: T
         "mesh": build_mesh(recipe.layer2.parallel_config, resolved.num_devices).model_dump(mode="json"),
         "memory": memory.model_dump(mode="json") if memory else
         {"peak_bytes": 0, "capacity_bytes": resolved.memory_bytes, "breakdown": {}, "at": {"skipped": "--no-weights"}},
+        "placement": [p.model_dump(mode="json") for p in resolve_placement(recipe, models, stages, memory,
+                                                                           resolved.device)],
         "stages": [s.model_dump(mode="json") for s in stages],
     }
     # Hash exactly what the plan file will hold: pydantic's JSON dump of the validated plan.

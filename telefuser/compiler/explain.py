@@ -9,6 +9,7 @@ from typing import Any
 import pydantic
 
 from telefuser.errors import PlanError
+from telefuser.schema.enums import WeightOffloadType
 from telefuser.schema.plan import Plan
 from telefuser.schema.step_list import step_list_timesteps
 
@@ -57,6 +58,7 @@ def explain(plan: Plan) -> str:
     lines += ["", f"mesh: {plan.mesh.world_size} rank(s), {mesh}",
               f"memory: peak {mem.peak_bytes / GIB:.2f} GiB of {mem.capacity_bytes / GIB:.1f} GiB per device at {mem.at}"]
     lines += _stage_memory(plan)
+    lines += _placement(plan)
     lines += _offload(plan)
     lines += _block_offload(plan)
     lines += ["", "stages: " + " -> ".join(s.name for s in plan.stages)]
@@ -112,17 +114,34 @@ def _block_offload(plan: Plan) -> list[str]:
     return lines
 
 
+def _placement(plan: Plan) -> list[str]:
+    """Where each model lives (plan.placement), in one line per model."""
+    lines = ["", "placement:"]
+    for p in plan.placement:
+        facts = [p.offload_type, "every rank" if p.ranks == "all" else "each replica's lead",
+                 f"runs on the {'CPU' if p.compute_device == 'cpu' else 'device'}",
+                 f"read to the {'CPU' if p.load_device == 'cpu' else 'device'}"]
+        facts += [name for name, on in (("read to the device for its first use", p.loaded_on_device),
+                                        ("pinned", p.pinned), ("FSDP-sharded", p.sharded),
+                                        ("tp/sequence parallel", p.parallelized)) if on]
+        if p.streamed_blocks:
+            facts.append(f"{p.streamed_blocks} blocks streamed")
+        if p.prefetched_uses:
+            facts.append(f"{p.prefetched_uses} use(s) prefetched")
+        lines.append(f"  {p.model:<14} {', '.join(facts)}")
+    return lines
+
+
 def _offload(plan: Plan) -> list[str]:
     """MODEL_CPU_OFFLOAD models: where their host copy lives, and per use whether it is prefetched and why."""
-    l2 = plan.layer2_inference_config
-    offloaded = [name for name, cfg in l2.models.items() if cfg.offload_config.offload_type == "MODEL_CPU_OFFLOAD"]
+    offloaded = [p.model for p in plan.placement if p.offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD]
     if not offloaded:
         return []
 
     def host(name: str) -> str:
         if plan.device != "cuda":
             return "host memory (a CPU plan: a second RAM copy while in use)"
-        return "pinned host memory" if l2.models[name].offload_config.pin_cpu_memory else "pageable host memory"
+        return "pinned host memory" if plan.placement_of(name).pinned else "pageable host memory"
 
     lines = ["offload (MODEL_CPU_OFFLOAD: loaded once into host memory, copied in for each use, dropped after "
              "without copying back):"]
@@ -182,6 +201,9 @@ def _walk(a: Any, b: Any, path: str, out: list[str]) -> None:
         _walk({e["name"]: e for e in a}, {e["name"]: e for e in b}, path, out)  # models/stages by name
     elif isinstance(a, list) and isinstance(b, list) and all(isinstance(e, dict) and "op" in e for e in a + b):
         _walk({f"{e['model']}.{e['op']}": e for e in a}, {f"{e['model']}.{e['op']}": e for e in b}, path, out)
+    elif isinstance(a, list) and isinstance(b, list) and a + b and all(
+            isinstance(e, dict) and "model" in e and "stage" not in e for e in a + b):
+        _walk({e["model"]: e for e in a}, {e["model"]: e for e in b}, path, out)  # placement, block_offload by model
     elif a != b:
         out.append(f"~ {path}: {json.dumps(a, sort_keys=True)} -> {json.dumps(b, sort_keys=True)}")
 

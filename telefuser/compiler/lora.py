@@ -14,7 +14,7 @@ from telefuser.errors import RecipeError, WeightsError
 from telefuser.schema.fingerprint import fingerprint, safetensors_header_bytes, sha256_requested
 from telefuser.schema.lora_keys import LoraMatch, Shape, match_lora, parse_lora
 from telefuser.schema.plan import PlannedLora
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.schema.model_config import ModelRuntimeConfig
 
 from .weights import TensorInfo
 

@@ -35,9 +35,10 @@ background while the first video runs (`_at_load`).
 
 from __future__ import annotations
 
-from telefuser.schema.enums import ModelRole, WeightOffloadType
+from telefuser.schema.enums import ModelRole, WeightOffloadType, is_dit
 from telefuser.schema.plan import BlockOffload, MemoryEstimate, PlannedModel, PrefetchDecision, Stage, StageMemory
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
 
 from .block_offload import plan_block_offload
@@ -74,9 +75,9 @@ def _weight_bytes(model: PlannedModel, runtime: ModelRuntimeConfig, recipe: Reci
     # unmerged LoRAs stay resident beside the weights: about their file's size (bf16 LoRAs, bf16 compute)
     total += sum(lora.file.size for lora in model.loras if not lora.merge)
     p = recipe.layer2.parallel_config
-    if model.role.startswith("dit"):
+    if is_dit(model.role):
         total //= p.tp_degree
-    if p.enable_fsdp and (model.role.startswith("dit") or model.role == ModelRole.TEXT_ENCODER.value):
+    if p.enable_fsdp and (is_dit(model.role) or model.role == ModelRole.TEXT_ENCODER.value):
         total //= p.world_size  # each rank keeps its share (plus one whole block while it runs)
     return total
 
@@ -87,7 +88,7 @@ def _device_weights(recipe: Recipe, models: list[PlannedModel]) -> tuple[dict[st
     l2 = recipe.layer2
     breakdown: dict[str, int] = {}
     resident, in_use, blocks = 0, {}, []
-    several_dits = sum(m.role.startswith("dit") for m in models) > 1
+    several_dits = sum(is_dit(m.role) for m in models) > 1
     for m in models:
         runtime = l2.models.get(m.name, ModelRuntimeConfig())
         size = _weight_bytes(m, runtime, recipe)
@@ -97,11 +98,11 @@ def _device_weights(recipe: Recipe, models: list[PlannedModel]) -> tuple[dict[st
             in_use[m.name] = 0
             continue
         breakdown[f"weights.{m.name}"] = size
-        if mode == WeightOffloadType.NO_CPU_OFFLOAD.value:
+        if mode == WeightOffloadType.NO_CPU_OFFLOAD:
             resident += size
-        elif mode == WeightOffloadType.MODEL_CPU_OFFLOAD.value:
+        elif mode == WeightOffloadType.MODEL_CPU_OFFLOAD:
             in_use[m.name] = size  # on the device only during its own stage
-        elif m.role.startswith("dit"):  # sequential / async: kept part resident, a ring of group buffers in use
+        elif is_dit(m.role):  # sequential / async: kept part resident, a ring of group buffers in use
             plan = plan_block_offload(m, runtime, size, several_dits)
             blocks.append(plan)
             ring = plan.groups_resident * plan.group_bytes
@@ -139,7 +140,7 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     l2 = recipe.layer2
     width, height, res, ar = _largest_frame(recipe)
     breakdown, resident, in_use, blocks = _device_weights(recipe, models)
-    dit = next(m for m in models if m.role.startswith("dit"))
+    dit = next(m for m in models if is_dit(m.role))
     dim, ffn = int(dit.arch.get("dim", 0)), int(dit.arch.get("ffn_dim", 0))
     act_bytes = DTYPE_BYTES[dit.compute_dtype]
     noise = next((s for s in stages or [] if s.kind == "noise"), None)  # the VAE's compression (Wan2.2's: 4 x 16 x 16)
@@ -296,7 +297,7 @@ def plan_prefetch(recipe: Recipe, models: list[PlannedModel], stages: list[Stage
         return l2.models.get(name, ModelRuntimeConfig()).offload_config
 
     def offloaded(name: str) -> bool:
-        return offload(name).offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD.value
+        return offload(name).offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD
 
     limit = int(capacity * PREFETCH_HEADROOM)
     uses = model_uses(stages, models)

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from telefuser.errors import PlanError
+from telefuser.schema.enums import BLOCK_MODES, WeightOffloadType, is_dit
 from telefuser.schema.plan import MemoryEstimate, PlannedModel, ResolvedTarget
-from telefuser.schema.recipe import ModelRuntimeConfig, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
 
 from .memory import estimate_memory
 from .stages import build_stages
@@ -30,12 +32,11 @@ def _candidates(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarg
         return l2.models.get(name, ModelRuntimeConfig())
 
     encoders = [m.name for m in models if m.role in ("text_encoder", "image_encoder")
-                and runtime(m.name).offload_config.offload_type == "NO_CPU_OFFLOAD" and not runtime(m.name).run_on_cpu]
+                and runtime(m.name).offload_config.offload_type == WeightOffloadType.NO_CPU_OFFLOAD and not runtime(m.name).run_on_cpu]
     if encoders and not l2.parallel_config.enable_fsdp:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "MODEL_CPU_OFFLOAD" for n in encoders})
-    dits = [m for m in models if m.role.startswith("dit")]
-    streamable = [m.name for m in dits if runtime(m.name).offload_config.offload_type in ("NO_CPU_OFFLOAD",
-                                                                                          "MODEL_CPU_OFFLOAD")]
+    dits = [m for m in models if is_dit(m.role)]
+    streamable = [m.name for m in dits if runtime(m.name).offload_config.offload_type not in BLOCK_MODES]
     if streamable and l2.parallel_config.tp_degree == 1 and not l2.parallel_config.enable_fsdp:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "ASYNC_CPU_OFFLOAD" for n in streamable})
     cc = tuple(int(p) for p in target.compute_capability.split(".")) if target.compute_capability else None

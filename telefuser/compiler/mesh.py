@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 
 from telefuser.errors import PlanError
+from telefuser.schema.enums import is_dit
 from telefuser.schema.plan import Mesh, PlannedModel, RankInfo
-from telefuser.schema.recipe import MESH_ORDER, ParallelConfig
+from telefuser.schema.parallel import MESH_ORDER, ParallelConfig
 
 
 def build_mesh(parallel: ParallelConfig, num_devices: int) -> Mesh:
@@ -27,14 +28,9 @@ def build_mesh(parallel: ParallelConfig, num_devices: int) -> Mesh:
 
 def check_parallel(parallel: ParallelConfig, models: list[PlannedModel]) -> None:
     """Refuse degrees no runtime can take, before any plan is written."""
-    if parallel.pp_degree > 1:
-        raise PlanError(
-            f"layer2.parallel_config.pp_degree = {parallel.pp_degree}: pipeline parallelism is not built yet; "
-            "set pp_degree = 1 and spread the devices over cfg_degree, sp_ulysses_degree, sp_ring_degree or tp_degree."
-        )
     for model in models:
         heads = model.arch.get("num_heads")
-        if not model.role.startswith("dit") or heads is None:
+        if not is_dit(model.role) or heads is None:
             continue  # --no-weights without an asserted arch: the runtime checks it before loading
         for dim in ("sp_ulysses", "tp"):
             degree = parallel.degree(dim)

@@ -7,9 +7,11 @@ from typing import Any
 
 from telefuser.errors import RecipeError, WeightsError
 from telefuser.schema.fingerprint import fingerprint, sha256_requested
+from telefuser.schema.enums import is_dit
 from telefuser.schema.fp8_keys import scan_fp8
 from telefuser.schema.plan import DetectedAttributes, Fp8Layout, PlannedModel
-from telefuser.schema.recipe import ModelRuntimeConfig, ModelSpec, Recipe
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import ModelSpec, Recipe
 
 from .detect import Detection, detect, parameter_count, storage_dtype, used_tensors
 from .lora import plan_loras
@@ -108,7 +110,7 @@ def _attributes(spec: ModelSpec, dtype: str, metadata: dict[str, str], moe: bool
 def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool) -> PlannedModel:
     runtime = recipe.layer2.models.get(spec.name, ModelRuntimeConfig())
     compute = runtime.torch_dtype or recipe.layer1.torch_dtype
-    moe = recipe.layer1.is_moe and spec.role.startswith("dit")
+    moe = recipe.layer1.is_moe and is_dit(spec.role)
     path = resolve_path(spec.path, recipe_dir)
     if not inspect:  # --check --no-weights: the recipe's declarations stand in for the weights
         return PlannedModel(name=spec.name, role=spec.role, path=str(path), class_=spec.class_,
@@ -141,7 +143,7 @@ def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
     """The DiTs, VAE and text encoder must fit together and the pipeline (channels, text width, MoE pair)."""
     by_role = {m.role: m for m in models}
     vae, text = by_role.get("vae"), by_role.get("text_encoder")
-    dits = [m for m in models if m.role.startswith("dit")]
+    dits = [m for m in models if is_dit(m.role)]
     for dit in dits:
         a = dit.arch
         if text and a.get("text_dim") != text.arch.get("dim"):

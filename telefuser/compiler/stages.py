@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from telefuser.errors import RecipeError
-from telefuser.schema.enums import ModelRole, PipelineType
+from telefuser.schema.enums import ModelRole, PipelineType, is_dit
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
@@ -85,11 +85,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
     latent_channels = int(vae.arch.get("z_dim", 16)) if vae is not None and vae.arch else \
         LATENT_CHANNELS.get(vae.class_ if vae is not None else "", 16)
     temporal, spatial = vae_ratios(vae)
-    dit = next(m for m in models if m.role.startswith("dit"))
+    dit = next(m for m in models if is_dit(m.role))
     check_frame_sizes(recipe, spatial, list(dit.arch.get("patch_size", [1, 2, 2])))
-    if l2.enable_vae_parallel and vae is not None and vae.class_ == "Wan22VAE":
-        raise RecipeError("layer2.enable_vae_parallel: the tiled decode shared out over ranks is the Wan2.1 VAE's; "
-                          "the Wan2.2 VAE (Wan22VAE) decodes on each replica's lead. Set enable_vae_parallel = false.")
     conditioning: list[str] = []
     first_frame = False
     if recipe.layer1.pipeline == PipelineType.WAN_I2V.value:

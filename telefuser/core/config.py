@@ -59,27 +59,29 @@ from telefuser.schema.enums import (
     WeightDtype,
     WeightOffloadType,
 )
+from telefuser.schema.model_config import (
+    AttentionConfig,
+    CompileConfig,
+    FeatureCacheConfig,
+    LoraConfig,
+    ModelRuntimeConfig,
+    OffloadConfig,
+    QuantConfig,
+    SparseAttentionConfig,
+)
+from telefuser.schema.parallel import ParallelConfig
 from telefuser.schema.recipe import (
     MODEL_CONFIG_KEYWORDS,
     AspectRatioParam,
-    AttentionConfig,
-    CompileConfig,
     DeclaredAttributes,
-    FeatureCacheConfig,
     ImageParam,
     IntParam,
     Layer1,
     Layer2,
     Layer3,
-    LoraConfig,
-    ModelRuntimeConfig,
     ModelSpec,
-    OffloadConfig,
-    ParallelConfig,
-    QuantConfig,
     Recipe,
     ResolutionParam,
-    SparseAttentionConfig,
     StringParam,
     Target,
 )

@@ -27,12 +27,6 @@ BAD_INPUT = 2  # a rank's exit code for bad input: that rank has already printed
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def launched_by_torchrun() -> bool:
-    """True in a process that already is one rank (started by torchrun or by `run_local_ranks`):
-    it joins the mesh instead of spawning ranks of its own."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now, for the ranks' rendezvous (MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

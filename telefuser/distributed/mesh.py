@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Mesh
-from telefuser.schema.recipe import MESH_ORDER, ParallelConfig
+from telefuser.schema.parallel import MESH_ORDER, ParallelConfig
 
 
 def _device_type(device_type: Optional[str]) -> str:

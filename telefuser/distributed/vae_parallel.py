@@ -1,7 +1,8 @@
-"""Wan VAE decode split spatially over the ranks of a process group (`enable_vae_parallel`).
+"""Wan VAE decode (Wan2.1's `WanVAE` and Wan2.2's `Wan22VAE`) split spatially over the ranks of a process group
+(`enable_vae_parallel`).
 
-The scheme is the VAE's own tiled decode (`WanVAE.decode(z, tiled=True, tile_size=...)`) with its tiles
-shared out:
+The scheme is the VAE's own tiled decode (`vae.decode(z, tiled=True, tile_size=...)`, telefuser.models.wan.causal_vae)
+with its tiles shared out:
 
 - Tiles: the grid of the tiled decode. Tile (i, j) covers latent rows i : i + tile[0] and columns
   j : j + tile[1] for i in range(0, H, stride[0]), j in range(0, W, stride[1]), with the tiled decode's
@@ -9,14 +10,14 @@ shared out:
   and right edges are cut at the latent's border, so they can be smaller.
 - Distribution: tiles numbered in row-major order, tile k decoded by group rank k % N (round robin).
   The ranks work in rounds; in round r every rank decodes tile r * N + rank (if there is one) with the
-  VAE's per-tile decode (`WanVAE._decode_frames`, the function the tiled decode calls per tile) and the
-  round's tiles are gathered to group rank 0, padded to the largest tile's shape so one `dist.gather`
+  VAE's per-tile decode (`decode_tile`, the function the tiled decode calls per tile, in the decoder's output
+  space: Wan2.2's patches before they are unfolded into pixels) and the round's tiles are gathered to group rank 0, padded to the largest tile's shape so one `dist.gather`
   carries them (a rank without a tile in the last round sends zeros).
 - Stitching, on group rank 0 only: the round's tiles are consecutive in row-major order, which is the
-  order in which the tiled decode blends, so rank 0 blends each one as soon as it arrives, with the
-  tiled decode's own cross-fade (`telefuser.models.wan.vae._blend`): top overlap from the blended tile
-  above, then left overlap from the blended tile on the left, the top-left `stride` part written into
-  the video, the bottom and right strips kept for the next tiles. Rank 0 therefore holds the video, one
+  order in which the tiled decode blends, so rank 0 hands each one as soon as it arrives to the tiled
+  decode's own `TileStitcher`: top overlap from the blended tile above, then left overlap from the
+  blended tile on the left, the top-left `stride` part written into the video, the bottom and right
+  strips kept for the next tiles. Rank 0 therefore holds the video, one
   round of N tiles and one row of strips; the other ranks hold one tile at a time and no video.
 - Result: bit for bit the single-rank `vae.decode(z, tiled=True, tile_size=tile_size)` (same tiles, same
   per-tile function on the same input, same blend arithmetic in the same order; only copies are added),
@@ -38,15 +39,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from telefuser.models.wan.vae import WanVAE, _blend
+from telefuser.models.wan.causal_vae import CausalVideoVAE, TileStitcher, default_tile_stride, tile_grid
 
 # The smallest band with an overlap under the tiled decode's stride rule (tile // 4 >= 1).
 MIN_BAND = 4
-
-
-def default_tile_stride(tile_size: tuple[int, int]) -> tuple[int, int]:
-    """The stride `WanVAE.decode` uses when it is given none: a quarter of the tile overlaps."""
-    return (tile_size[0] - tile_size[0] // 4, tile_size[1] - tile_size[1] // 4)
 
 
 def _single_tile(length: int) -> int:
@@ -82,52 +78,6 @@ def band_tile_size(height: int, width: int, world_size: int) -> tuple[int, int]:
     return _single_tile(height), band
 
 
-def tile_grid(height: int, width: int, tile_size: tuple[int, int],
-              tile_stride: tuple[int, int]) -> list[list[tuple[int, int]]]:
-    """Top-left latent corners of the tiled decode's tiles, row by row."""
-    return [[(i, j) for j in range(0, width, tile_stride[1])] for i in range(0, height, tile_stride[0])]
-
-
-class _Stitcher:
-    """Blends decoded tiles, given in row-major order, into the video as `WanVAE._decode_tiled` does."""
-
-    def __init__(self, video: torch.Tensor, grid: list[list[tuple[int, int]]], tile_stride: tuple[int, int],
-                 blend: tuple[int, int], ratio: int) -> None:
-        self.video = video
-        self.corners = [corner for row in grid for corner in row]
-        self.columns = len(grid[0])
-        self.stride = tile_stride
-        self.blend = blend
-        self.ratio = ratio
-        self.height, self.width = video.shape[3] // ratio, video.shape[4] // ratio
-        self.count = 0
-        self.above: list[torch.Tensor] = []  # bottom strips of the previous row's blended tiles
-        self.row_bottoms: list[torch.Tensor] = []
-        self.left: torch.Tensor | None = None  # right strip of the previous blended tile in this row
-
-    def add(self, decoded: torch.Tensor) -> None:
-        i, j = self.corners[self.count]
-        column = self.count % self.columns
-        self.count += 1
-        if column == 0 and self.count > 1:  # a new row of tiles
-            self.above, self.row_bottoms, self.left = self.row_bottoms, [], None
-        r, blend = self.ratio, self.blend
-        if self.above:
-            _blend(self.above[column], decoded, blend[0], dim=3)
-        if self.left is not None:
-            _blend(self.left, decoded, blend[1], dim=4)
-        keep_h, keep_w = min(self.stride[0], self.height - i) * r, min(self.stride[1], self.width - j) * r
-        self.video[:, :, :, i * r : i * r + keep_h, j * r : j * r + keep_w] = decoded[:, :, :, :keep_h, :keep_w]
-        # The same strips the tiled decode keeps (clones: a view would keep the gathered buffer alive).
-        self.left = decoded[:, :, :, :, decoded.shape[4] - blend[1]:].clone()
-        self.row_bottoms.append(decoded[:, :, :, decoded.shape[3] - blend[0]:].clone())
-
-    def finish(self) -> torch.Tensor:
-        if self.count != len(self.corners):
-            raise RuntimeError(f"vae parallel decode stitched {self.count} of {len(self.corners)} tiles")
-        return self.video
-
-
 def _group_place(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """(rank in the group, group size); one rank when no process group exists."""
     if group is None and not dist.is_initialized():
@@ -139,15 +89,15 @@ def _group_place(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def parallel_decode(vae: WanVAE, z: torch.Tensor, group: dist.ProcessGroup | None,
+def parallel_decode(vae: CausalVideoVAE, z: torch.Tensor, group: dist.ProcessGroup | None,
                     tile_size: tuple[int, int] | None = None) -> torch.Tensor | None:
     """Decode normalised latents [B, z_dim, F, H, W] over the ranks of `group` (None: the default group).
 
     Every rank of the group must call it with the same `z` (same shape, dtype, device kind) and a VAE
-    with the same weights. Returns the video [B, 3, 1 + 4(F - 1), 8H, 8W] in [-1, 1] on the group's rank
-    0, None on the others; it equals `vae.decode(z, tiled=True, tile_size=tile_size)` bit for bit, with
-    `tile_size=None` meaning `band_tile_size(H, W, group size)`. Without an initialised process group
-    (and group None) it decodes alone.
+    with the same weights. Returns the video [B, 3, 1 + 4(F - 1), sH, sW] (s: the VAE's spatial ratio) in
+    [-1, 1] on the group's rank 0, None on the others; it equals `vae.decode(z, tiled=True, tile_size=tile_size)`
+    bit for bit, with `tile_size=None` meaning `band_tile_size(H, W, group size)`. Without an initialised process
+    group (and group None) it decodes alone.
     """
     rank, world = _group_place(group)
     height, width = z.shape[3], z.shape[4]
@@ -157,18 +107,13 @@ def parallel_decode(vae: WanVAE, z: torch.Tensor, group: dist.ProcessGroup | Non
     if min(tile_size) < 1:
         raise ValueError(f"tile_size {tile_size} must be positive latent pixels (height, width)")
     stride = default_tile_stride(tile_size)
-    r = vae.spatial_ratio
-    blend = ((tile_size[0] - stride[0]) * r, (tile_size[1] - stride[1]) * r)
+    r = vae.network_ratio
 
-    # The latent preparation of WanVAE.decode, on every rank (a 1x1x1 convolution: cheap).
-    latent_mean, latent_std = vae.latent_stats.to(z.dtype)
-    z = vae.conv2(z * latent_std + latent_mean)
+    z = vae.decoder_input(z)  # on every rank (a 1x1x1 convolution: cheap)
     b, frames = z.shape[0], 1 + vae.temporal_ratio * (z.shape[2] - 1)
-
-    grid = tile_grid(height, width, tile_size, stride)
-    corners = [corner for row in grid for corner in row]
+    corners = [corner for row in tile_grid(height, width, stride) for corner in row]
     # Every gathered tile is padded to the largest one's shape (the first tile's: edge tiles only shrink).
-    full = (b, 3, frames, min(tile_size[0], height) * r, min(tile_size[1], width) * r)
+    full = (b, vae.decoder_channels, frames, min(tile_size[0], height) * r, min(tile_size[1], width) * r)
 
     def tile_shape(k: int) -> tuple[int, int]:
         i, j = corners[k]
@@ -176,15 +121,14 @@ def parallel_decode(vae: WanVAE, z: torch.Tensor, group: dist.ProcessGroup | Non
 
     stitcher = None
     if rank == 0:
-        video = z.new_empty(b, 3, frames, height * r, width * r)
-        stitcher = _Stitcher(video, grid, stride, blend, r)
+        stitcher = TileStitcher(vae.video_buffer(z), (height, width), tile_size, stride, r, vae.patch_size)
     dst = 0 if group is None else dist.get_global_rank(group, 0)
 
     for first in range(0, len(corners), world):
         k = first + rank
         if k < len(corners):
             i, j = corners[k]
-            decoded = vae._decode_frames(z[:, :, :, i : i + tile_size[0], j : j + tile_size[1]])
+            decoded = vae.decode_tile(z[:, :, :, i : i + tile_size[0], j : j + tile_size[1]])
             if decoded.shape != full:
                 padded = decoded.new_zeros(full)
                 padded[:, :, :, : decoded.shape[3], : decoded.shape[4]] = decoded

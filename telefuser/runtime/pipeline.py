@@ -14,86 +14,52 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from telefuser.errors import PlanError, TeleFuserError, WeightsError
-from telefuser.schema.plan import Plan
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.schema.enums import ModelRole, WeightOffloadType
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.plan import ModelPlacement, Plan
 
-from .params import RunParameters, resolve_parameters
-from .offload import PrefetchSchedule
-from .placement import Placement, peak_memory, reset_peak_memory
-from .video import Timings, Video
+from .io.params import RunParameters, resolve_parameters
+from .io.video import Timings, Video
+from .load.phases import LoadPhases
+from .memory.offload import PrefetchSchedule
+from .memory.placement import Placement, peak_memory, reset_peak_memory
 
 
 class OutOfMemory(TeleFuserError):
     """The device ran out of memory while executing a plan."""
 
 
-# Roles whose models only each dp replica's lead uses: it encodes the text (broadcast to the others)
-# and decodes; unless the plan shares them (FSDP: every rank runs the sharded text encoder; VAE parallel).
-WRITER_ROLES = ("tokenizer", "text_encoder", "image_encoder", "vae")
-BLOCK_MODES = ("SEQUENTIAL_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD")
-# Models whose weights enable_fsdp shards over all ranks.
-FSDP_ROLES = ("dit", "dit_high_noise", "dit_low_noise", "text_encoder")
-
-
-def _shared(role: str, plan: Plan) -> bool:
-    """Whether every rank, not only the replica's lead, runs the model of this role."""
-    l2 = plan.layer2_inference_config
-    if role == "vae":
-        return l2.enable_vae_parallel
-    return l2.parallel_config.enable_fsdp and role in ("tokenizer", "text_encoder")
-
-
-def _parallelize(module: torch.nn.Module, role: str, mesh, sharded: bool) -> None:
+def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh) -> None:
     """The plan's parallelism on one loaded model: tp, then the sequence hooks (which see the local heads),
     then FSDP over all ranks."""
-    if role.startswith("dit"):
+    if placement.parallelized:
         from telefuser.distributed.parallelize_wan import parallelize_wan_dit
         from telefuser.distributed.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(module, mesh)
         parallelize_wan_dit(module, mesh)
-    if sharded:
+    if placement.sharded:
         from telefuser.distributed.fsdp import apply_fsdp
 
         apply_fsdp(module, mesh)
 
 
-def unsupported_features(plan: Plan) -> list[str]:
-    """Plan settings this runtime cannot honour yet (refused rather than silently ignored)."""
-    l2 = plan.layer2_inference_config
-    found = [name for name in ("enable_vfi", "enable_sr") if getattr(l2, name)]
-    if l2.lq_noise_strength:
-        found.append("lq_noise_strength")
-    parallel = l2.parallel_config
-    if parallel.pp_degree > 1:
-        found.append(f"parallel_config.pp_degree = {parallel.pp_degree}")
-    if parallel.tp_degree > 1:  # DTensor weights stay on their device and replace plain nn.Linear layers
-        for model in plan.layer1_model_definition.models:
-            cfg = l2.models.get(model.name, ModelRuntimeConfig())
-            if model.role.startswith("dit") and cfg.offload_config.offload_type != "NO_CPU_OFFLOAD":
-                found.append(f"tp_degree > 1 with models.{model.name}.offload_config")
-            if model.role.startswith("dit") and cfg.quant_config.quant_type != "none":
-                found.append(f"tp_degree > 1 with models.{model.name}.quant_config")
-            if model.role.startswith("dit") and cfg.compile_config.enabled:
-                found.append(f"tp_degree > 1 with models.{model.name}.compile_config")
-    if parallel.enable_fsdp:  # every rank runs every sharded forward in step: no uneven dp batches, no movers
-        if parallel.dp_degree > 1:
-            found.append("enable_fsdp with dp_degree > 1")
-        if parallel.tp_degree > 1:
-            found.append("enable_fsdp with tp_degree > 1")
-        found += [f"enable_fsdp with models.{name}.offload_config" for name, cfg in l2.models.items()
-                  if cfg.offload_config.offload_type != "NO_CPU_OFFLOAD"]
-    for name, cfg in l2.models.items():
-        if cfg.offload_config.offload_type in BLOCK_MODES and plan.memory.block_plan(name) is None:
-            found.append(f"models.{name}.offload_config.offload_type = {cfg.offload_config.offload_type} without "
-                         "its streaming in plan.memory.block_offload (compiled with --no-weights?)")
-        if cfg.attention_config.sparse_config is not None:
-            found.append(f"models.{name}.attention_config.sparse_config")
-        if cfg.feature_cache_config.method != "none":
-            found.append(f"models.{name}.feature_cache_config.method = {cfg.feature_cache_config.method}")
-    if plan.pipeline_type not in ("wan_t2v", "wan_i2v", "wan_ti2v"):
-        found.append(f"pipeline {plan.pipeline_type}")
-    return found
+def check_before_load(plan: Plan) -> None:
+    """What the runtime checks before joining ranks and loading: only what needs this machine or the weight files
+    (every other refusal is the compiler's)."""
+    from .plan_io import check_fingerprints, check_target
+
+    check_target(plan)
+    check_compiled_with_weights(plan)
+    check_fingerprints(plan)
+
+
+def check_compiled_with_weights(plan: Plan) -> None:
+    """A plan of `compile_recipe(..., inspect_weights=False)` records no weights to load (telefuser-compile writes
+    none: --no-weights is for --check only)."""
+    if plan.memory.at.get("skipped") == "--no-weights":
+        raise PlanError("the plan was compiled without its weights (--no-weights / inspect_weights=False), so it "
+                        "records no weight files to load; compile the recipe with its weights.")
 
 
 class Pipeline:
@@ -103,74 +69,67 @@ class Pipeline:
     ranks, or torchrun); `run` returns the video on rank 0 and None elsewhere.
     """
 
-    def __init__(self, plan: Plan, plan_path: str | Path = "<memory>") -> None:
+    def __init__(self, plan: Plan, plan_path: str | Path = "<memory>", phases: LoadPhases | None = None) -> None:
+        """`phases` (load_plan passes the one it started with reading the plan) records the load's phases;
+        `load_phases` holds them afterwards."""
         from telefuser.distributed import rank as ranks
-
-        from .loading import build_model
-        from .plan_io import check_fingerprints, check_target
+        from .load.build import build_model
 
         self.plan = plan
         self.plan_path = str(plan_path)
-        check_target(plan)
-        missing = unsupported_features(plan)
-        if missing:
-            raise PlanError(
-                f"the plan uses {', '.join(missing)}, which this runtime does not execute yet; "
-                "remove these settings from the recipe and recompile."
-            )
-        check_fingerprints(plan)
+        self.load_phases = phases = phases or LoadPhases()
+        with phases.phase("check plan"):
+            check_before_load(plan)
         start = time.perf_counter()
-        self.rank = ranks.join(plan)  # refuses a launch that does not fit the plan before anything loads
-        self.device = self.rank.device
+        with phases.phase("join ranks"):
+            self.rank = ranks.join(plan)  # refuses a launch that does not fit the plan before anything loads
+        self.device = phases.device = self.rank.device
         self.placements: dict[str, Placement] = {}  # by model name
         self.prefetch = PrefetchSchedule(plan.memory.prefetch, self.placements, self.device)  # the plan's decisions
         self.tokenizers: dict[str, object] = {}
-        l2 = plan.layer2_inference_config
-        load_stage = next((s.name for s in plan.stages if s.kind == "load"), None)
-        at_load = {d.model for d in plan.memory.prefetch  # read straight to the device for the first video
-                   if d.prefetch and d.during_model is None and d.during_stage == load_stage}
+        text_len = plan.layer2_inference_config.text_len
         for planned in plan.layer1_model_definition.models:
-            if planned.role in WRITER_ROLES and not self.rank.is_writer and not _shared(planned.role, plan):
+            placement = plan.placement_of(planned.name)
+            if placement.ranks == "replica_lead" and not self.rank.is_writer:
                 continue
-            if planned.role == "tokenizer":
-                self.tokenizers[planned.name] = _load_tokenizer(planned, l2.text_len)
+            if planned.role == ModelRole.TOKENIZER:
+                with phases.phase(f"{planned.name}: read"):
+                    self.tokenizers[planned.name] = _load_tokenizer(planned, text_len)
                 continue
-            runtime = l2.models.get(planned.name, ModelRuntimeConfig())
-            offload = runtime.offload_config.offload_type == "MODEL_CPU_OFFLOAD"
-            blocks = plan.memory.block_plan(planned.name) if runtime.offload_config.offload_type in BLOCK_MODES else None
-            sharded = l2.parallel_config.enable_fsdp and planned.role in FSDP_ROLES and self.rank.mesh is not None
-            first_on_device = offload and planned.name in at_load
-            device = torch.device("cpu") if runtime.run_on_cpu else self.device  # run_on_cpu: encoders only
+            runtime = plan.layer2_inference_config.models.get(planned.name, ModelRuntimeConfig())
+            device = torch.device("cpu") if placement.compute_device == "cpu" else self.device
+            blocks = plan.memory.block_plan(planned.name) if placement.streamed_blocks else None
             with _oom_guard(f"loading model {planned.name!r}"):
                 # FSDP takes the model from the CPU and moves each rank's share of every block to the device;
                 # block offload packs the streamed blocks from host memory and moves the rest.
-                on_cpu = (offload and not first_on_device) or sharded or blocks is not None
-                module = build_model(planned, runtime, torch.device("cpu") if on_cpu else device,
-                                     base_dir=Path(plan.recipe.path).parent)
-                if self.rank.mesh is not None:
-                    _parallelize(module, planned.role, self.rank.mesh, sharded)
-                self.placements[planned.name] = Placement(
-                    module, device, offload, name=planned.name, pin=runtime.offload_config.pin_cpu_memory,
-                    schedule=self.prefetch, loaded_on_device=first_on_device, blocks=blocks)
-        self._warm_up(plan)
+                module = build_model(planned, runtime, torch.device("cpu") if placement.load_device == "cpu" else device,
+                                     base_dir=Path(plan.recipe.path).parent, phases=phases)
+                with phases.phase(f"{planned.name}: place"):
+                    if self.rank.mesh is not None:
+                        _parallelize(module, placement, self.rank.mesh)
+                    self.placements[planned.name] = Placement(
+                        module, device, placement.offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD,
+                        name=planned.name, pin=placement.pinned, schedule=self.prefetch,
+                        loaded_on_device=placement.loaded_on_device, blocks=blocks)
+        with phases.phase("warm up"):
+            self._warm_up(plan)
         self.load_seconds = time.perf_counter() - start
 
     def _warm_up(self, plan: Plan) -> None:
         """Run, on an empty prompt, a text encoder the plan reads to the device at load (its decision's reason says
         so), so that the first video's stage pays no first-call setup (Triton compilation, library handles)."""
-        from .text import encode_prompts
+        from .stages.text_encode import encode_prompts
 
-        stages = {s.name: s for s in plan.stages}
-        load = next((s.name for s in plan.stages if s.kind == "load"), None)
-        for d in plan.memory.prefetch:
-            stage = stages.get(d.stage)
-            at_load = d.prefetch and d.during_model is None and d.during_stage == load
-            if not at_load or stage is None or stage.kind != "text_encode" or d.model not in self.placements:
+        for stage in plan.stages:
+            if stage.kind != "text_encode":
+                continue
+            tokenizer, encoder = stage.models
+            if encoder not in self.placements or not plan.placement_of(encoder).loaded_on_device:
                 continue
             # the module is still on the tensors it was loaded with; not through active(), which would count this
             # as the use they were loaded for
-            with torch.inference_mode(), self.dispatch(d.model):
-                encode_prompts(self.placements[d.model].module, self.tokenizers[stage.models[0]], [""], self.device)
+            with torch.inference_mode(), self.dispatch(encoder):
+                encode_prompts(self.placements[encoder].module, self.tokenizers[tokenizer], [""], self.device)
         self.sync()
 
     def dump_config(self, path: str | Path | None = None) -> dict:

@@ -36,6 +36,10 @@ class WeightOffloadType(StrEnum):
     ASYNC_CPU_OFFLOAD = "ASYNC_CPU_OFFLOAD"
 
 
+# The modes that stream a DiT's blocks group by group (the rest move the whole model or nothing).
+BLOCK_MODES = frozenset({WeightOffloadType.SEQUENTIAL_CPU_OFFLOAD, WeightOffloadType.ASYNC_CPU_OFFLOAD})
+
+
 class SampleSolver(StrEnum):
     EULER = "euler"
     UNIPC = "unipc"
@@ -77,6 +81,14 @@ class ModelRole(StrEnum):
     TEXT_ENCODER = "text_encoder"
     TOKENIZER = "tokenizer"
     IMAGE_ENCODER = "image_encoder"
+
+
+DIT_ROLES = frozenset({ModelRole.DIT, ModelRole.DIT_HIGH_NOISE, ModelRole.DIT_LOW_NOISE})
+
+
+def is_dit(role: str) -> bool:
+    """Whether a model of this role is a diffusion transformer (the single DiT or one of Wan2.2's MoE pair)."""
+    return role in DIT_ROLES
 
 
 class ModelClass(StrEnum):

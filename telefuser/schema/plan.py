@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import FrozenModel
-from .enums import ModelClass, ModelRole, PipelineType, TorchDtype, WeightDtype
+from .enums import ModelClass, ModelRole, PipelineType, TorchDtype, WeightDtype, WeightOffloadType
 from .recipe import Layer2
 
 PLAN_FORMAT = "telefuser.plan"
-PLAN_VERSION = "1"
+PLAN_VERSION = "2"  # 2: `placement` (each model's placement, resolved by the compiler)
 
 Scalar = Union[bool, int, float, str]
 
@@ -184,6 +184,33 @@ class BlockOffload(FrozenModel):
         "in host memory.")
 
 
+class ModelPlacement(FrozenModel):
+    """Where one model's weights live and run, resolved once by the compiler; the runtime does exactly this."""
+
+    model: str
+    offload_type: WeightOffloadType = Field(
+        description="NO_CPU_OFFLOAD: on the device for the whole run; MODEL_CPU_OFFLOAD: in host memory, copied in "
+        "whole for each use; SEQUENTIAL/ASYNC_CPU_OFFLOAD: its blocks streamed as memory.block_offload records.")
+    ranks: Literal["all", "replica_lead"] = Field(
+        description="Which ranks load it: every rank, or only each dp replica's lead (which broadcasts its output "
+        "or writes the video).")
+    compute_device: Literal["device", "cpu"] = Field(
+        description="Where its forward runs: the rank's device, or the CPU (run_on_cpu; outputs copied over).")
+    load_device: Literal["device", "cpu"] = Field(
+        description="Where its weights are read to at load: straight to the device, or to host memory first "
+        "(offloaded, streamed or sharded models).")
+    loaded_on_device: bool = Field(
+        description="MODEL_CPU_OFFLOAD only: read to the device at load for its first use (memory.prefetch), its "
+        "host copy made in the background.")
+    pinned: bool = Field(description="Its host copy is page-locked (offloaded or streamed on a CUDA target).")
+    sharded: bool = Field(description="FSDP shards its weights over all ranks.")
+    parallelized: bool = Field(description="The mesh's tensor and sequence parallelism is applied to it (a DiT "
+                                           "on several ranks).")
+    streamed_blocks: int = Field(ge=0, description="Blocks streamed from host memory (memory.block_offload); 0: none.")
+    prefetched_uses: int = Field(ge=0, description="Uses copied in ahead while the previous model runs "
+                                                   "(memory.prefetch).")
+
+
 class StageMemory(FrozenModel):
     """The estimated peak per device while one stage runs, by component."""
 
@@ -236,7 +263,23 @@ class Plan(FrozenModel):
     dispatch: list[DispatchEntry]
     mesh: Mesh
     memory: MemoryEstimate
+    placement: list[ModelPlacement] = Field(description="Per model of layer 1, in layer-1 order.")
     stages: list[Stage]
+
+    @model_validator(mode="after")
+    def _placement_matches_the_plan(self) -> "Plan":
+        """Each model is placed once, and a streamed model has its streaming recorded (the runtime does both)."""
+        models = [m.name for m in self.layer1_model_definition.models]
+        placed = [p.model for p in self.placement]
+        if placed != models:
+            raise ValueError(f"placement names models {placed}, but layer1_model_definition has {models}")
+        for p in self.placement:
+            blocks = self.memory.block_plan(p.model)
+            recorded = sum(len(g) for g in blocks.groups) if blocks is not None else 0
+            if p.streamed_blocks != recorded:
+                raise ValueError(f"placement of {p.model!r} streams {p.streamed_blocks} blocks, but its streaming in "
+                                 f"memory.block_offload has {recorded}")
+        return self
 
     def model(self, role: str) -> PlannedModel:
         """The planned model with this role (KeyError names the roles present)."""
@@ -245,6 +288,13 @@ class Plan(FrozenModel):
                 return m
         present = ", ".join(m.role for m in self.layer1_model_definition.models)
         raise KeyError(f"the plan has no model with role {role!r} (roles: {present})")
+
+    def placement_of(self, model: str) -> ModelPlacement:
+        """The placement the compiler decided for this model (KeyError when the plan has none for it)."""
+        for p in self.placement:
+            if p.model == model:
+                return p
+        raise KeyError(f"the plan places no model {model!r} (placed: {', '.join(p.model for p in self.placement)})")
 
     def dispatch_table(self, model: str) -> dict[str, str]:
         """op -> implementation for one model, as `telefuser.ops.dispatch.use_dispatch` takes it."""

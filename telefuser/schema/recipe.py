@@ -7,31 +7,26 @@ validators.
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from .base import StrictModel
 from .enums import (
     AspectRatio,
-    AttnImplType,
-    CompileBackend,
-    CompileMode,
-    FeatureCacheMethod,
     ModelClass,
     ModelRole,
     PipelineType,
-    QuantType,
     Resolution,
     SampleSolver,
     TargetDevice,
     TorchDtype,
     WeightDtype,
-    WeightOffloadType,
 )
+# AttentionConfig: re-exported for callers in the attention work of issue 21 (tests/test_ops_dispatch.py, and
+# compiler/dispatch.py's ModelRuntimeConfig), which import it from here; new code imports schema.model_config.
+from .model_config import AttentionConfig, ModelRuntimeConfig  # noqa: F401
+from .parallel import PARALLEL_DIMS, ParallelConfig
 from .step_list import check_step_list
 
 # ---------------------------------------------------------------- target
@@ -113,174 +108,6 @@ class Layer1(StrictModel):
 
 
 # ---------------------------------------------------------------- layer 2
-
-
-class SparseAttentionConfig(StrictModel):
-    sparse_impl: Optional[Literal["radial", "local", "sol"]] = Field(
-        None, description="Sparse pattern: radial, local or sol; must agree with a sparse attn_impl."
-    )
-    dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
-    dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
-    decay_factor: float = Field(1.0, gt=0, le=1.0)
-    local_window_size: int = Field(0, ge=0, description="Tokens per side of the local window (0 = off).")
-    block_size: int = Field(128, ge=16)
-
-
-# The sparse attention implementations and the `sparse_impl` each one runs.
-SPARSE_IMPL_OF = {
-    AttnImplType.RADIAL_ATTN.value: "radial",
-    AttnImplType.LOCAL_SPARSE_ATTN.value: "local",
-    AttnImplType.SOL_ATTN.value: "sol",
-}
-
-
-class AttentionConfig(StrictModel):
-    attn_impl: AttnImplType = AttnImplType.TORCH_SDPA
-    sparse_config: Optional[SparseAttentionConfig] = None
-
-    @classmethod
-    def dense_attention(cls, attn_impl: AttnImplType = AttnImplType.FLASH_ATTN_2, **kwargs: Any) -> "AttentionConfig":
-        """Dense attention with `attn_impl` (the reference design's default: FLASH_ATTN_2)."""
-        return cls(attn_impl=attn_impl, sparse_config=None, **kwargs)
-
-    @classmethod
-    def radial_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, decay_factor: float = 1.0,
-                         **kwargs: Any) -> "AttentionConfig":
-        """Radial sparse attention; the first `dense_timesteps` steps and `dense_layers` blocks stay dense."""
-        sparse = SparseAttentionConfig(sparse_impl="radial", dense_timesteps=dense_timesteps,
-                                       dense_layers=dense_layers, decay_factor=decay_factor)
-        return cls(attn_impl=AttnImplType.RADIAL_ATTN, sparse_config=sparse, **kwargs)
-
-    @classmethod
-    def local_sparse_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, local_window_size: int = 6,
-                               **kwargs: Any) -> "AttentionConfig":
-        """Local-window sparse attention of `local_window_size` tokens per side."""
-        sparse = SparseAttentionConfig(sparse_impl="local", dense_timesteps=dense_timesteps,
-                                       dense_layers=dense_layers, local_window_size=local_window_size)
-        return cls(attn_impl=AttnImplType.LOCAL_SPARSE_ATTN, sparse_config=sparse, **kwargs)
-
-    def is_sparse(self) -> bool:
-        return self.attn_impl in SPARSE_IMPL_OF
-
-    @model_validator(mode="after")
-    def _sparse_impl_matches(self) -> "AttentionConfig":
-        wanted = SPARSE_IMPL_OF.get(self.attn_impl)
-        found = self.sparse_config.sparse_impl if self.sparse_config is not None else None
-        if wanted is not None and found is not None and found != wanted:
-            raise ValueError(f"attn_impl {self.attn_impl} runs sparse_impl {wanted!r}, but sparse_config.sparse_impl "
-                             f"is {found!r}; make them agree (or leave sparse_impl out)")
-        return self
-
-
-class OffloadConfig(StrictModel):
-    offload_type: WeightOffloadType = WeightOffloadType.NO_CPU_OFFLOAD
-    pin_cpu_memory: bool = True
-    offload_ratio: float = Field(1.0, gt=0, le=1.0, description="SEQUENTIAL/ASYNC_CPU_OFFLOAD: fraction of the "
-                                 "DiT's blocks kept on the CPU and streamed in (spread evenly); the rest stay resident.")
-    prefetch_size: int = Field(1, ge=0, description="ASYNC_CPU_OFFLOAD: block groups copied ahead of the one "
-                               "computing (at least 1); MODEL_CPU_OFFLOAD: 0 turns the planned prefetch off.")
-    blocks_per_group: Optional[PositiveInt] = Field(
-        None, description="SEQUENTIAL/ASYNC_CPU_OFFLOAD: blocks streamed in together (one copy, one device buffer); "
-        "unset: the compiler takes the fewest blocks whose weights reach 64 MiB. The plan records the choice.")
-
-
-class CompileConfig(StrictModel):
-    enabled: bool = False
-    backend: CompileBackend = CompileBackend.INDUCTOR
-    mode: CompileMode = CompileMode.DEFAULT
-    fullgraph: bool = False
-    dynamic: bool = False
-
-
-class QuantConfig(StrictModel):
-    quant_type: QuantType = QuantType.NONE
-    skip_modules: list[str] = Field(default_factory=list, description="Module name patterns left unquantised.")
-
-
-class LoraConfig(StrictModel):
-    """One LoRA file for this model: kohya/ComfyUI (`lora_down`/`lora_up`/`alpha`, `diffusion_model.` or
-    `lora_unet_` prefixes, `.diff`/`.diff_b`/`.diff_m` full differences) or diffusers/PEFT (`lora_A`/`lora_B`)."""
-
-    path: str = Field(min_length=1, description="The LoRA .safetensors file; relative to the recipe.")
-    strength: float = Field(1.0, description="Multiplier of the LoRA's update (times alpha / rank).")
-    merge: bool = Field(True, description="true: added into the weights at load; false: applied beside each "
-                        "targeted linear (y = W x + strength * alpha/rank * up(down x)), which leaves FP8 "
-                        "weights FP8 (required for a LoRA on an FP8 checkpoint's linears).")
-    on_mismatch: Literal["error", "warn"] = Field(
-        "error", description="A LoRA module that names no layer of the model (or one of another shape): error "
-        "refuses the recipe with the counts; warn applies the modules that match and warns.")
-
-
-class FeatureCacheConfig(StrictModel):
-    method: FeatureCacheMethod = FeatureCacheMethod.NONE
-    threshold: float = Field(0.0, ge=0)
-
-
-class ModelRuntimeConfig(StrictModel):
-    """Per-model execution settings (keyed by the model's name in layer 1)."""
-
-    attention_config: AttentionConfig = Field(default_factory=AttentionConfig)
-    offload_config: OffloadConfig = Field(default_factory=OffloadConfig)
-    compile_config: CompileConfig = Field(default_factory=CompileConfig)
-    quant_config: QuantConfig = Field(default_factory=QuantConfig)
-    lora_configs: list[LoraConfig] = Field(default_factory=list)
-    feature_cache_config: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
-    torch_dtype: Optional[TorchDtype] = Field(None, description="Override of layer1.torch_dtype for this model.")
-    run_on_cpu: bool = Field(False, description="Keep this model in host memory and run it on the CPU (its outputs "
-                             "are copied to the device): the text encoder or the CLIP image encoder only.")
-
-
-# Mesh dimensions; each one's degree is the field `<dim>_degree` of ParallelConfig.
-PARALLEL_DIMS = ("dp", "cfg", "sp_ulysses", "sp_ring", "pp", "tp")
-# The same dimensions as the plan's mesh lays them out, outermost first: pipeline stages span the
-# most distant ranks; tensor parallelism, the most communication-heavy, stays innermost (neighbouring
-# ranks, same NVLink island); Ulysses inside ring, since its all-to-all is heavier than ring's P2P.
-MESH_ORDER = ("pp", "dp", "cfg", "sp_ring", "sp_ulysses", "tp")
-
-
-class ParallelConfig(StrictModel):
-    device_ids: Optional[list[int]] = Field(None, description="Devices to use; default 0..num_devices-1.")
-    dp_degree: PositiveInt = Field(1, description="Data parallel: prompts of a batch split across groups.")
-    cfg_degree: PositiveInt = Field(1, le=2, description="CFG parallel: positive and negative branch on 2 ranks.")
-    sp_ulysses_degree: PositiveInt = Field(1, description="Ulysses sequence parallel (all-to-all over heads).")
-    sp_ring_degree: PositiveInt = Field(1, description="Ring attention sequence parallel.")
-    pp_degree: PositiveInt = Field(1, description="Pipeline parallel (not executed yet).")
-    tp_degree: PositiveInt = Field(1, description="Tensor parallel DiT.")
-    enable_fsdp: bool = Field(False, description="Shard DiT and text-encoder weights across ranks (FSDP2).")
-    timeout: PositiveInt = Field(600, description="Seconds a collective may wait before the run is ended.")
-
-    def degree(self, dim: str) -> int:
-        return getattr(self, f"{dim}_degree")
-
-    def validate(self) -> "ParallelConfig":  # type: ignore[override]
-        """The reference design's check: the degrees multiply to the device count (len(device_ids), or 1
-        device when device_ids is None). Returns self; raises ValueError naming the degrees otherwise.
-
-        This instance method overrides pydantic's deprecated classmethod `BaseModel.validate(value)`, which
-        pydantic itself never calls; `ParallelConfig.validate(value)` on the class keeps that meaning.
-        """
-        if not isinstance(self, ParallelConfig):  # called on the class with a value: pydantic's meaning
-            return super(ParallelConfig, ParallelConfig).validate(self)  # type: ignore[misc]
-        devices = len(self.device_ids) if self.device_ids is not None else 1
-        if self.world_size != devices:
-            degrees = " x ".join(f"{d}_degree={self.degree(d)}" for d in PARALLEL_DIMS)
-            listed = (f"device_ids {self.device_ids} lists {devices} device(s)" if self.device_ids is not None
-                      else "device_ids is None, which means 1 device")
-            raise ValueError(f"ParallelConfig: the parallel degrees multiply to {self.world_size} ({degrees}), but "
-                             f"{listed}; list {self.world_size} device_ids or change the degrees to multiply "
-                             f"to {devices}")
-        return self
-
-    @property
-    def world_size(self) -> int:
-        return math.prod(self.degree(d) for d in PARALLEL_DIMS)
-
-    @field_validator("device_ids")
-    @classmethod
-    def _ids_unique(cls, ids: Optional[list[int]]) -> Optional[list[int]]:
-        if ids is not None and (len(set(ids)) != len(ids) or any(i < 0 for i in ids)):
-            raise ValueError(f"device_ids must be distinct non-negative integers, got {ids}")
-        return ids
 
 
 # The reference design's per-model keywords of Wan21/Wan22VideoPipelineConfig, and the layer-1 model name
@@ -513,57 +340,6 @@ class Recipe(StrictModel):
 
     def to_toml(self) -> str:
         """TOML text of `to_data()`, which loads back (tomllib, or `load_recipe` from a file) to an equal Recipe."""
-        lines: list[str] = []
-        _toml_table(self.to_data(), (), lines)
-        return "\n".join(lines) + "\n"
+        from .toml_writer import to_toml
 
-
-# ---------------------------------------------------------------- TOML text
-# A tiny emitter rather than a dependency (tomli-w): a recipe holds only strings, numbers, booleans,
-# lists, tables and the one array of tables layer1.models (and lora_configs), all from to_data().
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _toml_value(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)  # ints as digits; floats in their shortest round-trip form (no nan/inf in a recipe)
-    if isinstance(value, str):  # JSON's escapes are TOML basic-string escapes; TOML also wants DEL escaped
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + items + " }" if items else "{}"
-    raise TypeError(f"no TOML form for {type(value).__name__} {value!r}")
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def _toml_table(table: dict[str, Any], path: tuple[str, ...], lines: list[str], array: bool = False) -> None:
-    """One table: its plain keys, then its sub-tables under headers. Top-level sections and tables that
-    hold tables get a [header]; other tables below them are written inline, as recipes are by hand."""
-
-    def nested(v: Any) -> bool:
-        return _is_table_array(v) or (isinstance(v, dict) and (not path or any(
-            isinstance(x, dict) or _is_table_array(x) for x in v.values())))
-
-    plain = [(k, v) for k, v in table.items() if not nested(v)]
-    if path and (array or plain or not table):
-        header = ".".join(_toml_key(k) for k in path)
-        lines += ["", f"[[{header}]]" if array else f"[{header}]"]
-    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in plain]
-    for key, value in table.items():
-        if _is_table_array(value):
-            for entry in value:
-                _toml_table(entry, (*path, key), lines, array=True)
-        elif nested(value):
-            _toml_table(value, (*path, key), lines)
+        return to_toml(self.to_data())

@@ -17,7 +17,7 @@ Dtypes, against the two references:
 
 Text context: Wan cuts each prompt's umT5 embedding to its token count and
 zero-pads it to text_len (512) inside its forward, before the text MLP. Here
-the runtime's text stage does it (`telefuser.runtime.text.encode_prompts`
+the runtime's text stage does it (`telefuser.runtime.stages.text_encode.encode_prompts`
 zeroes the rows past each prompt's length, at the plan's text_len: 512 for
 Wan, fewer for the tiny test model), and the DiT takes the context as given.
 In I2V the image tokens travel apart from the text, so no token count is

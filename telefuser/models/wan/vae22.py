@@ -1,6 +1,7 @@
 """Wan2.2 VAE (Wan2.2 TI2V-5B): 48 latent channels, 4x time and 16x space, in Wan's own layout (`Wan2.2_VAE.pth`).
 
-What differs from the Wan2.1 VAE (`vae.py`, whose building blocks this module imports):
+What differs from the Wan2.1 VAE (`vae.py`; the blocks, the assembly, the chunked encode, the tiled decode and the
+latent statistics are shared: `vae_blocks.py`, `causal_vae.py`):
 
 - Patchify: the video's 2x2 pixel blocks become channels first (3 -> 12 channels at half the resolution) and
   the decoder's 12 output channels are put back at the end, so the network proper compresses space 8x and
@@ -28,25 +29,14 @@ models) has no published statistics and uses mean 0, std 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from telefuser.models.wan.vae import (
-    CHANNELS_LAST,
-    CausalCache,
-    CausalConv3d,
-    Resample,
-    ResidualBlock,
-    _blend,
-    _head,
-    _middle,
-    _run,
-    _run_head,
-)
+from .causal_vae import CausalDecoder, CausalEncoder, CausalVideoVAE
+from .vae_blocks import CausalCache, Resample, ResidualBlock, run_blocks
 
 LATENT_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
                -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
@@ -78,13 +68,6 @@ def patchify(video: torch.Tensor, p: int) -> torch.Tensor:
     b, c, f, h, w = video.shape
     x = video.view(b, c, f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 6, 4)  # b f h' w' c dw dh
     return x.reshape(b, f, h // p, w // p, c * p * p).permute(0, 4, 1, 2, 3)
-
-
-def _unpatchify_into(out: torch.Tensor, x: torch.Tensor, p: int) -> None:
-    """Write patchify's inverse of x [B, C*p*p, F, h, w] into out [B, C, F, h*p, w*p] (any strides)."""
-    c, h, w = out.shape[1], x.shape[3], x.shape[4]
-    target = out.unflatten(4, (w, p)).unflatten(3, (h, p))  # b c f h dh w dw
-    target.copy_(x.unflatten(1, (c, p, p)).permute(0, 1, 4, 5, 3, 6, 2))  # b c dw dh f h w -> b c f h dh w dw
 
 
 def _avg_down(x: torch.Tensor, out_dim: int, ft: int, fs: int) -> torch.Tensor:
@@ -153,7 +136,7 @@ class DownStage(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         # Every block's output is a new tensor (never x, never cached), so the sum can go into it.
-        return _run(self.downsamples, x, cache).add_(_avg_down(x, self.out_dim, self.factor_t, self.factor_s))
+        return run_blocks(self.downsamples, x, cache).add_(_avg_down(x, self.out_dim, self.factor_t, self.factor_s))
 
 
 class UpStage(nn.Module):
@@ -171,7 +154,7 @@ class UpStage(nn.Module):
         self.up, self.factor_t = up, 2 if temporal else 1
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        out = _run(self.upsamples, x, cache)
+        out = run_blocks(self.upsamples, x, cache)
         if self.up:  # (Wan's last stage has no shortcut at all)
             first_chunk = cache.get((self, "seen")) is None
             cache[(self, "seen")] = True
@@ -179,142 +162,37 @@ class UpStage(nn.Module):
         return out
 
 
-class Encoder3d(nn.Module):
-    def __init__(self, cfg: Wan22VAEConfig) -> None:
-        super().__init__()
-        dims = [cfg.base_dim * m for m in [1, *cfg.dim_mult]]
-        last = len(cfg.dim_mult) - 1
-        self.conv1 = CausalConv3d(3 * cfg.patch_size**2, dims[0], 3, padding=1)
-        self.downsamples = nn.Sequential(*(
-            DownStage(dims[i], dims[i + 1], cfg.num_res_blocks, i < last and cfg.temporal_downsample[i], i < last)
-            for i in range(len(cfg.dim_mult))))
-        self.middle = _middle(dims[-1])
-        self.head = _head(dims[-1], cfg.z_dim * 2)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        return _run_head(self.head, _run(self.middle, _run(self.downsamples, x, cache), cache), cache)
+def _encoder(cfg: Wan22VAEConfig) -> CausalEncoder:
+    dims = [cfg.base_dim * m for m in [1, *cfg.dim_mult]]
+    last = len(cfg.dim_mult) - 1
+    stages = [DownStage(dims[i], dims[i + 1], cfg.num_res_blocks, i < last and cfg.temporal_downsample[i], i < last)
+              for i in range(len(cfg.dim_mult))]
+    return CausalEncoder(3 * cfg.patch_size**2, dims, stages, cfg.z_dim)
 
 
-class Decoder3d(nn.Module):
-    def __init__(self, cfg: Wan22VAEConfig) -> None:
-        super().__init__()
-        mult = cfg.dim_mult
-        dims = [cfg.decoder_base_dim * m for m in [mult[-1], *mult[::-1]]]
-        temporal_upsample = cfg.temporal_downsample[::-1]
-        last = len(mult) - 1
-        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
-        self.middle = _middle(dims[0])
-        self.upsamples = nn.Sequential(*(
-            UpStage(dims[i], dims[i + 1], cfg.num_res_blocks + 1, i < last and temporal_upsample[i], i < last)
-            for i in range(len(mult))))
-        self.head = _head(dims[-1], 3 * cfg.patch_size**2)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        return _run_head(self.head, _run(self.upsamples, _run(self.middle, x, cache), cache), cache)
+def _decoder(cfg: Wan22VAEConfig) -> CausalDecoder:
+    mult = cfg.dim_mult
+    dims = [cfg.decoder_base_dim * m for m in [mult[-1], *mult[::-1]]]
+    temporal_upsample = cfg.temporal_downsample[::-1]
+    last = len(mult) - 1
+    stages = [UpStage(dims[i], dims[i + 1], cfg.num_res_blocks + 1, i < last and temporal_upsample[i], i < last)
+              for i in range(len(mult))]
+    return CausalDecoder(cfg.z_dim, dims, stages, 3 * cfg.patch_size**2)
 
 
-class Wan22VAE(nn.Module):
+class Wan22VAE(CausalVideoVAE):
+    """Tiled decode (default tile 16 latent pixels: 256 video pixels, stride 12) blended in the decoder's patch space
+    (12 channels at 8x), as diffusers' tiled decode of this VAE does, then unpatchified into the video."""
+
+    name = "Wan2.2 VAE"
+    default_tile_size = (16, 16)
+
     def __init__(self, config: Wan22VAEConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.patch_size = config.patch_size
-        self.network_ratio = 2 ** (len(config.dim_mult) - 1)  # 8: the encoder's own spatial compression
-        self.spatial_ratio = config.patch_size * self.network_ratio  # 16: pixels per latent pixel
-        self.temporal_ratio = 2 ** sum(config.temporal_downsample)  # 4
-        self.encoder = Encoder3d(config)
-        self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
-        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
-        self.decoder = Decoder3d(config)
-        stats = torch.tensor([LATENT_MEAN, LATENT_STD]) if config.z_dim == len(LATENT_MEAN) else \
-            torch.stack([torch.zeros(config.z_dim), torch.ones(config.z_dim)])
-        self.register_buffer("latent_stats", stats.view(2, 1, config.z_dim, 1, 1, 1), persistent=False)
+        super().__init__(config, _encoder(config), _decoder(config), config.patch_size, LATENT_MEAN, LATENT_STD)
 
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 1+4k, H, W] in [-1, 1] -> normalised latent mean [B, z, 1+k, H/16, W/16]."""
-        if (video.shape[2] - 1) % self.temporal_ratio:
-            raise ValueError(f"the Wan2.2 VAE encodes 1+{self.temporal_ratio}k frames, got {video.shape[2]}")
+    def network_input(self, video: torch.Tensor) -> torch.Tensor:
         if video.shape[3] % self.spatial_ratio or video.shape[4] % self.spatial_ratio:
             raise ValueError(f"the Wan2.2 VAE encodes heights and widths that are multiples of {self.spatial_ratio}, "
                              f"got {video.shape[3]}x{video.shape[4]}")
-        x = patchify(video, self.patch_size)
-        cache = CausalCache()
-        # (split of zero frames would give one empty chunk: a single image is the first chunk alone)
-        chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(self.temporal_ratio, dim=2)) if x.shape[2] > 1 else [])
-        out = torch.cat([self.encoder(c, cache) for c in chunks], dim=2)
-        mean = self.conv1(out).chunk(2, dim=1)[0]
-        latent_mean, latent_std = self.latent_stats.to(mean.dtype)
-        return (mean - latent_mean) / latent_std
+        return patchify(video, self.patch_size)
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] = (16, 16),
-               tile_stride: tuple[int, int] | None = None) -> torch.Tensor:
-        """Normalised latents [B, z, T, h, w] -> video [B, 3, 1+4(T-1), 16h, 16w] in [-1, 1].
-
-        Tiled: overlapping spatial tiles of `tile_size` latent pixels (default 16: 256 video pixels) every
-        `tile_stride` (default: a quarter of the tile overlaps, 16 -> 12, as diffusers' 256/192-pixel default),
-        each decoded on its own; overlaps are blended linearly (each tile with its already blended upper and
-        left neighbours) in the decoder's patch space (12 channels at 8x), as diffusers' tiled decode of this
-        VAE does, then unpatchified into the video. Memory is bounded by the tile, not the frame.
-        """
-        if tile_stride is None:
-            tile_stride = (tile_size[0] - tile_size[0] // 4, tile_size[1] - tile_size[1] // 4)
-        if not all(0 < s <= t for s, t in zip(tile_stride, tile_size)):
-            raise ValueError(f"tile_stride {tuple(tile_stride)} must be positive and at most "
-                             f"tile_size {tuple(tile_size)}")
-        latent_mean, latent_std = self.latent_stats.to(z.dtype)
-        z = self.conv2(z * latent_std + latent_mean)
-        b, _, t, h, w = z.shape
-        video = z.new_empty(b, 3, 1 + self.temporal_ratio * (t - 1), h * self.spatial_ratio, w * self.spatial_ratio)
-        if tiled:
-            self._decode_tiled(z, video, tile_size, tile_stride)
-        else:
-            start = 0
-            for frames in self._decode_chunks(z):
-                _unpatchify_into(video[:, :, start : start + frames.shape[2]], frames, self.patch_size)
-                start += frames.shape[2]
-        return video.clamp_(-1.0, 1.0)
-
-    def _decode_chunks(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The decoder's output (patch space: 12 channels at 8x) one latent frame at a time."""
-        cache = CausalCache()
-        for i in range(z.shape[2]):
-            yield self.decoder(z[:, :, i : i + 1], cache)
-
-    def _decode_patches(self, z: torch.Tensor) -> torch.Tensor:
-        """The whole decoder output of z [B, z, T, h, w] in patch space: [B, 12, 1+4(T-1), 8h, 8w]."""
-        b, _, t, h, w = z.shape
-        r = self.network_ratio
-        out = z.new_empty(b, 3 * self.patch_size**2, 1 + self.temporal_ratio * (t - 1), h * r, w * r)
-        start = 0
-        for frames in self._decode_chunks(z):
-            out[:, :, start : start + frames.shape[2]] = frames
-            start += frames.shape[2]
-        return out
-
-    def _decode_tiled(self, z: torch.Tensor, video: torch.Tensor, tile: tuple[int, int],
-                      stride: tuple[int, int]) -> None:
-        r, p = self.network_ratio, self.patch_size
-        height, width = z.shape[3], z.shape[4]
-        blend = ((tile[0] - stride[0]) * r, (tile[1] - stride[1]) * r)
-        # A tile's top-left `stride` part is final once it is blended with its upper and left neighbours, so it
-        # goes straight into the video; only the (patch-space) strips the next tiles blend from are kept.
-        above: list[torch.Tensor] = []  # bottom strips of the previous row's tiles
-        for i in range(0, height, stride[0]):
-            row_bottoms: list[torch.Tensor] = []
-            left: torch.Tensor | None = None  # right strip of the previous tile in this row
-            for j in range(0, width, stride[1]):
-                decoded = self._decode_patches(z[:, :, :, i : i + tile[0], j : j + tile[1]])
-                if above:
-                    _blend(above[len(row_bottoms)], decoded, blend[0], dim=3)
-                if left is not None:
-                    _blend(left, decoded, blend[1], dim=4)
-                keep_h, keep_w = min(stride[0], height - i) * r, min(stride[1], width - j) * r
-                region = video[:, :, :, i * r * p : (i * r + keep_h) * p, j * r * p : (j * r + keep_w) * p]
-                _unpatchify_into(region, decoded[:, :, :, :keep_h, :keep_w], p)
-                # clones: a view would keep the whole tile alive
-                left = decoded[:, :, :, :, decoded.shape[4] - blend[1]:].clone()
-                row_bottoms.append(decoded[:, :, :, decoded.shape[3] - blend[0]:].clone())
-            above = row_bottoms

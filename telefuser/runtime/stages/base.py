@@ -12,9 +12,9 @@ import torch
 from telefuser.distributed.rank import RankContext
 from telefuser.schema.plan import Plan, Stage
 
-from ..params import RunParameters
-from ..placement import Placement
-from ..video import Timings
+from telefuser.runtime.io.params import RunParameters
+from telefuser.runtime.memory.placement import Placement
+from telefuser.runtime.io.video import Timings
 
 
 class StageContext(Protocol):

@@ -14,7 +14,7 @@ FITS = {("cover_center_crop", "lanczos")}
 
 @register("image_load")
 def image_load(ctx: StageContext, state: RunState, stage: Stage) -> None:
-    from ..image import fit_image, to_pixels
+    from telefuser.runtime.io.image import fit_image, to_pixels
 
     p = stage.params
     if (p["fit"], p["resample"]) not in FITS or list(p["value_range"]) != [-1, 1]:

@@ -29,6 +29,7 @@ streams), so the swap logic is exercised without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -43,7 +44,11 @@ import torch
 # malloc + pages touched by several threads + cudaHostRegister, pins at 7.8 GB/s and barely stalls other work.
 PINNED_ALLOCATOR = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
 ALIGN = 512  # bytes: every tensor starts at a multiple (covers any dtype's alignment and the copy engines')
-CHUNK_GRANULE = 32 << 20  # host chunks are this size times a power of two
+# Host chunks are this size times a power of two (the pinned allocator's rounding, above). 32 MiB bounds the waste
+# at one granule per model (1% of Wan2.1-1.3B's 2.8 GB DiT, 0.1% of a 14B DiT) and keeps the chunks few (the
+# binary decomposition of the total: at most log2(total / granule) + 1, 10 for a 28 GB model); it is also the
+# staging size of the GPU reader (runtime/load/weights.py: 16 x 32 MiB was the fastest, docs/benchmarks.md).
+CHUNK_GRANULE = 32 << 20
 
 
 def use_registered_pinning() -> None:
@@ -151,7 +156,7 @@ class OffloadedWeights:
         if self.pinned:
             use_registered_pinning()
         self.chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=self.pinned) for n in used]
-        with torch.cuda.stream(stream) if stream is not None else _NULL:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for slot in self.slots:
                 slot.host = _typed(self.chunks[slot.chunk], slot.offset, slot)
                 source = slot.params[0].data if slot.params else slot.buffers[0][0]._buffers[slot.buffers[0][1]]
@@ -219,11 +224,6 @@ class OffloadedWeights:
         for owner, name in slot.buffers:
             owner._buffers[name] = tensor
 
-    def host_tensors(self) -> list[torch.Tensor]:
-        """The host copy of every tensor (the views the module holds while inactive)."""
-        self._wait_packed()
-        return [slot.host for slot in self.slots]
-
     def fetch(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Start copying the model into a new device buffer (no-op if one is there). With `stream` (CUDA), the
         copies run on it after the current stream's queued work and `activate` waits for them."""
@@ -236,7 +236,7 @@ class OffloadedWeights:
             buffer.record_stream(stream)  # not reused before the side stream's copies end, even if never activated
             context = torch.cuda.stream(stream)
         else:
-            context = _NULL
+            context = contextlib.nullcontext()
         with context:
             self.copy_into(buffer)
             if side:
@@ -295,17 +295,6 @@ class OffloadedWeights:
             # GiB reserved for 29.2 GiB allocated, bench/memory.py). Handing it back costs a device synchronisation
             # and a cudaFree, once per model use.
             torch.cuda.empty_cache()
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
 
 
 class PrefetchSchedule:

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 
 from telefuser.errors import PlanError, WeightsError
+from telefuser.schema.enums import CompileMode, QuantType
 from telefuser.schema.plan import PlannedModel
-from telefuser.schema.recipe import ModelRuntimeConfig
+from telefuser.schema.model_config import ModelRuntimeConfig
 
 from .fp8_checkpoint import float32_linears, place_fp8_linears
 from .lora import apply_loras, wrap_unmerged
+from .phases import LoadPhases
 from .weights import read_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,19 +62,29 @@ def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> tor
 
 
 def build_model(
-    planned: PlannedModel, runtime: ModelRuntimeConfig, device: torch.device, base_dir: Path | None = None
+    planned: PlannedModel, runtime: ModelRuntimeConfig, device: torch.device, base_dir: Path | None = None,
+    phases: LoadPhases | None = None,
 ) -> torch.nn.Module:
     """The model of the plan with its weights, LoRA and quantisation applied, on `device`.
 
     An FP8 checkpoint's float8 linears become LinearFP8 layers straight from the stored weights and scales.
     LoRAs come from the plan (`planned.loras`: paths resolved against the recipe's folder and fingerprinted at
     compile time), so `base_dir` (the recipe's folder, which callers pass) is not needed for them.
+    `phases` records "<name>: read" (the files' tensors on `device`) and "<name>: build" (the rest).
     """
+    phases = phases or LoadPhases()
     entry = _registry_entry(planned)
     dtype = DTYPES[planned.compute_dtype]
     fp8 = planned.attributes.fp8_layout is not None
-    # An FP8 checkpoint is read as stored (scales stay float32); place_fp8_linears casts the rest.
-    state = read_state_dict([Path(f.path) for f in planned.files], device, None if fp8 else dtype)
+    with phases.phase(f"{planned.name}: read"):
+        # An FP8 checkpoint is read as stored (scales stay float32); place_fp8_linears casts the rest.
+        state = read_state_dict([Path(f.path) for f in planned.files], device, None if fp8 else dtype)
+    with phases.phase(f"{planned.name}: build"):
+        return _build(entry, planned, runtime, device, state, dtype, fp8)
+
+
+def _build(entry: Any, planned: PlannedModel, runtime: ModelRuntimeConfig, device: torch.device,
+           state: dict[str, torch.Tensor], dtype: torch.dtype, fp8: bool) -> torch.nn.Module:
     layout = _layout(entry, state.keys(), f"the weights of model {planned.name!r}")
     if layout != planned.key_layout:
         raise WeightsError(
@@ -92,11 +104,8 @@ def build_model(
         ) from exc
     # .to(dtype) would cast float8 buffers too (float8 counts as floating point): an FP8 model is cast already
     model.to(device=device, dtype=None if fp8 else dtype).eval().requires_grad_(False)
-    if runtime.lora_configs and len(planned.loras) != len(runtime.lora_configs):
-        raise PlanError(f"model {planned.name!r} has LoRAs the plan did not match (it was compiled with "
-                        "--no-weights); compile it with its weights.")
     pending = apply_loras(model, planned, lambda key: entry.own_name(key, "diffusers"), dtype)
-    if runtime.quant_config.quant_type != "none":
+    if runtime.quant_config.quant_type != QuantType.NONE:
         try:
             from telefuser.ops.quantized_linear import replace_linear_layers
         except ImportError as exc:
@@ -124,5 +133,5 @@ def _compile_blocks(model: torch.nn.Module, runtime: ModelRuntimeConfig) -> None
         raise PlanError(f"compile is enabled for a {type(model).__name__}, which has no transformer blocks to compile.")
     cfg = runtime.compile_config
     for block in blocks:
-        block.compile(backend=cfg.backend, mode=None if cfg.mode == "default" else cfg.mode,
+        block.compile(backend=cfg.backend, mode=None if cfg.mode == CompileMode.DEFAULT else cfg.mode,
                       fullgraph=cfg.fullgraph, dynamic=cfg.dynamic)

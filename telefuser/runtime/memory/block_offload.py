@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from telefuser.schema.enums import WeightOffloadType
 from telefuser.schema.plan import BlockOffload
 
 from .offload import OffloadedWeights
@@ -57,7 +58,7 @@ class BlockStreamer:
         self.groups = [OffloadedWeights(nn.ModuleList([blocks[i] for i in group]), self.device, pin=pin)
                        for group in plan.groups]
         self.slot_bytes = max(g.nbytes for g in self.groups)
-        self.async_copy = plan.mode == "ASYNC_CPU_OFFLOAD" and self.device.type == "cuda"
+        self.async_copy = plan.mode == WeightOffloadType.ASYNC_CPU_OFFLOAD and self.device.type == "cuda"
         self.ring: list[torch.Tensor] = []
         self.occupant: list[Optional[int]] = []  # group held by each slot
         self.slot_of: dict[int, int] = {}

@@ -14,11 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from telefuser.atomic import atomic_output
-from telefuser.errors import TeleFuserError
-
-
-class OutputPathError(TeleFuserError):
-    """An output path that cannot be written."""
+from telefuser.errors import OutputPathError
 
 
 @dataclass
@@ -123,12 +119,23 @@ def write_mp4_atomically(target: Path, frames: np.ndarray, fps: int) -> None:
         ) from exc
 
 
+# imageio-ffmpeg's quality 1-10; for libx264 it passes -crf int((1 - quality / 10) * 51): 8 is -crf 10, below the
+# crf 17-18 that x264's documentation calls visually lossless, so the file shows what the model made, not the encoder.
+VIDEO_QUALITY = 8
+# A write that failed with less free space than this left on its disk is reported as a full disk: more than the
+# encoder's and the container's buffered writes (a few MiB) and less than one video of the largest plans (81 frames
+# at 1280x720 at VIDEO_QUALITY: tens of MiB), so below it the write most likely ran out of room.
+DISK_FULL_MARGIN_BYTES = 64 << 20
+
+
 def _space_hint(folder: Path) -> str:
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    return f" (the disk holding {str(folder)!r} is full: {free / 2**20:.1f} MiB free)" if free < 64 * 2**20 else ""
+    if free >= DISK_FULL_MARGIN_BYTES:
+        return ""
+    return f" (the disk holding {str(folder)!r} is full: {free / 2**20:.1f} MiB free)"
 
 
 class IncompleteVideo(OSError):
@@ -173,7 +180,7 @@ def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
         pix_fmt_out="yuv420p",
         fps=fps,
         codec="libx264",
-        quality=8,
+        quality=VIDEO_QUALITY,
         macro_block_size=1,  # sizes come from the resolution table (multiples of 16); never rescale
         ffmpeg_log_level="error",
     )

@@ -21,9 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from .params import ParameterError
+from telefuser.errors import ParameterError
+from telefuser.schema.resolution import RESOLUTION_TABLE
 
-MAX_PIXELS = 64_000_000  # 64 megapixels (8000 x 8000): larger is refused before decoding
+# Images over 64 megapixels (8000 x 8000) are refused from their header, before decoding: decoded they would take
+# 192 MB of RGB, and the video is far smaller anyway (LARGEST_FRAME): a larger image adds nothing but memory.
+MAX_PIXELS = 64_000_000
+# The largest frame of any resolution and aspect ratio (schema/resolution.py): 1280x720.
+LARGEST_FRAME = max((size for sizes in RESOLUTION_TABLE.values() for size in sizes.values()),
+                    key=lambda s: s[0] * s[1])
 MIN_SIDE = 16  # pixels per side: one DiT patch (VAE stride 8 x patch 2)
 FORMATS = ("PNG", "JPEG", "WEBP")
 HOW = "give a PNG, JPEG or WebP image (any size from 16x16 up to 64 megapixels)"
@@ -46,7 +52,8 @@ def _check_size(width: int, height: int, what: str) -> None:
     if width * height > MAX_PIXELS:
         raise ParameterError(
             f"{what} is {width}x{height} ({width * height / 1e6:.1f} megapixels); images over "
-            f"{MAX_PIXELS // 1_000_000} megapixels are refused (the video is at most 1280x720, so the image is "
+            f"{MAX_PIXELS // 1_000_000} megapixels are refused (the video is at most "
+            f"{LARGEST_FRAME[0]}x{LARGEST_FRAME[1]}, so the image is "
             "downscaled anyway): shrink it first, e.g. to 1920 pixels on the long side.")
     if min(width, height) < MIN_SIDE:
         raise ParameterError(

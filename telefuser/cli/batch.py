@@ -6,8 +6,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .params import ParameterError
-from .video import OutputPathError
+from telefuser.errors import OutputPathError, ParameterError
 
 
 def read_prompts(path: str | Path) -> list[str]:

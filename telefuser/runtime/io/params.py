@@ -6,16 +6,12 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from telefuser.errors import TeleFuserError
+from telefuser.errors import ParameterError
 from telefuser.schema.plan import Plan, UserParameter
 from telefuser.schema.resolution import frame_size
 
 if TYPE_CHECKING:
     from .image import ConditioningImage
-
-
-class ParameterError(TeleFuserError):
-    """A run parameter the plan does not accept."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""What the runtime cannot execute, refused at compile time: a plan that compiles is a plan the runtime runs.
+
+Two lists of small checks, each returning the refusal's message or None:
+
+- NOT_EXECUTABLE_YET: recipe keys the schema accepts (they belong to the reference design's vocabulary) but whose
+  feature has not landed in the runtime. When a feature lands, delete its check from the list (and the function).
+- DO_NOT_COMPOSE: settings that each run alone but not together.
+
+Checks that need the weights' architecture (heads per degree, FP8 with tp) live beside what they read
+(compiler/mesh.py, compiler/models.py); block offload's own rules in compiler/block_offload.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from telefuser.errors import RecipeError
+from telefuser.schema.enums import FeatureCacheMethod, ModelClass, QuantType, WeightOffloadType, is_dit
+from telefuser.schema.plan import PlannedModel
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe
+
+Check = Callable[[Recipe, list[PlannedModel]], Optional[str]]
+
+
+def _not_yet(key: str, value: object, remove: str) -> str:
+    return (f"layer2.{key} = {value}: not executable yet (this TeleFuser's runtime does not run it, so the plan "
+            f"could not load); {remove} and compile again.")
+
+
+def _sparse_attention(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    for name, cfg in recipe.layer2.models.items():
+        if cfg.attention_config.sparse_config is not None:
+            return _not_yet(f"models.{name}.attention_config.sparse_config", "{ ... }",
+                            f"remove [layer2.models.{name}.attention_config.sparse_config] (dense attention runs)")
+    return None
+
+
+def _feature_cache(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    for name, cfg in recipe.layer2.models.items():
+        if cfg.feature_cache_config.method != FeatureCacheMethod.NONE:
+            return _not_yet(f"models.{name}.feature_cache_config.method", cfg.feature_cache_config.method,
+                            f"remove layer2.models.{name}.feature_cache_config (or set method = \"none\")")
+    return None
+
+
+def _frame_interpolation(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    if recipe.layer2.enable_vfi:
+        return _not_yet("enable_vfi", "true", "remove layer2.enable_vfi (or set it to false)")
+    return None
+
+
+def _super_resolution(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    if recipe.layer2.enable_sr:
+        return _not_yet("enable_sr", "true", "remove layer2.enable_sr (or set it to false)")
+    if recipe.layer2.lq_noise_strength:
+        return _not_yet("lq_noise_strength", recipe.layer2.lq_noise_strength,
+                        "remove layer2.lq_noise_strength (it noises the super-resolution stage's input)")
+    return None
+
+
+def _pipeline_parallel(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    pp = recipe.layer2.parallel_config.pp_degree
+    if pp > 1:
+        return (f"layer2.parallel_config.pp_degree = {pp}: pipeline parallelism is not built yet (not executable "
+                "yet); set pp_degree = 1 and spread the devices over cfg_degree, sp_ulysses_degree, sp_ring_degree "
+                "or tp_degree.")
+    return None
+
+
+def _fullgraph_compile(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """telefuser.ops.attention.attention runs outside the graph (torch.compiler.disable: the backends' kernels are
+    not traceable), so every block graph-breaks at attention, which fullgraph forbids."""
+    for name, cfg in recipe.layer2.models.items():
+        if cfg.compile_config.enabled and cfg.compile_config.fullgraph:
+            return _not_yet(f"models.{name}.compile_config.fullgraph", "true",
+                            "set fullgraph = false (each block compiles to graphs around its attention call)")
+    return None
+
+
+NOT_EXECUTABLE_YET: tuple[Check, ...] = (
+    _sparse_attention, _feature_cache, _frame_interpolation, _super_resolution, _pipeline_parallel, _fullgraph_compile)
+
+
+def _runtime(recipe: Recipe, name: str) -> ModelRuntimeConfig:
+    return recipe.layer2.models.get(name, ModelRuntimeConfig())
+
+
+def _tensor_parallel_dit(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """tp shards a DiT's linears into DTensors that stay on their device and replace plain nn.Linear layers: they
+    cannot be offloaded, quantised or compiled block by block."""
+    if recipe.layer2.parallel_config.tp_degree == 1:
+        return None
+    for m in models:
+        cfg = _runtime(recipe, m.name)
+        if not is_dit(m.role):
+            continue
+        where = f"layer2.models.{m.name}"
+        if cfg.offload_config.offload_type != WeightOffloadType.NO_CPU_OFFLOAD:
+            return (f"{where}.offload_config.offload_type = {cfg.offload_config.offload_type!r} with "
+                    "layer2.parallel_config.tp_degree > 1: tensor-parallel weights stay on their device; use "
+                    "offload_type = \"NO_CPU_OFFLOAD\", or sp_ulysses_degree / sp_ring_degree / cfg_degree instead of tp.")
+        if cfg.quant_config.quant_type != QuantType.NONE:
+            return (f"{where}.quant_config.quant_type = {cfg.quant_config.quant_type!r} with "
+                    "layer2.parallel_config.tp_degree > 1: tensor parallelism shards plain linears, not quantised "
+                    "ones; set quant_type = \"none\", or use sp_ulysses_degree / sp_ring_degree / cfg_degree.")
+        if cfg.compile_config.enabled:
+            return (f"{where}.compile_config.enabled = true with layer2.parallel_config.tp_degree > 1: the blocks' "
+                    "DTensor linears are not compiled here; set compile_config.enabled = false, or use "
+                    "sp_ulysses_degree / sp_ring_degree / cfg_degree.")
+    return None
+
+
+def _fsdp(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """Under FSDP every rank runs every sharded forward in step: no uneven dp batches, no tp, no weight movers."""
+    parallel = recipe.layer2.parallel_config
+    if not parallel.enable_fsdp:
+        return None
+    if parallel.dp_degree > 1:
+        return ("layer2.parallel_config.enable_fsdp with dp_degree > 1: dp replicas run different prompts, but every "
+                "rank must join each sharded forward; set dp_degree = 1 (or enable_fsdp = false).")
+    if parallel.tp_degree > 1:
+        return ("layer2.parallel_config.enable_fsdp with tp_degree > 1: the two do not compose here; set tp_degree = 1 "
+                "(FSDP with cfg_degree / sp_ulysses_degree / sp_ring_degree does), or enable_fsdp = false.")
+    for name, cfg in recipe.layer2.models.items():
+        if cfg.offload_config.offload_type != WeightOffloadType.NO_CPU_OFFLOAD:
+            return (f"layer2.models.{name}.offload_config.offload_type = {cfg.offload_config.offload_type!r} with "
+                    "layer2.parallel_config.enable_fsdp: FSDP owns where the shards live; use offload_type = "
+                    "\"NO_CPU_OFFLOAD\" (sharding already divides the weights' memory by the ranks).")
+    return None
+
+
+# Classes made of a ModuleList `blocks`, which compile_config compiles one block at a time (runtime/loading.py).
+COMPILED_BY_BLOCK = frozenset({ModelClass.WAN_DIT, ModelClass.UMT5_ENCODER})
+
+
+def _compile_without_blocks(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    for m in models:
+        if _runtime(recipe, m.name).compile_config.enabled and m.class_ not in (*COMPILED_BY_BLOCK, ModelClass.AUTO):
+            return (f"layer2.models.{m.name}.compile_config.enabled = true: compilation is per transformer block, and "
+                    f"{m.name!r} is a {m.class_}, which has none ({', '.join(sorted(COMPILED_BY_BLOCK))} have); "
+                    "remove its compile_config.")
+    return None
+
+
+DO_NOT_COMPOSE: tuple[Check, ...] = (_tensor_parallel_dit, _fsdp, _compile_without_blocks)
+
+
+def check_executable(recipe: Recipe, models: list[PlannedModel]) -> None:
+    """Refuse (RecipeError, exit 2) the first setting the runtime cannot execute, naming the key and the fix."""
+    for check in (*NOT_EXECUTABLE_YET, *DO_NOT_COMPOSE):
+        message = check(recipe, models)
+        if message:
+            raise RecipeError(message)

@@ -1,0 +1,1 @@
+"""A run's inputs and outputs: user parameters, conditioning images, the video and its file."""

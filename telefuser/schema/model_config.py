@@ -1,0 +1,134 @@
+"""Per-model runtime settings of layer 2 (`layer2.models.<name>`): attention, offload, compile, quantisation,
+LoRA, feature cache, dtype, CPU execution. The reference design's names (telefuser.core.config re-exports them)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import StrictModel
+from .enums import (
+    AttnImplType,
+    CompileBackend,
+    CompileMode,
+    FeatureCacheMethod,
+    QuantType,
+    TorchDtype,
+    WeightOffloadType,
+)
+
+
+class SparseAttentionConfig(StrictModel):
+    sparse_impl: Optional[Literal["radial", "local", "sol"]] = Field(
+        None, description="Sparse pattern: radial, local or sol; must agree with a sparse attn_impl."
+    )
+    dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
+    dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
+    decay_factor: float = Field(1.0, gt=0, le=1.0)
+    local_window_size: int = Field(0, ge=0, description="Tokens per side of the local window (0 = off).")
+    block_size: int = Field(128, ge=16)
+
+
+# The sparse attention implementations and the `sparse_impl` each one runs.
+SPARSE_IMPL_OF = {
+    AttnImplType.RADIAL_ATTN.value: "radial",
+    AttnImplType.LOCAL_SPARSE_ATTN.value: "local",
+    AttnImplType.SOL_ATTN.value: "sol",
+}
+
+
+class AttentionConfig(StrictModel):
+    attn_impl: AttnImplType = AttnImplType.TORCH_SDPA
+    sparse_config: Optional[SparseAttentionConfig] = None
+
+    @classmethod
+    def dense_attention(cls, attn_impl: AttnImplType = AttnImplType.FLASH_ATTN_2, **kwargs: Any) -> "AttentionConfig":
+        """Dense attention with `attn_impl` (the reference design's default: FLASH_ATTN_2)."""
+        return cls(attn_impl=attn_impl, sparse_config=None, **kwargs)
+
+    @classmethod
+    def radial_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, decay_factor: float = 1.0,
+                         **kwargs: Any) -> "AttentionConfig":
+        """Radial sparse attention; the first `dense_timesteps` steps and `dense_layers` blocks stay dense."""
+        sparse = SparseAttentionConfig(sparse_impl="radial", dense_timesteps=dense_timesteps,
+                                       dense_layers=dense_layers, decay_factor=decay_factor)
+        return cls(attn_impl=AttnImplType.RADIAL_ATTN, sparse_config=sparse, **kwargs)
+
+    @classmethod
+    def local_sparse_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, local_window_size: int = 6,
+                               **kwargs: Any) -> "AttentionConfig":
+        """Local-window sparse attention of `local_window_size` tokens per side."""
+        sparse = SparseAttentionConfig(sparse_impl="local", dense_timesteps=dense_timesteps,
+                                       dense_layers=dense_layers, local_window_size=local_window_size)
+        return cls(attn_impl=AttnImplType.LOCAL_SPARSE_ATTN, sparse_config=sparse, **kwargs)
+
+    def is_sparse(self) -> bool:
+        return self.attn_impl in SPARSE_IMPL_OF
+
+    @model_validator(mode="after")
+    def _sparse_impl_matches(self) -> "AttentionConfig":
+        wanted = SPARSE_IMPL_OF.get(self.attn_impl)
+        found = self.sparse_config.sparse_impl if self.sparse_config is not None else None
+        if wanted is not None and found is not None and found != wanted:
+            raise ValueError(f"attn_impl {self.attn_impl} runs sparse_impl {wanted!r}, but sparse_config.sparse_impl "
+                             f"is {found!r}; make them agree (or leave sparse_impl out)")
+        return self
+
+
+class OffloadConfig(StrictModel):
+    offload_type: WeightOffloadType = WeightOffloadType.NO_CPU_OFFLOAD
+    pin_cpu_memory: bool = True
+    offload_ratio: float = Field(1.0, gt=0, le=1.0, description="SEQUENTIAL/ASYNC_CPU_OFFLOAD: fraction of the "
+                                 "DiT's blocks kept on the CPU and streamed in (spread evenly); the rest stay resident.")
+    prefetch_size: int = Field(1, ge=0, description="ASYNC_CPU_OFFLOAD: block groups copied ahead of the one "
+                               "computing (at least 1); MODEL_CPU_OFFLOAD: 0 turns the planned prefetch off.")
+    blocks_per_group: Optional[PositiveInt] = Field(
+        None, description="SEQUENTIAL/ASYNC_CPU_OFFLOAD: blocks streamed in together (one copy, one device buffer); "
+        "unset: the compiler takes the fewest blocks whose weights reach 64 MiB. The plan records the choice.")
+
+
+class CompileConfig(StrictModel):
+    enabled: bool = False
+    backend: CompileBackend = CompileBackend.INDUCTOR
+    mode: CompileMode = CompileMode.DEFAULT
+    fullgraph: bool = False
+    dynamic: bool = False
+
+
+class QuantConfig(StrictModel):
+    quant_type: QuantType = QuantType.NONE
+    skip_modules: list[str] = Field(default_factory=list, description="Module name patterns left unquantised.")
+
+
+class LoraConfig(StrictModel):
+    """One LoRA file for this model: kohya/ComfyUI (`lora_down`/`lora_up`/`alpha`, `diffusion_model.` or
+    `lora_unet_` prefixes, `.diff`/`.diff_b`/`.diff_m` full differences) or diffusers/PEFT (`lora_A`/`lora_B`)."""
+
+    path: str = Field(min_length=1, description="The LoRA .safetensors file; relative to the recipe.")
+    strength: float = Field(1.0, description="Multiplier of the LoRA's update (times alpha / rank).")
+    merge: bool = Field(True, description="true: added into the weights at load; false: applied beside each "
+                        "targeted linear (y = W x + strength * alpha/rank * up(down x)), which leaves FP8 "
+                        "weights FP8 (required for a LoRA on an FP8 checkpoint's linears).")
+    on_mismatch: Literal["error", "warn"] = Field(
+        "error", description="A LoRA module that names no layer of the model (or one of another shape): error "
+        "refuses the recipe with the counts; warn applies the modules that match and warns.")
+
+
+class FeatureCacheConfig(StrictModel):
+    method: FeatureCacheMethod = FeatureCacheMethod.NONE
+    threshold: float = Field(0.0, ge=0)
+
+
+class ModelRuntimeConfig(StrictModel):
+    """Per-model execution settings (keyed by the model's name in layer 1)."""
+
+    attention_config: AttentionConfig = Field(default_factory=AttentionConfig)
+    offload_config: OffloadConfig = Field(default_factory=OffloadConfig)
+    compile_config: CompileConfig = Field(default_factory=CompileConfig)
+    quant_config: QuantConfig = Field(default_factory=QuantConfig)
+    lora_configs: list[LoraConfig] = Field(default_factory=list)
+    feature_cache_config: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
+    torch_dtype: Optional[TorchDtype] = Field(None, description="Override of layer1.torch_dtype for this model.")
+    run_on_cpu: bool = Field(False, description="Keep this model in host memory and run it on the CPU (its outputs "
+                             "are copied to the device): the text encoder or the CLIP image encoder only.")
