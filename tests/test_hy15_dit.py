@@ -40,7 +40,7 @@ def _float32_angles(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0
 
 @pytest.fixture
 def float32_time_angles(monkeypatch):
-    from telefuser.models.hunyuan15 import dit
+    from telefuser.models.hunyuan15 import dit_layers as dit  # where the time embedder looks it up
 
     monkeypatch.setattr(dit, "timestep_embedding", _float32_angles)
 TINY = HunyuanVideo15DiTConfig(in_channels=9, out_channels=4, hidden_size=64, heads_num=2, mlp_hidden_dim=256,

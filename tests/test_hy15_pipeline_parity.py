@@ -132,7 +132,7 @@ def _rel(got, expected) -> float:
 
 
 def test_t2v_frames_match_diffusers_pipeline(monkeypatch) -> None:
-    from telefuser.models.hunyuan15 import dit as dit_module
+    from telefuser.models.hunyuan15 import dit_layers as dit_module  # where the time embedder looks it up
 
     monkeypatch.setattr(dit_module, "timestep_embedding", _float32_angles)
     common, qtok, ours = _models()
@@ -156,7 +156,7 @@ def test_i2v_frames_match_diffusers_pipeline(monkeypatch) -> None:
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     from diffusers import HunyuanVideo15ImageToVideoPipeline
-    from telefuser.models.hunyuan15 import dit as dit_module
+    from telefuser.models.hunyuan15 import dit_layers as dit_module  # where the time embedder looks it up
     from telefuser.models.hunyuan15.siglip import SigLIPVisionConfig, SigLIPVisionEncoder
     from telefuser.models.hunyuan15.siglip_keys import to_vision_layout
 

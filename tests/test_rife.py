@@ -27,7 +27,8 @@ from telefuser.models import registry
 from telefuser.models.rife.ifnet import IFNet, IFNetConfig, load_flownet
 from telefuser.models.rife.interpolate import (interpolate, interpolate_share, output_frame_count, pad_multiple,
                                                split_pairs)
-from telefuser.models.rife.keys import (MODULE_PREFIX, describe, describe_flownet, detect_layout, expected_shapes,
+from telefuser.compiler.vfi_weights import describe_flownet
+from telefuser.models.rife.keys import (MODULE_PREFIX, describe, detect_layout, expected_shapes,
                                         to_wan_layout)
 from telefuser.models.tiny_vfi import TINY_RIFE, tiny_flownet_state, tiny_taehv_state
 
@@ -270,7 +271,7 @@ def test_legacy_format_flownet_is_read_too(tmp_path):
 
 
 def test_describe_flownet_needs_no_torch(tiny_path):
-    code = ("import sys; from telefuser.models.rife.keys import describe_flownet; "
+    code = ("import sys; from telefuser.compiler.vfi_weights import describe_flownet; "
             f"a = describe_flownet({str(tiny_path)!r}); print(a['block_channels'], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split("]")[-1].strip() == "False", out.stderr

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from telefuser.errors import WeightsError
 from telefuser.models import registry
 from telefuser.models.taehv.decoder import TAEHV, TAEHVConfig, load_taehv
-from telefuser.models.taehv.keys import describe, describe_file, detect_layout, expected_shapes, to_wan_layout
+from telefuser.compiler.vfi_weights import describe_taehv as describe_file
+from telefuser.models.taehv.keys import describe, detect_layout, expected_shapes, to_wan_layout
 from telefuser.models.tiny_vfi import TINY_TAEW2_1, TINY_TAEW2_2, tiny_flownet_state, tiny_taehv_state
 
 PUBLISHED_W21 = {"z_dim": 16, "patch_size": 1, "channels": [256, 128, 64, 64],

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from telefuser.models.rife.keys import describe_flownet
-from telefuser.models.taehv.keys import describe_file
+from telefuser.compiler.vfi_weights import describe_flownet
+from telefuser.compiler.vfi_weights import describe_taehv as describe_file
 from telefuser.models.tiny_vfi import FILES, TINY_RIFE, TINY_TAEW2_1, TINY_TAEW2_2, generate
 
 COMMITTED = Path(__file__).resolve().parents[1] / "recipes" / "tiny_vfi"

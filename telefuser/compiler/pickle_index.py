@@ -93,11 +93,32 @@ def _find_state_dict(obj: Any) -> dict[str, PickledTensor] | None:
     return None
 
 
+# torch.serialization.MAGIC_NUMBER: the first of the three header pickles of a torch.save file from before
+# torch 1.6 (magic, protocol, system info, then the object), the format older Practical-RIFE releases ship in
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _read_legacy_index(path: Path) -> dict[str, PickledTensor]:
+    with open(path, "rb") as f:
+        try:
+            header = [_IndexUnpickler(f).load() for _ in range(3)]
+            legacy = header[0] == _LEGACY_MAGIC
+            tensors = _find_state_dict(_IndexUnpickler(f).load()) if legacy else {}
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError, ValueError):
+            legacy = False
+    if not legacy:
+        raise ValueError("not a zip archive, nor a torch.save file from before torch 1.6; re-save it with "
+                         "torch.save or convert it to safetensors")
+    if not tensors:
+        raise ValueError("its pickle holds no state dict")
+    return tensors
+
+
 def read_pickle_index(path: Path) -> dict[str, PickledTensor]:
-    """name -> (dtype, shape) of a zip `.pth`; ValueError says why the file is not one."""
+    """name -> (dtype, shape) of a torch.save file (zip, or the pre-1.6 format); ValueError says why the file
+    is not one."""
     if not zipfile.is_zipfile(path):
-        raise ValueError("not a zip archive (a PyTorch checkpoint from before torch 1.6?); re-save it with torch.save "
-                         "or convert it to safetensors")
+        return _read_legacy_index(path)
     with zipfile.ZipFile(path) as zf:
         names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if not names:

@@ -36,6 +36,11 @@ class ModelEntry:
         detect: Callable[[Iterable[str]], str] = self._load(self.keys_module, "detect_layout")
         return detect(keys)
 
+    def describe(self, shapes: Mapping[str, Any]) -> dict[str, Any]:
+        """The arch dict of a checkpoint from its tensor names and shapes (for the models whose keys module has
+        `describe`; it raises ValueError saying why the file is not this model's)."""
+        return self._load(self.keys_module, "describe")(shapes)
+
     def convert(self, state: Mapping[str, Any], layout: str) -> dict[str, Any]:
         """A state dict in `layout` -> the model's own (Wan) layout. Always through the keys module: even a
         file in Wan's layout may hold tensors the model does not use (CLIP's text tower), dropped there."""

@@ -98,20 +98,3 @@ def describe(shapes: Mapping[str, Iterable[int]]) -> dict[str, Any]:
     if wrong:
         raise ValueError(f"{len(wrong)} decoder tensors have unexpected shapes: {'; '.join(wrong[:2])}")
     return arch
-
-
-def describe_file(path: str | Path) -> dict[str, Any]:
-    """The arch dict of a TAEHV `.pth` (zip) checkpoint from its pickle alone; WeightsError naming the file."""
-    from telefuser.compiler.pickle_index import read_pickle_index
-    from telefuser.errors import WeightsError
-
-    path = Path(path)
-    try:
-        index = read_pickle_index(path)
-    except Exception as exc:  # noqa: BLE001 - a corrupt archive fails in many ways (zip, zlib, pickle)
-        raise WeightsError(f"TAEHV weights {str(path)!r} are not a readable PyTorch checkpoint: {exc}; "
-                           "re-download them (taew2_1.pth from madebyollin/taehv).") from exc
-    try:
-        return describe({k: t.shape for k, t in index.items()})
-    except ValueError as exc:
-        raise WeightsError(f"TAEHV weights {str(path)!r}: {exc}.") from exc
