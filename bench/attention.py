@@ -39,11 +39,11 @@ VARIANTS = {  # label -> (pv_fp8, qk_fp8)
     "SAGE_ATTN_2_8_16 (INT8 QK, bf16 PV)": (False, False),
     "FP8 QK, FP8 PV (not shipped: QK error)": (True, True),
 }
-SWEEP = ([KernelConfig(bm, bn, w, st, True) for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 256, 4, 2),
-                                                                   (64, 256, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3),
-                                                                   (64, 64, 4, 4), (64, 128, 8, 2))]
-         + [KernelConfig(bm, bn, w, st, False) for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3),
-                                                                    (64, 256, 4, 2))])
+SWEEP = ([KernelConfig(bm, bn, w, st, tma) for bm, bn, w, st, tma in
+          ((64, 128, 4, 3, False), (64, 128, 4, 3, True), (64, 128, 4, 2, True), (128, 64, 4, 3, False))]
+         + [KernelConfig(bm, bn, w, st, tma, two_tiles=True) for bm, bn, w, st, tma in
+            ((128, 128, 4, 3, False), (128, 128, 4, 2, False), (128, 64, 4, 3, False), (128, 128, 8, 3, False),
+             (128, 128, 4, 3, True), (128, 64, 4, 3, True))])
 REF_ROWS = 512
 RESULTS: dict = {"kernels": [], "steps": []}
 

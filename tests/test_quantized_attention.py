@@ -74,6 +74,19 @@ def test_kernel_against_float64(pv_fp8, layout, shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("pv_fp8", [False, True])
+def test_two_query_tiles_per_program(pv_fp8):
+    """The schedule with two independent query tiles per program computes what one tile does."""
+    from telefuser.kernels.triton.sage_attention import KernelConfig, sage_attention
+
+    q, k, v = inputs(1, 300, 300, 2, 64, seed=13)
+    one = sage_attention(q, k, v, pv_fp8=pv_fp8, config=KernelConfig(128, 64, 4, 1))
+    two = sage_attention(q, k, v, pv_fp8=pv_fp8, config=KernelConfig(128, 64, 4, 1, two_tiles=True))
+    assert rel(two, exact(q, k, v)[0]) < BOUND[pv_fp8]
+    assert rel(two, one) < KERNEL_VS_REFERENCE[pv_fp8]  # the tiles' rows see the same blocks in the same order
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_half_inputs_and_strided_views(dtype):
     """bf16/fp16 inputs read through strides (a BSND view of a BNSD tensor): nothing is copied first."""

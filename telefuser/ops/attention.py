@@ -89,12 +89,13 @@ def backend_problems(name: str, device: torch.device, dtype: torch.dtype, head_d
     """Why backend `name` cannot run on tensors of this device, dtype and head dim (the compiler's rule,
     `telefuser.schema.backends.attention_problems`, on the real device); checked once per combination."""
     spec = ATTENTION_BACKENDS[name]
-    if device.type == "cpu" and name in SDPA_FAMILY:
+    kind = "cuda" if device.type == "cuda" else "cpu"  # meta tensors (shape checks) count as host tensors
+    if kind == "cpu" and name in SDPA_FAMILY:
         return ()
-    if spec.package and (device.type == "cuda" or "cpu" not in spec.devices):
+    if spec.package and (kind == "cuda" or "cpu" not in spec.devices):
         _backend_package(name)  # a backend that is not installed is named first: no other fix helps
     cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return tuple(attention_problems(spec, device.type, cc, str(dtype).removeprefix("torch."), head_dim))
+    return tuple(attention_problems(spec, kind, cc, str(dtype).removeprefix("torch."), head_dim))
 
 
 def check_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:

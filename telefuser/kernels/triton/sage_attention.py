@@ -53,7 +53,7 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     use_tma: bool = False
-    warp_specialize: bool = False  # Triton's automatic warp specialisation of the key loop
+    two_tiles: bool = False  # block_m split into two query tiles with independent softmax chains
 
 
 @triton.jit
@@ -132,60 +132,95 @@ def _quantize_kernel(Q, K, V, s_qb, s_qs, s_qh, s_qd, s_kb, s_ks, s_kh, s_kd, s_
 
 
 @triton.jit
-def _attend_blocks(acc, l_i, m_i, q, q_scale, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0, vt_row0, lo, hi, S,
-                   S_pad, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                   QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                   INTERPRETED: tl.constexpr, MASKED: tl.constexpr):
+def _online_softmax_pv(raw, c, m_i, l_i, acc, v_op, valid, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr,
+                       INTERPRETED: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of one query tile: the scores' online softmax and P·V into acc. `raw` is Q·K^T as the dot
+    gave it (int32 for INT8, float32 for FP8); `c` the per-row factor to base-2 logits (q's per-token scale,
+    softmax scale * log2(e) folded in, times the block's K scale), so a row's maximum is found on the raw
+    products and each score costs one FMA; `v_op` the P·V operand (FP8: V^T [D, BLOCK_N])."""
+    if QK_FP8:
+        if MASKED:
+            raw = tl.where(valid[None, :], raw, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(raw, axis=1) * c)
+        offset = m_new
+    else:  # |raw| <= 127 * 127 * 128 < 2^22
+        if MASKED:
+            raw = tl.where(valid[None, :], raw, -4194304)
+        m_new = tl.maximum(m_i, tl.max(raw, axis=1).to(tl.float32) * c)
+        # (raw + MAGIC) read as float is MAGIC_F + raw: the conversion costs an integer add, not the conversion
+        # unit that exp2 also needs; MAGIC_F * c joins the row offset
+        raw = (raw + _MAGIC).to(tl.float32, bitcast=True)
+        offset = m_new + _MAGIC_F * c
+        if MASKED:
+            raw = tl.where(valid[None, :], raw, float("-inf"))
+    if PV_FP8:
+        offset = offset - _LOG2_E4M3_MAX  # P lands in e4m3's range [0, 448] with no extra multiply
+    p = tl.math.exp2(raw * c[:, None] - offset[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        acc = tl.dot(_to_e4m3(p, INTERPRETED), tl.trans(v_op), acc)
+    elif INTERPRETED:  # Triton 3.9's interpreter multiplies bf16 wrongly; bf16 x bf16 is exact in fp32
+        acc = tl.dot(p.to(v_op.dtype).to(tl.float32), v_op.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v_op.dtype), v_op, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _load_kv(KQ, VQ, desc_k, desc_v, row0, vt_row0, start_n, S_pad, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+             PV_FP8: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        if USE_TMA:
-            k = desc_k.load([(row0 + start_n).to(tl.int32), 0])
+    if USE_TMA:
+        k = desc_k.load([(row0 + start_n).to(tl.int32), 0])
+        if PV_FP8:
+            v_op = desc_v.load([vt_row0.to(tl.int32), start_n.to(tl.int32)])
         else:
-            k = tl.load(KQ + (row0 + start_n + offs_n)[:, None] * HEAD_DIM + d[None, :])
-        # q's per-token scale (softmax scale * log2(e) folded in) times this block's K scale: base-2 logits
-        # are raw * c, so a row's maximum is found on the raw products and each score costs one FMA.
+            v_op = desc_v.load([(row0 + start_n).to(tl.int32), 0])
+    else:
+        k = tl.load(KQ + (row0 + start_n + offs_n)[:, None] * HEAD_DIM + d[None, :])
+        if PV_FP8:
+            v_op = tl.load(VQ + (vt_row0 + d)[:, None] * S_pad + (start_n + offs_n)[None, :])
+        else:
+            v_op = tl.load(VQ + (row0 + start_n + offs_n)[:, None] * HEAD_DIM + d[None, :])
+    return k, v_op
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, q_scale, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0, vt_row0, lo, hi, S,
+                   S_pad, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                   QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, INTERPRETED: tl.constexpr,
+                   MASKED: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        k, v_op = _load_kv(KQ, VQ, desc_k, desc_v, row0, vt_row0, start_n, S_pad, HEAD_DIM, BLOCK_N, PV_FP8, USE_TMA)
         c = q_scale * tl.load(K_SCALE + kblock0 + start_n // SCALE_BLOCK)
-        if QK_FP8:
-            raw = tl.dot(q, tl.trans(k))
-            if MASKED:
-                raw = tl.where((start_n + offs_n)[None, :] < S, raw, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(raw, axis=1) * c)
-            offset = m_new
-        else:
-            raw_int = tl.dot(q, tl.trans(k))  # int32, |raw| <= 127 * 127 * 128 < 2^22
-            if MASKED:
-                raw_int = tl.where((start_n + offs_n)[None, :] < S, raw_int, -4194304)
-            m_new = tl.maximum(m_i, tl.max(raw_int, axis=1).to(tl.float32) * c)
-            # (raw + MAGIC) read as float is MAGIC_F + raw: the conversion costs an integer add, not the
-            # conversion unit that exp2 also needs; MAGIC_F * c joins the row offset
-            raw = (raw_int + _MAGIC).to(tl.float32, bitcast=True)
-            offset = m_new + _MAGIC_F * c
-            if MASKED:
-                raw = tl.where((start_n + offs_n)[None, :] < S, raw, float("-inf"))
-        if PV_FP8:
-            offset = offset - _LOG2_E4M3_MAX  # P lands in e4m3's range [0, 448] with no extra multiply
-        p = tl.math.exp2(raw * c[:, None] - offset[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if PV_FP8:
-            if USE_TMA:
-                vt = desc_v.load([vt_row0.to(tl.int32), start_n.to(tl.int32)])
-            else:
-                vt = tl.load(VQ + (vt_row0 + d)[:, None] * S_pad + (start_n + offs_n)[None, :])
-            acc = tl.dot(_to_e4m3(p, INTERPRETED), tl.trans(vt), acc)
-        else:
-            if USE_TMA:
-                v = desc_v.load([(row0 + start_n).to(tl.int32), 0])
-            else:
-                v = tl.load(VQ + (row0 + start_n + offs_n)[:, None] * HEAD_DIM + d[None, :])
-            if INTERPRETED:  # Triton 3.9's interpreter multiplies bf16 wrongly; bf16 x bf16 is exact in fp32
-                acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        valid = (start_n + tl.arange(0, BLOCK_N)) < S
+        acc, l_i, m_i = _online_softmax_pv(tl.dot(q, tl.trans(k)), c, m_i, l_i, acc, v_op, valid, QK_FP8, PV_FP8,
+                                           INTERPRETED, MASKED)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_blocks_two_tiles(acc1, l1, m1, q1, qs1, acc2, l2, m2, q2, qs2, KQ, K_SCALE, VQ, desc_k, desc_v, row0,
+                             kblock0, vt_row0, lo, hi, S, S_pad, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SCALE_BLOCK: tl.constexpr, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr,
+                             USE_TMA: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Two query tiles over the same key blocks, their dependency chains independent: the second tile's Q·K^T
+    can run on the tensor cores while the first tile's softmax runs (FlashAttention-3's intra-warpgroup
+    overlap, left to Triton's scheduler). Unmasked blocks only."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        k, v_op = _load_kv(KQ, VQ, desc_k, desc_v, row0, vt_row0, start_n, S_pad, HEAD_DIM, BLOCK_N, PV_FP8, USE_TMA)
+        k_scale = tl.load(K_SCALE + kblock0 + start_n // SCALE_BLOCK)
+        valid = (start_n + tl.arange(0, BLOCK_N)) < S
+        raw1 = tl.dot(q1, tl.trans(k))
+        raw2 = tl.dot(q2, tl.trans(k))
+        acc1, l1, m1 = _online_softmax_pv(raw1, qs1 * k_scale, m1, l1, acc1, v_op, valid, QK_FP8, PV_FP8,
+                                          INTERPRETED, False)
+        acc2, l2, m2 = _online_softmax_pv(raw2, qs2 * k_scale, m2, l2, acc2, v_op, valid, QK_FP8, PV_FP8,
+                                          INTERPRETED, False)
+    return acc1, l1, m1, acc2, l2, m2
 
 
 @triton.jit
@@ -193,7 +228,8 @@ def _attention_kernel(QQ, Q_SCALE, KQ, K_SCALE, VQ, V_SCALE, O, LSE, desc_q, des
                       s_ob, s_os, s_oh, s_od, H, S_Q, SQ_PAD, S, S_pad,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_FP8: tl.constexpr,
                       PV_FP8: tl.constexpr, USE_TMA: tl.constexpr, RETURN_LSE: tl.constexpr,
-                      WARP_SPECIALIZE: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+                      TWO_TILES: tl.constexpr, TILE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -201,25 +237,63 @@ def _attention_kernel(QQ, Q_SCALE, KQ, K_SCALE, VQ, V_SCALE, O, LSE, desc_q, des
     q_row0 = bh.to(tl.int64) * SQ_PAD  # this head's first row in the padded q
     row0 = bh.to(tl.int64) * S_pad  # ... in the padded k and v
     vt_row0 = bh.to(tl.int64) * HEAD_DIM  # ... and in the transposed FP8 v
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DIM)
-    if USE_TMA:
-        q = desc_q.load([(q_row0 + start_m * BLOCK_M).to(tl.int32), 0])
-    else:
-        q = tl.load(QQ + (q_row0 + offs_m)[:, None] * HEAD_DIM + d[None, :])
-    q_scale = tl.load(Q_SCALE + q_row0 + offs_m)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full = (S // BLOCK_N) * BLOCK_N
     kblock0 = bh.to(tl.int64) * (S_pad // SCALE_BLOCK)  # this head's first K scale
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_scale, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0, vt_row0,
-                                   0, full, S, S_pad, HEAD_DIM, BLOCK_N, SCALE_BLOCK, QK_FP8, PV_FP8, USE_TMA,
-                                   WARP_SPECIALIZE, INTERPRETED, False)
-    if full < S:  # the ragged end: the only block that masks
+    full = (S // BLOCK_N) * BLOCK_N
+    if TWO_TILES:
+        m_a = start_m * BLOCK_M
+        q1, qs1 = _load_q(QQ, Q_SCALE, desc_q, q_row0, m_a, HEAD_DIM, TILE, USE_TMA)
+        q2, qs2 = _load_q(QQ, Q_SCALE, desc_q, q_row0, m_a + TILE, HEAD_DIM, TILE, USE_TMA)
+        m1 = tl.full([TILE], float("-inf"), tl.float32)
+        m2 = tl.full([TILE], float("-inf"), tl.float32)
+        l1 = tl.zeros([TILE], tl.float32)
+        l2 = tl.zeros([TILE], tl.float32)
+        acc1 = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        acc2 = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        acc1, l1, m1, acc2, l2, m2 = _attend_blocks_two_tiles(
+            acc1, l1, m1, q1, qs1, acc2, l2, m2, q2, qs2, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0, vt_row0,
+            0, full, S, S_pad, HEAD_DIM, BLOCK_N, SCALE_BLOCK, QK_FP8, PV_FP8, USE_TMA, INTERPRETED)
+        if full < S:  # the ragged end: the only block that masks
+            acc1, l1, m1 = _attend_blocks(acc1, l1, m1, q1, qs1, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0,
+                                          vt_row0, full, full + BLOCK_N, S, S_pad, HEAD_DIM, BLOCK_N, SCALE_BLOCK,
+                                          QK_FP8, PV_FP8, USE_TMA, INTERPRETED, True)
+            acc2, l2, m2 = _attend_blocks(acc2, l2, m2, q2, qs2, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0,
+                                          vt_row0, full, full + BLOCK_N, S, S_pad, HEAD_DIM, BLOCK_N, SCALE_BLOCK,
+                                          QK_FP8, PV_FP8, USE_TMA, INTERPRETED, True)
+        _store_tile(acc1, l1, m1, O, LSE, V_SCALE, b, h, bh, m_a, S_Q, s_ob, s_os, s_oh, s_od, HEAD_DIM, TILE, PV_FP8,
+                    RETURN_LSE)
+        _store_tile(acc2, l2, m2, O, LSE, V_SCALE, b, h, bh, m_a + TILE, S_Q, s_ob, s_os, s_oh, s_od, HEAD_DIM, TILE,
+                    PV_FP8, RETURN_LSE)
+    else:
+        q, q_scale = _load_q(QQ, Q_SCALE, desc_q, q_row0, start_m * BLOCK_M, HEAD_DIM, BLOCK_M, USE_TMA)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_scale, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0,
-                                       vt_row0, full, full + BLOCK_N, S, S_pad, HEAD_DIM, BLOCK_N, SCALE_BLOCK, QK_FP8,
-                                       PV_FP8, USE_TMA, False, INTERPRETED, True)
+                                       vt_row0, 0, full, S, S_pad, HEAD_DIM, BLOCK_N, SCALE_BLOCK, QK_FP8, PV_FP8,
+                                       USE_TMA, INTERPRETED, False)
+        if full < S:  # the ragged end: the only block that masks
+            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, q_scale, KQ, K_SCALE, VQ, desc_k, desc_v, row0, kblock0,
+                                           vt_row0, full, full + BLOCK_N, S, S_pad, HEAD_DIM, BLOCK_N, SCALE_BLOCK,
+                                           QK_FP8, PV_FP8, USE_TMA, INTERPRETED, True)
+        _store_tile(acc, l_i, m_i, O, LSE, V_SCALE, b, h, bh, start_m * BLOCK_M, S_Q, s_ob, s_os, s_oh, s_od,
+                    HEAD_DIM, BLOCK_M, PV_FP8, RETURN_LSE)
+
+
+@triton.jit
+def _load_q(QQ, Q_SCALE, desc_q, q_row0, m0, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+    rows = m0 + tl.arange(0, ROWS)
+    if USE_TMA:
+        q = desc_q.load([(q_row0 + m0).to(tl.int32), 0])
+    else:
+        q = tl.load(QQ + (q_row0 + rows)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+    return q, tl.load(Q_SCALE + q_row0 + rows)
+
+
+@triton.jit
+def _store_tile(acc, l_i, m_i, O, LSE, V_SCALE, b, h, bh, m0, S_Q, s_ob, s_os, s_oh, s_od, HEAD_DIM: tl.constexpr,
+                ROWS: tl.constexpr, PV_FP8: tl.constexpr, RETURN_LSE: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    offs_m = m0 + tl.arange(0, ROWS)
     out = acc / l_i[:, None]
     if PV_FP8:
         out = out * tl.load(V_SCALE + bh * HEAD_DIM + d)[None, :]
@@ -309,7 +383,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bo
     out = torch.empty_like(q)
     lse = torch.empty(B, H, s_q, dtype=torch.float32, device=dev) if return_lse else q_scale
     if cfg.use_tma:
-        desc_q = _tma_descriptor(qq, [cfg.block_m, D])
+        desc_q = _tma_descriptor(qq, [cfg.block_m // 2 if cfg.two_tiles else cfg.block_m, D])
         desc_k = _tma_descriptor(kq, [cfg.block_n, D])
         desc_v = _tma_descriptor(vq, [D, cfg.block_n] if pv_fp8 else [cfg.block_n, D])
     else:
@@ -318,7 +392,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bo
         qq, q_scale, kq, k_scale, vq, v_scale, out, lse, desc_q, desc_k, desc_v,
         *_strides(out, layout), H, s_q, sq_pad, s_k, sk_pad,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_FP8=qk_fp8, PV_FP8=pv_fp8,
-        USE_TMA=cfg.use_tma, RETURN_LSE=return_lse, WARP_SPECIALIZE=cfg.warp_specialize, SCALE_BLOCK=QUANT_BLOCK,
+        USE_TMA=cfg.use_tma, RETURN_LSE=return_lse, TWO_TILES=cfg.two_tiles, TILE=cfg.block_m // 2, SCALE_BLOCK=QUANT_BLOCK,
         INTERPRETED=_INTERPRETED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not return_lse:
