@@ -166,8 +166,8 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
     """One CFG step (two batch-1 forwards, the runtime's `guided`): exact and quantised attention (ours),
     diffusers (SDPA default, cuDNN) on the same weights. Errors against our exact step, of the conditional
     forward alone and of the guided output (CFG 5 amplifies the small cond - uncond difference)."""
-    from bench.wan21 import random_state
     from bench.wan_i2v import diffusers_dit
+    from bench.weights_random import random_model
     from telefuser.distributed.rank import RankContext
     from telefuser.models.tiny import TINY_ARCH
     from telefuser.models.wan.dit import WAN21_1_3B, WAN21_14B, WanDiT, WanDiTConfig
@@ -183,11 +183,7 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
     dtype = torch.float32 if smoke else BF16
     latent = (1, 16, 3, 8, 12) if smoke else (1, 16, 21, 60, 104)
     text_len, scale = (16, 5.0) if smoke else (512, 5.0)
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        ours = WanDiT(cfg)
-    ours = ours.to(dtype).eval().requires_grad_(False)
-    random_state(ours)
+    ours = random_model(lambda: WanDiT(cfg), DEVICE, dtype, seed=0)
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     x = torch.randn(latent, generator=gen, device=DEVICE).to(dtype)
     t = torch.tensor([900.0], device=DEVICE)
@@ -205,8 +201,14 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
     rows = {}
     exact = None
     runs = 1 if smoke else (2 if i2v else 3)
-    for impl in ("TORCH_SDPA", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_8_SM90"):
+    single_tile = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=False)
+    for label in ("TORCH_SDPA", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_8_SM90",
+                  "SAGE_ATTN_2_8_8, one tile per program"):
+        impl = label.split(",")[0]
         table = {"attention": impl, **kernels}
+        saved = dict(sage.TUNED)
+        if label.endswith("one tile per program") and DEVICE == "cuda":
+            sage.TUNED[(torch.cuda.get_device_capability(), True)] = single_tile
 
         def step(table=table) -> torch.Tensor:
             with torch.inference_mode(), use_dispatch(table):
@@ -220,9 +222,11 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
         out = step()
         ms = wall_ms(step, runs)
         peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+        sage.TUNED.clear()
+        sage.TUNED.update(saved)
         exact = exact or (cond, out)
-        rows[impl] = (ms, rel_err(cond, exact[0]), rel_err(out, exact[1]), peak)
-        log(f"{model} step {impl}: {rows[impl]}")
+        rows[label] = (ms, rel_err(cond, exact[0]), rel_err(out, exact[1]), peak)
+        log(f"{model} step {label}: {rows[label]}")
     state = wan_to_diffusers(ours.state_dict())
     del ours
     free()

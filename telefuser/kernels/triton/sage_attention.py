@@ -320,11 +320,12 @@ def _tma_descriptor(t: torch.Tensor, block: list[int]):
 
 
 # The fastest config per (compute capability, FP8 P·V), from bench/attention.py's sweep on an H200 (2026-12-04,
-# docs/benchmarks.md; TMA descriptors measured 2% slower than pointer loads for FP8 P·V, faster for 16-bit);
-# the bench updates it in-process while it sweeps. Elsewhere (other GPUs, the interpreter) a portable config.
+# docs/benchmarks.md): two query tiles of 64 rows per program through TMA descriptors (803 TOPS against 758 for
+# the best single-tile config at the 1.3B shape); the bench updates it in-process while it sweeps. Elsewhere
+# (other GPUs, the interpreter) a portable config.
 TUNED: dict[tuple[tuple[int, int], bool], KernelConfig] = {
-    ((9, 0), True): KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=False),
-    ((9, 0), False): KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, use_tma=True),
+    ((9, 0), True): KernelConfig(block_m=128, block_n=128, num_warps=4, num_stages=3, use_tma=True, two_tiles=True),
+    ((9, 0), False): KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, use_tma=True, two_tiles=True),
 }
 HEAD_DIMS = (32, 64, 128)  # 8-bit tensor-core products need K >= 32
 
