@@ -7,8 +7,8 @@ recipe `recipes/wan21_t2v_1.3b.toml` with its model paths set to these files) an
 folders (config.json + weights for WanTransformer3DModel, AutoencoderKLWan and UMT5EncoderModel). Every file is
 read once before timing, so both sides load from a warm page cache.
 
-- Cold: for each side, a fresh interpreter imports its libraries (timed on their own), then loads, CUDA context
-  creation included, on both sides: ours `telefuser.load_plan(plan)`, theirs `from_pretrained(torch_dtype=bf16)`
+- Cold: for each side, a fresh interpreter imports its libraries and model classes (timed on their own), then
+  loads, CUDA context creation included, on both sides: ours `telefuser.load_plan(plan)`, theirs `from_pretrained(torch_dtype=bf16)`
   then `.to("cuda")` for the DiT, the VAE and the umT5 encoder, plus the tokenizer. Each side `--cold-runs` times,
   alternating; the table gives the load (imports excluded on both sides) and the whole process (imports included on
   both sides).
@@ -201,7 +201,11 @@ def load_ours(plan: Path):
 COLD_OURS = """\
 import json, sys, time
 start = time.perf_counter()
-import torch, telefuser, telefuser.runtime.api, telefuser.runtime.pipeline
+import torch, telefuser, telefuser.runtime.api, telefuser.runtime.pipeline, telefuser.runtime.load.build
+from telefuser.models import registry
+from telefuser.models.t5 import tokenizer
+for name in ("WanDiT", "WanVAE", "UMT5Encoder"):  # the model modules (and the ops they import)
+    registry.get(name).model_class
 imported = time.perf_counter()
 pipe = telefuser.load_plan(sys.argv[1])
 if torch.cuda.is_available():
@@ -214,6 +218,8 @@ import json, sys, time
 from pathlib import Path
 start = time.perf_counter()
 import torch, diffusers, transformers
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 from bench.load import load_theirs
 imported = time.perf_counter()
 _, seconds, rows = load_theirs(Path(sys.argv[1]), sys.argv[2], device_map=False)
