@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
+from bench.weights_random import meta_model
 from telefuser.compiler import compile_recipe
+from telefuser.errors import WeightsError
 from telefuser.models.t5.umt5 import UMT5Config, UMT5Encoder
 from telefuser.models.wan.dit import WanDiT, WanDiTConfig
 from telefuser.models.wan.vae import WanVAE, WanVAEConfig
@@ -47,8 +49,7 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 def module_shapes(module_class, config) -> Shapes:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in module_class(config).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_model(lambda: module_class(config)).state_dict().items()}
 
 
 def clip_shapes() -> Shapes:
@@ -153,7 +154,11 @@ def main() -> None:
         os.environ["TELEFUSER_MODEL_ROOT"] = str(root)
         rows = []
         for path in sorted(RECIPES.glob("*.toml")):
-            plan = compile_recipe(path)
+            try:
+                plan = compile_recipe(path)
+            except WeightsError as exc:  # a file build_model_root does not make yet (LoRAs, FP8 checkpoints)
+                rows.append(f"| {path.name} | skipped: {str(exc).split(';')[0]} | | | | |")
+                continue
             seconds = median_seconds(lambda: compile_recipe(path))
             no_weights = median_seconds(lambda: compile_recipe(path, inspect_weights=False))
             files = sum(len(m.files) for m in plan.layer1_model_definition.models)

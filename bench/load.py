@@ -1,23 +1,26 @@
-"""Loading the Wan2.1-1.3B plan against diffusers' / transformers' from_pretrained of the same weights, same run:
-in a fresh process per side (cold: what a user of `telefuser-run` pays every time) and in this process (warm).
+"""Loading a Wan2.1 plan (`--model`: 1.3B, 14B or I2V-14B 480P) against diffusers' / transformers' from_pretrained
+of the same weights, same run: in a fresh process per side (cold: what a user of `telefuser-run` pays every time)
+and in this process (warm).
 
-Random bf16 weights of the real shapes (bench/weights_random.py: DiT 1.42B, VAE, umT5-XXL encoder 5.7B; ~14.5 GB)
-are generated on the GPU and written twice, the same tensors: in Wan's layout (what the plan names: the shipped
-recipe `recipes/wan21_t2v_1.3b.toml` with its model paths set to these files) and in diffusers' / transformers'
-folders (config.json + weights for WanTransformer3DModel, AutoencoderKLWan and UMT5EncoderModel). Every file is
-read once before timing, so both sides load from a warm page cache.
+Random bf16 weights of the real shapes (bench/weights_random.py: DiT 1.42B / 14B / I2V 14B, VAE, umT5-XXL encoder
+5.7B, for I2V the CLIP ViT-H/14 image encoder) are generated on the GPU and written twice, the same tensors: in Wan's
+layout (what the plan names: the shipped recipe, `recipes/wan21_t2v_1.3b.toml`, `wan21_t2v_14b.toml` or
+`wan21_i2v_14b_480p.toml`, with its model paths set to these files) and in diffusers' / transformers' folders
+(config.json + weights for WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel and CLIPVisionModel). Every
+file is read once before timing, so both sides load from a warm page cache.
 
-- Cold: for each side, a fresh interpreter imports its libraries (timed on their own), then loads, CUDA context
-  creation included, on both sides: ours `telefuser.load_plan(plan)`, theirs `from_pretrained(torch_dtype=bf16)`
+- Cold: for each side, a fresh interpreter imports its libraries and model classes (timed on their own), then
+  loads, CUDA context creation included, on both sides: ours `telefuser.load_plan(plan)`, theirs `from_pretrained(torch_dtype=bf16)`
   then `.to("cuda")` for the DiT, the VAE and the umT5 encoder, plus the tokenizer. Each side `--cold-runs` times,
   alternating; the table gives the load (imports excluded on both sides) and the whole process (imports included on
   both sides).
 - Warm: in this process (libraries imported, CUDA initialised before timing), ours, theirs `.to("cuda")` and theirs
   `device_map="cuda"`, alternating; our per-phase breakdown is what the loader records (`Pipeline.load_phases`).
 
-Finally the loaded tensors of both sides are compared (every tensor equal). Writes $OUT/load.md.
+Finally the loaded tensors of both sides are compared (every tensor equal). Writes $OUT/load_<model>.md.
 
-GPU: `PYTHONPATH=. python3 bench/load.py`. CPU check of the logic at tiny sizes: `python bench/load.py --cpu-smoke`.
+GPU: `PYTHONPATH=. python3 bench/load.py --model 1.3b` (then 14b, i2v14b). CPU check of the logic at tiny sizes:
+`python bench/load.py --cpu-smoke [--model i2v14b]`.
 """
 
 from __future__ import annotations
@@ -39,33 +42,46 @@ from bench.common import free, sync
 
 BF16 = torch.bfloat16
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "wan21_t2v_1.3b.toml"
+RECIPES = {"1.3b": "wan21_t2v_1.3b", "14b": "wan21_t2v_14b", "i2v14b": "wan21_i2v_14b_480p"}  # --model
 WAN_FILES = {"dit": "diffusion_pytorch_model.safetensors", "vae": "Wan2.1_VAE.safetensors",
-             "text_encoder": "models_t5_umt5-xxl-enc-bf16.safetensors", "tokenizer": "tokenizer.json"}
+             "text_encoder": "models_t5_umt5-xxl-enc-bf16.safetensors", "tokenizer": "tokenizer.json",
+             "image_encoder": "models_clip_open-clip-xlm-roberta-large-vit-huge-14.safetensors"}
 
 
-def configs(smoke: bool):
+def configs(model: str, smoke: bool):
+    """(DiT, VAE, umT5 (a dict without vocab_size at tiny sizes), CLIP or None) configs of `--model`."""
+    import dataclasses
+
+    from telefuser.models.clip.vision import VIT_H_14, ClipVisionConfig
     from telefuser.models.t5.umt5 import UMT5_XXL
-    from telefuser.models.wan.dit import WAN21_1_3B, WanDiTConfig
+    from telefuser.models.wan.dit import WAN21_1_3B, WAN21_14B, WanDiTConfig
     from telefuser.models.wan.vae import WanVAEConfig
 
+    i2v = model == "i2v14b"
     if not smoke:
-        return WAN21_1_3B, WanVAEConfig(), UMT5_XXL
+        dit = {"1.3b": WAN21_1_3B, "14b": WAN21_14B}.get(model) or dataclasses.replace(
+            WAN21_14B, model_type="i2v", in_dim=36, image_dim=VIT_H_14.dim)
+        return dit, WanVAEConfig(), UMT5_XXL, VIT_H_14 if i2v else None
     from telefuser.models.tiny import TINY_ARCH
 
-    return WanDiTConfig(**TINY_ARCH["dit"]), WanVAEConfig(**TINY_ARCH["vae"]), dict(TINY_ARCH["text_encoder"])
+    return (WanDiTConfig(**TINY_ARCH["dit_i2v" if i2v else "dit"]), WanVAEConfig(**TINY_ARCH["vae"]),
+            dict(TINY_ARCH["text_encoder"]), ClipVisionConfig(**TINY_ARCH["image_encoder"]) if i2v else None)
 
 
 # ---------------------------------------------------------------------------------------------- weights
 
 
-def write_weights(root: Path, smoke: bool, device: str) -> None:
-    """Wan-layout files in root/wan, diffusers / transformers folders in root/{transformer,vae,text_encoder}."""
+def write_weights(root: Path, model: str, smoke: bool, device: str) -> None:
+    """Wan-layout files in root/wan, diffusers / transformers folders in root/{transformer,vae,text_encoder,
+    image_encoder}."""
     from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig
     from transformers import UMT5Config as HFConfig
 
     from bench.weights_random import diffusers_transformer, meta_model, random_state
+    from telefuser.models.clip.vision import ClipVisionEncoder
+    from telefuser.models.clip.vision_keys import wan_to_hf as clip_to_hf
     from telefuser.models.t5.tokenizer import build_tiny_tokenizer
     from telefuser.models.t5.umt5 import UMT5Config, UMT5Encoder
     from telefuser.models.t5.umt5_keys import wan_to_hf
@@ -78,7 +94,7 @@ def write_weights(root: Path, smoke: bool, device: str) -> None:
     if done.is_file():
         return
     start = time.perf_counter()
-    dit_cfg, vae_cfg, t5_cfg = configs(smoke)
+    dit_cfg, vae_cfg, t5_cfg, clip_cfg = configs(model, smoke)
     wan = root / "wan"
     wan.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(wan / WAN_FILES["tokenizer"])
@@ -92,17 +108,27 @@ def write_weights(root: Path, smoke: bool, device: str) -> None:
         hf.pop("encoder.embed_tokens.weight")  # tied to shared.weight, saved once (as save_pretrained does)
         return hf
 
-    for role, make, folder, name, convert in (
+    models = [
         ("dit", lambda: WanDiT(dit_cfg), "transformer", "diffusion_pytorch_model.safetensors", dit_to_diffusers),
         ("vae", lambda: WanVAE(vae_cfg), "vae", "diffusion_pytorch_model.safetensors", vae_to_diffusers),
         ("text_encoder", lambda: UMT5Encoder(t5_cfg), "text_encoder", "model.safetensors", t5_to_hf),
-    ):
+    ]
+    if clip_cfg is not None:
+        models.append(("image_encoder", lambda: ClipVisionEncoder(clip_cfg), "image_encoder", "model.safetensors",
+                       clip_to_hf))
+    for role, make, folder, name, convert in models:
         state = {k: v.cpu() for k, v in random_state(meta_model(make), device).items()}
         save_file(state, wan / WAN_FILES[role])
         (root / folder).mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in convert(state).items()}, root / folder / name)
         del state
-    diffusers_transformer(dit_cfg).save_config(root / "transformer")
+    diffusers_transformer(dit_cfg, dit_cfg.image_dim if clip_cfg is not None else None).save_config(root / "transformer")
+    if clip_cfg is not None:
+        CLIPVisionConfig(hidden_size=clip_cfg.dim, intermediate_size=clip_cfg.mlp_dim,
+                         num_attention_heads=clip_cfg.num_heads, num_hidden_layers=clip_cfg.num_layers,
+                         image_size=clip_cfg.image_size, patch_size=clip_cfg.patch_size,
+                         hidden_act=clip_cfg.activation, layer_norm_eps=clip_cfg.eps,
+                         torch_dtype="float16").save_pretrained(root / "image_encoder")
     meta_model(lambda: AutoencoderKLWan(
         base_dim=vae_cfg.base_dim, z_dim=vae_cfg.z_dim, dim_mult=list(vae_cfg.dim_mult),
         num_res_blocks=vae_cfg.num_res_blocks, temperal_downsample=list(vae_cfg.temporal_downsample),
@@ -116,24 +142,23 @@ def write_weights(root: Path, smoke: bool, device: str) -> None:
     print(f"weights written in {time.perf_counter() - start:.0f} s")
 
 
-def compile_plan(root: Path, smoke: bool) -> Path:
-    """The shipped 1.3B recipe, its model paths set to root/wan's files (`--set`); smoke: tiny sizes on the CPU."""
-    from telefuser.compiler import compile_recipe
-    from telefuser.schema.canonical import pretty_json
+def compile_plan(root: Path, model: str, smoke: bool) -> Path:
+    """The shipped recipe of `--model`, its model paths set to root/wan's files (`--set`); smoke: tiny sizes on the
+    CPU."""
+    from bench.common import compile_shipped, size_overrides, target_overrides
 
-    wan = root / "wan"
-    overrides = [f"layer1.models.{role}.path={wan / name}" for role, name in WAN_FILES.items()]
+    dit_cfg, _, t5_cfg, clip_cfg = configs(model, smoke)
+    paths = {role: root / "wan" / name for role, name in WAN_FILES.items()
+             if role != "image_encoder" or clip_cfg is not None}
+    overrides = target_overrides(smoke)
     if smoke:
-        dit_cfg, _, t5_cfg = configs(smoke)
-        overrides += ["target.device=cpu", f"layer1.models.dit.arch={{num_heads={dit_cfg.num_heads}}}",
+        i2v = ', model_type = "i2v"' if clip_cfg is not None else ""
+        overrides += [f"layer1.models.dit.arch={{num_heads={dit_cfg.num_heads}{i2v}}}",
                       f"layer1.models.text_encoder.arch={{num_heads={t5_cfg['num_heads']}}}",
-                      "layer2.num_frames=9", "layer2.text_len=64", "layer3.resolution.default=144p",
-                      'layer3.resolution.choices=["144p"]']
-    else:
-        overrides += ["target.device=auto"]
-    plan = root / "plan.json"
-    plan.write_text(pretty_json(compile_recipe(RECIPE, overrides).model_dump(mode="json", by_alias=True)))
-    return plan
+                      *size_overrides(9, 64, "144p")]
+        if clip_cfg is not None:
+            overrides.append(f"layer1.models.image_encoder.arch={{num_heads={clip_cfg.num_heads}}}")
+    return compile_shipped(RECIPES[model], root / "plan.json", paths, overrides)
 
 
 def warm_page_cache(root: Path) -> tuple[int, float]:
@@ -151,21 +176,25 @@ def warm_page_cache(root: Path) -> tuple[int, float]:
 
 
 def load_theirs(root: Path, device: str, device_map: bool):
-    """diffusers' / transformers' from_pretrained of the three models (bf16) and the tokenizer; (models, seconds,
-    [(phase, seconds)])."""
+    """diffusers' / transformers' from_pretrained of the models (bf16; the CLIP image encoder float16, as our I2V
+    recipe runs it) and the tokenizer; (models, seconds, [(phase, seconds)])."""
     import transformers
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+    from transformers import CLIPVisionModel, PreTrainedTokenizerFast, UMT5EncoderModel
 
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     rows, models = [], {}
     sync()
     start = time.perf_counter()
-    for name, load in (
+    loads = [
         ("transformer", lambda kw: WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=BF16, **kw)),
         ("vae", lambda kw: AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=BF16, **kw)),
         ("text_encoder", lambda kw: UMT5EncoderModel.from_pretrained(root / "text_encoder", **{dtype_kw: BF16}, **kw)),
-    ):
+    ]
+    if (root / "image_encoder").is_dir():
+        loads.append(("image_encoder", lambda kw: CLIPVisionModel.from_pretrained(
+            root / "image_encoder", **{dtype_kw: torch.float16}, **kw)))
+    for name, load in loads:
         t0 = time.perf_counter()
         if device_map:
             model = load({"device_map": device})
@@ -201,7 +230,11 @@ def load_ours(plan: Path):
 COLD_OURS = """\
 import json, sys, time
 start = time.perf_counter()
-import torch, telefuser, telefuser.runtime.api, telefuser.runtime.pipeline
+import torch, telefuser, telefuser.runtime.api, telefuser.runtime.pipeline, telefuser.runtime.load.build
+from telefuser.models import registry
+from telefuser.models.t5 import tokenizer
+for name in ("WanDiT", "WanVAE", "UMT5Encoder", "CLIPVision"):  # the model modules (and the ops they import)
+    registry.get(name).model_class
 imported = time.perf_counter()
 pipe = telefuser.load_plan(sys.argv[1])
 if torch.cuda.is_available():
@@ -214,6 +247,8 @@ import json, sys, time
 from pathlib import Path
 start = time.perf_counter()
 import torch, diffusers, transformers
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import CLIPVisionModel, PreTrainedTokenizerFast, UMT5EncoderModel
 from bench.load import load_theirs
 imported = time.perf_counter()
 _, seconds, rows = load_theirs(Path(sys.argv[1]), sys.argv[2], device_map=False)
@@ -233,15 +268,21 @@ def cold(code: str, *args: str) -> dict:
 
 def compare(pipe, theirs) -> str:
     """Every tensor of ours equals theirs (after the key conversion)."""
+    from telefuser.models.clip.vision_keys import wan_to_hf as clip_to_hf
     from telefuser.models.t5.umt5_keys import wan_to_hf
     from telefuser.models.wan.dit_keys import wan_to_diffusers as dit_to_diffusers
     from telefuser.models.wan.vae_keys import wan_to_diffusers as vae_to_diffusers
 
     checked, bad = 0, []
     for ours_name, their_name, convert in (("dit", "transformer", dit_to_diffusers), ("vae", "vae", vae_to_diffusers),
-                                           ("text_encoder", "text_encoder", wan_to_hf)):
+                                           ("text_encoder", "text_encoder", wan_to_hf),
+                                           ("image_encoder", "image_encoder", clip_to_hf)):
+        if ours_name not in pipe.placements:
+            continue
         ours = convert(pipe.placements[ours_name].module.state_dict())
         ref = theirs[their_name].state_dict()
+        if not any(k.startswith("vision_model.") for k in ref):  # a bare CLIPVisionModel (transformers >= 5)
+            ref = {**ref, **{f"vision_model.{k}": v for k, v in ref.items()}}
         for key, value in ours.items():
             checked += 1
             other = ref.get(key)
@@ -277,12 +318,13 @@ def environment(device: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (checks the logic)")
+    parser.add_argument("--model", choices=sorted(RECIPES), default="1.3b", help="the plan to load (default 1.3b)")
     parser.add_argument("--root", default=os.environ.get("WAN_LOAD_ROOT", "/tmp/wan21_load"))
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes per side (alternating)")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     device = "cpu" if smoke else "cuda"
-    root = Path(args.root + ("_smoke" if smoke else ""))
+    root = Path(f"{args.root}_{args.model}" + ("_smoke" if smoke else ""))
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -291,11 +333,11 @@ def main(argv=None) -> None:
         print(line, flush=True)
         lines.append(line)
 
-    write_weights(root, smoke, device)
-    plan = compile_plan(root, smoke)
+    write_weights(root, args.model, smoke, device)
+    plan = compile_plan(root, args.model, smoke)
     nbytes, seconds = warm_page_cache(root)
 
-    emit("# Loading the Wan2.1-1.3B plan vs diffusers / transformers from_pretrained (`bench/load.py`)")
+    emit(f"# Loading the `{RECIPES[args.model]}` plan vs diffusers / transformers from_pretrained (`bench/load.py`)")
     emit()
     emit(f"Measured: {environment(device)}.")
     emit()
@@ -386,7 +428,7 @@ def main(argv=None) -> None:
     except Exception as exc:
         emit(f"Equality not checked: {type(exc).__name__}: {exc}")
     emit(f"Peak host RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB.")
-    (out / "load.md").write_text("\n".join(lines) + "\n")
+    (out / f"load_{args.model}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

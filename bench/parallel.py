@@ -59,6 +59,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: 
 
 from bench.common import Measured, environment, out_dir  # noqa: E402
 from bench.parallel_report import CFG_SCALE, render  # noqa: E402
+from bench.weights_random import diffusers_transformer, meta_model  # noqa: E402
 from telefuser.distributed.launch import free_port  # noqa: E402
 from telefuser.distributed.parallelize_wan import parallelize_wan_dit  # noqa: E402
 from telefuser.distributed.rank import RankContext  # noqa: E402
@@ -186,8 +187,7 @@ def no_meta(model: torch.nn.Module) -> torch.nn.Module:
 
 def share_ours(cfg: WanDiTConfig, state: dict[str, torch.Tensor]) -> WanDiT:
     """A fresh WanDiT whose parameters are the tensors of `state` (no copy), for one layout's hooks."""
-    with torch.device("meta"):
-        model = WanDiT(cfg)
+    model = meta_model(lambda: WanDiT(cfg))
     model.load_state_dict(state, assign=True)
     return no_meta(model).eval().requires_grad_(False)
 
@@ -195,15 +195,9 @@ def share_ours(cfg: WanDiTConfig, state: dict[str, torch.Tensor]) -> WanDiT:
 def share_diffusers(cfg: WanDiTConfig, state: dict[str, torch.Tensor], device: torch.device, backend: str):
     """diffusers' WanTransformer3DModel on the tensors of `state` (diffusers' key layout, no copy). Built on meta;
     its RoPE tables (non-persistent buffers, not in any state dict) are rebuilt on `device`."""
-    from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    with torch.device("meta"):
-        model = WanTransformer3DModel(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads,
-                                      attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim, out_channels=cfg.out_dim,
-                                      text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-                                      num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-                                      qk_norm="rms_norm_across_heads", eps=cfg.eps)
+    model = diffusers_transformer(cfg)
     model.load_state_dict(state, assign=True)
     rope = model.rope
     with torch.device(device):
@@ -349,8 +343,7 @@ class Bench:
         allocator counts them: built on the meta device, sharded, then each rank's share allocated."""
         from telefuser.distributed.fsdp import apply_fsdp
 
-        with torch.device("meta"):
-            model = WanDiT(spec.config).to(self.dtype)
+        model = meta_model(lambda: WanDiT(spec.config)).to(self.dtype)
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         apply_fsdp(model, self.mesh(("fsdp",), (self.world,)))
         self.release()

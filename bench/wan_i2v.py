@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from bench.common import Measured, free, measure
-from bench.weights_random import random_model
+from bench.weights_random import meta_model, random_model
 
 CFG_SCALE = 5.0
 TIMESTEP = 900.0
@@ -514,9 +514,8 @@ def check_full_size_layouts() -> str:
               vae22_keys.wan_to_diffusers)]
     done = []
     for name, ours, theirs, convert in pairs:
-        with torch.device("meta"):
-            mine = {k: tuple(v.shape) for k, v in convert(ours().state_dict()).items()}
-            ref = {k: tuple(v.shape) for k, v in theirs().state_dict().items() if not k.endswith("position_ids")}
+        mine = {k: tuple(v.shape) for k, v in convert(meta_model(ours).state_dict()).items()}
+        ref = {k: tuple(v.shape) for k, v in meta_model(theirs).state_dict().items() if not k.endswith("position_ids")}
         if not any(k.startswith("vision_model.") for k in ref):
             mine = {k.removeprefix("vision_model."): v for k, v in mine.items()}
         if mine != ref:

@@ -112,12 +112,11 @@ def diffusers_transformer(cfg, image_dim: int | None = None):
     """diffusers' WanTransformer3DModel of a TeleFuser WanDiTConfig, on meta (config saved by the caller)."""
     from diffusers import WanTransformer3DModel
 
-    with torch.device("meta"):
-        return WanTransformer3DModel(
-            patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-            qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=image_dim)
+    return meta_model(lambda: WanTransformer3DModel(
+        patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+        qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=image_dim))
 
 
 def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> dict[str, Path]:
@@ -142,10 +141,9 @@ def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> 
         transformer = diffusers_transformer(dit_cfg)
         transformer.save_config(root / "transformer")
         paths["dit"] = write_module(transformer, root / "transformer", "diffusion_pytorch_model", device)
-    with torch.device("meta"):
-        vae = AutoencoderKLWan(base_dim=vae_cfg.base_dim, z_dim=vae_cfg.z_dim, dim_mult=list(vae_cfg.dim_mult),
-                               num_res_blocks=vae_cfg.num_res_blocks,
-                               temperal_downsample=list(vae_cfg.temporal_downsample))
+    vae = meta_model(lambda: AutoencoderKLWan(
+        base_dim=vae_cfg.base_dim, z_dim=vae_cfg.z_dim, dim_mult=list(vae_cfg.dim_mult),
+        num_res_blocks=vae_cfg.num_res_blocks, temperal_downsample=list(vae_cfg.temporal_downsample)))
     vae.save_config(root / "vae")
     paths["vae"] = write_module(vae, root / "vae", "diffusion_pytorch_model", device)
     hf = HFConfig(vocab_size=t5_cfg.vocab_size, d_model=t5_cfg.dim, d_kv=t5_cfg.dim_attn // t5_cfg.num_heads,
@@ -153,8 +151,7 @@ def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> 
                   relative_attention_num_buckets=t5_cfg.num_buckets, relative_attention_max_distance=128,
                   feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, torch_dtype="bfloat16")
     hf.save_pretrained(root / "text_encoder")
-    with torch.device("meta"):
-        encoder = UMT5EncoderModel(hf)
+    encoder = meta_model(lambda: UMT5EncoderModel(hf))
     # encoder.embed_tokens is tied to shared: saved once, as save_pretrained does
     paths["text_encoder"] = write_module(encoder, root / "text_encoder", "model", device,
                                          skip=("encoder.embed_tokens.weight",))
@@ -174,8 +171,7 @@ def write_fp8_scaled(cfg, path: Path, device: str) -> Path:
         if done.is_file():
             return done
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        model = WanDiT(cfg)
+    model = meta_model(lambda: WanDiT(cfg))
     fp8 = torch.float8_e4m3fn
 
     def quantise(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -21,6 +21,10 @@ class PlanError(TeleFuserError):
     """A plan that is malformed, tampered with, stale, or cannot run on this machine."""
 
 
+class OutOfMemory(TeleFuserError):
+    """The device ran out of memory while executing a plan."""
+
+
 class ParameterError(TeleFuserError):
     """A run parameter the plan does not accept (telefuser-run's options, `Pipeline.run`'s arguments)."""
 

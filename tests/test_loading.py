@@ -93,7 +93,7 @@ def test_vae_is_built_on_meta_with_its_latent_statistics(plan):
     assert all(p.is_meta for p in vae.parameters())
     assert torch.equal(vae.latent_stats.flatten(), torch.tensor([LATENT_MEAN, LATENT_STD]).flatten())
     planned = next(m for m in plan.layer1_model_definition.models if m.role == "vae")
-    built = _instantiate(registry.get(planned.class_), planned, torch.device("cpu"))
+    built = _instantiate(registry.get(planned.class_), planned)
     assert all(p.is_meta for p in built.parameters()), "the VAE was built for real"
     # Built for real elsewhere (as benchmarks do), the buffer follows the default device.
     with torch.device("cpu"):
@@ -186,3 +186,19 @@ def test_load_plan_records_its_phases(tmp_path):
         assert names.index(f"{model}: read") < names.index(f"{model}: build") < names.index(f"{model}: place")
     assert "tokenizer: read" in names
     assert 0 < pipe.load_phases.total <= wall
+
+
+def test_a_derived_buffer_left_on_meta_is_refused_not_hidden_by_a_real_build():
+    from types import SimpleNamespace
+
+    from telefuser.runtime.load.build import _instantiate
+
+    class Leaky(torch.nn.Module):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("derived", torch.ones(2), persistent=False)  # follows the default device: meta
+
+    entry = SimpleNamespace(model_class=Leaky, config_class=lambda **arch: None)
+    with pytest.raises(RuntimeError, match=r"leaves its derived buffer\(s\) \['derived'\]"):
+        _instantiate(entry, SimpleNamespace(arch={}, class_="Leaky", name="m"))

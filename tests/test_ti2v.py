@@ -22,6 +22,7 @@ Reference tolerances (float32 on both sides, one CPU):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -404,3 +405,23 @@ def test_image_to_video_on_two_ranks_gives_the_one_rank_video(layout, ranks_refe
     assert run_local_ranks([sys.executable, "-c", DRIVER, str(plan), PROMPT, str(SEED), str(out), str(image)], 2) == 0
     diff = np.abs(np.load(out).astype(int) - reference.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"{layout}: max {diff.max()}, differing {(diff > 0).mean()}"
+
+
+def test_vae_parallel_decodes_the_wan22_latent_as_one_rank_tiled(ranks_reference, tmp_path, monkeypatch):
+    """enable_vae_parallel with the Wan2.2 VAE: the tiles (in its patch space) shared over 2 ranks give the one-rank
+    tiled decode's video (12 x 12 latent, tiles of 8 every 6: 2 x 2 tiles)."""
+    from telefuser.distributed.launch import run_local_ranks
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    image, _ = ranks_reference
+    tiles = "layer2.tile_size=[8, 8]"
+    single = write_plan(tmp_path, ("layer2.tiled=true", tiles))
+    expected = telefuser.load_plan(str(single)).run(prompt=PROMPT, seed=SEED, image=str(image), progress=False).frames
+    plan = write_plan(tmp_path, ("target.num_devices=2", "layer2.parallel_config.sp_ulysses_degree=2", tiles,
+                                 "layer2.enable_vae_parallel=true"))
+    decode = next(s for s in json.loads(plan.read_text())["stages"] if s["kind"] == "vae_decode")
+    assert decode["params"]["parallel_ranks"] == 2 and decode["params"]["tiled"]
+    out = tmp_path / "frames.npy"
+    assert run_local_ranks([sys.executable, "-c", DRIVER, str(plan), PROMPT, str(SEED), str(out), str(image)], 2) == 0
+    diff = np.abs(np.load(out).astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, f"max {diff.max()}, differing {(diff > 0).mean()}"

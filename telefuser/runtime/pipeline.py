@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from telefuser.errors import PlanError, TeleFuserError, WeightsError
+from telefuser.errors import OutOfMemory, PlanError, WeightsError
 from telefuser.schema.enums import ModelRole, WeightOffloadType
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.plan import ModelPlacement, Plan
@@ -23,10 +23,6 @@ from .io.video import Timings, Video
 from .load.phases import LoadPhases
 from .memory.offload import PrefetchSchedule
 from .memory.placement import Placement, peak_memory, reset_peak_memory
-
-
-class OutOfMemory(TeleFuserError):
-    """The device ran out of memory while executing a plan."""
 
 
 def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh) -> None:

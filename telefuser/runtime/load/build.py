@@ -39,7 +39,7 @@ def _layout(entry: Any, keys, what: str) -> str:
         raise WeightsError(f"{what}: {exc}; is it made for {entry.name}?") from exc
 
 
-def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> torch.nn.Module:
+def _instantiate(entry: Any, planned: PlannedModel) -> torch.nn.Module:
     model_class = entry.model_class  # imported here, not under the device context (which slows imports)
     try:
         config = entry.config_class(**planned.arch)
@@ -49,15 +49,17 @@ def _instantiate(entry: Any, planned: PlannedModel, device: torch.device) -> tor
             "recompile the recipe with this TeleFuser version."
         ) from exc
     # On the meta device no memory or time is spent on weights the checkpoint replaces, and nothing is
-    # initialised at random. Buffers a model derives in __init__ and no checkpoint holds (the VAE's latent
-    # statistics) it computes for real even there (on the CPU; moved with the model).
+    # initialised at random. Buffers a model derives in __init__ and no checkpoint holds (the VAEs' latent
+    # statistics) it computes for real even there (on the CPU; moved with the model): one left on meta is a bug of
+    # the model class, not something to hide by building the whole model for real.
     with torch.device("meta"):
         model = model_class(config)
     persistent = model.state_dict().keys()
-    if any(b.is_meta and name not in persistent for name, b in model.named_buffers()):
-        # A model that cannot derive such a buffer under meta is built for real (only small models carry them).
-        with torch.device(device):
-            model = model_class(config)
+    left = [name for name, b in model.named_buffers() if b.is_meta and name not in persistent]
+    if left:
+        raise RuntimeError(f"{planned.class_} built on the meta device leaves its derived buffer(s) {left} there; "
+                           "the model class must compute them for real under meta (see models/wan/causal_vae.py, "
+                           "latent_stats)")
     return model
 
 
@@ -92,7 +94,7 @@ def _build(entry: Any, planned: PlannedModel, runtime: ModelRuntimeConfig, devic
             f"recorded {planned.key_layout!r}; recompile the recipe."
         )
     state = entry.convert(state, layout)  # scale tensors are renamed with their weights (same module prefix)
-    model = _instantiate(entry, planned, device)
+    model = _instantiate(entry, planned)
     if fp8:
         place_fp8_linears(model, state, planned, dtype)
     try:

@@ -46,7 +46,7 @@ def text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
                 context = context.to(ctx.device)
         else:  # the encoder lives on rank 0 only; its output arrives here
             planned = next(m for m in ctx.plan.layer1_model_definition.models if m.name == encoder_name)
-            shape = (len(prompts), ctx.plan.layer2_inference_config.text_len, planned.arch["dim"])
+            shape = (len(prompts), stage.params["text_len"], planned.arch["dim"])
             context = torch.empty(shape, dtype=torch.float32, device=ctx.device)
         if not shared:
             context = ctx.rank.broadcast(context)
