@@ -44,8 +44,10 @@ def _shard_rope(state: _SequenceState, rope: tuple[torch.Tensor, ...], mesh: Dev
     return state.rope_shard
 
 
-def parallelize_wan_dit(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Make `model` (a WanDiT) run sequence-parallel over the mesh's sp_ring x sp_ulysses ranks, in place."""
+def parallelize_wan_dit(model: nn.Module, mesh: DeviceMesh, ulysses_overlap: bool = True) -> nn.Module:
+    """Make `model` (a WanDiT) run sequence-parallel over the mesh's sp_ring x sp_ulysses ranks, in place.
+    `ulysses_overlap`: Ulysses' all-to-alls pipelined with the attention of head groups (`long_context_attention`'s
+    `overlap`; off only to measure what it saves)."""
     if sp_size(mesh) == 1:
         return model
     heads = model.blocks[0].self_attn.num_heads  # this rank's heads: fewer under tensor parallelism
@@ -77,7 +79,7 @@ def parallelize_wan_dit(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         return gather_sequence(out, 1, mesh, state.full_len)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return long_context_attention(q, k, v, device_mesh=mesh, seq_len=state.full_len)
+        return long_context_attention(q, k, v, device_mesh=mesh, seq_len=state.full_len, overlap=ulysses_overlap)
 
     for index, block in enumerate(model.blocks):
         block.register_forward_pre_hook(first_block if index == 0 else later_block)
