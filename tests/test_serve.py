@@ -129,9 +129,9 @@ def wait_for(client, video_id, states=("completed", "failed"), timeout=120, head
 
 def idle(manager, timeout=60):
     deadline = time.time() + timeout
-    while (manager.running is not None or manager.queue) and time.time() < deadline:
+    while manager.busy() and time.time() < deadline:
         time.sleep(0.02)
-    assert manager.running is None and not manager.queue
+    assert not manager.busy()
 
 
 def files_in(folder: Path) -> list[str]:

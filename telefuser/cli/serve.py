@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM finish the running job (default: cancel it at its next step)")
     p.add_argument("--max-body-mb", type=float, default=24.0, help="largest request body, MiB (413 above)")
     p.add_argument("--max-image-mb", type=float, default=16.0, help="largest uploaded image, MiB (413 above)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the plan on Ray actors (replicas): a new local Ray instance, or the cluster at ADDRESS "
+                        "('auto': the one this node belongs to); this process is then only the front end")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each with the plan's devices on one "
+                                                          "node (default 1)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -69,11 +74,37 @@ def _main(argv: list[str]) -> int:
         log_level=args.log_level)
     check_settings(settings)  # before the plan loads: a refused address costs nothing
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
+    if args.ray is not None:
+        return _serve_on_ray(args, settings, serve)
+    if args.replicas != 1:
+        return report(PROG, f"--replicas {args.replicas} needs --ray (one machine runs one replica).")
     pipeline = telefuser.load_plan(args.plan)
     try:
         return serve(pipeline, settings)
     finally:
         pipeline.close()
+
+
+def _serve_on_ray(args, settings, serve) -> int:
+    from telefuser.runtime.plan_io import check_plan_hash, read_plan
+
+    if args.replicas < 1:
+        return report(PROG, f"--replicas {args.replicas}: at least one replica is needed.")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return report(PROG, "--ray needs Ray: pip install 'telefuser[serve]' (or pip install ray).")
+    from telefuser.serve.ray_replicas import ray_runners
+
+    plan, raw = read_plan(args.plan)
+    check_plan_hash(plan, raw, args.plan)
+    runners = ray_runners(args.plan, args.replicas, address=args.ray or None, plan=plan)
+    try:
+        return serve(plan, settings, runner=runners)
+    finally:
+        import ray
+
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Job:
     path: Optional[Path] = None
     cancel: threading.Event = field(default_factory=threading.Event)
     finished_monotonic: Optional[float] = None
+    replica: Optional[int] = None  # the index of the replica that ran it
 
     def public(self) -> dict:
         """The OpenAI video object."""
@@ -101,9 +102,11 @@ class Metrics:
 class JobManager:
     """Queue, worker thread, retention. Thread-safe; the HTTP handlers call submit / get / list / delete."""
 
-    def __init__(self, runner: Runner, model: str, output_dir: Path, max_queue: int = 16,
+    def __init__(self, runner: Runner | list[Runner], model: str, output_dir: Path, max_queue: int = 16,
                  keep_seconds: float = 3600.0, clock: Callable[[], float] = time.time) -> None:
-        self.runner = runner
+        # One worker thread per runner (a replica): each takes the oldest queued job when it is free, so a job
+        # goes to a replica with nothing running, the least loaded, and every replica runs one job at a time.
+        self.runners = list(runner) if isinstance(runner, (list, tuple)) else [runner]
         self.model = model
         self.output_dir = Path(output_dir)
         self.max_queue = max_queue
@@ -112,18 +115,21 @@ class JobManager:
         self.metrics = Metrics()
         self.jobs: dict[str, Job] = {}  # every job not yet removed, in submission order
         self.queue: collections.deque[str] = collections.deque()
-        self.running: Optional[Job] = None
+        self.running: dict[int, Job] = {}  # by replica index
         self.accepting = True
         self.lock = threading.Condition()
         self.stopped = threading.Event()
-        self.worker: Optional[threading.Thread] = None
+        self.workers: list[threading.Thread] = []
         self.janitor: Optional[threading.Thread] = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.worker = threading.Thread(target=self._work, name="telefuser-serve-worker", daemon=True)
-        self.worker.start()
+        for index, runner in enumerate(self.runners):
+            worker = threading.Thread(target=self._work, args=(index, runner), name=f"telefuser-serve-worker-{index}",
+                                      daemon=True)
+            worker.start()
+            self.workers.append(worker)
         self.janitor = threading.Thread(target=self._sweep_loop, name="telefuser-serve-janitor", daemon=True)
         self.janitor.start()
 
@@ -140,12 +146,13 @@ class JobManager:
                 if job is not None:
                     self._finish(job, "failed", error={"code": "cancelled", "message": "the service shut down "
                                                        "before this job started; submit it again."})
-            if self.running is not None and not drain:
-                self.running.cancel.set()
+            if not drain:
+                for job in self.running.values():
+                    job.cancel.set()
             self.stopped.set()
             self.lock.notify_all()
-        if self.worker is not None:
-            self.worker.join(timeout)
+        for worker in self.workers:
+            worker.join(timeout)
         if self.janitor is not None:
             self.janitor.join(timeout)
 
@@ -214,7 +221,7 @@ class JobManager:
         return max(1, int(round(self.metrics.mean_job_seconds() or 1.0)))
 
     # -- the worker -----------------------------------------------------------------------------------------
-    def _work(self) -> None:
+    def _work(self, index: int, runner: Runner) -> None:
         while True:
             with self.lock:
                 while not self.queue and not self.stopped.is_set():
@@ -225,14 +232,19 @@ class JobManager:
                 if job is None:
                     continue
                 job.status = "in_progress"
-                self.running = job
+                job.replica = index
+                self.running[index] = job
             try:
-                self._run(job)
+                self._run(job, runner)
             finally:
                 with self.lock:
-                    self.running = None
+                    self.running.pop(index, None)
 
-    def _run(self, job: Job) -> None:
+    def busy(self) -> bool:
+        with self.lock:
+            return bool(self.running or self.queue)
+
+    def _run(self, job: Job, runner: Runner) -> None:
         start = time.perf_counter()
         last = [start]
 
@@ -246,7 +258,7 @@ class JobManager:
 
         path = self.output_dir / f"{secrets.token_hex(16)}.mp4"  # never the job id
         try:
-            video = self.runner(job.request.values, on_step)
+            video = runner(job.request.values, on_step)
             if job.cancel.is_set():
                 raise Cancelled()
             video.save(path)  # atomic: a temporary file beside it, renamed once complete
@@ -316,7 +328,7 @@ class JobManager:
 def _code(exc: TeleFuserError) -> str:
     name = type(exc).__name__
     return {"ParameterError": "invalid_parameter", "OutOfMemory": "out_of_memory",
-            "OutputPathError": "output_error"}.get(name, "run_error")
+            "OutputPathError": "output_error", "ReplicaDied": "replica_died"}.get(name, "run_error")
 
 
 def _free_device_memory() -> None:

@@ -86,13 +86,16 @@ def pipeline_runner(pipeline):
     return run
 
 
-def build(pipeline, settings: Settings, runner=None):
-    """(asgi app, JobManager) for a loaded pipeline; the manager is not started."""
-    plan = pipeline.plan
+def build(source, settings: Settings, runner=None):
+    """(asgi app, JobManager) for a loaded Pipeline (run in this process) or a Plan with `runner` (one runner, or a
+    list of them: replicas); the manager is not started."""
+    plan = getattr(source, "plan", source)
     if plan.mesh.world_size > 1:
         raise ServeError(f"the plan runs on {plan.mesh.world_size} ranks; telefuser-serve runs one-rank plans so far "
                          "(recompile with parallel degrees of 1, or run it with telefuser-run).")
-    manager = JobManager(runner or pipeline_runner(pipeline), plan_name(plan), Path(settings.output_dir),
+    if runner is None:
+        runner = pipeline_runner(source)
+    manager = JobManager(runner, plan_name(plan), Path(settings.output_dir),
                          max_queue=settings.max_queue, keep_seconds=settings.keep_seconds)
     return create_app(plan, manager, settings.api_key, settings.limits), manager
 
@@ -128,18 +131,20 @@ class _Server:
         return Server(config)
 
 
-def serve(pipeline, settings: Settings, sock: Optional[socket.socket] = None) -> int:
-    """Serve until SIGINT/SIGTERM; returns 0, or 128 + the signal."""
+def serve(source, settings: Settings, sock: Optional[socket.socket] = None, runner=None) -> int:
+    """Serve a loaded Pipeline (or a Plan with its runners) until SIGINT/SIGTERM; returns 0, or 128 + the signal."""
     import uvicorn
 
     check_settings(settings)
-    app, manager = build(pipeline, settings)
+    app, manager = build(source, settings, runner)
+    plan = getattr(source, "plan", source)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, access_log=settings.log_level == "debug")
     server = _Server(config, manager.stop_accepting)
     manager.start()
     logging.getLogger("telefuser.serve").info(
-        "serving plan %r on http://%s:%d (%s)", plan_name(pipeline.plan), settings.host, settings.port,
+        "serving plan %r on http://%s:%d with %d replica(s) (%s)", plan_name(plan), settings.host, settings.port,
+        len(manager.runners),
         "API key required" if settings.api_key else "no API key: loopback only")
     try:
         server.run(sockets=[sock] if sock is not None else None)
