@@ -556,7 +556,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("drain", [False, True], ids=["cancel", "drain"])
 def test_sigterm_cancels_or_drains_the_running_job_exit_143_no_partial_file(plans, tmp_path, drain):
-    plan = _write_plan(tmp_path, "tiny.toml", ["layer2.num_inference_steps=40"])  # a job long enough to catch
+    plan = _write_plan(tmp_path, "tiny.toml", ["layer2.num_inference_steps=24"])  # a job long enough to catch
     port, out = _free_port(), tmp_path / "videos"
     cmd = [sys.executable, "-m", "telefuser.cli.serve", str(plan), "--port", str(port), "--output-dir", str(out),
            "--log-level", "warning", *(["--drain"] if drain else [])]

@@ -11,6 +11,7 @@ system: each output gets a name of its own.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import secrets
 import threading
@@ -120,6 +121,8 @@ class JobManager:
         self.lock = threading.Condition()
         self.stopped = threading.Event()
         self.workers: list[threading.Thread] = []
+        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="telefuser-serve-writer")
+        self.writing = 0  # jobs whose mp4 is being written
         self.janitor: Optional[threading.Thread] = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -141,6 +144,9 @@ class JobManager:
         """Take no more jobs; fail the queued ones; finish (drain) or cancel the running one; stop the threads."""
         with self.lock:
             self.accepting = False
+            if self.queue or self.running:
+                log.info("stopping: %d queued job(s) cancelled, %d running job(s) %s", len(self.queue),
+                         len(self.running), "finishing (--drain)" if drain else "cancelled at their next step")
             while self.queue:
                 job = self.jobs.get(self.queue.popleft())
                 if job is not None:
@@ -153,6 +159,7 @@ class JobManager:
             self.lock.notify_all()
         for worker in self.workers:
             worker.join(timeout)
+        self.writer.shutdown(wait=True)
         if self.janitor is not None:
             self.janitor.join(timeout)
 
@@ -209,7 +216,7 @@ class JobManager:
 
     def counts(self) -> dict[str, int]:
         with self.lock:
-            counts = collections.Counter(job.status for job in self.jobs.values())
+            counts = collections.Counter(job.status for job in self.jobs.values())  # writing: in_progress
         return {state: counts.get(state, 0) for state in ("queued", "in_progress", "completed", "failed")}
 
     def queue_depth(self) -> int:
@@ -242,57 +249,71 @@ class JobManager:
 
     def busy(self) -> bool:
         with self.lock:
-            return bool(self.running or self.queue)
+            return bool(self.running or self.queue or self.writing)
 
     def _run(self, job: Job, runner: Runner) -> None:
         start = time.perf_counter()
-        last = [start]
 
         def on_step(done: int, total: int) -> None:
-            now = time.perf_counter()
-            self.metrics.step(now - last[0])
-            last[0] = now
             job.progress = min(99, int(100 * done / max(total, 1)))
             if job.cancel.is_set():
                 raise Cancelled()
 
-        path = self.output_dir / f"{secrets.token_hex(16)}.mp4"  # never the job id
         try:
             video = runner(job.request.values, on_step)
             if job.cancel.is_set():
                 raise Cancelled()
-            video.save(path)  # atomic: a temporary file beside it, renamed once complete
-            if job.cancel.is_set():
+        except BaseException as exc:  # noqa: B036 (KeyboardInterrupt does not reach a worker thread)
+            self._failed(job, exc)
+            return
+        for seconds in getattr(getattr(video, "timings", None), "steps", []):  # the runtime's own step times
+            self.metrics.step(seconds)
+        # The mp4 is encoded by the writer thread while this worker starts the next job: the device is not left
+        # idle during the encode. The job stays in_progress (99%) until its file is complete.
+        with self.lock:
+            self.writing += 1
+        self.writer.submit(self._write, job, video, start)
+
+    def _write(self, job: Job, video, start: float) -> None:
+        path = self.output_dir / f"{secrets.token_hex(16)}.mp4"  # never the job id
+        try:
+            try:
+                video.save(path)  # atomic: a temporary file beside it, renamed once complete
+                if job.cancel.is_set():
+                    raise Cancelled()
+            except BaseException as exc:  # noqa: B036
                 path.unlink(missing_ok=True)
-                raise Cancelled()
-        except Cancelled:
-            path.unlink(missing_ok=True)
+                self._failed(job, exc)
+                return
+            with self.metrics.lock:
+                self.metrics.job_seconds_sum += time.perf_counter() - start
+                self.metrics.job_count += 1
+                timings = getattr(video, "timings", None)
+                if timings is not None and timings.peak_memory_bytes >= self.metrics.peak_memory_bytes:
+                    self.metrics.peak_memory_bytes = timings.peak_memory_bytes
+                    self.metrics.peak_memory_kind = timings.peak_memory_kind
+            job.path = path
+            self._finish(job, "completed")
+            if job.cancel.is_set():  # deleted in the last instant
+                path.unlink(missing_ok=True)
+        finally:
+            with self.lock:
+                self.writing -= 1
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        if isinstance(exc, Cancelled):
             reason = "deleted while running" if job.id not in self.jobs else "the service shut down while it ran"
             self._finish(job, "failed", error={"code": "cancelled", "message": f"cancelled: {reason}; no video "
                                                "was written."}, cancelled=True)
-            return
-        except TeleFuserError as exc:  # a bad image, out of memory, ...: this job fails, the service goes on
-            path.unlink(missing_ok=True)
+        elif isinstance(exc, TeleFuserError):  # a bad image, out of memory, a full disk: this job fails alone
             self._finish(job, "failed", error={"code": _code(exc), "message": str(exc)})
             _free_device_memory()
-            return
-        except Exception as exc:  # a bug or a device fault: reported on the job, logged with its traceback
-            path.unlink(missing_ok=True)
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+        elif isinstance(exc, Exception):  # a bug or a device fault: reported on the job, logged with its traceback
+            log.error("job %s failed:\n%s", job.id, "".join(traceback.format_exception(exc)))
             self._finish(job, "failed", error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
             _free_device_memory()
-            return
-        with self.metrics.lock:
-            self.metrics.job_seconds_sum += time.perf_counter() - start
-            self.metrics.job_count += 1
-            timings = getattr(video, "timings", None)
-            if timings is not None and timings.peak_memory_bytes >= self.metrics.peak_memory_bytes:
-                self.metrics.peak_memory_bytes = timings.peak_memory_bytes
-                self.metrics.peak_memory_kind = timings.peak_memory_kind
-        job.path = path
-        self._finish(job, "completed")
-        if job.id not in self.jobs:  # deleted in the last instant
-            path.unlink(missing_ok=True)
+        else:
+            raise exc
 
     def _finish(self, job: Job, status: str, error: Optional[dict] = None, cancelled: bool = False) -> None:
         now = self.clock()
