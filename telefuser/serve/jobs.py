@@ -61,6 +61,10 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     finished_monotonic: Optional[float] = None
     replica: Optional[int] = None  # the index of the replica that ran it
+    # time.monotonic() when submitted, when its run started and ended on the replica (bench/serve.py reads them)
+    submitted_monotonic: float = field(default_factory=time.monotonic)
+    run_started: Optional[float] = None
+    run_ended: Optional[float] = None
 
     def public(self) -> dict:
         """The OpenAI video object."""
@@ -239,6 +243,7 @@ class JobManager:
                 if job is None:
                     continue
                 job.status = "in_progress"
+                job.run_started = time.monotonic()
                 job.replica = index
                 self.running[index] = job
             try:
@@ -260,7 +265,10 @@ class JobManager:
                 raise Cancelled()
 
         try:
-            video = runner(job.request.values, on_step)
+            try:
+                video = runner(job.request.values, on_step)
+            finally:
+                job.run_ended = time.monotonic()
             if job.cancel.is_set():
                 raise Cancelled()
         except BaseException as exc:  # noqa: B036 (KeyboardInterrupt does not reach a worker thread)
