@@ -591,3 +591,12 @@ def test_sigterm_cancels_or_drains_the_running_job_exit_143_no_partial_file(plan
     assert not [n for n in names if "partial" in n or n.startswith(".")], names
     assert len([n for n in names if n.endswith(".mp4")]) == (1 if drain else 0), (names, stderr)
     assert queued["status"] == "queued"
+
+
+def test_plans_of_several_dp_replicas_are_refused(plans):
+    from telefuser.serve.server import ServeError, check_plan
+
+    plan = compile_recipe(RECIPES / "tiny.toml", ["target.num_devices=2", "layer2.parallel_config.dp_degree=2"])
+    with pytest.raises(ServeError, match="dp_degree 2"):
+        check_plan(plan)
+    check_plan(compile_recipe(RECIPES / "tiny.toml", ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2"]))

@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return exit_now_if_interrupted(code) if argv is None else code
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:  # noqa: C901
     args = build_parser().parse_args(argv)
     try:
         from telefuser.serve.app import Limits
@@ -78,9 +78,37 @@ def _main(argv: list[str]) -> int:
         return _serve_on_ray(args, settings, serve)
     if args.replicas != 1:
         return report(PROG, f"--replicas {args.replicas} needs --ray (one machine runs one replica).")
+    from telefuser.runtime.plan_io import check_plan_hash, read_plan
+    from telefuser.serve.server import check_plan
+
+    plan, raw = read_plan(args.plan)
+    check_plan_hash(plan, raw, args.plan)
+    check_plan(plan)
+    rank = int(os.environ.get("RANK", "0"))
+    if plan.mesh.world_size > 1 and "RANK" not in os.environ:
+        # Start the plan's ranks here (each runs this command); rank 0 serves, the others follow it. With --drain
+        # the launcher waits for the running job after forwarding SIGTERM.
+        from telefuser.distributed.launch import run_local_ranks
+
+        return run_local_ranks([sys.executable, "-m", "telefuser.cli.serve", *argv], plan.mesh.world_size,
+                               grace_seconds=3600.0 if args.drain else 60.0)
     pipeline = telefuser.load_plan(args.plan)
     try:
-        return serve(pipeline, settings)
+        if rank != 0:
+            from telefuser.serve.ranks import follow
+
+            return follow(pipeline)
+        if plan.mesh.world_size == 1:
+            return serve(pipeline, settings)
+        from telefuser.serve.ranks import RankLeader
+
+        leader = RankLeader(pipeline)
+        code = 1
+        try:
+            code = serve(pipeline, settings, runner=leader)
+        finally:
+            leader.stop(code)  # the followers end with the service's exit code
+        return code
     finally:
         pipeline.close()
 
@@ -98,6 +126,9 @@ def _serve_on_ray(args, settings, serve) -> int:
 
     plan, raw = read_plan(args.plan)
     check_plan_hash(plan, raw, args.plan)
+    if plan.mesh.world_size > 1:
+        return report(PROG, f"--ray runs replicas of one-rank plans so far; this plan has {plan.mesh.world_size} ranks. "
+                            "Serve it without --ray (its ranks start on this machine), or recompile for one device.")
     runners = ray_runners(args.plan, args.replicas, address=args.ray or None, plan=plan)
     try:
         return serve(plan, settings, runner=runners)

@@ -79,6 +79,15 @@ def check_settings(settings: Settings) -> None:
                          "another.") from exc
 
 
+def check_plan(plan) -> None:
+    """Plans the service runs: one rank, or several ranks of one dp replica (rank 0 leads, telefuser.serve.ranks)."""
+    dp = plan.mesh.degrees.get("dp", 1)
+    if dp > 1:
+        raise ServeError(f"the plan has dp_degree {dp}: telefuser-serve runs one replica per plan (its ranks run each "
+                         "job together); recompile with dp_degree 1 and start several services, or use --ray "
+                         "--replicas.")
+
+
 def pipeline_runner(pipeline):
     """The one-machine runner: the loaded plan's Pipeline, quietly, with the step hook."""
     def run(values: dict, on_step):
@@ -90,11 +99,14 @@ def build(source, settings: Settings, runner=None):
     """(asgi app, JobManager) for a loaded Pipeline (run in this process) or a Plan with `runner` (one runner, or a
     list of them: replicas); the manager is not started."""
     plan = getattr(source, "plan", source)
-    if plan.mesh.world_size > 1:
-        raise ServeError(f"the plan runs on {plan.mesh.world_size} ranks; telefuser-serve runs one-rank plans so far "
-                         "(recompile with parallel degrees of 1, or run it with telefuser-run).")
+    check_plan(plan)
     if runner is None:
-        runner = pipeline_runner(source)
+        if plan.mesh.world_size > 1:
+            from .ranks import RankLeader
+
+            runner = RankLeader(source)
+        else:
+            runner = pipeline_runner(source)
     manager = JobManager(runner, plan_name(plan), Path(settings.output_dir),
                          max_queue=settings.max_queue, keep_seconds=settings.keep_seconds)
     return create_app(plan, manager, settings.api_key, settings.limits), manager
