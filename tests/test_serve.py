@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import signal
 import socket
@@ -600,3 +599,19 @@ def test_plans_of_several_dp_replicas_are_refused(plans):
     with pytest.raises(ServeError, match="dp_degree 2"):
         check_plan(plan)
     check_plan(compile_recipe(RECIPES / "tiny.toml", ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2"]))
+
+
+def test_page_of_an_image_to_video_plan_has_the_file_field(i2v_pipe, tmp_path):
+    with service(i2v_pipe, tmp_path) as (client, _):
+        html = client.get("/").text
+    assert 'type="file"' in html and 'name="input_reference"' in html and 'data-param="image"' in html
+    assert 'id="api-key"' not in html  # no key on this service
+
+
+def test_cli_help_lists_the_options():
+    from telefuser.cli.serve import build_parser
+
+    text = build_parser().format_help()
+    for option in ("--host", "--port", "--api-key", "--output-dir", "--max-queue", "--keep-seconds", "--drain",
+                   "--max-body-mb", "--max-image-mb", "--ray", "--replicas"):
+        assert option in text

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from test_serve import live_server, pipe, plans  # noqa: E402,F401 (fixtures)
+from test_serve import live_server, pipe, plans  # noqa: E402,F401 (pipe and plans: the fixtures it uses)
 
 from bench.serve_load import run_load  # noqa: E402
 

@@ -20,13 +20,13 @@ pytest.importorskip("fastapi")
 from telefuser.compiler import compile_recipe  # noqa: E402
 from telefuser.schema.canonical import pretty_json  # noqa: E402
 
-from test_serve import _free_port, decode_mp4, files_in, pipe, plans  # noqa: E402,F401 (fixtures)
+from test_serve import _free_port, decode_mp4, files_in  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_two_rank_plan_served_cancel_and_sigterm(pipe, tmp_path):  # noqa: F811
+def test_two_rank_plan_served_cancel_and_sigterm(tmp_path):
     plan = tmp_path / "cfg2.plan.json"
     overrides = ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2", "layer2.num_inference_steps=24"]
     plan.write_text(pretty_json(compile_recipe(ROOT / "recipes" / "tiny.toml", overrides)

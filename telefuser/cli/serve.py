@@ -119,7 +119,7 @@ def _serve_on_ray(args, settings, serve) -> int:
     if args.replicas < 1:
         return report(PROG, f"--replicas {args.replicas}: at least one replica is needed.")
     try:
-        import ray  # noqa: F401
+        import ray
     except ImportError:
         return report(PROG, "--ray needs Ray: pip install 'telefuser[serve]' (or pip install ray).")
     from telefuser.serve.ray_replicas import ray_runners
@@ -133,8 +133,6 @@ def _serve_on_ray(args, settings, serve) -> int:
     try:
         return serve(plan, settings, runner=runners)
     finally:
-        import ray
-
         ray.shutdown()
 
 
