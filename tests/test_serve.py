@@ -192,7 +192,8 @@ def test_request_model_and_openapi_document_exactly_this_plans_layer3(pipe, tmp_
     body = spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
     schema = body["application/json"]["schema"]
     props = schema["properties"]
-    assert set(props) == {"prompt", "negative_prompt", "seed", "resolution", "aspect_ratio", "size", "seconds", "model"}
+    assert set(props) == {"prompt", "negative_prompt", "seed", "resolution", "aspect_ratio", "size", "seconds", "model",
+                          "retry_if_replica_dies"}
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     assert props["resolution"]["anyOf"][0]["enum"] == ["144p", "480p"] and props["resolution"]["default"] == "144p"
     assert props["seed"]["anyOf"][0]["minimum"] == 0 and props["seed"]["default"] == 42

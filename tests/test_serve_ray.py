@@ -99,3 +99,16 @@ def test_a_killed_replica_fails_its_job_alone_and_is_replaced(ray_service):
     assert ray.get(runners[replica].actor.ready.remote(), timeout=60).startswith("pid")
     new = set(files_in(folder / "out")) - set(before)
     assert len(new) == 3 and all(n.endswith(".mp4") and not n.startswith(".") for n in new)
+
+
+def test_a_job_that_allows_it_is_retried_once_when_its_replica_dies(ray_service):
+    client, manager, runners, _, folder = ray_service
+    idle(manager)
+    job_id = client.post("/v1/videos", json={"prompt": "survivor", "retry_if_replica_dies": True}).json()["id"]
+    deadline = time.time() + 60
+    while manager.get(job_id).status == "queued" and time.time() < deadline:
+        time.sleep(0.01)
+    first = manager.get(job_id).replica
+    ray.kill(runners[first].actor, no_restart=True)
+    done = wait_for(client, job_id, timeout=300)
+    assert done["status"] == "completed" and manager.get(job_id).attempts == 1, done

@@ -61,6 +61,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     finished_monotonic: Optional[float] = None
     replica: Optional[int] = None  # the index of the replica that ran it
+    attempts: int = 0  # runs again after its replica died
     # time.monotonic() when submitted, when its run started and ended on the replica (bench/serve.py reads them)
     submitted_monotonic: float = field(default_factory=time.monotonic)
     run_started: Optional[float] = None
@@ -309,6 +310,15 @@ class JobManager:
                 self.writing -= 1
 
     def _failed(self, job: Job, exc: BaseException) -> None:
+        if type(exc).__name__ == "ReplicaDied" and job.request.retry and job.attempts == 0 and not job.cancel.is_set():
+            with self.lock:
+                if job.id in self.jobs and self.accepting:  # once more, first in line
+                    job.attempts += 1
+                    job.status, job.progress, job.replica = "queued", 0, None
+                    self.queue.appendleft(job.id)
+                    self.lock.notify_all()
+                    log.warning("job %s: its replica died; running it again (retry_if_replica_dies)", job.id)
+                    return
         if isinstance(exc, Cancelled):
             reason = "deleted while running" if job.id not in self.jobs else "the service shut down while it ran"
             self._finish(job, "failed", error={"code": "cancelled", "message": f"cancelled: {reason}; no video "

@@ -22,6 +22,7 @@ from telefuser.schema.plan import Plan
 # As telefuser-run: the text encoder reads at most text_len tokens, so a longer text is a mistake.
 MAX_PROMPT_CHARS = 10_000
 OPENAI_FIELDS = ("size", "seconds", "model")
+SERVICE_FIELDS = ("retry_if_replica_dies",)  # how the service treats the job, not what it makes
 IMAGE_FIELD = "input_reference"  # OpenAI's name for the image-to-video first frame
 
 
@@ -97,6 +98,9 @@ def request_model(plan: Plan, multipart: bool = False) -> type[BaseModel]:
                           f"frames at {plan.layer2_inference_config.fps} fps)."))
     fields["model"] = (Optional[Literal[(plan_name(plan),)]], Field(  # type: ignore[misc]
         None, description=f"This service runs the plan {plan_name(plan)!r} only."))
+    fields["retry_if_replica_dies"] = (Optional[bool], Field(
+        None, description="With Ray replicas: if the replica running this job dies, run it once more on another "
+                          "(default: the job fails with error code replica_died)."))
     if multipart and takes_image(plan):
         spec = plan.layer3_user_interface.parameters["image"]
         fields[IMAGE_FIELD] = (bytes if spec.required else Optional[bytes], Field(
@@ -115,6 +119,7 @@ class JobRequest:
     size: str
     seconds: str
     prompt: str
+    retry: bool = False  # run it again once if its replica dies (Ray)
 
 
 def _check_text(name: str, value: str, text_len: int) -> None:
@@ -170,12 +175,18 @@ def resolve_request(plan: Plan, fields: dict[str, Any], image: Optional[bytes] =
                              "openai client does so when given a file); image URLs and file ids are not fetched.")
     if "image" in fields:
         raise ParameterError(f"send the first frame as the multipart file field {IMAGE_FIELD!r}, not as 'image'.")
-    unknown = sorted(k for k, v in fields.items() if v is not None and k not in specs and k not in OPENAI_FIELDS)
+    known = (*OPENAI_FIELDS, *SERVICE_FIELDS)
+    unknown = sorted(k for k, v in fields.items() if v is not None and k not in specs and k not in known)
     if unknown:
-        offered = sorted([*(n for n in specs if n != "image"), *OPENAI_FIELDS])
+        offered = sorted([*(n for n in specs if n != "image"), *known])
         raise ParameterError(f"this plan does not take parameter(s) {', '.join(unknown)}; it takes "
                              f"{', '.join(offered)}" + (f" and the file {IMAGE_FIELD}" if takes_image(plan) else "")
                              + ".")
+    retry = fields.pop("retry_if_replica_dies", None)
+    if isinstance(retry, str) and from_form and retry.lower() in ("true", "false", "1", "0"):
+        retry = retry.lower() in ("true", "1")
+    if retry is not None and not isinstance(retry, bool):
+        raise ParameterError(f"retry_if_replica_dies must be true or false, got {retry!r}.")
     model = fields.pop("model", None)
     if model is not None and model != plan_name(plan):
         raise ParameterError(f"model {model!r} is not served here: this service runs the plan {plan_name(plan)!r} "
@@ -225,4 +236,4 @@ def resolve_request(plan: Plan, fields: dict[str, Any], image: Optional[bytes] =
                              f"{IMAGE_FIELD!r} of a multipart/form-data request (a PNG, JPEG or WebP file).")
     params = resolve_parameters(plan, **values)
     return JobRequest(values=values, params=params, size=f"{params.width}x{params.height}", seconds=fixed,
-                      prompt=params.prompt)
+                      prompt=params.prompt, retry=bool(retry))
