@@ -554,8 +554,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("drain", [False, True], ids=["cancel", "drain"])
-def test_sigterm_cancels_or_drains_the_running_job_exit_143_no_partial_file(plans, tmp_path, drain):
+@pytest.mark.parametrize("drain, signals", [(False, 1), (True, 1), (True, 2)],
+                         ids=["cancel", "drain", "drain-then-second-signal-cancels"])
+def test_sigterm_cancels_or_drains_the_running_job_exit_143_no_partial_file(plans, tmp_path, drain, signals):
     plan = _write_plan(tmp_path, "tiny.toml", ["layer2.num_inference_steps=24"])  # a job long enough to catch
     port, out = _free_port(), tmp_path / "videos"
     cmd = [sys.executable, "-m", "telefuser.cli.serve", str(plan), "--port", str(port), "--output-dir", str(out),
@@ -581,6 +582,9 @@ def test_sigterm_cancels_or_drains_the_running_job_exit_143_no_partial_file(plan
             time.sleep(0.02)
         assert state["progress"] < 80
         proc.send_signal(signal.SIGTERM)
+        if signals == 2:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
     finally:
         if proc.poll() is None:
@@ -589,7 +593,8 @@ def test_sigterm_cancels_or_drains_the_running_job_exit_143_no_partial_file(plan
     assert code == 143, stderr
     names = files_in(out)
     assert not [n for n in names if "partial" in n or n.startswith(".")], names
-    assert len([n for n in names if n.endswith(".mp4")]) == (1 if drain else 0), (names, stderr)
+    finished = drain and signals == 1
+    assert len([n for n in names if n.endswith(".mp4")]) == (1 if finished else 0), (names, stderr)
     assert queued["status"] == "queued"
 
 

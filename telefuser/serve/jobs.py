@@ -145,6 +145,11 @@ class JobManager:
         with self.lock:
             self.accepting = False
 
+    def cancel_running(self) -> None:
+        """Cancel the running jobs at their next step (a second signal while draining)."""
+        for job in list(self.running.values()):
+            job.cancel.set()
+
     def shutdown(self, drain: bool = False, timeout: Optional[float] = None) -> None:
         """Take no more jobs; fail the queued ones; finish (drain) or cancel the running one; stop the threads."""
         with self.lock:

@@ -113,10 +113,11 @@ def build(source, settings: Settings, runner=None):
 
 
 class _Server:
-    """uvicorn's Server, told of the first SIGINT/SIGTERM (to stop taking jobs at once) and not re-raising it at the
-    end (the caller returns 128 + signal, after the worker is done)."""
+    """uvicorn's Server, told of the first SIGINT/SIGTERM (to stop taking jobs at once) and of a second one (to cancel
+    the running job instead of draining it), and not re-raising the signal at the end (the caller returns 128 +
+    signal, after the worker is done)."""
 
-    def __new__(cls, config, on_signal):
+    def __new__(cls, config, on_signal, on_second_signal):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -126,6 +127,8 @@ class _Server:
                 if self.signum is None:
                     self.signum = sig
                     on_signal()
+                else:  # a second signal: stop draining
+                    on_second_signal()
                 super().handle_exit(sig, frame)
 
             @contextlib.contextmanager
@@ -152,7 +155,7 @@ def serve(source, settings: Settings, sock: Optional[socket.socket] = None, runn
     plan = getattr(source, "plan", source)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, access_log=settings.log_level == "debug")
-    server = _Server(config, manager.stop_accepting)
+    server = _Server(config, manager.stop_accepting, manager.cancel_running)
     manager.start()
     logging.getLogger("telefuser.serve").info(
         "serving plan %r on http://%s:%d with %d replica(s) (%s)", plan_name(plan), settings.host, settings.port,
@@ -161,5 +164,24 @@ def serve(source, settings: Settings, sock: Optional[socket.socket] = None, runn
     try:
         server.run(sockets=[sock] if sock is not None else None)
     finally:
-        manager.shutdown(drain=settings.drain)
+        with _second_signal_cancels(manager):  # while draining, another SIGTERM / SIGINT cancels the running job
+            manager.shutdown(drain=settings.drain)
     return 128 + server.signum if server.signum is not None else 0
+
+
+@contextlib.contextmanager
+def _second_signal_cancels(manager: JobManager):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def cancel(signum, frame):
+        logging.getLogger("telefuser.serve").warning("signal %d while stopping: cancelling the running job(s)", signum)
+        manager.cancel_running()
+
+    previous = {sig: signal.signal(sig, cancel) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
