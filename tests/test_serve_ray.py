@@ -112,3 +112,44 @@ def test_a_job_that_allows_it_is_retried_once_when_its_replica_dies(ray_service)
     ray.kill(runners[first].actor, no_restart=True)
     done = wait_for(client, job_id, timeout=300)
     assert done["status"] == "completed" and manager.get(job_id).attempts == 1, done
+
+
+def test_a_replica_of_two_ranks(ray_service, tmp_path):
+    """A 2-rank plan (cfg parallel, gloo) as one Ray replica: two actors in one placement group; the video is the
+    one-rank video; killing its second rank fails the job as replica_died and the replica comes back with both."""
+    from fastapi.testclient import TestClient
+
+    from telefuser.serve.ray_replicas import ray_runners
+    from telefuser.serve.server import Settings, build
+
+    client1, _, _, _, folder = ray_service
+    overrides = ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2"]
+    plan = compile_recipe(ROOT / "recipes" / "tiny.toml", overrides)
+    path = tmp_path / "cfg2.plan.json"
+    path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+    runners = ray_runners(path, 1, plan=plan)
+    assert len(runners[0].actors) == 2
+    app, manager = build(plan, Settings(output_dir=tmp_path / "out"), runner=runners)
+    manager.start()
+    try:
+        with TestClient(app) as client:
+            job = client.post("/v1/videos", json={"prompt": "video 5", "seed": 5}).json()["id"]
+            assert wait_for(client, job, timeout=300)["status"] == "completed"
+            served = decode_mp4(client.get(f"/v1/videos/{job}/content").content, tmp_path, "two.mp4")
+            one_rank = client1.post("/v1/videos", json={"prompt": "video 5", "seed": 5}).json()["id"]
+            assert wait_for(client1, one_rank, timeout=300)["status"] == "completed"
+            reference = decode_mp4(client1.get(f"/v1/videos/{one_rank}/content").content, tmp_path, "one.mp4")
+            assert np.abs(served.astype(int) - reference.astype(int)).max() <= 2
+            victim = client.post("/v1/videos", json={"prompt": "doomed"}).json()["id"]
+            while manager.get(victim).status == "queued":
+                time.sleep(0.01)
+            ray.kill(runners[0].actors[1], no_restart=True)
+            failed = wait_for(client, victim, timeout=300)
+            assert failed["status"] == "failed" and failed["error"]["code"] == "replica_died", failed
+            again = client.post("/v1/videos", json={"prompt": "again"}).json()["id"]
+            assert wait_for(client, again, timeout=300)["status"] == "completed"
+            assert runners[0].generation == 2
+    finally:
+        manager.shutdown(timeout=60)
+        for actor in runners[0].actors:
+            ray.kill(actor)

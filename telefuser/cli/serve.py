@@ -115,6 +115,7 @@ def _main(argv: list[str]) -> int:  # noqa: C901
 
 def _serve_on_ray(args, settings, serve) -> int:
     from telefuser.runtime.plan_io import check_plan_hash, read_plan
+    from telefuser.serve.server import check_plan
 
     if args.replicas < 1:
         return report(PROG, f"--replicas {args.replicas}: at least one replica is needed.")
@@ -126,9 +127,7 @@ def _serve_on_ray(args, settings, serve) -> int:
 
     plan, raw = read_plan(args.plan)
     check_plan_hash(plan, raw, args.plan)
-    if plan.mesh.world_size > 1:
-        return report(PROG, f"--ray runs replicas of one-rank plans so far; this plan has {plan.mesh.world_size} ranks. "
-                            "Serve it without --ray (its ranks start on this machine), or recompile for one device.")
+    check_plan(plan)
     runners = ray_runners(args.plan, args.replicas, address=args.ray or None, plan=plan)
     try:
         return serve(plan, settings, runner=runners)

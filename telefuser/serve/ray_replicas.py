@@ -37,12 +37,20 @@ class ReplicaDied(TeleFuserError):
 
 
 class _Replica:
-    """The actor's body: one loaded plan; `run` in one thread, `progress` / `cancel` answered from others."""
+    """The actor's body, one rank of a replica: the loaded plan; `run` in one thread, `progress` / `cancel` answered
+    from others. For a plan of several ranks, each rank is an actor of the replica's placement group, joined to the
+    others through MASTER_ADDR / MASTER_PORT (the address of rank 0's node)."""
 
-    def __init__(self, plan_path: str) -> None:
+    def __init__(self, plan_path: str, rank: int = 0, world: int = 1, master: Optional[tuple[str, int]] = None) -> None:
+        import os
+
         import telefuser
 
-        self.pipeline = telefuser.load_plan(plan_path)
+        if world > 1:
+            os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])})
+        self.rank, self.world = rank, world
+        self.pipeline = telefuser.load_plan(plan_path)  # several ranks: returns once every rank joined
         self.lock = threading.Lock()
         self.steps: dict[str, tuple[int, int]] = {}
         self.cancelled: set[str] = set()
@@ -52,19 +60,30 @@ class _Replica:
 
         return f"pid {os.getpid()}"
 
-    def run(self, token: str, values: dict) -> tuple[bytes, dict]:
+    def run(self, token: str, values: dict) -> Optional[tuple[bytes, dict]]:
+        """The job on this rank; rank 0 returns (mp4 bytes, timings), the others None."""
         from telefuser.runtime.video import write_mp4_atomically
 
         def on_step(done: int, total: int) -> None:
             with self.lock:
                 self.steps[token] = (done, total)
-                if token in self.cancelled:
-                    raise Cancelled()
+                cancel = token in self.cancelled
+            if self.world > 1:  # the ranks agree: rank 0 was told, all stop at this step
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([int(cancel)], dtype=torch.int32, device=self.pipeline.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                cancel = bool(flag.item())
+            if cancel:
+                raise Cancelled()
 
         import tempfile
 
         try:
             video = self.pipeline.run(**values, progress=False, on_step=on_step)
+            if video is None:
+                return None
             with tempfile.TemporaryDirectory(prefix="telefuser-replica-") as folder:
                 path = Path(folder) / "video.mp4"
                 write_mp4_atomically(path, video.frames, video.fps)
@@ -108,52 +127,76 @@ class EncodedVideo:
         return Path(path)
 
 
-def _resources(plan) -> dict:
-    """What one replica reserves: the plan's GPUs (all on one node), or one CPU for a CPU plan."""
-    world = plan.mesh.world_size
-    if plan.device.startswith("cuda"):
-        return {"num_gpus": world, "num_cpus": 1}
-    return {"num_cpus": 1}
+def _rank_resources(plan) -> dict:
+    """What one rank of a replica reserves: one GPU of the plan's (all of a replica's on one node), or one CPU."""
+    return {"num_gpus": 1, "num_cpus": 1} if plan.device.startswith("cuda") else {"num_cpus": 1}
+
+
+def _address() -> tuple[str, int]:
+    """This node's address and a free port on it: rank 0's rendezvous for the replica's other ranks."""
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
 class RayReplica:
-    """A runner (`runner(values, on_step) -> video`) backed by one Ray actor, replaced when it dies."""
+    """A runner (`runner(values, on_step) -> video`) backed by one replica: an actor per rank of the plan, in one
+    placement group; all replaced when one dies."""
 
     def __init__(self, plan_path: str, plan, index: int, ready_timeout: float = 600.0) -> None:
         self.plan_path, self.plan, self.index, self.ready_timeout = str(plan_path), plan, index, ready_timeout
-        self.actor = None
+        self.actors: list = []
         self.group = None
         self.generation = 0
-        self.ready = threading.Event()  # cleared while a dead actor is being replaced
+        self.ready = threading.Event()  # cleared while a dead replica is being replaced
         self.replace_error: Optional[BaseException] = None
         self._start()
         self.ready.set()
+
+    @property
+    def actor(self):
+        """Rank 0's actor (it returns the video)."""
+        return self.actors[0]
 
     def _start(self) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        resources = _resources(self.plan)
+        world = self.plan.mesh.world_size
+        resources = _rank_resources(self.plan)
         bundle = {"CPU": resources["num_cpus"], **({"GPU": resources["num_gpus"]} if "num_gpus" in resources else {})}
-        self.group = placement_group([bundle], strategy="STRICT_PACK")  # the plan's devices on one node
+        self.group = placement_group([bundle] * world, strategy="STRICT_PACK")  # the plan's devices on one node
         ray.get(self.group.ready(), timeout=self.ready_timeout)
+
+        def in_bundle(i: int):
+            return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=i)
+
+        master = None
+        if world > 1:
+            master = ray.get(ray.remote(num_cpus=0)(_address).options(scheduling_strategy=in_bundle(0)).remote(),
+                             timeout=self.ready_timeout)
         actor_class = ray.remote(max_concurrency=4, **resources)(_Replica)
-        self.actor = actor_class.options(
-            name=None, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.group),
-        ).remote(self.plan_path)
-        ray.get(self.actor.ready.remote(), timeout=self.ready_timeout)
+        self.actors = [actor_class.options(scheduling_strategy=in_bundle(rank)).remote(self.plan_path, rank, world,
+                                                                                        master)
+                       for rank in range(world)]
+        ray.get([a.ready.remote() for a in self.actors], timeout=self.ready_timeout)
         self.generation += 1
-        log.info("replica %d ready (generation %d)", self.index, self.generation)
+        log.info("replica %d ready (generation %d, %d rank(s))", self.index, self.generation, world)
 
     def replace(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            ray.kill(self.actor, no_restart=True)
-        except Exception:  # already gone
-            pass
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
         try:
             remove_placement_group(self.group)
         except Exception:
@@ -169,14 +212,15 @@ class RayReplica:
             self.replace_error = None
             self.replace()
         token = f"{self.index}-{time.monotonic_ns()}"
-        ref = self.actor.run.remote(token, values)
+        refs = [actor.run.remote(token, values) for actor in self.actors]
         seen = 0
         cancelled = False
         try:
             while True:
-                ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
-                if ready:
-                    data, info = ray.get(ref)
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_SECONDS)
+                results = [ray.get(ref) for ref in ready]  # raises at once for a rank that died or failed
+                if len(ready) == len(refs):
+                    data, info = results[ready.index(refs[0])]
                     break
                 try:
                     progress = ray.get(self.actor.progress.remote(token), timeout=30)
@@ -200,6 +244,14 @@ class RayReplica:
             if cancelled or isinstance(getattr(exc, "cause", None), Cancelled):
                 raise Cancelled() from exc
             cause = getattr(exc, "cause", None)
+            if len(self.actors) > 1 and not isinstance(cause, TeleFuserError):
+                # a rank's collective broke (a peer died, or failed alone and left the others waiting): the replica
+                # cannot go on in step, so it is started afresh
+                self._replace_later()
+                first = str(cause or exc).strip().splitlines()[0][:300]
+                raise ReplicaDied(f"replica {self.index} died while running this job (one of its ranks failed: "
+                                  f"{first}); no video was written. It is being replaced and the other replicas "
+                                  "keep serving: submit the job again.") from exc
             if isinstance(cause, TeleFuserError):
                 raise cause from exc
             raise

@@ -101,7 +101,7 @@ def build(source, settings: Settings, runner=None):
     plan = getattr(source, "plan", source)
     check_plan(plan)
     if runner is None:
-        if plan.mesh.world_size > 1:
+        if plan.mesh.world_size > 1:  # this process is rank 0 of the plan's ranks
             from .ranks import RankLeader
 
             runner = RankLeader(source)
