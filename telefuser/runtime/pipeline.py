@@ -163,17 +163,19 @@ class Pipeline:
         aspect_ratio: Optional[str] = None,
         progress: bool = True,
         image=None,
+        on_step=None,
     ) -> Optional[Video]:
         """Generate one video; parameters left as None take the plan's defaults. None on ranks other than 0
         (under dp, replica 0 makes it and the other replicas wait). `image` (image-to-video plans): the first
-        frame, as a file path, a PIL image or a numpy array [H, W, 3] uint8 RGB."""
+        frame, as a file path, a PIL image or a numpy array [H, W, 3] uint8 RGB. `on_step(done, total)` is called
+        after each denoising step; an exception it raises aborts the run there."""
         params = resolve_parameters(
             self.plan, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
             resolution=resolution, aspect_ratio=aspect_ratio, image=image,
         )
         if self.rank.dp_index != 0:
             return None
-        video = self._generate(params, progress)
+        video = self._generate(params, progress, on_step)
         return video if self.rank.rank == 0 else None
 
     def run_many(
@@ -198,11 +200,11 @@ class Pipeline:
             if video is not None:
                 yield index, video
 
-    def _generate(self, params: RunParameters, progress: bool) -> Optional[Video]:
+    def _generate(self, params: RunParameters, progress: bool, on_step=None) -> Optional[Video]:
         """One video from resolved parameters, on every rank of this dp replica; the Video on its lead."""
         from .stages import STAGES, RunState
 
-        state = RunState(params=params, timings=Timings(load=self.load_seconds), progress=progress)
+        state = RunState(params=params, timings=Timings(load=self.load_seconds), progress=progress, on_step=on_step)
         reset_peak_memory(self.device)
         for stage in self.plan.stages:
             runner = STAGES.get(stage.kind)

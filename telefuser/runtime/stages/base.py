@@ -46,6 +46,7 @@ class RunState:
     image_latent: Optional[torch.Tensor] = None  # TI2V: the image's VAE latent [1, z, 1, h, w], the first latent frame
     frames: Optional[np.ndarray] = None
     writer: dict = field(default_factory=dict)
+    on_step: Optional[Callable[[int, int], None]] = None  # (steps done, total) after each denoising step; may raise
 
 
 StageRunner = Callable[[StageContext, RunState, Stage], None]

@@ -129,5 +129,7 @@ def denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
                 ctx.sync()
                 state.timings.steps.append(time.perf_counter() - start)
                 bar.update(1)
+                if state.on_step is not None:  # a caller's progress hook; an exception from it aborts the run
+                    state.on_step(len(state.timings.steps), len(timesteps))
     bar.close()
     state.latents = latents
