@@ -218,7 +218,8 @@ def test_request_model_and_openapi_document_exactly_this_plans_layer3(pipe, tmp_
     ({"prompt": "x", "size": "256x144", "aspect_ratio": "1:1"}, "size 256x144 means aspect_ratio '16:9'"),
 ])
 def test_bad_values_get_422_with_telefuser_runs_message(pipe, tmp_path, body, needle):
-    from telefuser.runtime.params import ParameterError, resolve_parameters
+    from telefuser.errors import ParameterError
+    from telefuser.runtime.io.params import resolve_parameters
 
     with service(pipe, tmp_path) as (client, manager):
         r = client.post("/v1/videos", json=body)

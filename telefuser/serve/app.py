@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from telefuser.runtime.params import ParameterError
+from telefuser.errors import ParameterError
 from telefuser.schema.plan import Plan
 
 from .jobs import JobManager, NotAccepting, QueueFull

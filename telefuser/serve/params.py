@@ -16,7 +16,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from telefuser.runtime.params import ParameterError, RunParameters, image_not_taken, resolve_parameters
+from telefuser.errors import ParameterError
+from telefuser.runtime.io.params import RunParameters, image_not_taken, resolve_parameters
 from telefuser.schema.plan import Plan
 
 # As telefuser-run: the text encoder reads at most text_len tokens, so a longer text is a mistake.
@@ -140,7 +141,7 @@ def decode_image(data: bytes, option: str = IMAGE_FIELD):
     import numpy as np
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from telefuser.runtime.image import FORMATS, HOW, MAX_PIXELS, ConditioningImage, _check_size
+    from telefuser.runtime.io.image import FORMATS, HOW, MAX_PIXELS, ConditioningImage, _check_size
 
     what = f"{option} ({len(data):,} bytes uploaded)"
     if not data:

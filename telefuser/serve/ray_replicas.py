@@ -62,7 +62,7 @@ class _Replica:
 
     def run(self, token: str, values: dict) -> Optional[tuple[bytes, dict]]:
         """The job on this rank; rank 0 returns (mp4 bytes, timings), the others None."""
-        from telefuser.runtime.video import write_mp4_atomically
+        from telefuser.runtime.io.video import write_mp4_atomically
 
         def on_step(done: int, total: int) -> None:
             with self.lock:
