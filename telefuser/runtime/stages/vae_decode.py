@@ -20,7 +20,9 @@ def vae_decode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     with timed(state.timings, "decode", ctx):
         with ctx.placements[name].active() as vae, ctx.dispatch(name):
             dtype = next(vae.parameters()).dtype
-            if parallel:
+            if stage.params.get("decoder") == "taehv":  # the TAEHV preview decoder: chunks of latent frames
+                video = vae.decode(state.latents.to(dtype), chunk_frames=stage.params["chunk_frames"])
+            elif parallel:
                 from telefuser.distributed.vae_parallel import parallel_decode
 
                 video = parallel_decode(vae, state.latents.to(dtype), ctx.rank.replica_group, tile_size)
