@@ -55,8 +55,8 @@ FP8_FFN_EXTRA = 2
 PREFETCH_HEADROOM = 0.9
 # RIFE (the vfi stage): device bytes per frame pair per padded pixel, all levels of the IFNet's pyramid, flows and
 # warps in float32 (bf16 convolutions alike); bench/vfi.py on an H200 (docs/benchmarks.md): v4.26 batch 8 held
-# 2.50 GiB at 480p (896x512 padded), 5.72 GiB at 720p (1280x768): about 730 and 780 bytes. The frames stay in host
-# memory; only the batch's pairs are on the device.
+# 2.50 GiB at 480p (896x512 padded), 5.72 GiB at 720p (1280x768): about 730 and 780 bytes. Beside the batch, the
+# uint8 frames on the device: the output (the originals copied into it) and, on several ranks, the broadcast input.
 RIFE_BYTES_PER_PAIR_PIXEL = 800
 # TAEHV's decode: full-resolution feature maps of its last stage's width for one chunk's output frames; bench/vfi.py
 # (H200, bf16, 480p x 81 frames): chunks of 4 latent frames held 4.17 GiB, about 5 such maps of the 16 frames.
@@ -152,10 +152,12 @@ def _taehv_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int,
 
 
 def _vfi_workspace(stage: Stage, width: int, height: int) -> int:
-    """One batch of frame pairs through RIFE at the padded frame size."""
-    pad = int(stage.params.get("pad_to", 128))
+    """One batch of frame pairs through RIFE at the padded frame size, and the uint8 frames on the device."""
+    p = stage.params
+    pad = int(p.get("pad_to", 128))
     padded = -(-width // pad) * pad * (-(-height // pad) * pad)
-    return int(stage.params["batch_size"]) * padded * RIFE_BYTES_PER_PAIR_PIXEL
+    frames = int(p["output_frames"]) + (int(p["input_frames"]) if p.get("parallel_ranks", 1) > 1 else 0)
+    return int(p["batch_size"]) * padded * RIFE_BYTES_PER_PAIR_PIXEL + frames * width * height * 3
 
 
 def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,

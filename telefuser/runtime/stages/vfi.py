@@ -1,8 +1,12 @@
 """vfi: the decoded frames through RIFE, `multiplier` x the frames (F -> (F - 1) x multiplier + 1, the originals at
-indices multiple of it), in batches of `batch_size` pairs on the plan's device, written into one preallocated
-output (the frames are never all held twice). On a dp replica of several ranks (`parallel_ranks` > 1) the lead
-broadcasts the frames, each rank interpolates its contiguous run of pairs (`rife.interpolate.split_pairs`) and the
-lead receives every other rank's share straight into its place in the output; the video equals the one-rank one."""
+indices multiple of it), in batches of `batch_size` pairs on the plan's device.
+
+One rank: the output is allocated once on the device, the decoded frames are copied into its slots 0, m, 2m, ...
+and interpolated in place there (`interpolate(out[::m], out=out)`), so the frames are never held twice; the result
+comes back to the host in one copy. A dp replica of several ranks (`parallel_ranks` > 1): the lead broadcasts the
+frames (device tensors, so NCCL can carry them), each rank interpolates its contiguous run of pairs
+(`rife.interpolate.split_pairs`) and the lead receives every other rank's share straight into its place in the
+preallocated output; the video equals the one-rank one (each new frame depends on its pair alone)."""
 
 from __future__ import annotations
 
@@ -17,40 +21,61 @@ from .base import RunState, StageContext, register, timed
 
 @register("vfi")
 def vfi(ctx: StageContext, state: RunState, stage: Stage) -> None:
-    from telefuser.models.rife.interpolate import interpolate, output_frame_count, split_pairs
-
     p = stage.params
-    multiplier, batch, pad_to, scale = int(p["multiplier"]), int(p["batch_size"]), int(p["pad_to"]), float(p["scale"])
     ranks = _replica_ranks(ctx) if p.get("parallel_ranks", 1) > 1 else [ctx.rank.rank]
     if ctx.rank.rank not in ranks or (len(ranks) == 1 and not ctx.rank.is_writer):
         return
     (name,) = stage.models
     with timed(state.timings, "vfi", ctx):
         with ctx.placements[name].active() as model, ctx.dispatch(name):
+            device = next(model.parameters()).device
             if len(ranks) == 1:
-                state.frames = interpolate(state.frames, model, multiplier, batch, scale, channels_last=True,
-                                           pad_to=pad_to)
-                return
-            frames = _broadcast_frames(ctx, state, int(p["input_frames"]))
-            shares = split_pairs(frames.shape[0], len(ranks), multiplier)
-            mine = shares[ranks.index(ctx.rank.rank)]
-            part = frames[mine.frame_start:mine.frame_stop]
-            if ctx.rank.is_writer:
-                out = np.empty((output_frame_count(frames.shape[0], multiplier), *frames.shape[1:]), np.uint8)
-                # the lead's share in place (its last frame is the next share's first original: the same pixels)
-                interpolate(part, model, multiplier, batch, scale, channels_last=True, pad_to=pad_to,
-                            out=out[mine.out_start:mine.out_start + output_frame_count(part.shape[0], multiplier)])
-                del frames, part
-                received = torch.from_numpy(out)
-                for rank, share in zip(ranks, shares):
-                    if rank != ctx.rank.rank and share.num_out:
-                        torch.distributed.recv(received[share.out_start:share.out_stop], src=rank)
-                state.frames = out
+                state.frames = _one_rank(state, model, p, device)
             else:
-                made = interpolate(part, model, multiplier, batch, scale, channels_last=True, pad_to=pad_to)
-                if mine.num_out:
-                    torch.distributed.send(torch.from_numpy(np.ascontiguousarray(made[:mine.num_out])),
-                                           dst=ctx.rank.replica_lead)
+                _shared(ctx, state, model, p, ranks, device)
+
+
+def _args(p: dict) -> dict:
+    return {"batch_size": int(p["batch_size"]), "scale": float(p["scale"]), "channels_last": True,
+            "pad_to": int(p["pad_to"])}
+
+
+def _one_rank(state: RunState, model: torch.nn.Module, p: dict, device: torch.device) -> np.ndarray:
+    from telefuser.models.rife.interpolate import interpolate, output_frame_count
+
+    m = int(p["multiplier"])
+    frames = state.frames
+    state.frames = None
+    out = torch.empty((output_frame_count(frames.shape[0], m), *frames.shape[1:]), dtype=torch.uint8, device=device)
+    out[::m].copy_(torch.from_numpy(frames))
+    del frames
+    interpolate(out[::m], model, m, out=out, **_args(p))
+    return out.cpu().numpy()
+
+
+def _shared(ctx: StageContext, state: RunState, model: torch.nn.Module, p: dict, ranks: list[int],
+            device: torch.device) -> None:
+    from telefuser.models.rife.interpolate import interpolate, output_frame_count, split_pairs
+
+    m = int(p["multiplier"])
+    frames = _broadcast_frames(ctx, state, int(p["input_frames"]), device)
+    shares = split_pairs(frames.shape[0], len(ranks), m)
+    mine = shares[ranks.index(ctx.rank.rank)]
+    part = frames[mine.frame_start:mine.frame_stop]
+    if not ctx.rank.is_writer:
+        made = interpolate(part, model, m, **_args(p))
+        if mine.num_out:
+            torch.distributed.send(made[:mine.num_out].contiguous(), dst=ctx.rank.replica_lead)
+        return
+    out = torch.empty((output_frame_count(frames.shape[0], m), *frames.shape[1:]), dtype=torch.uint8, device=device)
+    # the lead's own share in place (its last frame is the next share's first original: the same pixels)
+    interpolate(part, model, m, out=out[mine.out_start:mine.out_start + output_frame_count(part.shape[0], m)],
+                **_args(p))
+    del frames, part
+    for rank, share in zip(ranks, shares):
+        if rank != ctx.rank.rank and share.num_out:
+            torch.distributed.recv(out[share.out_start:share.out_stop], src=rank)
+    state.frames = out.cpu().numpy()
 
 
 def _replica_ranks(ctx: StageContext) -> list[int]:
@@ -59,15 +84,16 @@ def _replica_ranks(ctx: StageContext) -> list[int]:
     return sorted(r.rank for r in ctx.plan.mesh.ranks if r.coords.get("dp", 0) == dp)
 
 
-def _broadcast_frames(ctx: StageContext, state: RunState, num_frames: int) -> np.ndarray:
-    """The lead's decoded uint8 frames [F, H, W, 3] on every rank of the replica (others learn the shape from the
-    run's parameters and the plan)."""
+def _broadcast_frames(ctx: StageContext, state: RunState, num_frames: int, device: torch.device) -> torch.Tensor:
+    """The lead's decoded uint8 frames [F, H, W, 3] on every rank of the replica, on the device (the other ranks
+    know the shape from the run's parameters and the plan)."""
     shape = (num_frames, state.params.height, state.params.width, 3)
     if ctx.rank.is_writer:
         if state.frames is None or tuple(state.frames.shape) != shape:
             got = None if state.frames is None else tuple(state.frames.shape)
             raise PlanError(f"the vfi stage expected decoded frames {shape}, got {got}; recompile the recipe.")
-        buffer = torch.from_numpy(np.ascontiguousarray(state.frames))
+        buffer = torch.from_numpy(state.frames).to(device)
+        state.frames = None
     else:
-        buffer = torch.empty(shape, dtype=torch.uint8)
-    return ctx.rank.broadcast(buffer).numpy()
+        buffer = torch.empty(shape, dtype=torch.uint8, device=device)
+    return ctx.rank.broadcast(buffer)
