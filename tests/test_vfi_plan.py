@@ -282,3 +282,13 @@ def test_explain_shows_the_vfi_stage(tmp_path, capsys):
     assert "-> decode_vae -> interpolate_frames -> write_video" in text
     assert "RIFE 2x, 9 -> 17 frames, 16 fps, 4 pairs per batch in float32" in text
     assert "(interpolated 2x: 17 frames at 16 fps)" in text and "TAEHV preview decoder" in text
+
+
+def test_compiling_the_vfi_plan_imports_no_torch(tmp_path):
+    import subprocess
+
+    code = ("import sys; from telefuser.cli.compile import main; "
+            f"rc = main([{str(RECIPE)!r}, '-o', {str(tmp_path / 'p.json')!r}]); print(rc, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(RECIPES.parent)})
+    assert run.stdout.split()[-2:] == ["0", "False"], run.stdout + run.stderr
