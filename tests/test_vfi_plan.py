@@ -53,6 +53,7 @@ def test_tiny_vfi_plan_records_the_stage():
     assert kinds[-3:] == ["vae_decode", "vfi", "write_video"]
     decode, vfi, write = plan.stages[-3:]
     assert decode.params["decoder"] == "taehv" and decode.params["chunk_frames"] == 4 and not decode.params["tiled"]
+    assert decode.params["output"] == "device_frames"  # handed to the vfi stage on the device
     assert vfi.models == ["vfi"]
     assert {k: vfi.params[k] for k in ("multiplier", "batch_size", "dtype", "input_frames", "output_frames", "fps",
                                        "parallel_ranks")} == {
@@ -128,62 +129,87 @@ def test_rank_shares_equal_one_rank_on_the_same_frames(monkeypatch):
     spawn(_three_rank_stage, 3, monkeypatch)
 
 
-def _three_rank_stage() -> None:
+def _fake_ctx(rank: int, world: int, model):
+    """What the vfi stage reads of a loaded pipeline, on `world` ranks of one replica led by rank 0."""
+    import contextlib
+
     import torch.distributed as dist
-
-    from telefuser.models.rife.ifnet import load_flownet
-    from telefuser.models.rife.interpolate import interpolate
-    from telefuser.runtime.stages.vfi import vfi
-    from telefuser.schema.plan import Stage
-
-    rank = dist.get_rank()
-    model = load_flownet(RECIPES / "tiny_vfi" / "flownet.pkl")
-    frames = (np.random.default_rng(0).random((6, 64, 96, 3)) * 255).astype(np.uint8)  # 5 pairs: 2 + 2 + 1
-    expected = interpolate(frames, model, 2, 2, channels_last=True)
 
     class Placement:
         def active(self):
-            import contextlib
             return contextlib.nullcontext(model)
 
     class Rank:
         def __init__(self):
-            self.rank, self.replica_lead, self.dp_index = rank, 0, 0
-            self.is_writer = rank == 0
+            self.rank, self.replica_lead, self.dp_index, self.is_writer = rank, 0, 0, rank == 0
 
         def broadcast(self, t):
-            dist.broadcast(t, src=0)
+            if world > 1:
+                dist.broadcast(t, src=0)
             return t
 
-    class Mesh:
-        ranks = [type("R", (), {"rank": r, "coords": {"cfg": r}})() for r in range(3)]
-
     class Ctx:
-        plan = type("P", (), {"mesh": Mesh()})()
+        plan = type("P", (), {"mesh": type("M", (), {"ranks": [type("R", (), {"rank": r, "coords": {"cfg": r}})()
+                                                                for r in range(world)]})()})()
         placements = {"vfi": Placement()}
-        rank = Rank()
 
         def dispatch(self, name):
-            import contextlib
             return contextlib.nullcontext()
 
         def sync(self):
             pass
 
-    from telefuser.runtime.io.video import Timings
+    ctx = Ctx()
+    ctx.rank = Rank()
+    return ctx
 
+
+def _run_stage(rank: int, world: int, frames: np.ndarray, on_device: bool):
+    from telefuser.models.rife.ifnet import load_flownet
+    from telefuser.runtime.io.video import Timings
+    from telefuser.runtime.stages.vfi import vfi
+    from telefuser.schema.plan import Stage
+
+    model = load_flownet(RECIPES / "tiny_vfi" / "flownet.pkl")
     state = type("S", (), {})()
-    state.frames = frames if rank == 0 else None
-    state.timings = Timings()
-    state.params = type("Params", (), {"height": 64, "width": 96})()
-    stage = Stage(name="interpolate_frames", kind="vfi", models=["vfi"],
-                  params={"multiplier": 2, "batch_size": 2, "scale": 1.0, "pad_to": 128, "input_frames": 6,
-                          "parallel_ranks": 3})
-    vfi(Ctx(), state, stage)
+    state.frames, state.device_frames = None, None
     if rank == 0:
-        assert np.array_equal(state.frames, expected)
+        if on_device:
+            state.device_frames = torch.from_numpy(frames)  # as the decode leaves them before a vfi stage
+        else:
+            state.frames = frames
+    state.timings = Timings()
+    state.params = type("Params", (), {"height": frames.shape[1], "width": frames.shape[2]})()
+    stage = Stage(name="interpolate_frames", kind="vfi", models=["vfi"],
+                  params={"multiplier": 2, "batch_size": 2, "scale": 1.0, "pad_to": 128,
+                          "input_frames": frames.shape[0], "parallel_ranks": world})
+    vfi(_fake_ctx(rank, world, model), state, stage)
+    return state, model
+
+
+FRAMES = (np.random.default_rng(0).random((6, 64, 96, 3)) * 255).astype(np.uint8)  # 5 pairs: 2 + 2 + 1 on 3 ranks
+
+
+def _three_rank_stage() -> None:
+    import torch.distributed as dist
+
+    from telefuser.models.rife.interpolate import interpolate
+
+    rank = dist.get_rank()
+    state, model = _run_stage(rank, 3, FRAMES, on_device=True)
+    if rank == 0:
+        assert np.array_equal(state.frames, interpolate(FRAMES, model, 2, 2, channels_last=True))
     else:
         assert state.frames is None
+
+
+def test_one_rank_stage_from_host_frames_equals_interpolate():
+    from telefuser.models.rife.interpolate import interpolate
+
+    state, model = _run_stage(0, 1, FRAMES, on_device=False)
+    assert state.frames.shape == (11, 64, 96, 3) and state.device_frames is None
+    assert np.array_equal(state.frames, interpolate(FRAMES, model, 2, 2, channels_last=True))
+    assert state.timings.vfi > 0
 
 
 # ---------------------------------------------------------------- refusals at compile time (exit 2)

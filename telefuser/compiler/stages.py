@@ -148,6 +148,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
               "parallel_ranks": replica_ranks if parallel_vae else 1}
     if vae is not None and vae.class_ == "TAEHV":  # the tiny decoder: a few latent frames at a time, untiled
         decode.update(decoder="taehv", chunk_frames=TAEHV_CHUNK_FRAMES)
+    if l2.enable_vfi:  # the decoded frames stay on the device for the vfi stage (no host round trip)
+        decode["output"] = "device_frames"
     stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role[ModelRole.VAE.value]], params=decode))
     fps = l2.fps
     if l2.enable_vfi:

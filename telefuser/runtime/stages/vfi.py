@@ -1,9 +1,11 @@
 """vfi: the decoded frames through RIFE, `multiplier` x the frames (F -> (F - 1) x multiplier + 1, the originals at
 indices multiple of it), in batches of `batch_size` pairs on the plan's device.
 
-One rank: the output is allocated once on the device, the decoded frames are copied into its slots 0, m, 2m, ...
-and interpolated in place there (`interpolate(out[::m], out=out)`), so the frames are never held twice; the result
-comes back to the host in one copy. A dp replica of several ranks (`parallel_ranks` > 1): the lead broadcasts the
+The decode leaves its uint8 frames on the device for this stage (`state.device_frames`; the plan's decode
+params say `output = "device_frames"`). One rank: the output is allocated once on the device, the decoded frames
+are copied into its slots 0, m, 2m, ... and dropped, and the new frames are made in place there
+(`interpolate(out[::m], out=out)`), so the frames are never held twice; the result comes back to the host in one
+copy. A dp replica of several ranks (`parallel_ranks` > 1): the lead broadcasts the
 frames (device tensors, so NCCL can carry them), each rank interpolates its contiguous run of pairs
 (`rife.interpolate.split_pairs`) and the lead receives every other rank's share straight into its place in the
 preallocated output; the video equals the one-rank one (each new frame depends on its pair alone)."""
@@ -44,10 +46,9 @@ def _one_rank(state: RunState, model: torch.nn.Module, p: dict, device: torch.de
     from telefuser.models.rife.interpolate import interpolate, output_frame_count
 
     m = int(p["multiplier"])
-    frames = state.frames
-    state.frames = None
+    frames = _take_frames(state)
     out = torch.empty((output_frame_count(frames.shape[0], m), *frames.shape[1:]), dtype=torch.uint8, device=device)
-    out[::m].copy_(torch.from_numpy(frames))
+    out[::m].copy_(frames)
     del frames
     interpolate(out[::m], model, m, out=out, **_args(p))
     return out.cpu().numpy()
@@ -78,6 +79,18 @@ def _shared(ctx: StageContext, state: RunState, model: torch.nn.Module, p: dict,
     state.frames = out.cpu().numpy()
 
 
+def _take_frames(state: RunState) -> torch.Tensor:
+    """The decoded frames, where the decode left them (on the device, or the host's numpy frames), taken out of the
+    run state so that only the output holds them afterwards."""
+    if state.device_frames is not None:
+        frames, state.device_frames = state.device_frames, None
+        return frames
+    if state.frames is None:
+        raise PlanError("the vfi stage found no decoded frames: the plan has no vae_decode before it; recompile it.")
+    frames, state.frames = torch.from_numpy(state.frames), None
+    return frames
+
+
 def _replica_ranks(ctx: StageContext) -> list[int]:
     """The ranks of this rank's dp replica, in rank order (its lead first)."""
     dp = ctx.rank.dp_index
@@ -89,11 +102,11 @@ def _broadcast_frames(ctx: StageContext, state: RunState, num_frames: int, devic
     know the shape from the run's parameters and the plan)."""
     shape = (num_frames, state.params.height, state.params.width, 3)
     if ctx.rank.is_writer:
-        if state.frames is None or tuple(state.frames.shape) != shape:
-            got = None if state.frames is None else tuple(state.frames.shape)
-            raise PlanError(f"the vfi stage expected decoded frames {shape}, got {got}; recompile the recipe.")
-        buffer = torch.from_numpy(state.frames).to(device)
-        state.frames = None
+        buffer = _take_frames(state)
+        if tuple(buffer.shape) != shape:
+            raise PlanError(f"the vfi stage expected decoded frames {shape}, got {tuple(buffer.shape)}; recompile "
+                            "the recipe.")
+        buffer = buffer.to(device).contiguous()
     else:
         buffer = torch.empty(shape, dtype=torch.uint8, device=device)
     return ctx.rank.broadcast(buffer)
