@@ -129,6 +129,19 @@ def build_model_root(root: Path) -> None:
     write_shards(root / "Wan2.2-TI2V-5B", module_shapes(WanDiT, WanDiTConfig(**DIT_TI2V_5B)), torch.bfloat16, 3)
     write_pth_index_only(root / "Wan2.2-TI2V-5B" / "Wan2.2_VAE.pth", module_shapes(Wan22VAE, Wan22VAEConfig()),
                          torch.float32)
+    # RIFE v4.26's train_log/flownet.pkl (DDP names under module.) and TAEHV's taew2_1.pth (decoder only here)
+    from dataclasses import asdict
+
+    from telefuser.models.rife.ifnet import IFNetConfig
+    from telefuser.models.rife.keys import expected_shapes as rife_shapes
+    from telefuser.models.taehv.decoder import TAEHVConfig
+    from telefuser.models.taehv.keys import expected_shapes as taehv_shapes
+
+    (root / "RIFEv4.26_0921" / "train_log").mkdir(parents=True)
+    write_pth_index_only(root / "RIFEv4.26_0921" / "train_log" / "flownet.pkl",
+                         {"module." + k: v for k, v in rife_shapes(asdict(IFNetConfig())).items()}, torch.float32)
+    (root / "taehv").mkdir()
+    write_pth_index_only(root / "taehv" / "taew2_1.pth", taehv_shapes(asdict(TAEHVConfig())), torch.float32)
 
 
 def median_seconds(fn, runs: int = 7) -> float:

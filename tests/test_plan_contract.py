@@ -47,7 +47,8 @@ MODEL_SWITCHES = {
 GLOBAL_SWITCHES = {
     "tiled": ["layer2.tiled=true", "layer2.tile_size=[16, 16]"],
     "vae_parallel": ["layer2.enable_vae_parallel=true"],
-    "vfi": ["layer2.enable_vfi=true"],
+    "vfi": ["layer2.enable_vfi=true"],  # runs in tiny_vfi (its RIFE model); refused where no model has role vfi
+    "vfi4": ["layer2.vfi_multiplier=4", "layer2.vfi_batch_size=3"],
     "sr": ["layer2.enable_sr=true"],
     "lq_noise": ["layer2.lq_noise_strength=0.5"],
 }
@@ -171,7 +172,6 @@ def _load_on_each_rank() -> None:
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["layer2.enable_vfi=true"], "layer2.enable_vfi"),
     (["layer2.enable_sr=true"], "layer2.enable_sr"),
     (["layer2.lq_noise_strength=0.3"], "layer2.lq_noise_strength"),
     (["layer2.models.dit.feature_cache_config.method=teacache"], "layer2.models.dit.feature_cache_config.method"),

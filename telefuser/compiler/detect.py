@@ -174,7 +174,26 @@ def _clip(shapes: Shapes) -> Detection | None:
                       "activation gelu and eps 1e-5 as open-clip's ViT-H/14"])
 
 
-DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _vae22, _umt5, _clip]
+def _described(name: str, signature: Callable[[Shapes], bool]) -> Callable[[Shapes], Detection | None]:
+    """Models whose keys module describes a checkpoint itself (RIFE's flownet.pkl, TAEHV): recognised by a few tensor
+    names, then every name and shape checked by the registry's `describe` (ValueError: incomplete or damaged)."""
+    def detector(shapes: Shapes) -> Detection | None:
+        if not signature(shapes):
+            return None
+        from telefuser.models.registry import get
+
+        entry = get(name)
+        arch = entry.describe(shapes)
+        return Detection(name, entry.detect_layout(shapes), arch)
+    return detector
+
+
+_rife = _described("RIFE", lambda s: any(k.removeprefix("module.") in ("encode.cnn0.weight", "block0.conv0.0.0.weight")
+                                         for k in s))
+_taehv = _described("TAEHV", lambda s: "decoder.1.weight" in s and "decoder.7.conv.weight" in s
+                    or "decoder.0.weight" in s and "decoder.1.conv.0.weight" in s)
+
+DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _vae22, _umt5, _clip, _rife, _taehv]
 
 
 def detect(index: WeightIndex) -> Detection:
@@ -192,7 +211,8 @@ def detect(index: WeightIndex) -> Detection:
     sample = ", ".join(sorted(shapes)[:4])
     raise WeightsError(
         f"{index.files[0]}: the tensor names ({sample}, ...) match no model TeleFuser knows "
-        "(Wan DiT, Wan2.1 VAE, Wan2.2 VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout)."
+        "(Wan DiT, Wan2.1 VAE, Wan2.2 VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout; RIFE v4.26 "
+        "flownet.pkl, TAEHV taew2_1/taew2_2)."
     )
 
 
@@ -213,6 +233,11 @@ _CLIP_VISION = {"wan": lambda k: k.startswith("visual.") and k != "visual.head",
 
 def used_tensors(det: Detection, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     """The tensors the model loads (what its weights cost in memory)."""
+    if det.class_name in ("RIFE", "TAEHV"):  # a TAEHV file's encoder, a flownet's extra tensors: dropped on loading
+        from telefuser.models.registry import get
+
+        kept = get(det.class_name).convert(dict.fromkeys(tensors), det.layout)
+        return {k: t for k, t in tensors.items() if k.removeprefix("module.") in kept}
     if det.class_name != "CLIPVision":
         return tensors
     keep = _CLIP_VISION[det.layout]

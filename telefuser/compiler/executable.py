@@ -44,12 +44,6 @@ def _feature_cache(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     return None
 
 
-def _frame_interpolation(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
-    if recipe.layer2.enable_vfi:
-        return _not_yet("enable_vfi", "true", "remove layer2.enable_vfi (or set it to false)")
-    return None
-
-
 def _super_resolution(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     if recipe.layer2.enable_sr:
         return _not_yet("enable_sr", "true", "remove layer2.enable_sr (or set it to false)")
@@ -79,7 +73,7 @@ def _fullgraph_compile(recipe: Recipe, models: list[PlannedModel]) -> Optional[s
 
 
 NOT_EXECUTABLE_YET: tuple[Check, ...] = (
-    _sparse_attention, _feature_cache, _frame_interpolation, _super_resolution, _pipeline_parallel, _fullgraph_compile)
+    _sparse_attention, _feature_cache, _super_resolution, _pipeline_parallel, _fullgraph_compile)
 
 
 def _runtime(recipe: Recipe, name: str) -> ModelRuntimeConfig:
@@ -143,7 +137,39 @@ def _compile_without_blocks(recipe: Recipe, models: list[PlannedModel]) -> Optio
     return None
 
 
-DO_NOT_COMPOSE: tuple[Check, ...] = (_tensor_parallel_dit, _fsdp, _compile_without_blocks)
+def _taehv_decoder(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """TAEHV (a vae of class TAEHV) decodes only, all tiles at once: no encoder, no tiles, no VAE parallel."""
+    vae = next((m for m in models if m.role == "vae" and m.class_ == ModelClass.TAEHV), None)
+    if vae is None:
+        return None
+    l2, where = recipe.layer2, f"layer1.models.{vae.name}"
+    pipeline = recipe.layer1.pipeline
+    if pipeline == "wan_i2v" or (pipeline == "wan_ti2v" and recipe.layer3.image is not None):
+        return (f"{where}: class TAEHV with layer1.pipeline = {pipeline!r} and an image: TAEHV is a decoder only, "
+                "and image-to-video encodes the image with the VAE's encoder; use the Wan VAE (class WanVAE, "
+                "Wan2.1_VAE.pth; Wan22VAE for TI2V-5B), or drop [layer3.image] from a wan_ti2v recipe.")
+    if l2.tiled:
+        return (f"layer2.tiled = true with {where} of class TAEHV: the TAEHV decoder has no tiled decode (it decodes "
+                "a few latent frames at a time, which bounds its memory); set tiled = false.")
+    if l2.enable_vae_parallel:
+        return (f"layer2.enable_vae_parallel = true with {where} of class TAEHV: VAE parallel shares the Wan VAE's "
+                "tiles over ranks and TAEHV has none; set enable_vae_parallel = false (the TAEHV decode is ~13x the "
+                "Wan VAE's speed on one device).")
+    return None
+
+
+def _no_linears(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """RIFE and TAEHV are convolutions only: a quantisation setting would change nothing."""
+    for m in models:
+        quant = _runtime(recipe, m.name).quant_config.quant_type
+        if m.class_ in (ModelClass.RIFE, ModelClass.TAEHV) and quant != QuantType.NONE:
+            return (f"layer2.models.{m.name}.quant_config.quant_type = {quant!r}: {m.name!r} is a {m.class_}, made of "
+                    "convolutions only, which quantisation (of linear layers) would leave unchanged; set quant_type = "
+                    "\"none\" (use its torch_dtype = \"bfloat16\" to halve its memory and time).")
+    return None
+
+
+DO_NOT_COMPOSE: tuple[Check, ...] = (_tensor_parallel_dit, _fsdp, _compile_without_blocks, _taehv_decoder, _no_linears)
 
 
 def check_executable(recipe: Recipe, models: list[PlannedModel]) -> None:

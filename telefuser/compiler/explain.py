@@ -48,7 +48,9 @@ def explain(plan: Plan) -> str:
                      f"{m.parameter_count / 1e6:9.1f}M  {arch}{'  [' + ', '.join(flags) + ']' if flags else ''}")
     moe = f", boundary {l2.boundary} (cfg high {l2.cfg_scale_high}, low {l2.cfg_scale_low})" if l2.boundary else ""
     lines += ["", f"sampling: {l2.sample_solver}, {l2.num_inference_steps} steps, shift {l2.sigma_shift}, "
-                  f"cfg {l2.cfg_scale}{moe}, {l2.num_frames} frames at {l2.fps} fps"]
+                  f"cfg {l2.cfg_scale}{moe}, {l2.num_frames} frames at {l2.fps} fps"
+                  + (f" (interpolated {l2.vfi_multiplier}x: {(l2.num_frames - 1) * l2.vfi_multiplier + 1} frames at "
+                     f"{l2.fps * l2.vfi_multiplier} fps)" if l2.enable_vfi else "")]
     lines += _step_list(plan)
     lines += ["", "dispatch:"]
     for d in plan.dispatch:
@@ -63,6 +65,7 @@ def explain(plan: Plan) -> str:
     lines += _block_offload(plan)
     lines += ["", "stages: " + " -> ".join(s.name for s in plan.stages)]
     lines += _image_path(plan)
+    lines += _frames_out(plan)
     params = plan.layer3_user_interface.parameters
     lines += ["", "parameters (telefuser-run):"]
     for name, p in params.items():
@@ -70,6 +73,22 @@ def explain(plan: Plan) -> str:
         given = "required" if p.required else "optional" if p.type == "path" else f"default {p.default!r}"
         lines.append(f"  --{name.replace('_', '-'):<16} {p.type:<8} {given}{extra}")
     return "\n".join(lines)
+
+
+def _frames_out(plan: Plan) -> list[str]:
+    """The decode (TAEHV's chunks) and frame interpolation (RIFE's multiplier, batch, dtype, ranks, fps)."""
+    lines = []
+    for s in plan.stages:
+        p = s.params
+        if s.kind == "vae_decode" and p.get("decoder") == "taehv":
+            lines.append(f"  {s.name:<18} {s.kind:<12} {', '.join(s.models)}: TAEHV preview decoder, "
+                         f"{p['chunk_frames']} latent frames at a time, untiled")
+        if s.kind == "vfi":
+            ranks = f", pairs split over {p['parallel_ranks']} ranks" if p.get("parallel_ranks", 1) > 1 else ""
+            lines.append(f"  {s.name:<18} {s.kind:<12} {', '.join(s.models)}: RIFE {p['multiplier']}x, "
+                         f"{p['input_frames']} -> {p['output_frames']} frames, {p['fps']} fps, {p['batch_size']} "
+                         f"pairs per batch in {p['dtype']}, padded to {p['pad_to']}{ranks}")
+    return ["", "frames out:", *lines] if lines else []
 
 
 def _step_list(plan: Plan) -> list[str]:

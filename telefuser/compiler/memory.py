@@ -53,6 +53,14 @@ FP8_FFN_EXTRA = 2
 # A prefetch holds two models on the device at once; it is planned only with this share of the capacity to spare,
 # since a wrong estimate would turn a run that fits into one that does not.
 PREFETCH_HEADROOM = 0.9
+# RIFE (the vfi stage): device bytes per frame pair per padded pixel, all levels of the IFNet's pyramid, flows and
+# warps in float32 (bf16 convolutions alike); bench/vfi.py on an H200 (docs/benchmarks.md): v4.26 batch 8 held
+# 2.50 GiB at 480p (896x512 padded), 5.72 GiB at 720p (1280x768): about 730 and 780 bytes. Beside the batch, the
+# uint8 frames on the device: the output (the originals copied into it) and, on several ranks, the broadcast input.
+RIFE_BYTES_PER_PAIR_PIXEL = 800
+# TAEHV's decode: full-resolution feature maps of its last stage's width for one chunk's output frames; bench/vfi.py
+# (H200, bf16, 480p x 81 frames): chunks of 4 latent frames held 4.17 GiB, about 5 such maps of the 16 frames.
+TAEHV_LIVE_MAPS = 5
 
 
 def _largest_frame(recipe: Recipe) -> tuple[int, int, str, str]:
@@ -133,6 +141,25 @@ def _vae_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, s
     return VAE_LIVE_MAPS * 4 * base * area * width_bytes + tile + l2.num_frames * 3 * width * height * 4
 
 
+def _taehv_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, chunk: int) -> int:
+    """TAEHV_LIVE_MAPS maps of one chunk's frames (t_upscale 4 per latent frame) at full resolution and the last
+    stage's width, plus the video in float32 (as the Wan VAE's)."""
+    channels = vae.arch.get("channels") or [256, 128, 64, 64]
+    frames = 4 * chunk
+    area = width * height
+    return TAEHV_LIVE_MAPS * frames * int(channels[-1]) * area * DTYPE_BYTES[vae.compute_dtype] + \
+        recipe.layer2.num_frames * 3 * area * 4
+
+
+def _vfi_workspace(stage: Stage, width: int, height: int) -> int:
+    """One batch of frame pairs through RIFE at the padded frame size, and the uint8 frames on the device."""
+    p = stage.params
+    pad = int(p.get("pad_to", 128))
+    padded = -(-width // pad) * pad * (-(-height // pad) * pad)
+    frames = int(p["output_frames"]) + (int(p["input_frames"]) if p.get("parallel_ranks", 1) > 1 else 0)
+    return int(p["batch_size"]) * padded * RIFE_BYTES_PER_PAIR_PIXEL + frames * width * height * 3
+
+
 def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
                     stages: list[Stage] | None = None) -> MemoryEstimate:
     """The peak estimate; with the plan's `stages`, also the peak per stage and the prefetch decision for every
@@ -164,9 +191,16 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     if vae is not None:
         decode = next((s for s in stages or [] if s.kind == "vae_decode"), None)
         tiled = bool(decode.params.get("tiled")) if decode is not None else l2.tiled
-        breakdown["activations.vae_decode"] = _vae_workspace(recipe, vae, width, height, space, tiled)
+        if decode is not None and decode.params.get("decoder") == "taehv":
+            breakdown["activations.vae_decode"] = _taehv_workspace(recipe, vae, width, height,
+                                                                   int(decode.params["chunk_frames"]))
+        else:
+            breakdown["activations.vae_decode"] = _vae_workspace(recipe, vae, width, height, space, tiled)
         if tiled:  # the encoder (image-to-video's condition) still sees whole frames
             breakdown["activations.vae_encode"] = _vae_workspace(recipe, vae, width, height, space, False)
+    vfi = next((s for s in stages or [] if s.kind == "vfi"), None)
+    if vfi is not None:
+        breakdown["activations.vfi"] = _vfi_workspace(vfi, width, height)
     breakdown["workspace"] = WORKSPACE_BYTES
     prefetch = plan_prefetch(recipe, models, stages or [], capacity, resident, breakdown, (width, height), in_use)
     per_stage = stage_peaks(stages or [], models, breakdown, (width, height), l2.text_len, resident, in_use, prefetch)
@@ -236,6 +270,8 @@ def _stage_activation(stage: Stage, models: list[PlannedModel], breakdown: dict[
         return breakdown.get("activations.vae_encode", breakdown.get("activations.vae_decode", 0))
     if kind == "vae_decode":
         return breakdown.get("activations.vae_decode", 0)
+    if kind == "vfi":
+        return breakdown.get("activations.vfi", 0)
     by_name = {m.name: m for m in models}
     if kind == "text_encode":
         encoder = by_name.get(stage.models[-1]) if stage.models else None

@@ -43,7 +43,7 @@ def _candidates(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarg
     plain = [m.name for m in dits if m.attributes.fp8_layout is None and runtime(m.name).quant_config.quant_type == "none"]
     if plain and target.device == "cuda" and cc is not None and cc >= FP8_MIN_CC and l2.parallel_config.tp_degree == 1:
         found.append({f"layer2.models.{n}.quant_config.quant_type": "fp8_e4m3fn" for n in plain})
-    if not l2.tiled:
+    if not l2.tiled and not any(m.role == "vae" and m.class_ == "TAEHV" for m in models):  # TAEHV has no tiles
         found.append({"layer2.tiled": True})
     return found
 

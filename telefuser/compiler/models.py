@@ -18,8 +18,8 @@ from .lora import plan_loras
 from .weights import WeightIndex, read_index
 
 CLASS_BY_ROLE = {"dit": ("WanDiT",), "dit_high_noise": ("WanDiT",), "dit_low_noise": ("WanDiT",),
-                 "vae": ("WanVAE", "Wan22VAE"), "text_encoder": ("UMT5Encoder",), "tokenizer": ("UMT5Tokenizer",),
-                 "image_encoder": ("CLIPVision",)}
+                 "vae": ("WanVAE", "Wan22VAE", "TAEHV"), "text_encoder": ("UMT5Encoder",), "tokenizer": ("UMT5Tokenizer",),
+                 "image_encoder": ("CLIPVision",), "vfi": ("RIFE",)}
 # Architecture numbers the weights do not store; the recipe's value is taken when it gives one.
 NOT_IN_WEIGHTS = {"WanDiT": {"num_heads", "eps"}, "CLIPVision": {"num_heads", "eps", "activation"}}
 
@@ -152,7 +152,10 @@ def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
         if vae and a.get("out_dim") != vae.arch.get("z_dim"):
             hint = {("WanVAE", 48): " (a 48-channel DiT is Wan2.2 TI2V-5B's: it takes the Wan2.2 VAE, Wan2.2_VAE.pth)",
                     ("Wan22VAE", 16): " (a 16-channel DiT takes the Wan2.1 VAE, Wan2.1_VAE.pth; the Wan2.2 VAE's "
-                                      "48 channels are TI2V-5B's)"}.get((vae.class_, a.get("out_dim")), "")
+                                      "48 channels are TI2V-5B's)",
+                    ("TAEHV", 16): " (a 16-channel TAEHV is taew2_1.pth: a 48-channel DiT takes taew2_2.pth)",
+                    ("TAEHV", 48): " (a 48-channel TAEHV is taew2_2.pth: a 16-channel DiT takes taew2_1.pth)"}.get(
+                        (vae.class_, vae.arch.get("z_dim") if vae.class_ == "TAEHV" else a.get("out_dim")), "")
             raise WeightsError(f"DiT {dit.name!r} outputs {a.get('out_dim')} latent channels, but VAE {vae.name!r} "
                                f"({vae.class_}) decodes {vae.arch.get('z_dim')}: these weights belong to different "
                                f"models{hint}.")

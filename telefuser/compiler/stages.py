@@ -10,8 +10,27 @@ from telefuser.schema.resolution import RESOLUTION_TABLE
 
 NUM_TRAIN_TIMESTEPS = 1000
 TEMPORAL_RATIO, SPATIAL_RATIO = 4, 8  # the Wan2.1 VAE: 4x in time (after the first frame), 8x8 in space
-LATENT_CHANNELS = {"WanVAE": 16, "Wan22VAE": 48}  # z_dim, where a --no-weights plan has no arch to read it from
+LATENT_CHANNELS = {"WanVAE": 16, "Wan22VAE": 48, "TAEHV": 16}  # z_dim, where a --no-weights plan has no arch to read it from
 IMAGE_FIT = {"fit": "cover_center_crop", "resample": "lanczos", "value_range": [-1, 1]}
+TAEHV_CHUNK_FRAMES = 4  # latent frames per TAEHV decode step: 4.2 GiB at 480p x 81 frames, all at once 17.7 (bench)
+VFI_PAD_TO = 128  # RIFE's frames padded to multiples of this (Practical-RIFE's inference_video, LightX2V)
+
+
+def output_frames(num_frames: int, multiplier: int) -> int:
+    """Frames after interpolation: the originals and multiplier - 1 new ones between each pair (81 -> 161 at 2x)."""
+    return (num_frames - 1) * multiplier + 1
+
+
+def vfi_stage(recipe: Recipe, models: list[PlannedModel], replica_ranks: int) -> Stage:
+    """RIFE after the decode: the plan's multiplier, pairs per batch, the model's dtype; the pairs shared out over
+    the ranks of a dp replica (each rank's contiguous run of pairs, gathered on its lead)."""
+    l2 = recipe.layer2
+    rife = next(m for m in models if m.role == ModelRole.VFI.value)
+    return Stage(name="interpolate_frames", kind="vfi", models=[rife.name],
+                 params={"multiplier": l2.vfi_multiplier, "batch_size": l2.vfi_batch_size, "dtype": rife.compute_dtype,
+                         "scale": 1.0, "pad_to": VFI_PAD_TO, "input_frames": l2.num_frames,
+                         "output_frames": output_frames(l2.num_frames, l2.vfi_multiplier),
+                         "fps": l2.fps * l2.vfi_multiplier, "parallel_ranks": replica_ranks})
 
 
 def vae_ratios(vae: PlannedModel | None) -> tuple[int, int]:
@@ -20,6 +39,8 @@ def vae_ratios(vae: PlannedModel | None) -> tuple[int, int]:
     A --no-weights plan has only the recipe's class: Wan2.1's 4 x 8 x 8, Wan2.2's 4 x 16 x 16."""
     arch = vae.arch if vae is not None else {}
     class_ = vae.class_ if vae is not None else "WanVAE"
+    if class_ == "TAEHV":  # 4 frames per latent, 8x space (taew2_2: its 2x2 patch on top, 16x)
+        return TEMPORAL_RATIO, SPATIAL_RATIO * int(arch.get("patch_size", 1))
     temporal = 2 ** sum(bool(d) for d in arch["temporal_downsample"]) if "temporal_downsample" in arch else TEMPORAL_RATIO
     spatial = 2 ** (len(arch["dim_mult"]) - 1) if "dim_mult" in arch else SPATIAL_RATIO
     if class_ == "Wan22VAE":
@@ -123,9 +144,17 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
     # one-rank tiled decode with this tile size), so it implies tiling.
     replica_ranks = l2.parallel_config.world_size // l2.parallel_config.dp_degree
     parallel_vae = l2.enable_vae_parallel and replica_ranks > 1
-    stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role[ModelRole.VAE.value]],
-                        params={"tiled": l2.tiled or parallel_vae, "tile_size": list(l2.tile_size),
-                                "parallel_ranks": replica_ranks if parallel_vae else 1}))
+    decode = {"tiled": l2.tiled or parallel_vae, "tile_size": list(l2.tile_size),
+              "parallel_ranks": replica_ranks if parallel_vae else 1}
+    if vae is not None and vae.class_ == "TAEHV":  # the tiny decoder: a few latent frames at a time, untiled
+        decode.update(decoder="taehv", chunk_frames=TAEHV_CHUNK_FRAMES)
+    if l2.enable_vfi:  # the decoded frames stay on the device for the vfi stage (no host round trip)
+        decode["output"] = "device_frames"
+    stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role[ModelRole.VAE.value]], params=decode))
+    fps = l2.fps
+    if l2.enable_vfi:
+        stages.append(vfi_stage(recipe, models, replica_ranks))
+        fps = l2.fps * l2.vfi_multiplier
     stages.append(Stage(name="write_video", kind="write_video",
-                        params={"fps": l2.fps, "container": "mp4", "codec": "libx264", "pixel_format": "yuv420p"}))
+                        params={"fps": fps, "container": "mp4", "codec": "libx264", "pixel_format": "yuv420p"}))
     return stages

@@ -51,7 +51,7 @@ def _safetensors_index(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str
 def _pickle_index(path: Path) -> dict[str, TensorInfo]:
     try:
         found = read_pickle_index(path)
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError) as exc:  # damaged archives
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}; re-download it.") from exc
     return {name: TensorInfo(t.dtype, t.shape) for name, t in found.items()}
 
@@ -97,6 +97,6 @@ def read_index(path: Path) -> WeightIndex:
         elif f.name.endswith(".json"):
             found = {}
         else:
-            raise WeightsError(f"{f}: unsupported weight file type {f.suffix!r}; use .safetensors (or a PyTorch .pth).")
+            raise WeightsError(f"{f}: unsupported weight file type {f.suffix!r}; use .safetensors (or a PyTorch .pth; RIFE's flownet.pkl).")
         tensors.update(found)
     return WeightIndex(files=files, tensors=tensors, metadata=metadata)

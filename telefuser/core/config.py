@@ -33,8 +33,8 @@ Mapping onto the three layers
 
   So name the layer-1 models by role (as recipes/tiny.toml does), or set `models={name: ...}`
   directly when they are named otherwise (wan22_t2v_a14b.toml's "dit_high" / "dit_low"). The
-  keywords are construction conveniences: never stored or dumped, not recipe keys. Layer 1 has no
-  VFI model role yet, so a Recipe refuses `vfi_config` ("layer2.models names unknown model(s) vfi").
+  keywords are construction conveniences: never stored or dumped, not recipe keys. `vfi_config`
+  configures the layer-1 model named "vfi" (role `vfi`, class `RIFE`; with `enable_vfi = True`).
 * What the reference passes to a pipeline's constructor beyond that (model paths, torch dtype,
   the user's prompt and seed) is layer 1 (`Layer1`, `ModelSpec`) and layer 3 (`Layer3`), and
   `Recipe` ties the three layers and the `Target` together; `recipe.to_toml()` writes it as a file.

@@ -81,6 +81,7 @@ class ModelRole(StrEnum):
     TEXT_ENCODER = "text_encoder"
     TOKENIZER = "tokenizer"
     IMAGE_ENCODER = "image_encoder"
+    VFI = "vfi"  # frame interpolation after the decode (RIFE), run when layer2.enable_vfi
 
 
 DIT_ROLES = frozenset({ModelRole.DIT, ModelRole.DIT_HIGH_NOISE, ModelRole.DIT_LOW_NOISE})
@@ -101,6 +102,8 @@ class ModelClass(StrEnum):
     UMT5_ENCODER = "UMT5Encoder"
     UMT5_TOKENIZER = "UMT5Tokenizer"
     CLIP_VISION = "CLIPVision"
+    RIFE = "RIFE"  # Practical-RIFE v4.26's IFNet (flownet.pkl), role vfi
+    TAEHV = "TAEHV"  # the tiny TAEHV decoder (taew2_1.pth / taew2_2.pth), role vae: decode only
 
 
 class PipelineType(StrEnum):

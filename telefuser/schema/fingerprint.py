@@ -26,7 +26,7 @@ from pathlib import Path
 from .plan import FileFingerprint
 
 SAFETENSORS_SUFFIX = ".safetensors"
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")  # .pkl: Practical-RIFE's flownet.pkl
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the header size
 HASH_CHUNK_BYTES = 8 * 2**20  # file_sha256 reads this much at a time, never the whole file
 PROGRESS_MIN_BYTES = 256 * 2**20  # files larger than this get a progress bar while hashed
@@ -49,6 +49,8 @@ def safetensors_header_bytes(path: Path) -> bytes:
 
 
 def pickle_index_bytes(path: Path) -> bytes:
+    if not zipfile.is_zipfile(path):  # a torch.save file from before torch 1.6 (old flownet.pkl): one pickle stream
+        return path.read_bytes()
     with zipfile.ZipFile(path) as zf:
         names = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if not names:

@@ -7,7 +7,7 @@ validators.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
@@ -111,7 +111,7 @@ class Layer1(StrictModel):
 
 
 # The reference design's per-model keywords of Wan21/Wan22VideoPipelineConfig, and the layer-1 model name
-# each one configures (its role's name; VFI has no layer-1 role yet, so a recipe refuses "vfi").
+# each one configures (its role's name).
 MODEL_CONFIG_KEYWORDS = {
     "dit_config": ModelRole.DIT.value,
     "dit_high_config": ModelRole.DIT_HIGH_NOISE.value,
@@ -150,7 +150,11 @@ class Layer2(StrictModel):
                                     "conditioning image; Wan2.1 I2V needs it. True exactly when that model is present.")
     enable_denoising_parallel: bool = True
     enable_vae_parallel: bool = False
-    enable_vfi: bool = False
+    enable_vfi: bool = Field(False, description="Interpolate the decoded frames with the model of role vfi (RIFE): "
+                             "vfi_multiplier x the frame rate, (num_frames - 1) x vfi_multiplier + 1 frames.")
+    vfi_multiplier: Literal[2, 4] = Field(2, description="enable_vfi: frames made per original pair interval, 2 (one new "
+                                "frame between each pair; 16 fps -> 32 fps) or 4 (by repeated halving).")
+    vfi_batch_size: PositiveInt = Field(8, description="enable_vfi: frame pairs interpolated at once on the device.")
     enable_sr: bool = False
     lq_noise_strength: float = Field(0.0, ge=0, le=1)
     models: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)
@@ -330,6 +334,16 @@ class Recipe(StrictModel):
         if clip and not l2.enable_clip_stage:
             raise ValueError("layer1.models has an image_encoder, so the plan runs the CLIP stage: set "
                              "layer2.enable_clip_stage = true (or remove the image_encoder)")
+        vfi = ModelRole.VFI.value in roles
+        if l2.enable_vfi and not vfi:
+            raise ValueError("layer2.enable_vfi = true needs a model with role 'vfi' (RIFE, class \"RIFE\": Practical-"
+                             "RIFE v4.26's train_log/flownet.pkl) in layer1.models; add it, or set enable_vfi = false")
+        if vfi and not l2.enable_vfi:
+            raise ValueError("layer1.models has a model with role 'vfi', so the plan interpolates frames: set "
+                             "layer2.enable_vfi = true (or remove the vfi model)")
+        if not l2.enable_vfi and (l2.vfi_multiplier != 2 or l2.vfi_batch_size != 8):
+            raise ValueError("layer2.vfi_multiplier / vfi_batch_size apply only with layer2.enable_vfi = true; "
+                             "remove them, or set enable_vfi = true (with a model of role 'vfi')")
         return self
 
     def to_data(self) -> dict[str, Any]:

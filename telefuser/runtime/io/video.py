@@ -25,6 +25,7 @@ class Timings:
     encode: float = 0.0
     steps: list[float] = field(default_factory=list)
     decode: float = 0.0
+    vfi: float = 0.0  # frame interpolation (plans with layer2.enable_vfi)
     write: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
@@ -38,6 +39,7 @@ class Timings:
             f"encode    {self.encode:8.2f} s",
             f"denoise   {sum(steps):8.2f} s  ({len(steps)} steps, {per_step})",
             f"decode    {self.decode:8.2f} s",
+            *([f"vfi       {self.vfi:8.2f} s"] if self.vfi else []),
             f"write     {self.write:8.2f} s",
             f"peak mem  {self.peak_memory_bytes / 2**20:8.1f} MiB ({self.peak_memory_kind})",
         ]

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import struct
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -22,7 +23,7 @@ import torch
 
 from telefuser.errors import WeightsError
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")  # .pkl: Practical-RIFE's flownet.pkl
 
 
 def expand_shards(path: Path) -> list[Path]:
@@ -192,7 +193,8 @@ def _read_safetensors(path: Path, device: torch.device, dtype: Optional[torch.dt
 def _read_pickle(path: Path, device: torch.device, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     try:
         # weights_only refuses arbitrary objects: a checkpoint cannot run code.
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format; a torch.save file from before torch 1.6 (old flownet.pkl) is read whole
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or broken files
         raise WeightsError(
             f"{str(path)!r} is not a plain tensor checkpoint TeleFuser can load safely ({exc}); "
@@ -242,7 +244,7 @@ def read_state_dict(
             elif path.suffix in PICKLE_SUFFIXES:
                 part = _read_pickle(path, device, dtype)
             else:
-                raise WeightsError(f"{str(path)!r} is neither .safetensors nor a .pth/.pt/.bin checkpoint.")
+                raise WeightsError(f"{str(path)!r} is neither .safetensors nor a .pth/.pt/.bin/.pkl checkpoint.")
             clash = state.keys() & part.keys()
             if clash:
                 raise WeightsError(f"tensor {sorted(clash)[0]!r} appears in two weight files (second: {str(path)!r}).")

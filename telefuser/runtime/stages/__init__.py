@@ -5,5 +5,6 @@ from __future__ import annotations
 from .base import STAGES, RunState, StageContext
 from . import (denoise, image_encode, image_load, noise, text_encode, vae_decode, vae_encode,  # noqa: F401
                write_video)  # (each registers its kind)
+from . import vfi  # noqa: F401,E402  (frame interpolation, issue 19)
 
 __all__ = ["STAGES", "RunState", "StageContext"]

@@ -20,7 +20,9 @@ def vae_decode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     with timed(state.timings, "decode", ctx):
         with ctx.placements[name].active() as vae, ctx.dispatch(name):
             dtype = next(vae.parameters()).dtype
-            if parallel:
+            if stage.params.get("decoder") == "taehv":  # the TAEHV preview decoder: chunks of latent frames
+                video = vae.decode(state.latents.to(dtype), chunk_frames=stage.params["chunk_frames"])
+            elif parallel:
                 from telefuser.distributed.vae_parallel import parallel_decode
 
                 video = parallel_decode(vae, state.latents.to(dtype), ctx.rank.replica_group, tile_size)
@@ -31,4 +33,8 @@ def vae_decode(ctx: StageContext, state: RunState, stage: Stage) -> None:
             return
         # [-1, 1] -> uint8, [B, 3, F, H, W] -> [F, H, W, 3]
         pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        state.frames = pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        frames = pixels.permute(1, 2, 3, 0).contiguous()
+        if stage.params.get("output") == "device_frames":  # the vfi stage next interpolates them where they are
+            state.device_frames = frames
+        else:
+            state.frames = frames.cpu().numpy()
