@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telefuser.errors import WeightsError
+from telefuser.models.registry import detect_hunyuan15, hunyuan15_used
 
 from .weights import TensorInfo, WeightIndex
 
@@ -25,6 +26,7 @@ class Detection:
     layout: str
     arch: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    found: Any = None  # a HunyuanVideo-1.5 detection's own record (telefuser.models.hunyuan15.detect.Found)
 
 
 Shapes = dict[str, tuple[int, ...]]
@@ -177,11 +179,34 @@ def _clip(shapes: Shapes) -> Detection | None:
 DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _vae22, _umt5, _clip]
 
 
+QWEN_TOKENIZER_MARK = b"<|im_start|>"  # Qwen2.5-VL's chat-template token: in its tokenizer.json, not in umT5's
+
+
+def _tokenizer(path) -> Detection:
+    try:
+        qwen = QWEN_TOKENIZER_MARK in path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read the tokenizer ({exc}).") from exc
+    return Detection("Qwen25VLTokenizer" if qwen else "UMT5Tokenizer", "tokenizers", {})
+
+
+def _hunyuan15(shapes: Shapes) -> Detection | None:
+    """HunyuanVideo-1.5's models (telefuser.models.hunyuan15.detect through the registry); before Wan's detectors,
+    which would take a diffusers-layout HY1.5 VAE for a Wan2.2 VAE and an HF T5 / SigLIP file for umT5 / CLIP."""
+    found = detect_hunyuan15(shapes)
+    if found is None:
+        return None
+    return Detection(found.class_name, found.layout, dict(found.arch), list(found.notes), found)
+
+
 def detect(index: WeightIndex) -> Detection:
     if index.files and index.files[0].name.endswith(".json") and not index.tensors:
-        return Detection("UMT5Tokenizer", "tokenizers", {})
+        return _tokenizer(index.files[0])
     shapes = {k: t.shape for k, t in index.tensors.items()}
     try:
+        hy15 = _hunyuan15(shapes)
+        if hy15 is not None:
+            return hy15
         for detector in DETECTORS:
             found = detector(shapes)
             if found is not None:
@@ -192,7 +217,8 @@ def detect(index: WeightIndex) -> Detection:
     sample = ", ".join(sorted(shapes)[:4])
     raise WeightsError(
         f"{index.files[0]}: the tensor names ({sample}, ...) match no model TeleFuser knows "
-        "(Wan DiT, Wan2.1 VAE, Wan2.2 VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout)."
+        "(Wan DiT, Wan2.1 VAE, Wan2.2 VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout; "
+        "HunyuanVideo-1.5's DiT, VAE, SR upsampler, Qwen2.5-VL, byT5, SigLIP)."
     )
 
 
@@ -213,6 +239,8 @@ _CLIP_VISION = {"wan": lambda k: k.startswith("visual.") and k != "visual.head",
 
 def used_tensors(det: Detection, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     """The tensors the model loads (what its weights cost in memory)."""
+    if det.found is not None:  # HunyuanVideo-1.5: a Qwen2.5-VL file's skipped layers, a SigLIP file's head, ...
+        return {k: t for k, t in tensors.items() if hunyuan15_used(det.found, k)}
     if det.class_name != "CLIPVision":
         return tensors
     keep = _CLIP_VISION[det.layout]

@@ -35,7 +35,7 @@ def _candidates(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarg
                 and runtime(m.name).offload_config.offload_type == WeightOffloadType.NO_CPU_OFFLOAD and not runtime(m.name).run_on_cpu]
     if encoders and not l2.parallel_config.enable_fsdp:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "MODEL_CPU_OFFLOAD" for n in encoders})
-    dits = [m for m in models if is_dit(m.role)]
+    dits = [m for m in models if is_dit(m.role) and m.class_ == "WanDiT"]  # block streaming / FP8: Wan's DiTs
     streamable = [m.name for m in dits if runtime(m.name).offload_config.offload_type not in BLOCK_MODES]
     if streamable and l2.parallel_config.tp_degree == 1 and not l2.parallel_config.enable_fsdp:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "ASYNC_CPU_OFFLOAD" for n in streamable})

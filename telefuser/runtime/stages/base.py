@@ -45,6 +45,8 @@ class RunState:
     y: Optional[torch.Tensor] = None  # the DiT's conditioning channels: first-frame mask + VAE latents
     image_latent: Optional[torch.Tensor] = None  # TI2V: the image's VAE latent [1, z, 1, h, w], the first latent frame
     frames: Optional[np.ndarray] = None
+    # a model family's own inputs between its stages (HunyuanVideo-1.5: "text" per CFG branch, "vision_states")
+    family: dict = field(default_factory=dict)
     writer: dict = field(default_factory=dict)
 
 

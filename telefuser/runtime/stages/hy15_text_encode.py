@@ -1,0 +1,78 @@
+"""hy15_text_encode: HunyuanVideo-1.5's two text inputs per CFG branch, on the replica's lead (one rank: the plan
+runs HunyuanVideo-1.5 on one device).
+
+- Qwen2.5-VL: the prompt rendered through the published chat template ([system: the video system prompt, user:
+  prompt] + the generation prompt; `models.hunyuan15.text.render_prompt`), tokenized with the plan's
+  `tokenizer.json` (a plain `tokenizers` encode), right-padded with <|endoftext|> to text_len + crop tokens; the
+  encoder returns hidden_states[-3]; the first `crop` tokens (the system turn, through "<|im_start|>user\\n") are
+  dropped from the states and the mask.
+- byT5: the prompt's quoted texts as 'Text "a". ' (`glyph_text`), byte ids (`byt5_ids`) of glyph_len tokens; no
+  quoted text: no glyph tokens (None). The negative prompt's glyphs are none (`negative_glyphs` false: Tencent's
+  pipeline; diffusers extracts them from the negative prompt).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from telefuser.errors import PlanError
+from telefuser.schema.plan import Stage
+
+from .base import RunState, StageContext, register, timed
+
+
+def _qwen_inputs(tokenizer, prompts: list[str], text_len: int):
+    from telefuser.models.hunyuan15.text import tokenize_rendered
+
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    if pad is None:
+        raise PlanError("the plan's Qwen2.5-VL tokenizer has no <|endoftext|> token; is it Qwen2.5-VL's tokenizer.json? "
+                        "Fix the tokenizer path and recompile.")
+    return tokenize_rendered(lambda s: tokenizer.encode(s, add_special_tokens=False).ids, prompts, pad,
+                             max_length=text_len)
+
+
+@torch.no_grad()
+def encode_text_states(qwen: torch.nn.Module, tokenizer, prompt: str, text_len: int, device: torch.device):
+    """(text_states [1, text_len, D] float32, text_mask [1, text_len]) of one prompt, after the template's crop."""
+    ids, mask, crop = _qwen_inputs(tokenizer, [prompt], text_len)
+    qdev = next(qwen.parameters()).device
+    states = qwen(ids.to(qdev), mask.to(qdev))[:, crop:].float().to(device)
+    return states, mask[:, crop:].to(device)
+
+
+@torch.no_grad()
+def encode_glyphs(byt5: torch.nn.Module, prompt: str, glyph_len: int, device: torch.device):
+    """(byt5_states [1, glyph_len, D2] float32, byt5_mask) of the prompt's quoted text, or (None, None) without any."""
+    from telefuser.models.hunyuan15.text import byt5_ids, glyph_text
+
+    glyph = glyph_text(prompt)
+    if glyph is None:
+        return None, None
+    ids, mask = byt5_ids(glyph, glyph_len)
+    bdev = next(byt5.parameters()).device
+    return byt5(ids.to(bdev), mask.to(bdev)).float().to(device), mask.to(device)
+
+
+@register("hy15_text_encode")
+def hy15_text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    tokenizer_name, qwen_name, byt5_name = stage.models
+    p = stage.params
+    if p.get("template") != "hunyuan_video15":
+        raise PlanError(f"the plan's stage {stage.name!r} renders prompts with template {p.get('template')!r}, which "
+                        "this runtime does not know; recompile the recipe with this version.")
+    branches = [(state.params.prompt, True)]
+    if p["negative"]:
+        branches.append((state.params.negative_prompt, bool(p.get("negative_glyphs"))))
+    tokenizer = ctx.tokenizers[tokenizer_name]
+    out = [dict(byt5_states=None, byt5_mask=None) for _ in branches]
+    with timed(state.timings, "encode", ctx):
+        with ctx.placements[qwen_name].active() as qwen, ctx.dispatch(qwen_name):  # one model on the device at a time
+            for o, (prompt, _) in zip(out, branches):
+                o["text_states"], o["text_mask"] = encode_text_states(qwen, tokenizer, prompt, p["text_len"], ctx.device)
+        # activated on every run, quoted text or not: the plan's model uses (and prefetches) are in stage order
+        with ctx.placements[byt5_name].active() as byt5, ctx.dispatch(byt5_name):
+            for o, (prompt, glyphs) in zip(out, branches):
+                if glyphs:
+                    o["byt5_states"], o["byt5_mask"] = encode_glyphs(byt5, prompt, p["glyph_len"], ctx.device)
+    state.family["text"] = out

@@ -1,0 +1,154 @@
+"""HunyuanVideo-1.5 through recipe -> compiler -> plan -> runtime on the tiny weights in recipes/tiny_hy15/.
+
+The runtime's frames are compared with the composition of tests/test_hy15_pipeline_parity.py (which matches
+diffusers' HunyuanVideo15Pipeline / HunyuanVideo15ImageToVideoPipeline to 1e-5 on the frames): the same modules
+built from the same files outside the runtime, the prompt through `text.tokenize_rendered` and Qwen2.5-VL /
+byT5, the seeded CPU noise, the CFG flow-matching Euler loop over HunyuanVideo-1.5's shifted linspace grid, the VAE
+decode, uint8 as the runtime writes frames. Tolerance: at most 1 level of 255 on any pixel (a float32 rounding that
+crosses a .5 boundary) and a mean absolute difference under 0.01 levels; measured: bitwise equal (the runtime does
+the same float32 operations in the same order). The SR stage is checked the same way against the composition of
+`models.hunyuan15.sr`'s pieces (tested against a float64 evaluation of Tencent's SR forward in test_hy15_sr.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import telefuser
+from telefuser.compiler import compile_recipe
+from telefuser.errors import RecipeError
+from telefuser.schema.canonical import pretty_json
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY = RECIPES / "tiny_hy15"
+PROMPT, NEGATIVE, SEED = 'A red "STOP" sign in the rain', "blurry", 7
+
+
+def _load(tmp_path, recipe: str, *overrides: str):
+    plan = tmp_path / f"{recipe}.plan.json"
+    compiled = compile_recipe(RECIPES / f"{recipe}.toml", overrides)
+    plan.write_text(pretty_json(compiled.model_dump(mode="json", by_alias=True)))
+    return compiled, telefuser.load_plan(str(plan))
+
+
+def _model(role_file: str, class_name: str, arch: dict):
+    from safetensors.torch import load_file
+
+    from telefuser.models import registry
+
+    entry = registry.get(class_name)
+    state = load_file(str(TINY / role_file))
+    model = entry.model_class(entry.config_class(**arch))
+    model.load_state_dict(entry.convert(state, entry.detect_layout(state.keys())), strict=True)
+    return model.eval()
+
+
+def _reference(plan, prompt: str, negative: str, seed: int, width: int, height: int, image=None) -> np.ndarray:
+    """The parity composition on the plan's files and numbers, frames as uint8 [F, H, W, 3]."""
+    from tokenizers import Tokenizer
+
+    from telefuser.models.hunyuan15 import sr, text
+    from telefuser.models.hunyuan15.dit import condition_latents
+
+    models = {m.role: m for m in plan.layer1_model_definition.models}
+    build = {r: _model(Path(m.path).name, m.class_, m.arch) for r, m in models.items() if r != "tokenizer"}
+    tok = Tokenizer.from_file(models["tokenizer"].path)
+    l2 = plan.layer2_inference_config
+
+    def encode(p: str, glyphs: bool):
+        ids, mask, crop = text.tokenize_rendered(lambda s: tok.encode(s, add_special_tokens=False).ids, [p],
+                                                 tok.token_to_id("<|endoftext|>"), max_length=l2.text_len)
+        states = build["text_encoder"](ids, mask)[:, crop:]
+        g = text.glyph_text(p) if glyphs else None
+        if g is None:
+            return states, mask[:, crop:], None, None
+        gids, gmask = text.byt5_ids(g, 256)
+        return states, mask[:, crop:], build["glyph_encoder"](gids, gmask), gmask
+
+    with torch.no_grad():
+        cond, uncond = encode(prompt, True), encode(negative, False)
+        vae, dit = build["vae"], build["dit"]
+        gen = torch.Generator().manual_seed(seed)
+        c = vae.config.latent_channels
+        latents = torch.randn(1, c, (l2.num_frames - 1) // 4 + 1, height // 16, width // 16, generator=gen)
+        vision, image_latent = None, None
+        if image is not None:
+            siglip = build["image_encoder"]
+            vision = siglip(siglip.preprocess(image))
+            image_latent = vae.encode(image[:, :, None])
+        y = condition_latents(latents, image_latent)
+        steps, shift, scale = l2.num_inference_steps, l2.sigma_shift, l2.cfg_scale
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+        sigmas = torch.cat([torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas)), torch.zeros(1)])
+        x = latents.clone()
+        for i in range(steps):
+            t = (sigmas[i] * 1000.0).reshape(1)
+            v_c = dit(x, t, *cond, vision, y=y)
+            v_u = dit(x, t, *uncond, vision, y=y)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + scale * (v_c - v_u))
+        if l2.enable_sr:
+            s = l2.lq_noise_strength
+            sr_cfg = l2.sr_config
+            tw, th = {"720p": {"16:9": (1280, 720)}, "480p": {"16:9": (832, 480)}}[str(sr_cfg.target_resolution)]["16:9"]
+            up = sr.upsample_lq_latent(x, (th // 16, tw // 16), build["sr_upsampler"])
+            noised = sr.noise_lq_latent(up, s, noise=torch.randn(up.shape, generator=gen))
+            hr = torch.randn(up.shape, generator=gen)
+            condition, zero = sr.sr_condition(hr, noised)
+            sig = np.linspace(1.0, 0.0, sr_cfg.num_inference_steps + 1)[:-1].astype(np.float32)
+            sh = sr_cfg.sigma_shift
+            sig = torch.cat([torch.from_numpy(sh * sig / (1 + (sh - 1) * sig)), torch.zeros(1)])
+            ts = (sig[:-1] * 1000.0).tolist()
+            for i in range(sr_cfg.num_inference_steps):
+                v = build["dit_sr"](hr, (sig[i] * 1000.0).reshape(1), *cond, None,
+                                    y=sr.sr_condition_for(ts[i], condition, zero, s),
+                                    t_r=torch.tensor([sr.meanflow_t_r(ts, i)]))
+                hr = hr + (sig[i + 1] - sig[i]) * v
+            x = hr
+        video = vae.decode(x)
+    pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def _close(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_tiny_t2v_plan_frames_equal_the_parity_composition(tmp_path) -> None:
+    plan, pipe = _load(tmp_path, "tiny_hy15")
+    assert plan.pipeline_type == "hunyuan_video15_t2v"
+    assert [s.kind for s in plan.stages] == ["load", "hy15_text_encode", "noise", "hy15_denoise", "vae_decode",
+                                             "write_video"]
+    video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
+    assert video.frames.shape == (5, 144, 256, 3) and video.frames.std() > 1.0
+    _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
+
+
+def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(tmp_path) -> None:
+    plan = compile_recipe(RECIPES / "tiny_hy15.toml")
+    classes = {m.role: m.class_ for m in plan.layer1_model_definition.models}
+    assert classes == {"dit": "HunyuanVideo15DiT", "vae": "HunyuanVideo15VAE", "text_encoder": "Qwen25VLTextEncoder",
+                       "tokenizer": "Qwen25VLTokenizer", "glyph_encoder": "ByT5Encoder"}
+    denoise = next(s for s in plan.stages if s.kind == "hy15_denoise")
+    assert denoise.params["grid"] == "linspace_1_0_shifted" and denoise.params["cfg"]
+    refusals = {
+        "layer2.parallel_config.cfg_degree=2": "parallelism is not built for HunyuanVideo-1.5",
+        "layer2.sample_solver=unipc": "flow-matching Euler",
+        "layer2.models.dit.offload_config.offload_type=ASYNC_CPU_OFFLOAD": "block streaming is not built",
+        "layer2.models.dit.quant_config.quant_type=fp8_e4m3fn": "FP8 / int8 linears are not built",
+        "layer2.models.dit.attention_config.sparse_config.dense_timesteps=10": "SSTA",
+        "layer2.enable_sr=true": "needs the SR stage's models",
+        "layer2.lq_noise_strength=0.7": "needs layer2.enable_sr",
+    }
+    for override, message in refusals.items():
+        extra = ["target.num_devices=2"] if "cfg_degree" in override else []
+        with pytest.raises(Exception) as info:
+            compile_recipe(RECIPES / "tiny_hy15.toml", [override, *extra])
+        assert message in str(info.value), (override, str(info.value))
+    with pytest.raises(RecipeError, match="HunyuanVideo-1.5"):
+        compile_recipe(RECIPES / "tiny_hy15.toml", ["layer1.pipeline=wan_t2v"])
