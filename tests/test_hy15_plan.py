@@ -22,6 +22,7 @@ import telefuser
 from telefuser.compiler import compile_recipe
 from telefuser.errors import RecipeError
 from telefuser.schema.canonical import pretty_json
+from telefuser.schema.resolution import frame_size
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny_hy15"
@@ -93,7 +94,7 @@ def _reference(plan, prompt: str, negative: str, seed: int, width: int, height: 
         if l2.enable_sr:
             s = l2.lq_noise_strength
             sr_cfg = l2.sr_config
-            tw, th = {"720p": {"16:9": (1280, 720)}, "480p": {"16:9": (832, 480)}}[str(sr_cfg.target_resolution)]["16:9"]
+            tw, th = frame_size(str(sr_cfg.target_resolution), "16:9")
             up = sr.upsample_lq_latent(x, (th // 16, tw // 16), build["sr_upsampler"])
             noised = sr.noise_lq_latent(up, s, noise=torch.randn(up.shape, generator=gen))
             hr = torch.randn(up.shape, generator=gen)
@@ -152,3 +153,31 @@ def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(
         assert message in str(info.value), (override, str(info.value))
     with pytest.raises(RecipeError, match="HunyuanVideo-1.5"):
         compile_recipe(RECIPES / "tiny_hy15.toml", ["layer1.pipeline=wan_t2v"])
+
+
+def test_tiny_i2v_plan_frames_equal_the_parity_composition(tmp_path) -> None:
+    """The image (already the frame's size: no resize) through the runtime's image_load, SigLIP and the VAE encoder."""
+    from telefuser.runtime.io.image import as_image, fit_image, to_pixels
+
+    plan, pipe = _load(tmp_path, "tiny_hy15_i2v")
+    assert [s.kind for s in plan.stages] == ["load", "hy15_text_encode", "image_load", "hy15_image_encode", "noise",
+                                             "hy15_denoise", "vae_decode", "write_video"]
+    pixels = np.random.default_rng(4).integers(0, 256, (144, 256, 3), dtype=np.uint8)
+    video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, image=pixels, progress=False)
+    image = to_pixels(fit_image(as_image(pixels), 256, 144))
+    _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144, image=image))
+
+
+def test_tiny_sr_plan_frames_equal_the_composition_of_the_sr_pieces(tmp_path) -> None:
+    """Base denoise at 144p -> super_resolve to 480p (upsampler, lq noise 0.7, 3 MeanFlow Euler steps of shift 2) ->
+    decode; one frame."""
+    plan, pipe = _load(tmp_path, "tiny_hy15_sr")
+    kinds = [s.kind for s in plan.stages]
+    assert kinds == ["load", "hy15_text_encode", "noise", "hy15_denoise", "hy15_sr", "vae_decode", "write_video"]
+    sr = next(s for s in plan.stages if s.kind == "hy15_sr")
+    assert sr.models == ["sr_upsampler", "dit_sr"] and sr.params["frame_sizes"] == {"16:9": [832, 480]}
+    assert sr.params["lq_noise_strength"] == 0.7 and sr.params["num_inference_steps"] == 3
+    assert {s.stage for s in plan.memory.stages} >= {"denoise", "super_resolve", "decode_vae"}
+    video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
+    assert video.frames.shape == (1, 480, 832, 3) and video.frames.std() > 1.0
+    _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
