@@ -181,3 +181,20 @@ def test_tiny_sr_plan_frames_equal_the_composition_of_the_sr_pieces(tmp_path) ->
     video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
     assert video.frames.shape == (1, 480, 832, 3) and video.frames.std() > 1.0
     _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
+
+
+def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -> None:
+    """telefuser.core.config.HunyuanVideo15PipelineConfig (the design's name, = Layer2) with enable_sr builds the
+    plan the TOML recipe does."""
+    from telefuser.compiler import load_recipe
+    from telefuser.core.config import HunyuanVideo15PipelineConfig, Recipe, SRConfig
+
+    toml = load_recipe(RECIPES / "tiny_hy15_sr.toml").recipe
+    layer2 = HunyuanVideo15PipelineConfig(
+        sample_solver="euler", num_inference_steps=3, num_frames=1, fps=8, cfg_scale=6.0, sigma_shift=5.0, text_len=64,
+        enable_sr=True, lq_noise_strength=0.7,
+        sr_config=SRConfig(num_inference_steps=3, sigma_shift=2.0, target_resolution="480p"))
+    assert layer2 == toml.layer2
+    recipe = Recipe(name="tiny_hy15_sr", description=toml.description, target=toml.target, layer1=toml.layer1,
+                    layer2=layer2, layer3=toml.layer3)
+    assert compile_recipe(recipe, base_dir=RECIPES).stages == compile_recipe(RECIPES / "tiny_hy15_sr.toml").stages
