@@ -128,6 +128,9 @@ def build_model_root(root: Path) -> None:
     write_shards(root / "Wan2.2-TI2V-5B", module_shapes(WanDiT, WanDiTConfig(**DIT_TI2V_5B)), torch.bfloat16, 3)
     write_pth_index_only(root / "Wan2.2-TI2V-5B" / "Wan2.2_VAE.pth", module_shapes(Wan22VAE, Wan22VAEConfig()),
                          torch.float32)
+    from bench.hy15_files import write_hunyuan15_root
+
+    write_hunyuan15_root(root)  # tencent/HunyuanVideo-1.5's files, headers only
 
 
 def median_seconds(fn, runs: int = 7) -> float:

@@ -123,8 +123,8 @@ def _close(got: np.ndarray, expected: np.ndarray) -> None:
 def test_tiny_t2v_plan_frames_equal_the_parity_composition(tmp_path) -> None:
     plan, pipe = _load(tmp_path, "tiny_hy15")
     assert plan.pipeline_type == "hunyuan_video15_t2v"
-    assert [s.kind for s in plan.stages] == ["load", "hy15_text_encode", "noise", "hy15_denoise", "vae_decode",
-                                             "write_video"]
+    assert [s.kind for s in plan.stages] == ["load", "hy15_glyph_encode", "hy15_text_encode", "noise", "hy15_denoise",
+                                             "vae_decode", "write_video"]
     video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
     assert video.frames.shape == (5, 144, 256, 3) and video.frames.std() > 1.0
     _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
@@ -160,8 +160,8 @@ def test_tiny_i2v_plan_frames_equal_the_parity_composition(tmp_path) -> None:
     from telefuser.runtime.io.image import as_image, fit_image, to_pixels
 
     plan, pipe = _load(tmp_path, "tiny_hy15_i2v")
-    assert [s.kind for s in plan.stages] == ["load", "hy15_text_encode", "image_load", "hy15_image_encode", "noise",
-                                             "hy15_denoise", "vae_decode", "write_video"]
+    assert [s.kind for s in plan.stages] == ["load", "hy15_glyph_encode", "hy15_text_encode", "image_load",
+                                             "hy15_image_encode", "noise", "hy15_denoise", "vae_decode", "write_video"]
     pixels = np.random.default_rng(4).integers(0, 256, (144, 256, 3), dtype=np.uint8)
     video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, image=pixels, progress=False)
     image = to_pixels(fit_image(as_image(pixels), 256, 144))
@@ -173,11 +173,12 @@ def test_tiny_sr_plan_frames_equal_the_composition_of_the_sr_pieces(tmp_path) ->
     decode; one frame."""
     plan, pipe = _load(tmp_path, "tiny_hy15_sr")
     kinds = [s.kind for s in plan.stages]
-    assert kinds == ["load", "hy15_text_encode", "noise", "hy15_denoise", "hy15_sr", "vae_decode", "write_video"]
-    sr = next(s for s in plan.stages if s.kind == "hy15_sr")
-    assert sr.models == ["sr_upsampler", "dit_sr"] and sr.params["frame_sizes"] == {"16:9": [832, 480]}
-    assert sr.params["lq_noise_strength"] == 0.7 and sr.params["num_inference_steps"] == 3
-    assert {s.stage for s in plan.memory.stages} >= {"denoise", "super_resolve", "decode_vae"}
+    assert kinds == ["load", "hy15_glyph_encode", "hy15_text_encode", "noise", "hy15_denoise", "hy15_sr_upsample",
+                     "hy15_sr", "vae_decode", "write_video"]
+    up, sr = (next(s for s in plan.stages if s.kind == k) for k in ("hy15_sr_upsample", "hy15_sr"))
+    assert up.models == ["sr_upsampler"] and up.params["frame_sizes"] == {"16:9": [832, 480]}
+    assert sr.models == ["dit_sr"] and sr.params["lq_noise_strength"] == 0.7 and sr.params["num_inference_steps"] == 3
+    assert {s.stage for s in plan.memory.stages} >= {"denoise", "upsample_latent", "super_resolve", "decode_vae"}
     video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
     assert video.frames.shape == (1, 480, 832, 3) and video.frames.std() > 1.0
     _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
@@ -198,3 +199,39 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
     recipe = Recipe(name="tiny_hy15_sr", description=toml.description, target=toml.target, layer1=toml.layer1,
                     layer2=layer2, layer3=toml.layer3)
     assert compile_recipe(recipe, base_dir=RECIPES).stages == compile_recipe(RECIPES / "tiny_hy15_sr.toml").stages
+
+
+SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p")
+
+
+def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
+    """The shipped recipes against files with the published names, shapes and sizes (headers only): detection, the
+    published architecture numbers, the stages, both DiTs in the memory estimate, within an H100 / H200."""
+    from bench.hy15_files import write_hunyuan15_root
+
+    write_hunyuan15_root(tmp_path)
+    monkeypatch.setenv("TELEFUSER_MODEL_ROOT", str(tmp_path))
+    plans = {name: compile_recipe(RECIPES / f"{name}.toml") for name in SHIPPED}
+    for name, plan in plans.items():
+        models = {m.role: m for m in plan.layer1_model_definition.models}
+        assert models["dit"].arch["hidden_size"] == 2048 and models["dit"].arch["double_blocks"] == 54, name
+        assert 8.3e9 < models["dit"].parameter_count < 8.4e9, name
+        assert models["text_encoder"].arch["num_layers"] == 28 and models["glyph_encoder"].key_layout == "glyph"
+        # Qwen2.5-VL: the 26 layers run (hidden_states[-3]), not the LM head, final norm or last two layers
+        assert 6.5e9 < models["text_encoder"].parameter_count < 6.7e9, name
+        assert models["vae"].arch["latent_channels"] == 32 and models["vae"].arch["spatial_ratio"] == 16
+        assert plan.memory.peak_bytes < plan.memory.capacity_bytes, name
+    sr = plans["hunyuan15_t2v_480p_sr_720p"]
+    assert [s.name for s in sr.stages][4:8] == ["denoise", "upsample_latent", "super_resolve", "decode_vae"]
+    assert {"weights.dit", "weights.dit_sr", "activations.dit", "activations.dit_sr"} <= set(sr.memory.breakdown)
+    assert sr.memory.breakdown["activations.dit_sr"] > sr.memory.breakdown["activations.dit"]  # 720p tokens
+    # a 24 GiB GPU: the compiler names the whole-model offload of both DiTs, which fits (one DiT on the device at a time)
+    with pytest.raises(Exception, match="dit_sr.offload_config.offload_type=MODEL_CPU_OFFLOAD"):
+        compile_recipe(RECIPES / "hunyuan15_t2v_480p_sr_720p.toml", ["target.gpu=RTX4090"])
+    fits = compile_recipe(RECIPES / "hunyuan15_t2v_480p_sr_720p.toml", [
+        "target.gpu=RTX4090", "layer2.models.dit.offload_config.offload_type=MODEL_CPU_OFFLOAD",
+        "layer2.models.dit_sr.offload_config.offload_type=MODEL_CPU_OFFLOAD"])
+    assert fits.memory.peak_bytes <= fits.memory.capacity_bytes
+    i2v = plans["hunyuan15_i2v_480p_step_distilled"]
+    assert i2v.layer1_model_definition.models[0].attributes.distill
+    assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]

@@ -242,10 +242,14 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
         raise RecipeError(f"DiT patch {patch}: the HunyuanVideo-1.5 stages run patch [1, 1, 1] (every published "
                           "transformer's); not executable yet.")
     stages = [Stage(name="load_models", kind="load", models=[m.name for m in models])]
+    # byT5, then Qwen2.5-VL, each its own stage: the memory plan sees one encoder on the device at a time, and the
+    # base DiT copied in while Qwen2.5-VL runs only when it finds room for both
+    stages.append(Stage(name="encode_glyphs", kind="hy15_glyph_encode", models=[by_role["glyph_encoder"]],
+                        params={"glyph_len": GLYPH_LEN, "negative": use_cfg, "negative_glyphs": False,
+                                "glyphs": "quoted_text"}))
     stages.append(Stage(name="encode_text", kind="hy15_text_encode",
-                        models=[by_role["tokenizer"], by_role["text_encoder"], by_role["glyph_encoder"]],
-                        params={"text_len": l2.text_len, "glyph_len": GLYPH_LEN, "negative": use_cfg,
-                                "template": "hunyuan_video15", "negative_glyphs": False}))
+                        models=[by_role["tokenizer"], by_role["text_encoder"]],
+                        params={"text_len": l2.text_len, "negative": use_cfg, "template": "hunyuan_video15"}))
     conditioning = "t2v"
     if recipe.layer1.pipeline == PipelineType.HUNYUAN_VIDEO15_I2V.value:
         stages.append(Stage(name="load_image", kind="image_load", params=dict(image_fit)))
@@ -264,14 +268,18 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
     if l2.enable_sr:
         sr = l2.sr_config or SRConfig()
         up = next(m for m in models if m.role == "sr_upsampler")
-        stages.append(Stage(name="super_resolve", kind="hy15_sr", models=[by_role["sr_upsampler"], by_role["dit_sr"]],
+        # two stages, so that the memory plan sees the upsampler and the SR DiT one after the other (the SR DiT can
+        # be copied in while the upsampler runs)
+        stages.append(Stage(name="upsample_latent", kind="hy15_sr_upsample", models=[by_role["sr_upsampler"]],
                             params={"version": UPSAMPLER_VERSION.get(up.class_, "720p_sr_distilled"),
                                     "target_resolution": str(sr.target_resolution), "frame_sizes": _sr_sizes(recipe),
-                                    "spatial_ratio": spatial, "lq_noise_strength": l2.lq_noise_strength,
-                                    "solver": "euler", "grid": "linspace_1_0_shifted",
+                                    "spatial_ratio": spatial, "resize": "bilinear", "lq_noise_strength":
+                                    l2.lq_noise_strength, "generator": "cpu"}))
+        stages.append(Stage(name="super_resolve", kind="hy15_sr", models=[by_role["dit_sr"]],
+                            params={"lq_noise_strength": l2.lq_noise_strength, "solver": "euler", "grid": "linspace_1_0_shifted",
                                     "num_inference_steps": sr.num_inference_steps, "sigma_shift": sr.sigma_shift,
                                     "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg_scale": sr.cfg_scale,
-                                    "meanflow": True, "generator": "cpu"}))
+                                    "meanflow": True}))
     stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role["vae"]],
                         params={"tiled": l2.tiled, "tile_size": list(l2.tile_size), "parallel_ranks": 1}))
     stages.append(Stage(name="write_video", kind="write_video",
@@ -295,7 +303,7 @@ def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage],
     and the image stage's (SigLIP's and the VAE encode of one frame)."""
     l2 = recipe.layer2
     out: dict[str, int] = {}
-    sr = next((s for s in stages if s.kind == "hy15_sr"), None)
+    sr = next((s for s in stages if s.kind == "hy15_sr_upsample"), None)
     by_role = {m.role: m for m in models}
     if sr is not None and "dit_sr" in by_role:
         dit = by_role["dit_sr"]
@@ -305,6 +313,10 @@ def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage],
         act = DTYPE_BYTES.get(dit.compute_dtype, 2)
         latent = tokens * int(dit.arch.get("in_channels", 98)) * 4 * 3  # x, condition, zero condition (float32)
         out["activations.dit_sr"] = tokens * (2 * hidden + 2 * mlp) * act + latent
+        up = by_role.get("sr_upsampler")
+        if up is not None:  # the resized latent, two feature maps of the upsampler's width and its output (float32)
+            width = int(up.arch.get("hidden_channels", (up.arch.get("block_out_channels") or [64])[0]))
+            out["activations.sr_upsample"] = tokens * (2 * width + 4 * LATENT_CHANNELS) * 4
         vae = by_role.get("vae")
         if vae is not None:
             decode = next((s for s in stages if s.kind == "vae_decode"), None)
@@ -316,6 +328,11 @@ def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage],
         length = l2.text_len + 128  # the template's system turn, cropped after the encoder (108 tokens published)
         hidden, mlp, heads = int(a.get("hidden_size", 0)), int(a.get("intermediate_size", 0)), int(a.get("num_heads", 1))
         out["activations.text_encode"] = length * (2 * hidden + 2 * mlp) * width + heads * length * length * 4
+    byt5 = by_role.get("glyph_encoder")
+    if byt5 is not None:
+        a, width = byt5.arch, DTYPE_BYTES.get(byt5.compute_dtype, 2)
+        dim, ffn, heads = int(a.get("dim", 0)), int(a.get("dim_ffn", 0)), int(a.get("num_heads", 1))
+        out["activations.glyph_encode"] = GLYPH_LEN * (2 * dim + 2 * ffn) * width + heads * GLYPH_LEN ** 2 * 4
     siglip = by_role.get("image_encoder")
     if siglip is not None:
         a, width = siglip.arch, DTYPE_BYTES.get(siglip.compute_dtype, 2)
@@ -328,7 +345,9 @@ def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage],
 def stage_activation(stage: Stage, breakdown: dict[str, int]) -> Optional[int]:
     """Activation bytes of a HunyuanVideo-1.5 stage kind, or None (not one of them)."""
     return {"hy15_text_encode": breakdown.get("activations.text_encode", 0),
+            "hy15_glyph_encode": breakdown.get("activations.glyph_encode", 0),
             "hy15_image_encode": breakdown.get("activations.image_encode", 0)
             + breakdown.get("activations.vae_encode", breakdown.get("activations.vae_decode", 0)),
             "hy15_denoise": breakdown.get("activations.dit", 0),
+            "hy15_sr_upsample": breakdown.get("activations.sr_upsample", 0),
             "hy15_sr": breakdown.get("activations.dit_sr", 0)}.get(stage.kind)

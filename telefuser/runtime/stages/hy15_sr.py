@@ -1,4 +1,4 @@
-"""hy15_sr: HunyuanVideo-1.5's super-resolution stage (tencent/HunyuanVideo-1.5 `hunyuan_video_sr_pipeline.py`; the
+"""hy15_sr_upsample + hy15_sr: HunyuanVideo-1.5's super-resolution stage (tencent/HunyuanVideo-1.5 `hunyuan_video_sr_pipeline.py`; the
 pieces are `telefuser.models.hunyuan15.sr`'s, tested against a float64 evaluation of the published SR forward).
 
 From the base stage's final latent `lq` [1, C, T, h, w]:
@@ -24,44 +24,57 @@ from .base import RunState, StageContext, register
 from .hy15_denoise import check_schedule, hy15_sigmas, text_inputs
 
 
-@register("hy15_sr")
-def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
-    from tqdm.auto import tqdm
+@register("hy15_sr_upsample")
+def hy15_sr_upsample(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    """Steps 1 and 2: the noised, upsampled low-resolution latent and the SR stage's initial latents."""
+    from telefuser.models.hunyuan15.sr import noise_lq_latent, upsample_lq_latent
 
-    from telefuser.models.hunyuan15.sr import (meanflow_t_r, noise_lq_latent, sr_condition, sr_condition_for,
-                                               upsample_lq_latent)
-
-    check_schedule(stage)
     p = stage.params
-    up_name, dit_name = stage.models
-    if p.get("generator") != "cpu" or not p.get("meanflow") or float(p["cfg_scale"]) != 1.0:
-        raise PlanError(f"the plan's stage {stage.name!r} asks for an SR stage this runtime does not run (generator "
-                        f"{p.get('generator')!r}, meanflow {p.get('meanflow')}, cfg_scale {p['cfg_scale']}); recompile.")
+    (up_name,) = stage.models
+    if p.get("generator") != "cpu" or p.get("resize") != "bilinear":
+        raise PlanError(f"the plan's stage {stage.name!r} asks for a {p.get('resize')!r} resize / {p.get('generator')!r} "
+                        "generator, which this runtime does not run; recompile with this version.")
     sizes = p["frame_sizes"]
     if state.params.aspect_ratio not in sizes:
         raise PlanError(f"the plan's SR stage has no frame size for aspect ratio {state.params.aspect_ratio}; recompile.")
+    if state.generator is None or state.latents is None:
+        raise PlanError(f"the plan's stage {stage.name!r} needs the base stage's latents; recompile.")
     width, height = sizes[state.params.aspect_ratio]
     space = int(p["spatial_ratio"])
+    with ctx.placements[up_name].active() as upsampler, ctx.dispatch(up_name):
+        lq = state.latents.float().to(next(upsampler.parameters()).device)
+        upsampled = upsample_lq_latent(lq, (height // space, width // space), upsampler).float().to(ctx.device)
+    noise = torch.randn(upsampled.shape, generator=state.generator, dtype=torch.float32).to(ctx.device)
+    state.family["lq"] = noise_lq_latent(upsampled, float(p["lq_noise_strength"]), noise=noise)
+    state.latents = torch.randn(upsampled.shape, generator=state.generator, dtype=torch.float32).to(ctx.device)
+
+
+@register("hy15_sr")
+def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    """Step 3: the SR DiT's sampling from the SR stage's initial latents."""
+    from tqdm.auto import tqdm
+
+    from telefuser.models.hunyuan15.sr import meanflow_t_r, sr_condition, sr_condition_for
+
+    check_schedule(stage)
+    p = stage.params
+    (dit_name,) = stage.models
+    if not p.get("meanflow") or float(p["cfg_scale"]) != 1.0:
+        raise PlanError(f"the plan's stage {stage.name!r} asks for an SR stage this runtime does not run (meanflow "
+                        f"{p.get('meanflow')}, cfg_scale {p['cfg_scale']}); recompile.")
     strength = float(p["lq_noise_strength"])
     text = state.family.get("text")
-    if not text or state.generator is None:
-        raise PlanError(f"the plan's stage {stage.name!r} needs the text inputs and the seeded latents of earlier "
+    if not text or "lq" not in state.family:
+        raise PlanError(f"the plan's stage {stage.name!r} needs the text inputs and the upsampled latent of earlier "
                         "stages; recompile.")
-    lq = state.latents.float()
-    size = (height // space, width // space)
-    with ctx.placements[up_name].active() as upsampler, ctx.dispatch(up_name):
-        upsampled = upsample_lq_latent(lq.to(next(upsampler.parameters()).device), size, upsampler).float()
-    upsampled = upsampled.to(ctx.device)
-    noise = torch.randn(upsampled.shape, generator=state.generator, dtype=torch.float32).to(ctx.device)
-    noised = noise_lq_latent(upsampled, strength, noise=noise)
-    latents = torch.randn(upsampled.shape, generator=state.generator, dtype=torch.float32).to(ctx.device)
+    latents = state.latents
     sigmas = hy15_sigmas(p["num_inference_steps"], p["sigma_shift"])
     timesteps = (sigmas[:-1] * 1000.0).tolist()
     bar = tqdm(total=p["num_inference_steps"], desc="super-resolution", unit="step",
                disable=not (state.progress and ctx.rank.rank == 0))
     with ctx.placements[dit_name].active() as dit, ctx.dispatch(dit_name):
         dtype = next(dit.parameters()).dtype
-        condition, zero = sr_condition(latents, noised)
+        condition, zero = sr_condition(latents, state.family["lq"])
         cond = text_inputs(text[0], dtype)
         for i in range(p["num_inference_steps"]):
             start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""hy15_text_encode: HunyuanVideo-1.5's two text inputs per CFG branch, on the replica's lead (one rank: the plan
+"""hy15_glyph_encode + hy15_text_encode: HunyuanVideo-1.5's two text inputs per CFG branch, on the replica's lead (one rank: the plan
 runs HunyuanVideo-1.5 on one device).
 
 - Qwen2.5-VL: the prompt rendered through the published chat template ([system: the video system prompt, user:
@@ -54,25 +54,46 @@ def encode_glyphs(byt5: torch.nn.Module, prompt: str, glyph_len: int, device: to
     return byt5(ids.to(bdev), mask.to(bdev)).float().to(device), mask.to(device)
 
 
+def _branches(state: RunState, stage: Stage) -> list[tuple[str, bool]]:
+    """(prompt, whether its glyphs are encoded) per CFG branch: the prompt, and the negative prompt under CFG."""
+    branches = [(state.params.prompt, True)]
+    if stage.params["negative"]:
+        branches.append((state.params.negative_prompt, bool(stage.params.get("negative_glyphs"))))
+    return branches
+
+
+@register("hy15_glyph_encode")
+def hy15_glyph_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    """byT5 on each branch's quoted text (its own stage: the memory plan sees byT5 and Qwen2.5-VL one at a time).
+    Activated on every run, quoted text or not: the plan's model uses (and prefetches) are in stage order."""
+    (byt5_name,) = stage.models
+    glyphs = []
+    with timed(state.timings, "encode", ctx):
+        with ctx.placements[byt5_name].active() as byt5, ctx.dispatch(byt5_name):
+            for prompt, encode in _branches(state, stage):
+                glyphs.append(encode_glyphs(byt5, prompt, stage.params["glyph_len"], ctx.device) if encode
+                              else (None, None))
+    state.family["glyphs"] = glyphs
+
+
 @register("hy15_text_encode")
 def hy15_text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
-    tokenizer_name, qwen_name, byt5_name = stage.models
+    tokenizer_name, qwen_name = stage.models
     p = stage.params
     if p.get("template") != "hunyuan_video15":
         raise PlanError(f"the plan's stage {stage.name!r} renders prompts with template {p.get('template')!r}, which "
                         "this runtime does not know; recompile the recipe with this version.")
-    branches = [(state.params.prompt, True)]
-    if p["negative"]:
-        branches.append((state.params.negative_prompt, bool(p.get("negative_glyphs"))))
+    branches = _branches(state, stage)
+    glyphs = state.family.get("glyphs") or [(None, None)] * len(branches)
+    if len(glyphs) != len(branches):
+        raise PlanError(f"the plan's stage {stage.name!r} encodes {len(branches)} prompts but the glyph stage "
+                        f"{len(glyphs)}; recompile.")
     tokenizer = ctx.tokenizers[tokenizer_name]
-    out = [dict(byt5_states=None, byt5_mask=None) for _ in branches]
+    out = []
     with timed(state.timings, "encode", ctx):
-        with ctx.placements[qwen_name].active() as qwen, ctx.dispatch(qwen_name):  # one model on the device at a time
-            for o, (prompt, _) in zip(out, branches):
-                o["text_states"], o["text_mask"] = encode_text_states(qwen, tokenizer, prompt, p["text_len"], ctx.device)
-        # activated on every run, quoted text or not: the plan's model uses (and prefetches) are in stage order
-        with ctx.placements[byt5_name].active() as byt5, ctx.dispatch(byt5_name):
-            for o, (prompt, glyphs) in zip(out, branches):
-                if glyphs:
-                    o["byt5_states"], o["byt5_mask"] = encode_glyphs(byt5, prompt, p["glyph_len"], ctx.device)
+        with ctx.placements[qwen_name].active() as qwen, ctx.dispatch(qwen_name):
+            for (prompt, _), (byt5_states, byt5_mask) in zip(branches, glyphs):
+                states, mask = encode_text_states(qwen, tokenizer, prompt, p["text_len"], ctx.device)
+                out.append({"text_states": states, "text_mask": mask, "byt5_states": byt5_states,
+                            "byt5_mask": byt5_mask})
     state.family["text"] = out
