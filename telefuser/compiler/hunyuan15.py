@@ -142,10 +142,11 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         return (f"{where} needs a model with role 'image_encoder' (SigLIP so400m-patch14-384, class SigLIPVision: "
                 "the published I2V pipeline's vision_states) and layer2.enable_clip_stage = true.")
     parallel = l2.parallel_config
-    if parallel.world_size > 1:
-        return (f"{where} with {parallel.world_size} ranks: cfg / Ulysses / ring / tp / dp / FSDP parallelism is "
-                "not built for HunyuanVideo-1.5 yet (not executable yet); set every parallel degree to 1 and "
-                "target.num_devices = 1.")
+    cfg_only = parallel.world_size == parallel.cfg_degree == 2 and not parallel.enable_fsdp
+    if parallel.world_size > 1 and not (cfg_only and not i2v):
+        return (f"{where} with {parallel.world_size} ranks: only cfg parallel (cfg_degree = 2, text-to-video) is "
+                "built for HunyuanVideo-1.5; Ulysses / ring / tp / dp / FSDP parallelism and I2V on several ranks are "
+                "not built yet (not executable yet); set those degrees to 1 (target.num_devices = cfg_degree).")
     if l2.sample_solver != "euler" or l2.denoising_step_list is not None:
         return (f"{where}: layer2.sample_solver = {str(l2.sample_solver)!r}"
                 f"{' with denoising_step_list' if l2.denoising_step_list is not None else ''}: HunyuanVideo-1.5 "

@@ -77,10 +77,15 @@ def hy15_denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
             start = time.perf_counter()
             t = (sigmas[i] * 1000.0).reshape(1).to(ctx.device)
             x = latents.to(dtype)
-            velocity = dit(x, t, *cond, vision, y=y).float()
-            if guided:
-                v_u = dit(x, t, *uncond, vision, y=y).float()
+            if guided and ctx.rank.degree("cfg") == 2:  # cfg parallel: a branch per cfg rank, exchanged every step
+                mine = cond if ctx.rank.coords["cfg"] == 0 else uncond
+                velocity, v_u = ctx.rank.all_gather(dit(x, t, *mine, vision, y=y).float(), "cfg")
                 velocity = v_u + scale * (velocity - v_u)
+            else:
+                velocity = dit(x, t, *cond, vision, y=y).float()
+                if guided:
+                    v_u = dit(x, t, *uncond, vision, y=y).float()
+                    velocity = v_u + scale * (velocity - v_u)
             latents = latents + (sigmas[i + 1] - sigmas[i]).to(ctx.device) * velocity
             ctx.sync()
             state.timings.steps.append(time.perf_counter() - start)

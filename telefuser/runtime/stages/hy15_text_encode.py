@@ -88,12 +88,23 @@ def hy15_text_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     if len(glyphs) != len(branches):
         raise PlanError(f"the plan's stage {stage.name!r} encodes {len(branches)} prompts but the glyph stage "
                         f"{len(glyphs)}; recompile.")
-    tokenizer = ctx.tokenizers[tokenizer_name]
     out = []
+    # Qwen2.5-VL lives on each dp replica's lead (several ranks: cfg parallel), which broadcasts its outputs; byT5
+    # runs on every rank (hy15_glyph_encode)
+    shared = ctx.plan.placement_of(qwen_name).ranks == "all"
     with timed(state.timings, "encode", ctx):
-        with ctx.placements[qwen_name].active() as qwen, ctx.dispatch(qwen_name):
-            for (prompt, _), (byt5_states, byt5_mask) in zip(branches, glyphs):
-                states, mask = encode_text_states(qwen, tokenizer, prompt, p["text_len"], ctx.device)
-                out.append({"text_states": states, "text_mask": mask, "byt5_states": byt5_states,
-                            "byt5_mask": byt5_mask})
+        texts = []
+        if shared or ctx.rank.is_writer:
+            tokenizer = ctx.tokenizers[tokenizer_name]
+            with ctx.placements[qwen_name].active() as qwen, ctx.dispatch(qwen_name):
+                texts = [encode_text_states(qwen, tokenizer, prompt, p["text_len"], ctx.device) for prompt, _ in branches]
+        else:
+            planned = next(m for m in ctx.plan.layer1_model_definition.models if m.name == qwen_name)
+            texts = [(torch.empty(1, p["text_len"], planned.arch["hidden_size"], device=ctx.device),
+                      torch.empty(1, p["text_len"], dtype=torch.int64, device=ctx.device)) for _ in branches]
+        if not shared:
+            texts = [(ctx.rank.broadcast(states.contiguous()), ctx.rank.broadcast(mask.contiguous()))
+                     for states, mask in texts]
+        for (states, mask), (byt5_states, byt5_mask) in zip(texts, glyphs):
+            out.append({"text_states": states, "text_mask": mask, "byt5_states": byt5_states, "byt5_mask": byt5_mask})
     state.family["text"] = out
