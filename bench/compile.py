@@ -143,6 +143,10 @@ def build_model_root(root: Path) -> None:
     (root / "taehv").mkdir()
     write_pth_index_only(root / "taehv" / "taew2_1.pth", taehv_shapes(asdict(TAEHVConfig())), torch.float32)
 
+    from bench.hy15_files import write_hunyuan15_root
+
+    write_hunyuan15_root(root)  # tencent/HunyuanVideo-1.5's files, headers only
+
 
 def median_seconds(fn, runs: int = 7) -> float:
     fn()  # warm: imports and the page cache

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telefuser.errors import WeightsError
+from telefuser.models.registry import detect_hunyuan15, hunyuan15_used
 
 from .weights import TensorInfo, WeightIndex
 
@@ -25,6 +26,7 @@ class Detection:
     layout: str
     arch: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    found: Any = None  # a HunyuanVideo-1.5 detection's own record (telefuser.models.hunyuan15.detect.Found)
 
 
 Shapes = dict[str, tuple[int, ...]]
@@ -196,11 +198,34 @@ _taehv = _described("TAEHV", lambda s: "decoder.1.weight" in s and "decoder.7.co
 DETECTORS: list[Callable[[Shapes], Detection | None]] = [_dit, _vae, _vae22, _umt5, _clip, _rife, _taehv]
 
 
+QWEN_TOKENIZER_MARK = b"<|im_start|>"  # Qwen2.5-VL's chat-template token: in its tokenizer.json, not in umT5's
+
+
+def _tokenizer(path) -> Detection:
+    try:
+        qwen = QWEN_TOKENIZER_MARK in path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read the tokenizer ({exc}).") from exc
+    return Detection("Qwen25VLTokenizer" if qwen else "UMT5Tokenizer", "tokenizers", {})
+
+
+def _hunyuan15(shapes: Shapes) -> Detection | None:
+    """HunyuanVideo-1.5's models (telefuser.models.hunyuan15.detect through the registry); before Wan's detectors,
+    which would take a diffusers-layout HY1.5 VAE for a Wan2.2 VAE and an HF T5 / SigLIP file for umT5 / CLIP."""
+    found = detect_hunyuan15(shapes)
+    if found is None:
+        return None
+    return Detection(found.class_name, found.layout, dict(found.arch), list(found.notes), found)
+
+
 def detect(index: WeightIndex) -> Detection:
     if index.files and index.files[0].name.endswith(".json") and not index.tensors:
-        return Detection("UMT5Tokenizer", "tokenizers", {})
+        return _tokenizer(index.files[0])
     shapes = {k: t.shape for k, t in index.tensors.items()}
     try:
+        hy15 = _hunyuan15(shapes)
+        if hy15 is not None:
+            return hy15
         for detector in DETECTORS:
             found = detector(shapes)
             if found is not None:
@@ -212,7 +237,7 @@ def detect(index: WeightIndex) -> Detection:
     raise WeightsError(
         f"{index.files[0]}: the tensor names ({sample}, ...) match no model TeleFuser knows "
         "(Wan DiT, Wan2.1 VAE, Wan2.2 VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout; RIFE v4.26 "
-        "flownet.pkl, TAEHV taew2_1/taew2_2)."
+        "flownet.pkl, TAEHV taew2_1/taew2_2; HunyuanVideo-1.5's DiT, VAE, SR upsampler, Qwen2.5-VL, byT5, SigLIP)."
     )
 
 
@@ -238,6 +263,8 @@ def used_tensors(det: Detection, tensors: dict[str, TensorInfo]) -> dict[str, Te
 
         kept = get(det.class_name).convert(dict.fromkeys(tensors), det.layout)
         return {k: t for k, t in tensors.items() if k.removeprefix("module.") in kept}
+    if det.found is not None:  # HunyuanVideo-1.5: a Qwen2.5-VL file's skipped layers, a SigLIP file's head, ...
+        return {k: t for k, t in tensors.items() if hunyuan15_used(det.found, k)}
     if det.class_name != "CLIPVision":
         return tensors
     keep = _CLIP_VISION[det.layout]

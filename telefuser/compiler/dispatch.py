@@ -13,6 +13,11 @@ OPS_BY_CLASS: dict[str, tuple[str, ...]] = {
     "WanVAE": ("attention",),
     "UMT5Encoder": ("attention", "rms_norm", "linear"),
     "CLIPVision": ("attention", "layer_norm", "linear"),
+    "HunyuanVideo15DiT": ("attention", *KERNEL_OPS, "linear"),
+    "HunyuanVideo15VAE": ("attention",),
+    "Qwen25VLTextEncoder": ("attention", "rms_norm", "linear"),
+    "ByT5Encoder": ("attention", "rms_norm", "linear"),
+    "SigLIPVision": ("attention", "layer_norm", "linear"),
 }
 FP8_MIN_CC = (8, 9)  # float8 tensor cores (torch._scaled_mm): Ada and Hopper onwards
 
@@ -29,10 +34,13 @@ def target_attention_problems(spec: AttentionBackend, target: ResolvedTarget, dt
 
 def _head_dim(model: PlannedModel) -> int | None:
     """Attention head width, or None where the arch is not known (--no-weights without the numbers)."""
-    width_key = {"WanDiT": "dim", "UMT5Encoder": "dim_attn"}.get(model.class_)
+    width_key, heads_key = {"WanDiT": ("dim", "num_heads"), "UMT5Encoder": ("dim_attn", "num_heads"),
+                            "ByT5Encoder": ("dim_attn", "num_heads"), "HunyuanVideo15DiT": ("hidden_size", "heads_num"),
+                            "Qwen25VLTextEncoder": ("hidden_size", "num_heads"),
+                            "SigLIPVision": ("dim", "num_heads")}.get(model.class_, (None, None))
     arch = model.arch
-    if width_key in arch and "num_heads" in arch:
-        return int(arch[width_key]) // int(arch["num_heads"])
+    if width_key in arch and heads_key in arch:
+        return int(arch[width_key]) // int(arch[heads_key])
     return None
 
 

@@ -44,7 +44,18 @@ def _feature_cache(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     return None
 
 
+def _hunyuan15(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """HunyuanVideo-1.5's own rules and what its stages do not run yet (compiler/hunyuan15.py)."""
+    from .hunyuan15 import check_recipe
+
+    return check_recipe(recipe, models)
+
+
 def _super_resolution(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    from .hunyuan15 import is_hy15
+
+    if is_hy15(recipe.layer1.pipeline):  # its SR stage runs (checked by _hunyuan15)
+        return None
     if recipe.layer2.enable_sr:
         return _not_yet("enable_sr", "true", "remove layer2.enable_sr (or set it to false)")
     if recipe.layer2.lq_noise_strength:
@@ -73,7 +84,7 @@ def _fullgraph_compile(recipe: Recipe, models: list[PlannedModel]) -> Optional[s
 
 
 NOT_EXECUTABLE_YET: tuple[Check, ...] = (
-    _sparse_attention, _feature_cache, _super_resolution, _pipeline_parallel, _fullgraph_compile)
+    _hunyuan15, _sparse_attention, _feature_cache, _super_resolution, _pipeline_parallel, _fullgraph_compile)
 
 
 def _runtime(recipe: Recipe, name: str) -> ModelRuntimeConfig:

@@ -52,6 +52,7 @@ def explain(plan: Plan) -> str:
                   + (f" (interpolated {l2.vfi_multiplier}x: {(l2.num_frames - 1) * l2.vfi_multiplier + 1} frames at "
                      f"{l2.fps * l2.vfi_multiplier} fps)" if l2.enable_vfi else "")]
     lines += _step_list(plan)
+    lines += _super_resolution(plan)
     lines += ["", "dispatch:"]
     for d in plan.dispatch:
         lines.append(f"  {d.model:<14} {d.op:<14} {d.impl:<14} {d.reason}")
@@ -106,6 +107,20 @@ def _step_list(plan: Plan) -> list[str]:
     high, low = (phase["model"] for phase in denoise.params["phases"])
     experts = [high if t >= boundary else low for t in fed]
     return [line, f"  experts per step (t >= {boundary:g}: {high}): {experts}"]
+
+
+def _super_resolution(plan: Plan) -> list[str]:
+    """HunyuanVideo-1.5's SR stage: sizes, the low-resolution latent's noise, the SR DiT's own schedule."""
+    up = next((s for s in plan.stages if s.kind == "hy15_sr_upsample"), None)
+    sr = next((s for s in plan.stages if s.kind == "hy15_sr"), None)
+    if up is None or sr is None:
+        return []
+    p, q = up.params, sr.params
+    sizes = ", ".join(f"{ar} {w}x{h}" for ar, (w, h) in p["frame_sizes"].items())
+    return [f"super-resolution ({p['version']}): {', '.join(up.models)} upsamples the base latent to the "
+            f"{p['target_resolution']} frame ({sizes}), noised by lq_noise_strength {p['lq_noise_strength']}; "
+            f"{', '.join(sr.models)}: {q['solver']}, {q['num_inference_steps']} steps, shift {q['sigma_shift']}, cfg "
+            f"{q['cfg_scale']}{', MeanFlow' if q.get('meanflow') else ''}; then decode_vae at that size"]
 
 
 def _stage_memory(plan: Plan) -> list[str]:
@@ -183,6 +198,10 @@ def _image_path(plan: Plan) -> list[str]:
         if s.kind == "image_load":
             what = f"--image, {p.get('resample')} resize to cover the frame and centre crop ({p.get('fit')}), values in {p.get('value_range')}"
             what += "; without --image the run is text-to-video" if p.get("optional") else ""
+        elif s.kind == "hy15_image_encode":
+            what = f"{models}: SigLIP tokens of the fitted image and its VAE latent -> {', '.join(p.get('outputs', []))}"
+        elif s.kind == "hy15_denoise" and p.get("condition") == "i2v":
+            what = f"{models}: image latent at latent frame 0 behind a mask, SigLIP tokens in both CFG branches"
         elif s.kind == "image_encode":
             what = f"{models}: CLIP tokens ({p.get('features')}) of the fitted image -> {p.get('output')}"
         elif s.kind == "vae_encode" and p.get("condition") == "image_latent":

@@ -130,7 +130,7 @@ def _vae_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, s
     l2 = recipe.layer2
     # Wan2.2's decoder works at half resolution in patch space (2x2 pixels as channels): per output pixel
     # it holds decoder_base_dim / 4 channels
-    base = int(vae.arch.get("base_dim", 96)) if vae.class_ != "Wan22VAE" else \
+    base = int(vae.arch.get("base_dim", (vae.arch.get("block_out_channels") or [96])[0])) if vae.class_ != "Wan22VAE" else \
         int(vae.arch.get("decoder_base_dim", 256)) // int(vae.arch.get("patch_size", 2)) ** 2
     width_bytes = DTYPE_BYTES[vae.compute_dtype]
     area = width * height
@@ -167,8 +167,9 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     l2 = recipe.layer2
     width, height, res, ar = _largest_frame(recipe)
     breakdown, resident, in_use, blocks = _device_weights(recipe, models)
-    dit = next(m for m in models if is_dit(m.role))
-    dim, ffn = int(dit.arch.get("dim", 0)), int(dit.arch.get("ffn_dim", 0))
+    dit = next((m for m in models if m.role == ModelRole.DIT.value), None) or next(m for m in models if is_dit(m.role))
+    # Wan's arch names, else HunyuanVideo-1.5's
+    dim, ffn = int(dit.arch.get("dim", dit.arch.get("hidden_size", 0))), int(dit.arch.get("ffn_dim", dit.arch.get("mlp_hidden_dim", 0)))
     act_bytes = DTYPE_BYTES[dit.compute_dtype]
     noise = next((s for s in stages or [] if s.kind == "noise"), None)  # the VAE's compression (Wan2.2's: 4 x 16 x 16)
     time_ratio, space = (noise.params["temporal_ratio"], noise.params["spatial_ratio"]) if noise else (4, 8)
@@ -201,6 +202,10 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     vfi = next((s for s in stages or [] if s.kind == "vfi"), None)
     if vfi is not None:
         breakdown["activations.vfi"] = _vfi_workspace(vfi, width, height)
+    from .hunyuan15 import activations as hy15_activations, is_hy15
+
+    if is_hy15(recipe.layer1.pipeline):  # the SR DiT's and the SR-size decode's, the Qwen2.5-VL / SigLIP stages'
+        breakdown.update(hy15_activations(recipe, models, stages or [], (width, height), _vae_workspace))
     breakdown["workspace"] = WORKSPACE_BYTES
     prefetch = plan_prefetch(recipe, models, stages or [], capacity, resident, breakdown, (width, height), in_use)
     per_stage = stage_peaks(stages or [], models, breakdown, (width, height), l2.text_len, resident, in_use, prefetch)
@@ -264,6 +269,11 @@ def _stage_activation(stage: Stage, models: list[PlannedModel], breakdown: dict[
                       text_len: int) -> int:
     """Activation bytes while `stage` runs, at the estimate's largest frame."""
     kind = stage.kind
+    from .hunyuan15 import stage_activation as hy15_stage_activation
+
+    family = hy15_stage_activation(stage, breakdown)
+    if family is not None:
+        return family
     if kind == "denoise":
         return breakdown.get("activations.dit", 0)
     if kind == "vae_encode":  # the encoder's feature maps are those of the untiled decoder, mirrored

@@ -35,10 +35,15 @@ def _candidates(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarg
                 and runtime(m.name).offload_config.offload_type == WeightOffloadType.NO_CPU_OFFLOAD and not runtime(m.name).run_on_cpu]
     if encoders and not l2.parallel_config.enable_fsdp:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "MODEL_CPU_OFFLOAD" for n in encoders})
-    dits = [m for m in models if is_dit(m.role)]
+    dits = [m for m in models if is_dit(m.role) and m.class_ == "WanDiT"]  # block streaming / FP8: Wan's DiTs
     streamable = [m.name for m in dits if runtime(m.name).offload_config.offload_type not in BLOCK_MODES]
     if streamable and l2.parallel_config.tp_degree == 1 and not l2.parallel_config.enable_fsdp:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "ASYNC_CPU_OFFLOAD" for n in streamable})
+    # DiTs without block streaming (HunyuanVideo-1.5's base and SR DiTs): whole-model offload, one in use at a time
+    whole = [m.name for m in models if is_dit(m.role) and m.class_ != "WanDiT"
+             and runtime(m.name).offload_config.offload_type == WeightOffloadType.NO_CPU_OFFLOAD]
+    if whole and l2.parallel_config.world_size == 1:
+        found.append({f"layer2.models.{n}.offload_config.offload_type": "MODEL_CPU_OFFLOAD" for n in whole})
     cc = tuple(int(p) for p in target.compute_capability.split(".")) if target.compute_capability else None
     plain = [m.name for m in dits if m.attributes.fp8_layout is None and runtime(m.name).quant_config.quant_type == "none"]
     if plain and target.device == "cuda" and cc is not None and cc >= FP8_MIN_CC and l2.parallel_config.tp_degree == 1:

@@ -14,12 +14,15 @@ from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import ModelSpec, Recipe
 
 from .detect import Detection, detect, parameter_count, storage_dtype, used_tensors
+from .hunyuan15 import CLASS_BY_ROLE as HY15_CLASS_BY_ROLE, HY15_ONLY_ROLES, check_compatible as hy15_check_compatible, check_family as hy15_check_family, is_hy15
 from .lora import plan_loras
 from .weights import WeightIndex, read_index
 
-CLASS_BY_ROLE = {"dit": ("WanDiT",), "dit_high_noise": ("WanDiT",), "dit_low_noise": ("WanDiT",),
-                 "vae": ("WanVAE", "Wan22VAE", "TAEHV"), "text_encoder": ("UMT5Encoder",), "tokenizer": ("UMT5Tokenizer",),
-                 "image_encoder": ("CLIPVision",), "vfi": ("RIFE",)}
+CLASS_BY_ROLE = {"dit": ("WanDiT", "HunyuanVideo15DiT"), "dit_high_noise": ("WanDiT",), "dit_low_noise": ("WanDiT",),
+                 "vae": ("WanVAE", "Wan22VAE", "TAEHV", "HunyuanVideo15VAE"),
+                 "text_encoder": ("UMT5Encoder", "Qwen25VLTextEncoder"), "tokenizer": ("UMT5Tokenizer", "Qwen25VLTokenizer"),
+                 "image_encoder": ("CLIPVision", "SigLIPVision"), "vfi": ("RIFE",),
+                 **{r: c for r, c in HY15_CLASS_BY_ROLE.items() if r in HY15_ONLY_ROLES}}
 # Architecture numbers the weights do not store; the recipe's value is taken when it gives one.
 NOT_IN_WEIGHTS = {"WanDiT": {"num_heads", "eps"}, "CLIPVision": {"num_heads", "eps", "activation"}}
 
@@ -43,7 +46,7 @@ def _check_declared(spec: ModelSpec, det: Detection, dtype: str) -> dict[str, An
     if det.class_name not in expected_class:
         raise WeightsError(f"{where}: role {spec.role!r} needs a {' or a '.join(expected_class)}, but {spec.path} "
                            f"holds a {det.class_name}: weights of another model; fix the path.")
-    if spec.dtype != "auto" and det.class_name != "UMT5Tokenizer" and spec.dtype != dtype:
+    if spec.dtype != "auto" and not det.class_name.endswith("Tokenizer") and spec.dtype != dtype:
         raise WeightsError(f"{where}: dtype = {spec.dtype!r}, but the weights are stored as {dtype}; "
                            "fix the recipe (or use dtype = \"auto\").")
     arch = dict(det.arch)
@@ -141,6 +144,9 @@ def _latent_input_channels(pipeline: str, z_dim: int) -> int:
 
 def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
     """The DiTs, VAE and text encoder must fit together and the pipeline (channels, text width, MoE pair)."""
+    hy15_check_family(models, pipeline)
+    if is_hy15(pipeline):
+        return hy15_check_compatible(models, pipeline)
     by_role = {m.role: m for m in models}
     vae, text = by_role.get("vae"), by_role.get("text_encoder")
     dits = [m for m in models if is_dit(m.role)]

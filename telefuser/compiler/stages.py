@@ -94,6 +94,10 @@ def first_frame_stages(recipe: Recipe, by_role: dict[str, str], stages: list[Sta
 
 
 def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
+    from . import hunyuan15
+
+    if hunyuan15.is_hy15(recipe.layer1.pipeline):  # its own pipeline kind and stages (compiler/hunyuan15.py)
+        return hunyuan15.build_stages(recipe, models, check_frame_sizes, IMAGE_FIT)
     l2 = recipe.layer2
     by_role = {m.role: m.name for m in models}
     use_cfg = recipe.layer1.is_moe and ((l2.cfg_scale_high or l2.cfg_scale) != 1.0 or (l2.cfg_scale_low or l2.cfg_scale) != 1.0) \

@@ -18,7 +18,8 @@ Mapping onto the three layers
   `.local_sparse_attention(...)` and `ParallelConfig(...).validate()` are methods of those models.
   Keys the reference has and the recipe does not (e.g. `device_id`, `ray_config`, attention `scale`)
   are refused like any unknown key: pydantic raises ValidationError naming the field.
-* `Wan21VideoPipelineConfig` and `Wan22VideoPipelineConfig` are both `Layer2`, the inference config:
+* `Wan21VideoPipelineConfig`, `Wan22VideoPipelineConfig` and `HunyuanVideo15PipelineConfig` are all
+  `Layer2`, the inference config (HunyuanVideo-1.5's SR stage: `enable_sr`, `lq_noise_strength`, `sr_config`):
   one model holds the single-DiT and the MoE settings (`boundary`, `cfg_scale_high`, `cfg_scale_low`
   apply when layer 1 has the two DiTs), and `sample_solver`, `enable_clip_stage`,
   `enable_denoising_parallel`, `enable_vae_parallel`, `enable_vfi` are its fields under the same
@@ -82,6 +83,7 @@ from telefuser.schema.recipe import (
     ModelSpec,
     Recipe,
     ResolutionParam,
+    SRConfig,
     StringParam,
     Target,
 )
@@ -89,12 +91,16 @@ from telefuser.schema.recipe import (
 # The reference design's pipeline configs: the inference config itself (see the module docstring).
 Wan21VideoPipelineConfig = Layer2
 Wan22VideoPipelineConfig = Layer2
+# HunyuanVideo-1.5 (layer1.pipeline "hunyuan_video15_t2v" / "hunyuan_video15_i2v"): the same inference config, whose
+# `enable_sr`, `lq_noise_strength` and `sr_config` (SRConfig: the SR stage's solver settings) run its SR stage.
+HunyuanVideo15PipelineConfig = Layer2
 
 __all__ = [
     # the reference design's names
     "AttentionConfig", "AttnImplType", "CompileConfig", "FeatureCacheConfig", "LoraConfig", "ModelRuntimeConfig",
     "OffloadConfig", "ParallelConfig", "QuantConfig", "QuantType", "SparseAttentionConfig", "WeightOffloadType",
-    "Wan21VideoPipelineConfig", "Wan22VideoPipelineConfig", "MODEL_CONFIG_KEYWORDS",
+    "Wan21VideoPipelineConfig", "Wan22VideoPipelineConfig", "HunyuanVideo15PipelineConfig", "SRConfig",
+    "MODEL_CONFIG_KEYWORDS",
     # the rest of a recipe, to build one in Python
     "Recipe", "Target", "Layer1", "ModelSpec", "DeclaredAttributes", "Layer2", "Layer3", "StringParam", "IntParam",
     "ResolutionParam", "AspectRatioParam", "ImageParam",

@@ -87,3 +87,14 @@ def get(name: str) -> ModelEntry:
         return REGISTRY[name]
     except KeyError:
         raise KeyError(f"no model class {name!r} in the registry; known: {', '.join(REGISTRY)}") from None
+
+
+def detect_hunyuan15(shapes: Mapping[str, Any]) -> Any:
+    """HunyuanVideo-1.5's weight detection (`hunyuan15.detect.detect`: pure functions of tensor names and shapes, no
+    torch), for the compiler: a `Found` (class, layout, arch, notes, DiT role) or None. Run before Wan's detectors."""
+    return importlib.import_module("telefuser.models.hunyuan15.detect").detect(dict(shapes))
+
+
+def hunyuan15_used(found: Any, key: str) -> bool:
+    """Whether the HunyuanVideo-1.5 model `found` loads this tensor of its file (`hunyuan15.detect.used`)."""
+    return importlib.import_module("telefuser.models.hunyuan15.detect").used(found, key)

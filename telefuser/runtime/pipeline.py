@@ -229,8 +229,12 @@ def _load_tokenizer(planned, text_len: int):
 
     path = planned.files[0].path if planned.files else planned.path
     try:
+        if planned.class_ == "Qwen25VLTokenizer":  # HunyuanVideo-1.5: a plain `tokenizers` encode (stages/hy15_*)
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(path))
         return UMT5Tokenizer(path, text_len=text_len)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, and tokenizers' own Exception type
         raise WeightsError(f"cannot load tokenizer {planned.name!r} from {path!r}: {exc}") from exc
 
 

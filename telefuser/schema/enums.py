@@ -82,9 +82,12 @@ class ModelRole(StrEnum):
     TOKENIZER = "tokenizer"
     IMAGE_ENCODER = "image_encoder"
     VFI = "vfi"  # frame interpolation after the decode (RIFE), run when layer2.enable_vfi
+    GLYPH_ENCODER = "glyph_encoder"  # HunyuanVideo-1.5: byT5 on the prompt's quoted text
+    DIT_SR = "dit_sr"  # HunyuanVideo-1.5: the super-resolution DiT (layer2.enable_sr)
+    SR_UPSAMPLER = "sr_upsampler"  # HunyuanVideo-1.5: the SR stage's latent upsampler
 
 
-DIT_ROLES = frozenset({ModelRole.DIT, ModelRole.DIT_HIGH_NOISE, ModelRole.DIT_LOW_NOISE})
+DIT_ROLES = frozenset({ModelRole.DIT, ModelRole.DIT_HIGH_NOISE, ModelRole.DIT_LOW_NOISE, ModelRole.DIT_SR})
 
 
 def is_dit(role: str) -> bool:
@@ -104,12 +107,25 @@ class ModelClass(StrEnum):
     CLIP_VISION = "CLIPVision"
     RIFE = "RIFE"  # Practical-RIFE v4.26's IFNet (flownet.pkl), role vfi
     TAEHV = "TAEHV"  # the tiny TAEHV decoder (taew2_1.pth / taew2_2.pth), role vae: decode only
+    HUNYUAN15_DIT = "HunyuanVideo15DiT"
+    HUNYUAN15_VAE = "HunyuanVideo15VAE"
+    HUNYUAN15_SR_UPSAMPLER_720P = "HunyuanVideo15SRUpsampler720p"
+    HUNYUAN15_SR_UPSAMPLER_1080P = "HunyuanVideo15SRUpsampler1080p"
+    QWEN25VL_TEXT_ENCODER = "Qwen25VLTextEncoder"
+    QWEN25VL_TOKENIZER = "Qwen25VLTokenizer"
+    BYT5_ENCODER = "ByT5Encoder"
+    SIGLIP_VISION = "SigLIPVision"
 
 
 class PipelineType(StrEnum):
     WAN_T2V = "wan_t2v"
     WAN_I2V = "wan_i2v"
     WAN_TI2V = "wan_ti2v"  # Wan2.2 TI2V-5B: text-to-video, or image-to-video when given an image, one checkpoint
+    HUNYUAN_VIDEO15_T2V = "hunyuan_video15_t2v"  # HunyuanVideo-1.5 text-to-video (+ SR with layer2.enable_sr)
+    HUNYUAN_VIDEO15_I2V = "hunyuan_video15_i2v"  # HunyuanVideo-1.5 image-to-video
+
+
+HUNYUAN15_PIPELINES = frozenset({PipelineType.HUNYUAN_VIDEO15_T2V, PipelineType.HUNYUAN_VIDEO15_I2V})
 
 
 class TargetDevice(StrEnum):

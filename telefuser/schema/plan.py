@@ -93,7 +93,7 @@ class PlannedModel(FrozenModel):
     class_: ModelClass = Field(alias="class")
     dtype: WeightDtype
     compute_dtype: TorchDtype
-    key_layout: Literal["wan", "diffusers", "hf", "open_clip", "tokenizers", "ddp", "plain", "taehv"]
+    key_layout: Literal["wan", "diffusers", "hf", "open_clip", "tokenizers", "ddp", "plain", "taehv", "tencent", "glyph"]
     attributes: DetectedAttributes
     arch: dict[str, Any] = Field(description="Constructor arguments of the model's config.")
     parameter_count: int = Field(ge=0)

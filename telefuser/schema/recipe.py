@@ -123,6 +123,18 @@ MODEL_CONFIG_KEYWORDS = {
 }
 
 
+class SRConfig(StrictModel):
+    """The super-resolution stage's own sampling (HunyuanVideo-1.5, `layer2.enable_sr`): published for
+    `720p_sr_distilled` (480p -> 720p) as flow_shift 2.0, guidance 1.0, 6 steps; `1080p_sr_distilled` 8 steps."""
+
+    sample_solver: SampleSolver = Field(SampleSolver.EULER, description="Flow-matching Euler, as published.")
+    num_inference_steps: PositiveInt = Field(6, description="SR steps (published: 6 for 720p, 8 for 1080p).")
+    sigma_shift: float = Field(2.0, gt=0, description="The SR schedule's flow shift (published 2.0).")
+    cfg_scale: float = Field(1.0, ge=0, description="Guidance of the SR DiT (published 1.0: one DiT call per step).")
+    target_resolution: Resolution = Field(Resolution.P720, description="The SR video's resolution row: its frame is "
+                                          "that row's size at the run's aspect ratio.")
+
+
 class Layer2(StrictModel):
     """Inference algorithm: fixed in the plan."""
 
@@ -157,6 +169,8 @@ class Layer2(StrictModel):
     vfi_batch_size: PositiveInt = Field(8, description="enable_vfi: frame pairs interpolated at once on the device.")
     enable_sr: bool = False
     lq_noise_strength: float = Field(0.0, ge=0, le=1)
+    sr_config: Optional[SRConfig] = Field(None, description="HunyuanVideo-1.5 with enable_sr: the SR stage's solver "
+                                          "settings (default: the published 720p_sr_distilled ones).")
     models: dict[str, ModelRuntimeConfig] = Field(default_factory=dict)
     parallel_config: ParallelConfig = Field(default_factory=ParallelConfig)
 
@@ -312,12 +326,12 @@ class Recipe(StrictModel):
             )
         if parallel.cfg_degree == 2 and l2.cfg_scale == 1.0 and not l1.is_moe:
             raise ValueError("cfg parallel (cfg_degree = 2) needs classifier-free guidance; cfg_scale 1.0 has no negative branch")
-        takes_image = (PipelineType.WAN_I2V.value, PipelineType.WAN_TI2V.value)
+        takes_image = (PipelineType.WAN_I2V.value, PipelineType.WAN_TI2V.value, PipelineType.HUNYUAN_VIDEO15_I2V.value)
         if self.layer3.image is not None and l1.pipeline not in takes_image:
-            raise ValueError("layer3.image is only for the wan_i2v pipeline (image-to-video) and the wan_ti2v pipeline "
-                             "(Wan2.2 TI2V: text- or image-to-video)")
-        if l1.pipeline == PipelineType.WAN_I2V.value and self.layer3.image is None:
-            raise ValueError("the wan_i2v pipeline needs a [layer3.image] parameter")
+            raise ValueError("layer3.image is only for the wan_i2v pipeline (image-to-video), the wan_ti2v pipeline "
+                             "(Wan2.2 TI2V: text- or image-to-video) and hunyuan_video15_i2v")
+        if l1.pipeline in (PipelineType.WAN_I2V.value, PipelineType.HUNYUAN_VIDEO15_I2V.value) and self.layer3.image is None:
+            raise ValueError(f"the {l1.pipeline} pipeline needs a [layer3.image] parameter")
         if self.layer3.image is not None and not self.layer3.image.required and \
                 l1.pipeline != PipelineType.WAN_TI2V.value:
             raise ValueError("layer3.image.required must be true: the image is the video's first frame, and an "
@@ -325,9 +339,10 @@ class Recipe(StrictModel):
                              "also makes text-to-video, may take the image optionally)")
         roles = {m.role for m in l1.models}
         clip = ModelRole.IMAGE_ENCODER.value in roles
-        if clip and l1.pipeline != PipelineType.WAN_I2V.value:
-            raise ValueError("a model with role 'image_encoder' is only for the wan_i2v pipeline (it encodes the "
-                             "conditioning image); remove it, or set layer1.pipeline = \"wan_i2v\"")
+        if clip and l1.pipeline not in (PipelineType.WAN_I2V.value, PipelineType.HUNYUAN_VIDEO15_I2V.value):
+            raise ValueError("a model with role 'image_encoder' is only for the wan_i2v and hunyuan_video15_i2v "
+                             "pipelines (it encodes the conditioning image); remove it, or set layer1.pipeline = "
+                             "\"wan_i2v\" / \"hunyuan_video15_i2v\"")
         if l2.enable_clip_stage and not clip:
             raise ValueError("layer2.enable_clip_stage = true needs a model with role 'image_encoder' (the CLIP "
                              "vision tower, class CLIPVision) in layer1.models; add it, or set enable_clip_stage = false")

@@ -46,6 +46,8 @@ class RunState:
     image_latent: Optional[torch.Tensor] = None  # TI2V: the image's VAE latent [1, z, 1, h, w], the first latent frame
     frames: Optional[np.ndarray] = None
     device_frames: Optional[torch.Tensor] = None  # the decode's uint8 [F, H, W, 3] left on the device for the vfi stage
+    # a model family's own inputs between its stages (HunyuanVideo-1.5: "text" per CFG branch, "vision_states")
+    family: dict = field(default_factory=dict)
     writer: dict = field(default_factory=dict)
     on_step: Optional[Callable[[int, int], None]] = None  # (steps done, total) after each denoising step; may raise
 

@@ -1,0 +1,354 @@
+"""HunyuanVideo-1.5 (`layer1.pipeline = "hunyuan_video15_t2v"` / `"hunyuan_video15_i2v"`): the family's part of the
+compiler, kept in one module: which classes each role takes, what the weights must agree on, what is not built yet
+(refused here, so that a plan that compiles is a plan the runtime runs), the stages and their activations.
+
+The stages (runtime/stages/hy15_*.py run them; they compute what tests/test_hy15_pipeline_parity.py composes):
+
+  load_models -> encode_text (hy15_text_encode: Qwen2.5-VL hidden_states[-3] of the templated prompt, cropped;
+  byT5 of its quoted text) -> [I2V: load_image (image_load) -> encode_image (hy15_image_encode: SigLIP tokens and
+  the VAE latent of the first frame)] -> prepare_latents (noise) -> denoise (hy15_denoise: CFG flow-matching Euler
+  over HunyuanVideo-1.5's shifted grid) -> [enable_sr: super_resolve (hy15_sr: the base latent upsampled, noised by
+  lq_noise_strength, the SR DiT's own few-step schedule)] -> decode_vae (vae_decode) -> write_video.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from telefuser.errors import RecipeError, WeightsError
+from telefuser.schema.enums import BLOCK_MODES, HUNYUAN15_PIPELINES, ModelRole, PipelineType, QuantType
+from telefuser.schema.plan import PlannedModel, Stage
+from telefuser.schema.model_config import ModelRuntimeConfig
+from telefuser.schema.recipe import Recipe, SRConfig
+from telefuser.schema.resolution import RESOLUTION_TABLE
+
+NUM_TRAIN_TIMESTEPS = 1000
+LATENT_CHANNELS, TEMPORAL_RATIO, SPATIAL_RATIO = 32, 4, 16  # the published VAE (a --no-weights plan has no arch)
+GLYPH_LEN = 256  # byT5 tokens (published BYT5_MAX_LENGTH)
+HY15_CLASSES = frozenset({"HunyuanVideo15DiT", "HunyuanVideo15VAE", "HunyuanVideo15SRUpsampler720p",
+                          "HunyuanVideo15SRUpsampler1080p", "Qwen25VLTextEncoder", "Qwen25VLTokenizer", "ByT5Encoder",
+                          "SigLIPVision"})
+# role -> the classes it takes in a HunyuanVideo-1.5 recipe
+CLASS_BY_ROLE = {"dit": ("HunyuanVideo15DiT",), "dit_sr": ("HunyuanVideo15DiT",), "vae": ("HunyuanVideo15VAE",),
+                 "text_encoder": ("Qwen25VLTextEncoder",), "tokenizer": ("Qwen25VLTokenizer",),
+                 "glyph_encoder": ("ByT5Encoder",), "image_encoder": ("SigLIPVision",),
+                 "sr_upsampler": ("HunyuanVideo15SRUpsampler720p", "HunyuanVideo15SRUpsampler1080p")}
+HY15_ONLY_ROLES = ("glyph_encoder", "dit_sr", "sr_upsampler")
+UPSAMPLER_VERSION = {"HunyuanVideo15SRUpsampler720p": "720p_sr_distilled",
+                     "HunyuanVideo15SRUpsampler1080p": "1080p_sr_distilled"}
+
+
+def is_hy15(pipeline: str) -> bool:
+    return pipeline in HUNYUAN15_PIPELINES
+
+
+# ------------------------------------------------------------------ what the weights must agree on
+
+
+def check_family(models: list[PlannedModel], pipeline: str) -> None:
+    """HunyuanVideo-1.5 classes only in its pipelines, and only its classes there (before any channel check)."""
+    hy = sorted({m.class_ for m in models if m.class_ in HY15_CLASSES})
+    other = sorted({m.class_ for m in models if m.class_ not in HY15_CLASSES and m.class_ != "auto"})
+    if not is_hy15(pipeline) and hy:
+        raise RecipeError(f"layer1.pipeline = {pipeline!r} (Wan), but layer1.models holds HunyuanVideo-1.5 models "
+                          f"({', '.join(hy)}); set layer1.pipeline = \"hunyuan_video15_t2v\" or "
+                          "\"hunyuan_video15_i2v\", or point the paths at Wan weights.")
+    if is_hy15(pipeline) and other:
+        raise RecipeError(f"layer1.pipeline = {pipeline!r}, but layer1.models holds models of another family "
+                          f"({', '.join(other)}); a HunyuanVideo-1.5 pipeline takes "
+                          f"{', '.join(sorted(HY15_CLASSES))}.")
+
+
+def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
+    """Channels, text / glyph / image widths, the base and SR DiT's input channels, the upsampler's channels."""
+    by_role = {m.role: m for m in models}
+    vae, qwen, byt5 = by_role.get("vae"), by_role.get("text_encoder"), by_role.get("glyph_encoder")
+    siglip, up = by_role.get("image_encoder"), by_role.get("sr_upsampler")
+    c = int(vae.arch["latent_channels"]) if vae is not None else None
+    for role, expected_in, what in (("dit", lambda c: 2 * c + 1, "the base DiT (latent + condition latent + mask)"),
+                                    ("dit_sr", lambda c: 3 * c + 2, "the SR DiT (+ low-resolution latent + mask)")):
+        dit = by_role.get(role)
+        if dit is None:
+            continue
+        a = dit.arch
+        if c is not None and a["out_channels"] != c:
+            raise WeightsError(f"DiT {dit.name!r} outputs {a['out_channels']} latent channels, but VAE {vae.name!r} "
+                               f"decodes {c}: these weights belong to different models.")
+        if c is not None and a["in_channels"] != expected_in(c):
+            other = "an SR DiT (transformer/720p_sr_distilled or 1080p_sr_distilled)" if a["in_channels"] == 3 * c + 2 \
+                else "a base DiT (transformer/480p_t2v, 720p_i2v, ...)"
+            raise WeightsError(f"role {role!r} is {what}, which takes {expected_in(c)} input channels, but DiT "
+                               f"{dit.name!r} takes {a['in_channels']}: it is {other}; fix its path or role.")
+        if qwen is not None and a["text_states_dim"] != qwen.arch["hidden_size"]:
+            raise WeightsError(f"DiT {dit.name!r} takes text states of width {a['text_states_dim']}, but text encoder "
+                               f"{qwen.name!r} produces {qwen.arch['hidden_size']}: these weights belong to different "
+                               "models.")
+        if byt5 is not None and a["byt5_dim"] != byt5.arch["dim"]:
+            raise WeightsError(f"DiT {dit.name!r} takes glyph states of width {a['byt5_dim']}, but glyph encoder "
+                               f"{byt5.name!r} produces {byt5.arch['dim']}: these weights belong to different models.")
+        if siglip is not None and a["vision_states_dim"] != siglip.arch["dim"]:
+            raise WeightsError(f"DiT {dit.name!r} takes image states of width {a['vision_states_dim']}, but image "
+                               f"encoder {siglip.name!r} produces {siglip.arch['dim']}: these weights belong to "
+                               "different models.")
+        if a.get("guidance_embed"):
+            raise WeightsError(f"DiT {dit.name!r} embeds the guidance scale (guidance_in), which no published "
+                               "HunyuanVideo-1.5 pipeline feeds; not executable yet.")
+    sr_dit = by_role.get("dit_sr")
+    if sr_dit is not None and not sr_dit.arch.get("use_meanflow"):
+        raise WeightsError(f"SR DiT {sr_dit.name!r} has no MeanFlow time_r_in; the published SR DiTs "
+                           "(720p_sr_distilled, 1080p_sr_distilled) do: fix its path.")
+    if up is not None and c is not None:
+        channels = (up.arch.get("in_channels", up.arch.get("z_channels")), up.arch["out_channels"])
+        if channels != (c, c):
+            raise WeightsError(f"SR upsampler {up.name!r} maps {channels[0]} -> {channels[1]} latent channels, but "
+                               f"VAE {vae.name!r} has {c}: these weights belong to different models.")
+
+
+# ------------------------------------------------------------------ recipe rules and what is not built yet
+
+
+def _runtime(recipe: Recipe, name: str) -> ModelRuntimeConfig:
+    return recipe.layer2.models.get(name, ModelRuntimeConfig())
+
+
+def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """The refusal for a HunyuanVideo-1.5 recipe (or for a HunyuanVideo-1.5 role / class / SR key in another
+    pipeline), or None."""
+    l1, l2 = recipe.layer1, recipe.layer2
+    pipeline = str(l1.pipeline)
+    roles = {m.role for m in l1.models}
+    if not is_hy15(pipeline):
+        foreign = sorted(r for r in roles if r in HY15_ONLY_ROLES)
+        classes = sorted({m.class_ for m in models if m.class_ in HY15_CLASSES})
+        if foreign or classes:
+            return (f"layer1.pipeline = {pipeline!r} (Wan), but layer1.models has HunyuanVideo-1.5 "
+                    f"{'roles ' + ', '.join(foreign) if foreign else 'classes ' + ', '.join(classes)}; set "
+                    "layer1.pipeline = \"hunyuan_video15_t2v\" or \"hunyuan_video15_i2v\", or remove them.")
+        if l2.sr_config is not None:
+            return "layer2.sr_config is the HunyuanVideo-1.5 SR stage's; remove it (Wan has no SR stage)."
+        return None
+    where = f"layer1.pipeline = {pipeline!r}"
+    for m in models:
+        expected = CLASS_BY_ROLE.get(m.role)
+        if m.class_ != "auto" and expected is not None and m.class_ not in expected:
+            return (f"layer1.models.{m.name}: role {m.role!r} of a HunyuanVideo-1.5 pipeline takes "
+                    f"{' or '.join(expected)}, not {m.class_}; fix its class or path.")
+    for role in ("text_encoder", "glyph_encoder"):
+        if role not in roles:
+            return (f"{where} needs a model with role {role!r} ("
+                    f"{'Qwen2.5-VL-7B-Instruct, class Qwen25VLTextEncoder' if role == 'text_encoder' else 'byT5 (Glyph-SDXL-v2), class ByT5Encoder'}).")
+    i2v = pipeline == PipelineType.HUNYUAN_VIDEO15_I2V.value
+    if i2v and "image_encoder" not in roles:
+        return (f"{where} needs a model with role 'image_encoder' (SigLIP so400m-patch14-384, class SigLIPVision: "
+                "the published I2V pipeline's vision_states) and layer2.enable_clip_stage = true.")
+    parallel = l2.parallel_config
+    cfg_only = parallel.world_size == parallel.cfg_degree == 2 and not parallel.enable_fsdp
+    if parallel.world_size > 1 and not (cfg_only and not i2v):
+        return (f"{where} with {parallel.world_size} ranks: only cfg parallel (cfg_degree = 2, text-to-video) is "
+                "built for HunyuanVideo-1.5; Ulysses / ring / tp / dp / FSDP parallelism and I2V on several ranks are "
+                "not built yet (not executable yet); set those degrees to 1 (target.num_devices = cfg_degree).")
+    if l2.sample_solver != "euler" or l2.denoising_step_list is not None:
+        return (f"{where}: layer2.sample_solver = {str(l2.sample_solver)!r}"
+                f"{' with denoising_step_list' if l2.denoising_step_list is not None else ''}: HunyuanVideo-1.5 "
+                "samples with flow-matching Euler over its own shifted grid (sample_solver = \"euler\", no step "
+                "list; a step-distilled transformer runs the same loop with fewer steps); not executable yet.")
+    if l2.enable_vae_parallel:
+        return f"{where}: layer2.enable_vae_parallel: the HunyuanVideo-1.5 VAE's parallel decode is not wired yet; remove it."
+    for name, cfg in l2.models.items():
+        at = f"layer2.models.{name}"
+        if cfg.attention_config.sparse_config is not None or cfg.attention_config.is_sparse():
+            return (f"{at}.attention_config.sparse_config: HunyuanVideo-1.5's SSTA (selective and sliding tile "
+                    "attention, the 720p sparse / sparse-distilled transformers' flex-block-attn) is not built yet "
+                    "(not executable yet); remove sparse_config: the same weights run with dense attention.")
+        if cfg.feature_cache_config.method != "none":
+            return f"{at}.feature_cache_config: step caches are not built for HunyuanVideo-1.5 yet; remove it."
+        if cfg.offload_config.offload_type in BLOCK_MODES:
+            return (f"{at}.offload_config.offload_type = {cfg.offload_config.offload_type!r}: block streaming is not "
+                    "built for HunyuanVideo-1.5's models yet (not executable yet); use \"MODEL_CPU_OFFLOAD\" (whole "
+                    "model in host memory, copied in for its stage).")
+        if cfg.quant_config.quant_type != QuantType.NONE:
+            return (f"{at}.quant_config.quant_type = {cfg.quant_config.quant_type!r}: FP8 / int8 linears are not "
+                    "built for HunyuanVideo-1.5 yet (not executable yet); set quant_type = \"none\".")
+        if cfg.lora_configs:
+            return (f"{at}.lora_configs: LoRA is not built for HunyuanVideo-1.5 yet (its published LoRA layouts "
+                    "are not examined); remove lora_configs.")
+    if any(m.attributes.fp8 for m in l1.models):
+        return f"{where}: FP8 HunyuanVideo-1.5 checkpoints are not supported yet; use the bf16 files."
+    return _check_sr(recipe, roles, i2v)
+
+
+def _check_sr(recipe: Recipe, roles: set[str], i2v: bool) -> Optional[str]:
+    l2 = recipe.layer2
+    sr_roles = sorted(r for r in ("dit_sr", "sr_upsampler") if r in roles)
+    if not l2.enable_sr:
+        if sr_roles:
+            return (f"layer1.models has the SR stage's {', '.join(sr_roles)}, but layer2.enable_sr is false: set "
+                    "layer2.enable_sr = true (and lq_noise_strength, published 0.7), or remove them.")
+        if l2.lq_noise_strength:
+            return ("layer2.lq_noise_strength noises the SR stage's low-resolution latent; it needs layer2.enable_sr "
+                    "= true (remove it, or enable the SR stage).")
+        if l2.sr_config is not None:
+            return "layer2.sr_config sets the SR stage's sampling; it needs layer2.enable_sr = true (or remove it)."
+        return None
+    missing = [r for r in ("dit_sr", "sr_upsampler") if r not in roles]
+    if missing:
+        return (f"layer2.enable_sr = true needs the SR stage's models: role 'dit_sr' (the SR DiT, transformer/"
+                f"720p_sr_distilled) and role 'sr_upsampler' (upsampler/720p_sr_distilled); missing: {', '.join(missing)}.")
+    if i2v:
+        return ("layer2.enable_sr with hunyuan_video15_i2v: the I2V SR stage (the reference image re-encoded at the SR "
+                "size) is not built yet (not executable yet); use hunyuan_video15_t2v with SR, or enable_sr = false.")
+    sr = l2.sr_config or SRConfig()
+    if sr.sample_solver != "euler":
+        return f"layer2.sr_config.sample_solver = {str(sr.sample_solver)!r}: the SR stage samples with \"euler\" (published)."
+    if sr.cfg_scale != 1.0:
+        return (f"layer2.sr_config.cfg_scale = {sr.cfg_scale}: the SR DiTs are guidance-distilled (published guidance "
+                "1.0, one DiT call per step); CFG in the SR stage is not built: set cfg_scale = 1.0.")
+    for res in recipe.layer3.resolution.choices:
+        for ar in recipe.layer3.aspect_ratio.choices:
+            w, h = RESOLUTION_TABLE[res][ar]
+            tw, th = RESOLUTION_TABLE[sr.target_resolution][ar]
+            if tw * th <= w * h:
+                return (f"layer2.sr_config.target_resolution = {str(sr.target_resolution)!r} is not larger than "
+                        f"layer3 resolution {res} at {ar} ({w}x{h}); pick a larger SR row or restrict "
+                        "layer3.resolution.choices.")
+    return None
+
+
+# ------------------------------------------------------------------ stages
+
+
+def _arch(models: list[PlannedModel], role: str) -> dict[str, Any]:
+    m = next((m for m in models if m.role == role), None)
+    return dict(m.arch) if m is not None else {}
+
+
+def _sr_sizes(recipe: Recipe) -> dict[str, list[int]]:
+    """aspect ratio -> [width, height] of the SR video (the SR row's size at that ratio)."""
+    target = (recipe.layer2.sr_config or SRConfig()).target_resolution
+    return {str(ar): list(RESOLUTION_TABLE[target][ar]) for ar in recipe.layer3.aspect_ratio.choices}
+
+
+def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: Callable[[Recipe, int, list[int]], None],
+                 image_fit: dict[str, Any]) -> list[Stage]:
+    """The stages; `check_frame_sizes` and `image_fit` are compiler/stages.py's (shared with Wan's image stages)."""
+    l2 = recipe.layer2
+    by_role = {m.role: m.name for m in models}
+    use_cfg = l2.cfg_scale != 1.0
+    vae = _arch(models, "vae")
+    latent_channels = int(vae.get("latent_channels", LATENT_CHANNELS))
+    temporal, spatial = int(vae.get("temporal_ratio", TEMPORAL_RATIO)), int(vae.get("spatial_ratio", SPATIAL_RATIO))
+    patch = list(_arch(models, "dit").get("patch_size", [1, 1, 1]))
+    check_frame_sizes(recipe, spatial, patch)
+    if patch != [1, 1, 1]:
+        raise RecipeError(f"DiT patch {patch}: the HunyuanVideo-1.5 stages run patch [1, 1, 1] (every published "
+                          "transformer's); not executable yet.")
+    stages = [Stage(name="load_models", kind="load", models=[m.name for m in models])]
+    # byT5, then Qwen2.5-VL, each its own stage: the memory plan sees one encoder on the device at a time, and the
+    # base DiT copied in while Qwen2.5-VL runs only when it finds room for both
+    stages.append(Stage(name="encode_glyphs", kind="hy15_glyph_encode", models=[by_role["glyph_encoder"]],
+                        params={"glyph_len": GLYPH_LEN, "negative": use_cfg, "negative_glyphs": False,
+                                "glyphs": "quoted_text"}))
+    stages.append(Stage(name="encode_text", kind="hy15_text_encode",
+                        models=[by_role["tokenizer"], by_role["text_encoder"]],
+                        params={"text_len": l2.text_len, "negative": use_cfg, "template": "hunyuan_video15"}))
+    conditioning = "t2v"
+    if recipe.layer1.pipeline == PipelineType.HUNYUAN_VIDEO15_I2V.value:
+        stages.append(Stage(name="load_image", kind="image_load", params=dict(image_fit)))
+        stages.append(Stage(name="encode_image", kind="hy15_image_encode",
+                            models=[by_role["image_encoder"], by_role["vae"]],
+                            params={"outputs": ["vision_states", "image_latent"], "siglip_resize": "bicubic_antialias"}))
+        conditioning = "i2v"
+    stages.append(Stage(name="prepare_latents", kind="noise",
+                        params={"num_frames": l2.num_frames, "latent_channels": latent_channels,
+                                "temporal_ratio": temporal, "spatial_ratio": spatial, "generator": "cpu"}))
+    stages.append(Stage(name="denoise", kind="hy15_denoise", models=[by_role["dit"]],
+                        params={"solver": "euler", "grid": "linspace_1_0_shifted",
+                                "num_inference_steps": l2.num_inference_steps, "sigma_shift": l2.sigma_shift,
+                                "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg, "cfg_scale": l2.cfg_scale,
+                                "condition": conditioning}))
+    if l2.enable_sr:
+        sr = l2.sr_config or SRConfig()
+        up = next(m for m in models if m.role == "sr_upsampler")
+        # two stages, so that the memory plan sees the upsampler and the SR DiT one after the other (the SR DiT can
+        # be copied in while the upsampler runs)
+        stages.append(Stage(name="upsample_latent", kind="hy15_sr_upsample", models=[by_role["sr_upsampler"]],
+                            params={"version": UPSAMPLER_VERSION.get(up.class_, "720p_sr_distilled"),
+                                    "target_resolution": str(sr.target_resolution), "frame_sizes": _sr_sizes(recipe),
+                                    "spatial_ratio": spatial, "resize": "bilinear", "lq_noise_strength":
+                                    l2.lq_noise_strength, "generator": "cpu"}))
+        stages.append(Stage(name="super_resolve", kind="hy15_sr", models=[by_role["dit_sr"]],
+                            params={"lq_noise_strength": l2.lq_noise_strength, "solver": "euler", "grid": "linspace_1_0_shifted",
+                                    "num_inference_steps": sr.num_inference_steps, "sigma_shift": sr.sigma_shift,
+                                    "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg_scale": sr.cfg_scale,
+                                    "meanflow": True}))
+    stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role["vae"]],
+                        params={"tiled": l2.tiled, "tile_size": list(l2.tile_size), "parallel_ranks": 1}))
+    stages.append(Stage(name="write_video", kind="write_video",
+                        params={"fps": l2.fps, "container": "mp4", "codec": "libx264", "pixel_format": "yuv420p"}))
+    return stages
+
+
+# ------------------------------------------------------------------ activations (compiler/memory.py)
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _dit_tokens(num_frames: int, width: int, height: int, temporal: int, spatial: int) -> int:
+    return ((num_frames - 1) // temporal + 1) * (height // spatial) * (width // spatial)
+
+
+def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], frame: tuple[int, int],
+                vae_workspace: Callable[..., int]) -> dict[str, int]:
+    """Breakdown entries that differ from Wan's: the SR DiT's activations at the SR frame (and the decode there), the
+    text stage's (Qwen2.5-VL's residual stream, MLP and attention scores over text_len + the template, and byT5's)
+    and the image stage's (SigLIP's and the VAE encode of one frame)."""
+    l2 = recipe.layer2
+    out: dict[str, int] = {}
+    sr = next((s for s in stages if s.kind == "hy15_sr_upsample"), None)
+    by_role = {m.role: m for m in models}
+    if sr is not None and "dit_sr" in by_role:
+        dit = by_role["dit_sr"]
+        w, h = max((tuple(v) for v in sr.params["frame_sizes"].values()), key=lambda s: s[0] * s[1])
+        tokens = _dit_tokens(l2.num_frames, w, h, TEMPORAL_RATIO, sr.params["spatial_ratio"])
+        hidden, mlp = int(dit.arch.get("hidden_size", 0)), int(dit.arch.get("mlp_hidden_dim", 0))
+        act = DTYPE_BYTES.get(dit.compute_dtype, 2)
+        latent = tokens * int(dit.arch.get("in_channels", 98)) * 4 * 3  # x, condition, zero condition (float32)
+        out["activations.dit_sr"] = tokens * (2 * hidden + 2 * mlp) * act + latent
+        up = by_role.get("sr_upsampler")
+        if up is not None:  # the resized latent, two feature maps of the upsampler's width and its output (float32)
+            width = int(up.arch.get("hidden_channels", (up.arch.get("block_out_channels") or [64])[0]))
+            out["activations.sr_upsample"] = tokens * (2 * width + 4 * LATENT_CHANNELS) * 4
+        vae = by_role.get("vae")
+        if vae is not None:
+            decode = next((s for s in stages if s.kind == "vae_decode"), None)
+            out["activations.vae_decode"] = vae_workspace(recipe, vae, w, h, sr.params["spatial_ratio"],
+                                                          bool(decode and decode.params.get("tiled")))
+    qwen = by_role.get("text_encoder")
+    if qwen is not None:
+        a, width = qwen.arch, DTYPE_BYTES.get(qwen.compute_dtype, 2)
+        length = l2.text_len + 128  # the template's system turn, cropped after the encoder (108 tokens published)
+        hidden, mlp, heads = int(a.get("hidden_size", 0)), int(a.get("intermediate_size", 0)), int(a.get("num_heads", 1))
+        out["activations.text_encode"] = length * (2 * hidden + 2 * mlp) * width + heads * length * length * 4
+    byt5 = by_role.get("glyph_encoder")
+    if byt5 is not None:
+        a, width = byt5.arch, DTYPE_BYTES.get(byt5.compute_dtype, 2)
+        dim, ffn, heads = int(a.get("dim", 0)), int(a.get("dim_ffn", 0)), int(a.get("num_heads", 1))
+        out["activations.glyph_encode"] = GLYPH_LEN * (2 * dim + 2 * ffn) * width + heads * GLYPH_LEN ** 2 * 4
+    siglip = by_role.get("image_encoder")
+    if siglip is not None:
+        a, width = siglip.arch, DTYPE_BYTES.get(siglip.compute_dtype, 2)
+        tokens = (int(a.get("image_size", 384)) // int(a.get("patch_size", 14))) ** 2
+        dim, mlp, heads = int(a.get("dim", 0)), int(a.get("mlp_dim", 0)), int(a.get("num_heads", 1))
+        out["activations.image_encode"] = tokens * (2 * dim + mlp) * width + heads * tokens * tokens * 4
+    return out
+
+
+def stage_activation(stage: Stage, breakdown: dict[str, int]) -> Optional[int]:
+    """Activation bytes of a HunyuanVideo-1.5 stage kind, or None (not one of them)."""
+    return {"hy15_text_encode": breakdown.get("activations.text_encode", 0),
+            "hy15_glyph_encode": breakdown.get("activations.glyph_encode", 0),
+            "hy15_image_encode": breakdown.get("activations.image_encode", 0)
+            + breakdown.get("activations.vae_encode", breakdown.get("activations.vae_decode", 0)),
+            "hy15_denoise": breakdown.get("activations.dit", 0),
+            "hy15_sr_upsample": breakdown.get("activations.sr_upsample", 0),
+            "hy15_sr": breakdown.get("activations.dit_sr", 0)}.get(stage.kind)

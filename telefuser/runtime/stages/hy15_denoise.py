@@ -1,0 +1,94 @@
+"""hy15_denoise: HunyuanVideo-1.5's base sampling, as its published pipelines (tencent/HunyuanVideo-1.5 and
+diffusers' HunyuanVideo15Pipeline / HunyuanVideo15ImageToVideoPipeline) run it: flow-matching Euler over the grid
+sigma_i = linspace(1, 0, N + 1)[i] shifted by sigma_shift (float32, as diffusers' FlowMatchEulerDiscreteScheduler
+keeps it), the DiT fed t = 1000 sigma, classifier-free guidance uncond + scale (cond - uncond) with the two branches
+as separate batch-1 calls (their context lengths differ: no attention mask needed), x <- x + (sigma_next - sigma) v.
+
+Conditioning (`condition_latents`): T2V zeros; I2V the image's latent at frame 0 with a mask, and SigLIP's tokens in
+both branches."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from telefuser.errors import PlanError
+from telefuser.schema.plan import Stage
+
+from .base import RunState, StageContext, register
+
+GRID = "linspace_1_0_shifted"
+
+
+def hy15_sigmas(num_inference_steps: int, shift: float) -> torch.Tensor:
+    """[N + 1] float32: linspace(1, 0, N + 1)[:-1] shifted, then 0 (diffusers' set_timesteps(sigmas=...) arithmetic)."""
+    sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].astype(np.float32)
+    shifted = np.float32(shift) * sigmas / (np.float32(1) + (np.float32(shift) - np.float32(1)) * sigmas)
+    return torch.cat([torch.from_numpy(shifted.astype(np.float32)), torch.zeros(1)])
+
+
+def check_schedule(stage: Stage) -> None:
+    p = stage.params
+    if p.get("solver") != "euler" or p.get("grid") != GRID or p.get("num_train_timesteps") != 1000:
+        raise PlanError(f"the plan's stage {stage.name!r} samples with {p.get('solver')!r} over grid {p.get('grid')!r} "
+                        "(1000 training steps expected), which this runtime does not; recompile with this version.")
+
+
+def text_inputs(branch: dict, dtype: torch.dtype) -> tuple:
+    """The DiT's positional text inputs of one CFG branch (hy15_text_encode's dict), in the DiT's dtype."""
+    byt5 = branch["byt5_states"]
+    return (branch["text_states"].to(dtype), branch["text_mask"], None if byt5 is None else byt5.to(dtype),
+            branch["byt5_mask"])
+
+
+@register("hy15_denoise")
+def hy15_denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    from tqdm.auto import tqdm
+
+    from telefuser.models.hunyuan15.dit_layers import condition_latents
+
+    check_schedule(stage)
+    p = stage.params
+    text = state.family.get("text")
+    if not text:
+        raise PlanError(f"the plan's stage {stage.name!r} needs the text inputs, but no earlier stage made them; recompile.")
+    if p["condition"] not in ("t2v", "i2v"):
+        raise PlanError(f"the plan's stage {stage.name!r} conditions on {p['conditioning']!r}; recompile with this version.")
+    i2v = p["condition"] == "i2v"
+    if i2v and (state.image_latent is None or "vision_states" not in state.family):
+        raise PlanError(f"the plan's stage {stage.name!r} needs the image's latent and SigLIP tokens, but no earlier "
+                        "stage made them; recompile.")
+    sigmas = hy15_sigmas(p["num_inference_steps"], p["sigma_shift"])
+    scale = float(p["cfg_scale"])
+    guided = p["cfg"] and scale != 1.0 and len(text) > 1
+    latents = state.latents.float()
+    (name,) = stage.models
+    bar = tqdm(total=p["num_inference_steps"], desc="denoising", unit="step",
+               disable=not (state.progress and ctx.rank.rank == 0))
+    with ctx.placements[name].active() as dit, ctx.dispatch(name):
+        dtype = next(dit.parameters()).dtype
+        y = condition_latents(latents, state.image_latent if i2v else None).to(dtype)
+        vision = state.family["vision_states"].to(dtype) if i2v else None
+        cond = text_inputs(text[0], dtype)
+        uncond = text_inputs(text[1], dtype) if guided else None
+        for i in range(p["num_inference_steps"]):
+            start = time.perf_counter()
+            t = (sigmas[i] * 1000.0).reshape(1).to(ctx.device)
+            x = latents.to(dtype)
+            if guided and ctx.rank.degree("cfg") == 2:  # cfg parallel: a branch per cfg rank, exchanged every step
+                mine = cond if ctx.rank.coords["cfg"] == 0 else uncond
+                velocity, v_u = ctx.rank.all_gather(dit(x, t, *mine, vision, y=y).float(), "cfg")
+                velocity = v_u + scale * (velocity - v_u)
+            else:
+                velocity = dit(x, t, *cond, vision, y=y).float()
+                if guided:
+                    v_u = dit(x, t, *uncond, vision, y=y).float()
+                    velocity = v_u + scale * (velocity - v_u)
+            latents = latents + (sigmas[i + 1] - sigmas[i]).to(ctx.device) * velocity
+            ctx.sync()
+            state.timings.steps.append(time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+    state.latents = latents

@@ -1,0 +1,90 @@
+"""hy15_sr_upsample + hy15_sr: HunyuanVideo-1.5's super-resolution stage (tencent/HunyuanVideo-1.5 `hunyuan_video_sr_pipeline.py`; the
+pieces are `telefuser.models.hunyuan15.sr`'s, tested against a float64 evaluation of the published SR forward).
+
+From the base stage's final latent `lq` [1, C, T, h, w]:
+1. the SR frame is the plan's `frame_sizes[aspect ratio]` (the SR resolution row at the run's aspect ratio); each
+   latent frame is resized bilinearly to it over the VAE's spatial ratio and refined by the latent upsampler;
+2. it is noised: (1 - s) lq + s noise, s = lq_noise_strength, the noise drawn on the CPU from the run's seeded
+   generator (after the base latents), then the SR stage's initial latents from the same generator;
+3. flow-matching Euler over the SR schedule (the base stage's grid with the SR shift and step count), one SR DiT
+   call per step (guidance 1) on the prompt's text inputs, conditioning [zeros + task mask 0 (T2V), lq, ones] while
+   t >= 1000 s and with the low-resolution channels zeroed after, MeanFlow's t_r = the next step's timestep (0 last).
+The decode stage then decodes the SR latent."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from telefuser.errors import PlanError
+from telefuser.schema.plan import Stage
+
+from .base import RunState, StageContext, register
+from .hy15_denoise import check_schedule, hy15_sigmas, text_inputs
+
+
+@register("hy15_sr_upsample")
+def hy15_sr_upsample(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    """Steps 1 and 2: the noised, upsampled low-resolution latent and the SR stage's initial latents."""
+    from telefuser.models.hunyuan15.sr import noise_lq_latent, upsample_lq_latent
+
+    p = stage.params
+    (up_name,) = stage.models
+    if p.get("generator") != "cpu" or p.get("resize") != "bilinear":
+        raise PlanError(f"the plan's stage {stage.name!r} asks for a {p.get('resize')!r} resize / {p.get('generator')!r} "
+                        "generator, which this runtime does not run; recompile with this version.")
+    sizes = p["frame_sizes"]
+    if state.params.aspect_ratio not in sizes:
+        raise PlanError(f"the plan's SR stage has no frame size for aspect ratio {state.params.aspect_ratio}; recompile.")
+    if state.generator is None or state.latents is None:
+        raise PlanError(f"the plan's stage {stage.name!r} needs the base stage's latents; recompile.")
+    width, height = sizes[state.params.aspect_ratio]
+    space = int(p["spatial_ratio"])
+    with ctx.placements[up_name].active() as upsampler, ctx.dispatch(up_name):
+        lq = state.latents.float().to(next(upsampler.parameters()).device)
+        upsampled = upsample_lq_latent(lq, (height // space, width // space), upsampler).float().to(ctx.device)
+    noise = torch.randn(upsampled.shape, generator=state.generator, dtype=torch.float32).to(ctx.device)
+    state.family["lq"] = noise_lq_latent(upsampled, float(p["lq_noise_strength"]), noise=noise)
+    state.latents = torch.randn(upsampled.shape, generator=state.generator, dtype=torch.float32).to(ctx.device)
+
+
+@register("hy15_sr")
+def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
+    """Step 3: the SR DiT's sampling from the SR stage's initial latents."""
+    from tqdm.auto import tqdm
+
+    from telefuser.models.hunyuan15.sr import meanflow_t_r, sr_condition, sr_condition_for
+
+    check_schedule(stage)
+    p = stage.params
+    (dit_name,) = stage.models
+    if not p.get("meanflow") or float(p["cfg_scale"]) != 1.0:
+        raise PlanError(f"the plan's stage {stage.name!r} asks for an SR stage this runtime does not run (meanflow "
+                        f"{p.get('meanflow')}, cfg_scale {p['cfg_scale']}); recompile.")
+    strength = float(p["lq_noise_strength"])
+    text = state.family.get("text")
+    if not text or "lq" not in state.family:
+        raise PlanError(f"the plan's stage {stage.name!r} needs the text inputs and the upsampled latent of earlier "
+                        "stages; recompile.")
+    latents = state.latents
+    sigmas = hy15_sigmas(p["num_inference_steps"], p["sigma_shift"])
+    timesteps = (sigmas[:-1] * 1000.0).tolist()
+    bar = tqdm(total=p["num_inference_steps"], desc="super-resolution", unit="step",
+               disable=not (state.progress and ctx.rank.rank == 0))
+    with ctx.placements[dit_name].active() as dit, ctx.dispatch(dit_name):
+        dtype = next(dit.parameters()).dtype
+        condition, zero = sr_condition(latents, state.family["lq"])
+        cond = text_inputs(text[0], dtype)
+        for i in range(p["num_inference_steps"]):
+            start = time.perf_counter()
+            t = (sigmas[i] * 1000.0).reshape(1).to(ctx.device)
+            y = sr_condition_for(timesteps[i], condition, zero, strength).to(dtype)
+            t_r = torch.tensor([meanflow_t_r(timesteps, i)], dtype=torch.float32, device=ctx.device)
+            velocity = dit(latents.to(dtype), t, *cond, None, y=y, t_r=t_r).float()
+            latents = latents + (sigmas[i + 1] - sigmas[i]).to(ctx.device) * velocity
+            ctx.sync()
+            state.timings.steps.append(time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+    state.latents = latents

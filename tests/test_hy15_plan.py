@@ -1,0 +1,263 @@
+"""HunyuanVideo-1.5 through recipe -> compiler -> plan -> runtime on the tiny weights in recipes/tiny_hy15/.
+
+The runtime's frames are compared with the composition of tests/test_hy15_pipeline_parity.py (which matches
+diffusers' HunyuanVideo15Pipeline / HunyuanVideo15ImageToVideoPipeline to 1e-5 on the frames): the same modules
+built from the same files outside the runtime, the prompt through `text.tokenize_rendered` and Qwen2.5-VL /
+byT5, the seeded CPU noise, the CFG flow-matching Euler loop over HunyuanVideo-1.5's shifted linspace grid, the VAE
+decode, uint8 as the runtime writes frames. Tolerance: at most 1 level of 255 on any pixel (a float32 rounding that
+crosses a .5 boundary) and a mean absolute difference under 0.01 levels; measured: bitwise equal (the runtime does
+the same float32 operations in the same order). The SR stage is checked the same way against the composition of
+`models.hunyuan15.sr`'s pieces (tested against a float64 evaluation of Tencent's SR forward in test_hy15_sr.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import telefuser
+from telefuser.compiler import compile_recipe
+from telefuser.errors import RecipeError
+from telefuser.schema.canonical import pretty_json
+from telefuser.schema.resolution import frame_size
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY = RECIPES / "tiny_hy15"
+PROMPT, NEGATIVE, SEED = 'A red "STOP" sign in the rain', "blurry", 7
+
+
+def _load(tmp_path, recipe: str, *overrides: str):
+    plan = tmp_path / f"{recipe}.plan.json"
+    compiled = compile_recipe(RECIPES / f"{recipe}.toml", overrides)
+    plan.write_text(pretty_json(compiled.model_dump(mode="json", by_alias=True)))
+    return compiled, telefuser.load_plan(str(plan))
+
+
+def _model(role_file: str, class_name: str, arch: dict):
+    from safetensors.torch import load_file
+
+    from telefuser.models import registry
+
+    entry = registry.get(class_name)
+    state = load_file(str(TINY / role_file))
+    model = entry.model_class(entry.config_class(**arch))
+    model.load_state_dict(entry.convert(state, entry.detect_layout(state.keys())), strict=True)
+    return model.eval()
+
+
+def _reference(plan, prompt: str, negative: str, seed: int, width: int, height: int, image=None) -> np.ndarray:
+    """The parity composition on the plan's files and numbers, frames as uint8 [F, H, W, 3]."""
+    from tokenizers import Tokenizer
+
+    from telefuser.models.hunyuan15 import sr, text
+    from telefuser.models.hunyuan15.dit import condition_latents
+
+    models = {m.role: m for m in plan.layer1_model_definition.models}
+    build = {r: _model(Path(m.path).name, m.class_, m.arch) for r, m in models.items() if r != "tokenizer"}
+    tok = Tokenizer.from_file(models["tokenizer"].path)
+    l2 = plan.layer2_inference_config
+
+    def encode(p: str, glyphs: bool):
+        ids, mask, crop = text.tokenize_rendered(lambda s: tok.encode(s, add_special_tokens=False).ids, [p],
+                                                 tok.token_to_id("<|endoftext|>"), max_length=l2.text_len)
+        states = build["text_encoder"](ids, mask)[:, crop:]
+        g = text.glyph_text(p) if glyphs else None
+        if g is None:
+            return states, mask[:, crop:], None, None
+        gids, gmask = text.byt5_ids(g, 256)
+        return states, mask[:, crop:], build["glyph_encoder"](gids, gmask), gmask
+
+    with torch.no_grad():
+        cond, uncond = encode(prompt, True), encode(negative, False)
+        vae, dit = build["vae"], build["dit"]
+        gen = torch.Generator().manual_seed(seed)
+        c = vae.config.latent_channels
+        latents = torch.randn(1, c, (l2.num_frames - 1) // 4 + 1, height // 16, width // 16, generator=gen)
+        vision, image_latent = None, None
+        if image is not None:
+            siglip = build["image_encoder"]
+            vision = siglip(siglip.preprocess(image))
+            image_latent = vae.encode(image[:, :, None])
+        y = condition_latents(latents, image_latent)
+        steps, shift, scale = l2.num_inference_steps, l2.sigma_shift, l2.cfg_scale
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+        sigmas = torch.cat([torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas)), torch.zeros(1)])
+        x = latents.clone()
+        for i in range(steps):
+            t = (sigmas[i] * 1000.0).reshape(1)
+            v_c = dit(x, t, *cond, vision, y=y)
+            v_u = dit(x, t, *uncond, vision, y=y)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + scale * (v_c - v_u))
+        if l2.enable_sr:
+            s = l2.lq_noise_strength
+            sr_cfg = l2.sr_config
+            tw, th = frame_size(str(sr_cfg.target_resolution), "16:9")
+            up = sr.upsample_lq_latent(x, (th // 16, tw // 16), build["sr_upsampler"])
+            noised = sr.noise_lq_latent(up, s, noise=torch.randn(up.shape, generator=gen))
+            hr = torch.randn(up.shape, generator=gen)
+            condition, zero = sr.sr_condition(hr, noised)
+            sig = np.linspace(1.0, 0.0, sr_cfg.num_inference_steps + 1)[:-1].astype(np.float32)
+            sh = sr_cfg.sigma_shift
+            sig = torch.cat([torch.from_numpy(sh * sig / (1 + (sh - 1) * sig)), torch.zeros(1)])
+            ts = (sig[:-1] * 1000.0).tolist()
+            for i in range(sr_cfg.num_inference_steps):
+                v = build["dit_sr"](hr, (sig[i] * 1000.0).reshape(1), *cond, None,
+                                    y=sr.sr_condition_for(ts[i], condition, zero, s),
+                                    t_r=torch.tensor([sr.meanflow_t_r(ts, i)]))
+                hr = hr + (sig[i + 1] - sig[i]) * v
+            x = hr
+        video = vae.decode(x)
+    pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def _close(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_tiny_t2v_plan_frames_equal_the_parity_composition(tmp_path) -> None:
+    plan, pipe = _load(tmp_path, "tiny_hy15")
+    assert plan.pipeline_type == "hunyuan_video15_t2v"
+    assert [s.kind for s in plan.stages] == ["load", "hy15_glyph_encode", "hy15_text_encode", "noise", "hy15_denoise",
+                                             "vae_decode", "write_video"]
+    video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
+    assert video.frames.shape == (5, 144, 256, 3) and video.frames.std() > 1.0
+    _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
+
+
+def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(tmp_path) -> None:
+    plan = compile_recipe(RECIPES / "tiny_hy15.toml")
+    classes = {m.role: m.class_ for m in plan.layer1_model_definition.models}
+    assert classes == {"dit": "HunyuanVideo15DiT", "vae": "HunyuanVideo15VAE", "text_encoder": "Qwen25VLTextEncoder",
+                       "tokenizer": "Qwen25VLTokenizer", "glyph_encoder": "ByT5Encoder"}
+    denoise = next(s for s in plan.stages if s.kind == "hy15_denoise")
+    assert denoise.params["grid"] == "linspace_1_0_shifted" and denoise.params["cfg"]
+    refusals = {
+        "layer2.parallel_config.sp_ulysses_degree=2": "only cfg parallel",
+        "layer2.sample_solver=unipc": "flow-matching Euler",
+        "layer2.models.dit.offload_config.offload_type=ASYNC_CPU_OFFLOAD": "block streaming is not built",
+        "layer2.models.dit.quant_config.quant_type=fp8_e4m3fn": "FP8 / int8 linears are not built",
+        "layer2.models.dit.attention_config.sparse_config.dense_timesteps=10": "SSTA",
+        "layer2.enable_sr=true": "needs the SR stage's models",
+        "layer2.lq_noise_strength=0.7": "needs layer2.enable_sr",
+    }
+    for override, message in refusals.items():
+        extra = ["target.num_devices=2"] if "parallel_config" in override else []
+        with pytest.raises(Exception) as info:
+            compile_recipe(RECIPES / "tiny_hy15.toml", [override, *extra])
+        assert message in str(info.value), (override, str(info.value))
+    with pytest.raises(RecipeError, match="HunyuanVideo-1.5"):
+        compile_recipe(RECIPES / "tiny_hy15.toml", ["layer1.pipeline=wan_t2v"])
+
+
+def test_tiny_i2v_plan_frames_equal_the_parity_composition(tmp_path) -> None:
+    """The image (already the frame's size: no resize) through the runtime's image_load, SigLIP and the VAE encoder."""
+    from telefuser.runtime.io.image import as_image, fit_image, to_pixels
+
+    plan, pipe = _load(tmp_path, "tiny_hy15_i2v")
+    assert [s.kind for s in plan.stages] == ["load", "hy15_glyph_encode", "hy15_text_encode", "image_load",
+                                             "hy15_image_encode", "noise", "hy15_denoise", "vae_decode", "write_video"]
+    pixels = np.random.default_rng(4).integers(0, 256, (144, 256, 3), dtype=np.uint8)
+    video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, image=pixels, progress=False)
+    image = to_pixels(fit_image(as_image(pixels), 256, 144))
+    _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144, image=image))
+
+
+def test_tiny_sr_plan_frames_equal_the_composition_of_the_sr_pieces(tmp_path) -> None:
+    """Base denoise at 144p -> super_resolve to 480p (upsampler, lq noise 0.7, 3 MeanFlow Euler steps of shift 2) ->
+    decode; one frame."""
+    plan, pipe = _load(tmp_path, "tiny_hy15_sr")
+    kinds = [s.kind for s in plan.stages]
+    assert kinds == ["load", "hy15_glyph_encode", "hy15_text_encode", "noise", "hy15_denoise", "hy15_sr_upsample",
+                     "hy15_sr", "vae_decode", "write_video"]
+    up, sr = (next(s for s in plan.stages if s.kind == k) for k in ("hy15_sr_upsample", "hy15_sr"))
+    assert up.models == ["sr_upsampler"] and up.params["frame_sizes"] == {"16:9": [832, 480]}
+    assert sr.models == ["dit_sr"] and sr.params["lq_noise_strength"] == 0.7 and sr.params["num_inference_steps"] == 3
+    assert {s.stage for s in plan.memory.stages} >= {"denoise", "upsample_latent", "super_resolve", "decode_vae"}
+    video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
+    assert video.frames.shape == (1, 480, 832, 3) and video.frames.std() > 1.0
+    _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
+
+
+def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -> None:
+    """telefuser.core.config.HunyuanVideo15PipelineConfig (the design's name, = Layer2) with enable_sr builds the
+    plan the TOML recipe does."""
+    from telefuser.compiler import load_recipe
+    from telefuser.core.config import HunyuanVideo15PipelineConfig, Recipe, SRConfig
+
+    toml = load_recipe(RECIPES / "tiny_hy15_sr.toml").recipe
+    layer2 = HunyuanVideo15PipelineConfig(
+        sample_solver="euler", num_inference_steps=3, num_frames=1, fps=8, cfg_scale=6.0, sigma_shift=5.0, text_len=64,
+        enable_sr=True, lq_noise_strength=0.7,
+        sr_config=SRConfig(num_inference_steps=3, sigma_shift=2.0, target_resolution="480p"))
+    assert layer2 == toml.layer2
+    recipe = Recipe(name="tiny_hy15_sr", description=toml.description, target=toml.target, layer1=toml.layer1,
+                    layer2=layer2, layer3=toml.layer3)
+    assert compile_recipe(recipe, base_dir=RECIPES).stages == compile_recipe(RECIPES / "tiny_hy15_sr.toml").stages
+
+
+SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p")
+
+
+def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
+    """The shipped recipes against files with the published names, shapes and sizes (headers only): detection, the
+    published architecture numbers, the stages, both DiTs in the memory estimate, within an H100 / H200."""
+    from bench.hy15_files import write_hunyuan15_root
+
+    write_hunyuan15_root(tmp_path)
+    monkeypatch.setenv("TELEFUSER_MODEL_ROOT", str(tmp_path))
+    plans = {name: compile_recipe(RECIPES / f"{name}.toml") for name in SHIPPED}
+    for name, plan in plans.items():
+        models = {m.role: m for m in plan.layer1_model_definition.models}
+        assert models["dit"].arch["hidden_size"] == 2048 and models["dit"].arch["double_blocks"] == 54, name
+        assert 8.3e9 < models["dit"].parameter_count < 8.4e9, name
+        assert models["text_encoder"].arch["num_layers"] == 28 and models["glyph_encoder"].key_layout == "glyph"
+        # Qwen2.5-VL: the 26 layers run (hidden_states[-3]), not the LM head, final norm or last two layers
+        assert 6.5e9 < models["text_encoder"].parameter_count < 6.7e9, name
+        assert models["vae"].arch["latent_channels"] == 32 and models["vae"].arch["spatial_ratio"] == 16
+        assert plan.memory.peak_bytes < plan.memory.capacity_bytes, name
+    sr = plans["hunyuan15_t2v_480p_sr_720p"]
+    assert [s.name for s in sr.stages][4:8] == ["denoise", "upsample_latent", "super_resolve", "decode_vae"]
+    assert {"weights.dit", "weights.dit_sr", "activations.dit", "activations.dit_sr"} <= set(sr.memory.breakdown)
+    assert sr.memory.breakdown["activations.dit_sr"] > sr.memory.breakdown["activations.dit"]  # 720p tokens
+    # a 24 GiB GPU: the compiler names the whole-model offload of both DiTs, which fits (one DiT on the device at a time)
+    with pytest.raises(Exception, match="dit_sr.offload_config.offload_type=MODEL_CPU_OFFLOAD"):
+        compile_recipe(RECIPES / "hunyuan15_t2v_480p_sr_720p.toml", ["target.gpu=RTX4090"])
+    fits = compile_recipe(RECIPES / "hunyuan15_t2v_480p_sr_720p.toml", [
+        "target.gpu=RTX4090", "layer2.models.dit.offload_config.offload_type=MODEL_CPU_OFFLOAD",
+        "layer2.models.dit_sr.offload_config.offload_type=MODEL_CPU_OFFLOAD"])
+    assert fits.memory.peak_bytes <= fits.memory.capacity_bytes
+    i2v = plans["hunyuan15_i2v_480p_step_distilled"]
+    assert i2v.layer1_model_definition.models[0].attributes.distill
+    assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]
+
+
+def test_cfg_parallel_on_two_gloo_ranks_gives_the_one_rank_video(tmp_path, monkeypatch) -> None:
+    """cfg_degree = 2: each rank runs one CFG branch of the DiT (Qwen2.5-VL on rank 0, its states broadcast), the
+    predictions exchanged every step; the frames equal the one-rank plan's (same bound as the Wan layouts)."""
+    import os
+    import sys
+
+    from telefuser.distributed.launch import run_local_ranks
+
+    _, pipe = _load(tmp_path, "tiny_hy15")
+    reference = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False).frames
+    plan = tmp_path / "cfg2.plan.json"
+    compiled = compile_recipe(RECIPES / "tiny_hy15.toml", ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2"])
+    plan.write_text(pretty_json(compiled.model_dump(mode="json", by_alias=True)))
+    out = tmp_path / "frames.npy"
+    driver = ("import os, sys, numpy as np, telefuser\n"
+              "video = telefuser.load_plan(sys.argv[1]).run(prompt=sys.argv[2], negative_prompt=sys.argv[3], "
+              "seed=int(sys.argv[4]), progress=False)\n"
+              "assert (video is None) == (os.environ['RANK'] != '0')\n"
+              "if video is not None:\n    np.save(sys.argv[5], video.frames)\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    code = run_local_ranks([sys.executable, "-c", driver, str(plan), PROMPT, NEGATIVE, str(SEED), str(out)], 2)
+    assert code == 0
+    _close(np.load(out), reference)
