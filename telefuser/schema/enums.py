@@ -133,6 +133,8 @@ class FeatureCacheMethod(StrEnum):
     NONE = "none"
     TEACACHE = "teacache"
     FIRST_BLOCK = "first_block"
+    STATIC = "static"
+    TAYLORSEER = "taylorseer"
 
 
 class Resolution(StrEnum):
