@@ -184,3 +184,37 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
     if caches:
         out["step_cache"] = caches
     return out
+
+
+def explain_lines(stages: list) -> list[str]:
+    """--explain's block for the denoise stage's sparse attention and step caches (none: no lines)."""
+    denoise = next((s for s in stages if s.kind == "denoise"), None)
+    if denoise is None:
+        return []
+    sparse, caches = denoise.params.get("sparse_attention", {}), denoise.params.get("step_cache", {})
+    lines = []
+    if sparse:
+        lines += ["", "sparse attention (the DiT's self-attention, block-sparse):"]
+        for model, r in sparse.items():
+            pattern = (f"decay_factor {r['decay_factor']}" if r["sparse_impl"] == "radial"
+                       else f"window {r['local_window_size']} tokens per side")
+            lines.append(f"  {model:<14} {r['sparse_impl']}, blocks of {r['block_size']} tokens, {pattern}; dense: first "
+                         f"{r['dense_timesteps']} step(s), first {r['dense_layers']} block(s); density "
+                         f"{r['density']:.3f} at the default resolution (token grid {tuple(r['density_grid'])})")
+    if caches:
+        lines += ["", "step cache (reused steps add the block stack's cached residual):"]
+        for model, r in caches.items():
+            method = r["method"]
+            if method == "static":
+                rule = f"computes steps {r['compute_steps']} of {r['num_inference_steps']}"
+            elif method == "taylorseer":
+                rule = f"computes every {r['interval']} steps, order-{r['order']} Taylor forecast between"
+            elif method == "teacache":
+                rule = (f"threshold {r['threshold']} on the rescaled time-embedding change ({r['coefficients_source']}), "
+                        f"last {r['final_steps']} step(s) computed")
+            else:
+                rule = f"threshold {r['threshold']} on the first {r['first_blocks']} block(s)' residual change"
+            skips = r["max_consecutive_skips"]
+            lines.append(f"  {model:<14} {method}: {rule}; warm-up {r['warmup_steps']} step(s), "
+                         f"{'no limit on' if skips is None else f'at most {skips}'} consecutive reuses; per CFG branch")
+    return lines
