@@ -104,6 +104,8 @@ def test_reference_constructors_build_the_toml_plan(tmp_path):
      "do not compose here"),
     ([f"{DIT}.attention_config.sparse_config.dense_timesteps=1"], "is dense, so the pattern would be ignored"),
     (["layer2.models.vae.attention_config.attn_impl=RADIAL_ATTN"], "Wan DiT's self-attention only"),
+    (["target.device=cuda", "target.gpu=H100", "target.packages=[\"triton\", \"sol_attn\"]",
+      f"{DIT}.attention_config.attn_impl=SOL_ATTN"], "has no runner for it"),
     ([f"{DIT}.attention_config.attn_impl=LOCAL_SPARSE_ATTN"], "local_window_size >= 1"),
     ([f"{DIT}.feature_cache_config.method=teacache"], "give its fit as feature_cache_config.coefficients"),
     ([f"{DIT}.feature_cache_config.method=static", f"{DIT}.feature_cache_config.compute_steps=[0, 4]"],

@@ -21,6 +21,7 @@ from telefuser.schema.resolution import RESOLUTION_TABLE
 from . import sparse_density
 
 BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
+NOT_BUILT_SPARSE = (AttnImplType.SOL_ATTN.value, AttnImplType.SPARGE_ATTN.value)  # declared, no runner in ops
 QUANTISED = ("SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8_SM90")
 # TeaCache's published Wan2.1 fits (telefuser/runtime/caches/teacache.py: WAN21_COEFFICIENTS, source there);
 # kept in step with that table by tests/test_skip_work_plan.py (the compiler does not import the runtime).
@@ -66,6 +67,10 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
             return (f"{where}.sparse_config is set but attn_impl = {attn.attn_impl!r} is dense, so the pattern would be "
                     "ignored; set attn_impl = \"RADIAL_ATTN\" (sparse_impl \"radial\") or \"LOCAL_SPARSE_ATTN\" "
                     "(\"local\"), or remove the sparse_config.")
+        if attn.attn_impl in NOT_BUILT_SPARSE:
+            return (f"{where}.attn_impl = {attn.attn_impl!r}: this TeleFuser has no runner for it (its package's "
+                    "kernel is not wired); use \"RADIAL_ATTN\" or \"LOCAL_SPARSE_ATTN\" (TeleFuser's block-sparse "
+                    "kernel) or a dense attn_impl.")
         if attn.attn_impl not in BUILT_SPARSE:
             continue
         model = by_name.get(name)

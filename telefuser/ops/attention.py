@@ -75,8 +75,8 @@ def _quantized(name: str):
 
 def _block_sparse(q, k, v, attn_mask, scale, dropout_p):  # BNSD
     """RADIAL_ATTN / LOCAL_SPARSE_ATTN: block-sparse inside the runtime's planned self-attention (the plan's
-    pattern, `sparse_attention.planned_sparse`), dense SDPA everywhere else (cross-attention, dense steps/layers)."""
-    from .sparse_attention import planned_self_attention
+    pattern, `planned_sparse.planned_sparse`), dense SDPA everywhere else (cross-attention, dense steps/layers)."""
+    from .planned_sparse import planned_self_attention
 
     if attn_mask is None and dropout_p == 0.0:
         out = planned_self_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)

@@ -6,7 +6,7 @@ active in the denoise stage and takes them off afterwards, so every video (and e
 with empty caches:
 
 - sparse attention: each block's `attend` seam (the model's own, or sequence parallelism's, which was set at
-  load) is wrapped to run inside `ops.sparse_attention.planned_sparse(config, grid, step, layer)`; the
+  load) is wrapped to run inside `ops.planned_sparse.planned_sparse(config, grid, step, layer)`; the
   attention backend the plan dispatches (RADIAL_ATTN / LOCAL_SPARSE_ATTN) then runs that self-attention
   block-sparse, Ulysses' head slices included (between its all-to-alls: whole sequences, the mask unchanged).
   The token grid is read off the DiT's input by a forward pre-hook; the step index comes from `begin_step`.
@@ -32,7 +32,7 @@ from telefuser.schema.plan import Stage
 
 class _SparseWrapper:
     def __init__(self, dit: torch.nn.Module, record: dict[str, Any]) -> None:
-        from telefuser.ops.sparse_attention import planned_sparse
+        from telefuser.ops.planned_sparse import planned_sparse
 
         self.config = SimpleNamespace(**{k: record[k] for k in ("sparse_impl", "block_size", "decay_factor",
                                                                  "local_window_size", "dense_timesteps",
