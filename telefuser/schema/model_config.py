@@ -25,9 +25,10 @@ class SparseAttentionConfig(StrictModel):
     )
     dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
     dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
-    decay_factor: float = Field(1.0, gt=0, le=1.0)
+    decay_factor: float = Field(1.0, gt=0, le=1.0, description="radial: scales the band of frames at distance >= 2 "
+                                "(1.0: Radial Attention's).")
     local_window_size: int = Field(0, ge=0, description="Tokens per side of the local window (0 = off).")
-    block_size: int = Field(128, ge=16)
+    block_size: int = Field(128, ge=16, description="Tokens per mask block, a power of two (128: Radial Attention's).")
 
 
 # The sparse attention implementations and the `sparse_impl` each one runs.
@@ -118,7 +119,8 @@ class LoraConfig(StrictModel):
 class FeatureCacheConfig(StrictModel):
     """Step cache around the DiT (runtime/caches): reused steps add the cached residual of the block stack."""
 
-    method: FeatureCacheMethod = FeatureCacheMethod.NONE
+    method: FeatureCacheMethod = Field(FeatureCacheMethod.NONE, description="teacache, first_block (cache-dit's "
+                                       "DBCache, Bn 0), static (compute_steps), taylorseer; none: no cache.")
     threshold: float = Field(0.0, ge=0, description="teacache / first_block: reuse while the (rescaled, accumulated) "
                              "relative L1 change stays under it; 0 never reuses (bit-identical to no cache).")
     compute_steps: Optional[list[int]] = Field(
