@@ -267,3 +267,18 @@ def test_two_gloo_ranks_give_the_one_rank_video(folder, tmp_path, monkeypatch, l
     diff = np.abs(frames.astype(int) - one.frames.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert json.loads(Path(str(out) + ".json").read_text()) == one.timings.step_cache
+
+
+def test_local_pattern_and_composition_with_compile_and_block_offload(folder, baseline):
+    """LOCAL_SPARSE_ATTN end to end; radial + a static cache give the same frames with the blocks compiled
+    (backend eager: dynamo traces the wrappers) and with the blocks streamed (ASYNC_CPU_OFFLOAD)."""
+    local = run_plan(folder, [f"{DIT}.attention_config.attn_impl=LOCAL_SPARSE_ATTN",
+                              f"{DIT}.attention_config.sparse_config.local_window_size=2",
+                              f"{DIT}.attention_config.sparse_config.block_size=16"], "local", prompt=PROMPT, seed=SEED)
+    assert local.frames.shape == baseline.shape and not np.array_equal(local.frames, baseline)
+    both = [*RADIAL, f"{DIT}.feature_cache_config.method=static", f"{DIT}.feature_cache_config.compute_steps=[0, 2]"]
+    plain = run_plan(folder, both, "both", prompt=PROMPT, seed=SEED)
+    for extra in ([f"{DIT}.compile_config.enabled=true", f"{DIT}.compile_config.backend=eager"],
+                  [f"{DIT}.offload_config.offload_type=ASYNC_CPU_OFFLOAD", f"{DIT}.offload_config.blocks_per_group=1"]):
+        video = run_plan(folder, [*both, *extra], "both_extra", prompt=PROMPT, seed=SEED)
+        assert np.array_equal(video.frames, plain.frames) and video.timings.step_cache == plain.timings.step_cache
