@@ -282,3 +282,20 @@ def test_local_pattern_and_composition_with_compile_and_block_offload(folder, ba
                   [f"{DIT}.offload_config.offload_type=ASYNC_CPU_OFFLOAD", f"{DIT}.offload_config.blocks_per_group=1"]):
         video = run_plan(folder, [*both, *extra], "both_extra", prompt=PROMPT, seed=SEED)
         assert np.array_equal(video.frames, plain.frames) and video.timings.step_cache == plain.timings.step_cache
+
+
+def test_memory_estimate_counts_the_cached_residuals():
+    """Per CFG branch the block stack's residual [S, dim] (float32 here), twice for first_block; under cfg parallel
+    one branch per rank."""
+    plain = compile_recipe(TINY).memory
+    tokens, dim = plain.at["tokens"], 64
+    for method, tensors in (("static", 1), ("first_block", 2)):
+        extra = [f"{DIT}.feature_cache_config.method={method}"]
+        if method == "static":
+            extra.append(f"{DIT}.feature_cache_config.compute_steps=[0, 2]")
+        cached = compile_recipe(TINY, extra).memory
+        assert cached.breakdown["activations.dit"] - plain.breakdown["activations.dit"] == 2 * tensors * tokens * dim * 4
+    cfg2 = ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2"]
+    one_branch = compile_recipe(TINY, [*cfg2, f"{DIT}.feature_cache_config.method=first_block"]).memory
+    assert one_branch.breakdown["activations.dit"] - compile_recipe(TINY, cfg2).memory.breakdown["activations.dit"] \
+        == 2 * tokens * dim * 4

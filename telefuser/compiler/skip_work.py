@@ -223,3 +223,19 @@ def explain_lines(stages: list) -> list[str]:
             lines.append(f"  {model:<14} {method}: {rule}; warm-up {r['warmup_steps']} step(s), "
                          f"{'no limit on' if skips is None else f'at most {skips}'} consecutive reuses; per CFG branch")
     return lines
+
+
+def cache_residual_bytes(recipe: Recipe, tokens_per_rank: int, dim: int, act_bytes: int) -> int:
+    """Device bytes a step cache keeps between steps, for the largest of the plan's caches (MoE: one expert's cache
+    lives at a time, dropped at the switch): per CFG branch this rank runs, the block stack's residual [S, dim] in
+    the model dtype, twice for first_block (its reference residual), order + 1 for TaylorSeer."""
+    l2 = recipe.layer2
+    branches = 1 if l2.parallel_config.cfg_degree == 2 else 2  # cfg off: one branch, over-counted here
+    largest = 0
+    for cfg in l2.models.values():
+        cache = cfg.feature_cache_config
+        if cache.method == FeatureCacheMethod.NONE:
+            continue
+        tensors = {FeatureCacheMethod.FIRST_BLOCK: 2, FeatureCacheMethod.TAYLORSEER: cache.order + 1}.get(cache.method, 1)
+        largest = max(largest, tensors)
+    return branches * largest * tokens_per_rank * dim * act_bytes
