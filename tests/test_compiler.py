@@ -110,7 +110,8 @@ def test_impossible_attention_names_alternatives(wan_set):
     recipe = write_recipe(wan_set)
     bf16_hd64 = ["layer1.torch_dtype=bfloat16", "layer1.models.dit.arch.num_heads=1"]  # head dim 64
     with pytest.raises(RecipeError, match=r"FLASH_ATTN_3.*flash_attn_interface.*would work: TORCH_SDPA, TORCH_CUDNN, "
-                                          r"SAGE_ATTN_2_8_8, SAGE_ATTN_2_8_16, SAGE_ATTN_2_8_8_SM90\."):
+                                          r"SAGE_ATTN_2_8_8, SAGE_ATTN_2_8_16, SAGE_ATTN_2_8_8_SM90, RADIAL_ATTN, "
+                                          r"LOCAL_SPARSE_ATTN\."):
         compile_recipe(recipe, ["target.device=cuda", "target.gpu=H100", *bf16_hd64,
                                 "layer2.models.dit.attention_config.attn_impl=FLASH_ATTN_3"])
     with pytest.raises(RecipeError, match="not float32.*not 32"):  # fp32 and head dim 32: two reasons named

@@ -42,7 +42,18 @@ MODEL_SWITCHES = {
     "quant": ["quant_config.quant_type=fp8_e4m3fn"],
     "bf16": ["torch_dtype=bfloat16"],
     "feature_cache": ["feature_cache_config.method=teacache", "feature_cache_config.threshold=0.1"],
+    "teacache": ["feature_cache_config.method=teacache", "feature_cache_config.threshold=0.1",
+                 "feature_cache_config.coefficients=[1.0, 0.0]"],
+    "first_block_cache": ["feature_cache_config.method=first_block", "feature_cache_config.threshold=0.05",
+                          "feature_cache_config.max_consecutive_skips=1"],
+    "static_cache": ["feature_cache_config.method=static", "feature_cache_config.compute_steps=[0, 2]",
+                     "feature_cache_config.warmup_steps=1"],
+    "taylorseer": ["feature_cache_config.method=taylorseer", "feature_cache_config.order=2"],
     "sparse": ["attention_config.sparse_config.dense_timesteps=1"],
+    "radial": ["attention_config.attn_impl=RADIAL_ATTN", "attention_config.sparse_config.block_size=16",
+               "attention_config.sparse_config.dense_layers=1"],
+    "local": ["attention_config.attn_impl=LOCAL_SPARSE_ATTN", "attention_config.sparse_config.local_window_size=2"],
+    "sage": ["attention_config.attn_impl=SAGE_ATTN_2_8_16"],
 }
 GLOBAL_SWITCHES = {
     "tiled": ["layer2.tiled=true", "layer2.tile_size=[16, 16]"],
@@ -174,9 +185,6 @@ def _load_on_each_rank() -> None:
 @pytest.mark.parametrize("overrides, key", [
     (["layer2.enable_sr=true"], "layer2.enable_sr"),
     (["layer2.lq_noise_strength=0.3"], "layer2.lq_noise_strength"),
-    (["layer2.models.dit.feature_cache_config.method=teacache"], "layer2.models.dit.feature_cache_config.method"),
-    (["layer2.models.dit.attention_config.sparse_config.dense_timesteps=2"],
-     "layer2.models.dit.attention_config.sparse_config"),
     (["target.num_devices=2", "layer2.parallel_config.pp_degree=2"], "layer2.parallel_config.pp_degree"),
 ])
 def test_features_the_runtime_lacks_are_refused_at_compile_time(overrides, key):

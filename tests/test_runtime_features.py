@@ -126,7 +126,8 @@ def test_settings_the_runtime_cannot_honour_are_refused_at_compile_time_not_igno
 method = "teacache"
 threshold = 0.1
 '''
-    with pytest.raises(RecipeError, match="feature_cache_config.method = teacache: not executable yet"):
+    # the tiny DiT has no published TeaCache polynomial: refused when compiled, never run without one
+    with pytest.raises(RecipeError, match="TeaCache publishes rescaling polynomials"):
         load(tmp_path, recipe)
 
 

@@ -66,6 +66,10 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
             reason += "; on the CPU the PyTorch reference of the kernel's arithmetic (the kernel under TRITON_INTERPRET=1)"
         reason += ("; cross-attention over <= 2048 keys (text, image tokens) stays exact SDPA; under sp_ring "
                    "the kernel's log-sum-exp merges the blocks")
+    elif impl in ("RADIAL_ATTN", "LOCAL_SPARSE_ATTN"):  # compiler/skip_work.py
+        reason += ("; self-attention block-sparse over the mask the denoise stage records (sparse_attention: pattern, "
+                   "density at the default resolution), the kernel on CUDA, its PyTorch reference on the CPU; "
+                   "cross-attention and the dense steps and layers run TORCH_SDPA")
     elif impl in ("FLASH_ATTN_2", "FLASH_ATTN_3", "FLASH_ATTN_4"):
         reason += "; under sp_ring the blocks run SDPA's kernels, which return the log-sum-exp the merge needs"
     return DispatchEntry(model=model.name, op="attention", impl=impl, reason=reason)

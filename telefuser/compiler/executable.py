@@ -15,10 +15,12 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from telefuser.errors import RecipeError
-from telefuser.schema.enums import FeatureCacheMethod, ModelClass, QuantType, WeightOffloadType, is_dit
+from telefuser.schema.enums import ModelClass, QuantType, WeightOffloadType, is_dit
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
+
+from .skip_work import cache_problem, sparse_problem
 
 Check = Callable[[Recipe, list[PlannedModel]], Optional[str]]
 
@@ -26,22 +28,6 @@ Check = Callable[[Recipe, list[PlannedModel]], Optional[str]]
 def _not_yet(key: str, value: object, remove: str) -> str:
     return (f"layer2.{key} = {value}: not executable yet (this TeleFuser's runtime does not run it, so the plan "
             f"could not load); {remove} and compile again.")
-
-
-def _sparse_attention(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
-    for name, cfg in recipe.layer2.models.items():
-        if cfg.attention_config.sparse_config is not None:
-            return _not_yet(f"models.{name}.attention_config.sparse_config", "{ ... }",
-                            f"remove [layer2.models.{name}.attention_config.sparse_config] (dense attention runs)")
-    return None
-
-
-def _feature_cache(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
-    for name, cfg in recipe.layer2.models.items():
-        if cfg.feature_cache_config.method != FeatureCacheMethod.NONE:
-            return _not_yet(f"models.{name}.feature_cache_config.method", cfg.feature_cache_config.method,
-                            f"remove layer2.models.{name}.feature_cache_config (or set method = \"none\")")
-    return None
 
 
 def _hunyuan15(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
@@ -84,7 +70,7 @@ def _fullgraph_compile(recipe: Recipe, models: list[PlannedModel]) -> Optional[s
 
 
 NOT_EXECUTABLE_YET: tuple[Check, ...] = (
-    _hunyuan15, _sparse_attention, _feature_cache, _super_resolution, _pipeline_parallel, _fullgraph_compile)
+    _hunyuan15, _super_resolution, _pipeline_parallel, _fullgraph_compile)
 
 
 def _runtime(recipe: Recipe, name: str) -> ModelRuntimeConfig:
@@ -180,7 +166,9 @@ def _no_linears(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     return None
 
 
-DO_NOT_COMPOSE: tuple[Check, ...] = (_tensor_parallel_dit, _fsdp, _compile_without_blocks, _taehv_decoder, _no_linears)
+# sparse attention and step caches: their own rules (ring, quantised attention, models, schedules) in skip_work.py
+DO_NOT_COMPOSE: tuple[Check, ...] = (_tensor_parallel_dit, _fsdp, _compile_without_blocks, _taehv_decoder, _no_linears,
+                                     sparse_problem, cache_problem)
 
 
 def check_executable(recipe: Recipe, models: list[PlannedModel]) -> None:

@@ -13,6 +13,8 @@ from telefuser.schema.enums import WeightOffloadType
 from telefuser.schema.plan import Plan
 from telefuser.schema.step_list import step_list_timesteps
 
+from .skip_work import explain_lines
+
 GIB = 2**30
 
 
@@ -64,6 +66,7 @@ def explain(plan: Plan) -> str:
     lines += _placement(plan)
     lines += _offload(plan)
     lines += _block_offload(plan)
+    lines += explain_lines(plan.stages)  # sparse attention, step caches (compiler/skip_work.py)
     lines += ["", "stages: " + " -> ".join(s.name for s in plan.stages)]
     lines += _image_path(plan)
     lines += _frames_out(plan)

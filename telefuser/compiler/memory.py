@@ -42,6 +42,7 @@ from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
 
 from .block_offload import plan_block_offload
+from .skip_work import cache_residual_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
@@ -188,6 +189,8 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
         # TI2V per-token timesteps: float32 modulation e [S, 6, dim] and time embedding [S, dim] of the whole
         # sequence, and each block's modulation + e of its tokens
         breakdown["activations.dit"] += tokens * 7 * dim * 4 + -(-tokens // sp) * 6 * dim * 4
+    # step caches keep the block stack's residual per CFG branch between steps (compiler/skip_work.py)
+    breakdown["activations.dit"] += cache_residual_bytes(recipe, -(-tokens // sp), dim, act_bytes)
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     if vae is not None:
         decode = next((s for s in stages or [] if s.kind == "vae_decode"), None)

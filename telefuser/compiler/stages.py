@@ -8,6 +8,8 @@ from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
 
+from .skip_work import denoise_params
+
 NUM_TRAIN_TIMESTEPS = 1000
 TEMPORAL_RATIO, SPATIAL_RATIO = 4, 8  # the Wan2.1 VAE: 4x in time (after the first frame), 8x8 in space
 LATENT_CHANNELS = {"WanVAE": 16, "Wan22VAE": 48, "TAEHV": 16}  # z_dim, where a --no-weights plan has no arch to read it from
@@ -143,6 +145,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
     else:
         denoise["cfg_scale"] = l2.cfg_scale
         dits = [by_role[ModelRole.DIT.value]]
+    # sparse attention and step caches of the DiT(s), resolved (compiler/skip_work.py)
+    denoise.update(denoise_params(recipe, models, dits, temporal, spatial, list(dit.arch.get("patch_size", [1, 2, 2]))))
     stages.append(Stage(name="denoise", kind="denoise", models=dits, params=denoise))
     # VAE parallel: the tiled decode's tiles shared out over the ranks of a dp replica (same frames as the
     # one-rank tiled decode with this tile size), so it implies tiling.

@@ -73,6 +73,18 @@ def _quantized(name: str):
     return run
 
 
+def _block_sparse(q, k, v, attn_mask, scale, dropout_p):  # BNSD
+    """RADIAL_ATTN / LOCAL_SPARSE_ATTN: block-sparse inside the runtime's planned self-attention (the plan's
+    pattern, `planned_sparse.planned_sparse`), dense SDPA everywhere else (cross-attention, dense steps/layers)."""
+    from .planned_sparse import planned_self_attention
+
+    if attn_mask is None and dropout_p == 0.0:
+        out = planned_self_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+        if out is not None:
+            return out.transpose(1, 2)
+    return _sdpa(q, k, v, attn_mask, scale, dropout_p)
+
+
 _RUNNERS = {
     "TORCH_SDPA": _sdpa,
     "TORCH_CUDNN": _cudnn,
@@ -80,6 +92,8 @@ _RUNNERS = {
     "FLASH_ATTN_3": _flash("FLASH_ATTN_3"),
     "FLASH_ATTN_4": _flash("FLASH_ATTN_4"),
     **{name: _quantized(name) for name in VARIANTS},
+    "RADIAL_ATTN": _block_sparse,  # our block-sparse kernel (schema/backends.py)
+    "LOCAL_SPARSE_ATTN": _block_sparse,
 }
 SDPA_FAMILY = ("TORCH_SDPA", "TORCH_CUDNN")  # on CPU tensors both are plain SDPA (cuDNN is a CUDA preference)
 

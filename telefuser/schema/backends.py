@@ -31,6 +31,7 @@ _HALF = ("bfloat16", "float16")
 _ANY_FLOAT = ("bfloat16", "float16", "float32")
 _QUANT_DIMS = (32, 64, 128)  # 8-bit tensor-core products need a head dim >= 32
 _SPARSE_DIMS = (64, 128)
+_BLOCK_SPARSE_DIMS = (16, 32, 64, 128, 256)  # our block-sparse kernel: a power of two 16..256
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
     AttentionBackend("TORCH_SDPA", "torch.nn.functional.scaled_dot_product_attention (PyTorch picks cuDNN/flash/efficient/math)",
@@ -55,10 +56,14 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
                      min_cc=(9, 0), dtypes=_ANY_FLOAT, head_dims=_QUANT_DIMS),
     AttentionBackend("SPARGE_ATTN", "SpargeAttn block-sparse attention", package="spas_sage_attn", min_cc=(8, 0),
                      dtypes=_HALF, head_dims=_SPARSE_DIMS, dense=False),
-    AttentionBackend("RADIAL_ATTN", "Radial attention (energy-decay sparse mask)", package="spas_sage_attn", min_cc=(8, 0),
-                     dtypes=_HALF, head_dims=_SPARSE_DIMS, dense=False),
-    AttentionBackend("LOCAL_SPARSE_ATTN", "local-window block-sparse attention", package="spas_sage_attn", min_cc=(8, 0),
-                     dtypes=_HALF, head_dims=_SPARSE_DIMS, dense=False),
+    # TeleFuser's own block-sparse Triton kernel (telefuser/kernels/triton/block_sparse_attention.py) over the masks
+    # of telefuser/ops/sparse_attention.py; on the CPU its PyTorch reference (the kernel under TRITON_INTERPRET=1).
+    AttentionBackend("RADIAL_ATTN", "TeleFuser Triton block-sparse attention, Radial Attention's mask (energy decay "
+                     "with temporal distance)", devices=("cpu", "cuda"), package=KERNEL_PACKAGE, min_cc=(8, 0),
+                     dtypes=_ANY_FLOAT, head_dims=_BLOCK_SPARSE_DIMS, dense=False),
+    AttentionBackend("LOCAL_SPARSE_ATTN", "TeleFuser Triton block-sparse attention, a local 3-D window mask",
+                     devices=("cpu", "cuda"), package=KERNEL_PACKAGE, min_cc=(8, 0), dtypes=_ANY_FLOAT,
+                     head_dims=_BLOCK_SPARSE_DIMS, dense=False),
     AttentionBackend("SOL_ATTN", "SOL sparse attention", package="sol_attn", min_cc=(9, 0), dtypes=_HALF,
                      head_dims=_SPARSE_DIMS, dense=False),
 )}

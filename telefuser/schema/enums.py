@@ -152,6 +152,8 @@ class FeatureCacheMethod(StrEnum):
     NONE = "none"
     TEACACHE = "teacache"
     FIRST_BLOCK = "first_block"
+    STATIC = "static"
+    TAYLORSEER = "taylorseer"
 
 
 class Resolution(StrEnum):

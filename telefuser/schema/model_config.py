@@ -25,9 +25,10 @@ class SparseAttentionConfig(StrictModel):
     )
     dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
     dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
-    decay_factor: float = Field(1.0, gt=0, le=1.0)
+    decay_factor: float = Field(1.0, gt=0, le=1.0, description="radial: scales the band of frames at distance >= 2 "
+                                "(1.0: Radial Attention's).")
     local_window_size: int = Field(0, ge=0, description="Tokens per side of the local window (0 = off).")
-    block_size: int = Field(128, ge=16)
+    block_size: int = Field(128, ge=16, description="Tokens per mask block, a power of two (128: Radial Attention's).")
 
 
 # The sparse attention implementations and the `sparse_impl` each one runs.
@@ -116,8 +117,33 @@ class LoraConfig(StrictModel):
 
 
 class FeatureCacheConfig(StrictModel):
-    method: FeatureCacheMethod = FeatureCacheMethod.NONE
-    threshold: float = Field(0.0, ge=0)
+    """Step cache around the DiT (runtime/caches): reused steps add the cached residual of the block stack."""
+
+    method: FeatureCacheMethod = Field(FeatureCacheMethod.NONE, description="teacache, first_block (cache-dit's "
+                                       "DBCache, Bn 0), static (compute_steps), taylorseer; none: no cache.")
+    threshold: float = Field(0.0, ge=0, description="teacache / first_block: reuse while the (rescaled, accumulated) "
+                             "relative L1 change stays under it; 0 never reuses (bit-identical to no cache).")
+    compute_steps: Optional[list[int]] = Field(
+        None, description="static: the 0-based denoising steps that compute (the others reuse); static only.")
+    warmup_steps: int = Field(0, ge=0, description="The first N steps always compute.")
+    max_consecutive_skips: Optional[int] = Field(
+        None, ge=0, description="At most this many reused steps in a row (unset: no limit).")
+    first_blocks: PositiveInt = Field(1, description="first_block: blocks that run every step (cache-dit's Fn).")
+    interval: PositiveInt = Field(2, description="taylorseer: a step computes every `interval` steps.")
+    order: int = Field(1, ge=0, le=2, description="taylorseer: order of the Taylor forecast of reused steps.")
+    coefficients: Optional[list[float]] = Field(
+        None, description="teacache: the rescaling polynomial (highest power first); unset: TeaCache's published "
+        "Wan2.1 fit for the DiT (T2V 1.3B/14B, I2V 14B 480p/720p).")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "FeatureCacheConfig":
+        if (self.method == FeatureCacheMethod.STATIC) != (self.compute_steps is not None):
+            raise ValueError("compute_steps is the static method's schedule: give it exactly when method = \"static\"")
+        if self.compute_steps is not None and any(s < 0 for s in self.compute_steps):
+            raise ValueError(f"compute_steps are 0-based step indices, got {self.compute_steps}")
+        if self.coefficients is not None and self.method != FeatureCacheMethod.TEACACHE:
+            raise ValueError("coefficients are TeaCache's polynomial: only with method = \"teacache\"")
+        return self
 
 
 class ModelRuntimeConfig(StrictModel):

@@ -29,6 +29,8 @@ class Timings:
     write: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
+    # the plan's step caches: {model: {branch: {"computed": n, "reused": n}}} (branch "cond" / "uncond")
+    step_cache: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """The closing summary `telefuser-run` prints."""
@@ -43,6 +45,9 @@ class Timings:
             f"write     {self.write:8.2f} s",
             f"peak mem  {self.peak_memory_bytes / 2**20:8.1f} MiB ({self.peak_memory_kind})",
         ]
+        for model, branches in self.step_cache.items():
+            counts = ", ".join(f"{b} {c['computed']} computed / {c['reused']} reused" for b, c in branches.items())
+            lines.append(f"cache     {model}: {counts}")
         return "\n".join(lines)
 
 

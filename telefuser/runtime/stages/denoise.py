@@ -19,6 +19,7 @@ from telefuser.distributed.rank import RankContext
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Stage
 
+from ..skip_work import skip_work
 from .base import RunState, StageContext, register
 
 
@@ -114,12 +115,14 @@ def denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
             index += 1
         if not span:
             continue
-        with ctx.placements[name].active() as dit, ctx.dispatch(name):
+        with ctx.placements[name].active() as dit, ctx.dispatch(name), \
+                skip_work(ctx, state, stage, name, dit, context_null is not None and scale != 1.0) as skips:
             dtype = next(dit.parameters()).dtype
             extra = conditioning_inputs(state, stage, dtype)
             patch = tuple(dit.config.patch_size)
-            for t in span:
+            for offset, t in enumerate(span):
                 start = time.perf_counter()
+                skips.begin_step(index - len(span) + offset)  # the step's index in the whole loop
                 t_in = t.reshape(1) if first is None else token_timesteps(t, latents, patch)
                 velocity = guided(dit, latents.to(dtype), t_in.to(ctx.device), state.context.to(dtype),
                                   context_null, scale, ctx.rank, extra)

@@ -1,0 +1,241 @@
+"""Skipping work in the DiT, decided here and recorded in the denoise stage's params (docs/sparse_and_caches.md):
+
+- `sparse_attention` {model: {...}}: a DiT with `attn_impl = RADIAL_ATTN | LOCAL_SPARSE_ATTN`: the resolved
+  pattern (`sparse_impl`, `block_size`, `decay_factor`, `local_window_size`, `dense_timesteps`, `dense_layers`)
+  and the block mask's density at the default resolution (`density`, `density_grid`);
+- `step_cache` {model: {...}}: a DiT with a `feature_cache_config`: every argument of
+  `telefuser.runtime.caches.apply_step_cache` resolved (TeaCache's polynomial included).
+
+The refusals (`sparse_problem`, `cache_problem`) are the compiler's, registered in compiler/executable.py."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from telefuser.schema.enums import AttnImplType, FeatureCacheMethod, ModelClass, is_dit
+from telefuser.schema.model_config import SPARSE_IMPL_OF, ModelRuntimeConfig, SparseAttentionConfig
+from telefuser.schema.plan import PlannedModel
+from telefuser.schema.recipe import Recipe
+from telefuser.schema.resolution import RESOLUTION_TABLE
+
+from . import sparse_density
+
+BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
+NOT_BUILT_SPARSE = (AttnImplType.SOL_ATTN.value, AttnImplType.SPARGE_ATTN.value)  # declared, no runner in ops
+QUANTISED = ("SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8_SM90")
+# TeaCache's published Wan2.1 fits (telefuser/runtime/caches/teacache.py: WAN21_COEFFICIENTS, source there);
+# kept in step with that table by tests/test_skip_work_plan.py (the compiler does not import the runtime).
+TEACACHE_WAN21 = {
+    "wan2.1_t2v_1.3b": (2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
+    "wan2.1_t2v_14b": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    "wan2.1_i2v_14b_480p": (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
+    "wan2.1_i2v_14b_720p": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+}
+
+
+def _runtime(recipe: Recipe, name: str) -> ModelRuntimeConfig:
+    return recipe.layer2.models.get(name, ModelRuntimeConfig())
+
+
+def _where(name: str) -> str:
+    return f"layer2.models.{name}"
+
+
+def _models_by_name(recipe: Recipe, models: list[PlannedModel]) -> dict[str, PlannedModel]:
+    return {m.name: m for m in models}
+
+
+def sparse_config_of(runtime: ModelRuntimeConfig) -> SparseAttentionConfig:
+    """The sparse pattern a sparse attn_impl runs: its sparse_config with `sparse_impl` filled in."""
+    impl = SPARSE_IMPL_OF[runtime.attention_config.attn_impl]
+    given = runtime.attention_config.sparse_config or SparseAttentionConfig()
+    return given.model_copy(update={"sparse_impl": impl})
+
+
+def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    by_name = _models_by_name(recipe, models)
+    for name, cfg in recipe.layer2.models.items():
+        attn = cfg.attention_config
+        where = f"{_where(name)}.attention_config"
+        if attn.sparse_config is not None and attn.attn_impl not in SPARSE_IMPL_OF:
+            if attn.attn_impl in QUANTISED:
+                return (f"{where}.sparse_config with attn_impl = {attn.attn_impl!r}: quantised (SageAttention-style) "
+                        "attention and block-sparse attention do not compose here (the block-sparse kernel computes "
+                        "Q·K^T in bf16/fp16/fp32, and no quantised block-sparse kernel is built); choose one: "
+                        "attn_impl = \"RADIAL_ATTN\" or \"LOCAL_SPARSE_ATTN\" with the sparse_config, or remove "
+                        "the sparse_config to keep the quantised attention.")
+            return (f"{where}.sparse_config is set but attn_impl = {attn.attn_impl!r} is dense, so the pattern would be "
+                    "ignored; set attn_impl = \"RADIAL_ATTN\" (sparse_impl \"radial\") or \"LOCAL_SPARSE_ATTN\" "
+                    "(\"local\"), or remove the sparse_config.")
+        if attn.attn_impl in NOT_BUILT_SPARSE:
+            return (f"{where}.attn_impl = {attn.attn_impl!r}: this TeleFuser has no runner for it (its package's "
+                    "kernel is not wired); use \"RADIAL_ATTN\" or \"LOCAL_SPARSE_ATTN\" (TeleFuser's block-sparse "
+                    "kernel) or a dense attn_impl.")
+        if attn.attn_impl not in BUILT_SPARSE:
+            continue
+        model = by_name.get(name)
+        if model is None or not is_dit(model.role) or model.class_ not in (ModelClass.WAN_DIT, ModelClass.AUTO):
+            what = f"a {model.role} ({model.class_})" if model is not None else "no model"
+            return (f"{where}.attn_impl = {attn.attn_impl!r} on {name!r}, {what}: sparse attention is wired into the "
+                    "Wan DiT's self-attention only; use a dense attn_impl for this model.")
+        sparse = sparse_config_of(cfg)
+        if sparse.block_size & (sparse.block_size - 1):
+            return (f"{where}.sparse_config.block_size = {sparse.block_size}: the block-sparse kernel needs a power of "
+                    "two of at least 16 (128 is the default and Radial Attention's).")
+        if sparse.sparse_impl == "local" and sparse.local_window_size < 1:
+            return (f"{where}: LOCAL_SPARSE_ATTN needs sparse_config.local_window_size >= 1 (tokens per side of the "
+                    "window along frame, height and width; 0 means off); set it (AttentionConfig.local_sparse_attention "
+                    "uses 6).")
+        ring = recipe.layer2.parallel_config.sp_ring_degree
+        if ring > 1:
+            return (f"{where}.attn_impl = {attn.attn_impl!r} with layer2.parallel_config.sp_ring_degree = {ring}: the "
+                    "block mask is global over the whole token sequence, and ring attention gives each rank a shard "
+                    "of the keys (the sparse ring is not built); use sp_ulysses_degree instead (each rank holds whole "
+                    "sequences for its heads, so the mask applies unchanged), or a dense attn_impl.")
+    return None
+
+
+def _teacache_key(model: PlannedModel, recipe: Recipe) -> Optional[str]:
+    arch = model.arch
+    if recipe.layer1.is_moe or "dim" not in arch:
+        return None
+    dim, kind = int(arch["dim"]), arch.get("model_type", "t2v")
+    if kind == "t2v" and dim in (1536, 5120):
+        return "wan2.1_t2v_1.3b" if dim == 1536 else "wan2.1_t2v_14b"
+    if kind == "i2v" and dim == 5120:
+        height = default_frame_size(recipe)[1]
+        return "wan2.1_i2v_14b_720p" if height >= 720 else "wan2.1_i2v_14b_480p"
+    return None
+
+
+def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    by_name = _models_by_name(recipe, models)
+    steps = recipe.layer2.num_inference_steps
+    for name, cfg in recipe.layer2.models.items():
+        cache = cfg.feature_cache_config
+        if cache.method == FeatureCacheMethod.NONE:
+            continue
+        where = f"{_where(name)}.feature_cache_config"
+        model = by_name.get(name)
+        if model is None or not is_dit(model.role) or model.class_ not in (ModelClass.WAN_DIT, ModelClass.AUTO):
+            what = f"a {model.role} ({model.class_})" if model is not None else "no model"
+            return (f"{where}.method = {cache.method!r} on {name!r}, {what}: step caches wrap the Wan DiT's block "
+                    "stack only; remove this feature_cache_config.")
+        if cache.compute_steps is not None and any(s >= steps for s in cache.compute_steps):
+            return (f"{where}.compute_steps = {cache.compute_steps}: steps are 0-based and the plan has "
+                    f"layer2.num_inference_steps = {steps}; list steps below {steps}.")
+        layers = int(model.arch.get("num_layers", 0)) if model.arch else 0
+        if cache.method == FeatureCacheMethod.FIRST_BLOCK and layers and cache.first_blocks >= layers:
+            return (f"{where}.first_blocks = {cache.first_blocks}: the DiT has {layers} blocks, and at least one must be "
+                    "left to reuse; set first_blocks below it.")
+        if cache.method == FeatureCacheMethod.TEACACHE and cache.coefficients is None and model.arch \
+                and _teacache_key(model, recipe) is None:
+            return (f"{where}.method = \"teacache\" on {name!r}: TeaCache publishes rescaling polynomials for Wan2.1 "
+                    "T2V 1.3B/14B and I2V 14B 480p/720p only, and this DiT (dim "
+                    f"{model.arch.get('dim')}, {model.arch.get('model_type', 't2v')}"
+                    f"{', a Wan2.2 expert' if recipe.layer1.is_moe else ''}) is none of them; give its fit as "
+                    "feature_cache_config.coefficients (highest power first), or use method = \"first_block\", "
+                    "\"static\" or \"taylorseer\".")
+    return None
+
+
+def default_frame_size(recipe: Recipe) -> tuple[int, int]:
+    l3 = recipe.layer3
+    return tuple(RESOLUTION_TABLE[l3.resolution.default][l3.aspect_ratio.default])  # type: ignore[return-value]
+
+
+def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) -> tuple[int, int, int]:
+    """The DiT's (frames, height, width) token grid at the default resolution and the plan's frame count."""
+    width, height = default_frame_size(recipe)
+    frames = (recipe.layer2.num_frames - 1) // temporal + 1
+    return (frames // int(patch[0]), height // spatial // int(patch[1]), width // spatial // int(patch[2]))
+
+
+def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], temporal: int, spatial: int,
+                   patch: list[int]) -> dict[str, Any]:
+    """The denoise stage's `sparse_attention` and `step_cache` records (absent when unused)."""
+    by_name = _models_by_name(recipe, models)
+    sparse: dict[str, Any] = {}
+    caches: dict[str, Any] = {}
+    for name in dits:
+        runtime = _runtime(recipe, name)
+        if runtime.attention_config.attn_impl in BUILT_SPARSE:
+            cfg = sparse_config_of(runtime)
+            grid = token_grid(recipe, temporal, spatial, patch)
+            mask = sparse_density.block_mask(cfg.sparse_impl, grid, cfg.block_size, cfg.decay_factor,
+                                             cfg.local_window_size)
+            sparse[name] = {**cfg.model_dump(mode="json"), "density": round(sparse_density.density(mask), 6),
+                            "density_grid": list(grid)}
+        cache = runtime.feature_cache_config
+        if cache.method != FeatureCacheMethod.NONE:
+            record: dict[str, Any] = {"method": cache.method, "warmup_steps": cache.warmup_steps,
+                                      "max_consecutive_skips": cache.max_consecutive_skips,
+                                      "num_inference_steps": recipe.layer2.num_inference_steps}
+            if cache.method == FeatureCacheMethod.TEACACHE:
+                key = _teacache_key(by_name[name], recipe) if cache.coefficients is None else None
+                record.update(threshold=cache.threshold, teacache_input="t_emb", final_steps=1,
+                              coefficients=list(cache.coefficients or TEACACHE_WAN21.get(key or "", ())),
+                              coefficients_source=key or "feature_cache_config.coefficients")
+            elif cache.method == FeatureCacheMethod.FIRST_BLOCK:
+                record.update(threshold=cache.threshold, first_blocks=cache.first_blocks, final_steps=0)
+            elif cache.method == FeatureCacheMethod.STATIC:
+                record.update(compute_steps=sorted(set(cache.compute_steps or [])), final_steps=0)
+            else:
+                record.update(interval=cache.interval, order=cache.order, final_steps=0)
+            caches[name] = record
+    out: dict[str, Any] = {}
+    if sparse:
+        out["sparse_attention"] = sparse
+    if caches:
+        out["step_cache"] = caches
+    return out
+
+
+def explain_lines(stages: list) -> list[str]:
+    """--explain's block for the denoise stage's sparse attention and step caches (none: no lines)."""
+    denoise = next((s for s in stages if s.kind == "denoise"), None)
+    if denoise is None:
+        return []
+    sparse, caches = denoise.params.get("sparse_attention", {}), denoise.params.get("step_cache", {})
+    lines = []
+    if sparse:
+        lines += ["", "sparse attention (the DiT's self-attention, block-sparse):"]
+        for model, r in sparse.items():
+            pattern = (f"decay_factor {r['decay_factor']}" if r["sparse_impl"] == "radial"
+                       else f"window {r['local_window_size']} tokens per side")
+            lines.append(f"  {model:<14} {r['sparse_impl']}, blocks of {r['block_size']} tokens, {pattern}; dense: first "
+                         f"{r['dense_timesteps']} step(s), first {r['dense_layers']} block(s); density "
+                         f"{r['density']:.3f} at the default resolution (token grid {tuple(r['density_grid'])})")
+    if caches:
+        lines += ["", "step cache (reused steps add the block stack's cached residual):"]
+        for model, r in caches.items():
+            method = r["method"]
+            if method == "static":
+                rule = f"computes steps {r['compute_steps']} of {r['num_inference_steps']}"
+            elif method == "taylorseer":
+                rule = f"computes every {r['interval']} steps, order-{r['order']} Taylor forecast between"
+            elif method == "teacache":
+                rule = (f"threshold {r['threshold']} on the rescaled time-embedding change ({r['coefficients_source']}), "
+                        f"last {r['final_steps']} step(s) computed")
+            else:
+                rule = f"threshold {r['threshold']} on the first {r['first_blocks']} block(s)' residual change"
+            skips = r["max_consecutive_skips"]
+            lines.append(f"  {model:<14} {method}: {rule}; warm-up {r['warmup_steps']} step(s), "
+                         f"{'no limit on' if skips is None else f'at most {skips}'} consecutive reuses; per CFG branch")
+    return lines
+
+
+def cache_residual_bytes(recipe: Recipe, tokens_per_rank: int, dim: int, act_bytes: int) -> int:
+    """Device bytes a step cache keeps between steps, for the largest of the plan's caches (MoE: one expert's cache
+    lives at a time, dropped at the switch): per CFG branch this rank runs, the block stack's residual [S, dim] in
+    the model dtype, twice for first_block (its reference residual), order + 1 for TaylorSeer."""
+    l2 = recipe.layer2
+    branches = 1 if l2.parallel_config.cfg_degree == 2 else 2  # cfg off: one branch, over-counted here
+    largest = 0
+    for cfg in l2.models.values():
+        cache = cfg.feature_cache_config
+        if cache.method == FeatureCacheMethod.NONE:
+            continue
+        tensors = {FeatureCacheMethod.FIRST_BLOCK: 2, FeatureCacheMethod.TAYLORSEER: cache.order + 1}.get(cache.method, 1)
+        largest = max(largest, tensors)
+    return branches * largest * tokens_per_rank * dim * act_bytes
