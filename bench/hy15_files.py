@@ -8,15 +8,13 @@ holds all 28 layers, the final norm and the LM head (the vision tower left out),
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
-import struct
 from pathlib import Path
 
 import torch
 
-SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16"}
+from bench.compile import write_safetensors_index_only
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,17 +29,7 @@ def _shapes(class_name: str, **arch) -> dict[str, tuple[int, ...]]:
 
 def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        f.truncate(8 + len(text) + offset)  # sparse: the official size, no data on disk
+    write_safetensors_index_only(path, shapes, dtype)
 
 
 def write_hunyuan15_root(root: Path) -> Path:

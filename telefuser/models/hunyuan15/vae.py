@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from telefuser.models.wan.causal_vae import blend as blend_tiles  # the same cross-fade of overlapping tiles
 from telefuser.ops.attention import attention
 
 
@@ -351,9 +352,9 @@ class HunyuanVideo15VAE(nn.Module):
                 if video is None:
                     video = decoded.new_empty(b, decoded.shape[1], decoded.shape[2], height * r, width * r)
                 if above:
-                    _blend(above[len(row_bottoms)], decoded, blend[0], dim=3)
+                    blend_tiles(above[len(row_bottoms)], decoded, blend[0], dim=3)
                 if left is not None:
-                    _blend(left, decoded, blend[1], dim=4)
+                    blend_tiles(left, decoded, blend[1], dim=4)
                 keep_h, keep_w = min(stride[0], height - i) * r, min(stride[1], width - j) * r
                 video[:, :, :, i * r: i * r + keep_h, j * r: j * r + keep_w] = decoded[:, :, :, :keep_h, :keep_w]
                 left = decoded[:, :, :, :, decoded.shape[4] - blend[1]:].clone()
@@ -361,15 +362,3 @@ class HunyuanVideo15VAE(nn.Module):
             above = row_bottoms
         assert video is not None
         return video
-
-
-def _blend(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:
-    """Cross-fade the first `extent` rows/columns of `cur` (in place) from the last ones of `prev`."""
-    extent = min(prev.shape[dim], cur.shape[dim], extent)
-    if extent == 0:
-        return
-    shape = [1] * cur.ndim
-    shape[dim] = extent
-    w = (torch.arange(extent, dtype=cur.dtype, device=cur.device) / extent).view(shape)
-    head = cur.narrow(dim, 0, extent)
-    head.copy_(prev.narrow(dim, prev.shape[dim] - extent, extent) * (1 - w) + head * w)
