@@ -236,10 +236,21 @@ from telefuser.models.t5 import tokenizer
 for name in ("WanDiT", "WanVAE", "UMT5Encoder", "CLIPVision"):  # the model modules (and the ops they import)
     registry.get(name).model_class
 imported = time.perf_counter()
+profile = None
+if len(sys.argv) > 2:  # --profile: where the cold load's time goes, by function (cumulative), to that file
+    import cProfile
+    profile = cProfile.Profile()
+    profile.enable()
 pipe = telefuser.load_plan(sys.argv[1])
 if torch.cuda.is_available():
     torch.cuda.synchronize()
 done = time.perf_counter()
+if profile is not None:
+    import io, pstats
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(45)
+    open(sys.argv[2], "w").write(text.getvalue())
 print(json.dumps({"imports": imported - start, "load": done - imported, "phases": pipe.load_phases.rows}))
 """
 COLD_THEIRS = """\
@@ -321,6 +332,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=sorted(RECIPES), default="1.3b", help="the plan to load (default 1.3b)")
     parser.add_argument("--root", default=os.environ.get("WAN_LOAD_ROOT", "/tmp/wan21_load"))
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes per side (alternating)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more cold load of ours under cProfile: $OUT/load_<model>_profile.txt")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     device = "cpu" if smoke else "cuda"
@@ -353,6 +366,8 @@ def main(argv=None) -> None:
             colds["theirs"].append(cold(COLD_THEIRS, str(root), device))
         except RuntimeError as exc:  # the peer's failure leaves our numbers standing
             emit(f"- peer cold load failed: {exc}")
+    if args.profile:
+        cold(COLD_OURS, str(plan), str(out / f"load_{args.model}_profile.txt"))
     emit("## Cold: a fresh process per load (CUDA context and weights read inside the timing on both sides)")
     emit()
     emit("| side | load (imports excluded), best | median | imports | whole process (imports included), best |")
