@@ -71,9 +71,9 @@ def configs(model: str, smoke: bool):
 # ---------------------------------------------------------------------------------------------- weights
 
 
-def write_weights(root: Path, model: str, smoke: bool, device: str) -> None:
-    """Wan-layout files in root/wan, diffusers / transformers folders in root/{transformer,vae,text_encoder,
-    image_encoder}."""
+def write_weights(root: Path, model: str, smoke: bool, device: str, one_layout: bool) -> None:
+    """Wan-layout files in root/wan (not with `one_layout`), diffusers / transformers folders in
+    root/{transformer,vae,text_encoder,image_encoder}."""
     from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig
@@ -118,7 +118,8 @@ def write_weights(root: Path, model: str, smoke: bool, device: str) -> None:
                        clip_to_hf))
     for role, make, folder, name, convert in models:
         state = {k: v.cpu() for k, v in random_state(meta_model(make), device).items()}
-        save_file(state, wan / WAN_FILES[role])
+        if not one_layout:
+            save_file(state, wan / WAN_FILES[role])
         (root / folder).mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in convert(state).items()}, root / folder / name)
         del state
@@ -142,13 +143,19 @@ def write_weights(root: Path, model: str, smoke: bool, device: str) -> None:
     print(f"weights written in {time.perf_counter() - start:.0f} s")
 
 
-def compile_plan(root: Path, model: str, smoke: bool) -> Path:
-    """The shipped recipe of `--model`, its model paths set to root/wan's files (`--set`); smoke: tiny sizes on the
-    CPU."""
+# --one-layout: our plan reads the diffusers / transformers files too (the compiler detects their key layouts)
+THEIR_FILES = {"dit": "transformer/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
+               "text_encoder": "text_encoder/model.safetensors", "tokenizer": "wan/tokenizer.json",
+               "image_encoder": "image_encoder/model.safetensors"}
+
+
+def compile_plan(root: Path, model: str, smoke: bool, one_layout: bool) -> Path:
+    """The shipped recipe of `--model`, its model paths set to root/wan's files (with `one_layout`, to the diffusers /
+    transformers files) (`--set`); smoke: tiny sizes on the CPU."""
     from bench.common import compile_shipped, size_overrides, target_overrides
 
     dit_cfg, _, t5_cfg, clip_cfg = configs(model, smoke)
-    paths = {role: root / "wan" / name for role, name in WAN_FILES.items()
+    paths = {role: root / THEIR_FILES[role] if one_layout else root / "wan" / name for role, name in WAN_FILES.items()
              if role != "image_encoder" or clip_cfg is not None}
     overrides = target_overrides(smoke)
     if smoke:
@@ -332,6 +339,10 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=sorted(RECIPES), default="1.3b", help="the plan to load (default 1.3b)")
     parser.add_argument("--root", default=os.environ.get("WAN_LOAD_ROOT", "/tmp/wan21_load"))
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes per side (alternating)")
+    parser.add_argument("--one-layout", action="store_true",
+                        help="write the weights once, in diffusers' / transformers' layout, and load our plan from "
+                             "the same files (the 14B files twice do not fit a 64 GiB disk)")
+    parser.add_argument("--cold-only", action="store_true", help="skip the warm (one-process) rows")
     parser.add_argument("--profile", action="store_true",
                         help="one more cold load of ours under cProfile: $OUT/load_<model>_profile.txt")
     args = parser.parse_args(argv)
@@ -346,15 +357,16 @@ def main(argv=None) -> None:
         print(line, flush=True)
         lines.append(line)
 
-    write_weights(root, args.model, smoke, device)
-    plan = compile_plan(root, args.model, smoke)
+    write_weights(root, args.model, smoke, device, args.one_layout)
+    plan = compile_plan(root, args.model, smoke, args.one_layout)
     nbytes, seconds = warm_page_cache(root)
 
     emit(f"# Loading the `{RECIPES[args.model]}` plan vs diffusers / transformers from_pretrained (`bench/load.py`)")
     emit()
     emit(f"Measured: {environment(device)}.")
     emit()
-    emit(f"Files: {nbytes / 1e9:.2f} GB in both layouts, read once before timing ({seconds:.1f} s): warm page cache "
+    emit(f"Files: {nbytes / 1e9:.2f} GB "
+         f"{'in diffusers/transformers layout, read by both sides' if args.one_layout else 'in both layouts'}, read once before timing ({seconds:.1f} s): warm page cache "
          "on both sides.")
     emit()
 
@@ -406,7 +418,7 @@ def main(argv=None) -> None:
         sync()
     results: list[tuple[str, float, list]] = []
     pipe = theirs = None
-    for kind in ("ours", "theirs-to", "theirs-device_map", "ours", "theirs-to", "ours"):
+    for kind in () if args.cold_only else ("ours", "theirs-to", "theirs-device_map", "ours", "theirs-to", "ours"):
         pipe = theirs = None
         free()
         if kind == "ours":
@@ -422,22 +434,25 @@ def main(argv=None) -> None:
             label = (f"diffusers/transformers from_pretrained(device_map={device!r})" if dm else
                      f"diffusers/transformers from_pretrained(...).to({device!r})")
         results.append((label, total, rows))
-    emit("## Warm: in one process (libraries imported, CUDA initialised before timing)")
-    emit()
-    emit("| load | seconds |")
-    emit("|---|---|")
-    for label, total, _ in results:
-        emit(f"| {label} | {total:.2f} |")
-    emit()
-    for label, total, rows in results[:3]:
-        emit(f"Phases of `{label}` ({total:.2f} s):")
+    if results:
+        emit("## Warm: in one process (libraries imported, CUDA initialised before timing)")
         emit()
-        emit("| phase | seconds |")
+        emit("| load | seconds |")
         emit("|---|---|")
-        for name, sec in rows:
-            emit(f"| {name} | {sec:.3f} |")
+        for label, total, _ in results:
+            emit(f"| {label} | {total:.2f} |")
         emit()
+        for label, total, rows in results[:3]:
+            emit(f"Phases of `{label}` ({total:.2f} s):")
+            emit()
+            emit("| phase | seconds |")
+            emit("|---|---|")
+            for name, sec in rows:
+                emit(f"| {name} | {sec:.3f} |")
+            emit()
     try:
+        if pipe is None:  # --cold-only
+            pipe = load_ours(plan)[0]
         theirs, _, _ = load_theirs(root, device, device_map=False)
         emit(f"Equality of the loaded weights (ours vs theirs): {compare(pipe, theirs)}.")
     except Exception as exc:
