@@ -116,7 +116,8 @@ def diffusers_transformer(cfg, image_dim: int | None = None):
         patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
         in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=image_dim))
+        qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=image_dim,
+        added_kv_proj_dim=cfg.dim if image_dim else None))  # I2V: the image tokens' own k/v (official config)
 
 
 def write_wan21_diffusers(root: Path, dit_cfg, vae_cfg, t5_cfg, device: str) -> dict[str, Path]:
