@@ -139,6 +139,7 @@ def _block_sparse_attn_kernel(
     MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     TWO_TILES: tl.constexpr, TILE: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST: tl.constexpr, P_DTYPE: tl.constexpr,
+    SUBS: tl.constexpr,  # key tiles per mask block
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -146,7 +147,6 @@ def _block_sparse_attn_kernel(
     h = (bh % N).to(tl.int64)
     m0 = pid_m * BLOCK_M
     row_block = m0 // MASK_BLOCK
-    SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N  # key tiles per mask block
 
     # The layout is shared by every head (stride 0 over heads) or one per head.
     count = tl.load(counts_ptr + h * cnt_sh + row_block)
@@ -291,7 +291,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         0 if shared else counts.stride(0), 0 if shared else indices.stride(0), indices.stride(1),
         MASK_BLOCK=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=d, TWO_TILES=cfg.two_tiles, TILE=tile,
         USE_TMA=use_tma, IEEE=q.dtype == torch.float32, RETURN_LSE=return_lse,
-        UPCAST=_interpreter_upcast(q.dtype), P_DTYPE=p_dtype,
+        UPCAST=_interpreter_upcast(q.dtype), P_DTYPE=p_dtype, SUBS=bs // cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse) if return_lse else out
