@@ -14,7 +14,6 @@ import torch
 from .sparse_attention import Grid, block_layout_for, sparse_attention, use_dense
 
 
-
 class PlannedSparse(NamedTuple):
     """The self-attention call in flight under a plan's sparse pattern (set by the runtime's wrapper around a
     block's `attend` seam, `planned_sparse`): the config, the token grid, the step and the block index."""
@@ -40,12 +39,13 @@ def planned_sparse(config: Any, grid: Grid, step_index: int, layer_index: int):
         _PLANNED.reset(token)
 
 
-def planned_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           scale: Optional[float] = None) -> Optional[torch.Tensor]:
+def planned_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                           quantized: Optional[str] = None) -> Optional[torch.Tensor]:
     """The block-sparse output of q [B, Sq, N, D] over k, v [B, Sk, N, D] (BSND) under `planned_sparse`, or None
     where it does not apply (no planned call, a dense step or layer: the caller runs dense attention). The queries
     may be padded past the grid's tokens (Ulysses pads the sequence; the keys arrive cut to the real tokens): padded
-    rows get 0. The kernel on CUDA, the PyTorch reference elsewhere (on the CPU, as the plan's dispatch says)."""
+    rows get 0. The kernel on CUDA, the PyTorch reference elsewhere (on the CPU, as the plan's dispatch says).
+    `quantized`: the SAGE_ATTN_* variant the plan's attention runs (its block-sparse mode), None: 16 bits."""
     planned = _PLANNED.get()
     if planned is None or use_dense(planned.step_index, planned.layer_index, planned.config):
         return None
@@ -55,7 +55,7 @@ def planned_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"{k.shape[1]} keys: a sequence shard (ring attention) cannot take a global mask")
     layout = block_layout_for(planned.config, planned.grid, q.device)
     inner = sparse_attention(q[:, :tokens], k[:, :tokens], v[:, :tokens], layout=layout, scale=scale,
-                             use_kernel=q.is_cuda)
+                             use_kernel=q.is_cuda, quantized=quantized)
     if q.shape[1] == tokens:
         return inner
     out = q.new_zeros(q.shape)
