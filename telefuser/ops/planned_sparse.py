@@ -1,7 +1,7 @@
 """The plan's sparse self-attention: the runtime's wrapper around a DiT block's `attend` seam enters
-`planned_sparse(config, grid, step, layer)`, and `telefuser.ops.attention`'s RADIAL_ATTN / LOCAL_SPARSE_ATTN runner
-asks `planned_self_attention` for the block-sparse output (None: a dense step or layer, or a call outside the seam
-such as cross-attention, which then runs dense SDPA)."""
+`planned_sparse(config, grid, step, layer)`, and `telefuser.ops.attention`'s RADIAL_ATTN / LOCAL_SPARSE_ATTN (and
+SAGE_ATTN_*) runner asks `planned_self_attention` for the block-sparse output (None: a dense step or layer, or a
+call outside the seam such as cross-attention, which then runs dense)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ _PLANNED: "contextvars.ContextVar[Optional[PlannedSparse]]" = contextvars.Contex
 
 @contextlib.contextmanager
 def planned_sparse(config: Any, grid: Grid, step_index: int, layer_index: int):
-    """Within it, `attention()` with a sparse backend (RADIAL_ATTN, LOCAL_SPARSE_ATTN) runs this self-attention
-    block-sparse (`planned_self_attention`); outside it (cross-attention) those backends are dense SDPA."""
+    """Within it, `attention()` with a sparse backend (RADIAL_ATTN, LOCAL_SPARSE_ATTN) or a quantised one
+    (SAGE_ATTN_*: its block-sparse mode) runs this self-attention block-sparse (`planned_self_attention`); outside
+    it (cross-attention) those backends run dense (SDPA; the quantised runner its dense rules)."""
     token = _PLANNED.set(PlannedSparse(config, tuple(int(x) for x in grid), int(step_index), int(layer_index)))
     try:
         yield
