@@ -93,7 +93,7 @@ def _load_rows(ptr, desc, b, h, row0, n_rows, s_b, s_s, s_n, ROWS: tl.constexpr,
 
 @triton.jit
 def _softmax_step(q, k, v, m_i, l_i, acc, c, valid, MASKED: tl.constexpr, IEEE: tl.constexpr,
-                  UPCAST: tl.constexpr, P_DTYPE: tl.constexpr):
+                  UPCAST: tl.constexpr):
     """One key tile of one query tile: scores, online softmax in base 2 (c = scale * log2(e) > 0, so the row
     maximum of the raw products times c is the maximum of the logits, and each logit costs one FMA), P·V."""
     if IEEE:
@@ -109,10 +109,10 @@ def _softmax_step(q, k, v, m_i, l_i, acc, c, valid, MASKED: tl.constexpr, IEEE: 
     acc = acc * alpha[:, None]
     if IEEE:
         acc = tl.dot(p, v, acc, input_precision="ieee")
-    elif UPCAST:  # P rounded to the input dtype as on the GPU, multiplied in fp32 (exact for bf16 products)
-        acc = tl.dot(p.to(P_DTYPE).to(tl.float32), v, acc)
+    elif UPCAST:  # bf16 only: P rounded to bf16 as on the GPU, multiplied in fp32 (exact for bf16 products)
+        acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v, acc)
     else:
-        acc = tl.dot(p.to(P_DTYPE), v, acc)  # P rounded to the input dtype for the second dot, as flash kernels do
+        acc = tl.dot(p.to(v.dtype), v, acc)  # P rounded to the input dtype for the second dot, as flash kernels do
     return acc, l_i, m_new
 
 
@@ -138,7 +138,7 @@ def _block_sparse_attn_kernel(
     cnt_sh, idx_sh, idx_sm,
     MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     TWO_TILES: tl.constexpr, TILE: tl.constexpr, USE_TMA: tl.constexpr,
-    IEEE: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST: tl.constexpr, P_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST: tl.constexpr,
     SUBS: tl.constexpr,  # key tiles per mask block
 ):
     pid_m = tl.program_id(0)
@@ -173,9 +173,9 @@ def _block_sparse_attn_kernel(
         start_n = tl.load(row_indices + j // SUBS) * MASK_BLOCK + (j % SUBS) * BLOCK_N
         k = _load_rows(k_ptr, desc_k, b, h, start_n, Sk, k_sb, k_ss, k_sn, BLOCK_N, HEAD_DIM, USE_TMA, False, UPCAST)
         v = _load_rows(v_ptr, desc_v, b, h, start_n, Sk, v_sb, v_ss, v_sn, BLOCK_N, HEAD_DIM, USE_TMA, False, UPCAST)
-        acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, no_mask, False, IEEE, UPCAST, P_DTYPE)
+        acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, no_mask, False, IEEE, UPCAST)
         if TWO_TILES:
-            acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, no_mask, False, IEEE, UPCAST, P_DTYPE)
+            acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, no_mask, False, IEEE, UPCAST)
     # The last listed block may be the ragged one (block Mk - 1): its tiles test their end.
     if count > 0:
         last = tl.load(row_indices + count - 1) * MASK_BLOCK
@@ -186,9 +186,9 @@ def _block_sparse_attn_kernel(
                                UPCAST)
                 v = _load_rows(v_ptr, desc_v, b, h, start_n, Sk, v_sb, v_ss, v_sn, BLOCK_N, HEAD_DIM, USE_TMA, False,
                                UPCAST)
-                acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, no_mask, False, IEEE, UPCAST, P_DTYPE)
+                acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, no_mask, False, IEEE, UPCAST)
                 if TWO_TILES:
-                    acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, no_mask, False, IEEE, UPCAST, P_DTYPE)
+                    acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, no_mask, False, IEEE, UPCAST)
             elif start_n < Sk:  # the ragged end; a tile wholly past it is skipped
                 valid = start_n + tl.arange(0, BLOCK_N) < Sk
                 # pointer loads zero past the end (TMA would read the next batch's rows: masked scores, P = 0)
@@ -196,9 +196,9 @@ def _block_sparse_attn_kernel(
                                UPCAST)
                 v = _load_rows(v_ptr, desc_v, b, h, start_n, Sk, v_sb, v_ss, v_sn, BLOCK_N, HEAD_DIM, False, True,
                                UPCAST)
-                acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, valid, True, IEEE, UPCAST, P_DTYPE)
+                acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, valid, True, IEEE, UPCAST)
                 if TWO_TILES:
-                    acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, valid, True, IEEE, UPCAST, P_DTYPE)
+                    acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, valid, True, IEEE, UPCAST)
 
     if TWO_TILES:
         _store_rows(acc1, l1, m1, o_ptr, lse_ptr, b, h, bh, m0, Sq, o_sb, o_ss, o_sn, TILE, HEAD_DIM, RETURN_LSE)
@@ -283,7 +283,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     descs = ((_descriptor(q, tile), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if use_tma
              else (None, None, None))
     shared = counts.shape[0] == 1
-    p_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
     _block_sparse_attn_kernel[(triton.cdiv(sq, cfg.block_m), b * n)](
         q, k, v, out, lse, counts, indices, *descs, sq, sk, n, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -291,7 +290,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         0 if shared else counts.stride(0), 0 if shared else indices.stride(0), indices.stride(1),
         MASK_BLOCK=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=d, TWO_TILES=cfg.two_tiles, TILE=tile,
         USE_TMA=use_tma, IEEE=q.dtype == torch.float32, RETURN_LSE=return_lse,
-        UPCAST=_interpreter_upcast(q.dtype), P_DTYPE=p_dtype, SUBS=bs // cfg.block_n,
+        UPCAST=_interpreter_upcast(q.dtype), SUBS=bs // cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse) if return_lse else out
