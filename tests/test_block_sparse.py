@@ -153,3 +153,67 @@ def test_kernel_default_block_size_sub_tiles(dtype, head_dim):
     out = block_sparse_attention(q, k, v, lone)
     ref, _ = dense_masked(q, k, v, torch.tensor([[False, True], [False, True]]), bs)
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+
+
+# ------------------------------------------------------------------ the schedules (tiles, TMA, two query tiles)
+
+SCHEDULES = {  # what TUNED / default_config pick on the GPU and the CPU, and the mixes in between
+    "one tile, pointers": dict(block_m=64, block_n=64),
+    "one tile, TMA": dict(block_m=64, block_n=64, use_tma=True),
+    "two tiles, pointers": dict(block_m=128, block_n=64, two_tiles=True),
+    "two tiles, TMA, 128 keys": dict(block_m=128, block_n=128, use_tma=True, two_tiles=True),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_schedules_match_dense_masked(schedule, dtype, head_dim):
+    """Every schedule over BSND views of a packed qkv tensor (what the DiT passes; the TMA descriptors' [B*S, N*D]
+    matrix), batch 2 (TMA tiles at a ragged end would read the next batch's rows: they must be masked), 301
+    tokens in blocks of 128 (the last block 45 keys), a per-head mask with an empty query block."""
+    from telefuser.kernels.triton.block_sparse_attention import KernelConfig, _tma_view_ok
+
+    bs, seq, heads = 128, 301, 2
+    qkv = rand(2, seq, 3, heads, head_dim, dtype=dtype, seed=21)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    assert all(_tma_view_ok(t) for t in (q, k, v))
+    mask = random_mask(3, 3, heads=heads, seed=4)
+    mask[0, 2] = True  # head 0: the ragged key block in every row
+    mask[1, 1] = False  # head 1: query block 1 computes nothing
+    cfg = KernelConfig(num_stages=1, **SCHEDULES[schedule])
+    out, lse = block_sparse_attention(q, k, v, layout_from_mask(mask, bs), return_lse=True, config=cfg)
+    ref, ref_lse = dense_masked(q, k, v, mask, bs)
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse.double() - ref_lse)[finite].abs().max() < 1e-5
+    assert out[:, 128:256, 1].abs().max() == 0
+
+
+@needs_triton
+def test_tma_falls_back_for_strides_it_cannot_read_and_cross_lengths():
+    """A BSND view of a BNSD tensor (heads not packed in a token) takes pointer loads under a TMA config; queries and
+    keys of different lengths (160 and 230: a [2, 2] mask of 128-blocks, both ragged)."""
+    from telefuser.kernels.triton.block_sparse_attention import KernelConfig, _tma_view_ok
+
+    q = rand(1, 2, 160, 64, dtype=torch.bfloat16, seed=7).transpose(1, 2)
+    k, v = (rand(1, 2, 230, 64, dtype=torch.bfloat16, seed=s).transpose(1, 2) for s in (8, 9))
+    assert not _tma_view_ok(q)
+    mask = torch.tensor([[True, True], [False, True]])
+    cfg = KernelConfig(block_m=128, block_n=64, num_stages=1, use_tma=True, two_tiles=True)
+    out = block_sparse_attention(q, k, v, layout_from_mask(mask, 128), config=cfg)
+    ref, _ = dense_masked(q, k, v, mask, 128)
+    assert rel_err(out, ref) < TOL[torch.bfloat16], rel_err(out, ref)
+
+
+def test_fit_config_divides_the_mask_block():
+    from telefuser.kernels.triton.block_sparse_attention import TUNED, KernelConfig, fit_config
+
+    tuned = TUNED[((9, 0), 128)]
+    assert fit_config(tuned, 128, torch.bfloat16) == tuned
+    small = fit_config(tuned, 16, torch.bfloat16)  # one 16 x 16 tile per block, no second tile
+    assert (small.block_m, small.block_n, small.two_tiles) == (16, 16, False)
+    assert not fit_config(KernelConfig(use_tma=True), 128, torch.float32).use_tma  # fp32: IEEE dots, pointers
+    with pytest.raises(ValueError, match="scale must be positive"):
+        block_sparse_attention(*(torch.zeros(1, 16, 1, 16) for _ in range(3)),
+                               layout_from_mask(torch.ones(1, 1, dtype=torch.bool), 16), scale=-1.0)

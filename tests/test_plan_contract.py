@@ -54,6 +54,8 @@ MODEL_SWITCHES = {
                "attention_config.sparse_config.dense_layers=1"],
     "local": ["attention_config.attn_impl=LOCAL_SPARSE_ATTN", "attention_config.sparse_config.local_window_size=2"],
     "sage": ["attention_config.attn_impl=SAGE_ATTN_2_8_16"],
+    "sage_radial": ["attention_config.attn_impl=SAGE_ATTN_2_8_8", "attention_config.sparse_config.sparse_impl=radial",
+                    "attention_config.sparse_config.block_size=32", "attention_config.sparse_config.dense_layers=1"],
 }
 GLOBAL_SWITCHES = {
     "tiled": ["layer2.tiled=true", "layer2.tile_size=[16, 16]"],

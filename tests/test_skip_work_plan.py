@@ -23,6 +23,9 @@ TINY = RECIPES / "tiny.toml"
 DIT = "layer2.models.dit"
 PROMPT, SEED = "a red fox running through fresh snow", 3
 RADIAL = [f"{DIT}.attention_config.attn_impl=RADIAL_ATTN", f"{DIT}.attention_config.sparse_config.block_size=16"]
+# Radial Attention on the quantised kernel (its use_sage_attention): the kernel is the attn_impl, the pattern named
+SAGE_RADIAL = [f"{DIT}.attention_config.attn_impl=SAGE_ATTN_2_8_16", f"{DIT}.attention_config.sparse_config.sparse_impl=radial",
+               f"{DIT}.attention_config.sparse_config.block_size=32"]
 
 
 def denoise_params(plan) -> dict:
@@ -72,6 +75,21 @@ def test_sparse_plan_records_pattern_and_density():
     compile_recipe(TINY, [*RADIAL, "target.num_devices=2", "layer2.parallel_config.sp_ulysses_degree=2"])
 
 
+def test_quantised_sparse_plan_records_pattern_kernel_and_density():
+    """A sparse_config beside SAGE_ATTN_*: the pattern runs through the quantised kernel's block-sparse mode."""
+    from telefuser.compiler.explain import explain
+
+    plan = compile_recipe(TINY, [*SAGE_RADIAL, f"{DIT}.attention_config.sparse_config.dense_layers=1"])
+    record = denoise_params(plan)["sparse_attention"]["dit"]
+    assert record["sparse_impl"] == "radial" and record["attn_impl"] == "SAGE_ATTN_2_8_16" and record["dense_layers"] == 1
+    assert record["density"] == round(sparse_density.density(sparse_density.radial_mask((3, 9, 16), 32, 1.0)), 6)
+    entry = next(d for d in plan.dispatch if d.model == "dit" and d.op == "attention")
+    assert entry.impl == "SAGE_ATTN_2_8_16" and "block-sparse mode" in entry.reason
+    assert "radial through SAGE_ATTN_2_8_16 (quantised, dense steps too)" in explain(plan)
+    radial = denoise_params(compile_recipe(TINY, RADIAL))["sparse_attention"]["dit"]
+    assert radial["attn_impl"] == "RADIAL_ATTN"
+
+
 def test_reference_constructors_build_the_toml_plan(tmp_path):
     """`AttentionConfig.radial_attention(...)` / `local_sparse_attention(...)` in Python give the plan the TOML keys
     give (plan_hash included)."""
@@ -85,6 +103,12 @@ def test_reference_constructors_build_the_toml_plan(tmp_path):
           "sparse_config.dense_layers=1", "sparse_config.decay_factor=0.5"]),
         (AttentionConfig.local_sparse_attention(dense_timesteps=1, local_window_size=3),
          ["attn_impl=LOCAL_SPARSE_ATTN", "sparse_config.sparse_impl=local", "sparse_config.dense_timesteps=1",
+          "sparse_config.local_window_size=3"]),
+        (AttentionConfig.radial_attention(dense_timesteps=2, dense_layers=1, attn_impl="SAGE_ATTN_2_8_8"),
+         ["attn_impl=SAGE_ATTN_2_8_8", "sparse_config.sparse_impl=radial", "sparse_config.dense_timesteps=2",
+          "sparse_config.dense_layers=1"]),
+        (AttentionConfig.local_sparse_attention(local_window_size=3, attn_impl="SAGE_ATTN_2_8_16"),
+         ["attn_impl=SAGE_ATTN_2_8_16", "sparse_config.sparse_impl=local", "sparse_config.dense_timesteps=40",
           "sparse_config.local_window_size=3"]),
     ]:
         models = dict(base.layer2.models)
@@ -101,7 +125,11 @@ def test_reference_constructors_build_the_toml_plan(tmp_path):
 @pytest.mark.parametrize("overrides, needle", [
     ([*RADIAL, "target.num_devices=2", "layer2.parallel_config.sp_ring_degree=2"], "sparse ring is not built"),
     ([f"{DIT}.attention_config.attn_impl=SAGE_ATTN_2_8_16", f"{DIT}.attention_config.sparse_config.dense_layers=1"],
-     "do not compose here"),
+     "the pattern must be named here"),
+    ([*SAGE_RADIAL, f"{DIT}.attention_config.sparse_config.block_size=16"], "blocks of at least 32 tokens"),
+    ([*SAGE_RADIAL, "target.num_devices=2", "layer2.parallel_config.sp_ring_degree=2"], "sparse ring is not built"),
+    ([f"{DIT}.attention_config.attn_impl=SAGE_ATTN_2_8_8", f"{DIT}.attention_config.sparse_config.sparse_impl=local"],
+     "local_window_size >= 1"),
     ([f"{DIT}.attention_config.sparse_config.dense_timesteps=1"], "is dense, so the pattern would be ignored"),
     (["layer2.models.vae.attention_config.attn_impl=RADIAL_ATTN"], "Wan DiT's self-attention only"),
     (["target.device=cuda", "target.gpu=H100", "target.packages=[\"triton\", \"sol_attn\"]",
@@ -218,6 +246,38 @@ def test_sparse_attention_all_dense_is_bit_identical_and_sparse_equals_the_hand_
     for index, block in enumerate(pipe.placements["dit"].module.blocks):
         block.self_attn.attend = lambda q, k, v, index=index: sa.sparse_or_dense_attention(
             q, k, v, cfg, (3, 9, 16), 0, index, dense=attention, use_kernel=False)
+    assert np.array_equal(pipe.run(prompt=PROMPT, seed=SEED, progress=False).frames, planned)
+
+
+def test_quantised_sparse_runs_the_pattern_and_dense_steps_quantised(folder):
+    """SAGE_ATTN_2_8_16 + radial on the tiny plan (CPU: the kernel's arithmetic in PyTorch): every step dense gives
+    the dense quantised plan's frames byte for byte (dense steps run the quantised attention, as Radial Attention's
+    use_sage_attention does); sparse steps give what the pattern bound by hand at the seam gives."""
+    sage = run_plan(folder, [f"{DIT}.attention_config.attn_impl=SAGE_ATTN_2_8_16"], "sage", prompt=PROMPT,
+                    seed=SEED).frames
+    dense = run_plan(folder, [*SAGE_RADIAL, f"{DIT}.attention_config.sparse_config.dense_timesteps=4"], "sage_dense",
+                     prompt=PROMPT, seed=SEED).frames
+    assert np.array_equal(dense, sage)
+    planned = run_plan(folder, [*SAGE_RADIAL, f"{DIT}.attention_config.sparse_config.dense_layers=1"], "sage_sparse",
+                       prompt=PROMPT, seed=SEED).frames
+    assert not np.array_equal(planned, sage)
+
+    from types import SimpleNamespace
+
+    from telefuser.ops import sparse_attention as sa
+    from telefuser.ops.attention import attention
+
+    pipe = telefuser.load_plan(str(folder / "sage.json"))
+    cfg = SimpleNamespace(sparse_impl="radial", block_size=32, decay_factor=1.0, dense_timesteps=0, dense_layers=1)
+
+    def attend(q, k, v, index):
+        if index < 1:
+            return attention(q, k, v, "SAGE_ATTN_2_8_16")
+        return sa.sparse_attention(q, k, v, layout=sa.block_layout_for(cfg, (3, 9, 16)), use_kernel=False,
+                                   quantized="SAGE_ATTN_2_8_16")
+
+    for index, block in enumerate(pipe.placements["dit"].module.blocks):
+        block.self_attn.attend = lambda q, k, v, index=index: attend(q, k, v, index)
     assert np.array_equal(pipe.run(prompt=PROMPT, seed=SEED, progress=False).frames, planned)
 
 

@@ -66,6 +66,9 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
             reason += "; on the CPU the PyTorch reference of the kernel's arithmetic (the kernel under TRITON_INTERPRET=1)"
         reason += ("; cross-attention over <= 2048 keys (text, image tokens) stays exact SDPA; under sp_ring "
                    "the kernel's log-sum-exp merges the blocks")
+        if runtime.attention_config.sparse_config is not None:  # compiler/skip_work.py
+            reason += ("; with the sparse_config: self-attention through the kernel's block-sparse mode over the mask "
+                       "the denoise stage records (sparse_attention), dense quantised on the dense steps and layers")
     elif impl in ("RADIAL_ATTN", "LOCAL_SPARSE_ATTN"):  # compiler/skip_work.py
         reason += ("; self-attention block-sparse over the mask the denoise stage records (sparse_attention: pattern, "
                    "density at the default resolution), the kernel on CUDA, its PyTorch reference on the CPU; "

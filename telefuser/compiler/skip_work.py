@@ -1,8 +1,9 @@
 """Skipping work in the DiT, decided here and recorded in the denoise stage's params (docs/sparse_and_caches.md):
 
-- `sparse_attention` {model: {...}}: a DiT with `attn_impl = RADIAL_ATTN | LOCAL_SPARSE_ATTN`: the resolved
-  pattern (`sparse_impl`, `block_size`, `decay_factor`, `local_window_size`, `dense_timesteps`, `dense_layers`)
-  and the block mask's density at the default resolution (`density`, `density_grid`);
+- `sparse_attention` {model: {...}}: a DiT with `attn_impl = RADIAL_ATTN | LOCAL_SPARSE_ATTN` (16-bit kernel), or
+  `SAGE_ATTN_*` with a `sparse_config` naming the pattern (the quantised kernel's block-sparse mode): the resolved
+  pattern (`sparse_impl`, `block_size`, `decay_factor`, `local_window_size`, `dense_timesteps`, `dense_layers`),
+  the block mask's density at the default resolution (`density`, `density_grid`) and the `attn_impl` running it;
 - `step_cache` {model: {...}}: a DiT with a `feature_cache_config`: every argument of
   `telefuser.runtime.caches.apply_step_cache` resolved (TeaCache's polynomial included).
 
@@ -23,6 +24,7 @@ from . import sparse_density
 BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
 NOT_BUILT_SPARSE = (AttnImplType.SOL_ATTN.value, AttnImplType.SPARGE_ATTN.value)  # declared, no runner in ops
 QUANTISED = ("SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8_SM90")
+QUANTISED_MIN_BLOCK = 32  # kernels/triton/sage_sparse_attention.py: MIN_BLOCK (the compiler imports no kernels)
 # TeaCache's published Wan2.1 fits (telefuser/runtime/caches/teacache.py: WAN21_COEFFICIENTS, source there);
 # kept in step with that table by tests/test_skip_work_plan.py (the compiler does not import the runtime).
 TEACACHE_WAN21 = {
@@ -45,10 +47,23 @@ def _models_by_name(recipe: Recipe, models: list[PlannedModel]) -> dict[str, Pla
     return {m.name: m for m in models}
 
 
+def _impl_name(runtime: ModelRuntimeConfig) -> str:
+    impl = runtime.attention_config.attn_impl
+    return str(getattr(impl, "value", impl))
+
+
+def runs_sparse(runtime: ModelRuntimeConfig) -> bool:
+    """Whether this model's self-attention runs a block-sparse pattern: a sparse attn_impl built here (16-bit
+    kernel), or a quantised attn_impl with a sparse_config (the quantised kernel's block-sparse mode)."""
+    attn = runtime.attention_config
+    return attn.attn_impl in BUILT_SPARSE or (attn.attn_impl in QUANTISED and attn.sparse_config is not None)
+
+
 def sparse_config_of(runtime: ModelRuntimeConfig) -> SparseAttentionConfig:
-    """The sparse pattern a sparse attn_impl runs: its sparse_config with `sparse_impl` filled in."""
-    impl = SPARSE_IMPL_OF[runtime.attention_config.attn_impl]
+    """The sparse pattern the model runs: its sparse_config with `sparse_impl` filled in from a sparse attn_impl
+    (beside a quantised attn_impl the sparse_config names it)."""
     given = runtime.attention_config.sparse_config or SparseAttentionConfig()
+    impl = SPARSE_IMPL_OF.get(runtime.attention_config.attn_impl, given.sparse_impl)
     return given.model_copy(update={"sparse_impl": impl})
 
 
@@ -57,13 +72,14 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     for name, cfg in recipe.layer2.models.items():
         attn = cfg.attention_config
         where = f"{_where(name)}.attention_config"
-        if attn.sparse_config is not None and attn.attn_impl not in SPARSE_IMPL_OF:
-            if attn.attn_impl in QUANTISED:
-                return (f"{where}.sparse_config with attn_impl = {attn.attn_impl!r}: quantised (SageAttention-style) "
-                        "attention and block-sparse attention do not compose here (the block-sparse kernel computes "
-                        "Q·K^T in bf16/fp16/fp32, and no quantised block-sparse kernel is built); choose one: "
-                        "attn_impl = \"RADIAL_ATTN\" or \"LOCAL_SPARSE_ATTN\" with the sparse_config, or remove "
-                        "the sparse_config to keep the quantised attention.")
+        if attn.attn_impl in QUANTISED and attn.sparse_config is not None \
+                and attn.sparse_config.sparse_impl not in ("radial", "local"):
+            return (f"{where}.sparse_config beside attn_impl = {attn.attn_impl!r} (the quantised kernel's "
+                    "block-sparse mode, as Radial Attention's use_sage_attention): sparse_config.sparse_impl = "
+                    f"{attn.sparse_config.sparse_impl!r}, but the pattern must be named here, \"radial\" or \"local\" "
+                    "(with a quantised attn_impl nothing else says which); or remove the sparse_config for dense "
+                    "quantised attention.")
+        if attn.sparse_config is not None and attn.attn_impl not in SPARSE_IMPL_OF and attn.attn_impl not in QUANTISED:
             return (f"{where}.sparse_config is set but attn_impl = {attn.attn_impl!r} is dense, so the pattern would be "
                     "ignored; set attn_impl = \"RADIAL_ATTN\" (sparse_impl \"radial\") or \"LOCAL_SPARSE_ATTN\" "
                     "(\"local\"), or remove the sparse_config.")
@@ -71,7 +87,7 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
             return (f"{where}.attn_impl = {attn.attn_impl!r}: this TeleFuser has no runner for it (its package's "
                     "kernel is not wired); use \"RADIAL_ATTN\" or \"LOCAL_SPARSE_ATTN\" (TeleFuser's block-sparse "
                     "kernel) or a dense attn_impl.")
-        if attn.attn_impl not in BUILT_SPARSE:
+        if not runs_sparse(cfg):
             continue
         model = by_name.get(name)
         if model is None or not is_dit(model.role) or model.class_ not in (ModelClass.WAN_DIT, ModelClass.AUTO):
@@ -82,6 +98,10 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         if sparse.block_size & (sparse.block_size - 1):
             return (f"{where}.sparse_config.block_size = {sparse.block_size}: the block-sparse kernel needs a power of "
                     "two of at least 16 (128 is the default and Radial Attention's).")
+        if attn.attn_impl in QUANTISED and sparse.block_size < QUANTISED_MIN_BLOCK:
+            return (f"{where}.sparse_config.block_size = {sparse.block_size} with attn_impl = {attn.attn_impl!r}: the "
+                    f"quantised kernel's block-sparse mode needs blocks of at least {QUANTISED_MIN_BLOCK} tokens (each "
+                    "key tile is the K dim of its FP8 P·V product); use 128 (the default and Radial Attention's).")
         if sparse.sparse_impl == "local" and sparse.local_window_size < 1:
             return (f"{where}: LOCAL_SPARSE_ATTN needs sparse_config.local_window_size >= 1 (tokens per side of the "
                     "window along frame, height and width; 0 means off); set it (AttentionConfig.local_sparse_attention "
@@ -159,13 +179,13 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
     caches: dict[str, Any] = {}
     for name in dits:
         runtime = _runtime(recipe, name)
-        if runtime.attention_config.attn_impl in BUILT_SPARSE:
+        if runs_sparse(runtime):
             cfg = sparse_config_of(runtime)
             grid = token_grid(recipe, temporal, spatial, patch)
             mask = sparse_density.block_mask(cfg.sparse_impl, grid, cfg.block_size, cfg.decay_factor,
                                              cfg.local_window_size)
             sparse[name] = {**cfg.model_dump(mode="json"), "density": round(sparse_density.density(mask), 6),
-                            "density_grid": list(grid)}
+                            "density_grid": list(grid), "attn_impl": _impl_name(runtime)}
         cache = runtime.feature_cache_config
         if cache.method != FeatureCacheMethod.NONE:
             record: dict[str, Any] = {"method": cache.method, "warmup_steps": cache.warmup_steps,
@@ -203,7 +223,9 @@ def explain_lines(stages: list) -> list[str]:
         for model, r in sparse.items():
             pattern = (f"decay_factor {r['decay_factor']}" if r["sparse_impl"] == "radial"
                        else f"window {r['local_window_size']} tokens per side")
-            lines.append(f"  {model:<14} {r['sparse_impl']}, blocks of {r['block_size']} tokens, {pattern}; dense: first "
+            kernel = r.get("attn_impl", "")
+            how = f" through {kernel} (quantised, dense steps too)" if kernel in QUANTISED else ""
+            lines.append(f"  {model:<14} {r['sparse_impl']}{how}, blocks of {r['block_size']} tokens, {pattern}; dense: first "
                          f"{r['dense_timesteps']} step(s), first {r['dense_layers']} block(s); density "
                          f"{r['density']:.3f} at the default resolution (token grid {tuple(r['density_grid'])})")
     if caches:

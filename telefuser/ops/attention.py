@@ -66,9 +66,18 @@ def _flash(name: str):
 
 
 def _quantized(name: str):
+    """SAGE_ATTN_*: inside the runtime's planned sparse self-attention (a sparse_config beside a quantised
+    attn_impl) the quantised kernel's block-sparse mode on the sparse steps and layers; dense quantised attention
+    elsewhere (dense steps and layers, as Radial Attention's use_sage_attention runs them; short cross-attention
+    stays exact, `quantized_attention`)."""
     def run(q, k, v, attn_mask, scale, dropout_p):
         if attn_mask is not None:
             raise ValueError(f"{name} does not take an attention mask; use TORCH_SDPA for masked attention")
+        from .planned_sparse import planned_self_attention
+
+        out = planned_self_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, quantized=name)
+        if out is not None:
+            return out.transpose(1, 2)
         return quantized_attention(q, k, v, name, scale)
     return run
 

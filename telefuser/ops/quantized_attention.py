@@ -59,10 +59,14 @@ def _quantize_rows(x: torch.Tensor, fp8: bool, block: int = 1) -> tuple[torch.Te
 
 
 def reference_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool,
-                                  scale: Optional[float] = None, qk_fp8: bool = False, return_lse: bool = False):
+                                  scale: Optional[float] = None, qk_fp8: bool = False, return_lse: bool = False,
+                                  block_mask: Optional[torch.Tensor] = None, block_size: int = 128):
     """BNSD q, k, v -> BNSD output in q's dtype: quantise, dequantise, attend (the kernel's arithmetic); with
-    `return_lse` also the natural-log log-sum-exp of the scaled scores, [B, N, Sq] float32."""
+    `return_lse` also the natural-log log-sum-exp of the scaled scores, [B, N, Sq] float32. `block_mask`
+    ([Mq, Mk] or [N, Mq, Mk] bool at `block_size` tokens): the block-sparse kernel's arithmetic, each query
+    attending only to its block row's key blocks (rows attending nothing: output 0, lse -inf)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    block_mask = None if block_mask is None else block_mask.to(q.device)
     kf = k.float()
     k_mean = kf.mean(dim=2, keepdim=True)
     kq, k_scale = _quantize_rows(kf - k_mean, qk_fp8, K_SCALE_BLOCK)
@@ -76,18 +80,29 @@ def reference_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     for start in range(0, q.shape[2], QUERY_CHUNK):
         qq, q_scale = _quantize_rows(q[:, :, start:start + QUERY_CHUNK].float(), qk_fp8)
         s = (qq @ kq.transpose(-1, -2)) * (q_scale * scale * math.log2(math.e))[..., None] * k_scale[..., None, :]
-        shift = s.amax(dim=-1, keepdim=True) - (math.log2(E4M3_MAX) if pv_fp8 else 0.0)
+        if block_mask is not None:
+            s = s.masked_fill(~_token_mask(block_mask, block_size, start, s.shape[-2], s.shape[-1]), float("-inf"))
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # a row attending nothing: p = 0 below
+        shift = row_max - (math.log2(E4M3_MAX) if pv_fp8 else 0.0)
         p = torch.exp2(s - shift)
         denom = p.sum(dim=-1, keepdim=True)
         p16 = torch.float16 if v.dtype == torch.float16 else torch.bfloat16
         p = p.to(torch.float8_e4m3fn if pv_fp8 else p16).float()
-        o = (p @ vq) / denom
+        o = (p @ vq) / denom.clamp(min=torch.finfo(torch.float32).tiny)  # an empty row: 0 / tiny = 0
         out[:, :, start:start + QUERY_CHUNK] = (o * v_scale if pv_fp8 else o).to(q.dtype)
         lse[:, :, start:start + QUERY_CHUNK] = (shift + torch.log2(denom)).squeeze(-1) * math.log(2)
     if not return_lse:
         return out
     # the smoothing removed q·mean(k) from every score of a row: added back, as the kernel does
     return out, lse + (q.float() @ k_mean.transpose(-1, -2)).squeeze(-1) * scale
+
+
+def _token_mask(block_mask: torch.Tensor, block_size: int, start: int, rows: int, keys: int) -> torch.Tensor:
+    """Rows start .. start + rows of a block mask expanded to tokens: [H or 1, rows, keys] bool."""
+    mask = block_mask if block_mask.dim() == 3 else block_mask[None]
+    row_blocks = torch.arange(start, start + rows, device=mask.device) // block_size
+    return mask[:, row_blocks].repeat_interleave(block_size, dim=-1)[..., :keys]
 
 
 def runs_kernel(q: torch.Tensor) -> bool:

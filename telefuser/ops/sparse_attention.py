@@ -299,13 +299,16 @@ def kernel_available(q: torch.Tensor) -> bool:
 @torch.compiler.disable
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Optional[torch.Tensor] = None,
                      layout: Optional[BlockLayout] = None, block_size: int = 128, scale: Optional[float] = None,
-                     return_lse: bool = False, use_kernel: Optional[bool] = None, seq_len: Optional[int] = None):
+                     return_lse: bool = False, use_kernel: Optional[bool] = None, seq_len: Optional[int] = None,
+                     quantized: Optional[str] = None):
     """Block-sparse attention over q [B, Sq, N, D], k, v [B, Sk, N, D] (BSND): each query block attends to the
     key blocks of `block_mask` ([Mq, Mk] or [N, Mq, Mk] bool, at `block_size` tokens) or of a prebuilt
     `layout` (preferred: build it once with `block_layout_for`). The Triton kernel where it runs
     (`kernel_available`), else the PyTorch reference; `use_kernel` forces either. `seq_len`: the true length of
     a self-attention sequence padded at its end (sequence parallel pads to a multiple of its degree): the
     first `seq_len` tokens attend among themselves (views, no copies) and the padded rows get 0 (lse -inf).
+    `quantized`: a SAGE_ATTN_* variant (`telefuser.ops.quantized_attention.VARIANTS`): the quantised kernel's
+    block-sparse mode (or its PyTorch reference) instead of the 16-bit kernel.
     Returns out [B, Sq, N, D] in q's dtype, and with `return_lse` also the log-sum-exp [B, N, Sq] float32."""
     if (block_mask is None) == (layout is None):
         raise ValueError("pass exactly one of block_mask and layout")
@@ -315,7 +318,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
         if q.shape[1] != k.shape[1]:
             raise ValueError("seq_len is for self-attention over one padded sequence (as many keys as queries)")
         inner = sparse_attention(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len], layout=layout, scale=scale,
-                                 return_lse=return_lse, use_kernel=use_kernel)
+                                 return_lse=return_lse, use_kernel=use_kernel, quantized=quantized)
         out = q.new_zeros(q.shape)
         out[:, :seq_len] = inner[0] if return_lse else inner
         if not return_lse:
@@ -325,6 +328,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
         return out, lse
     if use_kernel is None:
         use_kernel = kernel_available(q)
+    if quantized is not None:
+        return _quantized_sparse(q, k, v, layout, scale, return_lse, use_kernel, quantized)
     if use_kernel:
         from telefuser.kernels.triton.block_sparse_attention import block_sparse_attention
 
@@ -332,6 +337,24 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
         return block_sparse_attention(q, k, v, layout.counts, layout.indices, layout.block_size, scale=scale,
                                       return_lse=return_lse)
     return block_sparse_attention_reference(q, k, v, layout, scale=scale, return_lse=return_lse)
+
+
+def _quantized_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: Optional[float],
+                      return_lse: bool, use_kernel: bool, variant: str):
+    """The quantised block-sparse kernel (BSND) or, off the kernel, the same arithmetic in PyTorch (BNSD)."""
+    from .quantized_attention import VARIANTS, reference_quantized_attention
+
+    _check(q, k, v, layout)
+    spec = VARIANTS[variant]
+    if use_kernel:
+        from telefuser.kernels.triton.sage_sparse_attention import sage_sparse_attention
+
+        layout = layout.to(q.device)
+        return sage_sparse_attention(q, k, v, layout.counts, layout.indices, layout.block_size, spec.pv_fp8,
+                                     scale=scale, qk_fp8=spec.qk_fp8, return_lse=return_lse)
+    res = reference_quantized_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec.pv_fp8, scale,
+                                        spec.qk_fp8, return_lse, _mask_of(layout, q.device), layout.block_size)
+    return (res[0].transpose(1, 2), res[1]) if return_lse else res.transpose(1, 2)
 
 
 def sparse_or_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Any, grid: Grid,

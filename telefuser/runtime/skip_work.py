@@ -7,8 +7,8 @@ with empty caches:
 
 - sparse attention: each block's `attend` seam (the model's own, or sequence parallelism's, which was set at
   load) is wrapped to run inside `ops.planned_sparse.planned_sparse(config, grid, step, layer)`; the
-  attention backend the plan dispatches (RADIAL_ATTN / LOCAL_SPARSE_ATTN) then runs that self-attention
-  block-sparse, Ulysses' head slices included (between its all-to-alls: whole sequences, the mask unchanged).
+  attention backend the plan dispatches (RADIAL_ATTN / LOCAL_SPARSE_ATTN, or SAGE_ATTN_* in its block-sparse mode)
+  then runs that self-attention block-sparse, Ulysses' head slices included (between its all-to-alls: whole sequences, the mask unchanged).
   The token grid is read off the DiT's input by a forward pre-hook; the step index comes from `begin_step`.
 - step caches: `runtime.caches.apply_step_cache` with the plan's arguments, told each step's global index
   (`begin_step`, so `compute_steps`, warm-up and final steps count the denoise loop's steps, MoE split or not).

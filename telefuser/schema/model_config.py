@@ -21,7 +21,9 @@ from .enums import (
 
 class SparseAttentionConfig(StrictModel):
     sparse_impl: Optional[Literal["radial", "local", "sol"]] = Field(
-        None, description="Sparse pattern: radial, local or sol; must agree with a sparse attn_impl."
+        None, description="Sparse pattern: radial, local or sol; must agree with a sparse attn_impl. Beside a quantised "
+        "attn_impl (SAGE_ATTN_*) it names the pattern (radial or local) that attn_impl's kernel runs block-sparse "
+        "(Radial Attention's use_sage_attention)."
     )
     dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
     dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
@@ -39,6 +41,18 @@ SPARSE_IMPL_OF = {
 }
 
 
+QUANTISED_ATTN = (AttnImplType.SAGE_ATTN_2_8_8, AttnImplType.SAGE_ATTN_2_8_16, AttnImplType.SAGE_ATTN_2_8_8_SM90)
+
+
+def _sparse_kernel(attn_impl: AttnImplType, sparse: AttnImplType) -> AttnImplType:
+    """The attn_impl a sparse constructor takes: its own sparse one, or a quantised one (block-sparse mode)."""
+    impl = AttnImplType(attn_impl)
+    if impl != sparse and impl not in QUANTISED_ATTN:
+        raise ValueError(f"attn_impl {impl.value} cannot run the pattern: use {sparse.value} or one of "
+                         f"{', '.join(q.value for q in QUANTISED_ATTN)}")
+    return impl
+
+
 class AttentionConfig(StrictModel):
     attn_impl: AttnImplType = AttnImplType.TORCH_SDPA
     sparse_config: Optional[SparseAttentionConfig] = None
@@ -50,19 +64,24 @@ class AttentionConfig(StrictModel):
 
     @classmethod
     def radial_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, decay_factor: float = 1.0,
-                         **kwargs: Any) -> "AttentionConfig":
-        """Radial sparse attention; the first `dense_timesteps` steps and `dense_layers` blocks stay dense."""
+                         attn_impl: AttnImplType = AttnImplType.RADIAL_ATTN, **kwargs: Any) -> "AttentionConfig":
+        """Radial sparse attention; the first `dense_timesteps` steps and `dense_layers` blocks stay dense.
+        `attn_impl`: RADIAL_ATTN (16-bit kernel, dense steps exact) or a SAGE_ATTN_* variant (its block-sparse mode,
+        dense steps quantised: Radial Attention's use_sage_attention)."""
         sparse = SparseAttentionConfig(sparse_impl="radial", dense_timesteps=dense_timesteps,
                                        dense_layers=dense_layers, decay_factor=decay_factor)
-        return cls(attn_impl=AttnImplType.RADIAL_ATTN, sparse_config=sparse, **kwargs)
+        return cls(attn_impl=_sparse_kernel(attn_impl, AttnImplType.RADIAL_ATTN), sparse_config=sparse, **kwargs)
 
     @classmethod
     def local_sparse_attention(cls, dense_timesteps: int = 40, dense_layers: int = 0, local_window_size: int = 6,
+                               attn_impl: AttnImplType = AttnImplType.LOCAL_SPARSE_ATTN,
                                **kwargs: Any) -> "AttentionConfig":
-        """Local-window sparse attention of `local_window_size` tokens per side."""
+        """Local-window sparse attention of `local_window_size` tokens per side; `attn_impl` as in
+        `radial_attention` (LOCAL_SPARSE_ATTN or a SAGE_ATTN_* variant)."""
         sparse = SparseAttentionConfig(sparse_impl="local", dense_timesteps=dense_timesteps,
                                        dense_layers=dense_layers, local_window_size=local_window_size)
-        return cls(attn_impl=AttnImplType.LOCAL_SPARSE_ATTN, sparse_config=sparse, **kwargs)
+        return cls(attn_impl=_sparse_kernel(attn_impl, AttnImplType.LOCAL_SPARSE_ATTN), sparse_config=sparse,
+                   **kwargs)
 
     def is_sparse(self) -> bool:
         return self.attn_impl in SPARSE_IMPL_OF

@@ -3,28 +3,32 @@
 The layout is built once from a boolean block mask `[Mq, Mk]` (or per head `[N, Mq, Mk]`) at `block_size`
 tokens per block (`telefuser.ops.sparse_attention.layout_from_mask`): for each query block, the number of
 key blocks it computes (`counts [H, Mq]`) and their indices (`indices [H, Mq, max_count]`, ascending,
-padded with 0), CSR-like with rows padded to the longest one. One program handles `BLOCK_M` query rows
-of one (batch, head) and walks only its row's listed key blocks: a skipped block costs nothing but not
-being in the list, so the time scales with the computed blocks.
+padded with 0). One program handles `BLOCK_M` query rows of one (batch, head) and walks only its row's
+listed key blocks: a skipped block costs nothing but not being in the list, so the time scales with the
+computed blocks.
 
-- q, k, v are [B, S, N, D] (BSND) read through their strides: no copies, no transposes; D in 16..256, a
-  power of two (Wan: 64 / 128).
-- Any sequence length: the ragged end is masked only in the last key tile (an `if` on the tile's position);
-  full tiles load and score without masks. Query rows past the end are masked on load and store.
-- Online softmax (exp2, the scale folded with log2(e)), statistics and accumulator in float32; inputs
-  fp32 / bf16 / fp16; the output has the input dtype. For fp32 inputs the dots run in IEEE fp32
-  (`input_precision="ieee"`: no TF32), so they equal dense attention up to float32 rounding.
-- Optionally returns the log-sum-exp (natural log, [B, N, Sq] float32): for merging partial results (ring
-  attention, a text segment attended apart). A query block whose list is empty gets output 0 and lse -inf.
+The inner loop is the quantised kernel's (`sage_attention.py`) in 16 bits:
+- the listed blocks' key tiles form one flat loop (block index = j // sub-tiles), which Triton pipelines;
+  only the last listed block can hold the ragged end of the keys (the list is ascending and only block
+  Mk - 1 is short), so the flat loop never masks and the last block alone tests its tiles;
+- softmax scale * log2(e) is applied as one FMA per score before exp2 (the row maximum is taken on the raw
+  products, scaled once per row);
+- on Hopper (`TUNED`) blocks are read through TMA descriptors over the [B*S, N*D] matrix of a BSND tensor
+  (views of a packed qkv tensor included; other strides fall back to pointer loads), and a program runs
+  two independent 64-row query tiles over the same key tiles (`KernelConfig.two_tiles`), so one tile's
+  Q·K^T can overlap the other's softmax.
 
-The layout (`BlockLayout`, `layout_from_mask`) and the PyTorch reference with the same semantics (for the
-CPU) live in `telefuser.ops.sparse_attention`, which dispatches between the two.
+q, k, v are [B, S, N, D] (BSND) read through their strides (head dim contiguous); D a power of two in
+16..256; fp32 / bf16 / fp16 (fp32: IEEE dots, pointer loads). Online softmax statistics and the accumulator
+in fp32, P rounded to the input dtype before P·V. Optionally the natural-log log-sum-exp [B, N, Sq] fp32;
+a query block whose list is empty gets output 0 and lse -inf.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -32,136 +36,218 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _heuristic_tiles(block_size: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) dividing the mask's block: 128 x 64 (64-dim heads) or 64 x 64 (128-dim heads)."""
-    return min(block_size, 128 if head_dim <= 64 else 64), min(block_size, 64)
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles and schedule (bench/sparse.py sweeps these). `block_m` query rows per program (two tiles of
+    block_m / 2 with `two_tiles`), `block_n` keys per tile; both are clamped to divide the mask's block."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    use_tma: bool = False
+    two_tiles: bool = False
 
 
-def _candidate_configs() -> list[triton.Config]:
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=w, num_stages=st)
-               for m in (64, 128) for w in (4, 8) for st in (2, 3)]
-    configs += [triton.Config({"BLOCK_M": b, "BLOCK_N": b}, num_warps=4, num_stages=2) for b in (16, 32)]
-    return configs
+# Per (compute capability, head dim). sm90: the quantised kernel's measured-best shape for 16-bit P·V on an H200
+# (two 64-row tiles, 64 keys, 4 warps, 3 stages, TMA; docs/benchmarks.md), not yet swept for this kernel:
+# bench/sparse.py sweeps `SWEEP` first and runs the rows with the winner (and reports it).
+TUNED: dict[tuple[tuple[int, int], int], KernelConfig] = {
+    ((9, 0), 128): KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, use_tma=True, two_tiles=True),
+    ((9, 0), 64): KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, use_tma=True, two_tiles=True),
+}
 
 
-def _prune(configs, named_args, **kwargs):
-    """Tiles must divide the mask's block; small blocks get one tile per block. Under the interpreter only the
-    heuristic tiles run (autotuning there would only multiply the tests' time)."""
-    args = {**named_args, **kwargs}
-    bs, d = int(args["MASK_BLOCK"]), int(args["HEAD_DIM"])
-    smallest = min(bs, 64)
-    kept = [c for c in configs if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
-            and c.kwargs["BLOCK_M"] >= smallest and c.kwargs["BLOCK_N"] >= smallest]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        m, n = _heuristic_tiles(bs, d)
-        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (m, n)][:1]
-    return kept
+def default_config(q: torch.Tensor) -> KernelConfig:
+    """The tuned config for q's device and head dim; elsewhere a portable single-tile one (the interpreter: the
+    cheapest tiles)."""
+    d = q.shape[-1]
+    if q.device.type != "cuda":
+        return KernelConfig(block_m=128 if d <= 64 else 64, block_n=64, num_warps=4, num_stages=1)
+    cc = torch.cuda.get_device_capability(q.device)
+    return TUNED.get((cc, d), KernelConfig(block_m=128 if d <= 64 else 64, block_n=64, num_warps=4,
+                                           num_stages=3 if cc >= (8, 0) else 2))
 
 
-@triton.autotune(configs=_candidate_configs(), key=["HEAD_DIM", "MASK_BLOCK", "IEEE", "RETURN_LSE"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _load_rows(ptr, desc, b, h, row0, n_rows, s_b, s_s, s_n, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               USE_TMA: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows row0 .. row0 + ROWS of head h of batch b, [ROWS, HEAD_DIM]; past `n_rows` zero (MASKED) or not read
+    as such (TMA reads the next batch's rows or zeros there: the caller masks what they feed)."""
+    if USE_TMA:
+        x = desc.load([(b * n_rows + row0).to(tl.int32), (h * HEAD_DIM).to(tl.int32)])
+    else:
+        rows = row0 + tl.arange(0, ROWS)
+        ptrs = ptr + b * s_b + h * s_n + rows.to(tl.int64)[:, None] * s_s + tl.arange(0, HEAD_DIM)[None, :]
+        if MASKED:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    if UPCAST:  # see _interpreter_upcast
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _softmax_step(q, k, v, m_i, l_i, acc, c, valid, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """One key tile of one query tile: scores, online softmax in base 2 (c = scale * log2(e) > 0, so the row
+    maximum of the raw products times c is the maximum of the logits, and each logit costs one FMA), P·V."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # finite: every tile that gets here holds a valid key
+    p = tl.math.exp2(s * c - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    elif UPCAST:  # bf16 only: P rounded to bf16 as on the GPU, multiplied in fp32 (exact for bf16 products)
+        acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v, acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)  # P rounded to the input dtype for the second dot, as flash kernels do
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _store_rows(acc, l_i, m_i, o_ptr, lse_ptr, b, h, bh, m0, Sq, o_sb, o_ss, o_sn, ROWS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, RETURN_LSE: tl.constexpr):
+    rows = m0 + tl.arange(0, ROWS)
+    valid = rows < Sq
+    safe_l = tl.where(l_i > 0, l_i, 1.0)  # an empty list leaves l = 0 and acc = 0: output 0
+    out = acc / safe_l[:, None]
+    ptrs = o_ptr + b * o_sb + h * o_sn + rows.to(tl.int64)[:, None] * o_ss + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(ptrs, out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+    if RETURN_LSE:
+        lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + bh.to(tl.int64) * Sq + rows, lse, mask=valid)
+
+
 @triton.jit
 def _block_sparse_attn_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, counts_ptr, indices_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, counts_ptr, indices_ptr, desc_q, desc_k, desc_v,
     Sq, Sk, N, scale_log2,
     q_sb, q_ss, q_sn, k_sb, k_ss, k_sn, v_sb, v_ss, v_sn, o_sb, o_ss, o_sn,
     cnt_sh, idx_sh, idx_sm,
     MASK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TWO_TILES: tl.constexpr, TILE: tl.constexpr, USE_TMA: tl.constexpr,
     IEEE: tl.constexpr, RETURN_LSE: tl.constexpr, UPCAST: tl.constexpr,
+    SUBS: tl.constexpr,  # key tiles per mask block
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // N).to(tl.int64)
-    h = (pid_bh % N).to(tl.int64)
-    row_block = (pid_m * BLOCK_M) // MASK_BLOCK
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_rows = offs_m < Sq
-    q = tl.load(q_ptr + b * q_sb + h * q_sn + offs_m[:, None].to(tl.int64) * q_ss + offs_d[None, :],
-                mask=q_rows[:, None], other=0.0)
-    if UPCAST:  # see _interpreter_upcast
-        q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bh = tl.program_id(1)
+    b = (bh // N).to(tl.int64)
+    h = (bh % N).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    row_block = m0 // MASK_BLOCK
 
     # The layout is shared by every head (stride 0 over heads) or one per head.
     count = tl.load(counts_ptr + h * cnt_sh + row_block)
     row_indices = indices_ptr + h * idx_sh + row_block * idx_sm
-    k_base = k_ptr + b * k_sb + h * k_sn
-    v_base = v_ptr + b * v_sb + h * v_sn
-    for i in range(0, count):
-        key_block = tl.load(row_indices + i)
-        for sub in range(0, MASK_BLOCK // BLOCK_N):
-            start_n = key_block * MASK_BLOCK + sub * BLOCK_N
-            if start_n < Sk:  # a sub-tile wholly past the end of a ragged last block is skipped
-                cols = start_n + offs_n
-                k_offs = cols[None, :].to(tl.int64) * k_ss + offs_d[:, None]  # K^T tile [D, BLOCK_N]
-                v_offs = cols[:, None].to(tl.int64) * v_ss + offs_d[None, :]
-                if start_n + BLOCK_N <= Sk:  # a full tile: no masks
-                    kt = tl.load(k_base + k_offs)
-                    vt = tl.load(v_base + v_offs)
-                    if UPCAST:
-                        kt = kt.to(tl.float32)
-                    if IEEE:
-                        s = tl.dot(q, kt, input_precision="ieee")
-                    else:
-                        s = tl.dot(q, kt)
-                    s = s * scale_log2
-                else:  # the ragged end of the keys: only in the last key block
-                    valid = cols < Sk
-                    kt = tl.load(k_base + k_offs, mask=valid[None, :], other=0.0)
-                    vt = tl.load(v_base + v_offs, mask=valid[:, None], other=0.0)
-                    if UPCAST:
-                        kt = kt.to(tl.float32)
-                    if IEEE:
-                        s = tl.dot(q, kt, input_precision="ieee")
-                    else:
-                        s = tl.dot(q, kt)
-                    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # m_new is finite: every tile that gets here holds at least one valid key (start_n < Sk)
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                pv = p.to(vt.dtype)  # P rounded to the input dtype for the second dot, as flash kernels do
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
-                elif UPCAST:
-                    acc = acc * alpha[:, None] + tl.dot(pv.to(tl.float32), vt.to(tl.float32))
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(pv, vt)
-                m_i = m_new
+    c = scale_log2
+    no_mask = tl.full([BLOCK_N], True, tl.int1)
+    if TWO_TILES:
+        q1 = _load_rows(q_ptr, desc_q, b, h, m0, Sq, q_sb, q_ss, q_sn, TILE, HEAD_DIM, USE_TMA, True, UPCAST)
+        q2 = _load_rows(q_ptr, desc_q, b, h, m0 + TILE, Sq, q_sb, q_ss, q_sn, TILE, HEAD_DIM, USE_TMA, True, UPCAST)
+        m1 = tl.full([TILE], float("-inf"), tl.float32)
+        m2 = tl.full([TILE], float("-inf"), tl.float32)
+        l1 = tl.zeros([TILE], tl.float32)
+        l2 = tl.zeros([TILE], tl.float32)
+        acc1 = tl.zeros([TILE, HEAD_DIM], tl.float32)
+        acc2 = tl.zeros([TILE, HEAD_DIM], tl.float32)
+    else:
+        q1 = _load_rows(q_ptr, desc_q, b, h, m0, Sq, q_sb, q_ss, q_sn, BLOCK_M, HEAD_DIM, USE_TMA, True, UPCAST)
+        m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l1 = tl.zeros([BLOCK_M], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    safe_l = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / safe_l[:, None]
-    tl.store(o_ptr + b * o_sb + h * o_sn + offs_m[:, None].to(tl.int64) * o_ss + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=q_rows[:, None])
-    if RETURN_LSE:
-        lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=q_rows)
+    # Every listed block but the last is whole: one flat, unmasked loop over their key tiles.
+    for j in tl.range(0, tl.maximum(count - 1, 0) * SUBS):
+        start_n = tl.load(row_indices + j // SUBS) * MASK_BLOCK + (j % SUBS) * BLOCK_N
+        k = _load_rows(k_ptr, desc_k, b, h, start_n, Sk, k_sb, k_ss, k_sn, BLOCK_N, HEAD_DIM, USE_TMA, False, UPCAST)
+        v = _load_rows(v_ptr, desc_v, b, h, start_n, Sk, v_sb, v_ss, v_sn, BLOCK_N, HEAD_DIM, USE_TMA, False, UPCAST)
+        acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, no_mask, False, IEEE, UPCAST)
+        if TWO_TILES:
+            acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, no_mask, False, IEEE, UPCAST)
+    # The last listed block may be the ragged one (block Mk - 1): its tiles test their end.
+    if count > 0:
+        last = tl.load(row_indices + count - 1) * MASK_BLOCK
+        for sub in range(0, SUBS):
+            start_n = last + sub * BLOCK_N
+            if start_n + BLOCK_N <= Sk:
+                k = _load_rows(k_ptr, desc_k, b, h, start_n, Sk, k_sb, k_ss, k_sn, BLOCK_N, HEAD_DIM, USE_TMA, False,
+                               UPCAST)
+                v = _load_rows(v_ptr, desc_v, b, h, start_n, Sk, v_sb, v_ss, v_sn, BLOCK_N, HEAD_DIM, USE_TMA, False,
+                               UPCAST)
+                acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, no_mask, False, IEEE, UPCAST)
+                if TWO_TILES:
+                    acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, no_mask, False, IEEE, UPCAST)
+            elif start_n < Sk:  # the ragged end; a tile wholly past it is skipped
+                valid = start_n + tl.arange(0, BLOCK_N) < Sk
+                # pointer loads zero past the end (TMA would read the next batch's rows: masked scores, P = 0)
+                k = _load_rows(k_ptr, desc_k, b, h, start_n, Sk, k_sb, k_ss, k_sn, BLOCK_N, HEAD_DIM, False, True,
+                               UPCAST)
+                v = _load_rows(v_ptr, desc_v, b, h, start_n, Sk, v_sb, v_ss, v_sn, BLOCK_N, HEAD_DIM, False, True,
+                               UPCAST)
+                acc1, l1, m1 = _softmax_step(q1, k, v, m1, l1, acc1, c, valid, True, IEEE, UPCAST)
+                if TWO_TILES:
+                    acc2, l2, m2 = _softmax_step(q2, k, v, m2, l2, acc2, c, valid, True, IEEE, UPCAST)
+
+    if TWO_TILES:
+        _store_rows(acc1, l1, m1, o_ptr, lse_ptr, b, h, bh, m0, Sq, o_sb, o_ss, o_sn, TILE, HEAD_DIM, RETURN_LSE)
+        _store_rows(acc2, l2, m2, o_ptr, lse_ptr, b, h, bh, m0 + TILE, Sq, o_sb, o_ss, o_sn, TILE, HEAD_DIM,
+                    RETURN_LSE)
+    else:
+        _store_rows(acc1, l1, m1, o_ptr, lse_ptr, b, h, bh, m0, Sq, o_sb, o_ss, o_sn, BLOCK_M, HEAD_DIM, RETURN_LSE)
 
 
 def _interpreter_upcast(dtype: torch.dtype) -> bool:
-    """Triton 3.x's interpreter (TRITON_INTERPRET=1) computes `tl.dot` of two bfloat16 tiles wrongly (1e10 off
-    for unit inputs; float16 and float32 are right). There the bf16 tiles go to the dot as float32: the same
-    values (the products of bf16 numbers are exact in float32, and the GPU's dot accumulates in float32)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton's interpreter (TRITON_INTERPRET=1) computes `tl.dot` of two bfloat16 tiles wrongly (1e10 off for
+    unit inputs; float16 and float32 are right). There the bf16 tiles go to the dot as float32: the same values
+    (products of bf16 numbers are exact in float32, and the GPU's dot accumulates in float32)."""
+    return dtype == torch.bfloat16 and _INTERPRETED
+
+
+def fit_config(cfg: KernelConfig, block_size: int, dtype: torch.dtype) -> KernelConfig:
+    """`cfg` with tiles that divide the mask's block (a block of 16 or 32 gets one tile per block), two tiles
+    only where each holds at least 16 rows, TMA only for 16-bit inputs."""
+    block_m, block_n = min(cfg.block_m, block_size), min(cfg.block_n, block_size)
+    two = cfg.two_tiles and block_m >= 32
+    return replace(cfg, block_m=block_m, block_n=block_n, two_tiles=two,
+                   use_tma=cfg.use_tma and dtype in (torch.bfloat16, torch.float16))
+
+
+def _tma_view_ok(t: torch.Tensor) -> bool:
+    """A BSND tensor is one [B*S, N*D] matrix with row stride stride(1) (what the 2-D descriptor reads) when its
+    heads are packed in a token and its batches follow each other; TMA also needs 16-byte alignment."""
+    b, s, n, d = t.shape
+    item = t.element_size()
+    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
+            and (t.stride(1) * item) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, s, n, d = t.shape
+    return TensorDescriptor(t, [b * s, n * d], [t.stride(1), 1], [rows, d])
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
                            indices: torch.Tensor, block_size: int, scale: Optional[float] = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, config: Optional[KernelConfig] = None):
     """softmax(q k^T * scale) v over the key blocks listed for each query block; q [B, Sq, N, D], k, v
     [B, Sk, N, D] (BSND, any strides with a contiguous head dim); `counts` int32 [H, Mq] and `indices` int32
-    [H, Mq, W] (H = 1: every head alike; see `telefuser.ops.sparse_attention.layout_from_mask`), blocks of
-    `block_size` tokens. Returns out [B, Sq, N, D] in q's dtype (contiguous), and with `return_lse` also
-    lse [B, N, Sq] float32 (natural log)."""
+    [H, Mq, W] (H = 1: every head alike; see `telefuser.ops.sparse_attention.layout_from_mask`; ascending),
+    blocks of `block_size` tokens. Returns out [B, Sq, N, D] in q's dtype (contiguous), and with `return_lse`
+    also lse [B, N, Sq] float32 (natural log). `config`: tiles and schedule (default: `TUNED` / portable)."""
     mq = math.ceil(q.shape[1] / block_size)  # the indices are trusted (built by layout_from_mask): no device sync
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"expected q [B, Sq, N, D] and k, v [B, Sk, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -184,21 +270,27 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     bs = int(block_size)
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two of at least 16, got {bs}")
+    scale = d ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive (the row maximum is taken before scaling), got {scale}")
+    cfg = fit_config(config or default_config(q), bs, q.dtype)
+    use_tma = cfg.use_tma and all(_tma_view_ok(t) for t in (q, k, v))
     counts = counts.to(device=q.device, dtype=torch.int32)
     indices = indices.to(device=q.device, dtype=torch.int32)
     out = torch.empty(b, sq, n, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, n, sq, device=q.device, dtype=torch.float32) if return_lse else out  # unused when False
-    scale = d ** -0.5 if scale is None else scale
+    tile = cfg.block_m // 2 if cfg.two_tiles else cfg.block_m
+    descs = ((_descriptor(q, tile), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if use_tma
+             else (None, None, None))
     shared = counts.shape[0] == 1
-    def grid(meta):
-        return (triton.cdiv(sq, meta["BLOCK_M"]), b * n)
-
-    _block_sparse_attn_kernel[grid](
-        q, k, v, out, lse, counts, indices, sq, sk, n, float(scale) * LOG2E,
+    _block_sparse_attn_kernel[(triton.cdiv(sq, cfg.block_m), b * n)](
+        q, k, v, out, lse, counts, indices, *descs, sq, sk, n, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         0 if shared else counts.stride(0), 0 if shared else indices.stride(0), indices.stride(1),
-        MASK_BLOCK=bs, HEAD_DIM=d,
-        IEEE=q.dtype == torch.float32, RETURN_LSE=return_lse, UPCAST=_interpreter_upcast(q.dtype),
+        MASK_BLOCK=bs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=d, TWO_TILES=cfg.two_tiles, TILE=tile,
+        USE_TMA=use_tma, IEEE=q.dtype == torch.float32, RETURN_LSE=return_lse,
+        UPCAST=_interpreter_upcast(q.dtype), SUBS=bs // cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse) if return_lse else out

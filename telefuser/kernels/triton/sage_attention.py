@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -265,6 +265,52 @@ def default_config(device: torch.device, pv_fp8: bool) -> KernelConfig:
                      KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=3))
 
 
+class Quantized(NamedTuple):
+    """What the pre-pass makes: 8-bit q and k with their float32 scales (q's carry softmax scale * log2(e)), v
+    in FP8 (transposed, per-channel `v_scale`) or 16 bits, k's per-head mean, the padded lengths, the scale."""
+
+    qq: torch.Tensor
+    q_scale: torch.Tensor
+    kq: torch.Tensor
+    k_scale: torch.Tensor
+    vq: torch.Tensor
+    v_scale: torch.Tensor
+    k_mean: torch.Tensor
+    sq_pad: int
+    sk_pad: int
+    scale: float
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool, layout: str, scale: Optional[float],
+             qk_fp8: bool) -> Quantized:
+    """The pre-pass (`quantize_kernel`) over q, k and v in one launch; shapes as `sage_attention` takes them."""
+    seq_dim = 1 if layout == "BSND" else 2
+    B, H, D = q.shape[0], q.shape[3 - seq_dim], q.shape[3]
+    s_q, s_k = q.shape[seq_dim], k.shape[seq_dim]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    sq_pad, sk_pad = (triton.cdiv(n, SEQ_PAD) * SEQ_PAD for n in (s_q, s_k))
+    dev = q.device
+    k_mean = k.mean(dim=seq_dim, dtype=torch.float32).reshape(B * H, D).contiguous()  # [B, N, D] either layout
+    qk_dtype = torch.float8_e4m3fn if qk_fp8 else torch.int8
+    qq = torch.empty(B * H * sq_pad, D, dtype=qk_dtype, device=dev)
+    kq = torch.empty(B * H * sk_pad, D, dtype=qk_dtype, device=dev)
+    q_scale = torch.empty(B * H * sq_pad, dtype=torch.float32, device=dev)
+    k_scale = torch.empty(B * H * (sk_pad // QUANT_BLOCK), dtype=torch.float32, device=dev)
+    if pv_fp8:
+        v_amax = torch.linalg.vector_norm(v, ord=float("inf"), dim=seq_dim, dtype=torch.float32)
+        v_scale = (v_amax.clamp(min=1e-8) / E4M3_MAX).reshape(B * H, D).contiguous()
+        vq = torch.empty(B * H * D, sk_pad, dtype=torch.float8_e4m3fn, device=dev)
+    else:
+        v_scale = q_scale  # not read
+        vq = torch.empty(B * H * sk_pad, D, dtype=torch.float16 if v.dtype == torch.float16 else torch.bfloat16,
+                         device=dev)
+    quantize_kernel[(max(sq_pad, sk_pad) // QUANT_BLOCK, B * H, 3)](
+        q, k, v, *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), k_mean, v_scale,
+        qq, q_scale, kq, k_scale, vq, H, s_q, sq_pad, s_k, sk_pad, scale * LOG2E,
+        HEAD_DIM=D, BLOCK=QUANT_BLOCK, QK_FP8=qk_fp8, PV_FP8=pv_fp8, INTERPRETED=_INTERPRETED, num_warps=8)
+    return Quantized(qq, q_scale, kq, k_scale, vq, v_scale, k_mean, sq_pad, sk_pad, scale)
+
+
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool, layout: str = "BSND",
                    scale: Optional[float] = None, qk_fp8: bool = False, return_lse: bool = False,
                    config: Optional[KernelConfig] = None):
@@ -287,28 +333,9 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bo
     if s_q == 0 or s_k == 0:
         raise ValueError("sage_attention needs at least one query and one key")
     cfg = config or default_config(q.device, pv_fp8)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    sq_pad, sk_pad = (triton.cdiv(n, SEQ_PAD) * SEQ_PAD for n in (s_q, s_k))
+    qq, q_scale, kq, k_scale, vq, v_scale, k_mean, sq_pad, sk_pad, scale = quantize(q, k, v, pv_fp8, layout, scale,
+                                                                                    qk_fp8)
     dev = q.device
-    k_mean = k.mean(dim=seq_dim, dtype=torch.float32).reshape(B * H, D).contiguous()  # [B, N, D] either layout
-    qk_dtype = torch.float8_e4m3fn if qk_fp8 else torch.int8
-    qq = torch.empty(B * H * sq_pad, D, dtype=qk_dtype, device=dev)
-    kq = torch.empty(B * H * sk_pad, D, dtype=qk_dtype, device=dev)
-    q_scale = torch.empty(B * H * sq_pad, dtype=torch.float32, device=dev)
-    k_scale = torch.empty(B * H * (sk_pad // QUANT_BLOCK), dtype=torch.float32, device=dev)
-    if pv_fp8:
-        v_amax = torch.linalg.vector_norm(v, ord=float("inf"), dim=seq_dim, dtype=torch.float32)
-        v_scale = (v_amax.clamp(min=1e-8) / E4M3_MAX).reshape(B * H, D).contiguous()
-        vq = torch.empty(B * H * D, sk_pad, dtype=torch.float8_e4m3fn, device=dev)
-    else:
-        v_scale = q_scale  # not read
-        vq = torch.empty(B * H * sk_pad, D, dtype=torch.float16 if v.dtype == torch.float16 else torch.bfloat16,
-                         device=dev)
-    quantize_kernel[(max(sq_pad, sk_pad) // QUANT_BLOCK, B * H, 3)](
-        q, k, v, *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), k_mean, v_scale,
-        qq, q_scale, kq, k_scale, vq, H, s_q, sq_pad, s_k, sk_pad, scale * LOG2E,
-        HEAD_DIM=D, BLOCK=QUANT_BLOCK, QK_FP8=qk_fp8, PV_FP8=pv_fp8, INTERPRETED=_INTERPRETED, num_warps=8)
-
     out = torch.empty_like(q)
     lse = torch.empty(B, H, s_q, dtype=torch.float32, device=dev) if return_lse else q_scale
     if cfg.use_tma:
