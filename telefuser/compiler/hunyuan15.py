@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from telefuser.errors import RecipeError, WeightsError
-from telefuser.schema.enums import BLOCK_MODES, HUNYUAN15_PIPELINES, ModelRole, PipelineType, QuantType
+from telefuser.schema.enums import HUNYUAN15_PIPELINES, ModelRole, PipelineType
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe, SRConfig
@@ -162,13 +162,6 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
                     "(not executable yet); remove sparse_config: the same weights run with dense attention.")
         if cfg.feature_cache_config.method != "none":
             return f"{at}.feature_cache_config: step caches are not built for HunyuanVideo-1.5 yet; remove it."
-        if cfg.offload_config.offload_type in BLOCK_MODES:
-            return (f"{at}.offload_config.offload_type = {cfg.offload_config.offload_type!r}: block streaming is not "
-                    "built for HunyuanVideo-1.5's models yet (not executable yet); use \"MODEL_CPU_OFFLOAD\" (whole "
-                    "model in host memory, copied in for its stage).")
-        if cfg.quant_config.quant_type != QuantType.NONE:
-            return (f"{at}.quant_config.quant_type = {cfg.quant_config.quant_type!r}: FP8 / int8 linears are not "
-                    "built for HunyuanVideo-1.5 yet (not executable yet); set quant_type = \"none\".")
         if cfg.lora_configs:
             return (f"{at}.lora_configs: LoRA is not built for HunyuanVideo-1.5 yet (its published LoRA layouts "
                     "are not examined); remove lora_configs.")
