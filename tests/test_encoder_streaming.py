@@ -312,6 +312,10 @@ def test_wan21_14b_480p_fits_8_gib_with_the_encoder_streamed(model_root):
 
 
 def test_hy15_t2v_sr_fits_24_gib_with_the_encoder_and_dits_streamed(model_root):
+    with pytest.raises(PlanError) as info:  # the H100 recipe on 24 GiB: the DiTs' streaming is among what fits
+        compile_recipe(RECIPES / "hunyuan15_t2v_480p_sr_720p.toml", ["target.gpu=RTX4090"])
+    assert ("--set layer2.models.dit.offload_config.offload_type=ASYNC_CPU_OFFLOAD --set layer2.models.dit_sr."
+            "offload_config.offload_type=ASYNC_CPU_OFFLOAD (16.3 GiB)") in " ".join(str(info.value).split())
     plan = compile_recipe(RECIPES / "hunyuan15_t2v_480p_sr_720p_24gib.toml")
     assert plan.memory.capacity_bytes == 24 * GIB and plan.memory.peak_bytes <= 24 * GIB
     blocks = {b.model: b for b in plan.memory.block_offload}
