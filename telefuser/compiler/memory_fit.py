@@ -2,8 +2,9 @@
 
 The compiler picks nothing silently: it does not switch a recipe to offload on its own. When the estimate
 exceeds the capacity it re-estimates the recipe with each memory-saving setting it does not use yet (the
-encoders offloaded after encoding, several DiTs offloaded whole, the DiT(s) streamed block by block, the text
-encoder streamed block by block, on-the-fly FP8 linears, a tiled VAE decode), alone and stacked in that order, and names those whose estimate fits, as `--set` overrides.
+encoders offloaded after encoding, HunyuanVideo-1.5's DiTs offloaded whole, the DiT(s) streamed block by block,
+the text encoder streamed block by block, on-the-fly FP8 linears, a tiled VAE decode), alone and stacked in that
+order, and names those whose estimate fits, as `--set` overrides.
 """
 
 from __future__ import annotations
