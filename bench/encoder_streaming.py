@@ -21,9 +21,14 @@ branches (text_len from the recipe), resident, MODEL_CPU_OFFLOAD and ASYNC_CPU_O
 shapes, bench/hy15_files); the streamed model placed by the runtime's own Placement. Median of 3 timed stage runs
 after one warm-up; peak allocated during a run.
 
+Part `hy15_plan` (not in the default; its own call: `--part hy15_plan`, writes about 50 GB under `--root` after
+removing part `wan`'s files): the shipped 24 GiB HunyuanVideo-1.5 T2V + SR plan run whole on random files, 4 base +
+2 SR steps, the first video: each stage's peak against the plan's estimate (target: within 24 GiB) and its times.
+
 Run on the device (one call, about 6-8 minutes with the files to write): `PYTHONPATH=. python3
 bench/encoder_streaming.py [--part wan hy15_text] [--budget-s 560]`; `--cpu-smoke` runs the same logic at tiny sizes
-on the CPU. Writes $OUT/encoder_streaming.md and .json after every row.
+on the CPU (all three parts with `--part wan hy15_text hy15_plan`). Writes $OUT/encoder_streaming.md and .json
+after every row.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ HEADERS = {
     "wan": ["## Wan2.1-14B 480p x 81 frames, 2 steps, DiT ASYNC_CPU_OFFLOAD; the text encoder's mode per row", "",
             "| umT5-XXL | plan for | s / video | encode s | s / step | run peak allocated / reserved GiB | plan "
             "estimate GiB | per stage: allocated / reserved, estimate GiB |", "|---|---|---|---|---|---|---|---|"],
+    "hy15_plan": ["## HunyuanVideo-1.5 T2V + SR, the 24 GiB plan whole (4 base + 2 SR steps, first video)", "",
+                  "| recipe | s / video | encode s | base + SR steps s | run peak allocated GiB | plan estimate GiB | per "
+                  "stage: allocated / reserved, estimate GiB |", "|---|---|---|---|---|---|---|"],
     "hy15_text": ["## HunyuanVideo-1.5: the Qwen2.5-VL-7B text stage (2 CFG branches)", "",
                   "| Qwen2.5-VL | stage s (median of 3) | peak allocated GiB | plan's estimate for the encoder "
                   "(in use + activations) GiB |", "|---|---|---|---|"],
@@ -221,9 +229,64 @@ def part_hy15_text() -> None:
         free()
 
 
+# ------------------------------------------------------------------------------------------------ part hy15_plan
+
+def part_hy15_plan(root: Path) -> None:
+    """The shipped 24 GiB HunyuanVideo-1.5 T2V + SR plan run whole on random files (bench/hunyuan15's writer: about
+    50 GB under `root`, so Wan's files are removed first on a 64 GiB disk), 4 base + 2 SR steps (the estimate does not
+    depend on the step counts), one video: each stage's peak against its estimate, and the stage times."""
+    import os
+    import shutil
+
+    import telefuser
+    from bench import hunyuan15
+    from bench.hy15_files import write_hunyuan15_root
+    from bench.memory import StagePeaks
+
+    repo = Path(__file__).resolve().parents[1]
+    sets = ["layer2.num_inference_steps=4", "layer2.sr_config.num_inference_steps=2"]
+    if STATE["smoke"]:
+        recipe = repo / "recipes" / "tiny_hy15_sr.toml"
+        sets += [f"layer2.models.{m}.offload_config.offload_type=ASYNC_CPU_OFFLOAD" for m in ("dit", "dit_sr",
+                                                                                              "text_encoder")]
+    else:
+        shutil.rmtree(os.environ.get("WAN_MEMORY_ROOT", "/tmp/wan_memory"), ignore_errors=True)
+        if not (root / "done").is_file():
+            hunyuan15.STATE["device"] = "cuda"
+            hunyuan15.randomize_files(write_hunyuan15_root(root))
+            (root / "done").write_text("ok")
+        os.environ["TELEFUSER_MODEL_ROOT"] = str(root)
+        recipe = repo / "recipes" / "hunyuan15_t2v_480p_sr_720p_24gib.toml"
+    from telefuser.compiler import compile_recipe
+    from telefuser.schema.canonical import pretty_json
+
+    plan = compile_recipe(recipe, sets)
+    path = out_dir() / "hy15_24gib.plan.json"
+    path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+    pipe = telefuser.load_plan(str(path), verify_weights=False)  # fingerprints checked; no 50 GB re-hash
+    with StagePeaks() as peaks:
+        sync()
+        start = time.perf_counter()
+        video = pipe.run(prompt='a neon shop sign that reads "OPEN" in the rain', seed=7, progress=False)
+        sync()
+        wall = time.perf_counter() - start
+    estimates = {s.stage: s.peak_bytes for s in plan.memory.stages}
+    allocated = max((a for a, _ in peaks.peaks.values()), default=0)
+    per_stage = ", ".join(f"{n} {gib(a)} / {gib(r)}" + (f" est {gib(estimates[n])}" if n in estimates else "")
+                          for n, (a, r) in peaks.peaks.items())
+    t = video.timings
+    emit("hy15_plan", f"| {recipe.name} | {wall:.1f} | {t.encode:.2f} | {sum(t.steps):.1f} ({len(t.steps)} steps) | "
+                      f"{gib(allocated)} | {gib(plan.memory.peak_bytes)} | {per_stage} |",
+         {"recipe": recipe.name, "wall_s": wall, "encode_s": t.encode, "steps": t.steps, "decode_s": t.decode,
+          "peak_allocated": allocated, "plan_peak": plan.memory.peak_bytes,
+          "measured": {n: list(v) for n, v in peaks.peaks.items()}, "first_video": True})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("wan", "hy15_text"), nargs="+", default=["wan", "hy15_text"])
+    parser.add_argument("--part", choices=("wan", "hy15_text", "hy15_plan"), nargs="+", default=["wan", "hy15_text"],
+                        help="hy15_plan (not in the default): the whole 24 GiB HunyuanVideo-1.5 plan, in its own call")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/hy15"), help="hy15_plan: where its files go")
     parser.add_argument("--budget-s", type=float, default=560.0, help="stop starting rows after this many seconds")
     parser.add_argument("--cpu-smoke", action="store_true", help="the same logic at tiny sizes on the CPU")
     args = parser.parse_args(argv)
@@ -233,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         part_wan()
     if "hy15_text" in args.part:
         part_hy15_text()
+    if "hy15_plan" in args.part:
+        part_hy15_plan(args.root)
     print((out_dir() / "encoder_streaming.md").read_text())
 
 
