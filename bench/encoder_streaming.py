@@ -203,19 +203,19 @@ def part_hy15_text() -> None:
             placement = Placement(host, device, streamed is None, name="text_encoder", pin=device.type == "cuda",
                                   blocks=streamed)
 
-        def stage_run() -> None:
+        def stage_run(placement: Placement) -> None:
             with torch.inference_mode(), placement.active() as qwen:
                 for prompt in (PROMPT, ""):  # the CFG branches, as hy15_text_encode runs them
                     encode_text_states(qwen, tokenizer, prompt, text_len, device)
             sync()
 
-        stage_run()  # warm-up
+        stage_run(placement)  # warm-up
         times, peak = [], 0
         for _ in range(3):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            stage_run()
+            stage_run(placement)
             times.append(time.perf_counter() - start)
             peak = max(peak, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0)
         copies = placement.streamer.copies_in if placement.streamer is not None else 0
