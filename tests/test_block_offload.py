@@ -262,7 +262,8 @@ def test_text_encoder_on_the_cpu_gives_the_same_video_and_cpu_dispatch(deep_set,
 
 @pytest.mark.parametrize("extra, overrides, needle", [
     (offload("vae", offload_type="ASYNC_CPU_OFFLOAD"), [],
-     "layer2.models.vae.offload_config.offload_type = 'ASYNC_CPU_OFFLOAD': block offload streams a DiT's"),
+     "layer2.models.vae.offload_config.offload_type = 'ASYNC_CPU_OFFLOAD': block offload streams the repeated blocks of "
+     "a DiT or a text encoder"),
     (offload("dit", offload_type="ASYNC_CPU_OFFLOAD", prefetch_size=0), [],
      "ASYNC_CPU_OFFLOAD with prefetch_size = 0 copies nothing ahead"),
     (offload("dit", offload_type="SEQUENTIAL_CPU_OFFLOAD"),

@@ -35,6 +35,9 @@ MODEL_SWITCHES = {
     "sequential": ["offload_config.offload_type=SEQUENTIAL_CPU_OFFLOAD"],
     "async": ["offload_config.offload_type=ASYNC_CPU_OFFLOAD", "offload_config.offload_ratio=0.5"],
     "async_no_prefetch": ["offload_config.offload_type=ASYNC_CPU_OFFLOAD", "offload_config.prefetch_size=0"],
+    # one block per group, two copied ahead: the ring wraps on every streamable model (DiTs and text encoders)
+    "async_group1": ["offload_config.offload_type=ASYNC_CPU_OFFLOAD", "offload_config.blocks_per_group=1",
+                     "offload_config.prefetch_size=2"],
     "unpinned": ["offload_config.offload_type=MODEL_CPU_OFFLOAD", "offload_config.pin_cpu_memory=false"],
     "run_on_cpu": ["run_on_cpu=true"],
     "compile": ["compile_config.enabled=true", "compile_config.backend=eager"],
@@ -81,7 +84,8 @@ LAYOUTS = {  # world size, parallel_config degrees
 # Two-rank plans loaded on real gloo ranks (the rest of the matrix gets every check short of joining ranks): every
 # two-rank layout once, each with a switch that changes where a model lives.
 GLOO_SAMPLE = ("cfg2+dit.model_offload", "ulysses2+dit.async", "ring2+dit.compile", "tp2+text_encoder.run_on_cpu",
-               "dp2+vae_parallel", "cfg2_fsdp+text_encoder.bf16", "cfg2+tiled", "ulysses2+text_encoder.model_offload")
+               "dp2+vae_parallel", "cfg2_fsdp+text_encoder.bf16", "cfg2+tiled", "ulysses2+text_encoder.model_offload",
+               "cfg2+text_encoder.async")
 SAMPLED_COMBINATIONS = 40  # per recipe: random sets of 2-3 switches on one rank, beyond every single switch
 
 

@@ -1,18 +1,23 @@
-"""SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD decided: which DiT blocks stream, in which groups, into how many
-device buffers, and how many bytes each holds; and the recipe settings the block modes and `run_on_cpu` refuse.
+"""SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD decided: which blocks of a DiT or text encoder stream, in which
+groups, into how many device buffers, and how many bytes each holds; and the recipe settings the block modes and
+`run_on_cpu` refuse.
 
-A Wan block's tensors are known from the architecture numbers alone (`wan_block_tensors`, checked against the
-model class by tests/test_block_offload.py), so a group's device buffer is sized exactly as the runtime packs it
+A block's tensors are known from the architecture numbers alone (compiler/block_tensors.py, checked against the
+model classes by the tests), so a group's device buffer is sized exactly as the runtime packs it
 (runtime/offload.py: every tensor at a 512-byte boundary), without loading anything.
 """
 
 from __future__ import annotations
+
+import math
 
 from telefuser.errors import RecipeError
 from telefuser.schema.enums import BLOCK_MODES, WeightOffloadType, is_dit
 from telefuser.schema.plan import BlockOffload, PlannedModel
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
+
+from .block_tensors import BLOCKS, block_tensors, wan_block_tensors  # noqa: F401 (wan_block_tensors: tests)
 
 CPU_ROLES = ("text_encoder", "image_encoder")
 ALIGN = 512  # runtime/memory/offload.py ALIGN: where every tensor starts in a packed buffer
@@ -25,58 +30,40 @@ FP8_QUANT = ("fp8_e4m3fn", "fp8_e4m3fn_rowwise", "int8")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def wan_block_tensors(arch: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor of one WanBlock, as telefuser.models.wan.dit builds it."""
-    dim, ffn = int(arch["dim"]), int(arch["ffn_dim"])
-    qk_norm, image = bool(arch.get("qk_norm", True)), arch.get("model_type", "t2v") == "i2v"
-    tensors: list[tuple[str, tuple[int, ...]]] = []
-
-    def linear(name: str, n_in: int, n_out: int) -> None:
-        tensors.extend([(f"{name}.weight", (n_out, n_in)), (f"{name}.bias", (n_out,))])
-
-    for attn in ("self_attn", "cross_attn"):
-        for proj in ("q", "k", "v", "o"):
-            linear(f"{attn}.{proj}", dim, dim)
-        if qk_norm:
-            tensors.extend([(f"{attn}.norm_q.weight", (dim,)), (f"{attn}.norm_k.weight", (dim,))])
-    if image:
-        linear("cross_attn.k_img", dim, dim)
-        linear("cross_attn.v_img", dim, dim)
-        if qk_norm:
-            tensors.append(("cross_attn.norm_k_img.weight", (dim,)))
-    if arch.get("cross_attn_norm", True):
-        tensors.extend([("norm3.weight", (dim,)), ("norm3.bias", (dim,))])
-    linear("ffn.0", dim, ffn)
-    linear("ffn.2", ffn, dim)
-    tensors.append(("modulation", (1, 6, dim)))
-    return tensors
-
-
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def block_bytes(model: PlannedModel, runtime: ModelRuntimeConfig) -> tuple[int, int]:
-    """(bytes one block's tensors take packed, their bytes unpadded). Linear weights quantised to 8 bits (quant_type,
-    or an FP8 checkpoint) take 1 byte per value plus their float32 scale (per row, or one per tensor); unmerged LoRA
-    updates are added by plan_block_offload."""
+def blocks_bytes(model: PlannedModel, runtime: ModelRuntimeConfig) -> list[tuple[int, int]]:
+    """Per block in run order: (bytes its tensors take packed, their bytes unpadded). Linear weights quantised to 8
+    bits (quant_type, or an FP8 checkpoint) take 1 byte per value plus their float32 scale (per row, or one per
+    tensor); unmerged LoRA updates are added by plan_block_offload."""
     width = DTYPE_BYTES[model.compute_dtype]
     quant = runtime.quant_config.quant_type
     eight_bit = quant in FP8_QUANT or model.attributes.fp8_layout is not None
     per_row = quant in ("fp8_e4m3fn_rowwise", "int8") or (
         model.attributes.fp8_layout is not None and model.attributes.fp8_layout.granularity == "per_channel")
-    sizes: list[int] = []
-    for name, shape in wan_block_tensors(model.arch):
-        numel = 1
-        for n in shape:
-            numel *= n
-        if eight_bit and name.endswith(".weight") and len(shape) == 2:
-            sizes += [numel, 4 * (shape[0] if per_row else 1)]
-        elif eight_bit and quant == "int8" and name.endswith(".bias"):
-            sizes.append(4 * numel)  # int8 linears keep a float32 bias
-        else:
-            sizes.append(width * numel)
-    return sum(_aligned(n) for n in sizes), sum(sizes)
+    out: list[tuple[int, int]] = []
+    cache: dict[int, tuple[int, int]] = {}  # blocks of one kind share their tensor list
+    for block in block_tensors(model.class_, model.arch):
+        if id(block) not in cache:
+            sizes: list[int] = []
+            for _name, shape, kind in block:
+                numel = math.prod(shape)
+                if eight_bit and kind == "linear":
+                    sizes += [numel, 4 * (shape[0] if per_row else 1)]
+                elif eight_bit and quant == "int8" and kind == "bias":
+                    sizes.append(4 * numel)  # int8 linears keep a float32 bias
+                else:
+                    sizes.append(width * numel)
+            cache[id(block)] = (sum(_aligned(n) for n in sizes), sum(sizes))
+        out.append(cache[id(block)])
+    return out
+
+
+def block_bytes(model: PlannedModel, runtime: ModelRuntimeConfig) -> tuple[int, int]:
+    """(packed, unpadded) bytes of the model's largest block."""
+    return max(blocks_bytes(model, runtime))
 
 
 def streamed_blocks(num_blocks: int, ratio: float) -> list[int]:
@@ -88,25 +75,30 @@ def streamed_blocks(num_blocks: int, ratio: float) -> list[int]:
 
 def plan_block_offload(model: PlannedModel, runtime: ModelRuntimeConfig, weight_bytes: int,
                        several_dits: bool) -> BlockOffload:
-    """The streaming of one DiT; `weight_bytes` is its whole weight estimate (memory._weight_bytes)."""
+    """The streaming of one model; `weight_bytes` is its whole weight estimate (memory._weight_bytes). A DiT's
+    non-block weights stay on the device for the run unless several DiTs take turns (Wan2.2's experts,
+    HunyuanVideo-1.5's base and SR DiTs); a text encoder's are copied in around its one use per video."""
     cfg = runtime.offload_config
-    num_blocks = int(model.arch["num_layers"])
-    packed, raw = block_bytes(model, runtime)
+    sizes = blocks_bytes(model, runtime)
+    num_blocks = len(sizes)
     # Unmerged LoRA updates live beside the linears they update and stream with their block. The LoRAs published
     # for Wan update the block linears, so a block carries about 1/num_blocks of each file (an estimate: the
     # runtime sizes its ring from the tensors it packs).
     lora = sum(entry.file.size for entry in model.loras if not entry.merge) // num_blocks
-    packed, raw = packed + lora, raw + lora
+    sizes = [(packed + lora, raw + lora) for packed, raw in sizes]
     streamed = streamed_blocks(num_blocks, cfg.offload_ratio)
-    per_group = cfg.blocks_per_group or max(1, min(len(streamed), -(-MIN_GROUP_BYTES // max(packed, 1))))
+    largest = max(sizes[i][0] for i in streamed)
+    per_group = cfg.blocks_per_group or max(1, min(len(streamed), -(-MIN_GROUP_BYTES // max(largest, 1))))
     groups = [streamed[i:i + per_group] for i in range(0, len(streamed), per_group)]
     ahead = cfg.prefetch_size if cfg.offload_type == WeightOffloadType.ASYNC_CPU_OFFLOAD else 0
     resident_groups = min(len(groups), 1 + ahead)
     return BlockOffload(
         model=model.name, mode=cfg.offload_type, num_blocks=num_blocks, groups=groups,
         blocks_per_group=min(per_group, len(streamed)), groups_resident=resident_groups,
-        prefetch_groups=min(ahead, resident_groups - 1), group_bytes=max(len(g) for g in groups) * packed,
-        resident_bytes=max(0, weight_bytes - len(streamed) * raw), resident_between_uses=not several_dits)
+        prefetch_groups=min(ahead, resident_groups - 1),
+        group_bytes=max(sum(sizes[i][0] for i in g) for g in groups),
+        resident_bytes=max(0, weight_bytes - sum(sizes[i][1] for i in streamed)),
+        resident_between_uses=is_dit(model.role) and not several_dits)
 
 
 def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
@@ -115,16 +107,21 @@ def check_offload_settings(recipe: Recipe, models: list[PlannedModel]) -> None:
     l2 = recipe.layer2
     parallel = l2.parallel_config
     roles = {m.name: m.role for m in models}
+    classes = {m.name: m.class_ for m in models}
     for name, runtime in l2.models.items():
         where = f"layer2.models.{name}"
         mode = runtime.offload_config.offload_type
         role = roles.get(name, "")
         if mode in BLOCK_MODES:
-            if not is_dit(role):
+            # without weights (--no-weights) the class is not known yet: the roles whose classes all stream pass
+            unknown = classes.get(name) == "auto" and (is_dit(role) or role == "text_encoder")
+            if classes.get(name) not in BLOCKS and not unknown:
                 raise RecipeError(
-                    f"{where}.offload_config.offload_type = {mode!r}: block offload streams a DiT's transformer "
-                    f"blocks, and {name!r} is the {role or 'unknown'} model; use \"MODEL_CPU_OFFLOAD\" for it "
-                    "(whole model in host memory, copied in for its stage).")
+                    f"{where}.offload_config.offload_type = {mode!r}: block offload streams the repeated blocks of a "
+                    f"DiT or a text encoder (classes {', '.join(sorted(BLOCKS))}), and {name!r} is the "
+                    f"{role or 'unknown'} model ({classes.get(name) or 'unknown class'}); use \"MODEL_CPU_OFFLOAD\" "
+                    "for it (whole model in host memory, copied in for its stage: the VAEs, CLIP, SigLIP and byT5 are "
+                    "small beside their stage's activations, so streaming them would save little).")
             if parallel.tp_degree > 1 or parallel.enable_fsdp:
                 what = "tp_degree > 1 (tensor-parallel weights stay on their device)" if parallel.tp_degree > 1 \
                     else "enable_fsdp (FSDP owns where the shards live)"

@@ -136,15 +136,16 @@ def _stage_memory(plan: Plan) -> list[str]:
 
 
 def _block_offload(plan: Plan) -> list[str]:
-    """SEQUENTIAL / ASYNC_CPU_OFFLOAD DiTs: groups, ring and what stays on the device."""
+    """SEQUENTIAL / ASYNC_CPU_OFFLOAD models (DiTs, text encoders): groups, ring and what stays on the device."""
     if not plan.memory.block_offload:
         return []
-    lines = ["block offload (DiT blocks in host memory, streamed into a ring of device buffers group by group):"]
+    lines = ["block offload (blocks in host memory, streamed into a ring of device buffers group by group):"]
     for b in plan.memory.block_offload:
         streamed = sum(len(g) for g in b.groups)
         copy = (f"{b.prefetch_groups} group(s) copied ahead on a side stream" if b.prefetch_groups
                 else "each group copied in before it runs")
-        where = "resident for the run" if b.resident_between_uses else "copied in per use (the inactive expert is all in host memory)"
+        where = "resident for the run" if b.resident_between_uses else \
+            "copied in per use (between uses the model is all in host memory)"
         lines.append(f"  {b.model:<14} {b.mode}: {streamed} of {b.num_blocks} blocks streamed in {len(b.groups)} "
                      f"group(s) of {b.blocks_per_group}, ring of {b.groups_resident} x {b.group_bytes / 2**20:.1f} MiB, "
                      f"{copy}; non-block weights and kept blocks {b.resident_bytes / 2**20:.1f} MiB {where}")

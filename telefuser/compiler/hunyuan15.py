@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from telefuser.errors import RecipeError, WeightsError
-from telefuser.schema.enums import BLOCK_MODES, HUNYUAN15_PIPELINES, ModelRole, PipelineType, QuantType
+from telefuser.schema.enums import HUNYUAN15_PIPELINES, ModelRole, PipelineType
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe, SRConfig
@@ -162,16 +162,14 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
                     "(not executable yet); remove sparse_config: the same weights run with dense attention.")
         if cfg.feature_cache_config.method != "none":
             return f"{at}.feature_cache_config: step caches are not built for HunyuanVideo-1.5 yet; remove it."
-        if cfg.offload_config.offload_type in BLOCK_MODES:
-            return (f"{at}.offload_config.offload_type = {cfg.offload_config.offload_type!r}: block streaming is not "
-                    "built for HunyuanVideo-1.5's models yet (not executable yet); use \"MODEL_CPU_OFFLOAD\" (whole "
-                    "model in host memory, copied in for its stage).")
-        if cfg.quant_config.quant_type != QuantType.NONE:
-            return (f"{at}.quant_config.quant_type = {cfg.quant_config.quant_type!r}: FP8 / int8 linears are not "
-                    "built for HunyuanVideo-1.5 yet (not executable yet); set quant_type = \"none\".")
         if cfg.lora_configs:
-            return (f"{at}.lora_configs: LoRA is not built for HunyuanVideo-1.5 yet (its published LoRA layouts "
-                    "are not examined); remove lora_configs.")
+            # No published HunyuanVideo-1.5 LoRA with a documented key layout: Tencent publishes none, LightX2V's
+            # Hy1.5-Distill-Models are whole distilled transformers, and the trainers' (musubi-tuner, SimpleTuner)
+            # and ComfyUI repackagings each name keys their own way, none checked against a file here.
+            return (f"{at}.lora_configs: LoRA is not built for HunyuanVideo-1.5 (not executable yet): no LoRA "
+                    "layout for it is published with its key names (Tencent publishes none; LightX2V's distilled "
+                    "HunyuanVideo-1.5 models are whole transformers: point the DiT's path at one instead); remove "
+                    "lora_configs.")
     if any(m.attributes.fp8 for m in l1.models):
         return f"{where}: FP8 HunyuanVideo-1.5 checkpoints are not supported yet; use the bf16 files."
     return _check_sr(recipe, roles, i2v)

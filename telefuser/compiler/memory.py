@@ -3,9 +3,9 @@
 weights: parameters x bytes of the compute dtype (fp8-quantised linears 1
 byte), divided by tp (and by the mesh size under FSDP). Where they are:
 NO_CPU_OFFLOAD resident for the whole run; MODEL_CPU_OFFLOAD on the device only
-during a stage that uses the model; SEQUENTIAL/ASYNC_CPU_OFFLOAD (a DiT) the
-non-block weights and kept blocks resident (per use for Wan2.2's two experts)
-plus, while it runs, the ring of `groups_resident` group buffers
+during a stage that uses the model; SEQUENTIAL/ASYNC_CPU_OFFLOAD (a DiT, a text
+encoder) the non-block weights and kept blocks resident (per use for several DiTs
+taking turns and for text encoders) plus, while it runs, the ring of `groups_resident` group buffers
 (compiler/block_offload.py); `run_on_cpu` models none (their bytes are
 reported as host_weights). activations: the DiT at the largest allowed frame
 size and num_frames, with tokens split by sequence parallelism: per token, the
@@ -111,7 +111,7 @@ def _device_weights(recipe: Recipe, models: list[PlannedModel]) -> tuple[dict[st
             resident += size
         elif mode == WeightOffloadType.MODEL_CPU_OFFLOAD:
             in_use[m.name] = size  # on the device only during its own stage
-        elif is_dit(m.role):  # sequential / async: kept part resident, a ring of group buffers in use
+        else:  # sequential / async (a DiT, a text encoder): kept part resident or in use, a ring of group buffers
             plan = plan_block_offload(m, runtime, size, several_dits)
             blocks.append(plan)
             ring = plan.groups_resident * plan.group_bytes

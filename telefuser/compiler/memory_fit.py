@@ -2,8 +2,9 @@
 
 The compiler picks nothing silently: it does not switch a recipe to offload on its own. When the estimate
 exceeds the capacity it re-estimates the recipe with each memory-saving setting it does not use yet (the
-encoders offloaded after encoding, the DiT(s) streamed block by block, on-the-fly FP8 linears, a tiled VAE
-decode), alone and stacked in that order, and names those whose estimate fits, as `--set` overrides.
+encoders offloaded after encoding, HunyuanVideo-1.5's DiTs offloaded whole, the DiT(s) streamed block by block,
+the text encoder streamed block by block, on-the-fly FP8 linears, a tiled VAE decode), alone and stacked in that
+order, and names those whose estimate fits, as `--set` overrides.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from telefuser.schema.plan import MemoryEstimate, PlannedModel, ResolvedTarget
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
 
+from .block_tensors import BLOCKS
 from .memory import estimate_memory
 from .stages import build_stages
 
@@ -35,15 +37,23 @@ def _candidates(recipe: Recipe, models: list[PlannedModel], target: ResolvedTarg
                 and runtime(m.name).offload_config.offload_type == WeightOffloadType.NO_CPU_OFFLOAD and not runtime(m.name).run_on_cpu]
     if encoders and not l2.parallel_config.enable_fsdp:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "MODEL_CPU_OFFLOAD" for n in encoders})
-    dits = [m for m in models if is_dit(m.role) and m.class_ == "WanDiT"]  # block streaming / FP8: Wan's DiTs
-    streamable = [m.name for m in dits if runtime(m.name).offload_config.offload_type not in BLOCK_MODES]
-    if streamable and l2.parallel_config.tp_degree == 1 and not l2.parallel_config.enable_fsdp:
-        found.append({f"layer2.models.{n}.offload_config.offload_type": "ASYNC_CPU_OFFLOAD" for n in streamable})
-    # DiTs without block streaming (HunyuanVideo-1.5's base and SR DiTs): whole-model offload, one in use at a time
+    no_split = l2.parallel_config.tp_degree == 1 and not l2.parallel_config.enable_fsdp  # block modes refuse both
+    # DiTs of a class without block streaming, and HunyuanVideo-1.5's base and SR DiTs (one on the device at a
+    # time): whole-model offload
     whole = [m.name for m in models if is_dit(m.role) and m.class_ != "WanDiT"
              and runtime(m.name).offload_config.offload_type == WeightOffloadType.NO_CPU_OFFLOAD]
     if whole and l2.parallel_config.world_size == 1:
         found.append({f"layer2.models.{n}.offload_config.offload_type": "MODEL_CPU_OFFLOAD" for n in whole})
+    dits = [m for m in models if is_dit(m.role) and m.class_ in BLOCKS]
+    streamable = [m.name for m in dits if runtime(m.name).offload_config.offload_type not in BLOCK_MODES]
+    if streamable and no_split:
+        found.append({f"layer2.models.{n}.offload_config.offload_type": "ASYNC_CPU_OFFLOAD" for n in streamable})
+    # text encoders streamed block by block: the encode stage holds the non-block weights and two groups, not the
+    # whole encoder (umT5-XXL 10.6 GiB, Qwen2.5-VL 12.3 GiB in bf16)
+    text = [m.name for m in models if m.role == "text_encoder" and m.class_ in BLOCKS and not runtime(m.name).run_on_cpu
+            and runtime(m.name).offload_config.offload_type not in BLOCK_MODES]
+    if text and no_split:
+        found.append({f"layer2.models.{n}.offload_config.offload_type": "ASYNC_CPU_OFFLOAD" for n in text})
     cc = tuple(int(p) for p in target.compute_capability.split(".")) if target.compute_capability else None
     plain = [m.name for m in dits if m.attributes.fp8_layout is None and runtime(m.name).quant_config.quant_type == "none"]
     if plain and target.device == "cuda" and cc is not None and cc >= FP8_MIN_CC and l2.parallel_config.tp_degree == 1:

@@ -36,7 +36,7 @@ class WeightOffloadType(StrEnum):
     ASYNC_CPU_OFFLOAD = "ASYNC_CPU_OFFLOAD"
 
 
-# The modes that stream a DiT's blocks group by group (the rest move the whole model or nothing).
+# The modes that stream a DiT's or a text encoder's blocks group by group (the rest move the whole model or nothing).
 BLOCK_MODES = frozenset({WeightOffloadType.SEQUENTIAL_CPU_OFFLOAD, WeightOffloadType.ASYNC_CPU_OFFLOAD})
 
 

@@ -100,7 +100,8 @@ class OffloadConfig(StrictModel):
     offload_type: WeightOffloadType = WeightOffloadType.NO_CPU_OFFLOAD
     pin_cpu_memory: bool = True
     offload_ratio: float = Field(1.0, gt=0, le=1.0, description="SEQUENTIAL/ASYNC_CPU_OFFLOAD: fraction of the "
-                                 "DiT's blocks kept on the CPU and streamed in (spread evenly); the rest stay resident.")
+                                 "blocks of a DiT or text encoder kept on the CPU and streamed in (spread evenly); the rest "
+                                 "stay resident.")
     prefetch_size: int = Field(1, ge=0, description="ASYNC_CPU_OFFLOAD: block groups copied ahead of the one "
                                "computing (at least 1); MODEL_CPU_OFFLOAD: 0 turns the planned prefetch off.")
     blocks_per_group: Optional[PositiveInt] = Field(

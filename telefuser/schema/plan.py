@@ -160,11 +160,12 @@ class PrefetchDecision(FrozenModel):
 
 
 class BlockOffload(FrozenModel):
-    """How a DiT under SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD streams its blocks; the runtime does exactly this."""
+    """How a model (a DiT, a text encoder) under SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD streams its blocks; the
+    runtime does exactly this."""
 
     model: str
     mode: Literal["SEQUENTIAL_CPU_OFFLOAD", "ASYNC_CPU_OFFLOAD"]
-    num_blocks: int = Field(ge=1, description="The DiT's blocks.")
+    num_blocks: int = Field(ge=1, description="The model's repeated blocks (its class's BLOCK_LISTS, in run order).")
     groups: list[list[int]] = Field(
         description="The streamed blocks (kept in host memory), in groups of blocks_per_group, in run order; a group "
         "is copied in as one. Blocks in no group stay resident on the device.")
@@ -180,8 +181,8 @@ class BlockOffload(FrozenModel):
                                                   "(embeddings, time MLP, head, modulation) and the kept blocks.")
     resident_between_uses: bool = Field(
         description="true: the resident part stays on the device for the whole run; false (several DiTs: Wan2.2's "
-        "MoE): it is copied in when the model becomes active and dropped after, so the inactive expert is entirely "
-        "in host memory.")
+        "MoE, HunyuanVideo-1.5's base and SR DiTs; a text encoder): it is copied in when the model becomes active and "
+        "dropped after, so an inactive model is entirely in host memory.")
 
 
 class ModelPlacement(FrozenModel):
@@ -231,7 +232,7 @@ class MemoryEstimate(FrozenModel):
         description="Per use of each MODEL_CPU_OFFLOAD model, in run order: whether the runtime copies it in "
         "while the previous model use runs (decided when both fit in the estimate).")
     block_offload: list[BlockOffload] = Field(
-        default_factory=list, description="Per DiT under SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD: its streaming.")
+        default_factory=list, description="Per model under SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD: its streaming.")
     stages: list[StageMemory] = Field(default_factory=list,
                                       description="Per stage that uses a device, in run order: its estimated peak.")
 

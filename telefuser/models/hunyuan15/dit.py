@@ -67,6 +67,11 @@ def _valid_rows(states: torch.Tensor, mask: torch.Tensor | None, what: str) -> l
 
 
 class HunyuanVideo15DiT(nn.Module):
+    BLOCK_LISTS = ("double_blocks", "single_blocks")  # streamed by block offload, in run order
+    # Linears kept in the model dtype under quant_config (the conditioning paths every block reads, and the output)
+    KEEP_PRECISION_LINEARS = ("time_in.*", "time_r_in.*", "guidance_in.*", "txt_in.*", "byt5_in.*", "vision_in.*",
+                              "final_layer.*")
+
     def __init__(self, config: HunyuanVideo15DiTConfig) -> None:
         super().__init__()
         self.config = c = config

@@ -119,6 +119,8 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 class Qwen25VLTextEncoder(nn.Module):
+    BLOCK_LISTS = ("layers",)  # streamed by block offload (runtime/memory/block_offload.py)
+
     def __init__(self, config: Qwen25VLTextConfig) -> None:
         super().__init__()
         self.config = config

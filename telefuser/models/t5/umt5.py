@@ -122,6 +122,8 @@ class T5Block(nn.Module):
 
 
 class UMT5Encoder(nn.Module):
+    BLOCK_LISTS = ("blocks",)  # streamed by block offload (runtime/memory/block_offload.py)
+
     def __init__(self, config: UMT5Config) -> None:
         super().__init__()
         if config.dim_attn % config.num_heads:

@@ -218,6 +218,8 @@ class WanDiT(nn.Module):
     # Linears that `time_embeddings` runs in float32 through linear_fp32 (reading .weight): never quantised, and
     # dequantised when a checkpoint stores them in float8.
     FLOAT32_LINEARS = ("time_embedding.*", "time_projection.*")
+    # The ModuleLists of repeated blocks, in run order: what block offload streams (runtime/memory/block_offload.py).
+    BLOCK_LISTS = ("blocks",)
 
     def __init__(self, config: WanDiTConfig) -> None:
         super().__init__()

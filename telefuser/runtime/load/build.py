@@ -117,8 +117,11 @@ def _build(entry: Any, planned: PlannedModel, runtime: ModelRuntimeConfig, devic
             ) from exc
         try:
             # an FP8 checkpoint's linears are LinearFP8 already: only its remaining nn.Linear layers are quantised
+            # and never the linears the model class keeps in its dtype (KEEP_PRECISION_LINEARS: HunyuanVideo-1.5's
+            # embedders and output layer)
+            keep = getattr(model, "KEEP_PRECISION_LINEARS", ())
             replace_linear_layers(model, runtime.quant_config.quant_type,
-                                  skip_modules=[*runtime.quant_config.skip_modules, *float32_linears(model)])
+                                  skip_modules=[*runtime.quant_config.skip_modules, *float32_linears(model), *keep])
         except ValueError as exc:
             raise PlanError(f"model {planned.name!r}: {exc}; change layer2.models.{planned.name}.quant_config "
                             "and recompile.") from exc

@@ -1,5 +1,6 @@
-"""SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD: a DiT's blocks streamed from host memory, group by group, as the plan
-records them (`plan.memory.block_offload`: the groups, the ring of device buffers, the groups copied ahead).
+"""SEQUENTIAL_CPU_OFFLOAD / ASYNC_CPU_OFFLOAD: a model's repeated blocks (a DiT's, a text encoder's) streamed from
+host memory, group by group, as the plan records them (`plan.memory.block_offload`: the groups, the ring of device
+buffers, the groups copied ahead). Which blocks a model has is its class's `BLOCK_LISTS` (`model_blocks`).
 
 Applied from outside the model, like diffusers' group-offloading hooks: every streamed block gets a forward
 pre-hook that makes its group resident before the block runs; the model code is unchanged, and the sequence-
@@ -40,20 +41,33 @@ from telefuser.schema.plan import BlockOffload
 from .offload import OffloadedWeights
 
 
+def model_blocks(module: nn.Module) -> tuple[list[nn.Module], set[str]]:
+    """The module's repeated blocks in run order (block index i counts across its `BLOCK_LISTS`, the model class's
+    names of its block ModuleLists: WanDiT's `blocks`, Qwen2.5-VL's `layers`, HunyuanVideo-1.5's double then single
+    blocks) and those attribute names."""
+    names = getattr(type(module), "BLOCK_LISTS", None)
+    if not names:
+        raise ValueError(f"{type(module).__name__} declares no BLOCK_LISTS (its repeated blocks); it cannot be "
+                         "streamed block by block")
+    blocks = [block for name in names for block in getattr(module, name)]
+    return blocks, set(names)
+
+
 class BlockStreamer:
-    """A DiT's streamed blocks: host groups, the ring of device buffers while active, and the hooks."""
+    """A model's streamed blocks: host groups, the ring of device buffers while active, and the hooks."""
 
     def __init__(self, module: nn.Module, device: torch.device, plan: BlockOffload, pin: bool = True) -> None:
         self.device = torch.device(device)
         self.plan = plan
-        blocks = module.blocks
+        blocks, lists = model_blocks(module)
         if len(blocks) != plan.num_blocks:
-            raise ValueError(f"the plan streams a DiT of {plan.num_blocks} blocks, the model has {len(blocks)}")
+            raise ValueError(f"the plan streams a model of {plan.num_blocks} blocks, {type(module).__name__} has "
+                             f"{len(blocks)}")
         streamed = {i for group in plan.groups for i in group}
-        # The non-streamed part: the DiT's other submodules and its kept blocks.
+        # The non-streamed part: the model's other submodules and its kept blocks.
         if module._parameters or module._buffers:
             raise ValueError(f"{type(module).__name__} holds tensors outside its submodules; it cannot be streamed")
-        self.rest = nn.ModuleList([child for name, child in module.named_children() if name != "blocks"]
+        self.rest = nn.ModuleList([child for name, child in module.named_children() if name not in lists]
                                   + [b for i, b in enumerate(blocks) if i not in streamed])
         self.groups = [OffloadedWeights(nn.ModuleList([blocks[i] for i in group]), self.device, pin=pin)
                        for group in plan.groups]
@@ -115,7 +129,7 @@ class BlockStreamer:
 
     def _before_block(self, group: int, _module: nn.Module, _args) -> None:
         if not self.active:
-            raise RuntimeError("a block-offloaded DiT ran outside its placement's active() (its streamed blocks "
+            raise RuntimeError("a block-offloaded model ran outside its placement's active() (its streamed blocks "
                                "are in host memory)")
         self.enter(group)
 

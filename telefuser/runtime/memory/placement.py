@@ -17,7 +17,7 @@ from .offload import OffloadedWeights, PrefetchSchedule, prefetch_failed
 
 class Placement:
     """A model kept on the compute device, or (offload) in host memory and on the device only while active, or
-    (block offload) with its DiT blocks streamed in group by group while active.
+    (block offload) with its repeated blocks (a DiT's, a text encoder's) streamed in group by group while active.
 
     Offloaded (`telefuser.runtime.memory.offload`): the weights are packed once into host chunks, pinned on CUDA when
     `pin`; `active()` copies them into one device buffer (or waits for a prefetch's copy) and points the module's
@@ -26,7 +26,8 @@ class Placement:
 
     Block offload (`telefuser.runtime.memory.block_offload`, `blocks` = the plan's record for this model, `module` on the
     CPU): the streamed blocks' groups are packed into host chunks; the rest (non-block weights, kept blocks) is moved
-    to the device once, or, when the plan says it is not resident between uses (Wan2.2's two experts), offloaded
+    to the device once, or, when the plan says it is not resident between uses (Wan2.2's two experts, the base and SR
+    DiTs of HunyuanVideo-1.5, a text encoder used once per video), offloaded
     like a whole model around each use. `active()` allocates the ring of group buffers; the blocks' hooks fill it.
     """
 
