@@ -47,6 +47,7 @@ V426 = {"head_channels": 4, "block_channels": [192, 128, 96, 64, 32], "num_res_c
         "scales": [16, 8, 4, 2, 1]}
 HEAVY = {**V426, "head_channels": 16}
 ROWS: list[dict] = []
+COMPILE = {"on": False}  # --compile
 
 
 def environment(device: torch.device) -> str:
@@ -103,6 +104,15 @@ def ours(part: str, arch_name: str, model: IFNet, frames: torch.Tensor, batches:
         diff = int((out.int() - reference.int()).abs().max())
         row(part, f"TeleFuser {arch_name} bfloat16 channels_last batch {batches[-1]} pad {pad_to}", s,
             out.shape[0], peak, diff)
+    if COMPILE["on"]:  # inductor fuses the full-size float32 resizes, warps and activations between the convolutions
+        m = model.to(dtype=BF16, memory_format=torch.contiguous_format)
+        compiled = torch.compile(m)
+        start = time.perf_counter()
+        interpolate(frames, compiled, 2, batch_size=batches[-1])
+        print(f"torch.compile of {arch_name}: first call {time.perf_counter() - start:.1f} s", flush=True)
+        out, s, peak = timed(lambda: interpolate(frames, compiled, 2, batch_size=batches[-1]), device)
+        diff = int((out.int() - reference.int()).abs().max())
+        row(part, f"TeleFuser {arch_name} bfloat16 torch.compile batch {batches[-1]}", s, out.shape[0], peak, diff)
     model.to(dtype=torch.float32, memory_format=torch.contiguous_format)
     return reference
 
@@ -198,7 +208,11 @@ def table(env: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes and weights on the CPU")
+    parser.add_argument("--sizes", default="480p,720p", help="RIFE sizes, of 480p,720p (default both)")
+    parser.add_argument("--compile", action="store_true", help="also a torch.compile'd bf16 row per network and size")
+    parser.add_argument("--no-decode", action="store_true", help="skip the TAEHV / Wan VAE decode rows")
     args = parser.parse_args(argv)
+    COMPILE["on"] = args.compile
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
     torch.backends.cudnn.benchmark = True
@@ -206,8 +220,10 @@ def main(argv=None) -> None:
         rife(device, {"smoke": (40, 72)}, 4, [2], smoke)
         decoders(device, (1, 16, 3, 4, 6), smoke)
     else:
-        rife(device, {"480p": (480, 832), "720p": (720, 1280)}, 81, [8, 16], smoke)
-        decoders(device, (1, 16, 21, 60, 104), smoke)
+        sizes = {"480p": (480, 832), "720p": (720, 1280)}
+        rife(device, {k: sizes[k] for k in args.sizes.split(",")}, 81, [8, 16], smoke)
+        if not args.no_decode:
+            decoders(device, (1, 16, 21, 60, 104), smoke)
     env = environment(device)
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
