@@ -25,9 +25,15 @@ from .memory.offload import PrefetchSchedule
 from .memory.placement import Placement, peak_memory, reset_peak_memory
 
 
-def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh) -> None:
+def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh, class_name: str) -> None:
     """The plan's parallelism on one loaded model: tp, then the sequence hooks (which see the local heads),
-    then FSDP over all ranks."""
+    then FSDP over all ranks. A HunyuanVideo-1.5 DiT takes sequence parallelism only (the compiler refuses tp and
+    FSDP for it)."""
+    if placement.parallelized and class_name == "HunyuanVideo15DiT":
+        from telefuser.distributed.parallelize_hy15 import parallelize_hy15_dit
+
+        parallelize_hy15_dit(module, mesh)
+        return
     if placement.parallelized:
         from telefuser.distributed.parallelize_wan import parallelize_wan_dit
         from telefuser.distributed.tensor_parallel import apply_tensor_parallel
@@ -102,7 +108,7 @@ class Pipeline:
                                      base_dir=Path(plan.recipe.path).parent, phases=phases)
                 with phases.phase(f"{planned.name}: place"):
                     if self.rank.mesh is not None:
-                        _parallelize(module, placement, self.rank.mesh)
+                        _parallelize(module, placement, self.rank.mesh, planned.class_)
                     self.placements[planned.name] = Placement(
                         module, device, placement.offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD,
                         name=planned.name, pin=placement.pinned, schedule=self.prefetch,
