@@ -1,9 +1,10 @@
 """HunyuanVideo-1.5 plans on several gloo ranks (started by the launcher, as telefuser-run does) against the one-rank
 plan's frames: cfg 2, Ulysses 2, ring 2 with VAE parallel, cfg 2 x Ulysses 2 (4 ranks), image-to-video under
-Ulysses 2 and cfg 2, dp 2 over two prompts.
+Ulysses 2 and cfg 2, dp 2 over two prompts, FSDP (the DiT and Qwen2.5-VL sharded) with cfg 2 and with Ulysses 2
+(image-to-video).
 
 Tolerance, on uint8 frames: at most 1 level of 255 on any pixel and a mean absolute difference under 0.01 levels
-(tests/test_hy15_plan.py's bound). cfg and dp are the one-rank arithmetic (the same DiT calls, exchanged); sequence
+(tests/test_hy15_plan.py's bound). cfg, dp and FSDP (which only moves weights) are the one-rank arithmetic (the same DiT calls, exchanged); sequence
 parallelism reorders float32 sums in attention (ring: partial softmaxes merged by log-sum-exp), a few 1e-7 per
 attention, which after 3 steps can flip a pixel's rounding at a .5 boundary, never more than one level. VAE
 parallel is bit for bit the one-rank tiled decode with the same tile size, so its reference is that tiled decode.
@@ -38,12 +39,18 @@ CASES = {
     "i2v_ulysses2": ("tiny_hy15_i2v", 2, [f"{SP}sp_ulysses_degree=2"], []),
     "i2v_cfg2": ("tiny_hy15_i2v", 2, [f"{SP}cfg_degree=2"], []),
     "dp2": ("tiny_hy15", 2, [f"{SP}dp_degree=2"], []),
+    "cfg2_fsdp": ("tiny_hy15", 2, [f"{SP}cfg_degree=2", f"{SP}enable_fsdp=true"], []),
+    "ulysses2_fsdp": ("tiny_hy15_i2v", 2, [f"{SP}sp_ulysses_degree=2", f"{SP}enable_fsdp=true"], []),
 }
 DRIVER = """import os, sys, numpy as np, telefuser
 plan, out, image = sys.argv[1], sys.argv[2], (np.load(sys.argv[3]) if len(sys.argv) > 3 else None)
 pipe = telefuser.load_plan(plan)
 degrees = pipe.plan.mesh.degrees  # the sequence hooks are on the DiT exactly when the plan has sp ranks
 assert bool(pipe.placements['dit'].module.final_layer._forward_hooks) == (degrees['sp_ulysses'] * degrees['sp_ring'] > 1)
+from telefuser.distributed.fsdp import FSDPModule  # and FSDP's units exactly where the plan shards
+for name in ('dit', 'text_encoder'):
+    if name in pipe.placements:
+        assert isinstance(pipe.placements[name].module, FSDPModule) == pipe.plan.placement_of(name).sharded, name
 kw = dict(negative_prompt=%r, seed=%d, progress=False, image=image)
 if pipe.plan.mesh.degrees['dp'] > 1:
     for i, video in pipe.run_many([%r, %r], **kw):
@@ -89,6 +96,7 @@ def test_several_ranks_give_the_one_rank_frames(case, tmp_path, monkeypatch) -> 
     compiled = compile_recipe(RECIPES / f"{recipe}.toml", [f"target.num_devices={ranks}", *overrides])
     dit = compiled.placement_of("dit")
     assert dit.parallelized and compiled.mesh.world_size == ranks
+    assert dit.sharded == compiled.placement_of("text_encoder").sharded == ("fsdp" in case)
     plan = tmp_path / "plan.json"
     plan.write_text(pretty_json(compiled.model_dump(mode="json", by_alias=True)))
     args = [sys.executable, "-c", DRIVER, str(plan), str(tmp_path / "frames")]

@@ -139,7 +139,6 @@ def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(
     assert denoise.params["grid"] == "linspace_1_0_shifted" and denoise.params["cfg"]
     refusals = {
         "layer2.parallel_config.tp_degree=2": "no tp plan yet",
-        "layer2.parallel_config.enable_fsdp=true": "not wired to it yet",
         "layer2.parallel_config.sp_ulysses_degree=4": "does not divide the 2 attention heads of model 'dit'",
         "layer2.sample_solver=unipc": "flow-matching Euler",
         "layer2.models.dit.offload_config.offload_type=ASYNC_CPU_OFFLOAD": "block streaming is not built",
@@ -149,8 +148,7 @@ def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(
         "layer2.lq_noise_strength=0.7": "needs layer2.enable_sr",
     }
     for override, message in refusals.items():
-        extra = {"tp_degree": ["target.num_devices=2"], "sp_ulysses": ["target.num_devices=4"],
-                 "fsdp": ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2"]}
+        extra = {"tp_degree": ["target.num_devices=2"], "sp_ulysses": ["target.num_devices=4"]}
         extra = next((v for k, v in extra.items() if k in override), [])
         with pytest.raises(Exception) as info:
             compile_recipe(RECIPES / "tiny_hy15.toml", [override, *extra])

@@ -173,8 +173,9 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
 
 
 def _check_parallel(recipe: Recipe, models: list[PlannedModel], where: str) -> Optional[str]:
-    """Several ranks: cfg, Ulysses, ring, dp and VAE parallel run (T2V, I2V, SR); tp and FSDP do not yet. Heads per
-    Ulysses degree are compiler/mesh.py's check (it reads `heads_num` too)."""
+    """Several ranks: cfg, Ulysses, ring, dp, FSDP (the base DiT by double_blocks, Qwen2.5-VL by layers) and VAE
+    parallel run (T2V, I2V, SR); tp does not yet. Heads per Ulysses degree are compiler/mesh.py's check (it reads
+    `heads_num` too); FSDP's own rules (no dp, tp or offload with it) are compiler/executable.py's."""
     parallel = recipe.layer2.parallel_config
     if parallel.tp_degree > 1:
         return (f"{where}: layer2.parallel_config.tp_degree = {parallel.tp_degree}: tensor parallelism is built for "
@@ -182,11 +183,6 @@ def _check_parallel(recipe: Recipe, models: list[PlannedModel], where: str) -> O
                 "HunyuanVideo-1.5's double-stream blocks (separate img_/txt_ q, k, v, projections and MLPs, per-head "
                 "q/k norms) have no tp plan yet (not executable yet); set tp_degree = 1 and use sp_ulysses_degree / "
                 "sp_ring_degree / cfg_degree, which run.")
-    if parallel.enable_fsdp and parallel.world_size > 1:
-        return (f"{where}: layer2.parallel_config.enable_fsdp: FSDP shards a model one `.blocks` unit at a time "
-                "(WanDiT, UMT5Encoder); HunyuanVideo-1.5's DiT (double_blocks) and Qwen2.5-VL (layers) are not wired "
-                "to it yet (not executable yet); set enable_fsdp = false (MODEL_CPU_OFFLOAD of the text encoder keeps "
-                "it off the device while the DiT runs).")
     if parallel.sp_ulysses_degree * parallel.sp_ring_degree > 1:
         for m in models:
             if m.role in ("dit", "dit_sr") and m.arch.get("double_blocks", 1) == 0:

@@ -25,16 +25,19 @@ from .memory.offload import PrefetchSchedule
 from .memory.placement import Placement, peak_memory, reset_peak_memory
 
 
+# FSDP's unit per model class: its nn.ModuleList of blocks (WanDiT and UMT5Encoder: `.blocks`)
+FSDP_BLOCKS = {"HunyuanVideo15DiT": "double_blocks", "Qwen25VLTextEncoder": "layers"}
+
+
 def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh, class_name: str) -> None:
     """The plan's parallelism on one loaded model: tp, then the sequence hooks (which see the local heads),
-    then FSDP over all ranks. A HunyuanVideo-1.5 DiT takes sequence parallelism only (the compiler refuses tp and
-    FSDP for it)."""
+    then FSDP over all ranks. A HunyuanVideo-1.5 DiT takes its own sequence hooks and no tp (the compiler refuses
+    tp for it)."""
     if placement.parallelized and class_name == "HunyuanVideo15DiT":
         from telefuser.distributed.parallelize_hy15 import parallelize_hy15_dit
 
         parallelize_hy15_dit(module, mesh)
-        return
-    if placement.parallelized:
+    elif placement.parallelized:
         from telefuser.distributed.parallelize_wan import parallelize_wan_dit
         from telefuser.distributed.tensor_parallel import apply_tensor_parallel
 
@@ -43,7 +46,7 @@ def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh, class
     if placement.sharded:
         from telefuser.distributed.fsdp import apply_fsdp
 
-        apply_fsdp(module, mesh)
+        apply_fsdp(module, mesh, FSDP_BLOCKS.get(class_name, "blocks"))
 
 
 def check_before_load(plan: Plan) -> None:
