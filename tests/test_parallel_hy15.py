@@ -1,6 +1,6 @@
 """HunyuanVideo-1.5 under sequence parallelism on real gloo ranks: the joint attention op against float64 attention
 on the whole sequence, and the DiT forward (base and MeanFlow SR, with single-stream blocks, a padded batch of two)
-against the same DiT on one rank, on fresh random inputs.
+against the same DiT on one rank, on fresh random inputs; the VAE's tile-parallel decode against its tiled decode.
 
 Tolerances.
 - Op (`joint_long_context_attention`), float32 standard normals, D = 16: as tests/test_long_context_attention.py
@@ -140,6 +140,7 @@ def _dit_worker_2() -> None:
     sr = HunyuanVideo15DiTConfig(**{**CONFIG.__dict__, "in_channels": 14, "use_meanflow": True, "single_blocks": 0})
     _dit_case(("sp_ulysses",), (2,), (2, 2, 3), config=sr)  # the MeanFlow SR DiT: the same blocks
     _refuse_heads()
+    _vae_parallel()
 
 
 def _dit_worker_4() -> None:
@@ -161,3 +162,22 @@ def _refuse_heads() -> None:
                                                          "rope_dim_list": [4, 6, 6]}))
     with pytest.raises(ValueError, match="Ulysses degree 2 does not divide the HunyuanVideo-1.5 DiT's 3 attention"):
         parallelize_hy15_dit(model, init_device_mesh("cpu", (2,), mesh_dim_names=("sp_ulysses",)))
+
+
+def _vae_parallel() -> None:
+    """The HunyuanVideo-1.5 VAE through the Wan tile-parallel decode: bit for bit its one-rank tiled decode (the same
+    tiles, per-tile function and blend order), and a real tiling (not the untiled picture)."""
+    from telefuser.distributed.vae_parallel import parallel_decode
+    from telefuser.models.hunyuan15.vae import HunyuanVideo15VAE, HunyuanVideo15VAEConfig
+
+    torch.manual_seed(1)
+    vae = HunyuanVideo15VAE(HunyuanVideo15VAEConfig(latent_channels=4, block_out_channels=[8, 16, 16],
+                                                    layers_per_block=1, spatial_ratio=4, temporal_ratio=2)).eval()
+    z = torch.randn(1, 4, 2, 7, 9, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got = parallel_decode(vae, z, None, (4, 4))  # 3 x 3 tiles dealt over 2 ranks
+        if dist.get_rank() == 0:
+            assert torch.equal(got, vae.decode(z, tiled=True, tile_size=(4, 4)))
+            assert not torch.allclose(got, vae.decode(z), atol=1e-3)
+        else:
+            assert got is None
