@@ -1,6 +1,6 @@
 """HunyuanVideo-1.5 plans on several gloo ranks (started by the launcher, as telefuser-run does) against the one-rank
 plan's frames: cfg 2, Ulysses 2, ring 2 with VAE parallel, cfg 2 x Ulysses 2 (4 ranks), image-to-video under
-Ulysses 2 and cfg 2, dp 2 over two prompts, FSDP (the DiT and Qwen2.5-VL sharded) with cfg 2 and with Ulysses 2
+Ulysses 2 and cfg 2, the SR stage under ring 2, dp 2 over two prompts, FSDP (the DiT and Qwen2.5-VL sharded) with cfg 2 and with Ulysses 2
 (image-to-video).
 
 Tolerance, on uint8 frames: at most 1 level of 255 on any pixel and a mean absolute difference under 0.01 levels
@@ -38,6 +38,7 @@ CASES = {
     "cfg2_ulysses2": ("tiny_hy15", 4, [f"{SP}cfg_degree=2", f"{SP}sp_ulysses_degree=2"], []),
     "i2v_ulysses2": ("tiny_hy15_i2v", 2, [f"{SP}sp_ulysses_degree=2"], []),
     "i2v_cfg2": ("tiny_hy15_i2v", 2, [f"{SP}cfg_degree=2"], []),
+    "sr_ring2": ("tiny_hy15_sr", 2, [f"{SP}sp_ring_degree=2"], []),  # the base and the SR DiT sharded
     "dp2": ("tiny_hy15", 2, [f"{SP}dp_degree=2"], []),
     "cfg2_fsdp": ("tiny_hy15", 2, [f"{SP}cfg_degree=2", f"{SP}enable_fsdp=true"], []),
     "ulysses2_fsdp": ("tiny_hy15_i2v", 2, [f"{SP}sp_ulysses_degree=2", f"{SP}enable_fsdp=true"], []),
@@ -46,7 +47,10 @@ DRIVER = """import os, sys, numpy as np, telefuser
 plan, out, image = sys.argv[1], sys.argv[2], (np.load(sys.argv[3]) if len(sys.argv) > 3 else None)
 pipe = telefuser.load_plan(plan)
 degrees = pipe.plan.mesh.degrees  # the sequence hooks are on the DiT exactly when the plan has sp ranks
-assert bool(pipe.placements['dit'].module.final_layer._forward_hooks) == (degrees['sp_ulysses'] * degrees['sp_ring'] > 1)
+for name in ('dit', 'dit_sr'):
+    if name in pipe.placements:
+        hooked = bool(pipe.placements[name].module.final_layer._forward_hooks)
+        assert hooked == (degrees['sp_ulysses'] * degrees['sp_ring'] > 1), name
 from telefuser.distributed.fsdp import FSDPModule  # and FSDP's units exactly where the plan shards
 for name in ('dit', 'text_encoder'):
     if name in pipe.placements:
