@@ -1,12 +1,12 @@
 """HunyuanVideo-1.5 plans on several gloo ranks (started by the launcher, as telefuser-run does) against the one-rank
 plan's frames: cfg 2, Ulysses 2, ring 2 with VAE parallel, cfg 2 x Ulysses 2 (4 ranks), image-to-video under
-Ulysses 2 and cfg 2, the SR stage under ring 2, dp 2 over two prompts, FSDP (the DiT and Qwen2.5-VL sharded) with cfg 2 and with Ulysses 2
-(image-to-video).
+Ulysses 2 and cfg 2, the SR stage under ring 2, dp 2 over two prompts, tp 2, FSDP (the DiT and Qwen2.5-VL sharded)
+with cfg 2 and with Ulysses 2 (image-to-video).
 
 Tolerance, on uint8 frames: at most 1 level of 255 on any pixel and a mean absolute difference under 0.01 levels
 (tests/test_hy15_plan.py's bound). cfg, dp and FSDP (which only moves weights) are the one-rank arithmetic (the same DiT calls, exchanged); sequence
-parallelism reorders float32 sums in attention (ring: partial softmaxes merged by log-sum-exp), a few 1e-7 per
-attention, which after 3 steps can flip a pixel's rounding at a .5 boundary, never more than one level. VAE
+parallelism reorders float32 sums in attention (ring: partial softmaxes merged by log-sum-exp), tp those of the
+row-wise projections (all-reduce), a few 1e-7 per block, which after 3 steps can flip a pixel's rounding at a .5 boundary, never more than one level. VAE
 parallel is bit for bit the one-rank tiled decode with the same tile size, so its reference is that tiled decode.
 """
 
@@ -40,6 +40,7 @@ CASES = {
     "i2v_cfg2": ("tiny_hy15_i2v", 2, [f"{SP}cfg_degree=2"], []),
     "sr_ring2": ("tiny_hy15_sr", 2, [f"{SP}sp_ring_degree=2"], []),  # the base and the SR DiT sharded
     "dp2": ("tiny_hy15", 2, [f"{SP}dp_degree=2"], []),
+    "tp2": ("tiny_hy15", 2, [f"{SP}tp_degree=2"], []),
     "cfg2_fsdp": ("tiny_hy15", 2, [f"{SP}cfg_degree=2", f"{SP}enable_fsdp=true"], []),
     "ulysses2_fsdp": ("tiny_hy15_i2v", 2, [f"{SP}sp_ulysses_degree=2", f"{SP}enable_fsdp=true"], []),
 }
@@ -51,6 +52,9 @@ for name in ('dit', 'dit_sr'):
     if name in pipe.placements:
         hooked = bool(pipe.placements[name].module.final_layer._forward_hooks)
         assert hooked == (degrees['sp_ulysses'] * degrees['sp_ring'] > 1), name
+from torch.distributed.tensor import DTensor  # tp's (and FSDP's) DTensor weights exactly where the plan has them
+dit_placement = pipe.plan.placement_of('dit')
+assert any(isinstance(p, DTensor) for p in pipe.placements['dit'].module.parameters()) == (degrees['tp'] > 1 or dit_placement.sharded)
 from telefuser.distributed.fsdp import FSDPModule  # and FSDP's units exactly where the plan shards
 for name in ('dit', 'text_encoder'):
     if name in pipe.placements:

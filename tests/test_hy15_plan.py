@@ -138,7 +138,8 @@ def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(
     denoise = next(s for s in plan.stages if s.kind == "hy15_denoise")
     assert denoise.params["grid"] == "linspace_1_0_shifted" and denoise.params["cfg"]
     refusals = {
-        "layer2.parallel_config.tp_degree=2": "no tp plan yet",
+        "layer2.parallel_config.tp_degree=2 layer2.models.dit.offload_config.offload_type=MODEL_CPU_OFFLOAD":
+            "tensor-parallel weights stay",
         "layer2.parallel_config.sp_ulysses_degree=4": "does not divide the 2 attention heads of model 'dit'",
         "layer2.sample_solver=unipc": "flow-matching Euler",
         "layer2.models.dit.offload_config.offload_type=ASYNC_CPU_OFFLOAD": "block streaming is not built",
@@ -151,7 +152,7 @@ def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(
         extra = {"tp_degree": ["target.num_devices=2"], "sp_ulysses": ["target.num_devices=4"]}
         extra = next((v for k, v in extra.items() if k in override), [])
         with pytest.raises(Exception) as info:
-            compile_recipe(RECIPES / "tiny_hy15.toml", [override, *extra])
+            compile_recipe(RECIPES / "tiny_hy15.toml", [*override.split(" "), *extra])
         assert message in str(info.value), (override, str(info.value))
     with pytest.raises(RecipeError, match="HunyuanVideo-1.5"):
         compile_recipe(RECIPES / "tiny_hy15.toml", ["layer1.pipeline=wan_t2v"])

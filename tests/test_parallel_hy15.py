@@ -1,14 +1,14 @@
-"""HunyuanVideo-1.5 under sequence parallelism on real gloo ranks: the joint attention op against float64 attention
-on the whole sequence, and the DiT forward (base and MeanFlow SR, with single-stream blocks, a padded batch of two)
-against the same DiT on one rank, on fresh random inputs; the VAE's tile-parallel decode against its tiled decode.
+"""HunyuanVideo-1.5 under sequence and tensor parallelism on real gloo ranks: the joint attention op against float64
+attention on the whole sequence, and the DiT forward (base and MeanFlow SR, with single-stream blocks, a padded batch
+of two; tp 2 and Ulysses 2 x tp 2 on double-stream blocks) against the same DiT on one rank, on fresh random inputs; the VAE's tile-parallel decode against its tiled decode.
 
 Tolerances.
 - Op (`joint_long_context_attention`), float32 standard normals, D = 16: as tests/test_long_context_attention.py
   (float32 rounding through scores, exp, sums over <= 40 keys and an LSE merge of <= 5 partials leaves a few 1e-7
   against float64); atol 2e-5 / rtol 1e-4 keeps a margin of >25x, while a dropped, duplicated or misplaced key
   block, a leaked padded key (padding holds 10x values) or a context key counted twice moves outputs by 1e-2 or more.
-- DiT forward, float32: parallelism only reorders attention's sums (ring: partials merged by log-sum-exp) and pads
-  the video sequence; the outputs are O(1) and errors of a few 1e-7 per attention pass through 3 blocks: atol 1e-5 /
+- DiT forward, float32: parallelism only reorders sums (attention's; ring: partials merged by log-sum-exp; tp: the
+  row-wise projections' all-reduce) and pads the video sequence; the outputs are O(1) and errors of a few 1e-7 per attention pass through 3 blocks: atol 1e-5 /
   rtol 1e-4 (as tests/test_parallel_wan.py), while a wrong shard, RoPE shard or leaked padded key moves them by 1e-2.
   The op's joint (context) output must be bitwise equal on every rank: each rank runs the context stream itself.
 """
@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from gloo_ranks import spawn
 from telefuser.distributed.parallelize_hy15 import parallelize_hy15_dit
 from telefuser.distributed.sequence import shard_sequence
+from telefuser.distributed.tensor_parallel_hy15 import apply_tensor_parallel_hy15
 from telefuser.models.hunyuan15.dit import HunyuanVideo15DiT, HunyuanVideo15DiTConfig
 from telefuser.ops.joint_attention import joint_long_context_attention
 
@@ -31,6 +32,8 @@ ATOL, RTOL = 1e-5, 1e-4
 CONFIG = HunyuanVideo15DiTConfig(in_channels=9, out_channels=4, hidden_size=64, heads_num=4, mlp_hidden_dim=96,
                                  double_blocks=2, single_blocks=1, rope_dim_list=[4, 6, 6], text_states_dim=24,
                                  refiner_blocks=1, byt5_dim=8, byt5_hidden=16, vision_states_dim=12)
+
+DOUBLE_ONLY = HunyuanVideo15DiTConfig(**{**CONFIG.__dict__, "single_blocks": 0})  # tp: double-stream blocks only
 
 
 # ------------------------------------------------------------------ the op
@@ -121,7 +124,10 @@ def _dit_case(names: tuple[str, ...], shape: tuple[int, ...], grid: tuple[int, i
     reference = HunyuanVideo15DiT(config).eval()
     parallel = HunyuanVideo15DiT(config).eval()
     parallel.load_state_dict(reference.state_dict())
-    parallelize_hy15_dit(parallel, init_device_mesh("cpu", shape, mesh_dim_names=names))
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    if "tp" in names:
+        apply_tensor_parallel_hy15(parallel, mesh)
+    parallelize_hy15_dit(parallel, mesh)
     inputs = _dit_inputs(grid, config, batch)
     with torch.inference_mode():
         expected = reference(**inputs)
@@ -139,6 +145,7 @@ def _dit_worker_2() -> None:
     _dit_case(("cfg", "sp_ulysses"), (1, 2), (1, 3, 5))
     sr = HunyuanVideo15DiTConfig(**{**CONFIG.__dict__, "in_channels": 14, "use_meanflow": True, "single_blocks": 0})
     _dit_case(("sp_ulysses",), (2,), (2, 2, 3), config=sr)  # the MeanFlow SR DiT: the same blocks
+    _dit_case(("tp",), (2,), (2, 3, 3), batch=2, config=DOUBLE_ONLY)
     _refuse_heads()
     _vae_parallel()
 
@@ -147,6 +154,7 @@ def _dit_worker_4() -> None:
     _dit_case(("sp_ring", "sp_ulysses"), (2, 2), (2, 3, 4), batch=2)
     _dit_case(("sp_ulysses",), (4,), (1, 3, 3))  # 9 tokens: padded to 12
     _dit_case(("sp_ring",), (4,), (1, 1, 3))  # 3 tokens on 4 ranks: the last shard is all padding
+    _dit_case(("sp_ulysses", "tp"), (2, 2), (2, 3, 4), config=DOUBLE_ONLY)  # Ulysses over each rank's 2 heads
 
 
 def test_sequence_parallel_hy15_dit_2_ranks(monkeypatch):

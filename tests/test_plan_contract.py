@@ -83,7 +83,7 @@ GLOO_SAMPLE = ("cfg2+dit.model_offload", "ulysses2+dit.async", "ring2+dit.compil
                "dp2+vae_parallel", "cfg2_fsdp+text_encoder.bf16", "cfg2+tiled", "ulysses2+text_encoder.model_offload")
 # HunyuanVideo-1.5's multi-rank plans (its own parallel hooks, broadcasts and VAE): one gloo load per layout it runs.
 GLOO_SAMPLE_HY15 = ("ulysses2+dit.model_offload", "ring2+vae_parallel", "dp2+text_encoder.run_on_cpu",
-                    "cfg2+tiled", "cfg2_fsdp+text_encoder.bf16")
+                    "cfg2+tiled", "cfg2_fsdp+text_encoder.bf16", "tp2+text_encoder.run_on_cpu")
 GLOO_SAMPLES = {"tiny": GLOO_SAMPLE, "tiny_hy15": GLOO_SAMPLE_HY15, "tiny_hy15_i2v": ("ulysses2+vae_parallel",)}
 SAMPLED_COMBINATIONS = 40  # per recipe: random sets of 2-3 switches on one rank, beyond every single switch
 

@@ -141,7 +141,7 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     if i2v and "image_encoder" not in roles:
         return (f"{where} needs a model with role 'image_encoder' (SigLIP so400m-patch14-384, class SigLIPVision: "
                 "the published I2V pipeline's vision_states) and layer2.enable_clip_stage = true.")
-    refusal = _check_parallel(recipe, models, where)
+    refusal = _check_parallel(recipe, models)
     if refusal:
         return refusal
     if l2.sample_solver != "euler" or l2.denoising_step_list is not None:
@@ -172,17 +172,23 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     return _check_sr(recipe, roles, i2v)
 
 
-def _check_parallel(recipe: Recipe, models: list[PlannedModel], where: str) -> Optional[str]:
-    """Several ranks: cfg, Ulysses, ring, dp, FSDP (the base DiT by double_blocks, Qwen2.5-VL by layers) and VAE
-    parallel run (T2V, I2V, SR); tp does not yet. Heads per Ulysses degree are compiler/mesh.py's check (it reads
-    `heads_num` too); FSDP's own rules (no dp, tp or offload with it) are compiler/executable.py's."""
+def _check_parallel(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """Several ranks: cfg, Ulysses, ring, dp, tp (double-stream blocks), FSDP (the base DiT by double_blocks,
+    Qwen2.5-VL by layers) and VAE parallel run (T2V, I2V, SR). Heads per Ulysses / tp degree are compiler/mesh.py's
+    check (it reads `heads_num` too); the rules of tp and FSDP with other settings are compiler/executable.py's."""
     parallel = recipe.layer2.parallel_config
     if parallel.tp_degree > 1:
-        return (f"{where}: layer2.parallel_config.tp_degree = {parallel.tp_degree}: tensor parallelism is built for "
-                "WanDiT only (telefuser.distributed.tensor_parallel shards its attention and FFN modules by name); "
-                "HunyuanVideo-1.5's double-stream blocks (separate img_/txt_ q, k, v, projections and MLPs, per-head "
-                "q/k norms) have no tp plan yet (not executable yet); set tp_degree = 1 and use sp_ulysses_degree / "
-                "sp_ring_degree / cfg_degree, which run.")
+        for m in models:
+            if m.role not in ("dit", "dit_sr") or not m.arch:
+                continue
+            if m.arch.get("single_blocks", 0):
+                return (f"layer1.models.{m.name}: tp_degree = {parallel.tp_degree} with a HunyuanVideo-1.5 DiT of "
+                        f"{m.arch['single_blocks']} single-stream blocks: their tensor-parallel split is not built "
+                        "(not executable yet; no published 1.5 transformer has any); use sp_ulysses_degree / "
+                        "sp_ring_degree / cfg_degree instead of tp.")
+            if int(m.arch.get("mlp_hidden_dim", 0)) % parallel.tp_degree:
+                return (f"layer2.parallel_config.tp_degree = {parallel.tp_degree} does not divide the MLP width "
+                        f"{m.arch['mlp_hidden_dim']} of model {m.name!r}, which tp splits across ranks; lower it.")
     if parallel.sp_ulysses_degree * parallel.sp_ring_degree > 1:
         for m in models:
             if m.role in ("dit", "dit_sr") and m.arch.get("double_blocks", 1) == 0:

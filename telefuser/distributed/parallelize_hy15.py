@@ -67,12 +67,13 @@ def parallelize_hy15_dit(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     place. A mesh without sequence-parallel ranks leaves it unchanged."""
     if sp_size(mesh) == 1:
         return model
-    heads, ulysses = model.config.heads_num, degree(mesh, "sp_ulysses")
-    if heads % ulysses:
-        raise ValueError(f"Ulysses degree {ulysses} does not divide the HunyuanVideo-1.5 DiT's {heads} attention heads")
     if not len(model.double_blocks):
         raise ValueError("sequence parallelism of a HunyuanVideo-1.5 DiT needs a double-stream block (the model "
                          "joins its single-stream sequence from their video stream); this one has none")
+    heads, ulysses = model.double_blocks[0].heads, degree(mesh, "sp_ulysses")  # this rank's: fewer under tp
+    if heads % ulysses:
+        raise ValueError(f"Ulysses degree {ulysses} does not divide the HunyuanVideo-1.5 DiT's {heads} attention heads"
+                         f"{' held by this rank' if heads != model.config.heads_num else ''}")
     state = _SequenceState()
 
     def first_double(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

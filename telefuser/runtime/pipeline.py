@@ -31,11 +31,12 @@ FSDP_BLOCKS = {"HunyuanVideo15DiT": "double_blocks", "Qwen25VLTextEncoder": "lay
 
 def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh, class_name: str) -> None:
     """The plan's parallelism on one loaded model: tp, then the sequence hooks (which see the local heads),
-    then FSDP over all ranks. A HunyuanVideo-1.5 DiT takes its own sequence hooks and no tp (the compiler refuses
-    tp for it)."""
+    then FSDP over all ranks (a HunyuanVideo-1.5 DiT with its own tp plan and sequence hooks)."""
     if placement.parallelized and class_name == "HunyuanVideo15DiT":
         from telefuser.distributed.parallelize_hy15 import parallelize_hy15_dit
+        from telefuser.distributed.tensor_parallel_hy15 import apply_tensor_parallel_hy15
 
+        apply_tensor_parallel_hy15(module, mesh)
         parallelize_hy15_dit(module, mesh)
     elif placement.parallelized:
         from telefuser.distributed.parallelize_wan import parallelize_wan_dit
