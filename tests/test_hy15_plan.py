@@ -204,7 +204,8 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
     assert compile_recipe(recipe, base_dir=RECIPES).stages == compile_recipe(RECIPES / "tiny_hy15_sr.toml").stages
 
 
-SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p")
+SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p",
+           "hunyuan15_t2v_720p_ulysses4_cfg2")
 
 
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
@@ -235,6 +236,11 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
         "target.gpu=RTX4090", "layer2.models.dit.offload_config.offload_type=MODEL_CPU_OFFLOAD",
         "layer2.models.dit_sr.offload_config.offload_type=MODEL_CPU_OFFLOAD"])
     assert fits.memory.peak_bytes <= fits.memory.capacity_bytes
+    usp = plans["hunyuan15_t2v_720p_ulysses4_cfg2"]  # 8 ranks: a quarter of the 720p tokens' activations each
+    assert usp.mesh.world_size == 8 and usp.placement_of("dit").parallelized
+    assert usp.memory.breakdown["activations.dit"] * 4 == pytest.approx(plans["hunyuan15_t2v_720p"].memory.breakdown[
+        "activations.dit"], rel=1e-3)
+    assert next(s for s in usp.stages if s.kind == "vae_decode").params["parallel_ranks"] == 8
     i2v = plans["hunyuan15_i2v_480p_step_distilled"]
     assert i2v.layer1_model_definition.models[0].attributes.distill
     assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]
