@@ -4,10 +4,11 @@ Ulysses 2 and cfg 2, the SR stage under ring 2, dp 2 over two prompts, tp 2, FSD
 with cfg 2 and with Ulysses 2 (image-to-video).
 
 Tolerance, on uint8 frames: at most 1 level of 255 on any pixel and a mean absolute difference under 0.01 levels
-(tests/test_hy15_plan.py's bound). cfg, dp and FSDP (which only moves weights) are the one-rank arithmetic (the same DiT calls, exchanged); sequence
-parallelism reorders float32 sums in attention (ring: partial softmaxes merged by log-sum-exp), tp those of the
-row-wise projections (all-reduce), a few 1e-7 per block, which after 3 steps can flip a pixel's rounding at a .5 boundary, never more than one level. VAE
-parallel is bit for bit the one-rank tiled decode with the same tile size, so its reference is that tiled decode.
+(tests/test_hy15_plan.py's bound). cfg, dp and FSDP (which only moves weights) are the one-rank arithmetic (the same
+DiT calls, exchanged); sequence parallelism reorders float32 sums in attention (ring: partial softmaxes merged by
+log-sum-exp), tp those of the row-wise projections (all-reduce): a few 1e-7 per block, which after 3 steps can flip a
+pixel's rounding at a .5 boundary, never more than one level. VAE parallel is bit for bit the one-rank tiled decode
+with the same tile size, so its reference is that tiled decode.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ for name in ('dit', 'dit_sr'):
         assert hooked == (degrees['sp_ulysses'] * degrees['sp_ring'] > 1), name
 from torch.distributed.tensor import DTensor  # tp's (and FSDP's) DTensor weights exactly where the plan has them
 dit_placement = pipe.plan.placement_of('dit')
-assert any(isinstance(p, DTensor) for p in pipe.placements['dit'].module.parameters()) == (degrees['tp'] > 1 or dit_placement.sharded)
+distributed = any(isinstance(p, DTensor) for p in pipe.placements['dit'].module.parameters())
+assert distributed == (degrees['tp'] > 1 or dit_placement.sharded)
 from telefuser.distributed.fsdp import FSDPModule  # and FSDP's units exactly where the plan shards
 for name in ('dit', 'text_encoder'):
     if name in pipe.placements:
@@ -115,6 +117,8 @@ def test_several_ranks_give_the_one_rank_frames(case, tmp_path, monkeypatch) -> 
     assert run_local_ranks(args, ranks) == 0
     _close(np.load(tmp_path / "frames.0.npy"), _one_rank(recipe, reference_overrides, PROMPT, tmp_path))
     if case == "dp2":  # the second prompt, made by replica 1's lead
-        _close(np.load(tmp_path / "frames.1.npy"), _one_rank(recipe, reference_overrides, SECOND_PROMPT, tmp_path))
+        second = _one_rank(recipe, reference_overrides, SECOND_PROMPT, tmp_path)
+        _close(np.load(tmp_path / "frames.1.npy"), second)
     if case == "ring2_vae_parallel":  # the tiles are a different picture from the untiled decode: a real check
-        assert np.abs(_one_rank(recipe, [], PROMPT, tmp_path).astype(np.int16) - np.load(tmp_path / "frames.0.npy")).max() > 1
+        untiled = _one_rank(recipe, [], PROMPT, tmp_path).astype(np.int16)
+        assert np.abs(untiled - np.load(tmp_path / "frames.0.npy")).max() > 1

@@ -1,16 +1,19 @@
 """HunyuanVideo-1.5 under sequence and tensor parallelism on real gloo ranks: the joint attention op against float64
-attention on the whole sequence, and the DiT forward (base and MeanFlow SR, with single-stream blocks, a padded batch
-of two; tp 2 and Ulysses 2 x tp 2 on double-stream blocks) against the same DiT on one rank, on fresh random inputs; the VAE's tile-parallel decode against its tiled decode.
+attention on the whole sequence; the DiT forward (base and MeanFlow SR, with single-stream blocks, a padded batch of
+two; tp 2 and Ulysses 2 x tp 2 on double-stream blocks) against the same DiT on one rank, on fresh random inputs; the
+VAE's tile-parallel decode against its tiled decode.
 
 Tolerances.
 - Op (`joint_long_context_attention`), float32 standard normals, D = 16: as tests/test_long_context_attention.py
   (float32 rounding through scores, exp, sums over <= 40 keys and an LSE merge of <= 5 partials leaves a few 1e-7
   against float64); atol 2e-5 / rtol 1e-4 keeps a margin of >25x, while a dropped, duplicated or misplaced key
   block, a leaked padded key (padding holds 10x values) or a context key counted twice moves outputs by 1e-2 or more.
+  The joint (context) output must be bitwise equal on every rank: each rank runs the context stream itself.
 - DiT forward, float32: parallelism only reorders sums (attention's; ring: partials merged by log-sum-exp; tp: the
-  row-wise projections' all-reduce) and pads the video sequence; the outputs are O(1) and errors of a few 1e-7 per attention pass through 3 blocks: atol 1e-5 /
-  rtol 1e-4 (as tests/test_parallel_wan.py), while a wrong shard, RoPE shard or leaked padded key moves them by 1e-2.
-  The op's joint (context) output must be bitwise equal on every rank: each rank runs the context stream itself.
+  row-wise projections' all-reduce) and pads the video sequence; the outputs are O(1) and errors of a few 1e-7 per
+  attention pass through 3 blocks: atol 1e-5 / rtol 1e-4 (as tests/test_parallel_wan.py), while a wrong shard, RoPE
+  shard or leaked padded key moves them by 1e-2.
+- VAE: bitwise (the same tiles, per-tile function and blend order).
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ def _dit_inputs(grid: tuple[int, int, int], config: HunyuanVideo15DiTConfig, bat
     text_mask[-1, 6:] = 0  # batch 2: the second prompt is shorter (a padded, masked context)
     byt5_mask = torch.ones(batch, 5, dtype=torch.int64)
     inputs = {"x": torch.randn(batch, config.out_channels, f, h, w, generator=g),
-              "t": torch.full((batch,), 650.0), "text_states": torch.randn(batch, 9, config.text_states_dim, generator=g),
+              "t": torch.full((batch,), 650.0),
+              "text_states": torch.randn(batch, 9, config.text_states_dim, generator=g),
               "text_mask": text_mask, "byt5_states": torch.randn(batch, 5, config.byt5_dim, generator=g),
               "byt5_mask": byt5_mask, "vision_states": torch.randn(1, 4, config.vision_states_dim, generator=g),
               "y": torch.randn(batch, config.in_channels - config.out_channels, f, h, w, generator=g)}
