@@ -80,12 +80,17 @@ LAYOUTS = {  # world size, parallel_config degrees
     "dp2_fsdp": (2, ["dp_degree=2", "enable_fsdp=true"]),
     "tp2_fsdp": (2, ["tp_degree=2", "enable_fsdp=true"]),
     "cfg2_tp2": (4, ["cfg_degree=2", "tp_degree=2"]),
+    "cfg2_ulysses2": (4, ["cfg_degree=2", "sp_ulysses_degree=2"]),
 }
 # Two-rank plans loaded on real gloo ranks (the rest of the matrix gets every check short of joining ranks): every
 # two-rank layout once, each with a switch that changes where a model lives.
 GLOO_SAMPLE = ("cfg2+dit.model_offload", "ulysses2+dit.async", "ring2+dit.compile", "tp2+text_encoder.run_on_cpu",
                "dp2+vae_parallel", "cfg2_fsdp+text_encoder.bf16", "cfg2+tiled", "ulysses2+text_encoder.model_offload",
                "cfg2+text_encoder.async")
+# HunyuanVideo-1.5's multi-rank plans (its own parallel hooks, broadcasts and VAE): one gloo load per layout it runs.
+GLOO_SAMPLE_HY15 = ("ulysses2+dit.model_offload", "ring2+vae_parallel", "dp2+text_encoder.run_on_cpu",
+                    "cfg2+tiled", "cfg2_fsdp+text_encoder.bf16", "tp2+text_encoder.run_on_cpu")
+GLOO_SAMPLES = {"tiny": GLOO_SAMPLE, "tiny_hy15": GLOO_SAMPLE_HY15, "tiny_hy15_i2v": ("ulysses2+vae_parallel",)}
 SAMPLED_COMBINATIONS = 40  # per recipe: random sets of 2-3 switches on one rank, beyond every single switch
 
 
@@ -164,9 +169,10 @@ def test_every_plan_the_compiler_accepts_loads(recipe, tmp_path, monkeypatch):
         elif plan.mesh.world_size == 2:
             multi_rank.append((label, plan))
     assert accepted and refused  # the matrix reaches both sides of the line
-    if recipe.stem == "tiny":  # a sample of two-rank plans, each loaded on two real gloo ranks (one spawn)
-        chosen = [plan for label, plan in multi_rank if label in GLOO_SAMPLE]
-        assert len(chosen) == len(GLOO_SAMPLE)
+    sample = GLOO_SAMPLES.get(recipe.stem)
+    if sample:  # a sample of two-rank plans, each loaded on two real gloo ranks (one spawn)
+        chosen = [plan for label, plan in multi_rank if label in sample]
+        assert len(chosen) == len(sample)
         paths = []
         for i, plan in enumerate(chosen):
             path = tmp_path / f"plan{i}.json"

@@ -141,19 +141,14 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     if i2v and "image_encoder" not in roles:
         return (f"{where} needs a model with role 'image_encoder' (SigLIP so400m-patch14-384, class SigLIPVision: "
                 "the published I2V pipeline's vision_states) and layer2.enable_clip_stage = true.")
-    parallel = l2.parallel_config
-    cfg_only = parallel.world_size == parallel.cfg_degree == 2 and not parallel.enable_fsdp
-    if parallel.world_size > 1 and not (cfg_only and not i2v):
-        return (f"{where} with {parallel.world_size} ranks: only cfg parallel (cfg_degree = 2, text-to-video) is "
-                "built for HunyuanVideo-1.5; Ulysses / ring / tp / dp / FSDP parallelism and I2V on several ranks are "
-                "not built yet (not executable yet); set those degrees to 1 (target.num_devices = cfg_degree).")
+    refusal = _check_parallel(recipe, models)
+    if refusal:
+        return refusal
     if l2.sample_solver != "euler" or l2.denoising_step_list is not None:
         return (f"{where}: layer2.sample_solver = {str(l2.sample_solver)!r}"
                 f"{' with denoising_step_list' if l2.denoising_step_list is not None else ''}: HunyuanVideo-1.5 "
                 "samples with flow-matching Euler over its own shifted grid (sample_solver = \"euler\", no step "
                 "list; a step-distilled transformer runs the same loop with fewer steps); not executable yet.")
-    if l2.enable_vae_parallel:
-        return f"{where}: layer2.enable_vae_parallel: the HunyuanVideo-1.5 VAE's parallel decode is not wired yet; remove it."
     for name, cfg in l2.models.items():
         at = f"layer2.models.{name}"
         if cfg.attention_config.sparse_config is not None or cfg.attention_config.is_sparse():
@@ -173,6 +168,32 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     if any(m.attributes.fp8 for m in l1.models):
         return f"{where}: FP8 HunyuanVideo-1.5 checkpoints are not supported yet; use the bf16 files."
     return _check_sr(recipe, roles, i2v)
+
+
+def _check_parallel(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
+    """Several ranks: cfg, Ulysses, ring, dp, tp (double-stream blocks), FSDP (the base DiT by double_blocks,
+    Qwen2.5-VL by layers) and VAE parallel run (T2V, I2V, SR). Heads per Ulysses / tp degree are compiler/mesh.py's
+    check (it reads `heads_num` too); the rules of tp and FSDP with other settings are compiler/executable.py's."""
+    parallel = recipe.layer2.parallel_config
+    if parallel.tp_degree > 1:
+        for m in models:
+            if m.role not in ("dit", "dit_sr") or not m.arch:
+                continue
+            if m.arch.get("single_blocks", 0):
+                return (f"layer1.models.{m.name}: tp_degree = {parallel.tp_degree} with a HunyuanVideo-1.5 DiT of "
+                        f"{m.arch['single_blocks']} single-stream blocks: their tensor-parallel split is not built "
+                        "(not executable yet; no published 1.5 transformer has any); use sp_ulysses_degree / "
+                        "sp_ring_degree / cfg_degree instead of tp.")
+            if int(m.arch.get("mlp_hidden_dim", 0)) % parallel.tp_degree:
+                return (f"layer2.parallel_config.tp_degree = {parallel.tp_degree} does not divide the MLP width "
+                        f"{m.arch['mlp_hidden_dim']} of model {m.name!r}, which tp splits across ranks; lower it.")
+    if parallel.sp_ulysses_degree * parallel.sp_ring_degree > 1:
+        for m in models:
+            if m.role in ("dit", "dit_sr") and m.arch.get("double_blocks", 1) == 0:
+                return (f"layer1.models.{m.name}: a HunyuanVideo-1.5 DiT without double-stream blocks under sequence "
+                        "parallelism: the video tokens are sharded at the first double-stream block (every "
+                        "published transformer has 54); set sp_ulysses_degree = sp_ring_degree = 1.")
+    return None
 
 
 def _check_sr(recipe: Recipe, roles: set[str], i2v: bool) -> Optional[str]:
@@ -279,8 +300,13 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                                     "num_inference_steps": sr.num_inference_steps, "sigma_shift": sr.sigma_shift,
                                     "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg_scale": sr.cfg_scale,
                                     "meanflow": True}))
+    # VAE parallel: the tiled decode's tiles shared out over a dp replica's ranks (bit for bit the one-rank tiled
+    # decode with this tile size: it implies tiling), as for Wan
+    replica_ranks = l2.parallel_config.world_size // l2.parallel_config.dp_degree
+    parallel_vae = l2.enable_vae_parallel and replica_ranks > 1
     stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role["vae"]],
-                        params={"tiled": l2.tiled, "tile_size": list(l2.tile_size), "parallel_ranks": 1}))
+                        params={"tiled": l2.tiled or parallel_vae, "tile_size": list(l2.tile_size),
+                                "parallel_ranks": replica_ranks if parallel_vae else 1}))
     stages.append(Stage(name="write_video", kind="write_video",
                         params={"fps": l2.fps, "container": "mp4", "codec": "libx264", "pixel_format": "yuv420p"}))
     return stages
@@ -308,10 +334,11 @@ def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage],
         dit = by_role["dit_sr"]
         w, h = max((tuple(v) for v in sr.params["frame_sizes"].values()), key=lambda s: s[0] * s[1])
         tokens = _dit_tokens(l2.num_frames, w, h, TEMPORAL_RATIO, sr.params["spatial_ratio"])
+        sp = l2.parallel_config.sp_ulysses_degree * l2.parallel_config.sp_ring_degree
         hidden, mlp = int(dit.arch.get("hidden_size", 0)), int(dit.arch.get("mlp_hidden_dim", 0))
         act = DTYPE_BYTES.get(dit.compute_dtype, 2)
         latent = tokens * int(dit.arch.get("in_channels", 98)) * 4 * 3  # x, condition, zero condition (float32)
-        out["activations.dit_sr"] = tokens * (2 * hidden + 2 * mlp) * act + latent
+        out["activations.dit_sr"] = -(-tokens // sp) * (2 * hidden + 2 * mlp) * act + latent  # a shard per sp rank
         up = by_role.get("sr_upsampler")
         if up is not None:  # the resized latent, two feature maps of the upsampler's width and its output (float32)
             width = int(up.arch.get("hidden_channels", (up.arch.get("block_out_channels") or [64])[0]))

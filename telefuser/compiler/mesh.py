@@ -29,7 +29,7 @@ def build_mesh(parallel: ParallelConfig, num_devices: int) -> Mesh:
 def check_parallel(parallel: ParallelConfig, models: list[PlannedModel]) -> None:
     """Refuse degrees no runtime can take, before any plan is written."""
     for model in models:
-        heads = model.arch.get("num_heads")
+        heads = model.arch.get("num_heads", model.arch.get("heads_num"))  # Wan's name, HunyuanVideo-1.5's
         if not is_dit(model.role) or heads is None:
             continue  # --no-weights without an asserted arch: the runtime checks it before loading
         for dim in ("sp_ulysses", "tp"):

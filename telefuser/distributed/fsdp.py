@@ -102,7 +102,8 @@ def _block_list(model: nn.Module, block_attr: str) -> nn.ModuleList:
         f"enable_fsdp shards a model one transformer block at a time, but {type(model).__name__} has "
         f"{found} at `.{block_attr}` where its nn.ModuleList of blocks should be"
         + (f" (its block lists: {', '.join('.' + n for n in lists)}; pass block_attr naming one)" if lists else "")
-        + ". Shard only models with a block list (WanDiT and UMT5Encoder: `.blocks`), or turn "
+        + ". Shard only models with a block list (WanDiT and UMT5Encoder: `.blocks`; HunyuanVideo15DiT: "
+        "`.double_blocks`; Qwen25VLTextEncoder: `.layers`), or turn "
         "parallel_config.enable_fsdp off for this model and recompile the recipe."
     )
 

@@ -1,5 +1,5 @@
-"""Wan VAE decode (Wan2.1's `WanVAE` and Wan2.2's `Wan22VAE`) split spatially over the ranks of a process group
-(`enable_vae_parallel`).
+"""VAE decode (Wan2.1's `WanVAE`, Wan2.2's `Wan22VAE`, HunyuanVideo-1.5's `HunyuanVideo15VAE`: any `TiledDecoder`)
+split spatially over the ranks of a process group (`enable_vae_parallel`).
 
 The scheme is the VAE's own tiled decode (`vae.decode(z, tiled=True, tile_size=...)`, telefuser.models.wan.causal_vae)
 with its tiles shared out:
@@ -35,14 +35,33 @@ seams. tests/test_vae_parallel.py measures that difference on a small VAE.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from telefuser.models.wan.causal_vae import CausalVideoVAE, TileStitcher, default_tile_stride, tile_grid
+from telefuser.models.wan.causal_vae import TileStitcher, default_tile_stride, tile_grid
 
 # The smallest band with an overlap under the tiled decode's stride rule (tile // 4 >= 1).
 MIN_BAND = 4
+
+
+class TiledDecoder(Protocol):
+    """What the tile-parallel decode needs of a VAE (the Wan VAEs' `CausalVideoVAE` and `HunyuanVideo15VAE` have it):
+    the decoder's input from the latents, its per-tile output (decoder output space: `decoder_channels` channels,
+    `network_ratio` pixels per latent pixel, unfolded into `patch_size`^2 pixels by the stitcher) and the video's
+    buffer."""
+
+    network_ratio: int
+    patch_size: int
+    temporal_ratio: int
+    decoder_channels: int
+
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_tile(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def video_buffer(self, z: torch.Tensor) -> torch.Tensor: ...
 
 
 def _single_tile(length: int) -> int:
@@ -89,7 +108,7 @@ def _group_place(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def parallel_decode(vae: CausalVideoVAE, z: torch.Tensor, group: dist.ProcessGroup | None,
+def parallel_decode(vae: TiledDecoder, z: torch.Tensor, group: dist.ProcessGroup | None,
                     tile_size: tuple[int, int] | None = None) -> torch.Tensor | None:
     """Decode normalised latents [B, z_dim, F, H, W] over the ranks of `group` (None: the default group).
 

@@ -186,21 +186,33 @@ def ulysses_groups(heads: int, degree: int) -> int:
     return next(g for g in (4, 3, 2, 1) if per_rank % g == 0)
 
 
+def merge_lse(out: Optional[torch.Tensor], lse: Optional[torch.Tensor], block_out: torch.Tensor,
+              block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partial attentions of the same queries over disjoint key blocks -> their attention over both keys, in
+    float32 (out BSND, lse [B, N, S]). `out` None: the first block. A block with no keys has lse -inf."""
+    if out is None or lse is None:
+        return block_out.float(), block_lse
+    merged = torch.logaddexp(lse, block_lse)
+    return (out * torch.exp(lse - merged).transpose(1, 2).unsqueeze(-1)
+            + block_out.float() * torch.exp(block_lse - merged).transpose(1, 2).unsqueeze(-1)), merged
+
+
 def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, scale: Optional[float],
-                    degree: int, index: int, group: dist.ProcessGroup, backend: str) -> torch.Tensor:
+                    degree: int, index: int, group: dist.ProcessGroup, backend: str,
+                    start: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Attention of this rank's queries over every ring rank's keys, passing K/V blocks one step a round.
 
     Each round posts the send of the current block to the next rank and the receive of the next block from
     the previous rank before computing on the current block, so the transfer hides behind the compute.
-    Partial results merge by log-sum-exp in float32.
+    Partial results merge by log-sum-exp in float32. `start`: a partial (out, lse) of the same queries over keys
+    outside the ring (joint tokens whole on every rank, ops/joint_attention.py), merged first.
     """
     block_len = k.shape[1]
     send_to = dist.get_global_rank(group, (index + 1) % degree)
     recv_from = dist.get_global_rank(group, (index - 1) % degree)
     current = torch.stack((k, v)).contiguous()  # one message per round instead of two
     spare = torch.empty_like(current)  # receive buffer; reused once its previous contents were sent
-    out: Optional[torch.Tensor] = None
-    lse: Optional[torch.Tensor] = None
+    out, lse = start if start is not None else (None, None)
     block_attention = _block_attention(backend)
     for step in range(degree):
         requests = []
@@ -209,14 +221,7 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
                                                dist.P2POp(dist.irecv, spare, recv_from, group)])
         valid = _valid_keys(seq_len, (index - step) % degree, block_len)  # the block started at rank index-step
         if valid:
-            block_out, block_lse = block_attention(q, current[0, :, :valid], current[1, :, :valid], scale)
-            if out is None:
-                out, lse = block_out.float(), block_lse
-            else:
-                merged = torch.logaddexp(lse, block_lse)
-                out = (out * torch.exp(lse - merged).transpose(1, 2).unsqueeze(-1)
-                       + block_out.float() * torch.exp(block_lse - merged).transpose(1, 2).unsqueeze(-1))
-                lse = merged
+            out, lse = merge_lse(out, lse, *block_attention(q, current[0, :, :valid], current[1, :, :valid], scale))
         for request in requests:
             request.wait()
         current, spare = spare, current

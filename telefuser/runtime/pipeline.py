@@ -25,10 +25,20 @@ from .memory.offload import PrefetchSchedule
 from .memory.placement import Placement, peak_memory, reset_peak_memory
 
 
-def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh) -> None:
+# FSDP's unit per model class: its nn.ModuleList of blocks (WanDiT and UMT5Encoder: `.blocks`)
+FSDP_BLOCKS = {"HunyuanVideo15DiT": "double_blocks", "Qwen25VLTextEncoder": "layers"}
+
+
+def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh, class_name: str) -> None:
     """The plan's parallelism on one loaded model: tp, then the sequence hooks (which see the local heads),
-    then FSDP over all ranks."""
-    if placement.parallelized:
+    then FSDP over all ranks (a HunyuanVideo-1.5 DiT with its own tp plan and sequence hooks)."""
+    if placement.parallelized and class_name == "HunyuanVideo15DiT":
+        from telefuser.distributed.parallelize_hy15 import parallelize_hy15_dit
+        from telefuser.distributed.tensor_parallel_hy15 import apply_tensor_parallel_hy15
+
+        apply_tensor_parallel_hy15(module, mesh)
+        parallelize_hy15_dit(module, mesh)
+    elif placement.parallelized:
         from telefuser.distributed.parallelize_wan import parallelize_wan_dit
         from telefuser.distributed.tensor_parallel import apply_tensor_parallel
 
@@ -37,7 +47,7 @@ def _parallelize(module: torch.nn.Module, placement: ModelPlacement, mesh) -> No
     if placement.sharded:
         from telefuser.distributed.fsdp import apply_fsdp
 
-        apply_fsdp(module, mesh)
+        apply_fsdp(module, mesh, FSDP_BLOCKS.get(class_name, "blocks"))
 
 
 def check_before_load(plan: Plan) -> None:
@@ -102,7 +112,7 @@ class Pipeline:
                                      base_dir=Path(plan.recipe.path).parent, phases=phases)
                 with phases.phase(f"{planned.name}: place"):
                     if self.rank.mesh is not None:
-                        _parallelize(module, placement, self.rank.mesh)
+                        _parallelize(module, placement, self.rank.mesh, planned.class_)
                     self.placements[planned.name] = Placement(
                         module, device, placement.offload_type == WeightOffloadType.MODEL_CPU_OFFLOAD,
                         name=planned.name, pin=placement.pinned, schedule=self.prefetch,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from telefuser.models.wan.causal_vae import blend as blend_tiles  # the same cross-fade of overlapping tiles
+from telefuser.models.wan.causal_vae import TileStitcher  # the same cross-fade and order of overlapping tiles
 from telefuser.ops.attention import attention
 
 
@@ -329,6 +329,25 @@ class HunyuanVideo15VAE(nn.Module):
         the step before `_decode_frames` that a tile-parallel decode runs once."""
         return (z / self.config.scaling_factor).to(self.decoder.conv_in.conv.weight.dtype)
 
+    # The tile-parallel decode's interface (telefuser.distributed.vae_parallel.parallel_decode, shared with the Wan
+    # VAEs): the decoder outputs pixels (no patches), so its output space is the video's.
+    patch_size = 1
+    decoder_channels = 3
+
+    @property
+    def network_ratio(self) -> int:
+        return self.spatial_ratio
+
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        return self.unscale(z)
+
+    def video_buffer(self, z: torch.Tensor) -> torch.Tensor:
+        b, _, t, h, w = z.shape
+        return z.new_empty(b, 3, 1 + self.temporal_ratio * (t - 1), h * self.spatial_ratio, w * self.spatial_ratio)
+
+    def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        return self._decode_frames(z)
+
     def _decode_frames(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
         """One tile (or the whole latent), unscaled latents in: `chunk` latent frames at a time, carrying the causal
         state between chunks (the same video as decoding all frames at once, whose activations are never held
@@ -339,26 +358,10 @@ class HunyuanVideo15VAE(nn.Module):
         return torch.cat([self.decoder(z[:, :, i: i + chunk], cache) for i in range(0, z.shape[2], chunk)], dim=2)
 
     def _decode_tiled(self, z: torch.Tensor, tile: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-        r = self.spatial_ratio
-        b, _, t, height, width = z.shape
-        blend = ((tile[0] - stride[0]) * r, (tile[1] - stride[1]) * r)
-        video: torch.Tensor | None = None
-        above: list[torch.Tensor] = []  # bottom strips of the previous row's tiles
-        for i in range(0, height, stride[0]):
-            row_bottoms: list[torch.Tensor] = []
-            left: torch.Tensor | None = None  # right strip of the previous tile in this row
-            for j in range(0, width, stride[1]):
-                decoded = self._decode_frames(z[:, :, :, i: i + tile[0], j: j + tile[1]])
-                if video is None:
-                    video = decoded.new_empty(b, decoded.shape[1], decoded.shape[2], height * r, width * r)
-                if above:
-                    blend_tiles(above[len(row_bottoms)], decoded, blend[0], dim=3)
-                if left is not None:
-                    blend_tiles(left, decoded, blend[1], dim=4)
-                keep_h, keep_w = min(stride[0], height - i) * r, min(stride[1], width - j) * r
-                video[:, :, :, i * r: i * r + keep_h, j * r: j * r + keep_w] = decoded[:, :, :, :keep_h, :keep_w]
-                left = decoded[:, :, :, :, decoded.shape[4] - blend[1]:].clone()
-                row_bottoms.append(decoded[:, :, :, decoded.shape[3] - blend[0]:].clone())
-            above = row_bottoms
-        assert video is not None
-        return video
+        """Wan's tile stitcher (each tile blended with its blended upper, then left neighbour), the tiles in row-major
+        order: the order VAE parallel gathers them in, so the parallel decode is this one bit for bit."""
+        stitcher = TileStitcher(self.video_buffer(z), (z.shape[3], z.shape[4]), tile, tuple(stride),
+                                self.network_ratio, self.patch_size)
+        for i, j in stitcher.corners:
+            stitcher.add(self.decode_tile(z[:, :, :, i: i + tile[0], j: j + tile[1]]))
+        return stitcher.finish()

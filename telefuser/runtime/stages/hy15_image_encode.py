@@ -1,7 +1,8 @@
 """hy15_image_encode: HunyuanVideo-1.5 image-to-video's two image inputs, from the fitted first frame (stage
 image_load: [1, 3, H, W] in [-1, 1]): SigLIP's last hidden state of it (`vision_states`, after SigLIP's bicubic
 antialiased resize to its image size) and its VAE latent (`image_latent` [1, C, 1, H/16, W/16], scaled), which the
-denoise stage puts at latent frame 0 with a mask (`condition_latents`)."""
+denoise stage puts at latent frame 0 with a mask (`condition_latents`). Both are made on the dp replica's lead (SigLIP
+and the VAE live there) and broadcast to the replica's other ranks, whose DiTs need them in both CFG branches."""
 
 from __future__ import annotations
 
@@ -19,13 +20,25 @@ def hy15_image_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
     if list(stage.params.get("outputs", [])) != ["vision_states", "image_latent"]:
         raise PlanError(f"the plan's stage {stage.name!r} makes {stage.params.get('outputs')}, which this runtime does "
                         "not; recompile the recipe with this version.")
-    if state.image is None:
-        raise PlanError(f"the plan's stage {stage.name!r} encodes the image, but no earlier stage loaded it; recompile.")
     with timed(state.timings, "encode", ctx):
-        with ctx.placements[siglip_name].active() as siglip, ctx.dispatch(siglip_name):
-            dtype = next(siglip.parameters()).dtype
-            pixels = state.image.to(next(siglip.parameters()).device, dtype)
-            state.family["vision_states"] = siglip(siglip.preprocess(pixels)).float().to(ctx.device)
-        with ctx.placements[vae_name].active() as vae, ctx.dispatch(vae_name):
-            dtype = next(vae.parameters()).dtype
-            state.image_latent = vae.encode(state.image.to(dtype)[:, :, None]).float().to(ctx.device)
+        if ctx.rank.is_writer:  # SigLIP and the VAE live on the replica's lead (image_load ran there)
+            if state.image is None:
+                raise PlanError(f"the plan's stage {stage.name!r} encodes the image, but no earlier stage loaded it; "
+                                "recompile.")
+            with ctx.placements[siglip_name].active() as siglip, ctx.dispatch(siglip_name):
+                dtype = next(siglip.parameters()).dtype
+                pixels = state.image.to(next(siglip.parameters()).device, dtype)
+                vision = siglip(siglip.preprocess(pixels)).float().to(ctx.device).contiguous()
+            with ctx.placements[vae_name].active() as vae, ctx.dispatch(vae_name):
+                dtype = next(vae.parameters()).dtype
+                latent = vae.encode(state.image.to(dtype)[:, :, None]).float().to(ctx.device).contiguous()
+        else:  # the other ranks of the replica (cfg / sequence parallel): both arrive from the lead
+            arch = {m.name: m.arch for m in ctx.plan.layer1_model_definition.models}
+            image, vae = arch[siglip_name], arch[vae_name]
+            tokens = (int(image["image_size"]) // int(image["patch_size"])) ** 2
+            vision = torch.empty(1, tokens, int(image["dim"]), device=ctx.device)
+            ratio = int(vae["spatial_ratio"])
+            latent = torch.empty(1, int(vae["latent_channels"]), 1, state.params.height // ratio,
+                                 state.params.width // ratio, device=ctx.device)
+        state.family["vision_states"] = ctx.rank.broadcast(vision)
+        state.image_latent = ctx.rank.broadcast(latent)
