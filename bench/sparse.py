@@ -19,7 +19,7 @@ TUNED). Every row is guarded (a failure is written as that row's error and the r
 written after each row to $OUT/sparse.md and $OUT/sparse.json; `--budget-s` skips rows once the time is spent.
 
 Run on the device: `PYTHONPATH=. python3 bench/sparse.py` (runs the GPU tests of the kernels first; `--no-tests`
-skips them). `python bench/sparse.py --cpu-smoke`: a tiny grid through every row under TRITON_INTERPRET=1 on the
+skips them; `--step` adds a whole 14B DiT CFG step at 720p, radial beside dense: bench/sparse_step.py). `python bench/sparse.py --cpu-smoke`: a tiny grid through every row under TRITON_INTERPRET=1 on the
 CPU (checks the script, times nothing meaningful).
 """
 
@@ -279,6 +279,8 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="run the rows with TUNED as it is")
     parser.add_argument("--models", default="14B,1.3B", help="comma-separated among 14B, 1.3B")
     parser.add_argument("--shapes", default="720p,480p", help="comma-separated among 720p, 480p")
+    parser.add_argument("--step", action="store_true",
+                        help="also a whole Wan2.1-14B DiT CFG step at 720p, radial beside dense (bench/sparse_step.py)")
     parser.add_argument("--budget-s", type=float, default=560.0, help="rows after this many seconds are skipped")
     parser.add_argument("--out", default=None, help="output folder (default $OUT)")
     args = parser.parse_args()
@@ -316,6 +318,10 @@ def main() -> None:
     for model, heads in models.items():  # the 14B first: the issue's target is 14B at 720p
         for shape, grid in shapes:
             run_shape(report, shape, grid, model, heads, args.cpu_smoke)
+    if args.step:
+        from bench.sparse_step import step_rows
+
+        step_rows(report, args.cpu_smoke)
     report.write()
     print((report.out / "sparse.md").read_text())
 
