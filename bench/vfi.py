@@ -48,6 +48,7 @@ V426 = {"head_channels": 4, "block_channels": [192, 128, 96, 64, 32], "num_res_c
 HEAVY = {**V426, "head_channels": 16}
 ROWS: list[dict] = []
 COMPILE = {"on": False}  # --compile
+PROFILE = {"on": False}  # --profile
 
 
 def environment(device: torch.device) -> str:
@@ -104,6 +105,21 @@ def ours(part: str, arch_name: str, model: IFNet, frames: torch.Tensor, batches:
         diff = int((out.int() - reference.int()).abs().max())
         row(part, f"TeleFuser {arch_name} bfloat16 channels_last batch {batches[-1]} pad {pad_to}", s,
             out.shape[0], peak, diff)
+    if PROFILE["on"] and arch_name == "v4.26-heavy":  # where the time goes: kernels by total device time
+        from torch.profiler import ProfilerActivity, profile
+
+        m = model.to(dtype=BF16)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            interpolate(frames, m, 2, batch_size=batches[-1])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=30)
+        out_dir = Path(os.environ.get("OUT", "bench_out"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"vfi_profile_{part.split()[-1]}.txt").write_text(table)
+        print(table, flush=True)
     if COMPILE["on"]:  # inductor fuses the full-size float32 resizes, warps and activations between the convolutions
         m = model.to(dtype=BF16, memory_format=torch.contiguous_format)
         compiled = torch.compile(m)
@@ -210,9 +226,12 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes and weights on the CPU")
     parser.add_argument("--sizes", default="480p,720p", help="RIFE sizes, of 480p,720p (default both)")
     parser.add_argument("--compile", action="store_true", help="also a torch.compile'd bf16 row per network and size")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler of the heavy net's bf16 interpolation per size: $OUT/vfi_profile_<size>.txt")
     parser.add_argument("--no-decode", action="store_true", help="skip the TAEHV / Wan VAE decode rows")
     args = parser.parse_args(argv)
     COMPILE["on"] = args.compile
+    PROFILE["on"] = args.profile
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
     torch.backends.cudnn.benchmark = True
