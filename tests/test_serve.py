@@ -212,6 +212,8 @@ def test_request_model_and_openapi_document_exactly_this_plans_layer3(pipe, tmp_
     ({"prompt": "x", "seed": "seven"}, "seed must be an integer, got 'seven'"),
     ({"prompt": "x", "num_inference_steps": 50}, "this plan does not take parameter(s) num_inference_steps"),
     ({"prompt": "  "}, "--prompt is empty"),
+    ({"prompt": "a\x00b"}, "--prompt holds a NUL character"),
+    ({"prompt": "x", "negative_prompt": "n" * 10_001}, "--negative-prompt is 10,001 characters long"),
     ({}, "the plan requires prompt"),
     ({"prompt": "x" * 10_001}, "at most 10,000 characters"),
     ({"prompt": "x", "model": "sora-2"}, "model 'sora-2' is not served here"),
@@ -219,7 +221,7 @@ def test_request_model_and_openapi_document_exactly_this_plans_layer3(pipe, tmp_
 ])
 def test_bad_values_get_422_with_telefuser_runs_message(pipe, tmp_path, body, needle):
     from telefuser.errors import ParameterError
-    from telefuser.runtime.io.params import resolve_parameters
+    from telefuser.runtime.io.params import PROMPT_PARAMETERS, check_prompts, resolve_parameters
 
     with service(pipe, tmp_path) as (client, manager):
         r = client.post("/v1/videos", json=body)
@@ -232,6 +234,11 @@ def test_bad_values_get_422_with_telefuser_runs_message(pipe, tmp_path, body, ne
     if plain:
         with pytest.raises(ParameterError) as info:
             resolve_parameters(pipe.plan, prompt="x", **plain)
+        assert str(info.value) == r.json()["error"]["message"]
+    texts = {k: v for k, v in body.items() if k in PROMPT_PARAMETERS}
+    if needle.startswith("--"):  # a prompt check: telefuser-run calls the same rule
+        with pytest.raises(ParameterError) as info:
+            check_prompts(pipe.plan, texts)
         assert str(info.value) == r.json()["error"]["message"]
 
 
