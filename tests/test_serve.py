@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -374,12 +375,12 @@ def test_finished_jobs_and_files_are_removed_after_keep_seconds(pipe, tmp_path):
 
 
 # -- security ------------------------------------------------------------------------------------------------------
-def test_api_key_on_every_endpoint_but_healthz(pipe, tmp_path):
+def test_api_key_on_every_endpoint_but_healthz_the_page_and_the_schema(pipe, tmp_path):
     with service(pipe, tmp_path, api_key=KEY) as (client, _):
         auth = {"Authorization": f"Bearer {KEY}"}
         for method, path in (("get", "/v1/videos"), ("post", "/v1/videos"), ("get", "/v1/videos/x"),
                              ("get", "/v1/videos/x/content"), ("delete", "/v1/videos/x"), ("get", "/metrics"),
-                             ("get", "/openapi.json")):
+                             ("get", "/docs/other"), ("get", "/openapi.json/x")):
             r = getattr(client, method)(path)
             assert r.status_code == 401, (method, path)
             assert r.json()["error"]["code"] == "invalid_api_key"
@@ -388,6 +389,19 @@ def test_api_key_on_every_endpoint_but_healthz(pipe, tmp_path):
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/videos", headers=auth).status_code == 200
         assert client.get("/metrics", headers=auth).status_code == 200
+        # Swagger UI loads in a browser (which sends no header to open it), and its "Authorize" sends the key
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "swagger-ui" in docs.text and "/openapi.json" in docs.text
+        assert client.get("/docs/oauth2-redirect").status_code == 200
+        spec = client.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["bearer"] == {
+            "type": "http", "scheme": "bearer",
+            "description": "The key the service was started with (--api-key / TELEFUSER_API_KEY)."}
+        assert spec["security"] == [{"bearer": []}] and spec["paths"]["/healthz"]["get"]["security"] == []
+        assert "VideoCreate" in json.dumps(spec["paths"]["/v1/videos"]["post"])  # the plan's request model
+        assert client.get("/openapi.json").json() == spec  # built once
+    with service(pipe, tmp_path, api_key=None) as (client, _):  # no key: no scheme to authorize with
+        assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
 
 
 def test_open_address_refused_without_key(plans, capsys):
