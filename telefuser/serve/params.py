@@ -124,33 +124,14 @@ class JobRequest:
 
 
 def decode_image(data: bytes, option: str = IMAGE_FIELD):
-    """An uploaded image, decoded in memory with the runtime's checks (format, size before decoding, the whole
-    file decoded, EXIF orientation, RGB): a ConditioningImage, or a ParameterError; nothing is written."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from telefuser.runtime.io.image import FORMATS, HOW, MAX_PIXELS, ConditioningImage, _check_size
+    """An uploaded image, decoded in memory with the runtime's checks (`telefuser.runtime.io.image.decode`): a
+    ConditioningImage, or a ParameterError; nothing is written."""
+    from telefuser.runtime.io.image import HOW, decode
 
     what = f"{option} ({len(data):,} bytes uploaded)"
     if not data:
         raise ParameterError(f"{what} is empty; {HOW}.")
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # the header only: the size is checked before decoding
-            if image.format not in FORMATS:
-                raise ParameterError(f"{what} is a {image.format} image; TeleFuser reads PNG, JPEG and WebP: "
-                                     "convert it.")
-            _check_size(*image.size, what)
-            image.load()
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except ParameterError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ParameterError(f"{what} is over {MAX_PIXELS // 1_000_000} megapixels ({exc}); shrink it first.") from exc
-    except UnidentifiedImageError as exc:
-        raise ParameterError(f"{what} is not an image (no PNG, JPEG or WebP data); {HOW}.") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ParameterError(f"{what} is damaged or truncated ({exc}); save it again or pick another file.") from exc
-    return ConditioningImage(np.asarray(rgb, dtype=np.uint8).copy(), "<uploaded input_reference>")
+    return decode(io.BytesIO(data), what, "<uploaded input_reference>")
 
 
 def resolve_request(plan: Plan, fields: dict[str, Any], image: Optional[bytes] = None,
