@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from telefuser.errors import ParameterError
-from telefuser.runtime.io.params import resolve_parameters
+from telefuser.runtime.io.params import check_prompts, check_text, resolve_parameters
 from telefuser.schema.plan import Plan
 from telefuser.schema.resolution import RESOLUTION_TABLE, frame_size
 
@@ -93,3 +93,33 @@ def test_a_plan_recording_another_frame_size_is_stale():
     plan = layer3_plan(frame_sizes={"144p": {"16:9": [320, 144]}})
     with pytest.raises(ParameterError, match="recompile"):
         resolve_parameters(plan, prompt="x")
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"prompt": "a fox\x00"}, "--prompt holds a NUL character (\\x00, at position 5), which no prompt can contain; "
+                               "remove it."),
+    ({"prompt": "x", "negative_prompt": "y" * 10_001},
+     "--negative-prompt is 10,001 characters long; the text encoder reads only its first 512 tokens (layer2.text_len; "
+     "a few thousand characters at most), so at most 10,000 characters are accepted: shorten it."),
+    ({"prompt": "bad \udcff"}, "--prompt is not UTF-8 text (undecodable bytes at character 4); pass the text in UTF-8."),
+    ({"prompt": " \n\t"}, '--prompt is empty; describe the video, e.g. --prompt "a red fox running through fresh snow".'),
+])
+def test_prompt_checks_are_one_rule_with_telefuser_runs_messages(given, message):
+    """`check_prompts`: what telefuser-run and telefuser-serve both refuse in a prompt, with one message each."""
+    with pytest.raises(ParameterError) as info:
+        check_prompts(layer3_plan(), given)
+    assert str(info.value) == message
+
+
+def test_prompt_checks_pass_what_they_do_not_judge():
+    plan = layer3_plan()
+    check_prompts(plan, {"prompt": "x" * 10_000, "negative_prompt": ""})  # at the limit; an empty negative prompt
+    check_prompts(plan, {"prompt": None, "seed": 3})  # not given: resolve_parameters says it is required
+    check_prompts(plan, {"prompt": 7})  # not text: resolve_parameters says it must be a string
+    data = plan.model_dump(mode="json", by_alias=True)
+    data["layer3_user_interface"]["parameters"]["prompt"]["required"] = False
+    optional = Plan.model_validate(data)
+    check_prompts(optional, {"prompt": ""})  # an empty prompt is refused only where the plan requires one
+    check_text("-o/--output", "out/\udcff.mp4", path=True)  # paths: only a NUL is refused
+    with pytest.raises(ParameterError, match="which no path can contain"):
+        check_text("-o/--output", "a\x00.mp4", path=True)

@@ -135,3 +135,10 @@ def test_refuses_small_blocks_and_bad_layouts():
     layout = layout_from_mask(torch.ones(1, 1, dtype=torch.bool), 64)
     with pytest.raises(ValueError, match="counts"):
         sage_sparse_attention(q, q, q, layout.counts, layout.indices, 32, True)
+    # the q, k, v checks shared with the dense kernel (sage_attention._check_qkv), named after this entry point
+    with pytest.raises(ValueError, match=r"^sage_sparse_attention takes q \[B, Sq, N, D\]"):
+        sage_sparse_attention(q, q[:, :, :, :32], q, layout.counts, layout.indices, 64, True)
+    with pytest.raises(ValueError, match=r"^sage_sparse_attention supports head dims .*, not 24"):
+        sage_sparse_attention(*(torch.zeros(1, 64, 1, 24),) * 3, layout.counts, layout.indices, 64, True)
+    with pytest.raises(ValueError, match="layout must be BSND or BNSD"):
+        sage_sparse_attention(q, q, q, layout.counts, layout.indices, 64, True, layout="SBND")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -212,6 +213,8 @@ def test_request_model_and_openapi_document_exactly_this_plans_layer3(pipe, tmp_
     ({"prompt": "x", "seed": "seven"}, "seed must be an integer, got 'seven'"),
     ({"prompt": "x", "num_inference_steps": 50}, "this plan does not take parameter(s) num_inference_steps"),
     ({"prompt": "  "}, "--prompt is empty"),
+    ({"prompt": "a\x00b"}, "--prompt holds a NUL character"),
+    ({"prompt": "x", "negative_prompt": "n" * 10_001}, "--negative-prompt is 10,001 characters long"),
     ({}, "the plan requires prompt"),
     ({"prompt": "x" * 10_001}, "at most 10,000 characters"),
     ({"prompt": "x", "model": "sora-2"}, "model 'sora-2' is not served here"),
@@ -219,7 +222,7 @@ def test_request_model_and_openapi_document_exactly_this_plans_layer3(pipe, tmp_
 ])
 def test_bad_values_get_422_with_telefuser_runs_message(pipe, tmp_path, body, needle):
     from telefuser.errors import ParameterError
-    from telefuser.runtime.io.params import resolve_parameters
+    from telefuser.runtime.io.params import PROMPT_PARAMETERS, check_prompts, resolve_parameters
 
     with service(pipe, tmp_path) as (client, manager):
         r = client.post("/v1/videos", json=body)
@@ -232,6 +235,11 @@ def test_bad_values_get_422_with_telefuser_runs_message(pipe, tmp_path, body, ne
     if plain:
         with pytest.raises(ParameterError) as info:
             resolve_parameters(pipe.plan, prompt="x", **plain)
+        assert str(info.value) == r.json()["error"]["message"]
+    texts = {k: v for k, v in body.items() if k in PROMPT_PARAMETERS}
+    if needle.startswith("--"):  # a prompt check: telefuser-run calls the same rule
+        with pytest.raises(ParameterError) as info:
+            check_prompts(pipe.plan, texts)
         assert str(info.value) == r.json()["error"]["message"]
 
 
@@ -367,12 +375,12 @@ def test_finished_jobs_and_files_are_removed_after_keep_seconds(pipe, tmp_path):
 
 
 # -- security ------------------------------------------------------------------------------------------------------
-def test_api_key_on_every_endpoint_but_healthz(pipe, tmp_path):
+def test_api_key_on_every_endpoint_but_healthz_the_page_and_the_schema(pipe, tmp_path):
     with service(pipe, tmp_path, api_key=KEY) as (client, _):
         auth = {"Authorization": f"Bearer {KEY}"}
         for method, path in (("get", "/v1/videos"), ("post", "/v1/videos"), ("get", "/v1/videos/x"),
                              ("get", "/v1/videos/x/content"), ("delete", "/v1/videos/x"), ("get", "/metrics"),
-                             ("get", "/openapi.json")):
+                             ("get", "/docs/other"), ("get", "/openapi.json/x")):
             r = getattr(client, method)(path)
             assert r.status_code == 401, (method, path)
             assert r.json()["error"]["code"] == "invalid_api_key"
@@ -381,6 +389,19 @@ def test_api_key_on_every_endpoint_but_healthz(pipe, tmp_path):
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/videos", headers=auth).status_code == 200
         assert client.get("/metrics", headers=auth).status_code == 200
+        # Swagger UI loads in a browser (which sends no header to open it), and its "Authorize" sends the key
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "swagger-ui" in docs.text and "/openapi.json" in docs.text
+        assert client.get("/docs/oauth2-redirect").status_code == 200
+        spec = client.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["bearer"] == {
+            "type": "http", "scheme": "bearer",
+            "description": "The key the service was started with (--api-key / TELEFUSER_API_KEY)."}
+        assert spec["security"] == [{"bearer": []}] and spec["paths"]["/healthz"]["get"]["security"] == []
+        assert "VideoCreate" in json.dumps(spec["paths"]["/v1/videos"]["post"])  # the plan's request model
+        assert client.get("/openapi.json").json() == spec  # built once
+    with service(pipe, tmp_path, api_key=None) as (client, _):  # no key: no scheme to authorize with
+        assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
 
 
 def test_open_address_refused_without_key(plans, capsys):

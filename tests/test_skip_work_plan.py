@@ -14,8 +14,8 @@ import pytest
 import telefuser
 from telefuser.compiler import compile_recipe
 from telefuser.compiler import skip_work as compiler_skip_work
-from telefuser.compiler import sparse_density
 from telefuser.errors import RecipeError
+from telefuser.schema import block_masks
 from telefuser.schema.canonical import pretty_json
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -40,17 +40,6 @@ def write(plan, path: Path) -> Path:
 # ------------------------------------------------------------------ the compiler
 
 
-def test_compiler_masks_equal_the_ops_masks():
-    """The compiler's torch-free masks (for the density it records) are ops' masks, cell for cell."""
-    from telefuser.ops import sparse_attention as sa
-
-    for grid, bs in [((3, 9, 16), 16), ((5, 7, 11), 16), ((4, 3, 5), 32), ((9, 6, 10), 32)]:
-        for decay in (1.0, 0.5):
-            assert (sparse_density.radial_mask(grid, bs, decay) == sa.radial_block_mask(grid, bs, decay).numpy()).all()
-        for radius in (1, 2, 6):
-            assert (sparse_density.local_mask(grid, bs, radius) == sa.local_block_mask(grid, bs, radius).numpy()).all()
-
-
 def test_teacache_fits_are_the_runtime_table():
     from telefuser.runtime.caches import WAN21_COEFFICIENTS
 
@@ -63,7 +52,7 @@ def test_sparse_plan_records_pattern_and_density():
     record = denoise_params(plan)["sparse_attention"]["dit"]
     grid = (3, 9, 16)  # 144p 16:9, 9 frames: 3 latent frames of 18 x 32 latent pixels, 2x2 patches
     assert record["density_grid"] == list(grid) and record["sparse_impl"] == "radial" and record["dense_layers"] == 1
-    assert record["density"] == round(sparse_density.density(sparse_density.radial_mask(grid, 16, 1.0)), 6) < 1
+    assert record["density"] == round(block_masks.density(block_masks.radial_mask(grid, 16, 1.0)), 6) < 1
     entry = next(d for d in plan.dispatch if d.model == "dit" and d.op == "attention")
     assert entry.impl == "RADIAL_ATTN" and "density" in entry.reason
     local = compile_recipe(TINY, [f"{DIT}.attention_config.attn_impl=LOCAL_SPARSE_ATTN",
@@ -82,7 +71,7 @@ def test_quantised_sparse_plan_records_pattern_kernel_and_density():
     plan = compile_recipe(TINY, [*SAGE_RADIAL, f"{DIT}.attention_config.sparse_config.dense_layers=1"])
     record = denoise_params(plan)["sparse_attention"]["dit"]
     assert record["sparse_impl"] == "radial" and record["attn_impl"] == "SAGE_ATTN_2_8_16" and record["dense_layers"] == 1
-    assert record["density"] == round(sparse_density.density(sparse_density.radial_mask((3, 9, 16), 32, 1.0)), 6)
+    assert record["density"] == round(block_masks.density(block_masks.radial_mask((3, 9, 16), 32, 1.0)), 6)
     entry = next(d for d in plan.dispatch if d.model == "dit" and d.op == "attention")
     assert entry.impl == "SAGE_ATTN_2_8_16" and "block-sparse mode" in entry.reason
     assert "radial through SAGE_ATTN_2_8_16 (quantised, dense steps too)" in explain(plan)

@@ -1,17 +1,21 @@
-"""Sparse attention masks (telefuser.ops.sparse_attention) against reference formulas written here
-independently: token-level masks built pair by pair, turned into blocks with a literal reading of the
-published shrink rule (mit-han-lab/radial-attention `shrinkMaskStrict`)."""
+"""Sparse attention masks (their one builder, telefuser.schema.block_masks, which the compiler's density and
+telefuser.ops.sparse_attention both use) against reference formulas written here independently: token-level
+masks built pair by pair from the rule as docs/sparse_and_caches.md states it, turned into blocks with a literal
+reading of the published shrink rule (mit-han-lab/radial-attention `shrinkMaskStrict`)."""
 
 from __future__ import annotations
 
 import math
 import os
+import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from telefuser.ops import sparse_attention as sa
+from telefuser.schema import block_masks
 
 
 # ---------------------------------------------------------------- radial, by the letter
@@ -131,6 +135,32 @@ def test_local_mask_matches_token_windows(grid, bs, r):
     assert torch.equal(mask, ref)
     assert torch.equal(mask, mask.T)  # a window relation is symmetric
     assert mask.diagonal().all()
+
+
+def test_the_one_builder_matches_the_stated_rules_on_fresh_random_shapes(monkeypatch):
+    """The builder the compiler (density) and ops (the kernel's layout) share, against the token-level references
+    above on shapes drawn afresh each run (the seed is in the failure message); ops' tensors are its masks."""
+    seed = random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    monkeypatch.setattr(block_masks, "_QUERY_CHUNK", 3)  # the local mask's chunked passes, on small shapes
+    for _ in range(6):
+        grid = (rng.randint(1, 12), rng.randint(1, 8), rng.randint(1, 9))
+        bs, decay, radius = rng.choice((16, 32)), round(rng.uniform(0.05, 1.0), 3), rng.randint(1, 4)
+        where = f"seed {seed}: grid {grid}, block_size {bs}, decay_factor {decay}, local_window_size {radius}"
+        radial = block_masks.radial_mask(grid, bs, decay)
+        assert np.array_equal(radial, radial_reference(grid, bs, decay).numpy()), where
+        local = block_masks._local.__wrapped__(grid, bs, radius)  # uncached: built with the patched chunk
+        assert np.array_equal(local, local_reference(grid, bs, radius).numpy()), where
+        assert np.array_equal(sa.radial_block_mask(grid, bs, decay).numpy(), radial), where
+        assert np.array_equal(sa.local_block_mask(grid, bs, radius).numpy(), local), where
+        assert sa.density(sa.radial_block_mask(grid, bs, decay)) == block_masks.density(radial) == radial.mean()
+    assert not radial.flags.writeable  # shared through the cache
+    with pytest.raises(ValueError, match="power of two"):
+        block_masks.radial_mask((2, 2, 2), 48)
+    with pytest.raises(ValueError, match="decay_factor"):
+        block_masks.radial_mask((2, 2, 2), 16, 0.0)
+    with pytest.raises(ValueError, match="sparse_impl"):
+        block_masks.block_mask("sliding", (2, 2, 2), 16)
 
 
 def test_local_mask_density_grows_with_the_window():

@@ -40,9 +40,6 @@ format version, missing/changed/damaged weights, an unwritable output or full di
 (one-paragraph message, no partial mp4 is left); 130 / 143 interrupted by Ctrl-C / SIGTERM (the
 process stops within about two seconds and leaves no partial or temporary file); another code with
 several ranks: the failed rank's."""
-# A prompt longer than this is refused: the text encoder reads at most text_len tokens (512 for Wan,
-# about 2,000 characters of English), so such a prompt is a mistake (a file pasted in?), not a prompt.
-MAX_PROMPT_CHARS = 10_000
 # Every Layer 3 parameter a plan may declare: the pre-parser must know which options take a value.
 LAYER3_OPTIONS = ("prompt", "negative_prompt", "seed", "resolution", "aspect_ratio", "image")
 
@@ -183,50 +180,20 @@ def _main(argv: list[str]) -> int:
     return guarded(prog, lambda: _run(args, plan, prog))
 
 
-def _check_text(option: str, value: Optional[str], path: bool = False, text_len: int = 512) -> None:
-    """Values no prompt or path can be: a NUL character, text that is not UTF-8, a prompt of a book's length."""
-    from telefuser.errors import ParameterError
-
-    if value is None:
-        return
-    if "\x00" in value:
-        raise ParameterError(f"{option} holds a NUL character (\\x00, at position {value.index(chr(0))}), which no "
-                             f"{'path' if path else 'prompt'} can contain; remove it.")
-    if path:
-        return
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ParameterError(f"{option} is not UTF-8 text (undecodable bytes at character {exc.start}); pass the "
-                             "text in UTF-8.") from exc
-    if len(value) > MAX_PROMPT_CHARS:
-        raise ParameterError(f"{option} is {len(value):,} characters long; the text encoder reads only its first "
-                             f"{text_len} tokens (layer2.text_len; a few thousand characters at most), so at most "
-                             f"{MAX_PROMPT_CHARS:,} characters are accepted: shorten it.")
-
-
 def _check_texts(args: argparse.Namespace, plan) -> None:
-    params = plan.layer3_user_interface.parameters
-    text_len = plan.layer2_inference_config.text_len
-    for name in ("prompt", "negative_prompt"):
-        if name in params:
-            _check_text(_option(name), getattr(args, name), text_len=text_len)
-    prompt = getattr(args, "prompt", None)
-    if "prompt" in params and params["prompt"].required and prompt is not None and not prompt.strip():
-        from telefuser.errors import ParameterError
+    from telefuser.runtime.io.params import PROMPT_PARAMETERS, check_prompts, check_text
 
-        raise ParameterError('--prompt is empty; describe the video, e.g. --prompt "a red fox running through '
-                             'fresh snow".')
-    _check_text("-o/--output", args.output, path=True)
-    _check_text("--prompts", getattr(args, "prompts", None), path=True)
-    _check_text("--image", getattr(args, "image", None), path=True)
+    check_prompts(plan, {name: getattr(args, name, None) for name in PROMPT_PARAMETERS})
+    check_text("-o/--output", args.output, path=True)
+    check_text("--prompts", getattr(args, "prompts", None), path=True)
+    check_text("--image", getattr(args, "image", None), path=True)
 
 
 def _check_before_loading(args: argparse.Namespace, plan) -> dict:
     """Refuse bad values, unwritable outputs, a machine that lacks the plan's devices and changed weights,
     before loading; the weights' SHA-256 last (it reads every file)."""
     from .batch import output_folder, read_prompts
-    from telefuser.runtime.io.params import resolve_parameters
+    from telefuser.runtime.io.params import check_text, resolve_parameters
     from telefuser.runtime.plan_io import check_fingerprints, check_target
     from telefuser.runtime.io.video import check_output_path
 
@@ -242,8 +209,8 @@ def _check_before_loading(args: argparse.Namespace, plan) -> dict:
         values["prompts"] = read_prompts(args.prompts)
         output_folder(args.output)
         for line, prompt in enumerate(values["prompts"], 1):
-            _check_text(f"prompt {line} of --prompts {args.prompts!r}", prompt,
-                        text_len=plan.layer2_inference_config.text_len)
+            check_text(f"prompt {line} of --prompts {args.prompts!r}", prompt,
+                       text_len=plan.layer2_inference_config.text_len)
             resolve_parameters(plan, prompt=prompt, **{k: v for k, v in values.items() if k != "prompts"})
     else:
         check_output_path(args.output)

@@ -22,7 +22,8 @@ EPILOG = """API (OpenAI's video API, so the openai client works with base_url="h
   GET /  (a page generated from the plan)   GET /docs, /openapi.json  (this plan's request fields)
 
 security: binds 127.0.0.1 by default; any other address needs --api-key (or TELEFUSER_API_KEY), then checked
-as 'Authorization: Bearer KEY' on every endpoint but /healthz and the page.
+as 'Authorization: Bearer KEY' on every endpoint but /healthz, the page and /docs, /openapi.json (they describe
+only this plan's parameters; Swagger UI's Authorize sends the key).
 
 exit codes: 0 stopped; 2 bad input (one paragraph); 130 / 143 stopped by SIGINT / SIGTERM."""
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from telefuser.schema import block_masks
 from telefuser.schema.enums import AttnImplType, FeatureCacheMethod, ModelClass, is_dit
 from telefuser.schema.model_config import SPARSE_IMPL_OF, ModelRuntimeConfig, SparseAttentionConfig
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import RESOLUTION_TABLE
-
-from . import sparse_density
 
 BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
 NOT_BUILT_SPARSE = (AttnImplType.SOL_ATTN.value, AttnImplType.SPARGE_ATTN.value)  # declared, no runner in ops
@@ -182,9 +181,9 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
         if runs_sparse(runtime):
             cfg = sparse_config_of(runtime)
             grid = token_grid(recipe, temporal, spatial, patch)
-            mask = sparse_density.block_mask(cfg.sparse_impl, grid, cfg.block_size, cfg.decay_factor,
-                                             cfg.local_window_size)
-            sparse[name] = {**cfg.model_dump(mode="json"), "density": round(sparse_density.density(mask), 6),
+            mask = block_masks.block_mask(cfg.sparse_impl, grid, cfg.block_size, cfg.decay_factor,
+                                          cfg.local_window_size)
+            sparse[name] = {**cfg.model_dump(mode="json"), "density": round(block_masks.density(mask), 6),
                             "density_grid": list(grid), "attn_impl": _impl_name(runtime)}
         cache = runtime.feature_cache_config
         if cache.method != FeatureCacheMethod.NONE:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .attention import attention, backend_name
-from .long_context import (RING_DIM, ULYSSES_DIM, _degree, _heads_to_seq, _ring_attention, _seq_to_heads,
+from .long_context import (RING_DIM, ULYSSES_DIM, _degree, _heads_to_seq, _ring_attention, _seq_to_heads, _sp_degrees,
                            _valid_keys, attention_with_lse, merge_lse)
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
@@ -117,16 +117,8 @@ def joint_long_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                          f"each of the {q.shape[0]} batch elements")
     if joint_q.shape[1] == 0:
         raise ValueError("joint_long_context_attention needs at least one joint token; use long_context_attention")
-    ulysses, ring = _degree(device_mesh, ULYSSES_DIM), _degree(device_mesh, RING_DIM)
-    heads, local_len = q.shape[2], q.shape[1]
-    if heads % ulysses:
-        raise ValueError(f"Ulysses attention splits heads across ranks: {heads} heads are not divisible by "
-                         f"sp_ulysses degree {ulysses}; choose an sp_ulysses degree that divides {heads}")
-    total = local_len * ulysses * ring
-    seq_len = total if seq_len is None else seq_len
-    if not 0 < seq_len <= total:
-        raise ValueError(f"seq_len {seq_len} must be in 1..{total} (S_local {local_len} x sequence-parallel "
-                         f"degree {ulysses * ring})")
+    ulysses, ring, seq_len = _sp_degrees(q, device_mesh, seq_len)
+    heads = q.shape[2]
     backend = backend_name(attention_config)
     jq, jk, jv = joint_q, joint_k, joint_v
     if ulysses > 1:

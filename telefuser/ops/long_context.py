@@ -99,6 +99,22 @@ def _degree(mesh: DeviceMesh, name: str) -> int:
     return mesh.size(names.index(name)) if name in names else 1
 
 
+def _sp_degrees(q: torch.Tensor, mesh: DeviceMesh, seq_len: Optional[int]) -> tuple[int, int, int]:
+    """(Ulysses degree, ring degree, seq_len) for a local q [B, S_local, N, D], checked: the heads split evenly
+    across the Ulysses ranks, and seq_len (None: no padding) within the whole sequence."""
+    ulysses, ring = _degree(mesh, ULYSSES_DIM), _degree(mesh, RING_DIM)
+    heads, local_len = q.shape[2], q.shape[1]
+    if heads % ulysses:
+        raise ValueError(f"Ulysses attention splits heads across ranks: {heads} heads are not divisible by "
+                         f"sp_ulysses degree {ulysses}; choose an sp_ulysses degree that divides {heads}")
+    total = local_len * ulysses * ring
+    seq_len = total if seq_len is None else seq_len
+    if not 0 < seq_len <= total:
+        raise ValueError(f"seq_len {seq_len} must be in 1..{total} (S_local {local_len} x sequence-parallel "
+                         f"degree {ulysses * ring})")
+    return ulysses, ring, seq_len
+
+
 def _valid_keys(seq_len: int, block: int, block_len: int) -> int:
     """How many of block `block`'s positions lie before seq_len (padding is only at the sequence end)."""
     return max(0, min(block_len, seq_len - block * block_len))
@@ -247,16 +263,8 @@ def long_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, de
     if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(f"long_context_attention takes q, k, v as [B, S_local, N, D] with equal B, S_local, N; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    ulysses, ring = _degree(device_mesh, ULYSSES_DIM), _degree(device_mesh, RING_DIM)
+    ulysses, ring, seq_len = _sp_degrees(q, device_mesh, seq_len)
     heads, local_len = q.shape[2], q.shape[1]
-    if heads % ulysses:
-        raise ValueError(f"Ulysses attention splits heads across ranks: {heads} heads are not divisible by "
-                         f"sp_ulysses degree {ulysses}; choose an sp_ulysses degree that divides {heads}")
-    total = local_len * ulysses * ring
-    seq_len = total if seq_len is None else seq_len
-    if not 0 < seq_len <= total:
-        raise ValueError(f"seq_len {seq_len} must be in 1..{total} (S_local {local_len} x sequence-parallel "
-                         f"degree {ulysses * ring})")
 
     backend = backend_name(attention_config)
     if ulysses > 1 and ring == 1 and overlap:

@@ -2,33 +2,10 @@
 density, and `sparse_attention`, which runs our block-sparse Triton kernel (CUDA, or the interpreter) or its
 PyTorch reference (CPU).
 
-Tokens are in Wan's (frame, height, width) order over the latent patch grid `grid = (F, H, W)`; a block is
-`block_size` consecutive tokens (default 128), so blocks straddle rows and frames as the sequence runs.
-Masks are `[M, M]` bool with `M = ceil(F*H*W / block_size)` (the last block ragged) and are built once per
-(grid, pattern) and cached (functools.lru_cache): never per step or per layer.
-
-Radial mask (Radial Attention, Li et al. 2025, arXiv:2506.19852; the rule as implemented for Wan in
-mit-han-lab/radial-attention, radial_attn/attn_mask.py, `gen_log_mask_shrinked` with model_type "wan",
-commits 09c88be / a5c638b). For a query frame i and a key frame j at distance d = |i - j|, with
-T = tokens per frame and bitlen(x) = Python's int.bit_length:
-- j == 0 (the first frame, an attention sink): every token pair;
-- otherwise token pairs at in-frame offsets |r - c| <= width(d): width(0) = T (the whole frame),
-  width(1) = T // 2, and for d >= 2 width(d) = max(2**bitlen(T) / 2**bitlen(d) * decay_factor, block_size),
-  a band that halves each time the distance doubles (`decay_factor` scales it);
-- and, for d >= 1, only frames where d % split(d) == 0, split(d) = int(block_size / L(d)) when
-  L(d) = 2**bitlen(T) / 2**bitlen(d) is below block_size (the repository hard-codes 128 "equal to block-size";
-  here it is block_size: the same at the default). Far frames are thus also subsampled in time.
-Each frame pair's token mask is turned into blocks as the repository does (`shrinkMaskStrict`): the pair's
-T x T mask is placed at its offsets inside whole blocks ((i*T) % block_size rows, (j*T) % block_size columns
-in), cut to ceil(T / block_size) blocks each way (so a frame's last rows/columns spilling into one more block
-give that block nothing from this pair, as there), and a block is kept when more than 60% of its columns that
-hold any pair have a density (pairs / block_size) above 1/3; the pairs' blocks are OR-ed. One difference:
-the repository's mask has floor(S / 128) blocks (its last, ragged block stays dense, outside the mask);
-here the ragged last block is computed by the same rule.
-
-Local mask: a key token is in a query token's window when it lies within `local_window_size` tokens per
-side along each of the three axes (frame, height, width) of the token grid; a block pair is kept when any
-of its token pairs is in a window (so the block mask is symmetric).
+Tokens are in Wan's (frame, height, width) order over the latent patch grid `grid = (F, H, W)`, in blocks of
+`block_size` consecutive tokens. The masks' rules and their sources are in `telefuser.schema.block_masks`, their
+one builder (numpy, shared with the compiler's density); here they become tensors and the kernel's layout, both
+cached per (grid, pattern): never built per step or per layer.
 """
 
 from __future__ import annotations
@@ -38,9 +15,11 @@ import math
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
+import numpy as np
 import torch
 
-Grid = tuple[int, int, int]
+from telefuser.schema import block_masks
+from telefuser.schema.block_masks import Grid
 
 
 class BlockLayout(NamedTuple):
@@ -118,167 +97,58 @@ def _mask_of(layout: BlockLayout, device: torch.device) -> torch.Tensor:
     return hits[..., :mk] > 0
 
 
-def _bitlen(x: int) -> int:
-    return int(x).bit_length()
+MaskKey = tuple[Optional[str], Grid, int, float, int]
 
 
-def radial_window(dist: int, tokens_per_frame: int, block_size: int, decay_factor: float) -> float:
-    """In-frame band half-width of a frame pair at temporal distance `dist` (Radial Attention, Wan)."""
-    if dist == 0:
-        return tokens_per_frame
-    if dist == 1:
-        return tokens_per_frame // 2
-    decay = 2 ** _bitlen(tokens_per_frame) / 2 ** _bitlen(dist) * decay_factor
-    return max(decay, block_size)
+def _key(impl: Optional[str], grid: Grid, block_size: int, decay_factor: float, window: int) -> MaskKey:
+    """The cache key of a pattern: only the parameter the pattern reads, so equal masks share one entry."""
+    return (impl, tuple(int(x) for x in grid), int(block_size),  # type: ignore[return-value]
+            float(decay_factor) if impl == "radial" else 1.0, int(window) if impl == "local" else 0)
 
 
-def radial_frame_kept(dist: int, tokens_per_frame: int, block_size: int) -> bool:
-    """Whether a frame pair at distance `dist` is kept by the temporal subsampling of far frames."""
-    decay = 2 ** _bitlen(tokens_per_frame) / 2 ** _bitlen(dist)
-    if decay >= block_size:
-        return True
-    return dist % int(block_size / decay) == 0
-
-
-def _pair_blocks(i: int, j: int, t: int, bs: int, decay_factor: float) -> Optional[torch.Tensor]:
-    """The [nb, nb] block mask one frame pair contributes (nb = ceil(T / bs) blocks from the pair's first
-    block row/column), or None when the pair holds no token pair."""
-    dist = abs(i - j)
-    sink = j == 0
-    if not sink and not radial_frame_kept(dist, t, bs):
-        return None
-    nb = -(-t // bs)
-    rr, rc = (i * t) % bs, (j * t) % bs
-    # rows of the frame inside padded block a: [a*bs, (a+1)*bs) ∩ [rr, rr + t), shifted to frame rows
-    a = torch.arange(nb)
-    lo = (a * bs - rr).clamp(0, t)
-    hi = ((a + 1) * bs - rr).clamp(0, t)
-    c = torch.arange(t)
-    if sink:
-        counts = (hi - lo)[:, None].expand(nb, t)
-    else:
-        w = math.floor(radial_window(dist, t, bs, decay_factor))
-        top = torch.minimum(hi[:, None] - 1, c[None, :] + w)
-        bottom = torch.maximum(lo[:, None], c[None, :] - w)
-        counts = (top - bottom + 1).clamp(min=0)  # [nb, t]: pairs per (block row, frame column)
-    padded = torch.zeros(nb, rc + nb * bs, dtype=counts.dtype)
-    padded[:, rc: rc + t] = counts
-    per_col = padded[:, : nb * bs].view(nb, nb, bs)  # cut to nb column blocks, as the reference does
-    nonzero = (per_col > 0).sum(-1)
-    high = (3 * per_col > bs).sum(-1)  # density count / bs > 1/3
-    return 5 * high > 3 * nonzero  # more than 60% of the non-empty columns (none: not kept)
+def _config_key(config: Any, grid: Grid) -> MaskKey:
+    return _key(getattr(config, "sparse_impl", None), grid, getattr(config, "block_size", 128),
+                getattr(config, "decay_factor", 1.0), getattr(config, "local_window_size", 0))
 
 
 @functools.lru_cache(maxsize=32)
-def _radial_mask(grid: Grid, block_size: int, decay_factor: float) -> torch.Tensor:
-    f, h, w = grid
-    t = h * w
-    m = -(-f * t // block_size)
-    mask = torch.zeros(m, m, dtype=torch.bool)
-    # F^2 small tensor programs: intra-op threads only add overhead (50x slower on a loaded 2-core host)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for i in range(f):
-            for j in range(f):
-                blocks = _pair_blocks(i, j, t, block_size, decay_factor)
-                if blocks is None:
-                    continue
-                r0, c0 = (i * t) // block_size, (j * t) // block_size
-                rows, cols = min(blocks.shape[0], m - r0), min(blocks.shape[1], m - c0)
-                mask[r0: r0 + rows, c0: c0 + cols] |= blocks[:rows, :cols]
-    finally:
-        torch.set_num_threads(threads)
-    return mask
+def _mask(impl: Optional[str], grid: Grid, block_size: int, decay_factor: float, window: int) -> torch.Tensor:
+    """`telefuser.schema.block_masks` builds (and checks) every mask; here it becomes a tensor once per pattern."""
+    return torch.from_numpy(np.array(block_masks.block_mask(impl, grid, block_size, decay_factor, window)))
 
 
 def radial_block_mask(grid: Grid, block_size: int = 128, decay_factor: float = 1.0) -> torch.Tensor:
     """The Radial Attention block mask [M, M] over a (frames, height, width) token grid (cached; read-only:
     clone it before changing it)."""
-    _check_grid(grid, block_size)
-    if not 0 < decay_factor <= 1:
-        raise ValueError(f"decay_factor must be in (0, 1], got {decay_factor}")
-    return _radial_mask(tuple(int(x) for x in grid), int(block_size), float(decay_factor))
-
-
-@functools.lru_cache(maxsize=32)
-def _local_mask(grid: Grid, block_size: int, radius: int) -> torch.Tensor:
-    f, h, w = grid
-    s = f * h * w
-    m = -(-s // block_size)
-    mask = torch.zeros(m, m, dtype=torch.bool)
-    chunk = 64
-    for start in range(0, m, chunk):
-        rows = range(start, min(start + chunk, m))
-        marks = torch.zeros(len(rows), m * block_size)
-        for n, q in enumerate(rows):
-            marks[n, q * block_size: (q + 1) * block_size] = 1.0
-        grid_marks = marks[:, :s].view(len(rows), 1, f, h, w)
-        # dilate each query block's tokens by the window box: the key tokens some query token reaches
-        # (a box is separable: three 1-D max pools, 3 (2r+1) reads per token instead of (2r+1)^3)
-        reach = grid_marks
-        for axis in range(3):
-            kernel = [1, 1, 1]
-            kernel[axis] = 2 * radius + 1
-            pad = [0, 0, 0]
-            pad[axis] = radius
-            reach = torch.nn.functional.max_pool3d(reach, kernel, stride=1, padding=pad)
-        flat = torch.zeros(len(rows), m * block_size)
-        flat[:, :s] = reach.view(len(rows), s)
-        mask[start: start + len(rows)] = flat.view(len(rows), m, block_size).amax(-1) > 0
-    return mask
+    return _mask(*_key("radial", grid, block_size, decay_factor, 0))
 
 
 def local_block_mask(grid: Grid, block_size: int = 128, local_window_size: int = 6) -> torch.Tensor:
     """The local-window block mask [M, M]: `local_window_size` tokens per side along frame, height and width
     (cached; read-only)."""
-    _check_grid(grid, block_size)
-    if local_window_size < 1:
-        raise ValueError(f"the local pattern needs local_window_size >= 1 token per side, got {local_window_size}")
-    return _local_mask(tuple(int(x) for x in grid), int(block_size), int(local_window_size))
-
-
-def _check_grid(grid: Grid, block_size: int) -> None:
-    if len(grid) != 3 or any(int(x) < 1 for x in grid):
-        raise ValueError(f"grid is the (frames, height, width) of the token grid, got {grid}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two of at least 16, got {block_size}")
+    return _mask(*_key("local", grid, block_size, 1.0, local_window_size))
 
 
 def density(mask: torch.Tensor) -> float:
-    """Fraction of the block pairs a block mask computes (1.0 = dense). Over blocks, so a ragged last block
-    counts as a whole one."""
-    return float(mask.float().mean()) if mask.numel() else 0.0
+    """Fraction of the block pairs a block mask computes (1.0 = dense; `block_masks.density`)."""
+    return block_masks.density(mask.detach().cpu().numpy())
 
 
 def block_mask_for(config: Any, grid: Grid) -> torch.Tensor:
     """The block mask a sparse config asks for: `sparse_impl` "radial" (`decay_factor`) or "local"
     (`local_window_size`), at `block_size` (attributes of `SparseAttentionConfig`, or any object with them)."""
-    impl = getattr(config, "sparse_impl", None)
-    block_size = int(getattr(config, "block_size", 128))
-    if impl == "radial":
-        return radial_block_mask(grid, block_size, float(getattr(config, "decay_factor", 1.0)))
-    if impl == "local":
-        return local_block_mask(grid, block_size, int(getattr(config, "local_window_size", 0)))
-    raise ValueError(f"no block mask for sparse_impl {impl!r}: this build makes 'radial' and 'local'")
+    return _mask(*_config_key(config, grid))
 
 
 @functools.lru_cache(maxsize=32)
-def _layout(impl: str, grid: Grid, block_size: int, decay_factor: float, window: int, device: str) -> BlockLayout:
-    mask = (radial_block_mask(grid, block_size, decay_factor) if impl == "radial"
-            else local_block_mask(grid, block_size, window))
-    return layout_from_mask(mask, block_size).to(device)
+def _layout(key: MaskKey, device: str) -> BlockLayout:
+    return layout_from_mask(_mask(*key), key[2]).to(device)
 
 
 def block_layout_for(config: Any, grid: Grid, device: torch.device | str = "cpu") -> BlockLayout:
     """The kernel's layout (counts + indices) for a sparse config and grid, on `device`; cached per (pattern,
     grid, device), so every layer and step reuses one."""
-    impl = getattr(config, "sparse_impl", None)
-    if impl not in ("radial", "local"):
-        raise ValueError(f"no block mask for sparse_impl {impl!r}: this build makes 'radial' and 'local'")
-    return _layout(impl, tuple(int(x) for x in grid), int(getattr(config, "block_size", 128)),
-                   float(getattr(config, "decay_factor", 1.0)), int(getattr(config, "local_window_size", 0)),
-                   str(torch.device(device)))
+    return _layout(_config_key(config, grid), str(torch.device(device)))
 
 
 def use_dense(step_index: int, layer_index: int, config: Any) -> bool:

@@ -7,7 +7,8 @@
     DELETE /v1/videos/{id}            cancel (queued or running) and remove
     GET    /healthz                   liveness (never needs the key)
     GET    /metrics                   Prometheus text
-    GET    /                          a page generated from the plan's Layer 3
+    GET    /                          a page generated from the plan's Layer 3 (never needs the key)
+    GET    /docs, /openapi.json       Swagger UI and the OpenAPI document (never need the key)
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the `openai` client raises
 its usual exceptions (422 UnprocessableEntityError, 429 RateLimitError, 401 AuthenticationError, ...).
@@ -33,7 +34,11 @@ from telefuser.schema.plan import Plan
 from .jobs import JobManager, NotAccepting, QueueFull
 from .params import IMAGE_FIELD, plan_name, request_model, resolve_request, takes_image
 
-OPEN_PATHS = ("/healthz", "/")  # the page holds no data: it asks for the key and sends it on every call
+# Never behind the key. The page holds no data: it asks for the key and sends it on every call. The schema
+# endpoints describe only this plan's Layer 3, which the page shows anyway, and a browser cannot send a header
+# when it opens /docs: behind the key Swagger UI could not load. Its "Authorize" button sends the key on each
+# call it tries (the document declares the bearer scheme when the service has a key).
+OPEN_PATHS = ("/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json")
 MiB = 2**20
 
 
@@ -128,6 +133,8 @@ def create_app(plan: Plan, manager: JobManager, api_key: Optional[str] = None, l
                   version=plan.plan_hash[:12])
     app.state.manager = manager
     app.state.plan = plan
+    if api_key is not None:
+        _declare_bearer(app)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -199,7 +206,7 @@ def create_app(plan: Plan, manager: JobManager, api_key: Optional[str] = None, l
             _job(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Liveness", openapi_extra={"security": []})
     async def healthz() -> JSONResponse:
         ok = manager.accepting
         return JSONResponse({"status": "ok" if ok else "stopping", "model": name, "queue_depth": manager.queue_depth()},
@@ -214,6 +221,24 @@ def create_app(plan: Plan, manager: JobManager, api_key: Optional[str] = None, l
         return HTMLResponse(render_page(plan, key_required=api_key is not None))
 
     return BearerAuth(BodyLimit(app, limits.max_body_bytes), api_key)
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """The OpenAPI document says every operation (but /healthz) takes `Authorization: Bearer KEY`, so Swagger UI
+    offers "Authorize" and sends the key with the calls it tries."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "The key the service was started with (--api-key / TELEFUSER_API_KEY)."}}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _read_body(request: Request, limits: Limits) -> tuple[dict[str, Any], Optional[bytes], bool]:

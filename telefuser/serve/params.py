@@ -3,8 +3,9 @@
 The request model is built from `plan.layer3_user_interface` (a field per parameter, with its type, default,
 choices and range), plus OpenAI's video fields: `size` ("WxH", one of the frame sizes the plan offers: it
 stands for a resolution x aspect-ratio pair), `seconds` (what the plan fixed: num_frames / fps) and `model`
-(the plan's name). Values are checked by the runtime's own `resolve_parameters`, so a bad value gets the
-message `telefuser-run` prints for it; the model only documents (`/openapi.json`, `/docs`, the page at `/`).
+(the plan's name). Values are checked by the runtime's own `check_prompts` and `resolve_parameters`, so a bad
+value gets the message `telefuser-run` prints for it; the model only documents (`/openapi.json`, `/docs`, the
+page at `/`).
 Nothing the plan fixed (steps, frames, cfg, ...) is a field, so no request can change it.
 """
 
@@ -17,11 +18,10 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from telefuser.errors import ParameterError
-from telefuser.runtime.io.params import RunParameters, image_not_taken, resolve_parameters
+from telefuser.runtime.io.params import (MAX_PROMPT_CHARS, RunParameters, check_prompts, image_not_taken,
+                                         resolve_parameters)
 from telefuser.schema.plan import Plan
 
-# As telefuser-run: the text encoder reads at most text_len tokens, so a longer text is a mistake.
-MAX_PROMPT_CHARS = 10_000
 OPENAI_FIELDS = ("size", "seconds", "model")
 SERVICE_FIELDS = ("retry_if_replica_dies",)  # how the service treats the job, not what it makes
 IMAGE_FIELD = "input_reference"  # OpenAI's name for the image-to-video first frame
@@ -123,46 +123,15 @@ class JobRequest:
     retry: bool = False  # run it again once if its replica dies (Ray)
 
 
-def _check_text(name: str, value: str, text_len: int) -> None:
-    """The checks telefuser-run makes on its text options, with its messages."""
-    option = "--" + name.replace("_", "-")
-    if "\x00" in value:
-        raise ParameterError(f"{option} holds a NUL character (\\x00, at position {value.index(chr(0))}), which no "
-                             "prompt can contain; remove it.")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise ParameterError(f"{option} is {len(value):,} characters long; the text encoder reads only its first "
-                             f"{text_len} tokens (layer2.text_len; a few thousand characters at most), so at most "
-                             f"{MAX_PROMPT_CHARS:,} characters are accepted: shorten it.")
-
-
 def decode_image(data: bytes, option: str = IMAGE_FIELD):
-    """An uploaded image, decoded in memory with the runtime's checks (format, size before decoding, the whole
-    file decoded, EXIF orientation, RGB): a ConditioningImage, or a ParameterError; nothing is written."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from telefuser.runtime.io.image import FORMATS, HOW, MAX_PIXELS, ConditioningImage, _check_size
+    """An uploaded image, decoded in memory with the runtime's checks (`telefuser.runtime.io.image.decode`): a
+    ConditioningImage, or a ParameterError; nothing is written."""
+    from telefuser.runtime.io.image import HOW, decode
 
     what = f"{option} ({len(data):,} bytes uploaded)"
     if not data:
         raise ParameterError(f"{what} is empty; {HOW}.")
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # the header only: the size is checked before decoding
-            if image.format not in FORMATS:
-                raise ParameterError(f"{what} is a {image.format} image; TeleFuser reads PNG, JPEG and WebP: "
-                                     "convert it.")
-            _check_size(*image.size, what)
-            image.load()
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except ParameterError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ParameterError(f"{what} is over {MAX_PIXELS // 1_000_000} megapixels ({exc}); shrink it first.") from exc
-    except UnidentifiedImageError as exc:
-        raise ParameterError(f"{what} is not an image (no PNG, JPEG or WebP data); {HOW}.") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ParameterError(f"{what} is damaged or truncated ({exc}); save it again or pick another file.") from exc
-    return ConditioningImage(np.asarray(rgb, dtype=np.uint8).copy(), "<uploaded input_reference>")
+    return decode(io.BytesIO(data), what, "<uploaded input_reference>")
 
 
 def resolve_request(plan: Plan, fields: dict[str, Any], image: Optional[bytes] = None,
@@ -219,14 +188,7 @@ def resolve_request(plan: Plan, fields: dict[str, Any], image: Optional[bytes] =
             value = fields.get(name)
             if spec.type == "integer" and isinstance(value, str) and value.strip().lstrip("-").isdigit():
                 fields[name] = int(value)
-    text_len = plan.layer2_inference_config.text_len
-    for name in ("prompt", "negative_prompt"):
-        if isinstance(fields.get(name), str):
-            _check_text(name, fields[name], text_len)
-    if "prompt" in specs and specs["prompt"].required and isinstance(fields.get("prompt"), str) \
-            and not fields["prompt"].strip():
-        raise ParameterError('--prompt is empty; describe the video, e.g. --prompt "a red fox running through '
-                             'fresh snow".')
+    check_prompts(plan, fields)  # telefuser-run's checks and messages
     values = {name: fields.get(name) for name in specs if name != "image"}
     if image is not None:
         if not takes_image(plan):

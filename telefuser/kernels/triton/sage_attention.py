@@ -235,6 +235,22 @@ def _store_tile(acc, l_i, m_i, O, LSE, V_SCALE, b, h, bh, m0, S_Q, s_ob, s_os, s
         tl.store(LSE + bh.to(tl.int64) * S_Q + offs_m, lse2 * _LN2, mask=valid)
 
 
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, name: str
+               ) -> tuple[int, int, int, int, int]:
+    """(B, heads, D, Sq, Sk) of q, k, v in `layout`, checked (shapes, head dim); `name` starts the messages.
+    Shared by the dense and the block-sparse kernel's entry points."""
+    if layout not in ("BSND", "BNSD"):
+        raise ValueError(f"layout must be BSND or BNSD, got {layout!r}")
+    seq_dim = 1 if layout == "BSND" else 2
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:seq_dim] + q.shape[seq_dim + 1:] != k.shape[:seq_dim] + k.shape[seq_dim + 1:]:
+        raise ValueError(f"{name} takes q [B, Sq, N, D] and k, v [B, Sk, N, D] (in {layout}); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    D = q.shape[3]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"{name} supports head dims {HEAD_DIMS}, not {D}")
+    return q.shape[0], q.shape[3 - seq_dim], D, q.shape[seq_dim], k.shape[seq_dim]
+
+
 def _strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     """(batch, seq, head, dim) strides of x in `layout`."""
     sb, s1, s2, sd = x.stride()
@@ -320,16 +336,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bo
     `HEAD_DIMS`; fp32, bf16 or fp16. Returns the output in q's layout and dtype, and with `return_lse` the
     natural-log log-sum-exp of the scaled scores, [B, N, Sq] float32.
     """
-    if layout not in ("BSND", "BNSD"):
-        raise ValueError(f"layout must be BSND or BNSD, got {layout!r}")
-    seq_dim = 1 if layout == "BSND" else 2
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:seq_dim] + q.shape[seq_dim + 1:] != k.shape[:seq_dim] + k.shape[seq_dim + 1:]:
-        raise ValueError(f"sage_attention takes q [B, Sq, N, D] and k, v [B, Sk, N, D] (in {layout}); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, D = q.shape[0], q.shape[3 - seq_dim], q.shape[3]
-    s_q, s_k = q.shape[seq_dim], k.shape[seq_dim]
-    if D not in HEAD_DIMS:
-        raise ValueError(f"sage_attention supports head dims {HEAD_DIMS}, not {D}")
+    B, H, D, s_q, s_k = _check_qkv(q, k, v, layout, "sage_attention")
     if s_q == 0 or s_k == 0:
         raise ValueError("sage_attention needs at least one query and one key")
     cfg = config or default_config(q.device, pv_fp8)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sage_attention import (_INTERPRETED, HEAD_DIMS, QUANT_BLOCK, KernelConfig, _load_kv, _load_q,
+from .sage_attention import (_INTERPRETED, QUANT_BLOCK, KernelConfig, _check_qkv, _load_kv, _load_q,
                              _online_softmax_pv, _store_tile, _strides, _tma_descriptor, default_config, quantize)
 
 MIN_BLOCK = 32  # every key tile holds >= 32 keys: the K dim of the FP8 P·V product
@@ -119,16 +119,7 @@ def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cou
     every head alike). q [B, Sq, N, D] ("BSND") or [B, N, Sq, D] ("BNSD"), k, v alike with Sk keys, any
     strides, D in `HEAD_DIMS`. Returns the output in q's layout and dtype (rows of an empty query block: 0),
     with `return_lse` also the natural-log log-sum-exp [B, N, Sq] float32 (-inf for empty rows)."""
-    if layout not in ("BSND", "BNSD"):
-        raise ValueError(f"layout must be BSND or BNSD, got {layout!r}")
-    seq_dim = 1 if layout == "BSND" else 2
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:seq_dim] + q.shape[seq_dim + 1:] != k.shape[:seq_dim] + k.shape[seq_dim + 1:]:
-        raise ValueError(f"sage_sparse_attention takes q [B, Sq, N, D] and k, v [B, Sk, N, D] (in {layout}); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, D = q.shape[0], q.shape[3 - seq_dim], q.shape[3]
-    s_q, s_k = q.shape[seq_dim], k.shape[seq_dim]
-    if D not in HEAD_DIMS:
-        raise ValueError(f"sage_sparse_attention supports head dims {HEAD_DIMS}, not {D}")
+    B, H, D, s_q, s_k = _check_qkv(q, k, v, layout, "sage_sparse_attention")
     bs = int(block_size)
     if bs < MIN_BLOCK or bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two of at least {MIN_BLOCK} for the quantised kernel, got {bs}")

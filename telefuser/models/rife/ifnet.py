@@ -147,20 +147,6 @@ class IFNet(nn.Module):
 def load_flownet(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> IFNet:
     """An IFNet with a `flownet.pkl` as downloaded (torch.load(weights_only=True), `module.` stripped), its
     architecture read off the file; telefuser.errors.WeightsError naming the file when it is not one."""
-    from telefuser.errors import WeightsError
+    from ..single_file import load_described
 
-    from .keys import describe, to_wan_layout
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt archives fail in many ways; all are bad input
-        raise WeightsError(f"RIFE weights {str(path)!r} are not a readable PyTorch checkpoint: {exc}; "
-                           "re-download flownet.pkl.") from exc
-    tensors = state if isinstance(state, dict) else {}
-    try:
-        arch = describe({k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
-    except ValueError as exc:
-        raise WeightsError(f"RIFE weights {str(path)!r}: {exc}.") from exc
-    model = IFNet(IFNetConfig(**arch))
-    model.load_state_dict(to_wan_layout(tensors))
-    return model.to(device=device, dtype=dtype).eval()
+    return load_described("RIFE", path, device, dtype, redownload="flownet.pkl")  # type: ignore[return-value]

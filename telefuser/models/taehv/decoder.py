@@ -137,24 +137,6 @@ class TAEHV(nn.Module):
 def load_taehv(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> TAEHV:
     """The decoder of a TAEHV checkpoint (`.pth` through torch.load(weights_only=True), or `.safetensors`), its
     architecture read off the file; telefuser.errors.WeightsError naming the file when it is not one."""
-    from telefuser.errors import WeightsError
+    from ..single_file import load_described
 
-    from .keys import describe, to_wan_layout
-
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt files fail in many ways; all are bad input
-        raise WeightsError(f"TAEHV weights {str(path)!r} are not readable: {exc}; re-download them.") from exc
-    tensors = state if isinstance(state, dict) else {}
-    try:
-        arch = describe({k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
-    except ValueError as exc:
-        raise WeightsError(f"TAEHV weights {str(path)!r}: {exc}.") from exc
-    model = TAEHV(TAEHVConfig(**arch))
-    model.load_state_dict(to_wan_layout(tensors))
-    return model.to(device=device, dtype=dtype).eval()
+    return load_described("TAEHV", path, device, dtype)  # type: ignore[return-value]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -63,16 +63,22 @@ def _check_size(width: int, height: int, what: str) -> None:
 
 def read_image(path: str | os.PathLike, option: str = "--image") -> ConditioningImage:
     """Decode and check an image file (PNG, JPEG, WebP); EXIF orientation applied; converted to RGB."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     what = f"{option} {str(path)!r}"
     file = Path(path)
     if not file.exists():
         raise ParameterError(f"{what}: no such file; {HOW}.")
     if file.is_dir():
         raise ParameterError(f"{what} is a folder, not an image file; {HOW}.")
+    return decode(file, what, str(path))
+
+
+def decode(source: Path | BinaryIO, what: str, name: str) -> ConditioningImage:
+    """An image file, or uploaded bytes (telefuser-serve), decoded with every check: format, size before decoding,
+    the whole file decoded, EXIF orientation, RGB. `what` starts each message, `name` is the image's `source`."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
-        with Image.open(file) as image:  # reads the header only: the size is checked before decoding
+        with Image.open(source) as image:  # reads the header only: the size is checked before decoding
             if image.format not in FORMATS:
                 raise ParameterError(f"{what} is a {image.format} image; TeleFuser reads PNG, JPEG and WebP: convert it.")
             _check_size(*image.size, what)
@@ -89,7 +95,7 @@ def read_image(path: str | os.PathLike, option: str = "--image") -> Conditioning
         raise ParameterError(f"{what} cannot be read (permission denied); make it readable.") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ParameterError(f"{what} is damaged or truncated ({exc}); save it again or pick another file.") from exc
-    return ConditioningImage(np.asarray(rgb, dtype=np.uint8).copy(), str(path))
+    return ConditioningImage(np.asarray(rgb, dtype=np.uint8).copy(), name)
 
 
 def as_image(value: Any, option: str = "--image") -> ConditioningImage:

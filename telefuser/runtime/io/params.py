@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -12,6 +13,11 @@ from telefuser.schema.resolution import frame_size
 
 if TYPE_CHECKING:
     from .image import ConditioningImage
+
+# A prompt longer than this is refused: the text encoder reads at most text_len tokens (512 for Wan,
+# about 2,000 characters of English), so such a prompt is a mistake (a file pasted in?), not a prompt.
+MAX_PROMPT_CHARS = 10_000
+PROMPT_PARAMETERS = ("prompt", "negative_prompt")
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,40 @@ class RunParameters:
     width: int
     height: int
     image: Optional["ConditioningImage"] = None  # image-to-video: the checked conditioning image
+
+
+def check_text(option: str, value: Optional[str], path: bool = False, text_len: int = 512) -> None:
+    """Values no prompt or path can be: a NUL character, text that is not UTF-8, a prompt of a book's length.
+    `option` names the value in the message (telefuser-run's option; the service uses the same names)."""
+    if value is None:
+        return
+    if "\x00" in value:
+        raise ParameterError(f"{option} holds a NUL character (\\x00, at position {value.index(chr(0))}), which no "
+                             f"{'path' if path else 'prompt'} can contain; remove it.")
+    if path:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParameterError(f"{option} is not UTF-8 text (undecodable bytes at character {exc.start}); pass the "
+                             "text in UTF-8.") from exc
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ParameterError(f"{option} is {len(value):,} characters long; the text encoder reads only its first "
+                             f"{text_len} tokens (layer2.text_len; a few thousand characters at most), so at most "
+                             f"{MAX_PROMPT_CHARS:,} characters are accepted: shorten it.")
+
+
+def check_prompts(plan: Plan, given: Mapping[str, Any]) -> None:
+    """The checks telefuser-run and telefuser-serve make on the given prompt and negative prompt (text values
+    only; `resolve_parameters` refuses other types), and a required prompt that is empty or only white space."""
+    specs = plan.layer3_user_interface.parameters
+    for name in PROMPT_PARAMETERS:
+        if name in specs and isinstance(given.get(name), str):
+            check_text("--" + name.replace("_", "-"), given[name], text_len=plan.layer2_inference_config.text_len)
+    prompt = given.get("prompt")
+    if "prompt" in specs and specs["prompt"].required and isinstance(prompt, str) and not prompt.strip():
+        raise ParameterError('--prompt is empty; describe the video, e.g. --prompt "a red fox running through '
+                             'fresh snow".')
 
 
 def _check(name: str, spec: UserParameter, value: Any) -> Any:
