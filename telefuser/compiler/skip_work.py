@@ -17,7 +17,7 @@ from telefuser.schema.enums import AttnImplType, FeatureCacheMethod, ModelClass,
 from telefuser.schema.model_config import SPARSE_IMPL_OF, ModelRuntimeConfig, SparseAttentionConfig
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.recipe import Recipe
-from telefuser.schema.resolution import RESOLUTION_TABLE
+from telefuser.schema.resolution import family_frame_size
 
 from . import sparse_density
 
@@ -161,7 +161,7 @@ def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
 
 def default_frame_size(recipe: Recipe) -> tuple[int, int]:
     l3 = recipe.layer3
-    return tuple(RESOLUTION_TABLE[l3.resolution.default][l3.aspect_ratio.default])  # type: ignore[return-value]
+    return family_frame_size(recipe.layer1.pipeline, l3.resolution.default, l3.aspect_ratio.default)
 
 
 def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) -> tuple[int, int, int]:
