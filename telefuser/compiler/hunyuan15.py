@@ -23,6 +23,8 @@ from telefuser.schema.recipe import Recipe, SRConfig
 from telefuser.schema.buckets import BUCKET_BASE_SIZE, sr_bucket_size
 from telefuser.schema.resolution import family_frame_size, frame_size
 
+from .skip_work import denoise_params
+
 NUM_TRAIN_TIMESTEPS = 1000
 LATENT_CHANNELS, TEMPORAL_RATIO, SPATIAL_RATIO = 32, 4, 16  # the published VAE (a --no-weights plan has no arch)
 GLYPH_LEN = 256  # byT5 tokens (published BYT5_MAX_LENGTH)
@@ -156,8 +158,6 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
             return (f"{at}.attention_config.sparse_config: HunyuanVideo-1.5's SSTA (selective and sliding tile "
                     "attention, the 720p sparse / sparse-distilled transformers' flex-block-attn) is not built yet "
                     "(not executable yet); remove sparse_config: the same weights run with dense attention.")
-        if cfg.feature_cache_config.method != "none":
-            return f"{at}.feature_cache_config: step caches are not built for HunyuanVideo-1.5 yet; remove it."
         if cfg.lora_configs:
             # No published HunyuanVideo-1.5 LoRA with a documented key layout: Tencent publishes none, LightX2V's
             # Hy1.5-Distill-Models are whole distilled transformers, and the trainers' (musubi-tuner, SimpleTuner)
@@ -300,7 +300,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                         params={"solver": "euler", "grid": "linspace_1_0_shifted",
                                 "num_inference_steps": l2.num_inference_steps, "sigma_shift": l2.sigma_shift,
                                 "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg, "cfg_scale": l2.cfg_scale,
-                                "condition": conditioning}))
+                                "condition": conditioning,  # + the base DiT's step cache (compiler/skip_work.py)
+                                **denoise_params(recipe, models, [by_role["dit"]], temporal, spatial, patch)}))
     if l2.enable_sr:
         sr = l2.sr_config or SRConfig()
         up = next(m for m in models if m.role == "sr_upsampler")
