@@ -52,10 +52,13 @@ def test_compiler_masks_equal_the_ops_masks():
 
 
 def test_teacache_fits_are_the_runtime_table():
-    from telefuser.runtime.caches import WAN21_COEFFICIENTS
+    from telefuser.runtime.caches import HY15_COEFFICIENTS, WAN21_COEFFICIENTS
 
     for key, fit in compiler_skip_work.TEACACHE_WAN21.items():
         assert tuple(fit) == tuple(WAN21_COEFFICIENTS[key])
+    for key, fit in compiler_skip_work.TEACACHE_HY15.items():
+        assert tuple(fit) == tuple(HY15_COEFFICIENTS[key])
+    assert set(compiler_skip_work.TEACACHE_HY15) == set(HY15_COEFFICIENTS)
 
 
 def test_sparse_plan_records_pattern_and_density():
