@@ -244,22 +244,28 @@ DRIVER = (
 )
 
 
-def test_cfg2_on_two_gloo_ranks_gives_the_one_rank_video(folder, tmp_path, monkeypatch):
-    """Each cfg rank caches its own branch; the counts of both come back on rank 0."""
+@pytest.mark.parametrize("layout, settings, counts", [
+    ("cfg_degree=2", ("method=static", "compute_steps=[0, 2]"), {"computed": 2, "reused": 1}),
+    # a threshold every distance is under: step 0 computes (nothing to compare), steps 1 and 2 reuse on both ranks,
+    # the sharded video stream's residual added back on each rank's shard
+    ("sp_ulysses_degree=2", ("method=first_block", "threshold=1000000"), {"computed": 1, "reused": 2}),
+])
+def test_two_gloo_ranks_give_the_one_rank_video(folder, tmp_path, monkeypatch, layout, settings, counts):
+    """cfg 2: each cfg rank caches its own branch and the counts of both come back on rank 0; Ulysses 2: the
+    first-block sums go over the sequence ranks, which reuse alike."""
     from telefuser.distributed.launch import run_local_ranks
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    static = cache("method=static", "compute_steps=[0, 2]")
-    one = run_plan(folder, static, "one_rank")
+    one = run_plan(folder, cache(*settings), f"one_rank_{layout}")
     plan = tmp_path / "two.json"
-    plan.write_text(pretty_json(compile_recipe(TINY, ["target.num_devices=2", "layer2.parallel_config.cfg_degree=2",
-                                                      *static]).model_dump(mode="json", by_alias=True)))
+    plan.write_text(pretty_json(compile_recipe(TINY, ["target.num_devices=2", f"layer2.parallel_config.{layout}",
+                                                      *cache(*settings)]).model_dump(mode="json", by_alias=True)))
     out = tmp_path / "frames.npy"
     assert run_local_ranks([sys.executable, "-c", DRIVER, str(plan), PROMPT, str(SEED), str(out)], 2) == 0
     diff = np.abs(np.load(out).astype(int) - one.frames.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert json.loads(Path(str(out) + ".json").read_text()) == one.timings.step_cache
-    assert one.timings.step_cache["dit"]["uncond"] == {"computed": 2, "reused": 1}
+    assert one.timings.step_cache["dit"] == {"cond": counts, "uncond": counts}
 
 
 def test_compiled_blocks_give_the_same_frames(folder, baseline):
