@@ -155,7 +155,7 @@ def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         model = by_name.get(name)
         if model is None or not is_dit(model.role) or model.role == "dit_sr" or model.class_ not in CACHED_DITS:
             what = f"a {model.role} ({model.class_})" if model is not None else "no model"
-            sr = " (HunyuanVideo-1.5's SR stage runs 6 distilled steps: not cached)" if model and model.role == "dit_sr" \
+            sr = " (HunyuanVideo-1.5's SR stage, a few distilled steps: not cached)" if model and model.role == "dit_sr" \
                 else ""
             return (f"{where}.method = {cache.method!r} on {name!r}, {what}{sr}: step caches wrap the block stack of "
                     "the denoise stage's DiT (Wan's, HunyuanVideo-1.5's base DiT) only; remove this feature_cache_config.")
