@@ -22,7 +22,7 @@ import telefuser
 from telefuser.compiler import compile_recipe
 from telefuser.errors import RecipeError
 from telefuser.schema.canonical import pretty_json
-from telefuser.schema.resolution import frame_size
+from telefuser.schema.buckets import sr_bucket_size
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny_hy15"
@@ -94,7 +94,7 @@ def _reference(plan, prompt: str, negative: str, seed: int, width: int, height: 
         if l2.enable_sr:
             s = l2.lq_noise_strength
             sr_cfg = l2.sr_config
-            tw, th = frame_size(str(sr_cfg.target_resolution), "16:9")
+            tw, th = sr_bucket_size(width, height, str(sr_cfg.target_resolution))  # the published BucketMap
             up = sr.upsample_lq_latent(x, (th // 16, tw // 16), build["sr_upsampler"])
             noised = sr.noise_lq_latent(up, s, noise=torch.randn(up.shape, generator=gen))
             hr = torch.randn(up.shape, generator=gen)
@@ -179,11 +179,11 @@ def test_tiny_sr_plan_frames_equal_the_composition_of_the_sr_pieces(tmp_path) ->
     assert kinds == ["load", "hy15_glyph_encode", "hy15_text_encode", "noise", "hy15_denoise", "hy15_sr_upsample",
                      "hy15_sr", "vae_decode", "write_video"]
     up, sr = (next(s for s in plan.stages if s.kind == k) for k in ("hy15_sr_upsample", "hy15_sr"))
-    assert up.models == ["sr_upsampler"] and up.params["frame_sizes"] == {"16:9": [832, 480]}
+    assert up.models == ["sr_upsampler"] and up.params["frame_sizes"] == {"16:9": [848, 480]}
     assert sr.models == ["dit_sr"] and sr.params["lq_noise_strength"] == 0.7 and sr.params["num_inference_steps"] == 3
     assert {s.stage for s in plan.memory.stages} >= {"denoise", "upsample_latent", "super_resolve", "decode_vae"}
     video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
-    assert video.frames.shape == (1, 480, 832, 3) and video.frames.std() > 1.0
+    assert video.frames.shape == (1, 480, 848, 3) and video.frames.std() > 1.0
     _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
 
 
@@ -229,6 +229,14 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     assert [s.name for s in sr.stages][4:8] == ["denoise", "upsample_latent", "super_resolve", "decode_vae"]
     assert {"weights.dit", "weights.dit_sr", "activations.dit", "activations.dit_sr"} <= set(sr.memory.breakdown)
     assert sr.memory.breakdown["activations.dit_sr"] > sr.memory.breakdown["activations.dit"]  # 720p tokens
+    # Tencent's buckets, not TeleFuser's table: 480p 16:9 is 848x480 (the table's 832x480), the SR frame 1280x720
+    assert plans["hunyuan15_t2v_480p"].layer3_user_interface.frame_sizes["480p"]["16:9"] == [848, 480]
+    assert sr.layer3_user_interface.frame_sizes["480p"]["16:9"] == [848, 480]
+    assert next(s for s in sr.stages if s.kind == "hy15_sr_upsample").params["frame_sizes"]["16:9"] == [1280, 720]
+    assert plans["hunyuan15_t2v_720p"].layer3_user_interface.frame_sizes["720p"]["16:9"] == [1280, 720]
+    # the estimate sees the buckets: the largest is 1:1's 640x640 (the table's 624x624)
+    assert sr.layer3_user_interface.frame_sizes["480p"]["1:1"] == [640, 640]
+    assert (sr.memory.at["width"], sr.memory.at["height"]) == (640, 640)
     # a 24 GiB GPU: the compiler names the whole-model offload of both DiTs, which fits (one DiT on the device at a time)
     with pytest.raises(Exception, match="dit_sr.offload_config.offload_type=MODEL_CPU_OFFLOAD"):
         compile_recipe(RECIPES / "hunyuan15_t2v_480p_sr_720p.toml", ["target.gpu=RTX4090"])

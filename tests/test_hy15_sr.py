@@ -221,3 +221,25 @@ def test_closest_bucket_and_cover_crop() -> None:
         assert buckets.closest_bucket(h, w) == lst[int(np.abs(ratios - h / w).argmin())]
     (rw, rh), box = buckets.cover_and_crop(1920, 1080, 848, 480)
     assert (rw, rh) == (853, 480) and box == (2.5, 0.0, 850.5, 480.0)
+
+
+def test_plan_frame_sizes_are_the_buckets_and_the_sr_map_is_the_published_one() -> None:
+    """What the compiler records (schema.buckets, schema.resolution.family_frame_size): the T2V size of each aspect
+    ratio is closest_bucket's, Wan keeps the table, resolutions without buckets keep the table, and the SR size of a
+    base bucket is sr_target_size's (the published BucketMap)."""
+    from telefuser.models.hunyuan15 import buckets
+    from telefuser.schema.resolution import family_frame_size, frame_size
+
+    for res in ("480p", "720p"):
+        for ar in ("16:9", "9:16", "1:1", "4:3", "3:4"):
+            w_ratio, h_ratio = (int(v) for v in ar.split(":"))
+            h, w = buckets.closest_bucket(h_ratio, w_ratio, res)
+            assert family_frame_size("hunyuan_video15_t2v", res, ar) == (w, h)
+            assert family_frame_size("hunyuan_video15_i2v", res, ar) == (w, h)
+            assert family_frame_size("wan_t2v", res, ar) == frame_size(res, ar)
+            if res == "480p":
+                sh, sw = sr.sr_target_size(h, w, "480p", "720p")
+                assert buckets.sr_bucket_size(w, h, "720p") == (sw, sh)
+    assert family_frame_size("hunyuan_video15_t2v", "480p", "16:9") == (848, 480) != frame_size("480p", "16:9")
+    assert family_frame_size("hunyuan_video15_t2v", "144p", "16:9") == frame_size("144p", "16:9") == (256, 144)
+    assert buckets.sr_bucket_size(848, 480, "720p") == (1280, 720)

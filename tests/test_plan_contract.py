@@ -89,7 +89,8 @@ GLOO_SAMPLE = ("cfg2+dit.model_offload", "ulysses2+dit.async", "ring2+dit.compil
                "cfg2+text_encoder.async")
 # HunyuanVideo-1.5's multi-rank plans (its own parallel hooks, broadcasts and VAE): one gloo load per layout it runs.
 GLOO_SAMPLE_HY15 = ("ulysses2+dit.model_offload", "ring2+vae_parallel", "dp2+text_encoder.run_on_cpu",
-                    "cfg2+tiled", "cfg2_fsdp+text_encoder.bf16", "tp2+text_encoder.run_on_cpu")
+                    "cfg2+tiled", "cfg2_fsdp+text_encoder.bf16", "tp2+text_encoder.run_on_cpu",
+                    "ulysses2+dit.compile", "cfg2+dit.first_block_cache")  # the blocks compiled / cached under sp, cfg
 GLOO_SAMPLES = {"tiny": GLOO_SAMPLE, "tiny_hy15": GLOO_SAMPLE_HY15, "tiny_hy15_i2v": ("ulysses2+vae_parallel",)}
 SAMPLED_COMBINATIONS = 40  # per recipe: random sets of 2-3 switches on one rank, beyond every single switch
 

@@ -127,7 +127,7 @@ method = "teacache"
 threshold = 0.1
 '''
     # the tiny DiT has no published TeaCache polynomial: refused when compiled, never run without one
-    with pytest.raises(RecipeError, match="TeaCache publishes rescaling polynomials"):
+    with pytest.raises(RecipeError, match="rescaling polynomials are published for Wan2.1"):
         load(tmp_path, recipe)
 
 

@@ -89,10 +89,14 @@ def test_negative_prompt_falls_back_to_layer2_only_when_not_given():
     assert resolve_parameters(layer3_plan(negative_default="grey", layer2_negative="blurry"), prompt="x").negative_prompt == "grey"
 
 
-def test_a_plan_recording_another_frame_size_is_stale():
+def test_the_plan_recorded_frame_size_is_the_one_run():
+    """The compiler decides each choice's size (the table, or a family's own: HunyuanVideo-1.5's buckets) and records
+    it; the runtime runs that, and the table only for a choice the plan records none of."""
     plan = layer3_plan(frame_sizes={"144p": {"16:9": [320, 144]}})
-    with pytest.raises(ParameterError, match="recompile"):
-        resolve_parameters(plan, prompt="x")
+    p = resolve_parameters(plan, prompt="x")
+    assert (p.width, p.height) == (320, 144)
+    p = resolve_parameters(layer3_plan(frame_sizes={"144p": {}}), prompt="x")
+    assert (p.width, p.height) == (256, 144)
 
 
 @pytest.mark.parametrize("given, message", [

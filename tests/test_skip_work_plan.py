@@ -41,10 +41,13 @@ def write(plan, path: Path) -> Path:
 
 
 def test_teacache_fits_are_the_runtime_table():
-    from telefuser.runtime.caches import WAN21_COEFFICIENTS
+    from telefuser.runtime.caches import HY15_COEFFICIENTS, WAN21_COEFFICIENTS
 
     for key, fit in compiler_skip_work.TEACACHE_WAN21.items():
         assert tuple(fit) == tuple(WAN21_COEFFICIENTS[key])
+    for key, fit in compiler_skip_work.TEACACHE_HY15.items():
+        assert tuple(fit) == tuple(HY15_COEFFICIENTS[key])
+    assert set(compiler_skip_work.TEACACHE_HY15) == set(HY15_COEFFICIENTS)
 
 
 def test_sparse_plan_records_pattern_and_density():
@@ -130,7 +133,7 @@ def test_reference_constructors_build_the_toml_plan(tmp_path):
     ([f"{DIT}.feature_cache_config.method=static"], "compute_steps is the static method's schedule"),
     ([f"{DIT}.feature_cache_config.method=first_block", f"{DIT}.feature_cache_config.first_blocks=2"],
      "at least one must be left"),
-    (["layer2.models.vae.feature_cache_config.method=first_block"], "wrap the Wan DiT's block stack only"),
+    (["layer2.models.vae.feature_cache_config.method=first_block"], "step caches wrap the block stack of the denoise stage's DiT"),
 ])
 def test_refusals_are_the_compilers(overrides, needle):
     with pytest.raises(RecipeError) as info:

@@ -11,7 +11,7 @@ from typing import Any
 from telefuser.schema.canonical import plan_hash
 from telefuser.schema.plan import PLAN_VERSION, Layer3Plan, Plan, RecipeInfo, UserParameter
 from telefuser.schema.recipe import Recipe, Target
-from telefuser.schema.resolution import RESOLUTION_TABLE
+from telefuser.schema.resolution import family_frame_size
 
 from .block_offload import check_offload_settings
 from .dispatch import build_dispatch
@@ -47,7 +47,10 @@ def _layer3(recipe: Recipe) -> Layer3Plan:
     }
     if l3.image is not None:
         params["image"] = UserParameter(type="path", required=l3.image.required, description=l3.image.description)
-    sizes = {str(r): {str(a): list(RESOLUTION_TABLE[r][a]) for a in l3.aspect_ratio.choices} for r in l3.resolution.choices}
+    # HunyuanVideo-1.5 records its published buckets (480p 16:9: 848x480), every other pipeline the table
+    pipeline = recipe.layer1.pipeline
+    sizes = {str(r): {str(a): list(family_frame_size(pipeline, r, a)) for a in l3.aspect_ratio.choices}
+             for r in l3.resolution.choices}
     return Layer3Plan(parameters=params, frame_sizes=sizes)
 
 

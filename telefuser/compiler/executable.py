@@ -121,8 +121,9 @@ def _fsdp(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     return None
 
 
-# Classes made of a ModuleList `blocks`, which compile_config compiles one block at a time (runtime/loading.py).
-COMPILED_BY_BLOCK = frozenset({ModelClass.WAN_DIT, ModelClass.UMT5_ENCODER})
+# Classes made of block ModuleLists (their BLOCK_LISTS), which compile_config compiles one block at a time
+# (runtime/load/build.py): HunyuanVideo15DiT's double- and single-stream blocks (base and SR DiT) too.
+COMPILED_BY_BLOCK = frozenset({ModelClass.WAN_DIT, ModelClass.UMT5_ENCODER, ModelClass.HUNYUAN15_DIT})
 
 
 def _compile_without_blocks(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:

@@ -53,6 +53,9 @@ def explain(plan: Plan) -> str:
                   f"cfg {l2.cfg_scale}{moe}, {l2.num_frames} frames at {l2.fps} fps"
                   + (f" (interpolated {l2.vfi_multiplier}x: {(l2.num_frames - 1) * l2.vfi_multiplier + 1} frames at "
                      f"{l2.fps * l2.vfi_multiplier} fps)" if l2.enable_vfi else "")]
+    sizes = "; ".join(f"{res} " + ", ".join(f"{ar} {w}x{h}" for ar, (w, h) in ratios.items())
+                      for res, ratios in plan.layer3_user_interface.frame_sizes.items())
+    lines += [f"frames: {sizes}"]
     lines += _step_list(plan)
     lines += _super_resolution(plan)
     lines += ["", "dispatch:"]

@@ -20,7 +20,10 @@ from telefuser.schema.enums import HUNYUAN15_PIPELINES, ModelRole, PipelineType
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe, SRConfig
-from telefuser.schema.resolution import RESOLUTION_TABLE
+from telefuser.schema.buckets import BUCKET_BASE_SIZE, sr_bucket_size
+from telefuser.schema.resolution import family_frame_size, frame_size
+
+from .skip_work import denoise_params
 
 NUM_TRAIN_TIMESTEPS = 1000
 LATENT_CHANNELS, TEMPORAL_RATIO, SPATIAL_RATIO = 32, 4, 16  # the published VAE (a --no-weights plan has no arch)
@@ -155,8 +158,6 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
             return (f"{at}.attention_config.sparse_config: HunyuanVideo-1.5's SSTA (selective and sliding tile "
                     "attention, the 720p sparse / sparse-distilled transformers' flex-block-attn) is not built yet "
                     "(not executable yet); remove sparse_config: the same weights run with dense attention.")
-        if cfg.feature_cache_config.method != "none":
-            return f"{at}.feature_cache_config: step caches are not built for HunyuanVideo-1.5 yet; remove it."
         if cfg.lora_configs:
             # No published HunyuanVideo-1.5 LoRA with a documented key layout: Tencent publishes none, LightX2V's
             # Hy1.5-Distill-Models are whole distilled transformers, and the trainers' (musubi-tuner, SimpleTuner)
@@ -224,12 +225,15 @@ def _check_sr(recipe: Recipe, roles: set[str], i2v: bool) -> Optional[str]:
                 "1.0, one DiT call per step); CFG in the SR stage is not built: set cfg_scale = 1.0.")
     for res in recipe.layer3.resolution.choices:
         for ar in recipe.layer3.aspect_ratio.choices:
-            w, h = RESOLUTION_TABLE[res][ar]
-            tw, th = RESOLUTION_TABLE[sr.target_resolution][ar]
+            w, h = family_frame_size(recipe.layer1.pipeline, res, ar)
+            tw, th = sr_frame_size(w, h, str(ar), str(sr.target_resolution))
             if tw * th <= w * h:
                 return (f"layer2.sr_config.target_resolution = {str(sr.target_resolution)!r} is not larger than "
                         f"layer3 resolution {res} at {ar} ({w}x{h}); pick a larger SR row or restrict "
                         "layer3.resolution.choices.")
+            if [tw, th] != _sr_sizes(recipe)[str(ar)]:  # the plan records one SR size per aspect ratio
+                return (f"layer3 resolution {res} at {ar} ({w}x{h}) maps to a {tw}x{th} SR frame, the default "
+                        f"resolution to another; restrict layer3.resolution.choices to one resolution with SR.")
     return None
 
 
@@ -241,10 +245,22 @@ def _arch(models: list[PlannedModel], role: str) -> dict[str, Any]:
     return dict(m.arch) if m is not None else {}
 
 
+def sr_frame_size(width: int, height: int, aspect_ratio: str, target: str) -> tuple[int, int]:
+    """(width, height) of the SR video for a base frame of width x height: the target resolution's bucket of the
+    closest aspect ratio (the published BucketMap: 480p 848x480 -> 720p 1280x720), or the table's row at that
+    aspect ratio where the target has no published bucket."""
+    if target in BUCKET_BASE_SIZE:
+        return sr_bucket_size(width, height, target)
+    return frame_size(target, aspect_ratio)
+
+
 def _sr_sizes(recipe: Recipe) -> dict[str, list[int]]:
-    """aspect ratio -> [width, height] of the SR video (the SR row's size at that ratio)."""
-    target = (recipe.layer2.sr_config or SRConfig()).target_resolution
-    return {str(ar): list(RESOLUTION_TABLE[target][ar]) for ar in recipe.layer3.aspect_ratio.choices}
+    """aspect ratio -> [width, height] of the SR video (from the base frame at the default resolution; one SR size
+    per aspect ratio, so every base resolution of that ratio must map to it: check_sr says so otherwise)."""
+    target = str((recipe.layer2.sr_config or SRConfig()).target_resolution)
+    base = recipe.layer3.resolution.default
+    return {str(ar): list(sr_frame_size(*family_frame_size(recipe.layer1.pipeline, base, ar), str(ar), target))
+            for ar in recipe.layer3.aspect_ratio.choices}
 
 
 def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: Callable[[Recipe, int, list[int]], None],
@@ -284,7 +300,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                         params={"solver": "euler", "grid": "linspace_1_0_shifted",
                                 "num_inference_steps": l2.num_inference_steps, "sigma_shift": l2.sigma_shift,
                                 "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg, "cfg_scale": l2.cfg_scale,
-                                "condition": conditioning}))
+                                "condition": conditioning,  # + the base DiT's step cache (compiler/skip_work.py)
+                                **denoise_params(recipe, models, [by_role["dit"]], temporal, spatial, patch)}))
     if l2.enable_sr:
         sr = l2.sr_config or SRConfig()
         up = next(m for m in models if m.role == "sr_upsampler")

@@ -39,7 +39,7 @@ from telefuser.schema.enums import ModelRole, WeightOffloadType, is_dit
 from telefuser.schema.plan import BlockOffload, MemoryEstimate, PlannedModel, PrefetchDecision, Stage, StageMemory
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
-from telefuser.schema.resolution import RESOLUTION_TABLE
+from telefuser.schema.resolution import family_frame_size
 
 from .block_offload import plan_block_offload
 from .skip_work import cache_residual_bytes
@@ -68,7 +68,7 @@ def _largest_frame(recipe: Recipe) -> tuple[int, int, str, str]:
     best = (0, 0, "", "")
     for res in recipe.layer3.resolution.choices:
         for ar in recipe.layer3.aspect_ratio.choices:
-            w, h = RESOLUTION_TABLE[res][ar]
+            w, h = family_frame_size(recipe.layer1.pipeline, res, ar)
             if w * h > best[0] * best[1]:
                 best = (w, h, str(res), str(ar))
     return best

@@ -18,7 +18,7 @@ from telefuser.schema.enums import AttnImplType, FeatureCacheMethod, ModelClass,
 from telefuser.schema.model_config import SPARSE_IMPL_OF, ModelRuntimeConfig, SparseAttentionConfig
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.recipe import Recipe
-from telefuser.schema.resolution import RESOLUTION_TABLE
+from telefuser.schema.resolution import family_frame_size
 
 BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
 NOT_BUILT_SPARSE = (AttnImplType.SOL_ATTN.value, AttnImplType.SPARGE_ATTN.value)  # declared, no runner in ops
@@ -32,6 +32,17 @@ TEACACHE_WAN21 = {
     "wan2.1_i2v_14b_480p": (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
     "wan2.1_i2v_14b_720p": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
 }
+# LightX2V's HunyuanVideo-1.5 fits (runtime/caches/teacache.py: HY15_COEFFICIENTS, source there; same test), for the
+# published 8.3B DiT (hidden 2048) per task and resolution; their input is block 0's modulated video stream.
+TEACACHE_HY15 = {
+    "hunyuan_video15_t2v_480p": (-2.97190924e+04, 2.22834983e+04, -4.37418360e+03, 3.39340251e+02, -1.01365855e+01,
+                                 1.29101768e-01),
+    "hunyuan_video15_t2v_720p": (-3.08907507e+04, 1.67786188e+04, -3.19178643e+03, 2.60740519e+02, -8.19205881e+00,
+                                 1.07913775e-01),
+    "hunyuan_video15_i2v_480p": (8.08528429e+03, -2.44607178e+03, 2.49489589e+02, -9.10697865e+00, 1.20261379e-01),
+    "hunyuan_video15_i2v_720p": (3.84300014e+03, -1.39247433e+03, 1.69167679e+02, -7.07679232e+00, 1.02419011e-01),
+}
+CACHED_DITS = (ModelClass.WAN_DIT, ModelClass.HUNYUAN15_DIT, ModelClass.AUTO)  # classes with residual_stack()
 
 
 def _runtime(recipe: Recipe, name: str) -> ModelRuntimeConfig:
@@ -116,6 +127,11 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
 
 def _teacache_key(model: PlannedModel, recipe: Recipe) -> Optional[str]:
     arch = model.arch
+    if model.class_ == ModelClass.HUNYUAN15_DIT:  # the 8.3B's fits, by task and the default frame's resolution
+        if int(arch.get("hidden_size", 0)) != 2048 or int(arch.get("double_blocks", 0)) != 54:
+            return None
+        task = "i2v" if recipe.layer1.pipeline == "hunyuan_video15_i2v" else "t2v"
+        return f"hunyuan_video15_{task}_{'720p' if default_frame_size(recipe)[1] >= 720 else '480p'}"
     if recipe.layer1.is_moe or "dim" not in arch:
         return None
     dim, kind = int(arch["dim"]), arch.get("model_type", "t2v")
@@ -136,23 +152,28 @@ def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
             continue
         where = f"{_where(name)}.feature_cache_config"
         model = by_name.get(name)
-        if model is None or not is_dit(model.role) or model.class_ not in (ModelClass.WAN_DIT, ModelClass.AUTO):
+        if model is None or not is_dit(model.role) or model.role == "dit_sr" or model.class_ not in CACHED_DITS:
             what = f"a {model.role} ({model.class_})" if model is not None else "no model"
-            return (f"{where}.method = {cache.method!r} on {name!r}, {what}: step caches wrap the Wan DiT's block "
-                    "stack only; remove this feature_cache_config.")
+            sr = " (HunyuanVideo-1.5's SR stage, a few distilled steps: not cached)" if model and model.role == "dit_sr" \
+                else ""
+            return (f"{where}.method = {cache.method!r} on {name!r}, {what}{sr}: step caches wrap the block stack of "
+                    "the denoise stage's DiT (Wan's, HunyuanVideo-1.5's base DiT) only; remove this feature_cache_config.")
         if cache.compute_steps is not None and any(s >= steps for s in cache.compute_steps):
             return (f"{where}.compute_steps = {cache.compute_steps}: steps are 0-based and the plan has "
                     f"layer2.num_inference_steps = {steps}; list steps below {steps}.")
-        layers = int(model.arch.get("num_layers", 0)) if model.arch else 0
+        arch = model.arch or {}
+        layers = int(arch.get("num_layers", 0)) or int(arch.get("double_blocks", 0)) + int(arch.get("single_blocks", 0))
         if cache.method == FeatureCacheMethod.FIRST_BLOCK and layers and cache.first_blocks >= layers:
             return (f"{where}.first_blocks = {cache.first_blocks}: the DiT has {layers} blocks, and at least one must be "
                     "left to reuse; set first_blocks below it.")
         if cache.method == FeatureCacheMethod.TEACACHE and cache.coefficients is None and model.arch \
                 and _teacache_key(model, recipe) is None:
-            return (f"{where}.method = \"teacache\" on {name!r}: TeaCache publishes rescaling polynomials for Wan2.1 "
-                    "T2V 1.3B/14B and I2V 14B 480p/720p only, and this DiT (dim "
-                    f"{model.arch.get('dim')}, {model.arch.get('model_type', 't2v')}"
-                    f"{', a Wan2.2 expert' if recipe.layer1.is_moe else ''}) is none of them; give its fit as "
+            what = (f"hidden {model.arch.get('hidden_size')}, {model.arch.get('double_blocks')} double-stream blocks"
+                    if model.class_ == ModelClass.HUNYUAN15_DIT else f"dim {model.arch.get('dim')}, "
+                    f"{model.arch.get('model_type', 't2v')}{', a Wan2.2 expert' if recipe.layer1.is_moe else ''}")
+            return (f"{where}.method = \"teacache\" on {name!r}: rescaling polynomials are published for Wan2.1 "
+                    "T2V 1.3B/14B and I2V 14B 480p/720p (TeaCache) and the HunyuanVideo-1.5 8.3B DiT's T2V/I2V "
+                    f"480p/720p (LightX2V) only, and this DiT ({what}) is none of them; give its fit as "
                     "feature_cache_config.coefficients (highest power first), or use method = \"first_block\", "
                     "\"static\" or \"taylorseer\".")
     return None
@@ -160,7 +181,7 @@ def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
 
 def default_frame_size(recipe: Recipe) -> tuple[int, int]:
     l3 = recipe.layer3
-    return tuple(RESOLUTION_TABLE[l3.resolution.default][l3.aspect_ratio.default])  # type: ignore[return-value]
+    return family_frame_size(recipe.layer1.pipeline, l3.resolution.default, l3.aspect_ratio.default)
 
 
 def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) -> tuple[int, int, int]:
@@ -192,8 +213,10 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
                                       "num_inference_steps": recipe.layer2.num_inference_steps}
             if cache.method == FeatureCacheMethod.TEACACHE:
                 key = _teacache_key(by_name[name], recipe) if cache.coefficients is None else None
-                record.update(threshold=cache.threshold, teacache_input="t_emb", final_steps=1,
-                              coefficients=list(cache.coefficients or TEACACHE_WAN21.get(key or "", ())),
+                hy15 = by_name[name].class_ == ModelClass.HUNYUAN15_DIT
+                fits = TEACACHE_HY15 if hy15 else TEACACHE_WAN21
+                record.update(threshold=cache.threshold, teacache_input="modulated" if hy15 else "t_emb", final_steps=1,
+                              coefficients=list(cache.coefficients or fits.get(key or "", ())),
                               coefficients_source=key or "feature_cache_config.coefficients")
             elif cache.method == FeatureCacheMethod.FIRST_BLOCK:
                 record.update(threshold=cache.threshold, first_blocks=cache.first_blocks, final_steps=0)
@@ -212,7 +235,7 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
 
 def explain_lines(stages: list) -> list[str]:
     """--explain's block for the denoise stage's sparse attention and step caches (none: no lines)."""
-    denoise = next((s for s in stages if s.kind == "denoise"), None)
+    denoise = next((s for s in stages if s.kind in ("denoise", "hy15_denoise")), None)
     if denoise is None:
         return []
     sparse, caches = denoise.params.get("sparse_attention", {}), denoise.params.get("step_cache", {})
@@ -236,7 +259,8 @@ def explain_lines(stages: list) -> list[str]:
             elif method == "taylorseer":
                 rule = f"computes every {r['interval']} steps, order-{r['order']} Taylor forecast between"
             elif method == "teacache":
-                rule = (f"threshold {r['threshold']} on the rescaled time-embedding change ({r['coefficients_source']}), "
+                signal = "block 0's modulated input" if r["teacache_input"] == "modulated" else "time-embedding"
+                rule = (f"threshold {r['threshold']} on the rescaled {signal} change ({r['coefficients_source']}), "
                         f"last {r['final_steps']} step(s) computed")
             else:
                 rule = f"threshold {r['threshold']} on the first {r['first_blocks']} block(s)' residual change"

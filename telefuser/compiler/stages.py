@@ -6,7 +6,7 @@ from telefuser.errors import RecipeError
 from telefuser.schema.enums import ModelRole, PipelineType, is_dit
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe
-from telefuser.schema.resolution import RESOLUTION_TABLE
+from telefuser.schema.resolution import RESOLUTION_TABLE, family_frame_size
 
 from .skip_work import denoise_params
 
@@ -56,7 +56,7 @@ def check_frame_sizes(recipe: Recipe, spatial: int, patch: list[int]) -> None:
     l3 = recipe.layer3
     for res in l3.resolution.choices:
         for ar in l3.aspect_ratio.choices:
-            width, height = RESOLUTION_TABLE[res][ar]
+            width, height = family_frame_size(recipe.layer1.pipeline, res, ar)
             if width % step_w or height % step_h:
                 fits = sorted({str(r) for r, table in RESOLUTION_TABLE.items() for w, h in table.values()
                                if w % step_w == 0 and h % step_h == 0})

@@ -152,8 +152,9 @@ class FeatureCacheConfig(StrictModel):
     interval: PositiveInt = Field(2, description="taylorseer: a step computes every `interval` steps.")
     order: int = Field(1, ge=0, le=2, description="taylorseer: order of the Taylor forecast of reused steps.")
     coefficients: Optional[list[float]] = Field(
-        None, description="teacache: the rescaling polynomial (highest power first); unset: TeaCache's published "
-        "Wan2.1 fit for the DiT (T2V 1.3B/14B, I2V 14B 480p/720p).")
+        None, description="teacache: the rescaling polynomial (highest power first); unset: the published fit for "
+        "the DiT (TeaCache's Wan2.1 T2V 1.3B/14B, I2V 14B 480p/720p; LightX2V's HunyuanVideo-1.5 8.3B T2V/I2V "
+        "480p/720p).")
 
     @model_validator(mode="after")
     def _method_fields(self) -> "FeatureCacheConfig":

@@ -131,8 +131,9 @@ class SRConfig(StrictModel):
     num_inference_steps: PositiveInt = Field(6, description="SR steps (published: 6 for 720p, 8 for 1080p).")
     sigma_shift: float = Field(2.0, gt=0, description="The SR schedule's flow shift (published 2.0).")
     cfg_scale: float = Field(1.0, ge=0, description="Guidance of the SR DiT (published 1.0: one DiT call per step).")
-    target_resolution: Resolution = Field(Resolution.P720, description="The SR video's resolution row: its frame is "
-                                          "that row's size at the run's aspect ratio.")
+    target_resolution: Resolution = Field(Resolution.P720, description="The SR video's resolution: its frame is "
+                                          "that resolution's published bucket closest to the base frame's aspect "
+                                          "ratio (480p 848x480 -> 720p 1280x720).")
 
 
 class Layer2(StrictModel):

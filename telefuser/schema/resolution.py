@@ -8,11 +8,15 @@ stride 8 x DiT patch 2). Other ratios keep the area at or under the 16:9 one.
 compresses space 16x, so with the DiT's 2x2 patch every side is a multiple of 32,
 which 720 is not. Its other ratios are multiples of 32 too (1:1 928x928, 4:3 1024x768).
 The compiler refuses a choice whose sides do not fit the plan's VAE and patch.
+
+HunyuanVideo-1.5's pipelines generate its published buckets instead where a resolution has them
+(`family_frame_size`, `buckets.py`: 480p 16:9 is 848x480 there).
 """
 
 from __future__ import annotations
 
-from .enums import AspectRatio, Resolution
+from .buckets import bucket_frame_size
+from .enums import HUNYUAN15_PIPELINES, AspectRatio, Resolution
 
 RESOLUTION_TABLE: dict[Resolution, dict[AspectRatio, tuple[int, int]]] = {
     Resolution.P144: {
@@ -57,3 +61,14 @@ def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
             f"unknown resolution {resolution!r} or aspect ratio {aspect_ratio!r}: "
             f"resolutions are {valid_res}; aspect ratios are {valid_ar}"
         ) from exc
+
+
+def family_frame_size(pipeline: str, resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(width, height) a pipeline generates for a resolution and an aspect ratio: HunyuanVideo-1.5's published
+    bucket where its resolution has them (480p 16:9: 848x480, what Tencent's code generates), else the table. The
+    compiler records these in the plan (`layer3_user_interface.frame_sizes`), which the runtime then follows."""
+    if str(pipeline) in {p.value for p in HUNYUAN15_PIPELINES}:
+        bucket = bucket_frame_size(str(resolution), str(aspect_ratio))
+        if bucket is not None:
+            return bucket
+    return frame_size(str(resolution), str(aspect_ratio))

@@ -35,12 +35,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from telefuser.ops.normalization import norm_modulate
+
 # The presets and the layers' public helpers stay importable from here (callers and tests use these names).
 from .dit_config import (COND_TYPE_GLYPH, COND_TYPE_IMAGE, COND_TYPE_TEXT, HUNYUAN15_8B,  # noqa: F401
                          HUNYUAN15_SR_8B, LATENT_CHANNELS, HunyuanVideo15DiTConfig)
 from .dit_layers import (ByT5Mapper, DoubleStreamBlock, FinalLayer, PatchEmbed, Rope,  # noqa: F401
                          SingleStreamBlock, TimestepEmbedder, TokenRefiner, VisionProjection, _key_mask,
                          condition_latents, rope_cos_sin, timestep_embedding)
+from ..block_stack import StackBlock
 
 
 def _pack(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,6 +94,32 @@ class HunyuanVideo15DiT(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(c) for _ in range(c.single_blocks))
         self.final_layer = FinalLayer(c)
         self._rope_cache: dict[tuple[tuple[int, ...], torch.device], Rope] = {}
+
+    def residual_stack(self) -> list[StackBlock]:
+        """The blocks as step caches see them (telefuser.models.block_stack): the stack's residual is the video
+        tokens' (the final layer reads only those). A double-stream block takes and returns (img, txt): the stream is
+        img, and a skipped one passes txt through; a single-stream block takes and returns [img, txt] joined, the first
+        `video_tokens` (its third argument) the video's."""
+        def single_in(args: tuple) -> torch.Tensor:
+            return args[0][:, : args[2]]
+
+        def single_replace(args: tuple, stream: torch.Tensor | None) -> torch.Tensor:
+            return args[0] if stream is None else torch.cat([stream, args[0][:, args[2]:]], 1)
+
+        double = [StackBlock(b, lambda args: args[0], lambda args, out: out[0],
+                             lambda args, stream: (args[0] if stream is None else stream, args[1]))
+                  for b in self.double_blocks]
+        single = [StackBlock(b, single_in, lambda args, out: out[:, : args[2]], single_replace)
+                  for b in self.single_blocks]
+        return double + single
+
+    def teacache_input(self, block_args: tuple) -> torch.Tensor:
+        """TeaCache's signal for this DiT, as LightX2V fits its HunyuanVideo-1.5 polynomials: the first double-stream
+        block's modulated video stream norm(img) * (1 + scale1) + shift1 (`block_args` that block's arguments)."""
+        img, _txt, vec = block_args[:3]
+        block = self.double_blocks[0]
+        shift, scale = block.img_mod(vec)[:2]
+        return norm_modulate(img, shift, scale, eps=block.eps)
 
     def rope(self, grid: tuple[int, ...], device: torch.device) -> Rope:
         key = (grid, device)

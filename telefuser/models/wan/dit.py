@@ -46,6 +46,8 @@ from telefuser.ops.normalization import LayerNorm, RMSNorm, norm_modulate
 from telefuser.ops.residual import gated_add
 from telefuser.ops.rotary import apply_rotary_emb, wan_rope_cos_sin
 
+from ..block_stack import StackBlock, plain_block
+
 CLIP_DIM = 1280  # CLIP ViT-H/14 penultimate features fed to img_emb (Wan2.1 I2V)
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -235,6 +237,10 @@ class WanDiT(nn.Module):
             self.img_emb = WanImageEmbedding(c.image_dim, c.dim)
         # The RoPE table is built on the CPU in float64 (tens of ms at 480p); once per grid and device.
         self._rope_cache: dict[tuple[tuple[int, ...], torch.device], Rope] = {}
+
+    def residual_stack(self) -> list[StackBlock]:
+        """The blocks as step caches see them: tokens in, tokens out (telefuser.models.block_stack)."""
+        return [plain_block(block) for block in self.blocks]
 
     def rope(self, grid: tuple[int, ...], device: torch.device) -> Rope:
         key = (grid, device)

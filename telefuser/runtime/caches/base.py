@@ -1,7 +1,10 @@
 """The step-cache engine: reuse the residual of the DiT's block stack on steps judged close enough to the
-last computed one, applied from outside an unchanged `WanDiT` (as diffusers' hooks do: the module's
+last computed one, applied from outside an unchanged DiT (as diffusers' hooks do: the module's
 `forward` and its blocks' `forward` are replaced on the instance, the class is untouched, `detach` puts
-them back).
+them back). The DiT says what its stack is through `residual_stack()` (telefuser.models.block_stack): its
+blocks in run order and where the residual's stream sits in each block's arguments and output (WanDiT: the
+tokens in and out; HunyuanVideo15DiT: the video tokens of its double-stream blocks' (img, txt) and the front
+of its single-stream blocks' joined sequence), so nothing here is per family.
 
 What runs, per DiT call:
 - The DiT's own forward (patch embedding, time and text embeddings, blocks, head) runs as always; only the
@@ -39,6 +42,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from telefuser.models.block_stack import StackBlock
+
 
 @dataclasses.dataclass
 class BranchState:
@@ -59,8 +64,9 @@ class CallContext:
     branch: str
     state: BranchState
     t: torch.Tensor
-    stack_input: Optional[torch.Tensor] = None  # the input of block first_blocks (computing)
-    first_input: Optional[torch.Tensor] = None  # the input of block 0
+    stack_input: Optional[torch.Tensor] = None  # the input stream of block first_blocks (computing)
+    first_input: Optional[torch.Tensor] = None  # the input stream of block 0
+    block_args: tuple[Any, ...] = ()  # block first_blocks' positional arguments (a policy may read them)
     reusing: bool = False
 
 
@@ -92,9 +98,11 @@ class StepCache:
                  max_consecutive_skips: Optional[int] = None, num_inference_steps: Optional[int] = None,
                  final_steps: int = 0, branch_names: Sequence[str] = ("cond", "uncond"),
                  reduce_sums: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
-        blocks = getattr(dit, "blocks", None)
-        if blocks is None or len(blocks) <= policy.first_blocks:
-            raise ValueError(f"a step cache needs a DiT with more than {policy.first_blocks} blocks in `.blocks`")
+        stack = getattr(dit, "residual_stack", None)
+        self.stack: list[StackBlock] = list(stack()) if callable(stack) else []
+        if len(self.stack) <= policy.first_blocks:
+            raise ValueError(f"a step cache needs a DiT whose residual_stack() has more than {policy.first_blocks} "
+                             f"blocks; {type(dit).__name__} has {len(self.stack)}")
         if warmup_steps < 0 or final_steps < 0 or (max_consecutive_skips is not None and max_consecutive_skips < 0):
             raise ValueError("warmup_steps, final_steps and max_consecutive_skips must not be negative")
         if final_steps and num_inference_steps is None:
@@ -134,8 +142,8 @@ class StepCache:
         if getattr(self.dit, "_telefuser_step_cache", None) is not None:
             raise ValueError("this DiT already has a step cache; detach it first")
         self._patch(self.dit, self._dit_forward)
-        for index, block in enumerate(self.dit.blocks):
-            self._patch(block, self._block_forward(index, block.forward))
+        for index, entry in enumerate(self.stack):
+            self._patch(entry.module, self._block_forward(index, entry, entry.module.forward))
         self.dit._telefuser_step_cache = self
         return self
 
@@ -198,16 +206,18 @@ class StepCache:
             return True
         return s.residual is None or s.residual.shape != x.shape
 
-    def _block_forward(self, index: int, forward: Callable) -> Callable:
-        first, last = self.policy.first_blocks, len(self.dit.blocks) - 1
+    def _block_forward(self, index: int, entry: StackBlock, forward: Callable) -> Callable:
+        first, last = self.policy.first_blocks, len(self.stack) - 1
 
-        def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def run(*args: Any, **kwargs: Any) -> Any:
             ctx = self._ctx
             if ctx is None:  # a block called outside a DiT call (or the cache is between videos): plain
-                return forward(x, *args, **kwargs)
+                return forward(*args, **kwargs)
             if index == 0:
-                ctx.first_input = x
+                ctx.first_input = entry.stream_in(args)
             if index == first:
+                x = entry.stream_in(args)
+                ctx.block_args = args
                 forced = self.forced_compute(ctx, x)
                 compute = self.policy.decide(self, ctx, x, forced) or forced
                 s = ctx.state
@@ -220,12 +230,12 @@ class StepCache:
                     s.reused += 1
                     s.consecutive_reuses += 1
                     ctx.reusing = True
-                    return x + self.policy.reuse_residual(self, ctx)
+                    return entry.replace(args, x + self.policy.reuse_residual(self, ctx))
             elif index > first and ctx.reusing:
-                return x  # the residual added at block `first` stands for this block
-            out = forward(x, *args, **kwargs)
+                return entry.replace(args, None)  # the residual added at block `first` stands for this block
+            out = forward(*args, **kwargs)
             if index == last and ctx.stack_input is not None:
-                ctx.state.residual = out - ctx.stack_input
+                ctx.state.residual = entry.stream_out(args, out) - ctx.stack_input
                 self.policy.after_compute(self, ctx)
             return out
 

@@ -1,5 +1,6 @@
-"""TeaCache for Wan (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model",
-arXiv:2411.19108), as its authors run it on Wan2.1 (ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py):
+"""TeaCache (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model",
+arXiv:2411.19108), as its authors run it on Wan2.1 (ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py)
+and LightX2V on HunyuanVideo-1.5 (the same rule on another input, below):
 
 - per CFG branch, the relative L1 change of the block stack's timestep input since the previous call,
   rel = mean|inp - inp_prev| / mean|inp_prev|, where inp is the time embedding `e` (Wan's [B, dim]
@@ -15,7 +16,9 @@ arXiv:2411.19108), as its authors run it on Wan2.1 (ali-vilab/TeaCache, TeaCache
 The polynomials were fitted by TeaCache's authors on Wan2.1's own checkpoints; they rescale a change of the
 timestep embedding into the expected change of the output. They are facts of those models: other models
 (Wan2.2, distilled schedules) need their own fit, and random weights (the tiny model) make them meaningless
-for quality, though not for the mechanism the tests check.
+for quality, though not for the mechanism the tests check. HunyuanVideo-1.5's fits (LightX2V's, per task and
+resolution) rescale the change of a different input, the first double-stream block's modulated video stream
+LayerNorm(img) * (1 + scale1) + shift1 (input "modulated"); its first and last steps compute, as Wan's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ WAN21_COEFFICIENTS: dict[str, tuple[float, ...]] = {
     "wan2.1_t2v_1.3b_ret": (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
     "wan2.1_t2v_14b_ret": (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
 }
+# Source: ModelTC/LightX2V, configs/hunyuan_video_15/cache/hy_15_{t2v,i2v}_{480p,720p}_teacache.json (commit
+# 29c8504; published with teacache_thresh 0.15, 50 steps): HunyuanVideo-1.5's fits, whose input is the first
+# double-stream block's modulated video stream (input "modulated": the DiT's `teacache_input`).
+HY15_COEFFICIENTS: dict[str, tuple[float, ...]] = {
+    "hunyuan_video15_t2v_480p": (-2.97190924e+04, 2.22834983e+04, -4.37418360e+03, 3.39340251e+02, -1.01365855e+01,
+                                 1.29101768e-01),
+    "hunyuan_video15_t2v_720p": (-3.08907507e+04, 1.67786188e+04, -3.19178643e+03, 2.60740519e+02, -8.19205881e+00,
+                                 1.07913775e-01),
+    "hunyuan_video15_i2v_480p": (8.08528429e+03, -2.44607178e+03, 2.49489589e+02, -9.10697865e+00, 1.20261379e-01),
+    "hunyuan_video15_i2v_720p": (3.84300014e+03, -1.39247433e+03, 1.69167679e+02, -7.07679232e+00, 1.02419011e-01),
+}
+COEFFICIENTS: dict[str, tuple[float, ...]] = {**WAN21_COEFFICIENTS, **HY15_COEFFICIENTS}
+INPUTS = ("t_emb", "e0", "modulated")
 RET_WARMUP_STEPS = 5  # the "ret steps" variant computes its first 5 steps (TeaCache4Wan2.1: ret_steps = 5)
 
 
@@ -71,22 +87,27 @@ class TeaCachePolicy(CachePolicy):
     def __init__(self, threshold: float, coefficients: Sequence[float] | str, input: str = "t_emb") -> None:
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
-        if input not in ("t_emb", "e0"):
-            raise ValueError(f"TeaCache's input is 't_emb' (Wan's e) or 'e0' (the time projection), got {input!r}")
+        if input not in INPUTS:
+            raise ValueError(f"TeaCache's input is 't_emb' (Wan's e), 'e0' (Wan's time projection) or 'modulated' (the "
+                             f"DiT's teacache_input: HunyuanVideo-1.5's first block's modulated stream), got {input!r}")
         self.threshold = float(threshold)
-        self.coefficients = tuple(WAN21_COEFFICIENTS[coefficients] if isinstance(coefficients, str) else coefficients)
+        self.coefficients = tuple(COEFFICIENTS[coefficients] if isinstance(coefficients, str) else coefficients)
         self.input = input
 
     def decide(self, cache: StepCache, ctx: CallContext, x: torch.Tensor, forced: bool) -> bool:
-        t_emb, e0 = cache.dit.time_embeddings(ctx.t)
-        inp = t_emb if self.input == "t_emb" else e0
+        sums = None
+        if self.input == "modulated":  # the video stream: a shard per rank under sequence parallelism
+            inp, sums = cache.dit.teacache_input(ctx.block_args), cache.reduce_sums
+        else:
+            t_emb, e0 = cache.dit.time_embeddings(ctx.t)
+            inp = t_emb if self.input == "t_emb" else e0
         history = ctx.state.policy
         previous = history.get("input")
         history["input"] = inp
         if forced or previous is None or previous.shape != inp.shape:
             history["accumulated"] = 0.0
             return True
-        accumulated = history.get("accumulated", 0.0) + polyval(self.coefficients, relative_l1(inp, previous))
+        accumulated = history.get("accumulated", 0.0) + polyval(self.coefficients, relative_l1(inp, previous, sums))
         # threshold 0 never reuses, even where a polynomial is negative near 0 (the 14B fits are)
         if self.threshold > 0 and accumulated < self.threshold:
             history["accumulated"] = accumulated

@@ -143,12 +143,9 @@ def resolve_parameters(plan: Plan, **given: Any) -> RunParameters:
 
 
 def planned_frame_size(plan: Plan, resolution: str, aspect_ratio: str) -> tuple[int, int]:
-    """(width, height) from the resolution table, cross-checked with the size the plan recorded."""
-    width, height = frame_size(resolution, aspect_ratio)
+    """(width, height) the plan recorded for this choice (the compiler decides it: the resolution table, or a
+    family's own sizes such as HunyuanVideo-1.5's buckets); the table for a choice the plan records none of."""
     recorded = plan.layer3_user_interface.frame_sizes.get(resolution, {}).get(aspect_ratio)
-    if recorded is not None and tuple(recorded) != (width, height):
-        raise ParameterError(
-            f"the plan records {resolution} {aspect_ratio} as {recorded[0]}x{recorded[1]} but this TeleFuser "
-            f"makes it {width}x{height}; recompile the recipe with this version (telefuser-compile)."
-        )
-    return width, height
+    if recorded is not None:
+        return int(recorded[0]), int(recorded[1])
+    return frame_size(resolution, aspect_ratio)

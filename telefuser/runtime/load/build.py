@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from telefuser.errors import PlanError, WeightsError
+from telefuser.models.block_stack import model_blocks
 from telefuser.schema.enums import CompileMode, QuantType
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.model_config import ModelRuntimeConfig
@@ -132,9 +133,10 @@ def _build(entry: Any, planned: PlannedModel, runtime: ModelRuntimeConfig, devic
 
 
 def _compile_blocks(model: torch.nn.Module, runtime: ModelRuntimeConfig) -> None:
-    """torch.compile each transformer block (one graph per block keeps compile time low)."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, torch.nn.ModuleList):
+    """torch.compile each transformer block (one graph per block keeps compile time low): the blocks of the model
+    class's BLOCK_LISTS (WanDiT's `blocks`, HunyuanVideo15DiT's double- then single-stream blocks)."""
+    blocks = model_blocks(model)
+    if not blocks:
         raise PlanError(f"compile is enabled for a {type(model).__name__}, which has no transformer blocks to compile.")
     cfg = runtime.compile_config
     for block in blocks:

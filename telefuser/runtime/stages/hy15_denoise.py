@@ -5,7 +5,7 @@ keeps it), the DiT fed t = 1000 sigma, classifier-free guidance uncond + scale (
 as separate batch-1 calls (their context lengths differ: no attention mask needed), x <- x + (sigma_next - sigma) v.
 
 Conditioning (`condition_latents`): T2V zeros; I2V the image's latent at frame 0 with a mask, and SigLIP's tokens in
-both branches."""
+both branches. A `step_cache` record in the stage's params attaches the plan's step cache around the DiT for the loop."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Stage
 
+from ..skip_work import skip_work
 from .base import RunState, StageContext, register
 
 GRID = "linspace_1_0_shifted"
@@ -67,7 +68,8 @@ def hy15_denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
     (name,) = stage.models
     bar = tqdm(total=p["num_inference_steps"], desc="denoising", unit="step",
                disable=not (state.progress and ctx.rank.rank == 0))
-    with ctx.placements[name].active() as dit, ctx.dispatch(name):
+    # the plan's step cache (if any) wraps the DiT's block stack for this video, per CFG branch (runtime/skip_work.py)
+    with ctx.placements[name].active() as dit, ctx.dispatch(name), skip_work(ctx, state, stage, name, dit, guided) as skips:
         dtype = next(dit.parameters()).dtype
         y = condition_latents(latents, state.image_latent if i2v else None).to(dtype)
         vision = state.family["vision_states"].to(dtype) if i2v else None
@@ -75,6 +77,7 @@ def hy15_denoise(ctx: StageContext, state: RunState, stage: Stage) -> None:
         uncond = text_inputs(text[1], dtype) if guided else None
         for i in range(p["num_inference_steps"]):
             start = time.perf_counter()
+            skips.begin_step(i)
             t = (sigmas[i] * 1000.0).reshape(1).to(ctx.device)
             x = latents.to(dtype)
             if guided and ctx.rank.degree("cfg") == 2:  # cfg parallel: a branch per cfg rank, exchanged every step
