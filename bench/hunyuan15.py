@@ -1,7 +1,7 @@
 """HunyuanVideo-1.5 on one GPU (issue 22): full-size random weights in the official (Tencent) layout.
 
 Part `dit`: one CFG step (the runtime's hy15_denoise per-step call: two batch-1 DiT calls, uncond + s (cond - uncond))
-of the 8.3B DiT at 480p (832x480, TeleFuser's 16:9 row) and 720p (1280x720), 121 frames, ours with the dispatch
+of the 8.3B DiT at 480p (848x480, Tencent's 16:9 bucket, as the plans run it) and 720p (1280x720), 121 frames, ours with the dispatch
 table's Triton kernels and TORCH_SDPA, then SAGE_ATTN_2_8_8, beside diffusers' HunyuanVideo15Transformer3DModel on the
 same weights (our state dict through dit_keys.tencent_to_diffusers); relative error of each step against our
 TORCH_SDPA step. Target: at most 0.8x diffusers' time.
@@ -170,7 +170,7 @@ def text_branches(cfg, dtype, gen) -> list[tuple]:
     return out
 
 
-FRAMES = {"480p": (121, 480, 832), "720p": (121, 720, 1280)}  # (frames, height, width): TeleFuser's 16:9 rows
+FRAMES = {"480p": (121, 480, 848), "720p": (121, 720, 1280)}  # (frames, height, width): the published 16:9 buckets
 
 
 def bench_dit() -> None:
@@ -273,7 +273,7 @@ def bench_vae() -> None:
     from telefuser.models.hunyuan15.vae_keys import tencent_to_diffusers
 
     SECTIONS.setdefault("vae", [
-        "## VAE decode of the 480p 121-frame latent ([1, 32, 31, 30, 52])", "",
+        "## VAE decode of the 480p 121-frame latent ([1, 32, 31, 30, 53]: 848x480)", "",
         "| implementation | mode | ms | x diffusers | rel. error vs ours (same mode) | peak GiB |",
         "|---|---|---|---|---|---|"])
     cfg = HunyuanVideo15VAEConfig(**TINY_ARCH["vae"]) if STATE["smoke"] else HunyuanVideo15VAEConfig()
@@ -284,7 +284,7 @@ def bench_vae() -> None:
         layers_per_block=cfg.layers_per_block, spatial_compression_ratio=cfg.spatial_ratio,
         temporal_compression_ratio=cfg.temporal_ratio, scaling_factor=cfg.scaling_factor)
     theirs = peer(make, tencent_to_diffusers(ours.state_dict())).to(dev)
-    shape = (1, cfg.latent_channels, 3, 7, 7) if STATE["smoke"] else (1, 32, 31, 30, 52)
+    shape = (1, cfg.latent_channels, 3, 7, 7) if STATE["smoke"] else (1, 32, 31, 30, 53)
     z = torch.randn(shape, generator=torch.Generator(device=dev).manual_seed(5), device=dev).to(dtype)
     tile = (4, 4) if STATE["smoke"] else (16, 16)  # diffusers' default: 256-pixel tiles, 0.25 overlap
     for mode in ("whole", "tiled"):
@@ -337,7 +337,7 @@ def bench_sr() -> None:
     up_cfg = SRUpsampler720pConfig(**TINY_ARCH["upsampler_720p"]) if smoke else SRUpsampler720pConfig()
     upsampler = random_model(lambda: SRUpsampler720p(up_cfg), dev, torch.float32, seed=2)  # float32, as published
     gen = torch.Generator(device=dev).manual_seed(4)
-    lq = torch.randn((1, cfg.out_channels, 2, 2, 3) if smoke else (1, 32, 31, 30, 52), generator=gen, device=dev)
+    lq = torch.randn((1, cfg.out_channels, 2, 2, 3) if smoke else (1, 32, 31, 30, 53), generator=gen, device=dev)
     size = (4, 6) if smoke else (45, 80)
     cond = text_branches(dit_config(), dtype, gen)[0]
     steps = 2 if smoke else 6
