@@ -41,6 +41,23 @@ def test_no_weights_check_accepts_auto_classes_and_still_checks_dispatch(tmp_pat
     assert "FLASH_ATTN_3" in out and "compute capability >= 9.0" in out and "would work: TORCH_SDPA" in out
 
 
+def test_no_weights_check_leaves_teacache_fits_to_the_weights(capsys):
+    """Without the weights the DiT's size is unknown: TeaCache without coefficients passes --check --no-weights on
+    the shipped Wan2.1 recipes (the compile with the weights picks the fit), and a Wan2.2 expert, which never has a
+    published fit, is still refused there."""
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    teacache = ["--set", "layer2.models.dit.feature_cache_config.method=teacache"]
+    for name in ("wan21_t2v_1.3b", "wan21_t2v_14b", "wan21_i2v_14b_480p"):
+        assert main(["--check", "--no-weights", str(recipes / f"{name}.toml"), *teacache]) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    expert = ["--set", "layer2.models.dit_high.feature_cache_config.method=teacache"]
+    assert main(["--check", "--no-weights", str(recipes / "wan22_t2v_a14b.toml"), *expert]) == 1
+    out = capsys.readouterr().out
+    assert "a Wan2.2 expert" in out and "coefficients" in out and "dim None" not in out
+
+
 def test_compile_with_no_weights_refused_before_any_work(models, tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main([str(write_recipe(models)), "-o", str(out), "--no-weights"]) == 2

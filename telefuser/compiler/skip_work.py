@@ -143,6 +143,13 @@ def _teacache_key(model: PlannedModel, recipe: Recipe) -> Optional[str]:
     return None
 
 
+def _arch_identifies(model: PlannedModel, recipe: Recipe) -> bool:
+    """Whether the arch holds the numbers the published fits are keyed by: a --check --no-weights plan may hold only
+    the recipe's declarations, and the compile with the weights decides then (a Wan2.2 expert never has a fit)."""
+    keys = ("hidden_size", "double_blocks") if model.class_ == ModelClass.HUNYUAN15_DIT else ("dim",)
+    return recipe.layer1.is_moe or all(k in (model.arch or {}) for k in keys)
+
+
 def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     by_name = _models_by_name(recipe, models)
     steps = recipe.layer2.num_inference_steps
@@ -166,11 +173,13 @@ def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         if cache.method == FeatureCacheMethod.FIRST_BLOCK and layers and cache.first_blocks >= layers:
             return (f"{where}.first_blocks = {cache.first_blocks}: the DiT has {layers} blocks, and at least one must be "
                     "left to reuse; set first_blocks below it.")
-        if cache.method == FeatureCacheMethod.TEACACHE and cache.coefficients is None and model.arch \
-                and _teacache_key(model, recipe) is None:
-            what = (f"hidden {model.arch.get('hidden_size')}, {model.arch.get('double_blocks')} double-stream blocks"
-                    if model.class_ == ModelClass.HUNYUAN15_DIT else f"dim {model.arch.get('dim')}, "
-                    f"{model.arch.get('model_type', 't2v')}{', a Wan2.2 expert' if recipe.layer1.is_moe else ''}")
+        if cache.method == FeatureCacheMethod.TEACACHE and cache.coefficients is None \
+                and _arch_identifies(model, recipe) and _teacache_key(model, recipe) is None:
+            known = model.arch or {}
+            what = (f"hidden {known.get('hidden_size')}, {known.get('double_blocks')} double-stream blocks"
+                    if model.class_ == ModelClass.HUNYUAN15_DIT else
+                    f"{'dim ' + str(known['dim']) + ', ' if 'dim' in known else ''}{known.get('model_type', 't2v')}"
+                    f"{', a Wan2.2 expert' if recipe.layer1.is_moe else ''}")
             return (f"{where}.method = \"teacache\" on {name!r}: rescaling polynomials are published for Wan2.1 "
                     "T2V 1.3B/14B and I2V 14B 480p/720p (TeaCache) and the HunyuanVideo-1.5 8.3B DiT's T2V/I2V "
                     f"480p/720p (LightX2V) only, and this DiT ({what}) is none of them; give its fit as "
