@@ -41,13 +41,12 @@ def write(plan, path: Path) -> Path:
 
 
 def test_teacache_fits_are_the_runtime_table():
+    """The compiler picks from the very table the runtime applies (schema/teacache_fits.py), not a copy."""
     from telefuser.runtime.caches import HY15_COEFFICIENTS, WAN21_COEFFICIENTS
 
-    for key, fit in compiler_skip_work.TEACACHE_WAN21.items():
-        assert tuple(fit) == tuple(WAN21_COEFFICIENTS[key])
-    for key, fit in compiler_skip_work.TEACACHE_HY15.items():
-        assert tuple(fit) == tuple(HY15_COEFFICIENTS[key])
-    assert set(compiler_skip_work.TEACACHE_HY15) == set(HY15_COEFFICIENTS)
+    assert compiler_skip_work.WAN21_COEFFICIENTS is WAN21_COEFFICIENTS
+    assert compiler_skip_work.HY15_COEFFICIENTS is HY15_COEFFICIENTS
+    assert set(HY15_COEFFICIENTS) == {f"hunyuan_video15_{t}_{r}" for t in ("t2v", "i2v") for r in ("480p", "720p")}
 
 
 def test_sparse_plan_records_pattern_and_density():

@@ -19,29 +19,12 @@ from telefuser.schema.model_config import SPARSE_IMPL_OF, ModelRuntimeConfig, Sp
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import family_frame_size
+from telefuser.schema.teacache_fits import HY15_COEFFICIENTS, WAN21_COEFFICIENTS
 
 BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
 NOT_BUILT_SPARSE = (AttnImplType.SOL_ATTN.value, AttnImplType.SPARGE_ATTN.value)  # declared, no runner in ops
 QUANTISED = ("SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8_SM90")
 QUANTISED_MIN_BLOCK = 32  # kernels/triton/sage_sparse_attention.py: MIN_BLOCK (the compiler imports no kernels)
-# TeaCache's published Wan2.1 fits (telefuser/runtime/caches/teacache.py: WAN21_COEFFICIENTS, source there);
-# kept in step with that table by tests/test_skip_work_plan.py (the compiler does not import the runtime).
-TEACACHE_WAN21 = {
-    "wan2.1_t2v_1.3b": (2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
-    "wan2.1_t2v_14b": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
-    "wan2.1_i2v_14b_480p": (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
-    "wan2.1_i2v_14b_720p": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
-}
-# LightX2V's HunyuanVideo-1.5 fits (runtime/caches/teacache.py: HY15_COEFFICIENTS, source there; same test), for the
-# published 8.3B DiT (hidden 2048) per task and resolution; their input is block 0's modulated video stream.
-TEACACHE_HY15 = {
-    "hunyuan_video15_t2v_480p": (-2.97190924e+04, 2.22834983e+04, -4.37418360e+03, 3.39340251e+02, -1.01365855e+01,
-                                 1.29101768e-01),
-    "hunyuan_video15_t2v_720p": (-3.08907507e+04, 1.67786188e+04, -3.19178643e+03, 2.60740519e+02, -8.19205881e+00,
-                                 1.07913775e-01),
-    "hunyuan_video15_i2v_480p": (8.08528429e+03, -2.44607178e+03, 2.49489589e+02, -9.10697865e+00, 1.20261379e-01),
-    "hunyuan_video15_i2v_720p": (3.84300014e+03, -1.39247433e+03, 1.69167679e+02, -7.07679232e+00, 1.02419011e-01),
-}
 CACHED_DITS = (ModelClass.WAN_DIT, ModelClass.HUNYUAN15_DIT, ModelClass.AUTO)  # classes with residual_stack()
 
 
@@ -223,7 +206,7 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
             if cache.method == FeatureCacheMethod.TEACACHE:
                 key = _teacache_key(by_name[name], recipe) if cache.coefficients is None else None
                 hy15 = by_name[name].class_ == ModelClass.HUNYUAN15_DIT
-                fits = TEACACHE_HY15 if hy15 else TEACACHE_WAN21
+                fits = HY15_COEFFICIENTS if hy15 else WAN21_COEFFICIENTS
                 record.update(threshold=cache.threshold, teacache_input="modulated" if hy15 else "t_emb", final_steps=1,
                               coefficients=list(cache.coefficients or fits.get(key or "", ())),
                               coefficients_source=key or "feature_cache_config.coefficients")
