@@ -166,6 +166,7 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
     """One CFG step (two batch-1 forwards, the runtime's `guided`): exact and quantised attention (ours),
     diffusers (SDPA default, cuDNN) on the same weights. Errors against our exact step, of the conditional
     forward alone and of the guided output (CFG 5 amplifies the small cond - uncond difference)."""
+    from bench.common import TRITON_ROWS
     from bench.wan_i2v import diffusers_dit
     from bench.weights_random import random_model
     from telefuser.distributed.rank import RankContext
@@ -194,8 +195,7 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
         extra = {"y": torch.randn(1, 20, *latent[2:], generator=gen, device=DEVICE).to(dtype),
                  "clip_fea": torch.randn(1, 257, cfg.image_dim, generator=gen, device=DEVICE).to(dtype)}
     rank = RankContext(device=torch.device(DEVICE))
-    kernels = {} if smoke else {op: "triton" for op in ("rms_norm", "layer_norm", "norm_modulate", "modulate",
-                                                         "rotary", "gated_add")}
+    kernels = {} if smoke else TRITON_ROWS
     lines = ["| implementation | ms / step | x diffusers | x our exact | cond forward rel. error vs our exact | "
              "CFG step rel. error vs our exact | peak GiB |", "|---|---|---|---|---|---|---|"]
     rows = {}

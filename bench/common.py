@@ -137,6 +137,9 @@ def out_dir() -> Path:
 # ---------------------------------------------------------------------------------------------- recipes
 
 REPO = Path(__file__).resolve().parents[1]
+# The row ops our GPU rows run through the Triton kernels (the compiler's dispatch on CUDA); attention is each row's own.
+TRITON_ROWS = {op: "triton" for op in ("rms_norm", "layer_norm", "norm_modulate", "modulate", "rotary",
+                                       "gated_add")}
 GPU_PRESETS = ("H200", "H100", "B200", "A100", "L40S", "RTX4090")  # schema/targets.py's presets
 
 

@@ -63,7 +63,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 
-from bench.common import Measured, environment, out_dir  # noqa: E402
+from bench.common import TRITON_ROWS, Measured, environment, out_dir  # noqa: E402
 from telefuser.ops.quantized_attention import VARIANTS  # noqa: E402
 from bench.parallel_report import CFG_SCALE, render  # noqa: E402
 from bench.weights_random import diffusers_transformer, meta_model  # noqa: E402
@@ -85,8 +85,7 @@ TOLERANCE = {"bf16": 1e-1, "fp32": 1e-4}
 # order), so the prediction moves within the kernel's error (tests/test_quantized_attention.py: 6% per attention).
 QUANTISED_RING_TOLERANCE = 1e-1
 # The dispatch table of bench/wan21.py: SDPA for attention (cuDNN on the H100/H200), Triton kernels for the rest.
-GPU_KERNELS = {"attention": "TORCH_SDPA", **{op: "triton" for op in
-                                              ("rms_norm", "layer_norm", "norm_modulate", "modulate", "rotary", "gated_add")}}
+GPU_KERNELS = {"attention": "TORCH_SDPA", **TRITON_ROWS}
 # diffusers backends whose forward op returns the log-sum-exp (ring attention needs it); "native" does not.
 RING_BACKENDS = ("_native_cudnn", "_native_flash", "flash", "flash_hub", "_flash_3_hub", "sage", "sage_hub")
 

@@ -23,6 +23,7 @@ ROWS = (("TORCH_SDPA (cuDNN)", "TORCH_SDPA", False), ("RADIAL_ATTN (16-bit block
 def step_rows(report: Any, smoke: bool) -> None:
     import torch
 
+    from bench.common import TRITON_ROWS
     from bench.weights_random import random_model
     from telefuser.distributed.rank import RankContext
     from telefuser.models.tiny import TINY_ARCH
@@ -44,8 +45,7 @@ def step_rows(report: Any, smoke: bool) -> None:
     context, context_null = (torch.randn(1, text_len, cfg.text_dim, generator=gen, device=device).to(dtype)
                              for _ in range(2))
     rank = RankContext(device=torch.device(device))
-    kernels = {} if smoke else {op: "triton" for op in ("rms_norm", "layer_norm", "norm_modulate", "modulate",
-                                                         "rotary", "gated_add")}
+    kernels = {} if smoke else TRITON_ROWS
     grid = tuple(n // p for n, p in zip(latent[2:], cfg.patch_size))
     density = sa.density(sa.block_mask_for(type("Cfg", (), RADIAL)(), grid))
     shape = f"14B DiT CFG step, 720p 81f (S={grid[0] * grid[1] * grid[2]})" if not smoke else "tiny DiT CFG step"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import bench_ms, bf16_matmul_tflops, environment, out_dir, wall_ms
+from bench.common import TRITON_ROWS, bench_ms, bf16_matmul_tflops, environment, out_dir, wall_ms
 from bench.weights_random import random_model
 from telefuser.models.wan.dit import WAN21_1_3B, WanDiT, WanDiTConfig
 from telefuser.models.wan.dit_keys import wan_to_diffusers
@@ -35,8 +35,7 @@ BF16 = torch.bfloat16
 LATENT = (2, 16, 21, 60, 104)
 TOKENS = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)  # 32760
 TEXT_LEN = 512
-KERNELS = {"attention": "TORCH_SDPA", **{op: "triton" for op in
-                                          ("rms_norm", "layer_norm", "norm_modulate", "modulate", "rotary", "gated_add")}}
+KERNELS = {"attention": "TORCH_SDPA", **TRITON_ROWS}
 # PyTorch 2.11 SDPA on the H100 picks cuDNN for these shapes; its flash (FA2) backend is measured beside it
 # (1.6x slower there, 2026-11-22), on both sides, so that no ratio compares two different attention kernels.
 SDPA_CHOICES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
