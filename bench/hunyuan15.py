@@ -192,7 +192,7 @@ def bench_dit() -> None:
         gen = torch.Generator(device=dev).manual_seed(3)
         x = torch.randn(1, cfg.out_channels, 1 + (f - 1) // 4, h // 16, w // 16, generator=gen, device=dev).to(dtype)
         y = condition_latents(x.float()).to(dtype)
-        t = torch.tensor([900.0], device=dev)
+        t = torch.tensor([896.0], device=dev)  # exact in bf16: diffusers embeds the timestep in the model dtype
         cond, uncond = text_branches(cfg, dtype, gen)
 
         def ours_step(table: dict) -> torch.Tensor:
@@ -235,7 +235,7 @@ def bench_dit() -> None:
             if byt5 is None:  # diffusers' pipeline passes zero glyph tokens with a zero mask
                 byt5 = torch.zeros(1, cond[2].shape[1], cfg.byt5_dim, device=dev, dtype=dtype)
                 bmask = torch.zeros(1, cond[2].shape[1], dtype=torch.long, device=dev)
-            return ref(hidden_states=model_in, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
+            return ref(hidden_states=model_in, timestep=t.to(dtype), encoder_hidden_states=text, encoder_attention_mask=mask,
                        encoder_hidden_states_2=byt5, encoder_attention_mask_2=bmask, image_embeds=vision,
                        return_dict=False)[0].float()
 

@@ -35,11 +35,12 @@ background while the first video runs (`_at_load`).
 
 from __future__ import annotations
 
-from telefuser.schema.enums import ModelRole, WeightOffloadType, is_dit
+from telefuser.schema.enums import ModelClass, ModelRole, WeightOffloadType, is_dit
 from telefuser.schema.plan import BlockOffload, MemoryEstimate, PlannedModel, PrefetchDecision, Stage, StageMemory
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import family_frame_size
+from telefuser.schema.vae_tiles import hy15_frames_per_tile_call
 
 from .block_offload import plan_block_offload
 from .skip_work import cache_residual_bytes
@@ -136,10 +137,13 @@ def _vae_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, s
     width_bytes = DTYPE_BYTES[vae.compute_dtype]
     area = width * height
     tile = 0
+    frames_per_call = 1
     if tiled:
         area = min(area, l2.tile_size[0] * space * l2.tile_size[1] * space)
         tile = l2.num_frames * 3 * area * width_bytes
-    return VAE_LIVE_MAPS * 4 * base * area * width_bytes + tile + l2.num_frames * 3 * width * height * 4
+        if vae.class_ == ModelClass.HUNYUAN15_VAE:  # several latent frames per call of a tile (its decode_tile)
+            frames_per_call = hy15_frames_per_tile_call(*l2.tile_size)
+    return VAE_LIVE_MAPS * 4 * frames_per_call * base * area * width_bytes + tile + l2.num_frames * 3 * width * height * 4
 
 
 def _taehv_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, chunk: int) -> int:

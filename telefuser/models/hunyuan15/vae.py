@@ -35,6 +35,7 @@ from torch import nn
 
 from telefuser.models.wan.causal_vae import TileStitcher  # the same cross-fade and order of overlapping tiles
 from telefuser.ops.attention import attention
+from telefuser.schema.vae_tiles import hy15_frames_per_tile_call
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,8 @@ class HunyuanVideo15VAE(nn.Module):
         return z.new_empty(b, 3, 1 + self.temporal_ratio * (t - 1), h * self.spatial_ratio, w * self.spatial_ratio)
 
     def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
-        return self._decode_frames(z)
+        """Several latent frames per decoder call (schema.vae_tiles: one frame of a small tile underfills a GPU)."""
+        return self._decode_frames(z, chunk=hy15_frames_per_tile_call(z.shape[3], z.shape[4]))
 
     def _decode_frames(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
         """One tile (or the whole latent), unscaled latents in: `chunk` latent frames at a time, carrying the causal
