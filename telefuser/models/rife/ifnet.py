@@ -78,15 +78,18 @@ class IFBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, flow: torch.Tensor | None, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x, flow float32 at full size -> (flow [B, 4], mask [B, 1], features) float32 at full size."""
-        x = F.interpolate(x, scale_factor=1.0 / scale, mode="bilinear", align_corners=False)
+        """x already resized by 1 / scale (see IFNet.forward), flow float32 at full size -> (flow [B, 4],
+        mask [B, 1], features) float32 at full size."""
         if flow is not None:
-            flow = F.interpolate(flow, scale_factor=1.0 / scale, mode="bilinear", align_corners=False) / scale
-            x = torch.cat((x, flow), 1)
+            x = torch.cat((x, _resize(flow, 1.0 / scale) / scale), 1)
         dtype = self.lastconv[0].weight.dtype
         out = self.lastconv(self.convblock(self.conv0(x.to(dtype)))).float()
-        out = F.interpolate(out, scale_factor=scale, mode="bilinear", align_corners=False)
+        out = _resize(out, scale)
         return out[:, :4] * scale, out[:, 4:5], out[:, 5:]
+
+
+def _resize(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -126,22 +129,30 @@ class IFNet(nn.Module):
         img0, img1 = img0.float(), img1.float()
         t = img0.new_full((img0.shape[0], 1, img0.shape[2], img0.shape[3]), float(timestep))
         dtype = self.encode.cnn0.weight.dtype
-        f0 = self.encode(img0.to(dtype)).float()
-        f1 = self.encode(img1.to(dtype)).float()
+        # Each frame joined with its head features, so one grid_sample warps both ([B, 3 + head, H, W]).
+        g0 = torch.cat((img0, self.encode(img0.to(dtype)).float()), 1)
+        g1 = torch.cat((img1, self.encode(img1.to(dtype)).float()), 1)
         flow = mask = feat = None
-        warped0, warped1 = img0, img1
+        w0, w1 = g0, g1
         for n, block in enumerate(self.blocks):
             s = self.config.scales[n] / scale
-            if flow is None:
-                flow, mask, feat = block(torch.cat((img0, img1, f0, f1, t), 1), None, s)
-            else:
-                wf0, wf1 = warp(f0, flow[:, :2]), warp(f1, flow[:, 2:4])
-                x = torch.cat((warped0, warped1, wf0, wf1, t, mask, feat), 1)
+            # A block sees its input resized by 1 / s; bilinear resizing works channel by channel, so resizing
+            # the pieces and joining them small equals resizing their full-size concatenation, which is never
+            # written (at 720p, batch 16, that concatenation was a quarter of the network's time).
+            r0, r1 = _resize(w0, 1.0 / s), _resize(w1, 1.0 / s)
+            if flow is None:  # conv0's channels: img0, img1, f0, f1, t
+                x = torch.cat((r0[:, :3], r1[:, :3], r0[:, 3:], r1[:, 3:], _resize(t, 1.0 / s)), 1)
+                flow, mask, feat = block(x, None, s)
+            else:  # warped img0, img1, warped f0, f1, t, mask, features
+                x = torch.cat((r0[:, :3], r1[:, :3], r0[:, 3:], r1[:, 3:], _resize(torch.cat((t, mask, feat), 1),
+                                                                                   1.0 / s)), 1)
                 delta, mask, feat = block(x, flow, s)
                 flow = flow + delta
-            warped0, warped1 = warp(img0, flow[:, :2]), warp(img1, flow[:, 2:4])
+            last = n == len(SCALES) - 1  # the blend needs the frames warped, not their features
+            w0 = warp(img0 if last else g0, flow[:, :2])
+            w1 = warp(img1 if last else g1, flow[:, 2:4])
         m = torch.sigmoid(mask)
-        return warped0 * m + warped1 * (1 - m)
+        return w0 * m + w1 * (1 - m)
 
 
 def load_flownet(path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> IFNet:
