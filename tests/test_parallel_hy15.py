@@ -55,10 +55,11 @@ def _reference(q, k, v, jq, jk, jv, lengths):
     return torch.stack(outs), torch.stack(jouts)
 
 
-def _op_case(names: tuple[str, ...], shape: tuple[int, ...], seq: int, lengths: list[int] | None) -> None:
+def _op_case(names: tuple[str, ...], shape: tuple[int, ...], seq: int, lengths: list[int] | None,
+             heads: int = 4) -> None:
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     g = torch.Generator().manual_seed(seq * 10 + len(names))
-    b, heads, joint = 2, 4, 7
+    b, joint = 2, 7
     q, k, v = (torch.randn(b, seq, heads, 16, generator=g) for _ in range(3))
     jq, jk, jv = (torch.randn(b, joint, heads, 16, generator=g) for _ in range(3))
     if lengths is not None:  # padded joint keys hold large values: a leak shows
@@ -79,6 +80,10 @@ def _op_case(names: tuple[str, ...], shape: tuple[int, ...], seq: int, lengths: 
     every = [torch.empty_like(jout) for _ in range(dist.get_world_size())]
     dist.all_gather(every, jout.contiguous())
     assert all(torch.equal(e, every[0]) for e in every), f"{what}: the joint output differs between ranks"
+    if names == ("sp_ulysses",):  # the head-group pipeline against the one-exchange path: the same attention per head
+        plain, jplain = joint_long_context_attention(*shards, jq, jk, jv, mesh, seq_len=seq, joint_lengths=lengths,
+                                                     overlap=False)
+        assert torch.equal(plain, out) and torch.equal(jplain, jout), f"{what}: overlap=False differs"
 
 
 def _op_worker_2() -> None:
@@ -91,6 +96,7 @@ def _op_worker_2() -> None:
 def _op_worker_4() -> None:
     _op_case(("sp_ring", "sp_ulysses"), (2, 2), 13, [5, 7])
     _op_case(("sp_ulysses",), (4,), 10, None)
+    _op_case(("sp_ulysses",), (4,), 10, [3, 7], heads=8)  # 2 heads per rank: two pipelined head groups
     _op_case(("sp_ring",), (4,), 3, [2, 6])  # 3 tokens on 4 ranks: the last shard is all padding
 
 

@@ -10,7 +10,8 @@ results agree to float rounding.
 - Ulysses (mesh dim "sp_ulysses"): the sequence shards trade for a head slice by all-to-all, as in
   `long_context_attention`; the joint tokens are already whole, so each rank just takes its head slice of them
   (no communication), runs one attention of [sequence, joint] queries over [valid sequence, valid joint] keys, sends
-  the sequence part back by all-to-all and all-gathers the joint part's heads.
+  the sequence part back by all-to-all and all-gathers the joint part's heads. Ulysses alone pipelines the
+  all-to-alls with the attention of head groups, as `long_context_attention` does (`overlap`; the same result).
 - Ring (mesh dim "sp_ring"): the sequence's queries merge the joint keys' partial result (the same on every rank)
   first, then the ring's K/V blocks (`long_context._ring_attention` with `start`). The joint queries attend, on each
   ring rank, to the joint keys and to that rank's own K/V block only; the ring ranks' partial results (out, lse) are
@@ -33,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .attention import attention, backend_name
 from .long_context import (RING_DIM, ULYSSES_DIM, _degree, _heads_to_seq, _ring_attention, _seq_to_heads, _sp_degrees,
-                           _valid_keys, attention_with_lse, merge_lse)
+                           _ulysses_overlapped, _valid_keys, attention_with_lse, merge_lse, ulysses_groups)
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
 
@@ -64,6 +65,28 @@ def _local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jq: torch.Tensor, 
     out = _with_joint_keys(lambda qb, kb, vb: attention(qb, kb, vb, attention_config=backend, scale=scale),
                            torch.cat([q, jq], 1), k[:, :seq_len_here], v[:, :seq_len_here], jk, jv, lengths)
     return out[:, :n], out[:, n:]
+
+
+def _ulysses_pipelined(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jq: torch.Tensor, jk: torch.Tensor,
+                       jv: torch.Tensor, lengths: Optional[Sequence[int]], seq_len: int, mesh: DeviceMesh, backend: str,
+                       scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ulysses alone, in head groups: each group's exchange in flight behind the previous group's attention
+    (`long_context._ulysses_overlapped`); the joint tokens of the group's heads are sliced locally."""
+    degree, heads = _degree(mesh, ULYSSES_DIM), q.shape[2]
+    groups = ulysses_groups(heads, degree)
+    per_group = heads // (degree * groups)
+    first = mesh.get_local_rank(ULYSSES_DIM) * (heads // degree)
+    valid = _valid_keys(seq_len, 0, q.shape[1] * degree)
+    joint_outs: list[torch.Tensor] = []
+
+    def attend(g: int, qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
+        at = slice(first + g * per_group, first + (g + 1) * per_group)
+        out, joint_out = _local(qg, kg, vg, jq[:, :, at], jk[:, :, at], jv[:, :, at], lengths, valid, backend, scale)
+        joint_outs.append(joint_out)
+        return out
+
+    out = _ulysses_overlapped(q, k, v, degree, groups, mesh.get_group(ULYSSES_DIM), attend)
+    return out, torch.cat(joint_outs, dim=2)  # this rank's heads, in group order
 
 
 def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, jq: torch.Tensor, jk: torch.Tensor, jv: torch.Tensor,
@@ -98,12 +121,12 @@ def joint_long_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  joint_k: torch.Tensor, joint_v: torch.Tensor, device_mesh: DeviceMesh,
                                  seq_len: Optional[int] = None, joint_lengths: Optional[Sequence[int]] = None,
                                  attention_config: Union[str, Any, None] = None,
-                                 scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                 scale: Optional[float] = None, overlap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over [sequence, joint tokens] for q, k, v sharded along the sequence ([B, S_local, N, D], BSND,
     padded at the sequence's end; `seq_len` the unpadded total, None: no padding) and joint_q/k/v [B, L, N, D]
     whole and equal on every sequence-parallel rank (`joint_lengths`: valid joint tokens per batch element, a
     prefix; None: all). Returns (this rank's output shard [B, S_local, N, D], the joint output [B, L, N, D], the
-    same on every sequence-parallel rank)."""
+    same on every sequence-parallel rank). `overlap`: Ulysses alone pipelines its exchange in head groups."""
     if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(f"joint_long_context_attention takes q, k, v as [B, S_local, N, D] with equal B, S_local, N; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -120,20 +143,25 @@ def joint_long_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     ulysses, ring, seq_len = _sp_degrees(q, device_mesh, seq_len)
     heads = q.shape[2]
     backend = backend_name(attention_config)
-    jq, jk, jv = joint_q, joint_k, joint_v
-    if ulysses > 1:
-        group = device_mesh.get_group(ULYSSES_DIM)
-        q, k, v = (_seq_to_heads(t, ulysses, group) for t in (q, k, v))
-        per_rank = heads // ulysses
-        first = device_mesh.get_local_rank(ULYSSES_DIM) * per_rank
-        jq, jk, jv = (t[:, :, first: first + per_rank].contiguous() for t in (jq, jk, jv))
-    if ring > 1:
-        out, joint_out = _ring(q, k, v, jq, jk, jv, joint_lengths, seq_len, scale, device_mesh, backend)
+    group = device_mesh.get_group(ULYSSES_DIM) if ulysses > 1 else None
+    if ulysses > 1 and ring == 1 and overlap:
+        out, joint_out = _ulysses_pipelined(q, k, v, joint_q, joint_k, joint_v, joint_lengths, seq_len, device_mesh,
+                                            backend, scale)
     else:
-        out, joint_out = _local(q, k, v, jq, jk, jv, joint_lengths, _valid_keys(seq_len, 0, k.shape[1]), backend,
-                                scale)
-    if ulysses > 1:
-        out = _heads_to_seq(out.contiguous(), ulysses, group)
+        jq, jk, jv = joint_q, joint_k, joint_v
+        if ulysses > 1:
+            q, k, v = (_seq_to_heads(t, ulysses, group) for t in (q, k, v))
+            per_rank = heads // ulysses
+            first = device_mesh.get_local_rank(ULYSSES_DIM) * per_rank
+            jq, jk, jv = (t[:, :, first: first + per_rank].contiguous() for t in (jq, jk, jv))
+        if ring > 1:
+            out, joint_out = _ring(q, k, v, jq, jk, jv, joint_lengths, seq_len, scale, device_mesh, backend)
+        else:
+            out, joint_out = _local(q, k, v, jq, jk, jv, joint_lengths, _valid_keys(seq_len, 0, k.shape[1]), backend,
+                                    scale)
+        if ulysses > 1:
+            out = _heads_to_seq(out.contiguous(), ulysses, group)
+    if ulysses > 1:  # the joint tokens' heads, from every Ulysses rank
         heads_of = [torch.empty_like(joint_out) for _ in range(ulysses)]
         dist.all_gather(heads_of, joint_out.contiguous(), group=group)
         joint_out = torch.cat(heads_of, dim=2)

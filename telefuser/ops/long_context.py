@@ -166,7 +166,8 @@ def _ulysses_overlapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, degre
     """Ulysses attention in `groups` head groups, pipelined: while group g's attention runs, the all-to-all of
     group g+1's q, k, v (one message) and of group g-1's output are in flight (async collectives run on the
     backend's own stream, NCCL's or gloo's thread). Same result as the unchunked exchange: attention is
-    independent per head."""
+    independent per head. `attend(g, q, k, v)` gets the group's index too: this rank's heads of group g are
+    [rank * N / degree + g * hg, + hg) of the N heads (the joint attention slices its whole tokens by it)."""
     b, s, n, d = q.shape
     hg = n // (degree * groups)  # heads per rank per group
 
@@ -185,7 +186,7 @@ def _ulysses_overlapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, degre
             pending_inputs = exchange_inputs(g + 1)  # in flight behind this group's attention
         # recv[i]: rank i's positions of my heads: [degree, 3, B, S, hg, D] -> q, k, v [B, degree*S, hg, D]
         qg, kg, vg = recv.permute(1, 2, 0, 3, 4, 5).reshape(3, b, degree * s, hg, d)
-        og = attend(qg, kg, vg)
+        og = attend(g, qg, kg, vg)
         send = og.reshape(b, degree, s, hg, d).transpose(0, 1).contiguous()  # chunk j: rank j's positions
         back = torch.empty_like(send)
         pending_outputs.append((g, back, dist.all_to_all_single(back, send, group=group, async_op=True)))
@@ -272,7 +273,7 @@ def long_context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, de
         valid = _valid_keys(seq_len, 0, local_len * ulysses)
         return _ulysses_overlapped(
             q, k, v, ulysses, ulysses_groups(heads, ulysses), group,
-            lambda qg, kg, vg: attention(qg, kg[:, :valid], vg[:, :valid], attention_config=backend, scale=scale))
+            lambda g, qg, kg, vg: attention(qg, kg[:, :valid], vg[:, :valid], attention_config=backend, scale=scale))
     if ulysses > 1:
         group = device_mesh.get_group(ULYSSES_DIM)
         q, k, v = (_seq_to_heads(t, ulysses, group) for t in (q, k, v))
