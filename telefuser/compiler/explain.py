@@ -100,7 +100,7 @@ def _frames_out(plan: Plan) -> list[str]:
 
 def _step_list(plan: Plan) -> list[str]:
     """A step-distilled schedule: the listed timesteps, what the DiT is fed, and (MoE) which expert runs each."""
-    denoise = next((s for s in plan.stages if s.kind == "denoise"), None)
+    denoise = next((s for s in plan.stages if s.kind in ("denoise", "hy15_denoise")), None)
     steps = denoise.params.get("denoising_step_list") if denoise is not None else None
     if not steps:
         return []

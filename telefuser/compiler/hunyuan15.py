@@ -22,6 +22,7 @@ from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe, SRConfig
 from telefuser.schema.buckets import BUCKET_BASE_SIZE, sr_bucket_size
 from telefuser.schema.resolution import family_frame_size, frame_size
+from telefuser.schema.step_list import grid_params
 
 from .skip_work import denoise_params
 
@@ -147,11 +148,10 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     refusal = _check_parallel(recipe, models)
     if refusal:
         return refusal
-    if l2.sample_solver != "euler" or l2.denoising_step_list is not None:
-        return (f"{where}: layer2.sample_solver = {str(l2.sample_solver)!r}"
-                f"{' with denoising_step_list' if l2.denoising_step_list is not None else ''}: HunyuanVideo-1.5 "
-                "samples with flow-matching Euler over its own shifted grid (sample_solver = \"euler\", no step "
-                "list; a step-distilled transformer runs the same loop with fewer steps); not executable yet.")
+    if l2.sample_solver != "euler":
+        return (f"{where}: layer2.sample_solver = {str(l2.sample_solver)!r}: HunyuanVideo-1.5 samples with "
+                "flow-matching Euler (sample_solver = \"euler\"), over its shifted grid or a distilled model's "
+                "denoising_step_list; not executable yet.")
     for name, cfg in l2.models.items():
         at = f"layer2.models.{name}"
         if cfg.attention_config.sparse_config is not None or cfg.attention_config.is_sparse():
@@ -297,10 +297,11 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                         params={"num_frames": l2.num_frames, "latent_channels": latent_channels,
                                 "temporal_ratio": temporal, "spatial_ratio": spatial, "generator": "cpu"}))
     stages.append(Stage(name="denoise", kind="hy15_denoise", models=[by_role["dit"]],
-                        params={"solver": "euler", "grid": "linspace_1_0_shifted",
+                        params={"solver": "euler", **grid_params(l2.denoising_step_list),
                                 "num_inference_steps": l2.num_inference_steps, "sigma_shift": l2.sigma_shift,
                                 "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg, "cfg_scale": l2.cfg_scale,
                                 "condition": conditioning,  # + the base DiT's step cache (compiler/skip_work.py)
+                                "meanflow": bool(next(m for m in models if m.role == "dit").arch.get("use_meanflow")),
                                 **denoise_params(recipe, models, [by_role["dit"]], temporal, spatial, patch)}))
     if l2.enable_sr:
         sr = l2.sr_config or SRConfig()

@@ -18,6 +18,8 @@ Shared by the compiler (which records and explains the schedule) and the runtime
 
 from __future__ import annotations
 
+from typing import Optional
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -50,3 +52,15 @@ def step_list_timesteps(steps: list[int], shift: float, num_train_timesteps: int
 
     sigmas = torch.tensor(step_list_sigmas(steps, shift, num_train_timesteps), dtype=torch.float32)
     return (sigmas * num_train_timesteps).tolist()
+
+
+# How a plan's flow-matching Euler stage names its sigma grid (HunyuanVideo-1.5's hy15_denoise / hy15_sr).
+SHIFTED_LINSPACE_GRID = "linspace_1_0_shifted"  # linspace(1, 0, N + 1)[:-1] shifted: the solver's own grid
+STEP_LIST_GRID = "step_list_shifted"  # a step-distilled model's `denoising_step_list` on the training grid, shifted
+
+
+def grid_params(step_list: Optional[list[int]]) -> dict:
+    """The stage params naming the grid: the shifted linspace, or the listed timesteps (recorded in the plan)."""
+    if step_list is None:
+        return {"grid": SHIFTED_LINSPACE_GRID}
+    return {"grid": STEP_LIST_GRID, "denoising_step_list": list(step_list)}
