@@ -117,8 +117,11 @@ def test_plan_stages_refusal_gone_and_memory_covers_the_sr_encode() -> None:
     # VAE, float32) and the float32 image, beside SigLIP's activations
     b = plan.memory.breakdown
     assert b["activations.vae_encode_sr"] == 10 * 4 * SR_W * SR_H * 4 + 3 * SR_W * SR_H * 4
-    stage = next(s for s in plan.memory.stages if s.stage == "encode_image_sr")
-    assert stage.components["activations"] == b["activations.image_encode"] + b["activations.vae_encode_sr"]
+    peaks = {s.stage: s for s in plan.memory.stages}
+    assert peaks["encode_image_sr"].components["activations"] == b["activations.image_encode"] + b["activations.vae_encode_sr"]
+    # the base frame's encode keeps the base frame's workspace (the decode's term is the SR frame's now)
+    assert peaks["encode_image"].components["activations"] == b["activations.image_encode"] + b["activations.vae_encode"]
+    assert b["activations.vae_encode"] < b["activations.vae_decode"]
 
 
 @pytest.mark.parametrize("recipe, overrides, needle", [

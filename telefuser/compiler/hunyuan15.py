@@ -269,7 +269,8 @@ def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage],
     l2 = recipe.layer2
     out: dict[str, int] = {}
     by_role = {m.role: m for m in models}
-    out.update(sr_activations(recipe, models, stages, DTYPE_BYTES, LATENT_CHANNELS, TEMPORAL_RATIO, vae_workspace))
+    out.update(sr_activations(recipe, models, stages, frame, DTYPE_BYTES, LATENT_CHANNELS, TEMPORAL_RATIO,
+                               vae_workspace))
     qwen = by_role.get("text_encoder")
     if qwen is not None:
         a, width = qwen.arch, DTYPE_BYTES.get(qwen.compute_dtype, 2)

@@ -123,10 +123,13 @@ def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fi
     return stages
 
 
-def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], dtype_bytes: dict[str, int],
-                   latent_channels: int, temporal: int, vae_workspace: Callable[..., int]) -> dict[str, int]:
-    """The SR DiT's activations at the SR frame, the upsampler's, the decode at the SR frame and (I2V) the VAE
-    encode of the image at the SR frame (one frame, untiled: `activations.vae_encode_sr`)."""
+def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], frame: tuple[int, int],
+                   dtype_bytes: dict[str, int], latent_channels: int, temporal: int,
+                   vae_workspace: Callable[..., int]) -> dict[str, int]:
+    """The SR DiT's activations at the SR frame, the upsampler's, the decode at the SR frame and, for I2V, the VAE
+    encode of the image at the SR frame (one frame, untiled: `activations.vae_encode_sr`) and the base frame's encode
+    (`activations.vae_encode`, as compiler/memory.py counts it: the untiled decode's workspace at the base `frame`,
+    which the SR-size decode replaces as `activations.vae_decode`)."""
     l2 = recipe.layer2
     out: dict[str, int] = {}
     sr = next((s for s in stages if s.kind == "hy15_sr_upsample"), None)
@@ -150,6 +153,8 @@ def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stag
     if vae is not None:
         decode = next((s for s in stages if s.kind == "vae_decode"), None)
         out["activations.vae_decode"] = vae_workspace(recipe, vae, w, h, space, bool(decode and decode.params.get("tiled")))
+        if any(s.params.get("input", "image") == "image" for s in stages if s.kind == "hy15_image_encode"):
+            out["activations.vae_encode"] = vae_workspace(recipe, vae, frame[0], frame[1], space, False)
         if any(s.params.get("input") == "sr_image" for s in stages if s.kind == "hy15_image_encode"):
             first = int((vae.arch.get("block_out_channels") or [128])[0])
             out["activations.vae_encode_sr"] = ENCODE_LIVE_MAPS * first * w * h * dtype_bytes.get(vae.compute_dtype, 2) \
