@@ -1,6 +1,7 @@
 """HunyuanVideo-1.5 plans on several gloo ranks (started by the launcher, as telefuser-run does) against the one-rank
 plan's frames: cfg 2, Ulysses 2, ring 2 with VAE parallel, cfg 2 x Ulysses 2 (4 ranks), image-to-video under
-Ulysses 2, cfg 2 and ring 2 x tp 2 with VAE parallel (4 ranks), the SR stage under ring 2, dp 2 over two prompts,
+Ulysses 2, cfg 2 and ring 2 x tp 2 with VAE parallel (4 ranks), the SR stage under ring 2 (T2V) and Ulysses 2 (I2V),
+dp 2 over two prompts,
 tp 2, FSDP (the DiT and Qwen2.5-VL sharded) with cfg 2 and with Ulysses 2 (image-to-video).
 
 Tolerance, on uint8 frames: at most 1 level of 255 on any pixel and a mean absolute difference under 0.01 levels
@@ -42,6 +43,8 @@ CASES = {
     "i2v_ring2_tp2_vae_parallel": ("tiny_hy15_i2v", 4, [f"{SP}sp_ring_degree=2", f"{SP}tp_degree=2",
                                                        "layer2.enable_vae_parallel=true", TILES[1]], TILES),
     "sr_ring2": ("tiny_hy15_sr", 2, [f"{SP}sp_ring_degree=2"], []),  # the base and the SR DiT sharded
+    # I2V + SR: the image's SR-frame latent and SigLIP tokens made on the lead, broadcast to the other rank
+    "i2v_sr_ulysses2": ("tiny_hy15_i2v_sr", 2, [f"{SP}sp_ulysses_degree=2"], []),
     "dp2": ("tiny_hy15", 2, [f"{SP}dp_degree=2"], []),
     "tp2": ("tiny_hy15", 2, [f"{SP}tp_degree=2"], []),
     "cfg2_fsdp": ("tiny_hy15", 2, [f"{SP}cfg_degree=2", f"{SP}enable_fsdp=true"], []),

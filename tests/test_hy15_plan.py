@@ -205,7 +205,7 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
 
 
 SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p",
-           "hunyuan15_t2v_720p_ulysses4_cfg2")
+           "hunyuan15_t2v_720p_ulysses4_cfg2", "hunyuan15_i2v_480p_sr_720p")
 
 
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
@@ -249,6 +249,12 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     assert usp.memory.breakdown["activations.dit"] * 4 == pytest.approx(plans["hunyuan15_t2v_720p"].memory.breakdown[
         "activations.dit"], rel=1e-3)
     assert next(s for s in usp.stages if s.kind == "vae_decode").params["parallel_ranks"] == 8
+    i2v_sr = plans["hunyuan15_i2v_480p_sr_720p"]  # the image again at the 720p SR frame for the SR DiT
+    assert [s.name for s in i2v_sr.stages][6:11] == ["denoise", "load_image_sr", "encode_image_sr", "upsample_latent",
+                                                     "super_resolve"]
+    assert next(s for s in i2v_sr.stages if s.name == "load_image_sr").params["frame_sizes"]["16:9"] == [1280, 720]
+    assert i2v_sr.memory.breakdown["activations.vae_encode_sr"] > 0
+    assert i2v_sr.layer2_inference_config.sigma_shift == 7.0  # the step-distilled transformer's published shift
     i2v = plans["hunyuan15_i2v_480p_step_distilled"]
     assert i2v.layer1_model_definition.models[0].attributes.distill
     assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]

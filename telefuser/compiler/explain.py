@@ -126,7 +126,9 @@ def _super_resolution(plan: Plan) -> list[str]:
     return [f"super-resolution ({p['version']}): {', '.join(up.models)} upsamples the base latent to the "
             f"{p['target_resolution']} frame ({sizes}), noised by lq_noise_strength {p['lq_noise_strength']}; "
             f"{', '.join(sr.models)}: {q['solver']}, {q['num_inference_steps']} steps, shift {q['sigma_shift']}, cfg "
-            f"{q['cfg_scale']}{', MeanFlow' if q.get('meanflow') else ''}; then decode_vae at that size"]
+            f"{q['cfg_scale']}{', MeanFlow' if q.get('meanflow') else ''}"
+            f"{'; I2V: the image latent at that size at latent frame 0 + its SigLIP tokens' if q.get('condition') == 'i2v' else ''}"
+            "; then decode_vae at that size"]
 
 
 def _stage_memory(plan: Plan) -> list[str]:
@@ -203,10 +205,14 @@ def _image_path(plan: Plan) -> list[str]:
     for s in plan.stages:
         p, models = s.params, ", ".join(s.models)
         if s.kind == "image_load":
-            what = f"--image, {p.get('resample')} resize to cover the frame and centre crop ({p.get('fit')}), values in {p.get('value_range')}"
+            frame = "the frame" if not p.get("frame_sizes") else "the SR frame (" + ", ".join(
+                f"{ar} {w}x{h}" for ar, (w, h) in p["frame_sizes"].items()) + ")"
+            what = f"--image, {p.get('resample')} resize to cover {frame} and centre crop ({p.get('fit')}), values in {p.get('value_range')}"
+            what += f" -> {p['output']}" if p.get("output") else ""
             what += "; without --image the run is text-to-video" if p.get("optional") else ""
         elif s.kind == "hy15_image_encode":
-            what = f"{models}: SigLIP tokens of the fitted image and its VAE latent -> {', '.join(p.get('outputs', []))}"
+            what = (f"{models}: SigLIP tokens of the {'SR-size ' if p.get('input') == 'sr_image' else ''}fitted image "
+                    f"and its VAE latent -> {', '.join(p.get('outputs', []))}")
         elif s.kind == "hy15_denoise" and p.get("condition") == "i2v":
             what = f"{models}: image latent at latent frame 0 behind a mask, SigLIP tokens in both CFG branches"
         elif s.kind == "image_encode":

@@ -7,8 +7,9 @@ The stages (runtime/stages/hy15_*.py run them; they compute what tests/test_hy15
   load_models -> encode_text (hy15_text_encode: Qwen2.5-VL hidden_states[-3] of the templated prompt, cropped;
   byT5 of its quoted text) -> [I2V: load_image (image_load) -> encode_image (hy15_image_encode: SigLIP tokens and
   the VAE latent of the first frame)] -> prepare_latents (noise) -> denoise (hy15_denoise: CFG flow-matching Euler
-  over HunyuanVideo-1.5's shifted grid) -> [enable_sr: super_resolve (hy15_sr: the base latent upsampled, noised by
-  lq_noise_strength, the SR DiT's own few-step schedule)] -> decode_vae (vae_decode) -> write_video.
+  over HunyuanVideo-1.5's shifted grid) -> [enable_sr, compiler/hunyuan15_sr.py: (I2V: load_image_sr ->
+  encode_image_sr: the image again at the SR frame) -> upsample_latent -> super_resolve (hy15_sr: the base latent
+  upsampled, noised by lq_noise_strength, the SR DiT's own few-step schedule)] -> decode_vae (vae_decode) -> write_video.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from telefuser.errors import RecipeError, WeightsError
 from telefuser.schema.enums import HUNYUAN15_PIPELINES, ModelRole, PipelineType
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.model_config import ModelRuntimeConfig
-from telefuser.schema.recipe import Recipe, SRConfig
-from telefuser.schema.buckets import BUCKET_BASE_SIZE, sr_bucket_size
-from telefuser.schema.resolution import family_frame_size, frame_size
+from telefuser.schema.recipe import Recipe
 from telefuser.schema.step_list import grid_params
 
+from .hunyuan15_sr import check_sr, sr_activations, sr_stages
 from .skip_work import denoise_params
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -38,8 +38,6 @@ CLASS_BY_ROLE = {"dit": ("HunyuanVideo15DiT",), "dit_sr": ("HunyuanVideo15DiT",)
                  "glyph_encoder": ("ByT5Encoder",), "image_encoder": ("SigLIPVision",),
                  "sr_upsampler": ("HunyuanVideo15SRUpsampler720p", "HunyuanVideo15SRUpsampler1080p")}
 HY15_ONLY_ROLES = ("glyph_encoder", "dit_sr", "sr_upsampler")
-UPSAMPLER_VERSION = {"HunyuanVideo15SRUpsampler720p": "720p_sr_distilled",
-                     "HunyuanVideo15SRUpsampler1080p": "1080p_sr_distilled"}
 
 
 def is_hy15(pipeline: str) -> bool:
@@ -168,7 +166,7 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
                     "lora_configs.")
     if any(m.attributes.fp8 for m in l1.models):
         return f"{where}: FP8 HunyuanVideo-1.5 checkpoints are not supported yet; use the bf16 files."
-    return _check_sr(recipe, roles, i2v)
+    return check_sr(recipe, roles)
 
 
 def _check_parallel(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
@@ -197,70 +195,12 @@ def _check_parallel(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]
     return None
 
 
-def _check_sr(recipe: Recipe, roles: set[str], i2v: bool) -> Optional[str]:
-    l2 = recipe.layer2
-    sr_roles = sorted(r for r in ("dit_sr", "sr_upsampler") if r in roles)
-    if not l2.enable_sr:
-        if sr_roles:
-            return (f"layer1.models has the SR stage's {', '.join(sr_roles)}, but layer2.enable_sr is false: set "
-                    "layer2.enable_sr = true (and lq_noise_strength, published 0.7), or remove them.")
-        if l2.lq_noise_strength:
-            return ("layer2.lq_noise_strength noises the SR stage's low-resolution latent; it needs layer2.enable_sr "
-                    "= true (remove it, or enable the SR stage).")
-        if l2.sr_config is not None:
-            return "layer2.sr_config sets the SR stage's sampling; it needs layer2.enable_sr = true (or remove it)."
-        return None
-    missing = [r for r in ("dit_sr", "sr_upsampler") if r not in roles]
-    if missing:
-        return (f"layer2.enable_sr = true needs the SR stage's models: role 'dit_sr' (the SR DiT, transformer/"
-                f"720p_sr_distilled) and role 'sr_upsampler' (upsampler/720p_sr_distilled); missing: {', '.join(missing)}.")
-    if i2v:
-        return ("layer2.enable_sr with hunyuan_video15_i2v: the I2V SR stage (the reference image re-encoded at the SR "
-                "size) is not built yet (not executable yet); use hunyuan_video15_t2v with SR, or enable_sr = false.")
-    sr = l2.sr_config or SRConfig()
-    if sr.sample_solver != "euler":
-        return f"layer2.sr_config.sample_solver = {str(sr.sample_solver)!r}: the SR stage samples with \"euler\" (published)."
-    if sr.cfg_scale != 1.0:
-        return (f"layer2.sr_config.cfg_scale = {sr.cfg_scale}: the SR DiTs are guidance-distilled (published guidance "
-                "1.0, one DiT call per step); CFG in the SR stage is not built: set cfg_scale = 1.0.")
-    for res in recipe.layer3.resolution.choices:
-        for ar in recipe.layer3.aspect_ratio.choices:
-            w, h = family_frame_size(recipe.layer1.pipeline, res, ar)
-            tw, th = sr_frame_size(w, h, str(ar), str(sr.target_resolution))
-            if tw * th <= w * h:
-                return (f"layer2.sr_config.target_resolution = {str(sr.target_resolution)!r} is not larger than "
-                        f"layer3 resolution {res} at {ar} ({w}x{h}); pick a larger SR row or restrict "
-                        "layer3.resolution.choices.")
-            if [tw, th] != _sr_sizes(recipe)[str(ar)]:  # the plan records one SR size per aspect ratio
-                return (f"layer3 resolution {res} at {ar} ({w}x{h}) maps to a {tw}x{th} SR frame, the default "
-                        f"resolution to another; restrict layer3.resolution.choices to one resolution with SR.")
-    return None
-
-
 # ------------------------------------------------------------------ stages
 
 
 def _arch(models: list[PlannedModel], role: str) -> dict[str, Any]:
     m = next((m for m in models if m.role == role), None)
     return dict(m.arch) if m is not None else {}
-
-
-def sr_frame_size(width: int, height: int, aspect_ratio: str, target: str) -> tuple[int, int]:
-    """(width, height) of the SR video for a base frame of width x height: the target resolution's bucket of the
-    closest aspect ratio (the published BucketMap: 480p 848x480 -> 720p 1280x720), or the table's row at that
-    aspect ratio where the target has no published bucket."""
-    if target in BUCKET_BASE_SIZE:
-        return sr_bucket_size(width, height, target)
-    return frame_size(target, aspect_ratio)
-
-
-def _sr_sizes(recipe: Recipe) -> dict[str, list[int]]:
-    """aspect ratio -> [width, height] of the SR video (from the base frame at the default resolution; one SR size
-    per aspect ratio, so every base resolution of that ratio must map to it: check_sr says so otherwise)."""
-    target = str((recipe.layer2.sr_config or SRConfig()).target_resolution)
-    base = recipe.layer3.resolution.default
-    return {str(ar): list(sr_frame_size(*family_frame_size(recipe.layer1.pipeline, base, ar), str(ar), target))
-            for ar in recipe.layer3.aspect_ratio.choices}
 
 
 def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: Callable[[Recipe, int, list[int]], None],
@@ -303,21 +243,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                                 "condition": conditioning,  # + the base DiT's step cache (compiler/skip_work.py)
                                 "meanflow": bool(next(m for m in models if m.role == "dit").arch.get("use_meanflow")),
                                 **denoise_params(recipe, models, [by_role["dit"]], temporal, spatial, patch)}))
-    if l2.enable_sr:
-        sr = l2.sr_config or SRConfig()
-        up = next(m for m in models if m.role == "sr_upsampler")
-        # two stages, so that the memory plan sees the upsampler and the SR DiT one after the other (the SR DiT can
-        # be copied in while the upsampler runs)
-        stages.append(Stage(name="upsample_latent", kind="hy15_sr_upsample", models=[by_role["sr_upsampler"]],
-                            params={"version": UPSAMPLER_VERSION.get(up.class_, "720p_sr_distilled"),
-                                    "target_resolution": str(sr.target_resolution), "frame_sizes": _sr_sizes(recipe),
-                                    "spatial_ratio": spatial, "resize": "bilinear", "lq_noise_strength":
-                                    l2.lq_noise_strength, "generator": "cpu"}))
-        stages.append(Stage(name="super_resolve", kind="hy15_sr", models=[by_role["dit_sr"]],
-                            params={"lq_noise_strength": l2.lq_noise_strength, "solver": "euler", "grid": "linspace_1_0_shifted",
-                                    "num_inference_steps": sr.num_inference_steps, "sigma_shift": sr.sigma_shift,
-                                    "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg_scale": sr.cfg_scale,
-                                    "meanflow": True}))
+    if l2.enable_sr:  # compiler/hunyuan15_sr.py (I2V: the reference image at the SR frame first)
+        stages += sr_stages(recipe, models, spatial, image_fit, conditioning == "i2v", NUM_TRAIN_TIMESTEPS)
     # VAE parallel: the tiled decode's tiles shared out over a dp replica's ranks (bit for bit the one-rank tiled
     # decode with this tile size: it implies tiling), as for Wan
     replica_ranks = l2.parallel_config.world_size // l2.parallel_config.dp_degree
@@ -335,10 +262,6 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def _dit_tokens(num_frames: int, width: int, height: int, temporal: int, spatial: int) -> int:
-    return ((num_frames - 1) // temporal + 1) * (height // spatial) * (width // spatial)
-
-
 def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], frame: tuple[int, int],
                 vae_workspace: Callable[..., int]) -> dict[str, int]:
     """Breakdown entries that differ from Wan's: the SR DiT's activations at the SR frame (and the decode there), the
@@ -346,26 +269,9 @@ def activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage],
     and the image stage's (SigLIP's and the VAE encode of one frame)."""
     l2 = recipe.layer2
     out: dict[str, int] = {}
-    sr = next((s for s in stages if s.kind == "hy15_sr_upsample"), None)
     by_role = {m.role: m for m in models}
-    if sr is not None and "dit_sr" in by_role:
-        dit = by_role["dit_sr"]
-        w, h = max((tuple(v) for v in sr.params["frame_sizes"].values()), key=lambda s: s[0] * s[1])
-        tokens = _dit_tokens(l2.num_frames, w, h, TEMPORAL_RATIO, sr.params["spatial_ratio"])
-        sp = l2.parallel_config.sp_ulysses_degree * l2.parallel_config.sp_ring_degree
-        hidden, mlp = int(dit.arch.get("hidden_size", 0)), int(dit.arch.get("mlp_hidden_dim", 0))
-        act = DTYPE_BYTES.get(dit.compute_dtype, 2)
-        latent = tokens * int(dit.arch.get("in_channels", 98)) * 4 * 3  # x, condition, zero condition (float32)
-        out["activations.dit_sr"] = -(-tokens // sp) * (2 * hidden + 2 * mlp) * act + latent  # a shard per sp rank
-        up = by_role.get("sr_upsampler")
-        if up is not None:  # the resized latent, two feature maps of the upsampler's width and its output (float32)
-            width = int(up.arch.get("hidden_channels", (up.arch.get("block_out_channels") or [64])[0]))
-            out["activations.sr_upsample"] = tokens * (2 * width + 4 * LATENT_CHANNELS) * 4
-        vae = by_role.get("vae")
-        if vae is not None:
-            decode = next((s for s in stages if s.kind == "vae_decode"), None)
-            out["activations.vae_decode"] = vae_workspace(recipe, vae, w, h, sr.params["spatial_ratio"],
-                                                          bool(decode and decode.params.get("tiled")))
+    out.update(sr_activations(recipe, models, stages, frame, DTYPE_BYTES, LATENT_CHANNELS, TEMPORAL_RATIO,
+                               vae_workspace))
     qwen = by_role.get("text_encoder")
     if qwen is not None:
         a, width = qwen.arch, DTYPE_BYTES.get(qwen.compute_dtype, 2)
@@ -391,7 +297,8 @@ def stage_activation(stage: Stage, breakdown: dict[str, int]) -> Optional[int]:
     return {"hy15_text_encode": breakdown.get("activations.text_encode", 0),
             "hy15_glyph_encode": breakdown.get("activations.glyph_encode", 0),
             "hy15_image_encode": breakdown.get("activations.image_encode", 0)
-            + breakdown.get("activations.vae_encode", breakdown.get("activations.vae_decode", 0)),
+            + (breakdown.get("activations.vae_encode_sr", 0) if stage.params.get("input") == "sr_image" else
+               breakdown.get("activations.vae_encode", breakdown.get("activations.vae_decode", 0))),
             "hy15_denoise": breakdown.get("activations.dit", 0),
             "hy15_sr_upsample": breakdown.get("activations.sr_upsample", 0),
             "hy15_sr": breakdown.get("activations.dit_sr", 0)}.get(stage.kind)

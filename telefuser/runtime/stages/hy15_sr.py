@@ -9,6 +9,9 @@ From the base stage's final latent `lq` [1, C, T, h, w]:
 3. flow-matching Euler over the SR schedule (the base stage's grid with the SR shift and step count), one SR DiT
    call per step (guidance 1) on the prompt's text inputs, conditioning [zeros + task mask 0 (T2V), lq, ones] while
    t >= 1000 s and with the low-resolution channels zeroed after, MeanFlow's t_r = the next step's timestep (0 last).
+   I2V (`condition` "i2v"): the condition latent is the reference image's latent at the SR frame (encode_image_sr)
+   at latent frame 0 with the task mask 1 there, kept after the switch, and the SR DiT gets SigLIP's tokens of that
+   image (Tencent's SR pipeline: get_image_condition_latents at the SR size, _prepare_vision_states, mask_type i2v).
 The decode stage then decodes the SR latent."""
 
 from __future__ import annotations
@@ -63,10 +66,17 @@ def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
         raise PlanError(f"the plan's stage {stage.name!r} asks for an SR stage this runtime does not run (meanflow "
                         f"{p.get('meanflow')}, cfg_scale {p['cfg_scale']}); recompile.")
     strength = float(p["lq_noise_strength"])
+    condition_kind = p.get("condition", "t2v")
+    if condition_kind not in ("t2v", "i2v"):
+        raise PlanError(f"the plan's stage {stage.name!r} conditions on {condition_kind!r}; recompile with this version.")
+    i2v = condition_kind == "i2v"
     text = state.family.get("text")
     if not text or "lq" not in state.family:
         raise PlanError(f"the plan's stage {stage.name!r} needs the text inputs and the upsampled latent of earlier "
                         "stages; recompile.")
+    if i2v and ("sr_image_latent" not in state.family or "sr_vision_states" not in state.family):
+        raise PlanError(f"the plan's stage {stage.name!r} needs the image's latent and SigLIP tokens at the SR frame, "
+                        "but no earlier stage made them; recompile.")
     latents = state.latents
     sigmas = hy15_sigmas(p["num_inference_steps"], p["sigma_shift"])
     timesteps = (sigmas[:-1] * 1000.0).tolist()
@@ -74,14 +84,15 @@ def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
                disable=not (state.progress and ctx.rank.rank == 0))
     with ctx.placements[dit_name].active() as dit, ctx.dispatch(dit_name):
         dtype = next(dit.parameters()).dtype
-        condition, zero = sr_condition(latents, state.family["lq"])
+        condition, zero = sr_condition(latents, state.family["lq"], state.family["sr_image_latent"] if i2v else None)
+        vision = state.family["sr_vision_states"].to(dtype) if i2v else None
         cond = text_inputs(text[0], dtype)
         for i in range(p["num_inference_steps"]):
             start = time.perf_counter()
             t = (sigmas[i] * 1000.0).reshape(1).to(ctx.device)
             y = sr_condition_for(timesteps[i], condition, zero, strength).to(dtype)
             t_r = torch.tensor([meanflow_t_r(timesteps, i)], dtype=torch.float32, device=ctx.device)
-            velocity = dit(latents.to(dtype), t, *cond, None, y=y, t_r=t_r).float()
+            velocity = dit(latents.to(dtype), t, *cond, vision, y=y, t_r=t_r).float()
             latents = latents + (sigmas[i + 1] - sigmas[i]).to(ctx.device) * velocity
             ctx.sync()
             state.timings.steps.append(time.perf_counter() - start)
