@@ -186,3 +186,13 @@ def test_python_api_layer3_auto_offers_the_fixed_ratios_too() -> None:
     param = AspectRatioParam(default="auto")
     assert param.choices[0] == AspectRatio.AUTO and AspectRatio.R16_9 in param.choices
     assert AspectRatio.AUTO not in AspectRatioParam().choices  # Wan's and T2V's default choices are unchanged
+
+
+def test_auto_is_shared_with_wan_i2v_over_the_table_row() -> None:
+    """Not HunyuanVideo-1.5's buckets: a Wan image-to-video plan offering "auto" picks among the table's row."""
+    plan = compile_recipe(RECIPES / "tiny_i2v.toml", ["layer3.aspect_ratio.default=auto",
+                                                      'layer3.aspect_ratio.choices=["auto", "16:9"]'])
+    assert plan.layer3_user_interface.image_frame_sizes["480p"] == [list(s) for s in RESOLUTION_TABLE["480p"].values()]
+    assert (plan.memory.at["width"], plan.memory.at["height"]) == (832, 480)
+    p = resolve_parameters(plan, prompt="x", image=_pixels(400, 300, 0))
+    assert (p.width, p.height) == (144, 192)
