@@ -11,7 +11,8 @@ from typing import Any
 from telefuser.schema.canonical import plan_hash
 from telefuser.schema.plan import PLAN_VERSION, Layer3Plan, Plan, RecipeInfo, UserParameter
 from telefuser.schema.recipe import Recipe, Target
-from telefuser.schema.resolution import family_frame_size
+from telefuser.schema.enums import AspectRatio
+from telefuser.schema.resolution import family_frame_size, frame_candidates
 
 from .block_offload import check_offload_settings
 from .dispatch import build_dispatch
@@ -43,15 +44,20 @@ def _layer3(recipe: Recipe) -> Layer3Plan:
                                     description=l3.resolution.description or "Frame size class."),
         "aspect_ratio": UserParameter(type="choice", default=str(l3.aspect_ratio.default),
                                       choices=[str(c) for c in l3.aspect_ratio.choices],
-                                      description=l3.aspect_ratio.description or "Width:height."),
+                                      description=l3.aspect_ratio.description or (
+                                          "Width:height, or auto: the frame of the ratio closest to the image's."
+                                          if AspectRatio.AUTO in l3.aspect_ratio.choices else "Width:height.")),
     }
     if l3.image is not None:
         params["image"] = UserParameter(type="path", required=l3.image.required, description=l3.image.description)
     # HunyuanVideo-1.5 records its published buckets (480p 16:9: 848x480), every other pipeline the table
     pipeline = recipe.layer1.pipeline
-    sizes = {str(r): {str(a): list(family_frame_size(pipeline, r, a)) for a in l3.aspect_ratio.choices}
-             for r in l3.resolution.choices}
-    return Layer3Plan(parameters=params, frame_sizes=sizes)
+    fixed = [a for a in l3.aspect_ratio.choices if a != AspectRatio.AUTO]
+    sizes = {str(r): {str(a): list(family_frame_size(pipeline, r, a)) for a in fixed} for r in l3.resolution.choices}
+    # "auto": every frame the reference image may pick, so the runtime picks only among what the compiler allowed
+    candidates = {str(r): [list(s) for s in frame_candidates(pipeline, r, AspectRatio.AUTO)]
+                  for r in l3.resolution.choices} if AspectRatio.AUTO in l3.aspect_ratio.choices else {}
+    return Layer3Plan(parameters=params, frame_sizes=sizes, image_frame_sizes=candidates)
 
 
 def compile_loaded(loaded: LoadedRecipe, inspect_weights: bool = True, target: Target | None = None) -> Plan:

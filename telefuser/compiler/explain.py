@@ -56,6 +56,10 @@ def explain(plan: Plan) -> str:
     sizes = "; ".join(f"{res} " + ", ".join(f"{ar} {w}x{h}" for ar, (w, h) in ratios.items())
                       for res, ratios in plan.layer3_user_interface.frame_sizes.items())
     lines += [f"frames: {sizes}"]
+    for res, cands in plan.layer3_user_interface.image_frame_sizes.items():  # aspect ratio "auto"
+        shown = [f"{w}x{h}" for w, h in cands]
+        lines.append(f"  {res} auto: the size of the aspect ratio closest to the image's, of {len(cands)}: "
+                     + ", ".join(shown if len(shown) <= 8 else [*shown[:3], "...", *shown[-3:]]))
     lines += _step_list(plan)
     lines += _super_resolution(plan)
     lines += ["", "dispatch:"]

@@ -39,7 +39,7 @@ from telefuser.schema.enums import ModelClass, ModelRole, WeightOffloadType, is_
 from telefuser.schema.plan import BlockOffload, MemoryEstimate, PlannedModel, PrefetchDecision, Stage, StageMemory
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
-from telefuser.schema.resolution import family_frame_size
+from telefuser.schema.resolution import frame_candidates
 from telefuser.schema.vae_tiles import hy15_frames_per_tile_call
 
 from .block_offload import plan_block_offload
@@ -68,10 +68,10 @@ TAEHV_LIVE_MAPS = 5
 def _largest_frame(recipe: Recipe) -> tuple[int, int, str, str]:
     best = (0, 0, "", "")
     for res in recipe.layer3.resolution.choices:
-        for ar in recipe.layer3.aspect_ratio.choices:
-            w, h = family_frame_size(recipe.layer1.pipeline, res, ar)
-            if w * h > best[0] * best[1]:
-                best = (w, h, str(res), str(ar))
+        for ar in recipe.layer3.aspect_ratio.choices:  # "auto": its largest candidate
+            for w, h in frame_candidates(recipe.layer1.pipeline, res, ar):
+                if w * h > best[0] * best[1]:
+                    best = (w, h, str(res), str(ar))
     return best
 
 

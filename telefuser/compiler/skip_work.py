@@ -18,7 +18,7 @@ from telefuser.schema.enums import AttnImplType, FeatureCacheMethod, ModelClass,
 from telefuser.schema.model_config import SPARSE_IMPL_OF, ModelRuntimeConfig, SparseAttentionConfig
 from telefuser.schema.plan import PlannedModel
 from telefuser.schema.recipe import Recipe
-from telefuser.schema.resolution import family_frame_size
+from telefuser.schema.resolution import typical_frame_size
 from telefuser.schema.teacache_fits import HY15_COEFFICIENTS, WAN21_COEFFICIENTS
 
 BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
@@ -173,7 +173,7 @@ def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
 
 def default_frame_size(recipe: Recipe) -> tuple[int, int]:
     l3 = recipe.layer3
-    return family_frame_size(recipe.layer1.pipeline, l3.resolution.default, l3.aspect_ratio.default)
+    return typical_frame_size(recipe.layer1.pipeline, l3.resolution.default, l3.aspect_ratio.default)
 
 
 def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) -> tuple[int, int, int]:

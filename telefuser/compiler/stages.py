@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 from telefuser.errors import RecipeError
 from telefuser.schema.enums import ModelRole, PipelineType, is_dit
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe
-from telefuser.schema.resolution import RESOLUTION_TABLE, family_frame_size
+from telefuser.schema.resolution import RESOLUTION_TABLE, frame_candidates
 
 from .skip_work import denoise_params
 
@@ -51,12 +53,12 @@ def vae_ratios(vae: PlannedModel | None) -> tuple[int, int]:
 
 
 def check_frame_sizes(recipe: Recipe, spatial: int, patch: list[int]) -> None:
-    """Every allowed resolution x aspect ratio must split into whole latent pixels and whole DiT patches."""
+    """Every allowed resolution x aspect ratio (each of "auto"'s candidates) must split into whole latent pixels and
+    whole DiT patches."""
     step_h, step_w = spatial * int(patch[1]), spatial * int(patch[2])
     l3 = recipe.layer3
-    for res in l3.resolution.choices:
-        for ar in l3.aspect_ratio.choices:
-            width, height = family_frame_size(recipe.layer1.pipeline, res, ar)
+    for res, ar in itertools.product(l3.resolution.choices, l3.aspect_ratio.choices):
+        for width, height in frame_candidates(recipe.layer1.pipeline, res, ar):
             if width % step_w or height % step_h:
                 fits = sorted({str(r) for r, table in RESOLUTION_TABLE.items() for w, h in table.values()
                                if w % step_w == 0 and h % step_h == 0})

@@ -6,6 +6,7 @@ sizes in the plan (layer 3's `frame_sizes`, the SR stage's sizes) and must not i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 BUCKET_BASE_SIZE = {"480p": 640, "720p": 960, "1080p": 1440}  # the bucket area is base_size^2 pixels
@@ -34,10 +35,26 @@ def closest_bucket(height: float, width: float, resolution: str = "480p") -> tup
     the reference image's size."""
     if resolution not in BUCKET_BASE_SIZE:
         raise ValueError(f"resolution must be one of {', '.join(BUCKET_BASE_SIZE)}, got {resolution!r}")
-    buckets = crop_size_buckets(BUCKET_BASE_SIZE[resolution])
+    width_, height_ = closest_frame_size(image_buckets(resolution), width, height)
+    return height_, width_
+
+
+def image_buckets(resolution: str) -> list[tuple[int, int]]:
+    """(width, height) of every published bucket of `resolution`, in the published order: the candidates Tencent's
+    I2V pipeline picks the reference image's frame among (480p: 848x480 for 16:9, 480x848 for 9:16, 640x640, ...)."""
+    return [(w, h) for h, w in crop_size_buckets(BUCKET_BASE_SIZE[resolution])]
+
+
+def closest_frame_size(candidates: Sequence[Sequence[int]], width: float, height: float) -> tuple[int, int]:
+    """The (width, height) among `candidates` whose height / width, rounded to 5 decimals, is closest to height /
+    width of the image; the first on a tie (Tencent's I2V rule: `get_closest_ratio` over the bucket list's rounded
+    ratios, the absolute difference of the h / w ratios, numpy's argmin)."""
+    if not candidates:
+        raise ValueError("no candidate frame sizes to pick from")
     target = float(height) / float(width)
-    diffs = [abs(round(float(h) / float(w), 5) - target) for h, w in buckets]
-    return buckets[diffs.index(min(diffs))]
+    diffs = [abs(round(float(h) / float(w), 5) - target) for w, h in candidates]
+    w, h = candidates[diffs.index(min(diffs))]
+    return int(w), int(h)
 
 
 def bucket_frame_size(resolution: str, aspect_ratio: str) -> Optional[tuple[int, int]]:

@@ -169,3 +169,9 @@ class AspectRatio(StrEnum):
     R1_1 = "1:1"
     R4_3 = "4:3"
     R3_4 = "3:4"
+    # image-to-video: the frame size whose aspect ratio is closest to the reference image's, among candidates the
+    # plan records (HunyuanVideo-1.5: its published buckets, Tencent's I2V rule; schema/resolution.py)
+    AUTO = "auto"
+
+
+FIXED_ASPECT_RATIOS = tuple(a for a in AspectRatio if a != AspectRatio.AUTO)  # the ratios with one size per resolution

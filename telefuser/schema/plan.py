@@ -120,6 +120,10 @@ class Layer3Plan(FrozenModel):
     frame_sizes: dict[str, dict[str, list[int]]] = Field(
         description="resolution -> aspect ratio -> [width, height] for the allowed choices."
     )
+    image_frame_sizes: dict[str, list[list[int]]] = Field(
+        default_factory=dict,
+        description='aspect ratio "auto" (image-to-video): resolution -> every candidate [width, height], the one of '
+                    "the aspect ratio closest to the reference image's picked at run time (first on a tie).")
 
 
 class DispatchEntry(FrozenModel):

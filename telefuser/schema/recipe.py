@@ -13,6 +13,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from .base import StrictModel
 from .enums import (
+    FIXED_ASPECT_RATIOS,
     AspectRatio,
     ModelClass,
     ModelRole,
@@ -259,9 +260,18 @@ class ResolutionParam(_ChoiceParam):
 
 
 class AspectRatioParam(_ChoiceParam):
-    default: AspectRatio = AspectRatio.R16_9
-    choices: list[AspectRatio] = Field(default_factory=lambda: list(AspectRatio), min_length=1)
+    default: AspectRatio = Field(AspectRatio.R16_9, description='"auto" (image-to-video): the frame of the aspect '
+                                 "ratio closest to the reference image's among the resolution's candidates.")
+    choices: list[AspectRatio] = Field(default_factory=lambda: list(FIXED_ASPECT_RATIOS), min_length=1,
+                                       description='Default: the fixed ratios, and "auto" first when it is the default.')
     description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_default_offered(cls, data: Any) -> Any:  # default = "auto" alone offers it beside the fixed ratios
+        if isinstance(data, dict) and str(data.get("default")) == AspectRatio.AUTO.value and "choices" not in data:
+            data = {**data, "choices": [AspectRatio.AUTO, *FIXED_ASPECT_RATIOS]}
+        return data
 
 
 class ImageParam(StrictModel):
@@ -338,6 +348,15 @@ class Recipe(StrictModel):
             raise ValueError("layer3.image.required must be true: the image is the video's first frame, and an "
                              "image-to-video plan has no default image (only a wan_ti2v plan, whose one checkpoint "
                              "also makes text-to-video, may take the image optionally)")
+        if AspectRatio.AUTO in self.layer3.aspect_ratio.choices:
+            if l1.pipeline not in takes_image or self.layer3.image is None or not self.layer3.image.required:
+                raise ValueError(f'layer3.aspect_ratio "auto" picks the frame from the reference image, so it needs an '
+                                 f'image-to-video pipeline (hunyuan_video15_i2v, wan_i2v, or wan_ti2v with layer3.image.'
+                                 f'required = true), not {l1.pipeline}; choose a ratio such as "16:9" (and remove "auto" '
+                                 "from layer3.aspect_ratio.choices)")
+            if l2.enable_sr:
+                raise ValueError('layer3.aspect_ratio "auto" with layer2.enable_sr: an SR frame per image-picked '
+                                 'bucket is not built yet (not executable yet); choose a fixed ratio such as "16:9"')
         roles = {m.role for m in l1.models}
         clip = ModelRole.IMAGE_ENCODER.value in roles
         if clip and l1.pipeline not in (PipelineType.WAN_I2V.value, PipelineType.HUNYUAN_VIDEO15_I2V.value):

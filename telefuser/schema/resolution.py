@@ -15,8 +15,8 @@ HunyuanVideo-1.5's pipelines generate its published buckets instead where a reso
 
 from __future__ import annotations
 
-from .buckets import bucket_frame_size
-from .enums import HUNYUAN15_PIPELINES, AspectRatio, Resolution
+from .buckets import BUCKET_BASE_SIZE, bucket_frame_size, closest_frame_size, image_buckets
+from .enums import FIXED_ASPECT_RATIOS, HUNYUAN15_PIPELINES, AspectRatio, Resolution
 
 RESOLUTION_TABLE: dict[Resolution, dict[AspectRatio, tuple[int, int]]] = {
     Resolution.P144: {
@@ -54,9 +54,9 @@ def frame_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
     """(width, height) for a resolution name and an aspect ratio such as '16:9'."""
     try:
         return RESOLUTION_TABLE[Resolution(resolution)][AspectRatio(aspect_ratio)]
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:  # KeyError: "auto", which has no one size (frame_candidates)
         valid_res = ", ".join(r.value for r in Resolution)
-        valid_ar = ", ".join(a.value for a in AspectRatio)
+        valid_ar = ", ".join(a.value for a in FIXED_ASPECT_RATIOS)
         raise ValueError(
             f"unknown resolution {resolution!r} or aspect ratio {aspect_ratio!r}: "
             f"resolutions are {valid_res}; aspect ratios are {valid_ar}"
@@ -67,8 +67,35 @@ def family_frame_size(pipeline: str, resolution: str, aspect_ratio: str) -> tupl
     """(width, height) a pipeline generates for a resolution and an aspect ratio: HunyuanVideo-1.5's published
     bucket where its resolution has them (480p 16:9: 848x480, what Tencent's code generates), else the table. The
     compiler records these in the plan (`layer3_user_interface.frame_sizes`), which the runtime then follows."""
-    if str(pipeline) in {p.value for p in HUNYUAN15_PIPELINES}:
+    if str(aspect_ratio) == AspectRatio.AUTO.value:
+        raise ValueError("aspect ratio 'auto' has no one frame size: the reference image picks one of "
+                         "frame_candidates(pipeline, resolution, 'auto')")
+    if _is_hy15(pipeline):
         bucket = bucket_frame_size(str(resolution), str(aspect_ratio))
         if bucket is not None:
             return bucket
     return frame_size(str(resolution), str(aspect_ratio))
+
+
+def _is_hy15(pipeline: str) -> bool:
+    return str(pipeline) in {p.value for p in HUNYUAN15_PIPELINES}
+
+
+def frame_candidates(pipeline: str, resolution: str, aspect_ratio: str) -> list[tuple[int, int]]:
+    """Every (width, height) a run at this resolution and aspect ratio choice may generate: the one size of a fixed
+    ratio (`family_frame_size`), or for "auto" (image-to-video) the sizes the reference image's ratio picks among:
+    HunyuanVideo-1.5's published buckets of the resolution (all of them, in the published order, as Tencent's I2V
+    pipeline picks), else the resolution table's row (one size per fixed ratio, in the table's order). The compiler
+    records the candidates in the plan, sizes its memory estimate on the largest and checks each against the VAE and
+    the patch; the runtime picks one with `closest_frame_size`."""
+    if str(aspect_ratio) != AspectRatio.AUTO.value:
+        return [family_frame_size(pipeline, resolution, aspect_ratio)]
+    if _is_hy15(pipeline) and str(resolution) in BUCKET_BASE_SIZE:
+        return image_buckets(str(resolution))
+    return [RESOLUTION_TABLE[Resolution(resolution)][a] for a in FIXED_ASPECT_RATIOS]
+
+
+def typical_frame_size(pipeline: str, resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """One size standing for the choice where a single one is needed at compile time (the default frame of a step
+    cache's fit, a sparse mask's density): the size itself, or for "auto" the candidate a 16:9 image picks."""
+    return closest_frame_size(frame_candidates(pipeline, resolution, aspect_ratio), 16, 9)

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from telefuser.errors import ParameterError
+from telefuser.errors import ParameterError, PlanError
+from telefuser.schema.buckets import closest_frame_size
+from telefuser.schema.enums import AspectRatio
 from telefuser.schema.plan import Plan, UserParameter
 from telefuser.schema.resolution import frame_size
 
@@ -129,7 +131,10 @@ def resolve_parameters(plan: Plan, **given: Any) -> RunParameters:
     if given.get("negative_prompt") is None and not negative_prompt:
         # Layer 2's negative prompt is the algorithm's default when Layer 3 offers none.
         negative_prompt = plan.layer2_inference_config.negative_prompt
-    width, height = planned_frame_size(plan, values["resolution"], values["aspect_ratio"])
+    if values["aspect_ratio"] == AspectRatio.AUTO.value:
+        width, height = image_frame_size(plan, values["resolution"], values.get("image"))
+    else:
+        width, height = planned_frame_size(plan, values["resolution"], values["aspect_ratio"])
     return RunParameters(
         prompt=values["prompt"] or "",
         negative_prompt=negative_prompt,
@@ -149,3 +154,17 @@ def planned_frame_size(plan: Plan, resolution: str, aspect_ratio: str) -> tuple[
     if recorded is not None:
         return int(recorded[0]), int(recorded[1])
     return frame_size(resolution, aspect_ratio)
+
+
+def image_frame_size(plan: Plan, resolution: str, image: Optional["ConditioningImage"]) -> tuple[int, int]:
+    """Aspect ratio "auto": the (width, height) among the plan's candidates for this resolution whose aspect ratio is
+    closest to the reference image's (HunyuanVideo-1.5's I2V rule, `closest_frame_size`); only sizes the compiler
+    recorded (and sized the memory for) can come out."""
+    candidates = plan.layer3_user_interface.image_frame_sizes.get(resolution)
+    if not candidates:
+        raise PlanError(f'this plan offers aspect ratio "auto" but records no candidate frame sizes for resolution '
+                        f"{resolution} (layer3_user_interface.image_frame_sizes); recompile it with this TeleFuser.")
+    if image is None:
+        raise ParameterError('aspect ratio "auto" takes the frame from the reference image, and none was given: pass '
+                             '--image PATH, or choose a ratio such as --aspect-ratio 16:9.')
+    return closest_frame_size(candidates, *image.size)
