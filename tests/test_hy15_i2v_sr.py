@@ -43,6 +43,9 @@ TINY = RECIPES / "tiny_hy15"
 RECIPE = RECIPES / "tiny_hy15_i2v_sr.toml"
 PROMPT, SEED = 'the sign turns to read "OPEN"', 3
 SR_W, SR_H = 848, 480  # tiny_hy15_i2v_sr: base 144p 16:9 (256x144) -> the 480p bucket of that ratio
+# the recipe's default is "auto" (tests/test_hy15_auto_sr.py runs it); these runs keep 16:9, whose SR frame
+# 424x300 covers exactly (below)
+FIXED = "layer3.aspect_ratio.default=16:9"
 TOL = 1e-5
 # 424x300 covers 848x480 at scale 2 exactly (848x600), so the crop offset (60 rows) is the same whichever way a
 # half pixel would round: the comparison tests the formula, not a rounding convention
@@ -63,7 +66,8 @@ def _image() -> np.ndarray:
 
 def _plan(tmp_path: Path, *overrides: str) -> Path:
     path = tmp_path / "i2v_sr.plan.json"
-    path.write_text(pretty_json(compile_recipe(RECIPE, list(overrides)).model_dump(mode="json", by_alias=True)))
+    plan = compile_recipe(RECIPE, [FIXED, *overrides])
+    path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
     return path
 
 
@@ -104,7 +108,7 @@ def test_plan_stages_refusal_gone_and_memory_covers_the_sr_encode() -> None:
         "load_image_sr", "encode_image_sr", "upsample_latent", "super_resolve", "decode_vae", "write_video"]
     st = {s.name: s for s in plan.stages}
     assert st["load_image_sr"].kind == "image_load"
-    assert st["load_image_sr"].params["frame_sizes"] == {"16:9": [SR_W, SR_H]}
+    assert st["load_image_sr"].params["frame_sizes"]["256x144"] == [SR_W, SR_H]  # base frame -> SR frame
     assert st["load_image_sr"].params["output"] == "sr_image"
     assert (st["encode_image_sr"].kind, st["encode_image_sr"].models) == ("hy15_image_encode", ["image_encoder", "vae"])
     assert st["encode_image_sr"].params["outputs"] == ["sr_vision_states", "sr_image_latent"]
@@ -115,8 +119,11 @@ def test_plan_stages_refusal_gone_and_memory_covers_the_sr_encode() -> None:
     assert next(s for s in t2v.stages if s.kind == "hy15_sr").params["condition"] == "t2v"
     # memory: the VAE encoding one image at the SR frame (10 maps of the encoder's first level, 4 channels in the tiny
     # VAE, float32) and the float32 image, beside SigLIP's activations
+    # at the largest SR frame of any base frame ("auto"'s candidates included: 192x192 -> 640x640)
     b = plan.memory.breakdown
-    assert b["activations.vae_encode_sr"] == 10 * 4 * SR_W * SR_H * 4 + 3 * SR_W * SR_H * 4
+    w, h = max(st["load_image_sr"].params["frame_sizes"].values(), key=lambda s: s[0] * s[1])
+    assert (w, h) == (640, 640)
+    assert b["activations.vae_encode_sr"] == 10 * 4 * w * h * 4 + 3 * w * h * 4
     peaks = {s.stage: s for s in plan.memory.stages}
     assert peaks["encode_image_sr"].components["activations"] == b["activations.image_encode"] + b["activations.vae_encode_sr"]
     # the base frame's encode keeps the base frame's workspace (the decode's term is the SR frame's now)
@@ -168,7 +175,8 @@ def test_tiny_i2v_sr_runs_end_to_end_and_writes_the_sr_size(tmp_path, capsys) ->
     capsys.readouterr()
     assert compile_main(["--explain", str(plan)]) == 0
     explain = " ".join(capsys.readouterr().out.split())
-    assert "load_image_sr image_load --image, lanczos resize to cover the SR frame (16:9 848x480)" in explain
+    assert "load_image_sr image_load --image, lanczos resize to cover the SR frame (144x192 -> 544x720," in explain
+    assert "256x144 -> 848x480)" in explain  # base frame -> SR frame, one per base frame the plan may generate
     assert "encode_image_sr hy15_image_encode image_encoder, vae: SigLIP tokens of the SR-size fitted image" in explain
     assert "I2V: the image latent at that size at latent frame 0 + its SigLIP tokens" in explain
 

@@ -161,7 +161,6 @@ def test_the_runtime_picks_only_recorded_candidates() -> None:
      "not hunyuan_video15_t2v"),
     ("tiny.toml", ['layer3.aspect_ratio.choices=["16:9", "auto"]'], "not wan_t2v"),
     ("tiny_ti2v.toml", ['layer3.aspect_ratio.choices=["1:1", "auto"]'], "layer3.image.required = true"),
-    ("tiny_hy15_i2v.toml", ["layer2.enable_sr=true"], "not built yet"),
 ])
 def test_auto_without_an_image_to_video_pipeline_is_refused(recipe, overrides, needle) -> None:
     with pytest.raises(RecipeError) as info:

@@ -179,7 +179,7 @@ def test_tiny_sr_plan_frames_equal_the_composition_of_the_sr_pieces(tmp_path) ->
     assert kinds == ["load", "hy15_glyph_encode", "hy15_text_encode", "noise", "hy15_denoise", "hy15_sr_upsample",
                      "hy15_sr", "vae_decode", "write_video"]
     up, sr = (next(s for s in plan.stages if s.kind == k) for k in ("hy15_sr_upsample", "hy15_sr"))
-    assert up.models == ["sr_upsampler"] and up.params["frame_sizes"] == {"16:9": [848, 480]}
+    assert up.models == ["sr_upsampler"] and up.params["frame_sizes"]["256x144"] == [848, 480]
     assert sr.models == ["dit_sr"] and sr.params["lq_noise_strength"] == 0.7 and sr.params["num_inference_steps"] == 3
     assert {s.stage for s in plan.memory.stages} >= {"denoise", "upsample_latent", "super_resolve", "decode_vae"}
     video = pipe.run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
@@ -232,7 +232,7 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     # Tencent's buckets, not TeleFuser's table: 480p 16:9 is 848x480 (the table's 832x480), the SR frame 1280x720
     assert plans["hunyuan15_t2v_480p"].layer3_user_interface.frame_sizes["480p"]["16:9"] == [848, 480]
     assert sr.layer3_user_interface.frame_sizes["480p"]["16:9"] == [848, 480]
-    assert next(s for s in sr.stages if s.kind == "hy15_sr_upsample").params["frame_sizes"]["16:9"] == [1280, 720]
+    assert next(s for s in sr.stages if s.kind == "hy15_sr_upsample").params["frame_sizes"]["848x480"] == [1280, 720]
     assert plans["hunyuan15_t2v_720p"].layer3_user_interface.frame_sizes["720p"]["16:9"] == [1280, 720]
     # the estimate sees the buckets: the largest is 1:1's 640x640 (the table's 624x624)
     assert sr.layer3_user_interface.frame_sizes["480p"]["1:1"] == [640, 640]
@@ -252,7 +252,7 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     i2v_sr = plans["hunyuan15_i2v_480p_sr_720p"]  # the image again at the 720p SR frame for the SR DiT
     assert [s.name for s in i2v_sr.stages][6:11] == ["denoise", "load_image_sr", "encode_image_sr", "upsample_latent",
                                                      "super_resolve"]
-    assert next(s for s in i2v_sr.stages if s.name == "load_image_sr").params["frame_sizes"]["16:9"] == [1280, 720]
+    assert next(s for s in i2v_sr.stages if s.name == "load_image_sr").params["frame_sizes"]["848x480"] == [1280, 720]
     assert i2v_sr.memory.breakdown["activations.vae_encode_sr"] > 0
     assert i2v_sr.layer2_inference_config.sigma_shift == 7.0  # the step-distilled transformer's published shift
     i2v = plans["hunyuan15_i2v_480p_step_distilled"]

@@ -119,6 +119,16 @@ def _step_list(plan: Plan) -> list[str]:
     return [line, f"  experts per step (t >= {boundary:g}: {high}): {experts}"]
 
 
+def sr_frame_list(sizes: dict[str, list[int]], shown: int = 6) -> str:
+    """The SR stages' `frame_sizes` (base frame "WxH" -> SR frame) as "848x480 -> 1280x720, ..."; past `shown` base
+    frames (aspect ratio "auto": every bucket) their count and the largest SR frame."""
+    pairs = [f"{base} -> {w}x{h}" for base, (w, h) in sizes.items()]
+    if len(pairs) <= shown:
+        return ", ".join(pairs)
+    w, h = max((tuple(v) for v in sizes.values()), key=lambda s: s[0] * s[1])
+    return f"{', '.join(pairs[:shown])}, ... ({len(pairs)} base frames; the largest SR frame {w}x{h})"
+
+
 def _super_resolution(plan: Plan) -> list[str]:
     """HunyuanVideo-1.5's SR stage: sizes, the low-resolution latent's noise, the SR DiT's own schedule."""
     up = next((s for s in plan.stages if s.kind == "hy15_sr_upsample"), None)
@@ -126,7 +136,7 @@ def _super_resolution(plan: Plan) -> list[str]:
     if up is None or sr is None:
         return []
     p, q = up.params, sr.params
-    sizes = ", ".join(f"{ar} {w}x{h}" for ar, (w, h) in p["frame_sizes"].items())
+    sizes = sr_frame_list(p["frame_sizes"])
     return [f"super-resolution ({p['version']}): {', '.join(up.models)} upsamples the base latent to the "
             f"{p['target_resolution']} frame ({sizes}), noised by lq_noise_strength {p['lq_noise_strength']}; "
             f"{', '.join(sr.models)}: {q['solver']}, {q['num_inference_steps']} steps, shift {q['sigma_shift']}, cfg "
@@ -209,8 +219,7 @@ def _image_path(plan: Plan) -> list[str]:
     for s in plan.stages:
         p, models = s.params, ", ".join(s.models)
         if s.kind == "image_load":
-            frame = "the frame" if not p.get("frame_sizes") else "the SR frame (" + ", ".join(
-                f"{ar} {w}x{h}" for ar, (w, h) in p["frame_sizes"].items()) + ")"
+            frame = "the frame" if not p.get("frame_sizes") else f"the SR frame ({sr_frame_list(p['frame_sizes'])})"
             what = f"--image, {p.get('resample')} resize to cover {frame} and centre crop ({p.get('fit')}), values in {p.get('value_range')}"
             what += f" -> {p['output']}" if p.get("output") else ""
             what += "; without --image the run is text-to-video" if p.get("optional") else ""

@@ -7,6 +7,10 @@ Stages after the base denoise (runtime/stages/hy15_sr.py, image_load.py, hy15_im
   I2V:  load_image_sr (image_load: --image fitted to the SR frame) -> encode_image_sr (hy15_image_encode: SigLIP's
         tokens and the VAE latent of that image) -> upsample_latent -> super_resolve (condition "i2v") -> decode_vae
 
+Each of load_image_sr, encode_image_sr and upsample_latent records `frame_sizes`: the SR frame of every base frame a
+run may generate (each resolution at each fixed aspect ratio and each of "auto"'s candidates), keyed by the base frame
+"WxH" (`sr_sizes`); the runtime looks its run's base frame up there, and the memory estimate takes the largest.
+
 The I2V part follows Tencent's SR pipeline (tencent/HunyuanVideo-1.5 hyvideo/pipelines/hunyuan_video_sr_pipeline.py,
 commit 60783e7 of the GitHub mirror), which the base pipeline calls with the user's reference image, not the base
 stage's fitted frame: the SR DiT's condition latent is the reference image resized to cover the SR frame (Lanczos),
@@ -22,10 +26,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from telefuser.schema.buckets import BUCKET_BASE_SIZE, sr_bucket_size
+from telefuser.schema.buckets import BUCKET_BASE_SIZE, closest_frame_size, sr_bucket_size
+from telefuser.schema.enums import FIXED_ASPECT_RATIOS, Resolution
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe, SRConfig
-from telefuser.schema.resolution import family_frame_size, frame_size
+from telefuser.schema.resolution import RESOLUTION_TABLE, frame_candidates, frame_key
 
 UPSAMPLER_VERSION = {"HunyuanVideo15SRUpsampler720p": "720p_sr_distilled",
                      "HunyuanVideo15SRUpsampler1080p": "1080p_sr_distilled"}
@@ -59,36 +64,35 @@ def check_sr(recipe: Recipe, roles: set[str]) -> Optional[str]:
     if sr.cfg_scale != 1.0:
         return (f"layer2.sr_config.cfg_scale = {sr.cfg_scale}: the SR DiTs are guidance-distilled (published guidance "
                 "1.0, one DiT call per step); CFG in the SR stage is not built: set cfg_scale = 1.0.")
+    target = str(sr.target_resolution)
     for res in recipe.layer3.resolution.choices:
         for ar in recipe.layer3.aspect_ratio.choices:
-            w, h = family_frame_size(recipe.layer1.pipeline, res, ar)
-            tw, th = sr_frame_size(w, h, str(ar), str(sr.target_resolution))
-            if tw * th <= w * h:
-                return (f"layer2.sr_config.target_resolution = {str(sr.target_resolution)!r} is not larger than "
-                        f"layer3 resolution {res} at {ar} ({w}x{h}); pick a larger SR row or restrict "
-                        "layer3.resolution.choices.")
-            if [tw, th] != sr_sizes(recipe)[str(ar)]:  # the plan records one SR size per aspect ratio
-                return (f"layer3 resolution {res} at {ar} ({w}x{h}) maps to a {tw}x{th} SR frame, the default "
-                        f"resolution to another; restrict layer3.resolution.choices to one resolution with SR.")
+            for w, h in frame_candidates(recipe.layer1.pipeline, res, ar):
+                tw, th = sr_frame_size(w, h, target)
+                if tw * th <= w * h:
+                    return (f"layer2.sr_config.target_resolution = {target!r} is not larger than layer3 resolution "
+                            f"{res} at {ar} ({w}x{h}); pick a larger SR row or restrict layer3.resolution.choices.")
     return None
 
 
-def sr_frame_size(width: int, height: int, aspect_ratio: str, target: str) -> tuple[int, int]:
+def sr_frame_size(width: int, height: int, target: str) -> tuple[int, int]:
     """(width, height) of the SR video for a base frame of width x height: the target resolution's bucket of the
-    closest aspect ratio (the published BucketMap: 480p 848x480 -> 720p 1280x720), or the table's row at that
-    aspect ratio where the target has no published bucket."""
+    closest aspect ratio (the published BucketMap, `schema.buckets.sr_bucket_size`: 480p 848x480 -> 720p 1280x720),
+    or where the target has no published bucket the table row's size of the closest aspect ratio (for a fixed
+    ratio's base frame: that ratio's row entry)."""
     if target in BUCKET_BASE_SIZE:
         return sr_bucket_size(width, height, target)
-    return frame_size(target, aspect_ratio)
+    return closest_frame_size([RESOLUTION_TABLE[Resolution(target)][a] for a in FIXED_ASPECT_RATIOS], width, height)
 
 
 def sr_sizes(recipe: Recipe) -> dict[str, list[int]]:
-    """aspect ratio -> [width, height] of the SR video (from the base frame at the default resolution; one SR size
-    per aspect ratio, so every base resolution of that ratio must map to it: check_sr says so otherwise)."""
+    """base frame "WxH" -> [width, height] of the SR video, for every base frame a run may generate: each allowed
+    resolution at each fixed aspect ratio and each of "auto"'s candidates (`frame_candidates`, the sizes layer 3's
+    frame_sizes / image_frame_sizes record). The runtime's SR stages read the SR frame of the run's base frame here."""
     target = str((recipe.layer2.sr_config or SRConfig()).target_resolution)
-    base = recipe.layer3.resolution.default
-    return {str(ar): list(sr_frame_size(*family_frame_size(recipe.layer1.pipeline, base, ar), str(ar), target))
-            for ar in recipe.layer3.aspect_ratio.choices}
+    return {frame_key(w, h): list(sr_frame_size(w, h, target))
+            for res in recipe.layer3.resolution.choices for ar in recipe.layer3.aspect_ratio.choices
+            for w, h in frame_candidates(recipe.layer1.pipeline, res, ar)}
 
 
 def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fit: dict[str, Any], i2v: bool,

@@ -354,9 +354,6 @@ class Recipe(StrictModel):
                                  f'image-to-video pipeline (hunyuan_video15_i2v, wan_i2v, or wan_ti2v with layer3.image.'
                                  f'required = true), not {l1.pipeline}; choose a ratio such as "16:9" (and remove "auto" '
                                  "from layer3.aspect_ratio.choices)")
-            if l2.enable_sr:
-                raise ValueError('layer3.aspect_ratio "auto" with layer2.enable_sr: an SR frame per image-picked '
-                                 'bucket is not built yet (not executable yet); choose a fixed ratio such as "16:9"')
         roles = {m.role for m in l1.models}
         clip = ModelRole.IMAGE_ENCODER.value in roles
         if clip and l1.pipeline not in (PipelineType.WAN_I2V.value, PipelineType.HUNYUAN_VIDEO15_I2V.value):

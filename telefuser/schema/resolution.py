@@ -99,3 +99,9 @@ def typical_frame_size(pipeline: str, resolution: str, aspect_ratio: str) -> tup
     """One size standing for the choice where a single one is needed at compile time (the default frame of a step
     cache's fit, a sparse mask's density): the size itself, or for "auto" the candidate a 16:9 image picks."""
     return closest_frame_size(frame_candidates(pipeline, resolution, aspect_ratio), 16, 9)
+
+
+def frame_key(width: int, height: int) -> str:
+    """A frame's key where the plan maps a base frame to another size (HunyuanVideo-1.5's SR stages' `frame_sizes`:
+    "848x480" -> the SR frame); the runtime looks its run's base frame up by it."""
+    return f"{int(width)}x{int(height)}"

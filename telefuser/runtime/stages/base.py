@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from telefuser.distributed.rank import RankContext
+from telefuser.errors import PlanError
 from telefuser.schema.plan import Plan, Stage
+from telefuser.schema.resolution import frame_key
 
 from telefuser.runtime.io.params import RunParameters
 from telefuser.runtime.memory.placement import Placement
@@ -72,3 +74,16 @@ def timed(timings: Timings, name: str, ctx: StageContext):
     yield
     ctx.sync()
     setattr(timings, name, getattr(timings, name) + time.perf_counter() - start)
+
+
+def sr_frame(stage: Stage, state: RunState) -> tuple[int, int]:
+    """(width, height) of the SR frame the plan recorded for this run's base frame (HunyuanVideo-1.5's SR stages:
+    `frame_sizes`, base frame "WxH" -> the SR frame; the compiler recorded one per base frame a run may generate,
+    the fixed ratios' and "auto"'s candidates)."""
+    key = frame_key(state.params.width, state.params.height)
+    size = stage.params.get("frame_sizes", {}).get(key)
+    if size is None:
+        raise PlanError(f"the plan's stage {stage.name!r} records no SR frame for this run's base frame {key} "
+                        f"(resolution {state.params.resolution}, aspect ratio {state.params.aspect_ratio}); recompile "
+                        "the recipe with this version.")
+    return int(size[0]), int(size[1])

@@ -4,8 +4,8 @@ antialiased resize to its image size) and its VAE latent (`image_latent` [1, C, 
 denoise stage puts at latent frame 0 with a mask (`condition_latents`). Both are made on the dp replica's lead (SigLIP
 and the VAE live there) and broadcast to the replica's other ranks, whose DiTs need them in both CFG branches.
 
-With SR (`input` "sr_image": the image fitted to the SR frame by load_image_sr, `frame_sizes` that frame per aspect
-ratio) the same two are made of it for the SR DiT, as `state.family["sr_vision_states"]` / `["sr_image_latent"]`
+With SR (`input` "sr_image": the image fitted to the SR frame by load_image_sr, `frame_sizes` that frame per base
+frame "WxH") the same two are made of it for the SR DiT, as `state.family["sr_vision_states"]` / `["sr_image_latent"]`
 (Tencent's SR pipeline encodes the reference image again at the SR size: compiler/hunyuan15_sr.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Stage
 
-from .base import RunState, StageContext, register, timed
+from .base import RunState, StageContext, register, sr_frame, timed
 
 # input -> the outputs it makes (vision states, image latent)
 FORMS = {"image": ["vision_states", "image_latent"], "sr_image": ["sr_vision_states", "sr_image_latent"]}
@@ -31,10 +31,7 @@ def hy15_image_encode(ctx: StageContext, state: RunState, stage: Stage) -> None:
                         "does not; recompile the recipe with this version.")
     width, height = state.params.width, state.params.height
     if source == "sr_image":
-        if state.params.aspect_ratio not in p["frame_sizes"]:
-            raise PlanError(f"the plan's stage {stage.name!r} has no frame size for aspect ratio "
-                            f"{state.params.aspect_ratio}; recompile.")
-        width, height = p["frame_sizes"][state.params.aspect_ratio]
+        width, height = sr_frame(stage, state)
     with timed(state.timings, "encode", ctx):
         if ctx.rank.is_writer:  # SigLIP and the VAE live on the replica's lead (image_load ran there)
             image = state.image if source == "image" else state.family.get(source)

@@ -2,7 +2,8 @@
 pieces are `telefuser.models.hunyuan15.sr`'s, tested against a float64 evaluation of the published SR forward).
 
 From the base stage's final latent `lq` [1, C, T, h, w]:
-1. the SR frame is the plan's `frame_sizes[aspect ratio]` (the SR resolution row at the run's aspect ratio); each
+1. the SR frame is the plan's `frame_sizes["WxH"]` of the run's base frame (the SR resolution's bucket closest to
+   its aspect ratio, recorded for every base frame the plan may generate, "auto"'s candidates included); each
    latent frame is resized bilinearly to it over the VAE's spatial ratio and refined by the latent upsampler;
 2. it is noised: (1 - s) lq + s noise, s = lq_noise_strength, the noise drawn on the CPU from the run's seeded
    generator (after the base latents), then the SR stage's initial latents from the same generator;
@@ -23,7 +24,7 @@ import torch
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Stage
 
-from .base import RunState, StageContext, register
+from .base import RunState, StageContext, register, sr_frame
 from .hy15_denoise import check_schedule, hy15_sigmas, text_inputs
 
 
@@ -37,12 +38,9 @@ def hy15_sr_upsample(ctx: StageContext, state: RunState, stage: Stage) -> None:
     if p.get("generator") != "cpu" or p.get("resize") != "bilinear":
         raise PlanError(f"the plan's stage {stage.name!r} asks for a {p.get('resize')!r} resize / {p.get('generator')!r} "
                         "generator, which this runtime does not run; recompile with this version.")
-    sizes = p["frame_sizes"]
-    if state.params.aspect_ratio not in sizes:
-        raise PlanError(f"the plan's SR stage has no frame size for aspect ratio {state.params.aspect_ratio}; recompile.")
     if state.generator is None or state.latents is None:
         raise PlanError(f"the plan's stage {stage.name!r} needs the base stage's latents; recompile.")
-    width, height = sizes[state.params.aspect_ratio]
+    width, height = sr_frame(stage, state)
     space = int(p["spatial_ratio"])
     with ctx.placements[up_name].active() as upsampler, ctx.dispatch(up_name):
         lq = state.latents.float().to(next(upsampler.parameters()).device)

@@ -1,7 +1,7 @@
 """image_load: the conditioning image fitted to the chosen frame (Lanczos resize to cover, centre crop) and mapped
 to [-1, 1], on each dp replica's lead: the models that read it (CLIP, the VAE encoder) live there. An `optional`
 stage (Wan2.2 TI2V with an optional image) does nothing on a run without an image. With `frame_sizes` (HunyuanVideo-1.5
-I2V + SR: aspect ratio -> the SR frame) the image is fitted to that frame instead, into `output` "sr_image"
+I2V + SR: the base frame "WxH" -> the SR frame) the image is fitted to that frame instead, into `output` "sr_image"
 (`state.family`), for the SR stage's own image encode."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Stage
 
-from .base import RunState, StageContext, register, timed
+from .base import RunState, StageContext, register, sr_frame, timed
 
 FITS = {("cover_center_crop", "lanczos")}
 OUTPUTS = ("image", "sr_image")
@@ -37,10 +37,7 @@ def image_load(ctx: StageContext, state: RunState, stage: Stage) -> None:
         return
     width, height = state.params.width, state.params.height
     if sizes is not None:
-        if state.params.aspect_ratio not in sizes:
-            raise PlanError(f"the plan's stage {stage.name!r} has no frame size for aspect ratio "
-                            f"{state.params.aspect_ratio}; recompile.")
-        width, height = sizes[state.params.aspect_ratio]
+        width, height = sr_frame(stage, state)
     with timed(state.timings, "encode", ctx):
         pixels = to_pixels(fit_image(state.params.image, int(width), int(height))).to(ctx.device)
     if output == "image":
