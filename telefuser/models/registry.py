@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class ModelEntry:
         """One tensor name of `layout` -> its name in the model's own layout (a rename; for the models whose keys
         module has `from_layout`: the Wan DiT, whose LoRAs are matched this way)."""
         return next(iter(self._load(self.keys_module, "from_layout")({key: None}, layout)))
+
+    def lora_unsupported(self, module: str) -> Optional[str]:
+        """Why a LoRA module of this name (wrapper prefix stripped) cannot be applied to the model, or None (for the
+        models whose keys module has `lora_unsupported`: HunyuanVideo-1.5's DiT)."""
+        module_ = importlib.import_module(self.keys_module)
+        return getattr(module_, "lora_unsupported", lambda _: None)(module)
 
 
 REGISTRY: dict[str, ModelEntry] = {

@@ -156,3 +156,20 @@ def from_layout(state: Mapping[str, T], layout: str) -> dict[str, T]:
     if layout == "tencent":
         return dict(state)
     return {(_rename(k, _TO_TENCENT) if not _QKV_D.match(k) else k): v for k, v in state.items()}
+
+
+_LORA_QKV_D = re.compile(r"^context_embedder\.token_refiner\.refiner_blocks\.\d+\.attn\.to_[qkv]$")
+
+
+def lora_unsupported(module: str) -> str | None:
+    """Why a LoRA module in diffusers' names has no exact target here (Tencent's names map by renaming): the
+    refiner's separate to_q/to_k/to_v are one fused `self_attn_qkv` in Tencent's DiT (a LoRA per output slice is not
+    built), and diffusers' final `norm_out.linear` is Tencent's `final_layer.adaLN_modulation.1` with its output
+    halves swapped (a LoRA on it would need its up rows swapped: not built)."""
+    if _LORA_QKV_D.match(module):
+        return ("diffusers' separate refiner q/k/v, which HunyuanVideo-1.5's DiT fuses in "
+                "txt_in.individual_token_refiner.blocks.N.self_attn_qkv (a LoRA per slice is not built)")
+    if module == _FINAL_ADALN[1].rstrip("."):
+        return ("diffusers' final norm_out.linear, whose (scale, shift) halves are Tencent's final_layer."
+                "adaLN_modulation.1 (shift, scale) swapped (not built)")
+    return None

@@ -1,0 +1,298 @@
+"""LoRA on HunyuanVideo-1.5's DiT, in the layout Tencent's trainer writes (tencent/HunyuanVideo-1.5 `train.py`: PEFT
+`LoraConfig(r, lora_alpha, target_modules="all-linear")` on its transformer, saved by the transformer's
+`save_lora_adapter` as `pytorch_lora_weights.safetensors`: `<module>.lora_A.weight` [r, in] / `.lora_B.weight`
+[out, r] in Tencent's module names, the LoraConfig as JSON in the safetensors metadata `lora_adapter_metadata`) and
+ComfyUI's (`diffusion_model.<module>.lora_down/lora_up/alpha`), on the tiny DiT of recipes/tiny_hy15.toml: the DiT's
+output against the DiT whose weights were merged by hand in float64, merged and unmerged; strength 0 equal to no
+LoRA; wrong files refused at compile time (exit 2, the file named)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from telefuser.cli.compile import main as compile_main
+from telefuser.compiler import compile_recipe
+from telefuser.models import registry
+from telefuser.models.hunyuan15.tiny import TINY_ARCH
+from telefuser.ops.lora_linear import LoraLinear
+from telefuser.runtime.load.build import build_model
+from telefuser.schema.model_config import ModelRuntimeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = load_file(REPO / "recipes" / "tiny_hy15" / "hy15_dit.safetensors")
+RANK, ALPHA = 4, 8.0  # scale alpha / r = 2, as the trainer's defaults (r 8, lora_alpha 16)
+LORA_FILE = "lora/default/pytorch_lora_weights.safetensors"  # train.py: <checkpoint>/lora/<adapter>/<weight name>
+
+
+def _linears() -> list[str]:
+    """Every nn.Linear of the tiny DiT: what PEFT's "all-linear" wraps on a model that is no PreTrainedModel."""
+    entry = registry.get("HunyuanVideo15DiT")
+    with torch.device("meta"):
+        model = entry.model_class(entry.config_class(**TINY_ARCH["dit"]))
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+LINEARS = _linears()
+
+
+def _factors() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A [r, in], B [out, r]), B sized so that the update is ~30% of W."""
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for name in LINEARS:
+        o, i = BASE[name + ".weight"].shape
+        a = torch.randn(RANK, i, generator=g) / i ** 0.5
+        b = torch.randn(o, RANK, generator=g) * 0.3 / (RANK * i) ** 0.5
+        out[name] = (a, b)
+    return out
+
+
+FACTORS = _factors()
+
+
+def _peft_metadata(**extra) -> dict[str, str]:
+    config = {"r": RANK, "lora_alpha": ALPHA, "target_modules": sorted(LINEARS), "peft_type": "LORA",
+              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "rank_pattern": {},
+              "alpha_pattern": {}, "task_type": "FEATURE_EXTRACTION", **extra}
+    # as Tencent's save_lora_adapter writes it
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
+
+
+def _tencent(factors=FACTORS) -> dict[str, torch.Tensor]:
+    return {k: v for name, (a, b) in factors.items()
+            for k, v in ((f"{name}.lora_A.weight", a), (f"{name}.lora_B.weight", b))}
+
+
+def _comfy(factors=FACTORS) -> dict[str, torch.Tensor]:
+    return {k: v for name, (a, b) in factors.items()
+            for k, v in ((f"diffusion_model.{name}.lora_down.weight", a), (f"diffusion_model.{name}.lora_up.weight", b),
+                         (f"diffusion_model.{name}.alpha", torch.tensor(ALPHA)))}
+
+
+def _folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "tiny_hy15").symlink_to(REPO / "recipes" / "tiny_hy15")
+    shutil.copy(REPO / "recipes" / "tiny_hy15.toml", folder / "tiny_hy15.toml")
+    return folder
+
+
+def _write(folder: Path, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _recipe(folder: Path, name: str, loras: list[tuple[str, float]], merge: bool = True) -> Path:
+    text = (folder / "tiny_hy15.toml").read_text()
+    for rel, strength in loras:
+        text += (f"\n[[layer2.models.dit.lora_configs]]\npath = \"{rel}\"\nstrength = {strength}\n"
+                 f"merge = {str(merge).lower()}\n")
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def _dit(recipe: Path):
+    plan = compile_recipe(recipe)
+    runtime = plan.layer2_inference_config.models.get("dit", ModelRuntimeConfig())
+    return plan.model("dit"), build_model(plan.model("dit"), runtime, torch.device("cpu"))
+
+
+def _inputs() -> dict:
+    g = torch.Generator().manual_seed(3)
+    c = TINY_ARCH["dit"]
+    text_mask = torch.ones(1, 9, dtype=torch.int64)
+    text_mask[0, 7:] = 0
+    return {"x": torch.randn(1, c["out_channels"], 2, 4, 4, generator=g), "t": torch.tensor([650.0]),
+            "text_states": torch.randn(1, 9, c["text_states_dim"], generator=g), "text_mask": text_mask,
+            "byt5_states": torch.randn(1, 5, c["byt5_dim"], generator=g),
+            "byt5_mask": torch.ones(1, 5, dtype=torch.int64),
+            "vision_states": torch.randn(1, 4, c["vision_states_dim"], generator=g),
+            "y": torch.randn(1, c["in_channels"] - c["out_channels"], 2, 4, 4, generator=g)}
+
+
+def _run(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_inputs())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(the DiT without LoRA, its output, the output of the DiT merged by hand: W + strength alpha/r B A in float64,
+    rounded once to float32)."""
+    folder = _folder(tmp_path_factory.mktemp("ref"))
+    _, model = _dit(folder / "tiny_hy15.toml")
+    plain = _run(model)
+    outputs = {}
+    for strength in (1.0, 0.6):
+        merged = {k: v.double() for k, v in BASE.items()}
+        for name, (a, b) in FACTORS.items():
+            merged[name + ".weight"] += strength * (ALPHA / RANK) * (b.double() @ a.double())
+        model.load_state_dict({k: v.float() for k, v in merged.items()})
+        outputs[strength] = _run(model)
+    model.load_state_dict(BASE)
+    return model, plain, outputs
+
+
+@pytest.mark.parametrize("layout", ["tencent", "comfy"])
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_equals_the_dit_merged_by_hand(tmp_path, reference, layout, merge):
+    _, plain, outputs = reference
+    folder = _folder(tmp_path)
+    if layout == "tencent":
+        _write(folder, LORA_FILE, _tencent(), _peft_metadata())
+    else:
+        _write(folder, LORA_FILE, _comfy(), {"format": "pt"})
+    planned, model = _dit(_recipe(folder, "r.toml", [(LORA_FILE, 0.6)], merge=merge))
+    (recorded,) = planned.loras
+    assert recorded.key_layout == "tencent" and recorded.matched == recorded.modules == len(LINEARS)
+    assert recorded.linears_covered == len(LINEARS)  # every linear: the trainer's "all-linear"
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    if merge:
+        assert not wrapped
+    else:  # the blocks' linears run the LoRA beside them; the embedders and output layer are merged
+        assert wrapped == {n for n in LINEARS if n.startswith(("double_blocks.", "single_blocks."))}
+        assert torch.equal(model.double_blocks[0].img_attn_q.base.weight, BASE["double_blocks.0.img_attn_q.weight"])
+    out = _run(model)
+    # The LoRA moves the output away from the plain DiT's (relative L2 0.052) ...
+    assert _rel(out, plain) > 0.02
+    # ... and to the hand-merged DiT's up to float32 rounding: merged, the runtime adds the float32 update to the
+    # float32 weight (one extra rounding of each weight against the float64 merge, <= 1 ulp = 6e-8 relative);
+    # unmerged, W x + up (down x) sums the same products in another order. Through the embedders, the refiner, 2
+    # double-stream blocks and the final layer that stays ~1e-7 relative (measured 1.4e-7 merged, 2.0e-7
+    # unmerged); 1e-5 leaves 50x headroom and is 3 orders below the LoRA's own effect.
+    assert _rel(out, outputs[0.6]) < 1e-5
+
+
+def test_strength_zero_equals_no_lora_and_two_loras_add(tmp_path, reference):
+    _, plain, outputs = reference
+    folder = _folder(tmp_path)
+    _write(folder, LORA_FILE, _tencent(), _peft_metadata())
+    _write(folder, "comfy.safetensors", _comfy(), None)
+    for merge in (True, False):
+        _, model = _dit(_recipe(folder, f"zero_{merge}.toml", [(LORA_FILE, 0.0)], merge=merge))
+        assert torch.equal(_run(model), plain)  # W + 0 and W x + 0: bit for bit
+    # the two layouts of the same factors at 0.6 and 0.4: the hand merge at strength 1
+    _, model = _dit(_recipe(folder, "two.toml", [(LORA_FILE, 0.6), ("comfy.safetensors", 0.4)]))
+    assert _rel(_run(model), outputs[1.0]) < 1e-5
+
+
+def test_peft_alpha_patterns_and_a_file_without_its_config(tmp_path, reference):
+    """alpha_pattern / use_rslora as PEFT scales them; no LoraConfig in the file: scale 1 (diffusers: alpha = r)."""
+    _, plain, outputs = reference
+    folder = _folder(tmp_path)
+    # rslora with alpha 4: 4 / sqrt(4) = 2 = the reference's alpha / r
+    _write(folder, "rs.safetensors", _tencent(), _peft_metadata(lora_alpha=4.0, use_rslora=True))
+    _, model = _dit(_recipe(folder, "rs.toml", [("rs.safetensors", 1.0)]))
+    assert _rel(_run(model), outputs[1.0]) < 1e-5
+    # alpha 1 everywhere but alpha_pattern gives every module (regex ".*" matches each name) alpha 8
+    _write(folder, "pat.safetensors", _tencent(), _peft_metadata(lora_alpha=1.0, alpha_pattern={".*": ALPHA}))
+    _, model = _dit(_recipe(folder, "pat.toml", [("pat.safetensors", 1.0)]))
+    assert _rel(_run(model), outputs[1.0]) < 1e-5
+    # no config: scale 1, i.e. strength 2 of the file is the reference at strength 1
+    _write(folder, "bare.safetensors", _tencent(), {"format": "pt"})
+    _, model = _dit(_recipe(folder, "bare.toml", [("bare.safetensors", ALPHA / RANK)]))
+    assert _rel(_run(model), outputs[1.0]) < 1e-5
+
+
+def _refused(folder: Path, recipe: Path, capsys) -> str:
+    out = folder / "plan.json"
+    capsys.readouterr()
+    assert compile_main([str(recipe), "-o", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and not out.exists()
+    return err
+
+
+def test_wrong_files_refused_at_compile_time_with_the_file_named(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    # a module the tiny DiT lacks (it has 2 double-stream blocks)
+    extra = {"double_blocks.5.img_attn_q": (torch.ones(RANK, 64), torch.ones(64, RANK))}
+    _write(folder, "extra.safetensors", _tencent({**FACTORS, **extra}), _peft_metadata())
+    err = _refused(folder, _recipe(folder, "extra.toml", [("extra.safetensors", 1.0)]), capsys)
+    assert str(folder / "extra.safetensors") in err and "lora_configs[0]" in err
+    assert f"matched {len(LINEARS)} of {len(LINEARS) + 1} LoRA modules" in err
+    assert "double_blocks.5.img_attn_q: no such weight" in err
+    # Wan module names on the HunyuanVideo-1.5 DiT
+    _write(folder, "wan.safetensors", {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(RANK, 64),
+                                       "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(64, RANK)},
+           None)
+    err = _refused(folder, _recipe(folder, "wan.toml", [("wan.safetensors", 1.0)]), capsys)
+    assert str(folder / "wan.safetensors") in err and "matched 0 of 1 LoRA modules" in err
+    # a DoRA, and a LoraConfig whose rank is not the tensors'
+    _write(folder, "dora.safetensors", _tencent(), _peft_metadata(use_dora=True))
+    err = _refused(folder, _recipe(folder, "dora.toml", [("dora.safetensors", 1.0)]), capsys)
+    assert str(folder / "dora.safetensors") in err and "DoRA" in err
+    _write(folder, "rank.safetensors", _tencent(), _peft_metadata(r=8))
+    err = _refused(folder, _recipe(folder, "rank.toml", [("rank.safetensors", 1.0)]), capsys)
+    assert str(folder / "rank.safetensors") in err and "rank 8" in err and f"has {RANK} rows" in err
+    # a LoRA on a HunyuanVideo-1.5 model that is no DiT
+    text = (folder / "tiny_hy15.toml").read_text() + (
+        "\n[[layer2.models.vae.lora_configs]]\npath = \"extra.safetensors\"\nstrength = 1.0\n")
+    (folder / "vae.toml").write_text(text)
+    err = _refused(folder, folder / "vae.toml", capsys)
+    assert "layer2.models.vae.lora_configs" in err and "HunyuanVideo15VAE" in err
+
+
+def _diffusers_name(module: str) -> list[str]:
+    from telefuser.models.hunyuan15.dit_keys import tencent_to_diffusers
+
+    return [k.removesuffix(".weight") for k in tencent_to_diffusers({module + ".weight": torch.zeros(6, 1)})]
+
+
+def test_diffusers_names_and_a_diffusers_checkpoint(tmp_path, reference):
+    """A LoRA in diffusers' names (transformer. + HunyuanVideo15Transformer3DModel's modules) renames onto Tencent's;
+    the two it cannot reach exactly (the refiner's separate q/k/v, the final norm_out.linear with its halves
+    swapped) are refused with the reason, or skipped under on_mismatch = "warn". A DiT stored in diffusers' layout
+    takes a LoRA in Tencent's names (the compiler sees the fused refiner qkv as the runtime builds it)."""
+    model, plain, _ = reference
+    folder = _folder(tmp_path)
+    reachable = {n: f for n, f in FACTORS.items()
+                 if "self_attn_qkv" not in n and n != "final_layer.adaLN_modulation.1"}
+    diffusers = {}
+    for name, (a, b) in FACTORS.items():
+        for new in _diffusers_name(name):  # the refiner qkv: three names (refused)
+            split = "refiner" in new and new[-5:] in (".to_q", ".to_k", ".to_v")
+            diffusers[f"transformer.{new}.lora_A.weight"] = a.clone()
+            diffusers[f"transformer.{new}.lora_B.weight"] = (b[: b.shape[0] // 3] if split else b).clone()
+    _write(folder, "d.safetensors", diffusers, _peft_metadata())
+    err = " ".join(str(pytest.raises(Exception, compile_recipe, _recipe(folder, "d.toml", [("d.safetensors", 1.0)]))
+                       .value).split())
+    assert str(folder / "d.safetensors") in err and "fuses in txt_in.individual_token_refiner" in err
+    assert f"matched {len(reachable)} of {len(reachable) + 4} LoRA modules" in err
+    text = _recipe(folder, "w.toml", [("d.safetensors", 1.0)]).read_text() + 'on_mismatch = "warn"\n'
+    (folder / "w.toml").write_text(text)
+    with pytest.warns(UserWarning, match="a LoRA per slice is not built"):
+        planned, lora_model = _dit(folder / "w.toml")
+    assert planned.loras[0].key_layout == "diffusers" and planned.loras[0].matched == len(reachable)
+    assert any(e.startswith("norm_out.linear: diffusers' final norm_out.linear, whose (scale, shift) halves")
+               for e in planned.loras[0].unmatched_examples)
+    merged = {k: v.double() for k, v in BASE.items()}
+    for name, (a, b) in reachable.items():
+        merged[name + ".weight"] += (ALPHA / RANK) * (b.double() @ a.double())
+    model.load_state_dict({k: v.float() for k, v in merged.items()})
+    expected = _run(model)
+    model.load_state_dict(BASE)
+    assert _rel(_run(lora_model), expected) < 1e-5 and _rel(expected, plain) > 0.02
+    # the DiT in diffusers' layout with the Tencent-named LoRA: the same output as with Tencent's file
+    from telefuser.models.hunyuan15.dit_keys import tencent_to_diffusers
+
+    save_file(tencent_to_diffusers(BASE), str(folder / "dit_diffusers.safetensors"))
+    _write(folder, LORA_FILE, _tencent(), _peft_metadata())
+    recipe = _recipe(folder, "dd.toml", [(LORA_FILE, 1.0)])
+    recipe.write_text(recipe.read_text().replace("tiny_hy15/hy15_dit.safetensors", "dit_diffusers.safetensors"))
+    planned, lora_model = _dit(recipe)
+    assert planned.key_layout == "diffusers" and planned.loras[0].matched == len(LINEARS)
+    assert _rel(_run(lora_model), reference[2][1.0]) < 1e-5
