@@ -296,3 +296,32 @@ def test_diffusers_names_and_a_diffusers_checkpoint(tmp_path, reference):
     planned, lora_model = _dit(recipe)
     assert planned.key_layout == "diffusers" and planned.loras[0].matched == len(LINEARS)
     assert _rel(_run(lora_model), reference[2][1.0]) < 1e-5
+
+
+def test_a_file_written_by_peft_itself_as_tencents_trainer_does(tmp_path, reference):
+    """train.py's sequence with PEFT itself (skipped where PEFT is not installed): LoraConfig(r, lora_alpha,
+    target_modules="all-linear", bias="none") injected into the DiT (Tencent's module names), random factors, the
+    file as the transformer's save_lora_adapter writes it (get_peft_model_state_dict, the config's to_dict() as JSON
+    under lora_adapter_metadata); then the PEFT-wrapped DiT's own output is the reference."""
+    peft = pytest.importorskip("peft")
+    folder = _folder(tmp_path)
+    _, model = _dit(folder / "tiny_hy15.toml")  # a DiT of its own: PEFT wraps its linears in place
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0, bias="none",
+                             task_type="FEATURE_EXTRACTION")
+    wrapped = peft.inject_adapter_in_model(config, model, adapter_name="default")
+    g = torch.Generator().manual_seed(5)
+    for name, module in wrapped.named_modules():
+        if name.endswith((".lora_A.default", ".lora_B.default")):
+            module.weight.data = torch.randn(module.weight.shape, generator=g) * 0.05
+    state = peft.get_peft_model_state_dict(wrapped, adapter_name="default")
+    assert {k.rsplit(".lora_", 1)[0] for k in state} == set(LINEARS)  # "all-linear": every nn.Linear, by name
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in wrapped.peft_config["default"].to_dict().items()}
+    _write(folder, LORA_FILE, {k: v.contiguous() for k, v in state.items()},
+           {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, indent=2, sort_keys=True)})
+    with torch.no_grad():
+        expected = wrapped(**_inputs())
+    assert _rel(expected, reference[1]) > 0.02
+    for merge in (True, False):
+        _, ours = _dit(_recipe(folder, f"p{merge}.toml", [(LORA_FILE, 1.0)], merge=merge))
+        assert _rel(_run(ours), expected) < 1e-5  # float32 both, the same products in another order
