@@ -55,8 +55,11 @@ class PeftConfig:
     @staticmethod
     def _pick(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
         for pattern, value in patterns.items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                return value
+            try:
+                if re.match(rf"(.*\.)?({pattern})$", module):
+                    return value
+            except re.error as exc:
+                raise ValueError(f"its LoraConfig pattern {pattern!r} is no regular expression ({exc})") from exc
         return default
 
     def scale(self, module: str, rank: int) -> float:
@@ -82,7 +85,8 @@ def peft_config(metadata: Mapping[str, str] | None) -> PeftConfig | None:
                              "W + alpha/r B A")
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"its adapter is {config['peft_type']}, not a LoRA")
-        return PeftConfig(int(config["r"]), float(config.get("lora_alpha", config["r"])),
+        # LoraConfig(**metadata), as diffusers builds it: PEFT's defaults r = 8, lora_alpha = 8 for absent fields
+        return PeftConfig(int(config.get("r", 8)), float(config.get("lora_alpha", 8)),
                           {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
                           {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
                           bool(config.get("use_rslora", False)))
