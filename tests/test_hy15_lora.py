@@ -252,43 +252,57 @@ def _diffusers_name(module: str) -> list[str]:
     return [k.removesuffix(".weight") for k in tencent_to_diffusers({module + ".weight": torch.zeros(6, 1)})]
 
 
-def test_diffusers_names_and_a_diffusers_checkpoint(tmp_path, reference):
-    """A LoRA in diffusers' names (transformer. + HunyuanVideo15Transformer3DModel's modules) renames onto Tencent's;
-    the two it cannot reach exactly (the refiner's separate q/k/v, the final norm_out.linear with its halves
-    swapped) are refused with the reason, or skipped under on_mismatch = "warn". A DiT stored in diffusers' layout
-    takes a LoRA in Tencent's names (the compiler sees the fused refiner qkv as the runtime builds it)."""
+def test_diffusers_names_and_a_diffusers_checkpoint(tmp_path, reference, monkeypatch):
+    """A LoRA in diffusers' names (transformer. + HunyuanVideo15Transformer3DModel's modules, PEFT keys) against the
+    hand merge done in diffusers' layout (float64) and converted to Tencent's by dit_keys (the conversion the parity
+    tests check): the refiner's separate to_q/to_k/to_v, each its own pair, land in their rows of Tencent's fused
+    self_attn_qkv, and the final norm_out.linear's (scale, shift) in final_layer.adaLN_modulation.1's (shift, scale).
+    A DiT stored in diffusers' layout takes a LoRA in Tencent's names (the compiler sees the fused refiner qkv as the
+    runtime builds it)."""
+    from telefuser.models.hunyuan15.dit_keys import diffusers_to_tencent, tencent_to_diffusers
+
     model, plain, _ = reference
     folder = _folder(tmp_path)
-    reachable = {n: f for n, f in FACTORS.items()
-                 if "self_attn_qkv" not in n and n != "final_layer.adaLN_modulation.1"}
-    diffusers = {}
+    g = torch.Generator().manual_seed(9)
+    factors = {}  # diffusers module -> (A, B)
     for name, (a, b) in FACTORS.items():
-        for new in _diffusers_name(name):  # the refiner qkv: three names (refused)
-            split = "refiner" in new and new[-5:] in (".to_q", ".to_k", ".to_v")
-            diffusers[f"transformer.{new}.lora_A.weight"] = a.clone()
-            diffusers[f"transformer.{new}.lora_B.weight"] = (b[: b.shape[0] // 3] if split else b).clone()
-    _write(folder, "d.safetensors", diffusers, _peft_metadata())
-    err = " ".join(str(pytest.raises(Exception, compile_recipe, _recipe(folder, "d.toml", [("d.safetensors", 1.0)]))
-                       .value).split())
-    assert str(folder / "d.safetensors") in err and "fuses in txt_in.individual_token_refiner" in err
-    assert f"matched {len(reachable)} of {len(reachable) + 4} LoRA modules" in err
-    text = _recipe(folder, "w.toml", [("d.safetensors", 1.0)]).read_text() + 'on_mismatch = "warn"\n'
-    (folder / "w.toml").write_text(text)
-    with pytest.warns(UserWarning, match="a LoRA per slice is not built"):
-        planned, lora_model = _dit(folder / "w.toml")
-    assert planned.loras[0].key_layout == "diffusers" and planned.loras[0].matched == len(reachable)
-    assert any(e.startswith("norm_out.linear: diffusers' final norm_out.linear, whose (scale, shift) halves")
-               for e in planned.loras[0].unmatched_examples)
-    merged = {k: v.double() for k, v in BASE.items()}
-    for name, (a, b) in reachable.items():
-        merged[name + ".weight"] += (ALPHA / RANK) * (b.double() @ a.double())
-    model.load_state_dict({k: v.float() for k, v in merged.items()})
-    expected = _run(model)
-    model.load_state_dict(BASE)
-    assert _rel(_run(lora_model), expected) < 1e-5 and _rel(expected, plain) > 0.02
+        for new in _diffusers_name(name):
+            if name.endswith("self_attn_qkv"):  # three modules of their own, each with its own A
+                h = b.shape[0] // 3
+                factors[new] = (torch.randn(RANK, a.shape[1], generator=g) / a.shape[1] ** 0.5,
+                                torch.randn(h, RANK, generator=g) * 0.3 / (RANK * a.shape[1]) ** 0.5)
+            else:
+                factors[new] = (a, b)
+    assert len(factors) == len(FACTORS) + 2
+    _write(folder, "d.safetensors", {k: v.clone() for n, (a, b) in factors.items()
+                                     for k, v in ((f"transformer.{n}.lora_A.weight", a),
+                                                  (f"transformer.{n}.lora_B.weight", b))}, _peft_metadata())
+    for merge, keep in ((True, True), (False, True), (False, False)):
+        if not keep:  # nothing kept in the model dtype: the refiner's and the final linears run unmerged too
+            monkeypatch.setattr(registry.get("HunyuanVideo15DiT").model_class, "KEEP_PRECISION_LINEARS", ())
+        planned, lora_model = _dit(_recipe(folder, f"d{merge}{keep}.toml", [("d.safetensors", 0.6)], merge=merge))
+        assert planned.loras[0].key_layout == "diffusers" and planned.loras[0].matched == len(factors)
+        assert planned.loras[0].linears_covered == len(LINEARS)
+        qkv = lora_model.txt_in.individual_token_refiner.blocks[0].self_attn_qkv
+        if merge or keep:
+            assert isinstance(qkv, nn.Linear)  # txt_in is kept in the model dtype: merged
+        else:  # the three pairs stacked along the rank, each B in its own rows: block diagonal
+            assert isinstance(qkv, LoraLinear) and qkv.down.shape == (3 * RANK, 64) and qkv.up.shape == (192, 3 * RANK)
+            blocks = [[bool(qkv.up[64 * i:64 * (i + 1), RANK * j:RANK * (j + 1)].any()) for j in range(3)]
+                      for i in range(3)]  # rows of q, k, v x the three pairs (in file order)
+            assert all(sum(row) == 1 for row in blocks) and sorted(row.index(True) for row in blocks) == [0, 1, 2]
+            assert isinstance(lora_model.final_layer.adaLN_modulation[1], LoraLinear)
+        out = _run(lora_model)
+        if merge:
+            merged = tencent_to_diffusers({k: v.double() for k, v in BASE.items()})
+            for name, (a, b) in factors.items():
+                merged[name + ".weight"] += 0.6 * (ALPHA / RANK) * (b.double() @ a.double())
+            model.load_state_dict({k: v.float() for k, v in diffusers_to_tencent(merged).items()})
+            expected = _run(model)
+            model.load_state_dict(BASE)
+            assert _rel(expected, plain) > 0.02
+        assert _rel(out, expected) < 1e-5
     # the DiT in diffusers' layout with the Tencent-named LoRA: the same output as with Tencent's file
-    from telefuser.models.hunyuan15.dit_keys import tencent_to_diffusers
-
     save_file(tencent_to_diffusers(BASE), str(folder / "dit_diffusers.safetensors"))
     _write(folder, LORA_FILE, _tencent(), _peft_metadata())
     recipe = _recipe(folder, "dd.toml", [(LORA_FILE, 1.0)])

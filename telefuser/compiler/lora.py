@@ -95,7 +95,7 @@ def plan_loras(name: str, class_name: str, layout: str, tensors: dict[str, Tenso
         if not modules:
             raise WeightsError(f"{where}: {path} holds no LoRA tensors.")
         match = match_lora(modules, shapes, model_shapes, lambda key: entry.own_name(key, "diffusers"),
-                           LORA_CLASSES[class_name], entry.lora_unsupported)
+                           LORA_CLASSES[class_name], entry.lora_rows)
         if match.unmatched:
             message = _mismatch(path, name, match, len(modules))
             if lora.on_mismatch == "error":

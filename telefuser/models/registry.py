@@ -51,11 +51,11 @@ class ModelEntry:
         module has `from_layout`: the Wan DiT, whose LoRAs are matched this way)."""
         return next(iter(self._load(self.keys_module, "from_layout")({key: None}, layout)))
 
-    def lora_unsupported(self, module: str) -> Optional[str]:
-        """Why a LoRA module of this name (wrapper prefix stripped) cannot be applied to the model, or None (for the
-        models whose keys module has `lora_unsupported`: HunyuanVideo-1.5's DiT)."""
-        module_ = importlib.import_module(self.keys_module)
-        return getattr(module_, "lora_unsupported", lambda _: None)(module)
+    def lora_rows(self, module: str, out: int) -> Optional[tuple[str, Any]]:
+        """(the model module, rows) for a LoRA module whose output rows are a slice or reordering of a model
+        tensor's, else None (for the models whose keys module has `lora_rows`: HunyuanVideo-1.5's DiT)."""
+        keys = importlib.import_module(self.keys_module)
+        return getattr(keys, "lora_rows", lambda *_: None)(module, out)
 
 
 REGISTRY: dict[str, ModelEntry] = {

@@ -17,7 +17,8 @@ and saves with its transformer's `save_lora_adapter`: `pytorch_lora_weights.safe
 `get_peft_model_state_dict` (`double_blocks.0.img_attn_q.lora_A.weight` [r, in], `.lora_B.weight` [out, r], no
 prefix) with the LoraConfig as JSON in the safetensors metadata under `lora_adapter_metadata` (diffusers'
 LORA_ADAPTER_METADATA_KEY): the scale is `lora_alpha / r` (`peft_config`); ComfyUI-style files name the same
-modules `diffusion_model.<module>.lora_down/lora_up/alpha`, as Wan's.
+modules `diffusion_model.<module>.lora_down/lora_up/alpha`, as Wan's; diffusers' names are renamed, and the two
+modules that are rows of a Tencent tensor are placed there (`match_lora`'s `rows`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ PAIR_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.wei
 DIFF_SUFFIXES = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation", "lora_B.bias": "bias"}
 
 Shape = tuple[int, ...]
+# rows of an update placed in a larger or reordered target: (source start, source stop, target start) segments
+Rows = tuple[tuple[int, int, int], ...]
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY: the adapter's LoraConfig, JSON
 
 
@@ -155,6 +158,7 @@ class LoraMatch:
     targets: list[tuple[LoraModule, str]]  # (update, model tensor name)
     unmatched: list[str]  # "name: reason"
     layout: str  # the model's own names ("wan", or `own`), diffusers or kohya: how most module names were written
+    rows: dict[tuple[str, str], Rows] = field(default_factory=dict)  # (module, param) -> its rows in the target
 
     @property
     def matched(self) -> int:
@@ -173,22 +177,30 @@ def update_shape(module: LoraModule, shapes: Mapping[str, Shape]) -> Shape:
 
 def match_lora(modules: list[LoraModule], lora_shapes: Mapping[str, Shape], model_shapes: Mapping[str, Shape],
                from_diffusers: Callable[[str], str], own: str = "wan",
-               unsupported: Callable[[str], str | None] | None = None) -> LoraMatch:
+               rows: Callable[[str, int], tuple[str, Rows] | None] | None = None) -> LoraMatch:
     """Match every update to a model tensor (`model_shapes`: the model's tensors in its own names, layout `own`:
     Wan's, or Tencent's for HunyuanVideo-1.5) by name, in those, diffusers' (renamed by `from_diffusers`) or kohya's
-    flattened spelling, and by shape. `unsupported(name)` gives a reason for a module that has no exact target
-    (HunyuanVideo-1.5: diffusers' refiner q/k/v, fused in Tencent's DiT): it is left unmatched with that reason."""
+    flattened spelling, and by shape. `rows(name, out)` maps a module whose output rows are a slice or a reordering
+    of a model tensor's (HunyuanVideo-1.5 in diffusers' names: the refiner's to_q/to_k/to_v, fused in Tencent's
+    `self_attn_qkv`; the final `norm_out.linear`, Tencent's with its halves swapped) to (that module, its Rows)."""
     flat = {}
     for key in model_shapes:
         module, _, _ = key.rpartition(".")
         flat[module.replace(".", "_")] = module
-    targets, unmatched, layouts = [], [], Counter()
+    targets, unmatched, layouts, row_maps = [], [], Counter(), {}
     for module in modules:
-        reason = unsupported(module.name) if unsupported is not None else None
-        if reason:
-            unmatched.append(f"{module.name}: {reason}")
-            continue
         wanted = update_shape(module, lora_shapes)
+        mapped = rows(module.name, wanted[0]) if rows is not None and wanted else None
+        if mapped is not None:
+            name, segments = f"{mapped[0]}.{module.param}", mapped[1]
+            have = tuple(model_shapes.get(name, ()))
+            if not have or have[1:] != wanted[1:] or max(d + b - a for a, b, d in segments) > have[0]:
+                unmatched.append(f"{module.name}: LoRA shape {list(wanted)} does not fit {name} {list(have)}")
+                continue
+            targets.append((module, name))
+            row_maps[(module.name, module.param)] = segments
+            layouts["diffusers"] += 1
+            continue
         found = None
         for layout, name in ((own, f"{module.name}.{module.param}"),
                              ("diffusers", from_diffusers(f"{module.name}.{module.param}")),
@@ -207,4 +219,4 @@ def match_lora(modules: list[LoraModule], lora_shapes: Mapping[str, Shape], mode
             continue
         targets.append((module, name))
         layouts[layout] += 1
-    return LoraMatch(targets, unmatched, layouts.most_common(1)[0][0] if layouts else own)
+    return LoraMatch(targets, unmatched, layouts.most_common(1)[0][0] if layouts else own, row_maps)

@@ -7,7 +7,9 @@ The file is checked against the plan's fingerprint first, and matched with the s
 compiler refuses them on float8 weights. Linears the model reads as float itself (FLOAT32_LINEARS) or keeps in its
 dtype under quantisation (KEEP_PRECISION_LINEARS: HunyuanVideo-1.5's embedders and output layer) are merged: they are
 never quantised, so merging them is exact and costs nothing per step. The scale of a pair is its `.alpha` / rank, or
-the PEFT LoraConfig in the file's metadata (`lora_adapter_metadata`), or 1 (schema.lora_keys.pair_scale).
+the PEFT LoraConfig in the file's metadata (`lora_adapter_metadata`), or 1 (schema.lora_keys.pair_scale). An update
+whose rows are a slice or reordering of its target's (the match's `rows`: HunyuanVideo-1.5's refiner q/k/v in
+diffusers' names, fused here) is placed in those rows, zeros elsewhere: each slice keeps its own low-rank pair.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from telefuser.errors import PlanError, WeightsError
 from telefuser.ops.lora_linear import LoraLinear
 from telefuser.schema.fingerprint import file_sha256, fingerprint
-from telefuser.schema.lora_keys import match_lora, pair_scale, parse_lora, peft_config
+from telefuser.schema.lora_keys import Rows, match_lora, pair_scale, parse_lora, peft_config
 from telefuser.schema.plan import PlannedLora, PlannedModel
 
 from .fp8_checkpoint import float32_linears
@@ -56,8 +58,18 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _place(update: torch.Tensor, segments: Rows | None, rows: int) -> torch.Tensor:
+    """An update's rows placed in its target's (a slice of a fused tensor, or reordered): zeros elsewhere."""
+    if segments is None:
+        return update
+    out = update.new_zeros((rows, *update.shape[1:]))
+    for start, stop, at in segments:
+        out[at:at + stop - start] = update[start:stop]
+    return out
+
+
 def apply_loras(model: nn.Module, planned: PlannedModel, from_diffusers, dtype: torch.dtype,
-                unsupported=None) -> Pending:
+                rows=None) -> Pending:
     """Merge every merged LoRA and every full difference into `model`; return the unmerged low-rank updates by
     target module, for `wrap_unmerged` once the base layers are final (after any on-the-fly quantisation)."""
     own_shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
@@ -73,14 +85,15 @@ def apply_loras(model: nn.Module, planned: PlannedModel, from_diffusers, dtype: 
             raise PlanError(f"LoRA {lora.path!r}: {exc}; {RECOMPILE}.") from exc
         modules, _ = parse_lora(tensors)
         match = match_lora(modules, {k: tuple(t.shape) for k, t in tensors.items()}, own_shapes, from_diffusers,
-                           unsupported=unsupported)
+                           rows=rows)
         if match.matched != lora.matched:
             raise PlanError(f"LoRA {lora.path!r} now matches {match.matched} tensors of model {planned.name!r}, the "
                             f"plan recorded {lora.matched}; {RECOMPILE}.")
         for module, target in match.targets:
             param = _tensor(model, target)
+            segments = match.rows.get((module.name, module.param))
             if not module.is_pair:
-                update = lora.strength * tensors[module.keys["diff"]].float()
+                update = _place(lora.strength * tensors[module.keys["diff"]].float(), segments, param.shape[0])
             else:
                 down = tensors[module.keys["down"]].float().flatten(1)
                 up = tensors[module.keys["up"]].float().flatten(1)
@@ -89,12 +102,12 @@ def apply_loras(model: nn.Module, planned: PlannedModel, from_diffusers, dtype: 
                     scale = pair_scale(module, down.shape[0], float(tensors[alpha]) if alpha else None, peft)
                 except ValueError as exc:
                     raise PlanError(f"LoRA {lora.path!r}: {exc}; {RECOMPILE}.") from exc
-                factor = lora.strength * scale
+                up = _place(lora.strength * scale * up, segments, param.shape[0])
                 module_name = target.removesuffix(".weight")
                 if not lora.merge and not any(fnmatch.fnmatch(module_name, p) for p in keep_float):
-                    pending.setdefault(module_name, []).append((down, factor * up))
+                    pending.setdefault(module_name, []).append((down, up))
                     continue
-                update = (factor * up @ down).reshape(param.shape)
+                update = (up @ down).reshape(param.shape)
             if param.element_size() == 1:  # float8: the compiler refuses this; a changed plan could ask for it
                 raise PlanError(f"LoRA {lora.path!r} would be merged into {target} of model {planned.name!r}, which "
                                 f"is stored in float8; set its merge = false and {RECOMPILE}.")
