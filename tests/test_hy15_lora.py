@@ -190,7 +190,8 @@ def test_strength_zero_equals_no_lora_and_two_loras_add(tmp_path, reference):
 
 
 def test_peft_alpha_patterns_and_a_file_without_its_config(tmp_path, reference):
-    """alpha_pattern / use_rslora as PEFT scales them; no LoraConfig in the file: scale 1 (diffusers: alpha = r)."""
+    """alpha_pattern / use_rslora as PEFT scales them; a pipeline-saved file (prefixed keys and config); no
+    LoraConfig in the file: scale 1 (diffusers: alpha = r)."""
     _, plain, outputs = reference
     folder = _folder(tmp_path)
     # rslora with alpha 4: 4 / sqrt(4) = 2 = the reference's alpha / r
@@ -200,6 +201,12 @@ def test_peft_alpha_patterns_and_a_file_without_its_config(tmp_path, reference):
     # alpha 1 everywhere but alpha_pattern gives every module (regex ".*" matches each name) alpha 8
     _write(folder, "pat.safetensors", _tencent(), _peft_metadata(lora_alpha=1.0, alpha_pattern={".*": ALPHA}))
     _, model = _dit(_recipe(folder, "pat.toml", [("pat.safetensors", 1.0)]))
+    assert _rel(_run(model), outputs[1.0]) < 1e-5
+    # a pipeline's save_lora_weights: "transformer." keys, the config's keys under the same prefix in the metadata
+    packed = {f"transformer.{k}": v for k, v in json.loads(_peft_metadata()["lora_adapter_metadata"]).items()}
+    _write(folder, "pipe.safetensors", {f"transformer.{k}": v for k, v in _tencent().items()},
+           {"format": "pt", "lora_adapter_metadata": json.dumps(packed)})
+    _, model = _dit(_recipe(folder, "pipe.toml", [("pipe.safetensors", 1.0)]))
     assert _rel(_run(model), outputs[1.0]) < 1e-5
     # no config: scale 1, i.e. strength 2 of the file is the reference at strength 1
     _write(folder, "bare.safetensors", _tencent(), {"format": "pt"})

@@ -83,6 +83,10 @@ def peft_config(metadata: Mapping[str, str] | None) -> PeftConfig | None:
         return None
     try:
         config = json.loads(raw)
+        if any(k.startswith("transformer.") for k in config):
+            # a pipeline's save_lora_weights packs each component's config under its prefix; diffusers' load_lora_adapter
+            # keeps the "transformer." entries, without the prefix
+            config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
         if config.get("use_dora"):
             raise ValueError("it is a DoRA (use_dora = true), whose weight is renormalised per column, not "
                              "W + alpha/r B A")
