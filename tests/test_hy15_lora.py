@@ -346,3 +346,29 @@ def test_a_file_written_by_peft_itself_as_tencents_trainer_does(tmp_path, refere
     for merge in (True, False):
         _, ours = _dit(_recipe(folder, f"p{merge}.toml", [(LORA_FILE, 1.0)], merge=merge))
         assert _rel(_run(ours), expected) < 1e-5  # float32 both, the same products in another order
+
+
+@pytest.mark.parametrize("quant,bound", [("int8", 0.02), ("fp8_e4m3fn_rowwise", 0.08)])
+def test_unmerged_lora_beside_quantised_linears(tmp_path, quant, bound):
+    """quant_config with an unmerged LoRA (compiled for an H100, built on this CPU by the runtime's loader, as
+    tests/test_encoder_streaming.py does): the blocks' linears are int8 / FP8 with the LoRA beside them in bfloat16,
+    against the bfloat16 DiT with the LoRA merged. Bound: the quantisation's own (test_encoder_streaming: 0.02 int8,
+    0.08 float8), the LoRA adding no error of its own beyond bfloat16 rounding. Measured 0.006 (int8), 0.019 (per-row
+    float8); the LoRA's own effect on this output is 0.09."""
+    from telefuser.ops.quantized_linear import LinearFP8, LinearInt8
+
+    folder = _folder(tmp_path)
+    _write(folder, LORA_FILE, _tencent(), _peft_metadata())
+    cuda = ["target.device=cuda", "target.gpu=H100", "layer1.torch_dtype=bfloat16"]
+    outputs = {}
+    for name, merge, q in (("float", True, "none"), ("quant", False, quant)):
+        plan = compile_recipe(_recipe(folder, f"{name}.toml", [(LORA_FILE, 1.0)], merge=merge),
+                              [*cuda, f"layer2.models.dit.quant_config.quant_type={q}"])
+        dit = build_model(plan.model("dit"), plan.layer2_inference_config.models["dit"], torch.device("cpu"))
+        with torch.inference_mode():
+            outputs[name] = dit(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                   for k, v in _inputs().items()}).float()
+    q_attn = dit.double_blocks[0].img_attn_q
+    assert isinstance(q_attn, LoraLinear) and isinstance(q_attn.base, LinearInt8 if quant == "int8" else LinearFP8)
+    assert isinstance(dit.final_layer.linear, nn.Linear)  # kept in the model dtype: merged, not quantised
+    assert 0 < _rel(outputs["quant"], outputs["float"]) < bound
