@@ -156,14 +156,6 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
             return (f"{at}.attention_config.sparse_config: HunyuanVideo-1.5's SSTA (selective and sliding tile "
                     "attention, the 720p sparse / sparse-distilled transformers' flex-block-attn) is not built yet "
                     "(not executable yet); remove sparse_config: the same weights run with dense attention.")
-        if cfg.lora_configs:
-            # No published HunyuanVideo-1.5 LoRA with a documented key layout: Tencent publishes none, LightX2V's
-            # Hy1.5-Distill-Models are whole distilled transformers, and the trainers' (musubi-tuner, SimpleTuner)
-            # and ComfyUI repackagings each name keys their own way, none checked against a file here.
-            return (f"{at}.lora_configs: LoRA is not built for HunyuanVideo-1.5 (not executable yet): no LoRA "
-                    "layout for it is published with its key names (Tencent publishes none; LightX2V's distilled "
-                    "HunyuanVideo-1.5 models are whole transformers: point the DiT's path at one instead); remove "
-                    "lora_configs.")
     if any(m.attributes.fp8 for m in l1.models):
         return f"{where}: FP8 HunyuanVideo-1.5 checkpoints are not supported yet; use the bf16 files."
     return check_sr(recipe, roles)

@@ -12,22 +12,23 @@ from pathlib import Path
 
 from telefuser.errors import RecipeError, WeightsError
 from telefuser.schema.fingerprint import fingerprint, safetensors_header_bytes, sha256_requested
-from telefuser.schema.lora_keys import LoraMatch, Shape, match_lora, parse_lora
+from telefuser.schema.lora_keys import LoraMatch, Shape, match_lora, pair_scale, parse_lora, peft_config
 from telefuser.schema.plan import PlannedLora
 from telefuser.schema.model_config import ModelRuntimeConfig
 
 from .weights import TensorInfo
 
-LORA_CLASSES = ("WanDiT",)
+# class -> the layout its own tensor names are in (HunyuanVideo-1.5's DiT keeps Tencent's module names)
+LORA_CLASSES = {"WanDiT": "wan", "HunyuanVideo15DiT": "tencent"}
 EXAMPLES = 5
 
 
-def _header_shapes(path: Path, where: str) -> dict[str, Shape]:
-    """Tensor name -> shape from the header, after checking that every tensor's bytes lie inside the file."""
+def _header_shapes(path: Path, where: str) -> tuple[dict[str, Shape], dict[str, str]]:
+    """(tensor name -> shape, the header's metadata) after checking that every tensor's bytes lie inside the file."""
     try:
         raw = safetensors_header_bytes(path)
         header = json.loads(raw)
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
         end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
         shapes = {name: tuple(int(d) for d in t["shape"]) for name, t in header.items()}
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
@@ -35,14 +36,14 @@ def _header_shapes(path: Path, where: str) -> dict[str, Shape]:
     if 8 + len(raw) + end > path.stat().st_size:
         raise WeightsError(f"{where}: {path} is truncated (its header describes {8 + len(raw) + end} bytes, the file "
                            f"has {path.stat().st_size}); re-download the LoRA.")
-    return shapes
+    return shapes, metadata
 
 
 def _mismatch(path: Path, model: str, match: LoraMatch, total: int) -> str:
     examples = "; ".join(match.unmatched[:3])
     return (f"LoRA {str(path)!r} of model {model!r}: matched {match.matched} of {total} LoRA modules "
             f"({len(match.unmatched)} match no tensor of this model, e.g. {examples}). Is the LoRA made for another "
-            "model (Wan2.1 vs Wan2.2, 1.3B vs 14B, T2V vs I2V)?")
+            "model (Wan2.1 vs Wan2.2, 1.3B vs 14B, T2V vs I2V, Wan vs HunyuanVideo-1.5)?")
 
 
 def plan_loras(name: str, class_name: str, layout: str, tensors: dict[str, TensorInfo], runtime: ModelRuntimeConfig,
@@ -51,13 +52,19 @@ def plan_loras(name: str, class_name: str, layout: str, tensors: dict[str, Tenso
     if not runtime.lora_configs:
         return []
     if class_name not in LORA_CLASSES:
-        raise RecipeError(f"layer2.models.{name}.lora_configs: LoRA is supported on the Wan DiT, and {name!r} is a "
-                          f"{class_name}; remove its lora_configs.")
+        raise RecipeError(f"layer2.models.{name}.lora_configs: LoRA is supported on the Wan and HunyuanVideo-1.5 "
+                          f"DiTs, and {name!r} is a {class_name}; remove its lora_configs.")
     from telefuser.models.registry import get
 
     entry = get(class_name)
     own = {entry.own_name(k, layout): t for k, t in tensors.items()}
     model_shapes = {k: t.shape for k, t in own.items()}
+    if class_name == "HunyuanVideo15DiT" and layout != "tencent":
+        # diffusers' refiner to_q/to_k/to_v are one self_attn_qkv in the model: its shapes as the runtime builds it
+        import torch
+
+        meta = {k: torch.empty(t.shape, device="meta") for k, t in tensors.items()}
+        model_shapes = {k: tuple(v.shape) for k, v in entry.convert(meta, layout).items()}
     fp8_weights = {k for k, t in own.items() if t.dtype.startswith("float8")}
     linears = {k for k, s in model_shapes.items() if k.endswith(".weight") and len(s) == 2}
     planned = []
@@ -70,17 +77,25 @@ def plan_loras(name: str, class_name: str, layout: str, tensors: dict[str, Tenso
                                "relative to the recipe).")
         if path.suffix != ".safetensors":
             raise WeightsError(f"{where}: {path} is not a .safetensors file; LoRAs load from safetensors only.")
-        shapes = _header_shapes(path, where)
+        shapes, metadata = _header_shapes(path, where)
         try:
             modules, unknown = parse_lora(shapes)
         except ValueError as exc:
             raise WeightsError(f"{where}: {path}: {exc}; the file is incomplete or not a LoRA.") from exc
+        try:  # the alpha a PEFT file keeps in its metadata: read (and its ranks checked) as the runtime will
+            peft = peft_config(metadata)
+            for module in modules:
+                if module.is_pair and "alpha" not in module.keys:
+                    pair_scale(module, shapes[module.keys["down"]][0], None, peft)
+        except (ValueError, IndexError) as exc:
+            raise WeightsError(f"{where}: LoRA {str(path)!r}: {exc}; only plain LoRAs (W + alpha/r B A) load.") from exc
         if unknown:
             raise WeightsError(f"{where}: {path} holds {unknown[0]!r}, which is no LoRA tensor name (lora_down/"
                                "lora_up/alpha, lora_A/lora_B, .diff/.diff_b/.diff_m): not a LoRA file.")
         if not modules:
             raise WeightsError(f"{where}: {path} holds no LoRA tensors.")
-        match = match_lora(modules, shapes, model_shapes, lambda key: entry.own_name(key, "diffusers"))
+        match = match_lora(modules, shapes, model_shapes, lambda key: entry.own_name(key, "diffusers"),
+                           LORA_CLASSES[class_name], entry.lora_rows)
         if match.unmatched:
             message = _mismatch(path, name, match, len(modules))
             if lora.on_mismatch == "error":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class ModelEntry:
         """One tensor name of `layout` -> its name in the model's own layout (a rename; for the models whose keys
         module has `from_layout`: the Wan DiT, whose LoRAs are matched this way)."""
         return next(iter(self._load(self.keys_module, "from_layout")({key: None}, layout)))
+
+    def lora_rows(self, module: str, out: int) -> Optional[tuple[str, Any]]:
+        """(the model module, rows) for a LoRA module whose output rows are a slice or reordering of a model
+        tensor's, else None (for the models whose keys module has `lora_rows`: HunyuanVideo-1.5's DiT)."""
+        keys = importlib.import_module(self.keys_module)
+        return getattr(keys, "lora_rows", lambda *_: None)(module, out)
 
 
 REGISTRY: dict[str, ModelEntry] = {

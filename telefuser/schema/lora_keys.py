@@ -10,12 +10,25 @@ applies the tensors), so both see the same match. Published layouts for Wan:
 - musubi-tuner / kohya flattened: `lora_unet_blocks_0_self_attn_q.lora_down.weight` (dots as underscores);
 - diffusers / PEFT: `transformer.blocks.0.attn1.to_q.lora_A.weight` / `lora_B.weight` (scale 1), and
   `lora_B.bias` (a bias difference, as diffusers converts `diff_b`).
+
+HunyuanVideo-1.5 (module names are Tencent's own, `double_blocks.0.img_attn_q`, which the DiT keeps): Tencent's
+`train.py` wraps every nn.Linear of its transformer with PEFT (`LoraConfig(r, lora_alpha, target_modules="all-linear")`)
+and saves with its transformer's `save_lora_adapter`: `pytorch_lora_weights.safetensors` holding
+`get_peft_model_state_dict` (`double_blocks.0.img_attn_q.lora_A.weight` [r, in], `.lora_B.weight` [out, r], no
+prefix) with the LoraConfig as JSON in the safetensors metadata under `lora_adapter_metadata` (diffusers'
+LORA_ADAPTER_METADATA_KEY): the scale is `lora_alpha / r` (`peft_config`); ComfyUI-style files name the same
+modules `diffusion_model.<module>.lora_down/lora_up/alpha`, as Wan's; diffusers' names are renamed, and the two
+modules that are rows of a Tencent tensor are placed there (`match_lora`'s `rows`).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
@@ -25,6 +38,75 @@ PAIR_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.wei
 DIFF_SUFFIXES = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation", "lora_B.bias": "bias"}
 
 Shape = tuple[int, ...]
+# rows of an update placed in a larger or reordered target: (source start, source stop, target start) segments
+Rows = tuple[tuple[int, int, int], ...]
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY: the adapter's LoraConfig, JSON
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """The scaling part of a PEFT LoraConfig saved beside the tensors (PEFT's LoRA layer: scale = alpha / r, or
+    alpha / sqrt(r) with use_rslora; `rank_pattern` / `alpha_pattern` keys are regexes matched against the end of the
+    module name, `(.*\\.)?(pattern)$`, the first that matches)."""
+
+    r: int
+    lora_alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    use_rslora: bool
+
+    @staticmethod
+    def _pick(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+        for pattern, value in patterns.items():
+            try:
+                if re.match(rf"(.*\.)?({pattern})$", module):
+                    return value
+            except re.error as exc:
+                raise ValueError(f"its LoraConfig pattern {pattern!r} is no regular expression ({exc})") from exc
+        return default
+
+    def scale(self, module: str, rank: int) -> float:
+        """alpha / rank of `module`; ValueError when the config's rank for it is not the tensors' rank."""
+        want = int(self._pick(self.rank_pattern, module, self.r))
+        if want != rank:
+            raise ValueError(f"its LoraConfig ({PEFT_METADATA_KEY}) gives {module!r} rank {want}, its lora_A has "
+                             f"{rank} rows")
+        alpha = float(self._pick(self.alpha_pattern, module, self.lora_alpha))
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def peft_config(metadata: Mapping[str, str] | None) -> PeftConfig | None:
+    """The LoraConfig a diffusers / PEFT `save_lora_adapter` file carries in its safetensors metadata, or None (no
+    such entry: scale 1, as diffusers loads such files). ValueError when it is unreadable or not a plain LoRA."""
+    raw = (metadata or {}).get(PEFT_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+        if any(k.startswith("transformer.") for k in config):
+            # a pipeline's save_lora_weights packs each component's config under its prefix; diffusers' load_lora_adapter
+            # keeps the "transformer." entries, without the prefix
+            config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+        if config.get("use_dora"):
+            raise ValueError("it is a DoRA (use_dora = true), whose weight is renormalised per column, not "
+                             "W + alpha/r B A")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"its adapter is {config['peft_type']}, not a LoRA")
+        # LoraConfig(**metadata), as diffusers builds it: PEFT's defaults r = 8, lora_alpha = 8 for absent fields
+        return PeftConfig(int(config.get("r", 8)), float(config.get("lora_alpha", 8)),
+                          {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+                          {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
+                          bool(config.get("use_rslora", False)))
+    except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"its {PEFT_METADATA_KEY} metadata is no readable PEFT LoraConfig ({exc!r})") from exc
+
+
+def pair_scale(module: "LoraModule", rank: int, alpha: float | None, peft: PeftConfig | None) -> float:
+    """alpha / rank of a low-rank pair: its `.alpha` tensor (kohya / ComfyUI), else the file's PEFT LoraConfig,
+    else 1 (a PEFT file without its config: diffusers then takes alpha = r)."""
+    if alpha is not None:
+        return alpha / rank
+    return peft.scale(module.name, rank) if peft is not None else 1.0
 
 
 @dataclass
@@ -79,7 +161,8 @@ class LoraMatch:
 
     targets: list[tuple[LoraModule, str]]  # (update, model tensor name)
     unmatched: list[str]  # "name: reason"
-    layout: str  # wan, diffusers or kohya: how most module names were written
+    layout: str  # the model's own names ("wan", or `own`), diffusers or kohya: how most module names were written
+    rows: dict[tuple[str, str], Rows] = field(default_factory=dict)  # (module, param) -> its rows in the target
 
     @property
     def matched(self) -> int:
@@ -97,18 +180,33 @@ def update_shape(module: LoraModule, shapes: Mapping[str, Shape]) -> Shape:
 
 
 def match_lora(modules: list[LoraModule], lora_shapes: Mapping[str, Shape], model_shapes: Mapping[str, Shape],
-               from_diffusers: Callable[[str], str]) -> LoraMatch:
-    """Match every update to a model tensor (`model_shapes`: the model's tensors in Wan's names) by name, in Wan's,
-    diffusers' (renamed by `from_diffusers`) or kohya's flattened spelling, and by shape."""
+               from_diffusers: Callable[[str], str], own: str = "wan",
+               rows: Callable[[str, int], tuple[str, Rows] | None] | None = None) -> LoraMatch:
+    """Match every update to a model tensor (`model_shapes`: the model's tensors in its own names, layout `own`:
+    Wan's, or Tencent's for HunyuanVideo-1.5) by name, in those, diffusers' (renamed by `from_diffusers`) or kohya's
+    flattened spelling, and by shape. `rows(name, out)` maps a module whose output rows are a slice or a reordering
+    of a model tensor's (HunyuanVideo-1.5 in diffusers' names: the refiner's to_q/to_k/to_v, fused in Tencent's
+    `self_attn_qkv`; the final `norm_out.linear`, Tencent's with its halves swapped) to (that module, its Rows)."""
     flat = {}
     for key in model_shapes:
         module, _, _ = key.rpartition(".")
         flat[module.replace(".", "_")] = module
-    targets, unmatched, layouts = [], [], Counter()
+    targets, unmatched, layouts, row_maps = [], [], Counter(), {}
     for module in modules:
         wanted = update_shape(module, lora_shapes)
+        mapped = rows(module.name, wanted[0]) if rows is not None and wanted else None
+        if mapped is not None:
+            name, segments = f"{mapped[0]}.{module.param}", mapped[1]
+            have = tuple(model_shapes.get(name, ()))
+            if not have or have[1:] != wanted[1:] or max(d + b - a for a, b, d in segments) > have[0]:
+                unmatched.append(f"{module.name}: LoRA shape {list(wanted)} does not fit {name} {list(have)}")
+                continue
+            targets.append((module, name))
+            row_maps[(module.name, module.param)] = segments
+            layouts["diffusers"] += 1
+            continue
         found = None
-        for layout, name in (("wan", f"{module.name}.{module.param}"),
+        for layout, name in ((own, f"{module.name}.{module.param}"),
                              ("diffusers", from_diffusers(f"{module.name}.{module.param}")),
                              ("kohya", f"{flat.get(module.name, '')}.{module.param}")):
             if name in model_shapes:
@@ -125,4 +223,4 @@ def match_lora(modules: list[LoraModule], lora_shapes: Mapping[str, Shape], mode
             continue
         targets.append((module, name))
         layouts[layout] += 1
-    return LoraMatch(targets, unmatched, layouts.most_common(1)[0][0] if layouts else "wan")
+    return LoraMatch(targets, unmatched, layouts.most_common(1)[0][0] if layouts else own, row_maps)

@@ -76,8 +76,9 @@ class PlannedLora(FrozenModel):
     merge: bool
     on_mismatch: Literal["error", "warn"]
     file: FileFingerprint
-    key_layout: Literal["wan", "diffusers", "kohya"] = Field(
-        description="Module names as Wan's keys, diffusers' keys, or kohya's flattened `lora_unet_` names.")
+    key_layout: Literal["wan", "tencent", "diffusers", "kohya"] = Field(
+        description="Module names as Wan's keys, Tencent's (HunyuanVideo-1.5), diffusers' keys, or kohya's flattened "
+                    "`lora_unet_` names.")
     modules: int = Field(ge=0, description="Updates the file holds: low-rank pairs plus full differences.")
     matched: int = Field(ge=0, description="Of those, the ones that name a tensor of the model, of its shape.")
     unmatched_examples: list[str] = Field(default_factory=list,

@@ -152,7 +152,26 @@ to_wan_layout = to_tencent_layout
 
 def from_layout(state: Mapping[str, T], layout: str) -> dict[str, T]:
     """Key names in `layout` -> Tencent's, renames only (a LoRA's target names): the refiner's to_q/to_k/to_v,
-    which Tencent fuses, keep their diffusers names and so match nothing."""
+    which Tencent fuses, keep their diffusers names (a LoRA on them is placed by `lora_rows`)."""
     if layout == "tencent":
         return dict(state)
     return {(_rename(k, _TO_TENCENT) if not _QKV_D.match(k) else k): v for k, v in state.items()}
+
+
+
+_LORA_QKV_D = re.compile(r"^context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.attn\.to_([qkv])$")
+
+
+def lora_rows(module: str, out: int) -> tuple[str, tuple[tuple[int, int, int], ...]] | None:
+    """A LoRA module in diffusers' names whose rows are not one Tencent tensor's: the refiner's to_q/to_k/to_v are
+    rows [0, h), [h, 2h), [2h, 3h) of Tencent's fused `self_attn_qkv` (each keeps its own low-rank pair), and the
+    final `norm_out.linear` (scale, shift) is Tencent's `final_layer.adaLN_modulation.1` (shift, scale): its two
+    halves swapped. (Tencent module, (source start, source stop, target start) row segments), else None."""
+    m = _LORA_QKV_D.match(module)
+    if m:
+        return (f"txt_in.individual_token_refiner.blocks.{m.group(1)}.self_attn_qkv",
+                ((0, out, "qkv".index(m.group(2)) * out),))
+    if module == _FINAL_ADALN[1].rstrip(".") and out % 2 == 0:
+        half = out // 2
+        return _FINAL_ADALN[0].rstrip("."), ((0, half, half), (half, out, 0))
+    return None

@@ -107,7 +107,7 @@ def _build(entry: Any, planned: PlannedModel, runtime: ModelRuntimeConfig, devic
         ) from exc
     # .to(dtype) would cast float8 buffers too (float8 counts as floating point): an FP8 model is cast already
     model.to(device=device, dtype=None if fp8 else dtype).eval().requires_grad_(False)
-    pending = apply_loras(model, planned, lambda key: entry.own_name(key, "diffusers"), dtype)
+    pending = apply_loras(model, planned, lambda key: entry.own_name(key, "diffusers"), dtype, entry.lora_rows)
     if runtime.quant_config.quant_type != QuantType.NONE:
         try:
             from telefuser.ops.quantized_linear import replace_linear_layers

@@ -4,7 +4,12 @@ or (merge = false) beside each targeted linear as a LoraLinear, so that FP8 weig
 The file is checked against the plan's fingerprint first, and matched with the same rules the compiler used
 (telefuser.schema.lora_keys): a match that differs from the plan's counts is refused. Full-tensor differences
 (`.diff`, `.diff_b`, `.diff_m`) are added to their tensor in either mode (strength times the difference); the
-compiler refuses them on float8 weights. Linears the model reads as float itself (FLOAT32_LINEARS) are merged.
+compiler refuses them on float8 weights. Linears the model reads as float itself (FLOAT32_LINEARS) or keeps in its
+dtype under quantisation (KEEP_PRECISION_LINEARS: HunyuanVideo-1.5's embedders and output layer) are merged: they are
+never quantised, so merging them is exact and costs nothing per step. The scale of a pair is its `.alpha` / rank, or
+the PEFT LoraConfig in the file's metadata (`lora_adapter_metadata`), or 1 (schema.lora_keys.pair_scale). An update
+whose rows are a slice or reordering of its target's (the match's `rows`: HunyuanVideo-1.5's refiner q/k/v in
+diffusers' names, fused here) is placed in those rows, zeros elsewhere: each slice keeps its own low-rank pair.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import fnmatch
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from telefuser.errors import PlanError, WeightsError
 from telefuser.ops.lora_linear import LoraLinear
 from telefuser.schema.fingerprint import file_sha256, fingerprint
-from telefuser.schema.lora_keys import match_lora, parse_lora
+from telefuser.schema.lora_keys import Rows, match_lora, pair_scale, parse_lora, peft_config
 from telefuser.schema.plan import PlannedLora, PlannedModel
 
 from .fp8_checkpoint import float32_linears
@@ -52,34 +58,56 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_loras(model: nn.Module, planned: PlannedModel, from_diffusers, dtype: torch.dtype) -> Pending:
+def _place(update: torch.Tensor, segments: Rows | None, rows: int) -> torch.Tensor:
+    """An update's rows placed in its target's (a slice of a fused tensor, or reordered): zeros elsewhere."""
+    if segments is None:
+        return update
+    out = update.new_zeros((rows, *update.shape[1:]))
+    for start, stop, at in segments:
+        out[at:at + stop - start] = update[start:stop]
+    return out
+
+
+def apply_loras(model: nn.Module, planned: PlannedModel, from_diffusers, dtype: torch.dtype,
+                rows=None) -> Pending:
     """Merge every merged LoRA and every full difference into `model`; return the unmerged low-rank updates by
     target module, for `wrap_unmerged` once the base layers are final (after any on-the-fly quantisation)."""
     own_shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    keep_float = float32_linears(model)
+    keep_float = (*float32_linears(model), *getattr(model, "KEEP_PRECISION_LINEARS", ()))
     pending: Pending = {}
     for lora in planned.loras:
         _check_file(lora, planned.name)
         tensors = read_state_dict([Path(lora.path)], "cpu")
+        try:
+            with safe_open(lora.path, "pt") as f:
+                peft = peft_config(f.metadata())
+        except ValueError as exc:  # the compiler read the same metadata; a plan whose file changed is caught above
+            raise PlanError(f"LoRA {lora.path!r}: {exc}; {RECOMPILE}.") from exc
         modules, _ = parse_lora(tensors)
-        match = match_lora(modules, {k: tuple(t.shape) for k, t in tensors.items()}, own_shapes, from_diffusers)
+        match = match_lora(modules, {k: tuple(t.shape) for k, t in tensors.items()}, own_shapes, from_diffusers,
+                           rows=rows)
         if match.matched != lora.matched:
             raise PlanError(f"LoRA {lora.path!r} now matches {match.matched} tensors of model {planned.name!r}, the "
                             f"plan recorded {lora.matched}; {RECOMPILE}.")
         for module, target in match.targets:
             param = _tensor(model, target)
+            segments = match.rows.get((module.name, module.param))
             if not module.is_pair:
-                update = lora.strength * tensors[module.keys["diff"]].float()
+                update = _place(lora.strength * tensors[module.keys["diff"]].float(), segments, param.shape[0])
             else:
                 down = tensors[module.keys["down"]].float().flatten(1)
                 up = tensors[module.keys["up"]].float().flatten(1)
                 alpha = module.keys.get("alpha")
-                factor = lora.strength * (float(tensors[alpha]) / down.shape[0] if alpha else 1.0)
+                try:
+                    scale = pair_scale(module, down.shape[0], float(tensors[alpha]) if alpha else None, peft)
+                except ValueError as exc:
+                    raise PlanError(f"LoRA {lora.path!r}: {exc}; {RECOMPILE}.") from exc
+                up = _place(lora.strength * scale * up, segments, param.shape[0])
                 module_name = target.removesuffix(".weight")
                 if not lora.merge and not any(fnmatch.fnmatch(module_name, p) for p in keep_float):
-                    pending.setdefault(module_name, []).append((down, factor * up))
+                    pending.setdefault(module_name, []).append((down, up))
                     continue
-                update = (factor * up @ down).reshape(param.shape)
+                update = (up @ down).reshape(param.shape)
             if param.element_size() == 1:  # float8: the compiler refuses this; a changed plan could ask for it
                 raise PlanError(f"LoRA {lora.path!r} would be merged into {target} of model {planned.name!r}, which "
                                 f"is stored in float8; set its merge = false and {RECOMPILE}.")
