@@ -222,6 +222,11 @@ def detect(index: WeightIndex) -> Detection:
     if index.files and index.files[0].name.endswith(".json") and not index.tensors:
         return _tokenizer(index.files[0])
     shapes = {k: t.shape for k, t in index.tensors.items()}
+    if "double_blocks.0.img_attn.qkv.weight" in shapes and "txt_in.input_embedder.weight" in shapes:
+        raise WeightsError(f"{index.files[0]}: a HunyuanVideo DiT in ComfyUI's module names (Flux-style fused "
+                           "double_blocks.N.img_attn.qkv, img_mod.lin, img_mlp.0: ComfyUI's repackaged files, their "
+                           "fp8_scaled ones too), which TeleFuser does not read; use Tencent's or diffusers' "
+                           "HunyuanVideo-1.5 transformer file (or LightX2V's FP8 one, in Tencent's names).")
     try:
         hy15 = _hunyuan15(shapes)
         if hy15 is not None:

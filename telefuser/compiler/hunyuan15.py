@@ -156,8 +156,10 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
             return (f"{at}.attention_config.sparse_config: HunyuanVideo-1.5's SSTA (selective and sliding tile "
                     "attention, the 720p sparse / sparse-distilled transformers' flex-block-attn) is not built yet "
                     "(not executable yet); remove sparse_config: the same weights run with dense attention.")
-    if any(m.attributes.fp8 for m in l1.models):
-        return f"{where}: FP8 HunyuanVideo-1.5 checkpoints are not supported yet; use the bf16 files."
+    for m in l1.models:  # FP8 DiT files: compiler/hunyuan15_fp8.py decides from the header
+        if m.attributes.fp8 and m.role not in ("dit", "dit_sr"):
+            return (f"layer1.models.{m.name}.attributes.fp8 = true: only HunyuanVideo-1.5's DiT is read from an FP8 "
+                    "file; use the model's bf16/fp32 file.")
     return check_sr(recipe, roles)
 
 

@@ -14,6 +14,7 @@ from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import ModelSpec, Recipe
 
 from .detect import Detection, detect, parameter_count, storage_dtype, used_tensors
+from .hunyuan15_fp8 import fp8_refusal as hy15_fp8_refusal
 from .hunyuan15 import CLASS_BY_ROLE as HY15_CLASS_BY_ROLE, HY15_ONLY_ROLES, check_compatible as hy15_check_compatible, check_family as hy15_check_family, is_hy15
 from .lora import plan_loras
 from .weights import WeightIndex, read_index
@@ -63,7 +64,7 @@ def _check_declared(spec: ModelSpec, det: Detection, dtype: str) -> dict[str, An
     return arch
 
 
-def _fp8_layout(spec: ModelSpec, index: WeightIndex, class_name: str, runtime: ModelRuntimeConfig,
+def _fp8_layout(spec: ModelSpec, index: WeightIndex, det: Detection, runtime: ModelRuntimeConfig,
                 tp_degree: int) -> Fp8Layout | None:
     """The checkpoint's FP8 layout (None: no float8 tensors), and the layer-2 settings it rules out."""
     try:
@@ -72,9 +73,14 @@ def _fp8_layout(spec: ModelSpec, index: WeightIndex, class_name: str, runtime: M
         raise WeightsError(f"layer1.models.{spec.name}: {spec.path}: {exc}.") from exc
     if layout is None:
         return None
-    if class_name != "WanDiT":
-        raise WeightsError(f"layer1.models.{spec.name}: {spec.path} stores {class_name} weights in float8; FP8 "
-                           "checkpoints are supported for the Wan DiT only: use the model's bf16/fp32 file.")
+    if det.class_name not in ("WanDiT", "HunyuanVideo15DiT"):
+        raise WeightsError(f"layer1.models.{spec.name}: {spec.path} stores {det.class_name} weights in float8; FP8 "
+                           "checkpoints are supported for the Wan and HunyuanVideo-1.5 DiTs only: use the model's "
+                           "bf16/fp32 file.")
+    refusal = hy15_fp8_refusal(layout, det.layout, index.tensors) if det.class_name == "HunyuanVideo15DiT" else None
+    if refusal:
+        raise WeightsError(f"layer1.models.{spec.name}: {spec.path} is an FP8 HunyuanVideo-1.5 DiT, but {refusal}; "
+                           "use LightX2V's *_scaled_fp8_e4m3_lightx2v* file or the bf16 one.")
     quant = runtime.quant_config.quant_type
     fits = {"per_tensor": "fp8_e4m3fn", "unscaled": "fp8_e4m3fn", "per_channel": "fp8_e4m3fn_rowwise"}.get(
         layout.granularity)
@@ -126,7 +132,7 @@ def plan_model(spec: ModelSpec, recipe: Recipe, recipe_dir: Path, inspect: bool)
     dtype = storage_dtype(index.tensors) if index.tensors else "auto"
     arch = _check_declared(spec, det, dtype)
     tp = recipe.layer2.parallel_config.tp_degree
-    fp8_layout = _fp8_layout(spec, index, det.class_name, runtime, tp)
+    fp8_layout = _fp8_layout(spec, index, det, runtime, tp)
     return PlannedModel(
         name=spec.name, role=spec.role, path=str(path), class_=det.class_name, dtype=dtype, compute_dtype=compute,
         key_layout=det.layout, attributes=_attributes(spec, dtype, index.metadata, moe, fp8_layout), arch=arch,

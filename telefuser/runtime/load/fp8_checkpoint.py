@@ -2,7 +2,8 @@
 (no dequantise-requantise detour); every other tensor takes the compute dtype.
 
 Float8 tensors that are not the weight of an nn.Linear (a norm, a bias), or belong to a linear the model reads
-in float32 itself (the Wan DiT's time MLP: `FLOAT32_LINEARS`), are dequantised (weight * scale).
+in float32 itself (the Wan DiT's time MLP: `FLOAT32_LINEARS`) or keeps in its dtype (HunyuanVideo-1.5's
+embedders and output layer: `KEEP_PRECISION_LINEARS`), are dequantised (weight * scale).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _linear(model: nn.Module, name: str) -> nn.Linear | None:
         module = model.get_submodule(name)
     except AttributeError:
         return None
-    keep_float = any(fnmatch.fnmatch(name, p) for p in float32_linears(model))
+    keep = (*float32_linears(model), *getattr(model, "KEEP_PRECISION_LINEARS", ()))  # read in float: dequantised
+    keep_float = any(fnmatch.fnmatch(name, p) for p in keep)
     return module if isinstance(module, nn.Linear) and not keep_float else None
 
 
