@@ -16,7 +16,6 @@ differs at most on exact ties), so the bytes may differ from LightX2V's on ties,
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,8 @@ from telefuser.models.hunyuan15.tiny import TINY_ARCH
 from telefuser.ops.quantized_linear import LinearFP8
 from telefuser.runtime.load.build import build_model
 from telefuser.schema.model_config import ModelRuntimeConfig
+
+from hy15_fixtures import link_tiny_hy15, tiny_dit_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = load_file(REPO / "recipes" / "tiny_hy15" / "hy15_dit.safetensors")
@@ -82,8 +83,7 @@ def dequantised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _folder(tmp_path: Path, state: dict[str, torch.Tensor], name: str = "dit_fp8.safetensors") -> Path:
     folder = tmp_path / "set"
     folder.mkdir(exist_ok=True)
-    if not (folder / "tiny_hy15").exists():
-        (folder / "tiny_hy15").symlink_to(REPO / "recipes" / "tiny_hy15")
+    link_tiny_hy15(folder)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name))
     text = (REPO / "recipes" / "tiny_hy15.toml").read_text()
     text = text.replace('path = "tiny_hy15/hy15_dit.safetensors"', f'path = "{name}"\nattributes = {{ fp8 = true }}')
@@ -91,17 +91,6 @@ def _folder(tmp_path: Path, state: dict[str, torch.Tensor], name: str = "dit_fp8
     return folder / "fp8.toml"
 
 
-def _inputs() -> dict:
-    g = torch.Generator().manual_seed(3)
-    c = TINY_ARCH["dit"]
-    text_mask = torch.ones(1, 9, dtype=torch.int64)
-    text_mask[0, 7:] = 0
-    return {"x": torch.randn(1, c["out_channels"], 2, 4, 4, generator=g), "t": torch.tensor([650.0]),
-            "text_states": torch.randn(1, 9, c["text_states_dim"], generator=g), "text_mask": text_mask,
-            "byt5_states": torch.randn(1, 5, c["byt5_dim"], generator=g),
-            "byt5_mask": torch.ones(1, 5, dtype=torch.int64),
-            "vision_states": torch.randn(1, 4, c["vision_states_dim"], generator=g),
-            "y": torch.randn(1, c["in_channels"] - c["out_channels"], 2, 4, 4, generator=g)}
 
 
 def _reference(state: dict[str, torch.Tensor]) -> nn.Module:
@@ -156,7 +145,7 @@ def test_fp8_file_loads_as_stored(tmp_path, layout):
             assert module.weight.dtype == torch.float32 and torch.equal(module.weight, ref[name + ".weight"]), name
     assert fp8_modules == len(quantised)
     with torch.no_grad():
-        out, expected = model(**_inputs()), reference(**_inputs())
+        out, expected = model(**tiny_dit_inputs()), reference(**tiny_dit_inputs())
     # The weights are the reference's exactly; only the activations entering the 28 FP8 linears are rounded to
     # e4m3 (3 mantissa bits: up to 2^-4 relative per element, ~2-3% of a layer's output norm), per row or per
     # tensor as the weight scales. Through 2 double-stream blocks (residual stream, modulation and attention
@@ -201,7 +190,7 @@ def test_fp8_declared_on_another_hy15_model_refused_without_weights(tmp_path, ca
         'path = "tiny_hy15/hy15_vae.safetensors"', 'path = "tiny_hy15/hy15_vae.safetensors"\nattributes = { fp8 = true }')
     folder = tmp_path / "set"
     folder.mkdir()
-    (folder / "tiny_hy15").symlink_to(REPO / "recipes" / "tiny_hy15")
+    link_tiny_hy15(folder)
     (folder / "vae_fp8.toml").write_text(text)
     assert compile_main(["--check", "--no-weights", str(folder / "vae_fp8.toml")]) != 0
     captured = capsys.readouterr()

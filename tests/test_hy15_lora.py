@@ -25,6 +25,8 @@ from telefuser.ops.lora_linear import LoraLinear
 from telefuser.runtime.load.build import build_model
 from telefuser.schema.model_config import ModelRuntimeConfig
 
+from hy15_fixtures import link_tiny_hy15, tiny_dit_inputs
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = load_file(REPO / "recipes" / "tiny_hy15" / "hy15_dit.safetensors")
 RANK, ALPHA = 4, 8.0  # scale alpha / r = 2, as the trainer's defaults (r 8, lora_alpha 16)
@@ -79,7 +81,7 @@ def _comfy(factors=FACTORS) -> dict[str, torch.Tensor]:
 def _folder(tmp_path: Path) -> Path:
     folder = tmp_path / "set"
     folder.mkdir()
-    (folder / "tiny_hy15").symlink_to(REPO / "recipes" / "tiny_hy15")
+    link_tiny_hy15(folder)
     shutil.copy(REPO / "recipes" / "tiny_hy15.toml", folder / "tiny_hy15.toml")
     return folder
 
@@ -106,22 +108,11 @@ def _dit(recipe: Path):
     return plan.model("dit"), build_model(plan.model("dit"), runtime, torch.device("cpu"))
 
 
-def _inputs() -> dict:
-    g = torch.Generator().manual_seed(3)
-    c = TINY_ARCH["dit"]
-    text_mask = torch.ones(1, 9, dtype=torch.int64)
-    text_mask[0, 7:] = 0
-    return {"x": torch.randn(1, c["out_channels"], 2, 4, 4, generator=g), "t": torch.tensor([650.0]),
-            "text_states": torch.randn(1, 9, c["text_states_dim"], generator=g), "text_mask": text_mask,
-            "byt5_states": torch.randn(1, 5, c["byt5_dim"], generator=g),
-            "byt5_mask": torch.ones(1, 5, dtype=torch.int64),
-            "vision_states": torch.randn(1, 4, c["vision_states_dim"], generator=g),
-            "y": torch.randn(1, c["in_channels"] - c["out_channels"], 2, 4, 4, generator=g)}
 
 
 def _run(model) -> torch.Tensor:
     with torch.no_grad():
-        return model(**_inputs())
+        return model(**tiny_dit_inputs())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -341,7 +332,7 @@ def test_a_file_written_by_peft_itself_as_tencents_trainer_does(tmp_path, refere
     _write(folder, LORA_FILE, {k: v.contiguous() for k, v in state.items()},
            {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, indent=2, sort_keys=True)})
     with torch.no_grad():
-        expected = wrapped(**_inputs())
+        expected = wrapped(**tiny_dit_inputs())
     assert _rel(expected, reference[1]) > 0.02
     for merge in (True, False):
         _, ours = _dit(_recipe(folder, f"p{merge}.toml", [(LORA_FILE, 1.0)], merge=merge))
@@ -367,7 +358,7 @@ def test_unmerged_lora_beside_quantised_linears(tmp_path, quant, bound):
         dit = build_model(plan.model("dit"), plan.layer2_inference_config.models["dit"], torch.device("cpu"))
         with torch.inference_mode():
             outputs[name] = dit(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                                   for k, v in _inputs().items()}).float()
+                                   for k, v in tiny_dit_inputs().items()}).float()
     q_attn = dit.double_blocks[0].img_attn_q
     assert isinstance(q_attn, LoraLinear) and isinstance(q_attn.base, LinearInt8 if quant == "int8" else LinearFP8)
     assert isinstance(dit.final_layer.linear, nn.Linear)  # kept in the model dtype: merged, not quantised

@@ -24,6 +24,8 @@ from telefuser.runtime.stages.hy15_denoise import hy15_sigmas
 from telefuser.schema.canonical import pretty_json
 from telefuser.schema.step_list import STEP_LIST_GRID
 
+from hy15_fixtures import link_tiny_hy15
+
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny_hy15.toml"
 LIST = [1000, 750, 500, 250]
 DISTILLED = [f"layer2.denoising_step_list={json.dumps(LIST)}", "layer2.num_inference_steps=4", "layer2.cfg_scale=1.0"]
@@ -90,7 +92,7 @@ def test_a_meanflow_base_dit_is_fed_the_next_timestep(tmp_path: Path, monkeypatc
     state = tiny.tiny_state_dict("dit_i2v")
     state.update({k: v for k, v in tiny.tiny_state_dict("dit_sr").items() if k.startswith("time_r_in.")})
     save_file(state, str(tmp_path / "dit_meanflow.safetensors"))
-    (tmp_path / "tiny_hy15").symlink_to(TINY.parent / "tiny_hy15")  # the extended recipe's relative paths
+    link_tiny_hy15(tmp_path)  # the extended recipe's relative paths
     recipe = tmp_path / "meanflow.toml"
     recipe.write_text(f'extends = "{TINY.parent / "tiny_hy15_i2v.toml"}"\nname = "meanflow"\n\n[[layer1.models]]\n'
                       f'name = "dit"\nrole = "dit"\nclass = "HunyuanVideo15DiT"\npath = "{tmp_path / "dit_meanflow.safetensors"}"\n')

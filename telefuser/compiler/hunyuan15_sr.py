@@ -31,6 +31,7 @@ from telefuser.schema.enums import FIXED_ASPECT_RATIOS, Resolution
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.recipe import Recipe, SRConfig
 from telefuser.schema.resolution import RESOLUTION_TABLE, frame_candidates, frame_key
+from telefuser.schema.step_list import grid_params
 
 UPSAMPLER_VERSION = {"HunyuanVideo15SRUpsampler720p": "720p_sr_distilled",
                      "HunyuanVideo15SRUpsampler1080p": "1080p_sr_distilled"}
@@ -121,7 +122,7 @@ def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fi
                                 "lq_noise_strength": l2.lq_noise_strength, "generator": "cpu"}))
     stages.append(Stage(name="super_resolve", kind="hy15_sr", models=[by_role["dit_sr"]],
                         params={"lq_noise_strength": l2.lq_noise_strength, "solver": "euler",
-                                "grid": "linspace_1_0_shifted", "num_inference_steps": sr.num_inference_steps,
+                                **grid_params(None), "num_inference_steps": sr.num_inference_steps,
                                 "sigma_shift": sr.sigma_shift, "num_train_timesteps": num_train_timesteps,
                                 "cfg_scale": sr.cfg_scale, "meanflow": True, "condition": "i2v" if i2v else "t2v"}))
     return stages
