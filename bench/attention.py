@@ -168,10 +168,10 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
     forward alone and of the guided output (CFG 5 amplifies the small cond - uncond difference)."""
     from bench.common import TRITON_ROWS
     from bench.wan_i2v import diffusers_dit
-    from bench.weights_random import random_model
+    from bench.weights_random import wan_step_inputs
     from telefuser.distributed.rank import RankContext
     from telefuser.models.tiny import TINY_ARCH
-    from telefuser.models.wan.dit import WAN21_1_3B, WAN21_14B, WanDiT, WanDiTConfig
+    from telefuser.models.wan.dit import WAN21_1_3B, WAN21_14B, WanDiTConfig
     from telefuser.models.wan.dit_keys import wan_to_diffusers
     from telefuser.ops.dispatch import use_dispatch
     from telefuser.runtime.stages.denoise import guided
@@ -184,12 +184,7 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
     dtype = torch.float32 if smoke else BF16
     latent = (1, 16, 3, 8, 12) if smoke else (1, 16, 21, 60, 104)
     text_len, scale = (16, 5.0) if smoke else (512, 5.0)
-    ours = random_model(lambda: WanDiT(cfg), DEVICE, dtype, seed=0)
-    gen = torch.Generator(device=DEVICE).manual_seed(3)
-    x = torch.randn(latent, generator=gen, device=DEVICE).to(dtype)
-    t = torch.tensor([900.0], device=DEVICE)
-    context, context_null = (torch.randn(1, text_len, cfg.text_dim, generator=gen, device=DEVICE).to(dtype)
-                             for _ in range(2))
+    ours, x, t, context, context_null, gen = wan_step_inputs(cfg, latent, text_len, DEVICE, dtype)
     extra = {}
     if i2v:  # Wan2.1 I2V: mask + first-frame latent (20 channels) and 257 CLIP tokens
         extra = {"y": torch.randn(1, 20, *latent[2:], generator=gen, device=DEVICE).to(dtype),

@@ -24,10 +24,10 @@ def step_rows(report: Any, smoke: bool) -> None:
     import torch
 
     from bench.common import TRITON_ROWS
-    from bench.weights_random import random_model
+    from bench.weights_random import wan_step_inputs
     from telefuser.distributed.rank import RankContext
     from telefuser.models.tiny import TINY_ARCH
-    from telefuser.models.wan.dit import WAN21_14B, WanDiT, WanDiTConfig
+    from telefuser.models.wan.dit import WAN21_14B, WanDiTConfig
     from telefuser.ops import sparse_attention as sa
     from telefuser.ops.dispatch import use_dispatch
     from telefuser.runtime.skip_work import _SparseWrapper  # the runtime's own seam wrapper, as a plan installs it
@@ -38,12 +38,7 @@ def step_rows(report: Any, smoke: bool) -> None:
     cfg = WanDiTConfig(**{**TINY_ARCH["dit"], "dim": 128, "num_heads": 2}) if smoke else WAN21_14B
     latent = (1, 16, 9, 8, 32) if smoke else (1, 16, 21, 90, 160)
     text_len = 16 if smoke else 512
-    dit = random_model(lambda: WanDiT(cfg), device, dtype, seed=0)
-    gen = torch.Generator(device=device).manual_seed(3)
-    x = torch.randn(latent, generator=gen, device=device).to(dtype)
-    t = torch.tensor([900.0], device=device)
-    context, context_null = (torch.randn(1, text_len, cfg.text_dim, generator=gen, device=device).to(dtype)
-                             for _ in range(2))
+    dit, x, t, context, context_null, _ = wan_step_inputs(cfg, latent, text_len, device, dtype)
     rank = RankContext(device=torch.device(device))
     kernels = {} if smoke else TRITON_ROWS
     grid = tuple(n // p for n, p in zip(latent[2:], cfg.patch_size))

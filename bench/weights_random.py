@@ -67,6 +67,21 @@ def random_model(make: Callable[[], torch.nn.Module], device: str | torch.device
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def wan_step_inputs(cfg, latent: tuple[int, ...], text_len: int, device: str, dtype: torch.dtype):
+    """A random-weight WanDiT of `cfg` (seed 0) and one CFG step's inputs: latent x, t = 900, the two text contexts,
+    drawn from a generator seeded 3 in that order, returned too for further inputs: (dit, x, t, context,
+    context_null, generator)."""
+    from telefuser.models.wan.dit import WanDiT
+
+    dit = random_model(lambda: WanDiT(cfg), device, dtype, seed=0)
+    gen = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(latent, generator=gen, device=device).to(dtype)
+    t = torch.tensor([900.0], device=device)
+    context, context_null = (torch.randn(1, text_len, cfg.text_dim, generator=gen, device=device).to(dtype)
+                             for _ in range(2))
+    return dit, x, t, context, context_null, gen
+
+
 def write_module(module: torch.nn.Module, folder: Path, stem: str, device: str, skip: tuple[str, ...] = (),
                  convert=None) -> Path:
     """Every persistent tensor of a meta `module` (minus `skip`), random, as `folder/stem.safetensors` or
