@@ -16,7 +16,7 @@ def test_requirements_cover_every_runner_and_compiler_op():
 
     assert set(KERNELS) == set(KERNEL_OPS)  # the compiler records an impl for exactly the ops that have kernels
     dense = {name for name, spec in ATTENTION_BACKENDS.items() if spec.dense}
-    built_sparse = {"RADIAL_ATTN", "LOCAL_SPARSE_ATTN"}  # our block-sparse kernel (the other sparse ones: none yet)
+    built_sparse = {"RADIAL_ATTN", "LOCAL_SPARSE_ATTN", "SSTA_ATTN"}  # our block-sparse kernel (the others: none yet)
     assert dense | built_sparse == set(_RUNNERS)  # every backend the compiler may plan has a runner
 
 

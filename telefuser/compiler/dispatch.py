@@ -69,6 +69,10 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
         if runtime.attention_config.sparse_config is not None:  # compiler/skip_work.py
             reason += ("; with the sparse_config: self-attention through the kernel's block-sparse mode over the mask "
                        "the denoise stage records (sparse_attention), dense quantised on the dense steps and layers")
+    elif impl == "SSTA_ATTN":  # compiler/skip_work.py
+        reason += ("; the joint attention through SSTA (the denoise stage's sparse_attention: the window and the top-k "
+                   "tiles chosen per call, context tokens dense), the kernel on CUDA, its PyTorch reference on the CPU; "
+                   "the dense steps and layers and the token refiner run TORCH_SDPA")
     elif impl in ("RADIAL_ATTN", "LOCAL_SPARSE_ATTN"):  # compiler/skip_work.py
         reason += ("; self-attention block-sparse over the mask the denoise stage records (sparse_attention: pattern, "
                    "density at the default resolution), the kernel on CUDA, its PyTorch reference on the CPU; "

@@ -150,12 +150,6 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         return (f"{where}: layer2.sample_solver = {str(l2.sample_solver)!r}: HunyuanVideo-1.5 samples with "
                 "flow-matching Euler (sample_solver = \"euler\"), over its shifted grid or a distilled model's "
                 "denoising_step_list; not executable yet.")
-    for name, cfg in l2.models.items():
-        at = f"layer2.models.{name}"
-        if cfg.attention_config.sparse_config is not None or cfg.attention_config.is_sparse():
-            return (f"{at}.attention_config.sparse_config: HunyuanVideo-1.5's SSTA (selective and sliding tile "
-                    "attention, the 720p sparse / sparse-distilled transformers' flex-block-attn) is not built yet "
-                    "(not executable yet); remove sparse_config: the same weights run with dense attention.")
     for m in l1.models:  # FP8 DiT files: compiler/hunyuan15_fp8.py decides from the header
         if m.attributes.fp8 and m.role not in ("dit", "dit_sr"):
             return (f"layer1.models.{m.name}.attributes.fp8 = true: only HunyuanVideo-1.5's DiT is read from an FP8 "

@@ -11,9 +11,10 @@ The refusals (`sparse_problem`, `cache_problem`) are the compiler's, registered 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
-from telefuser.schema import block_masks
+from telefuser.schema import block_masks, ssta
 from telefuser.schema.enums import AttnImplType, FeatureCacheMethod, ModelClass, is_dit
 from telefuser.schema.model_config import SPARSE_IMPL_OF, ModelRuntimeConfig, SparseAttentionConfig
 from telefuser.schema.plan import PlannedModel
@@ -21,7 +22,10 @@ from telefuser.schema.recipe import Recipe
 from telefuser.schema.resolution import typical_frame_size
 from telefuser.schema.teacache_fits import HY15_COEFFICIENTS, WAN21_COEFFICIENTS
 
-BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value)  # our block-sparse kernel
+BUILT_SPARSE = (AttnImplType.RADIAL_ATTN.value, AttnImplType.LOCAL_SPARSE_ATTN.value,  # our block-sparse kernel
+                AttnImplType.SSTA_ATTN.value)
+PATTERN_CLASSES = {"radial": (ModelClass.WAN_DIT, ModelClass.AUTO), "local": (ModelClass.WAN_DIT, ModelClass.AUTO),
+                   "ssta": (ModelClass.HUNYUAN15_DIT, ModelClass.AUTO)}  # where each pattern is wired
 NOT_BUILT_SPARSE = (AttnImplType.SOL_ATTN.value, AttnImplType.SPARGE_ATTN.value)  # declared, no runner in ops
 QUANTISED = ("SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_16", "SAGE_ATTN_2_8_8_SM90")
 QUANTISED_MIN_BLOCK = 32  # kernels/triton/sage_sparse_attention.py: MIN_BLOCK (the compiler imports no kernels)
@@ -66,16 +70,16 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         attn = cfg.attention_config
         where = f"{_where(name)}.attention_config"
         if attn.attn_impl in QUANTISED and attn.sparse_config is not None \
-                and attn.sparse_config.sparse_impl not in ("radial", "local"):
+                and attn.sparse_config.sparse_impl not in ("radial", "local", "ssta"):
             return (f"{where}.sparse_config beside attn_impl = {attn.attn_impl!r} (the quantised kernel's "
                     "block-sparse mode, as Radial Attention's use_sage_attention): sparse_config.sparse_impl = "
-                    f"{attn.sparse_config.sparse_impl!r}, but the pattern must be named here, \"radial\" or \"local\" "
-                    "(with a quantised attn_impl nothing else says which); or remove the sparse_config for dense "
-                    "quantised attention.")
+                    f"{attn.sparse_config.sparse_impl!r}, but the pattern must be named here, \"radial\", \"local\" or "
+                    "\"ssta\" (with a quantised attn_impl nothing else says which); or remove the sparse_config for "
+                    "dense quantised attention.")
         if attn.sparse_config is not None and attn.attn_impl not in SPARSE_IMPL_OF and attn.attn_impl not in QUANTISED:
             return (f"{where}.sparse_config is set but attn_impl = {attn.attn_impl!r} is dense, so the pattern would be "
-                    "ignored; set attn_impl = \"RADIAL_ATTN\" (sparse_impl \"radial\") or \"LOCAL_SPARSE_ATTN\" "
-                    "(\"local\"), or remove the sparse_config.")
+                    "ignored; set attn_impl = \"RADIAL_ATTN\" (sparse_impl \"radial\"), \"LOCAL_SPARSE_ATTN\" "
+                    "(\"local\") or \"SSTA_ATTN\" (\"ssta\", HunyuanVideo-1.5), or remove the sparse_config.")
         if attn.attn_impl in NOT_BUILT_SPARSE:
             return (f"{where}.attn_impl = {attn.attn_impl!r}: this TeleFuser has no runner for it (its package's "
                     "kernel is not wired); use \"RADIAL_ATTN\" or \"LOCAL_SPARSE_ATTN\" (TeleFuser's block-sparse "
@@ -83,15 +87,20 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         if not runs_sparse(cfg):
             continue
         model = by_name.get(name)
-        if model is None or not is_dit(model.role) or model.class_ not in (ModelClass.WAN_DIT, ModelClass.AUTO):
-            what = f"a {model.role} ({model.class_})" if model is not None else "no model"
-            return (f"{where}.attn_impl = {attn.attn_impl!r} on {name!r}, {what}: sparse attention is wired into the "
-                    "Wan DiT's self-attention only; use a dense attn_impl for this model.")
         sparse = sparse_config_of(cfg)
-        if sparse.block_size & (sparse.block_size - 1):
+        refusal = _pattern_problem(where, attn.attn_impl, name, model, sparse, recipe)
+        if refusal:
+            return refusal
+        if sparse.sparse_impl == "ssta":
+            frames = (recipe.layer2.num_frames - 1) // 4 + 1
+            found = ssta.problems(tuple(sparse.tile_size), tuple(sparse.win_size), sparse.ssta_topk, frames,
+                                  QUANTISED_MIN_BLOCK if attn.attn_impl in QUANTISED else 0)
+            if found:
+                return f"{where}.sparse_config (SSTA): {'; '.join(found)}."
+        elif sparse.block_size & (sparse.block_size - 1):
             return (f"{where}.sparse_config.block_size = {sparse.block_size}: the block-sparse kernel needs a power of "
                     "two of at least 16 (128 is the default and Radial Attention's).")
-        if attn.attn_impl in QUANTISED and sparse.block_size < QUANTISED_MIN_BLOCK:
+        elif attn.attn_impl in QUANTISED and sparse.block_size < QUANTISED_MIN_BLOCK:
             return (f"{where}.sparse_config.block_size = {sparse.block_size} with attn_impl = {attn.attn_impl!r}: the "
                     f"quantised kernel's block-sparse mode needs blocks of at least {QUANTISED_MIN_BLOCK} tokens (each "
                     "key tile is the K dim of its FP8 P·V product); use 128 (the default and Radial Attention's).")
@@ -106,6 +115,28 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
                     "of the keys (the sparse ring is not built); use sp_ulysses_degree instead (each rank holds whole "
                     "sequences for its heads, so the mask applies unchanged), or a dense attn_impl.")
     return None
+
+
+def _pattern_problem(where: str, impl: str, name: str, model: Optional[PlannedModel], sparse: SparseAttentionConfig,
+                     recipe: Recipe) -> Optional[str]:
+    """Whether this model can run the pattern: radial and local are wired into Wan's self-attention, SSTA into
+    HunyuanVideo-1.5's base DiT's joint attention (the SR stage runs its few steps dense)."""
+    classes = PATTERN_CLASSES.get(str(sparse.sparse_impl), ())
+    if model is not None and is_dit(model.role) and model.role != "dit_sr" and model.class_ in classes:
+        if model.class_ != ModelClass.AUTO or (sparse.sparse_impl == "ssta") == recipe.layer1.pipeline.startswith(
+                "hunyuan_video15"):
+            return None
+    what = f"a {model.role} ({model.class_})" if model is not None else "no model"
+    if sparse.sparse_impl == "ssta":
+        return (f"{where}.attn_impl = {impl!r} (SSTA) on {name!r}, {what}: SSTA is wired into HunyuanVideo-1.5's base "
+                "DiT (role \"dit\"; the SR DiT runs its few steps dense); on Wan use RADIAL_ATTN or LOCAL_SPARSE_ATTN, "
+                "elsewhere a dense attn_impl.")
+    if model is not None and model.class_ == ModelClass.HUNYUAN15_DIT:
+        return (f"{where}: sparse_impl {sparse.sparse_impl!r} on {name!r}, a HunyuanVideo-1.5 DiT: its joint attention "
+                "runs SSTA (attn_impl = \"SSTA_ATTN\", the pattern its 720p sparse transformers were trained with), "
+                "not Wan's radial or local masks; use SSTA_ATTN or a dense attn_impl.")
+    return (f"{where}.attn_impl = {impl!r} on {name!r}, {what}: {sparse.sparse_impl} sparse attention is wired into "
+            "the Wan DiT's self-attention only; use a dense attn_impl for this model.")
 
 
 def _teacache_key(model: PlannedModel, recipe: Recipe) -> Optional[str]:
@@ -194,10 +225,17 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
         if runs_sparse(runtime):
             cfg = sparse_config_of(runtime)
             grid = token_grid(recipe, temporal, spatial, patch)
-            mask = block_masks.block_mask(cfg.sparse_impl, grid, cfg.block_size, cfg.decay_factor,
-                                          cfg.local_window_size)
-            sparse[name] = {**cfg.model_dump(mode="json"), "density": round(block_masks.density(mask), 6),
-                            "density_grid": list(grid), "attn_impl": _impl_name(runtime)}
+            entry = {**cfg.model_dump(mode="json"), "density_grid": list(grid), "attn_impl": _impl_name(runtime)}
+            if cfg.sparse_impl == "ssta":  # chosen per call: the window's share and a bound with the top-k
+                tile, window, topk = ssta.effective(grid, tuple(cfg.tile_size), tuple(cfg.win_size), cfg.ssta_topk)
+                low, high = ssta.density_bounds(grid, tuple(cfg.tile_size), tuple(cfg.win_size), cfg.ssta_topk)
+                entry.update(block_size=math.prod(tile), density=round(high, 6), density_window=round(low, 6),
+                             effective={"tile_size": list(tile), "win_size": list(window), "ssta_topk": topk})
+            else:
+                mask = block_masks.block_mask(cfg.sparse_impl, grid, cfg.block_size, cfg.decay_factor,
+                                              cfg.local_window_size)
+                entry["density"] = round(block_masks.density(mask), 6)
+            sparse[name] = entry
         cache = runtime.feature_cache_config
         if cache.method != FeatureCacheMethod.NONE:
             record: dict[str, Any] = {"method": cache.method, "warmup_steps": cache.warmup_steps,
@@ -235,13 +273,21 @@ def explain_lines(stages: list) -> list[str]:
     if sparse:
         lines += ["", "sparse attention (the DiT's self-attention, block-sparse):"]
         for model, r in sparse.items():
-            pattern = (f"decay_factor {r['decay_factor']}" if r["sparse_impl"] == "radial"
-                       else f"window {r['local_window_size']} tokens per side")
             kernel = r.get("attn_impl", "")
             how = f" through {kernel} (quantised, dense steps too)" if kernel in QUANTISED else ""
+            if r["sparse_impl"] == "ssta":
+                e = r["effective"]
+                pattern = (f"tiles {tuple(e['tile_size'])}, window {tuple(e['win_size'])} tiles + top {e['ssta_topk']} "
+                           f"tiles per head by importance (lambda {r['ssta_lambda']}), context tokens dense")
+                density = (f"density {r['density_window']:.3f} (window) to at most {r['density']:.3f} (with the "
+                           "top-k) of the video tiles")
+            else:
+                pattern = (f"decay_factor {r['decay_factor']}" if r["sparse_impl"] == "radial"
+                           else f"window {r['local_window_size']} tokens per side")
+                density = f"density {r['density']:.3f}"
             lines.append(f"  {model:<14} {r['sparse_impl']}{how}, blocks of {r['block_size']} tokens, {pattern}; dense: first "
-                         f"{r['dense_timesteps']} step(s), first {r['dense_layers']} block(s); density "
-                         f"{r['density']:.3f} at the default resolution (token grid {tuple(r['density_grid'])})")
+                         f"{r['dense_timesteps']} step(s), first {r['dense_layers']} block(s); {density} at the default "
+                         f"resolution (token grid {tuple(r['density_grid'])})")
     if caches:
         lines += ["", "step cache (reused steps add the block stack's cached residual):"]
         for model, r in caches.items():

@@ -71,10 +71,14 @@ def _quantized(name: str):
     elsewhere (dense steps and layers, as Radial Attention's use_sage_attention runs them; short cross-attention
     stays exact, `quantized_attention`)."""
     def run(q, k, v, attn_mask, scale, dropout_p):
+        from .planned_sparse import planned_self_attention
+        from .ssta import planned_ssta
+
+        out = planned_ssta(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale, quantized=name)
+        if out is not None:
+            return out.transpose(1, 2)
         if attn_mask is not None:
             raise ValueError(f"{name} does not take an attention mask; use TORCH_SDPA for masked attention")
-        from .planned_sparse import planned_self_attention
-
         out = planned_self_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, quantized=name)
         if out is not None:
             return out.transpose(1, 2)
@@ -94,6 +98,18 @@ def _block_sparse(q, k, v, attn_mask, scale, dropout_p):  # BNSD
     return _sdpa(q, k, v, attn_mask, scale, dropout_p)
 
 
+def _ssta(q, k, v, attn_mask, scale, dropout_p):  # BNSD
+    """SSTA_ATTN: HunyuanVideo-1.5's SSTA inside the runtime's planned joint attention (`ssta.planned_ssta`), dense
+    SDPA elsewhere (the dense steps and blocks, the token refiner)."""
+    from .ssta import planned_ssta
+
+    if dropout_p == 0.0:
+        out = planned_ssta(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, scale)
+        if out is not None:
+            return out.transpose(1, 2)
+    return _sdpa(q, k, v, attn_mask, scale, dropout_p)
+
+
 _RUNNERS = {
     "TORCH_SDPA": _sdpa,
     "TORCH_CUDNN": _cudnn,
@@ -103,6 +119,7 @@ _RUNNERS = {
     **{name: _quantized(name) for name in VARIANTS},
     "RADIAL_ATTN": _block_sparse,  # our block-sparse kernel (schema/backends.py)
     "LOCAL_SPARSE_ATTN": _block_sparse,
+    "SSTA_ATTN": _ssta,
 }
 SDPA_FAMILY = ("TORCH_SDPA", "TORCH_CUDNN")  # on CPU tensors both are plain SDPA (cuDNN is a CUDA preference)
 

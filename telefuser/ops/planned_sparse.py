@@ -1,7 +1,8 @@
 """The plan's sparse self-attention: the runtime's wrapper around a DiT block's `attend` seam enters
 `planned_sparse(config, grid, step, layer)`, and `telefuser.ops.attention`'s RADIAL_ATTN / LOCAL_SPARSE_ATTN (and
 SAGE_ATTN_*) runner asks `planned_self_attention` for the block-sparse output (None: a dense step or layer, or a
-call outside the seam such as cross-attention, which then runs dense)."""
+call outside the seam such as cross-attention, which then runs dense); SSTA_ATTN's (and SAGE_ATTN_*'s beside an
+"ssta" pattern) asks `telefuser.ops.ssta.planned_ssta`."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def planned_sparse(config: Any, grid: Grid, step_index: int, layer_index: int):
         _PLANNED.reset(token)
 
 
+def current() -> Optional[PlannedSparse]:
+    """The planned self-attention call in flight, or None outside `planned_sparse`."""
+    return _PLANNED.get()
+
+
 def planned_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                            quantized: Optional[str] = None) -> Optional[torch.Tensor]:
     """The block-sparse output of q [B, Sq, N, D] over k, v [B, Sk, N, D] (BSND) under `planned_sparse`, or None
@@ -48,8 +54,9 @@ def planned_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     rows get 0. The kernel on CUDA, the PyTorch reference elsewhere (on the CPU, as the plan's dispatch says).
     `quantized`: the SAGE_ATTN_* variant the plan's attention runs (its block-sparse mode), None: 16 bits."""
     planned = _PLANNED.get()
-    if planned is None or use_dense(planned.step_index, planned.layer_index, planned.config):
-        return None
+    if planned is None or getattr(planned.config, "sparse_impl", None) == "ssta" \
+            or use_dense(planned.step_index, planned.layer_index, planned.config):
+        return None  # (SSTA, HunyuanVideo-1.5's joint attention, is `ops.ssta.planned_ssta`'s)
     tokens = planned.grid[0] * planned.grid[1] * planned.grid[2]
     if q.shape[1] < tokens or k.shape[1] < tokens:
         raise ValueError(f"sparse attention over a grid of {tokens} tokens got {q.shape[1]} queries and "

@@ -5,10 +5,11 @@ and `step_cache[model]`. `skip_work(ctx, stage, model, dit, cfg_active)` attache
 active in the denoise stage and takes them off afterwards, so every video (and every MoE expert's span) starts
 with empty caches:
 
-- sparse attention: each block's `attend` seam (the model's own, or sequence parallelism's, which was set at
-  load) is wrapped to run inside `ops.planned_sparse.planned_sparse(config, grid, step, layer)`; the
-  attention backend the plan dispatches (RADIAL_ATTN / LOCAL_SPARSE_ATTN, or SAGE_ATTN_* in its block-sparse mode)
-  then runs that self-attention block-sparse, Ulysses' head slices included (between its all-to-alls: whole sequences, the mask unchanged).
+- sparse attention: each block's `attend` seam (`dit.attention_seams()`: the model's own, or sequence
+  parallelism's, which was set at load) is wrapped to run inside `ops.planned_sparse.planned_sparse(config, grid,
+  step, layer)`; the attention backend the plan dispatches (RADIAL_ATTN / LOCAL_SPARSE_ATTN / SSTA_ATTN, or
+  SAGE_ATTN_* in its block-sparse mode) then runs that self-attention block-sparse, Ulysses' head slices included
+  (between its all-to-alls: whole sequences, the mask unchanged).
   The token grid is read off the DiT's input by a forward pre-hook; the step index comes from `begin_step`.
 - step caches: `runtime.caches.apply_step_cache` with the plan's arguments, told each step's global index
   (`begin_step`, so `compute_steps`, warm-up and final steps count the denoise loop's steps, MoE split or not).
@@ -34,30 +35,27 @@ class _SparseWrapper:
     def __init__(self, dit: torch.nn.Module, record: dict[str, Any]) -> None:
         from telefuser.ops.planned_sparse import planned_sparse
 
-        self.config = SimpleNamespace(**{k: record[k] for k in ("sparse_impl", "block_size", "decay_factor",
-                                                                 "local_window_size", "dense_timesteps",
-                                                                 "dense_layers")})
+        self.config = SimpleNamespace(**record)
         self.step = 0
         self.grid: tuple[int, int, int] = (1, 1, 1)
         self.dit = dit
         patch = tuple(int(p) for p in dit.config.patch_size)
 
-        def grab_grid(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
+        def grab_grid(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))  # the latent, the forward's first argument
             self.grid = (x.shape[2] // patch[0], x.shape[3] // patch[1], x.shape[4] // patch[2])
 
-        self.hook = dit.register_forward_pre_hook(grab_grid)
+        self.hook = dit.register_forward_pre_hook(grab_grid, with_kwargs=True)
         self.restore: list[tuple[torch.nn.Module, Any]] = []
-        for index, block in enumerate(dit.blocks):
-            attn = block.self_attn
-            inner = attn.attend
-            self.restore.append((attn, attn.__dict__.get("attend")))
+        for index, seam in enumerate(dit.attention_seams()):
+            inner = seam.attend
+            self.restore.append((seam, seam.__dict__.get("attend")))
 
-            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: int = index, inner: Any = inner):
+            def attend(*args: Any, index: int = index, inner: Any = inner) -> torch.Tensor:
                 with planned_sparse(self.config, self.grid, self.step, index):
-                    return inner(q, k, v)
+                    return inner(*args)
 
-            attn.attend = attend
+            seam.attend = attend
 
     def detach(self) -> None:
         self.hook.remove()

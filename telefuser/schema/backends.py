@@ -64,6 +64,9 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {b.name: b for b in (
     AttentionBackend("LOCAL_SPARSE_ATTN", "TeleFuser Triton block-sparse attention, a local 3-D window mask",
                      devices=("cpu", "cuda"), package=KERNEL_PACKAGE, min_cc=(8, 0), dtypes=_ANY_FLOAT,
                      head_dims=_BLOCK_SPARSE_DIMS, dense=False),
+    AttentionBackend("SSTA_ATTN", "TeleFuser Triton block-sparse attention, HunyuanVideo-1.5's SSTA (sliding tile "
+                     "window + top-k tiles by importance, chosen per call)", devices=("cpu", "cuda"),
+                     package=KERNEL_PACKAGE, min_cc=(8, 0), dtypes=_ANY_FLOAT, head_dims=_BLOCK_SPARSE_DIMS, dense=False),
     AttentionBackend("SOL_ATTN", "SOL sparse attention", package="sol_attn", min_cc=(9, 0), dtypes=_HALF,
                      head_dims=_SPARSE_DIMS, dense=False),
 )}

@@ -24,6 +24,7 @@ class AttnImplType(StrEnum):
     SPARGE_ATTN = "SPARGE_ATTN"
     RADIAL_ATTN = "RADIAL_ATTN"
     LOCAL_SPARSE_ATTN = "LOCAL_SPARSE_ATTN"
+    SSTA_ATTN = "SSTA_ATTN"  # HunyuanVideo-1.5's selective and sliding tile attention
     SOL_ATTN = "SOL_ATTN"
 
 

@@ -20,23 +20,34 @@ from .enums import (
 
 
 class SparseAttentionConfig(StrictModel):
-    sparse_impl: Optional[Literal["radial", "local", "sol"]] = Field(
-        None, description="Sparse pattern: radial, local or sol; must agree with a sparse attn_impl. Beside a quantised "
-        "attn_impl (SAGE_ATTN_*) it names the pattern (radial or local) that attn_impl's kernel runs block-sparse "
-        "(Radial Attention's use_sage_attention)."
+    sparse_impl: Optional[Literal["radial", "local", "ssta", "sol"]] = Field(
+        None, description="Sparse pattern: radial, local, ssta (HunyuanVideo-1.5's selective and sliding tile "
+        "attention) or sol; must agree with a sparse attn_impl. Beside a quantised attn_impl (SAGE_ATTN_*) it names the "
+        "pattern (radial, local or ssta) that attn_impl's kernel runs block-sparse (Radial Attention's "
+        "use_sage_attention)."
     )
     dense_timesteps: int = Field(0, ge=0, description="First N denoising steps run dense attention.")
     dense_layers: int = Field(0, ge=0, description="First N transformer blocks run dense attention.")
     decay_factor: float = Field(1.0, gt=0, le=1.0, description="radial: scales the band of frames at distance >= 2 "
                                 "(1.0: Radial Attention's).")
     local_window_size: int = Field(0, ge=0, description="Tokens per side of the local window (0 = off).")
-    block_size: int = Field(128, ge=16, description="Tokens per mask block, a power of two (128: Radial Attention's).")
+    block_size: int = Field(128, ge=16, description="radial, local: tokens per mask block, a power of two (128: Radial "
+                            "Attention's). ssta: its tile is the block.")
+    tile_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
+        (6, 8, 8), description="ssta: the (t, h, w) tile of video tokens that forms one block (the released (6, 8, 8)).")
+    win_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
+        (3, 3, 3), description="ssta: the sliding window in tiles around a query's tile, odd sizes (released (3, 3, 3)).")
+    ssta_topk: PositiveInt = Field(64, description="ssta: tiles each query tile adds by importance, per head (released "
+                                   "64; halved for videos of at most 31 latent frames, as published).")
+    ssta_lambda: float = Field(0.7, ge=0, le=1, description="ssta: importance = lambda * similarity - (1 - lambda) * "
+                               "redundancy of the tiles' mean queries and keys (released 0.7).")
 
 
 # The sparse attention implementations and the `sparse_impl` each one runs.
 SPARSE_IMPL_OF = {
     AttnImplType.RADIAL_ATTN.value: "radial",
     AttnImplType.LOCAL_SPARSE_ATTN.value: "local",
+    AttnImplType.SSTA_ATTN.value: "ssta",
     AttnImplType.SOL_ATTN.value: "sol",
 }
 
@@ -82,6 +93,18 @@ class AttentionConfig(StrictModel):
                                        dense_layers=dense_layers, local_window_size=local_window_size)
         return cls(attn_impl=_sparse_kernel(attn_impl, AttnImplType.LOCAL_SPARSE_ATTN), sparse_config=sparse,
                    **kwargs)
+
+    @classmethod
+    def ssta_attention(cls, dense_timesteps: int = 0, dense_layers: int = 0, ssta_topk: int = 64,
+                       ssta_lambda: float = 0.7, tile_size: tuple[int, int, int] = (6, 8, 8),
+                       win_size: tuple[int, int, int] = (3, 3, 3), attn_impl: AttnImplType = AttnImplType.SSTA_ATTN,
+                       **kwargs: Any) -> "AttentionConfig":
+        """HunyuanVideo-1.5's SSTA (its released settings by default: every step and block sparse); `attn_impl`:
+        SSTA_ATTN (16-bit kernel) or a SAGE_ATTN_* variant (its block-sparse mode)."""
+        sparse = SparseAttentionConfig(sparse_impl="ssta", dense_timesteps=dense_timesteps, dense_layers=dense_layers,
+                                       ssta_topk=ssta_topk, ssta_lambda=ssta_lambda, tile_size=tile_size,
+                                       win_size=win_size)
+        return cls(attn_impl=_sparse_kernel(attn_impl, AttnImplType.SSTA_ATTN), sparse_config=sparse, **kwargs)
 
     def is_sparse(self) -> bool:
         return self.attn_impl in SPARSE_IMPL_OF

@@ -113,6 +113,11 @@ class HunyuanVideo15DiT(nn.Module):
                   for b in self.single_blocks]
         return double + single
 
+    def attention_seams(self) -> list[nn.Module]:
+        """The modules whose `attend(q, k, v, mask, video_tokens)` runs the joint attention, in block order (double-
+        then single-stream): where sequence parallelism and the plan's sparse attention (SSTA) hook in."""
+        return [*self.double_blocks, *self.single_blocks]
+
     def teacache_input(self, block_args: tuple) -> torch.Tensor:
         """TeaCache's signal for this DiT, as LightX2V fits its HunyuanVideo-1.5 polynomials: the first double-stream
         block's modulated video stream norm(img) * (1 + scale1) + shift1 (`block_args` that block's arguments)."""

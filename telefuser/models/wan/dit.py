@@ -242,6 +242,11 @@ class WanDiT(nn.Module):
         """The blocks as step caches see them: tokens in, tokens out (telefuser.models.block_stack)."""
         return [plain_block(block) for block in self.blocks]
 
+    def attention_seams(self) -> list[nn.Module]:
+        """The modules whose `attend(q, k, v)` runs the self-attention, in block order: where sequence parallelism
+        and the plan's sparse attention hook in."""
+        return [block.self_attn for block in self.blocks]
+
     def rope(self, grid: tuple[int, ...], device: torch.device) -> Rope:
         key = (grid, device)
         if key not in self._rope_cache:
