@@ -9,11 +9,16 @@ Part `vae`: decode of the 480p 121f latent, ours beside diffusers' AutoencoderKL
 tiled; time and peak (target: no slower, no hungrier).
 Part `sr`: the SR stage 480p -> 720p as hy15_sr_upsample + hy15_sr run it (upsampler, 6 MeanFlow Euler steps of the
 SR DiT); time and peak.
+Part `ssta`: SSTA at 720p, 121 frames (the sparse transformers' setting): the joint attention call of one block
+(111,600 video + 256 context tokens, 16 heads of 128) through TORCH_CUDNN dense, SSTA on the 16-bit kernel and on
+SAGE_ATTN_2_8_8's block-sparse mode, with the tile choice and the tiling timed apart and the density chosen; then
+one DiT call (CFG-distilled: one call per step) dense against SSTA. Published: 1.87x end to end for 10 s 720p
+against FlashAttention-3 (HunyuanVideo-1.5 README).
 Part `plan` (not in `all`: writes ~50 GB under --root): the 480p T2V + SR recipe, then its 24 GiB variant (streamed
 encoders and DiTs), compiled against the same random files (bench/hy15_files' layout, tiny tokenizer) and run through
 telefuser.load_plan; wall, peak against the estimate (and within 24 GiB for the variant).
 
-Run on the device: `PYTHONPATH=. python3 bench/hunyuan15.py [--part dit vae sr plan] [--budget-s 540]
+Run on the device: `PYTHONPATH=. python3 bench/hunyuan15.py [--part dit vae sr ssta plan] [--budget-s 540]
 [--cpu-smoke]` (diffusers and accelerate carried as wheels; `all` = dit vae sr, about 8 minutes); writes
 $OUT/hunyuan15.md and $OUT/hunyuan15.json after every row, prints the tables last.
 """
@@ -265,6 +270,95 @@ def bench_dit() -> None:
                "(random weights, CFG 6 amplifies the cond - uncond difference).")
 
 
+SSTA_RECORD = {"sparse_impl": "ssta", "dense_timesteps": 0, "dense_layers": 0, "tile_size": [6, 8, 8],
+               "win_size": [3, 3, 3], "ssta_topk": 64, "ssta_lambda": 0.7}  # the released attn_param
+
+
+def ssta_attention_rows(cfg, dtype: torch.dtype, gen: torch.Generator) -> None:
+    """One block's joint attention call at 720p 121f: dense cuDNN, then SSTA on both kernels, and SSTA's parts."""
+    from telefuser.ops import ssta
+    from telefuser.ops.attention import attention
+
+    grid, heads, d = ((2, 6, 9), 2, 32) if STATE["smoke"] else ((31, 45, 80), 16, 128)
+    video, ctx = math.prod(grid), 256 if not STATE["smoke"] else 12
+    q, k, v = (torch.randn(1, video + ctx, heads, d, generator=gen, device=STATE["device"]).to(dtype)
+               for _ in range(3))
+    tile, window, topk = ssta.geometry.effective(grid, tuple(cfg.tile_size), tuple(cfg.win_size), cfg.ssta_topk)
+    tiles = ssta.geometry.tile_grid(grid, tile)
+
+    def choose() -> torch.Tensor:
+        qt, kt = (ssta.tile_tokens(t[:, :video], grid, tile)[0] for t in (q, k))
+        return ssta.tile_mask(qt, kt, tiles, window, topk, cfg.ssta_lambda, 1, 1)
+
+    dense_ms, _, _ = timed(lambda: attention(q, k, v, "TORCH_CUDNN"))
+    density = choose()[:, : math.prod(tiles), : math.prod(tiles)].float().mean().item()
+    emit("ssta", f"| attention call | TORCH_CUDNN (dense) | {dense_ms:.1f} | 1.00x | 1 | |",
+         {"what": "attention", "impl": "TORCH_CUDNN", "ms": dense_ms})
+    for name, quantized in (("SSTA_ATTN (16-bit kernel)", None), ("SAGE_ATTN_2_8_8 + ssta", "SAGE_ATTN_2_8_8")):
+        ms, peak, out = timed(lambda: ssta.ssta_attention(q, k, v, grid, cfg, quantized=quantized))
+        note = f"peak {peak:.1f} GiB"
+        if quantized is None:  # the kernel against the PyTorch path on one head (per-head masks: the same tiles)
+            one = ssta.ssta_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], grid, cfg, use_kernel=False)
+            note += f"; head 0 against the PyTorch path: rel. error {rel_err(out[:, :, :1], one):.1e}"
+        emit("ssta", f"| attention call | {name} | {ms:.1f} | {dense_ms / ms:.2f}x | {density:.3f} | {note} |",
+             {"what": "attention", "impl": name, "ms": ms, "speedup": dense_ms / ms, "density": density})
+    choose_ms, _, _ = timed(choose)
+    tile_ms, _, _ = timed(lambda: [ssta.tile_tokens(t, grid, tile) for t in (q, k, v)])
+    emit("ssta", f"| of which | tile choice (means, importance, top-k, window) | {choose_ms:.1f} | | | |")
+    emit("ssta", f"| of which | tiling q, k, v (zero padding to {tiles} tiles) | {tile_ms:.1f} | | | |")
+
+
+def bench_ssta() -> None:
+    """720p 121f: one joint attention call and one DiT call, dense against SSTA (see the module)."""
+    from types import SimpleNamespace
+
+    from telefuser.models.hunyuan15.dit_layers import condition_latents
+    from telefuser.ops.dispatch import use_dispatch
+    from telefuser.runtime.skip_work import _SparseWrapper
+
+    sec = SECTIONS.setdefault("ssta", [
+        "## SSTA at 720p, 121 frames (latent grid 31 x 45 x 80, tiles 6 x 8 x 8, window 3 x 3 x 3, top-32)", "",
+        "| what | implementation | ms | x dense | density (video tiles) | note |", "|---|---|---|---|---|---|"])
+    dev, dtype = STATE["device"], (torch.float32 if STATE["smoke"] else BF16)
+    record = dict(SSTA_RECORD, tile_size=[1, 4, 8]) if STATE["smoke"] else SSTA_RECORD
+    gen = torch.Generator(device=dev).manual_seed(5)
+    ssta_attention_rows(SimpleNamespace(**record), dtype, gen)
+    free()
+    if left() < 120 and not STATE["smoke"]:
+        emit("ssta", f"| DiT call | skipped: {left():.0f} s of the budget left | | | | |")
+        return
+    dit_cfg = dit_config()
+    ours = our_dit(dit_cfg, dtype)
+    f, h, w = (5, 96, 144) if STATE["smoke"] else FRAMES["720p"]
+    x = torch.randn(1, dit_cfg.out_channels, 1 + (f - 1) // 4, h // 16, w // 16, generator=gen, device=dev).to(dtype)
+    y = condition_latents(x.float()).to(dtype)
+    t = torch.tensor([896.0], device=dev)
+    cond = text_branches(dit_cfg, dtype, gen)[0]
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            return ours(x, t, *cond, None, y=y)
+
+    results = {}
+    for impl in ("TORCH_SDPA", "SSTA_ATTN", "SAGE_ATTN_2_8_8"):
+        wrapper = _SparseWrapper(ours, record) if impl != "TORCH_SDPA" else None
+        try:
+            with use_dispatch(kernel_table(impl)):
+                results[impl] = timed(call, warm=STATE["smoke"] or impl == "TORCH_SDPA")
+        finally:
+            if wrapper is not None:
+                wrapper.detach()
+        ms, peak, _ = results[impl]
+        base = results["TORCH_SDPA"][0]
+        emit("ssta", f"| DiT call (one step, CFG-distilled) | {impl}{' + ssta' if impl.startswith('SAGE') else ''} | "
+                     f"{ms:.0f} | {base / ms:.2f}x | | peak {peak:.1f} GiB |",
+             {"what": "dit", "impl": impl, "ms": ms, "speedup": base / ms, "peak_gib": peak})
+    sec.append("\nDense: TORCH_CUDNN (the attention call), TORCH_SDPA's dispatch (the DiT: cuDNN on Hopper). The SSTA "
+               "rows include choosing the tiles and the tiling. Random weights: the tiles chosen are not a trained "
+               "model's, but the window and the top-k fix the density, so the time is. The DiT's sparse rows are timed "
+               "once, kernels warmed by the attention rows.")
+
+
 def bench_vae() -> None:
     from diffusers import AutoencoderKLHunyuanVideo15
 
@@ -456,8 +550,8 @@ def run_plan(recipe: Path, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("dit", "vae", "sr", "plan", "all"), nargs="+", default=["all"],
-                        help="`all` is dit, vae and sr; `plan` writes ~40 GB of random weights under --root")
+    parser.add_argument("--part", choices=("dit", "vae", "sr", "ssta", "plan", "all"), nargs="+", default=["all"],
+                        help="`all` is dit, vae, sr and ssta; `plan` writes ~50 GB of random weights under --root")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting new rows past this")
     parser.add_argument("--root", type=Path, default=Path("/tmp/hy15_random"), help="where `plan` writes weights")
     parser.add_argument("--cpu-smoke", action="store_true", help="every part at tiny sizes on the CPU")
@@ -472,8 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     STATE["header"] = f"{where}, diffusers {diffusers.__version__}"
     parts = set(args.part)
     if "all" in parts:  # the smoke run's `all` includes `plan` (tiny files, nothing large written)
-        parts = (parts - {"all"}) | {"dit", "vae", "sr"} | ({"plan"} if args.cpu_smoke else set())
-    for name, fn in (("dit", bench_dit), ("vae", bench_vae), ("sr", bench_sr), ("plan", lambda: bench_plan(args.root))):
+        parts = (parts - {"all"}) | {"dit", "vae", "sr", "ssta"} | ({"plan"} if args.cpu_smoke else set())
+    for name, fn in (("dit", bench_dit), ("vae", bench_vae), ("sr", bench_sr), ("ssta", bench_ssta),
+                     ("plan", lambda: bench_plan(args.root))):
         if name in parts:
             try:
                 fn()

@@ -141,14 +141,15 @@ def test_window_mask_matches_the_published_clamp(counts, window):
 
 def test_tiling_round_trips_and_pads_with_zeros():
     grid, tile = (3, 5, 6), (2, 4, 4)
-    x = torch.randn(2, math.prod(grid), 3, 8)
+    x = torch.randn(2, math.prod(grid) + 7, 3, 8)  # 7 context tokens after the video
     tiled = ssta.tile_tokens(x, grid, tile)
     tiles, _ = ref_tiles(grid, tile)
     order = [i for _, mem in tiles for i in mem]
-    assert tiled.shape[1] == len(order)
+    assert tiled.shape[1] == len(order) + 7
     for pos, i in enumerate(order):
         expected = x[:, i] if i >= 0 else torch.zeros_like(x[:, 0])
         assert torch.equal(tiled[:, pos], expected)
+    assert torch.equal(tiled[:, len(order):], x[:, math.prod(grid):])
     assert torch.equal(ssta.untile_tokens(tiled, grid, tile), x)
 
 

@@ -3,8 +3,9 @@ block-sparse kernels (the 16-bit one, or the quantised one's block-sparse mode);
 `telefuser.schema.ssta`.
 
 Per video of the batch and per call (the tiles chosen depend on the queries and keys):
-1. the video tokens are zero-padded to whole tiles and reordered tile by tile (`tile_tokens`); padded tokens are
-   zero queries, keys and values, as in the published code, so they weigh in the softmax of the tiles holding them;
+1. the video tokens are zero-padded to whole tiles and reordered tile by tile, context tokens after them
+   (`tile_tokens`); padded tokens are zero queries, keys and values, as in the published code, so they weigh in the
+   softmax of the tiles holding them;
 2. each head chooses its top-k tiles by importance from the tiles' mean queries and keys (`select_tiles`), which
    join the sliding window's tiles; context tokens attend to everything and are attended by everything;
 3. the tile-level layout is split into the kernel's power-of-two blocks (`kernel_layout`: a 384-token tile is
@@ -30,27 +31,33 @@ from telefuser.schema.ssta import Triple
 from .sparse_attention import BlockLayout, layout_from_mask, sparse_attention, use_dense
 
 
-def tile_tokens(x: torch.Tensor, grid: Triple, tile: Triple) -> torch.Tensor:
-    """x [B, T, N, D] in (t, h, w) token order -> [B, M * V, N, D] tile by tile (M tiles of V tokens, tiles and the
-    tokens inside one in (t, h, w) order), the grid zero-padded to whole tiles."""
-    b, _, n, d = x.shape
+@functools.lru_cache(maxsize=32)
+def _rows(grid: Triple, tile: Triple, device: str) -> torch.Tensor:
+    """Each video token's row in the tiled sequence: [T] int64, the tokens in (t, h, w) order."""
     tiles = geometry.tile_grid(grid, tile)
-    padded = [c * s for c, s in zip(tiles, tile)]
-    grid_x = x.view(b, *grid, n, d)
-    if list(grid) != padded:
-        grid_x = torch.nn.functional.pad(grid_x, (0, 0, 0, 0, 0, padded[2] - grid[2], 0, padded[1] - grid[1],
-                                                  0, padded[0] - grid[0]))
-    split = grid_x.view(b, tiles[0], tile[0], tiles[1], tile[1], tiles[2], tile[2], n, d)
-    return split.permute(0, 1, 3, 5, 2, 4, 6, 7, 8).reshape(b, -1, n, d)
+    rows = torch.arange(math.prod(tiles) * math.prod(tile)).view(*tiles, *tile).permute(0, 3, 1, 4, 2, 5)
+    rows = rows.reshape(*(n * s for n, s in zip(tiles, tile)))[: grid[0], : grid[1], : grid[2]]
+    return rows.flatten().to(device)
+
+
+def tile_tokens(x: torch.Tensor, grid: Triple, tile: Triple) -> torch.Tensor:
+    """x [B, S, N, D] whose first T = prod(grid) tokens are the video's, in (t, h, w) order -> [B, M * V + S - T,
+    N, D]: the video tile by tile (M tiles of V tokens, tiles and the tokens inside one in (t, h, w) order; the grid
+    zero-padded to whole tiles), then the other S - T tokens as they were. One scatter, no intermediate copy."""
+    t, tiled = math.prod(grid), math.prod(geometry.tile_grid(grid, tile)) * math.prod(tile)
+    out = x.new_zeros(x.shape[0], tiled + x.shape[1] - t, *x.shape[2:])
+    out.index_copy_(1, _rows(grid, tile, str(x.device)), x[:, :t])
+    out[:, tiled:] = x[:, t:]
+    return out
 
 
 def untile_tokens(x: torch.Tensor, grid: Triple, tile: Triple) -> torch.Tensor:
-    """The inverse of `tile_tokens`: [B, M * V, N, D] -> [B, T, N, D], the padding dropped."""
-    b, _, n, d = x.shape
-    tiles = geometry.tile_grid(grid, tile)
-    split = x.view(b, *tiles, *tile, n, d).permute(0, 1, 4, 2, 5, 3, 6, 7, 8)
-    padded = split.reshape(b, tiles[0] * tile[0], tiles[1] * tile[1], tiles[2] * tile[2], n, d)
-    return padded[:, : grid[0], : grid[1], : grid[2]].reshape(b, -1, n, d)
+    """The inverse of `tile_tokens`: [B, M * V + R, N, D] -> [B, T + R, N, D], the padding dropped."""
+    t, tiled = math.prod(grid), math.prod(geometry.tile_grid(grid, tile)) * math.prod(tile)
+    out = x.new_empty(x.shape[0], t + x.shape[1] - tiled, *x.shape[2:])
+    out[:, :t] = x.index_select(1, _rows(grid, tile, str(x.device)))
+    out[:, t:] = x[:, tiled:]
+    return out
 
 
 def select_tiles(q_tiles: torch.Tensor, k_tiles: torch.Tensor, topk: int, lambda_: float) -> torch.Tensor:
@@ -129,21 +136,17 @@ def ssta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Trip
     tile, window, topk = geometry.effective(grid, tuple(config.tile_size), tuple(config.win_size),
                                             int(config.ssta_topk))
     tiles, volume = geometry.tile_grid(grid, tile), math.prod(tile)
-    outs = []
+    tiled = math.prod(tiles) * volume
+    out = torch.empty_like(q)
     for b in range(q.shape[0]):
         nk = k.shape[1] if key_lengths is None else int(key_lengths[b])
-        qb, kb, vb = q[b: b + 1], k[b: b + 1, :nk], v[b: b + 1, :nk]
-        qt, kt, vt = (tile_tokens(t[:, :tokens], grid, tile) for t in (qb, kb, vb))
-        jq, jk = q.shape[1] - tokens, nk - tokens
-        mask = tile_mask(qt[0], kt[0], tiles, window, topk, float(config.ssta_lambda), -(-jq // volume),
-                         -(-jk // volume))
-        qa, ka, va = (torch.cat([t, s[:, tokens:]], 1) if s.shape[1] > tokens else t
-                      for t, s in ((qt, qb), (kt, kb), (vt, vb)))
+        qa, ka, va = (tile_tokens(t[b: b + 1, :n], grid, tile) for t, n in ((q, q.shape[1]), (k, nk), (v, nk)))
+        mask = tile_mask(qa[0, :tiled], ka[0, :tiled], tiles, window, topk, float(config.ssta_lambda),
+                         -(-(q.shape[1] - tokens) // volume), -(-(nk - tokens) // volume))
         layout = kernel_layout(mask, volume, qa.shape[1], ka.shape[1])
-        out = sparse_attention(qa, ka, va, layout=layout, scale=scale, use_kernel=use_kernel, quantized=quantized)
-        video = untile_tokens(out[:, : qt.shape[1]], grid, tile)
-        outs.append(torch.cat([video, out[:, qt.shape[1]:]], 1) if jq else video)
-    return torch.cat(outs, 0)
+        attended = sparse_attention(qa, ka, va, layout=layout, scale=scale, use_kernel=use_kernel, quantized=quantized)
+        out[b: b + 1] = untile_tokens(attended, grid, tile)
+    return out
 
 
 def planned_ssta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
