@@ -174,3 +174,22 @@ def test_quantised_ssta_plan_records_the_pattern_and_runs(tmp_path):
     assert record["attn_impl"] == "SAGE_ATTN_2_8_16" and record["block_size"] == 32
     assert record["effective"] == {"tile_size": [1, 4, 8], "win_size": [3, 3, 3], "ssta_topk": 32}
     assert 0 < record["density_window"] <= record["density"] <= 1
+
+
+def test_reference_constructor_builds_the_toml_plan():
+    """`AttentionConfig.ssta_attention(...)` in Python gives the plan the TOML keys give (plan_hash included)."""
+    import telefuser
+    from telefuser.compiler.recipe_loader import load_recipe
+    from telefuser.core.config import AttentionConfig, ModelRuntimeConfig
+
+    tiny = RECIPES / "tiny_hy15.toml"
+    base = load_recipe(tiny).recipe
+    config = AttentionConfig.ssta_attention(dense_timesteps=1, ssta_topk=3, tile_size=(1, 4, 8), win_size=(1, 3, 3))
+    models = dict(base.layer2.models)
+    models["dit"] = models.get("dit", ModelRuntimeConfig()).model_copy(update={"attention_config": config})
+    recipe = base.model_copy(update={"layer2": base.layer2.model_copy(update={"models": models})})
+    from_python = telefuser.compile(recipe, base_dir=tiny.parent)
+    from_toml = compile_recipe(tiny, [f"{HY_DIT}.{k}" for k in (
+        "attn_impl=SSTA_ATTN", "sparse_config.sparse_impl=ssta", "sparse_config.dense_timesteps=1",
+        "sparse_config.ssta_topk=3", "sparse_config.tile_size=[1,4,8]", "sparse_config.win_size=[1,3,3]")])
+    assert from_python.plan_hash == from_toml.plan_hash
