@@ -2,7 +2,7 @@
 plan's frames: cfg 2, Ulysses 2, ring 2 with VAE parallel, cfg 2 x Ulysses 2 (4 ranks), image-to-video under
 Ulysses 2, cfg 2 and ring 2 x tp 2 with VAE parallel (4 ranks), the SR stage under ring 2 (T2V) and Ulysses 2 (I2V),
 dp 2 over two prompts,
-tp 2, FSDP (the DiT and Qwen2.5-VL sharded) with cfg 2 and with Ulysses 2 (image-to-video).
+tp 2, FSDP (the DiT and Qwen2.5-VL sharded) with cfg 2 and with Ulysses 2 (image-to-video), SSTA under Ulysses 2.
 
 Tolerance, on uint8 frames: at most 1 level of 255 on any pixel and a mean absolute difference under 0.01 levels
 (tests/test_hy15_plan.py's bound). cfg, dp and FSDP (which only moves weights) are the one-rank arithmetic (the same
@@ -14,7 +14,6 @@ with the same tile size, so its reference is that tiled decode.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,9 @@ PROMPT, NEGATIVE, SEED = 'A red "STOP" sign in the rain', "blurry", 7
 SECOND_PROMPT = "a quiet lake at dawn"
 SP = "layer2.parallel_config."
 TILES = ["layer2.tiled=true", "layer2.tile_size=[8, 8]"]  # 6 tiles of the 9 x 16 latent
+SSTA = ["layer2.models.dit.attention_config.attn_impl=SSTA_ATTN",  # 16-token tiles of the 2 x 9 x 16 grid, top-1
+        "layer2.models.dit.attention_config.sparse_config.tile_size=[1,4,4]",
+        "layer2.models.dit.attention_config.sparse_config.win_size=[1,3,1]"]
 
 # name: (recipe, ranks, parallel overrides, the one-rank reference's overrides)
 CASES = {
@@ -49,6 +51,7 @@ CASES = {
     "tp2": ("tiny_hy15", 2, [f"{SP}tp_degree=2"], []),
     "cfg2_fsdp": ("tiny_hy15", 2, [f"{SP}cfg_degree=2", f"{SP}enable_fsdp=true"], []),
     "ulysses2_fsdp": ("tiny_hy15_i2v", 2, [f"{SP}sp_ulysses_degree=2", f"{SP}enable_fsdp=true"], []),
+    "ssta_ulysses2": ("tiny_hy15", 2, [f"{SP}sp_ulysses_degree=2", *SSTA], SSTA),  # each rank's heads pick their tiles
 }
 DRIVER = """import os, sys, numpy as np, telefuser
 plan, out, image = sys.argv[1], sys.argv[2], (np.load(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -54,6 +54,7 @@ def _reference(plan, prompt: str, negative: str, seed: int, width: int, height: 
 
     from telefuser.models.hunyuan15 import sr, text
     from telefuser.models.hunyuan15.dit import condition_latents
+    from telefuser.runtime.solvers import make_solver
 
     models = {m.role: m for m in plan.layer1_model_definition.models}
     build = {r: _model(Path(m.path).name, m.class_, m.arch) for r, m in models.items() if r != "tokenizer"}
@@ -86,11 +87,13 @@ def _reference(plan, prompt: str, negative: str, seed: int, width: int, height: 
         sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
         sigmas = torch.cat([torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas)), torch.zeros(1)])
         x = latents.clone()
+        solver = None if l2.sample_solver == "euler" else make_solver(str(l2.sample_solver), steps, shift)
         for i in range(steps):
-            t = (sigmas[i] * 1000.0).reshape(1)
+            t = (sigmas[i] * 1000.0).reshape(1) if solver is None else solver.timesteps[i].reshape(1)
             v_c = dit(x, t, *cond, vision, y=y)
             v_u = dit(x, t, *uncond, vision, y=y)
-            x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + scale * (v_c - v_u))
+            v = v_u + scale * (v_c - v_u)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v if solver is None else solver.step(v, t[0], x)
         if l2.enable_sr:
             s = l2.lq_noise_strength
             sr_cfg = l2.sr_config
@@ -130,6 +133,19 @@ def test_tiny_t2v_plan_frames_equal_the_parity_composition(tmp_path) -> None:
     _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
 
 
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
+def test_tiny_t2v_plan_with_another_solver_equals_the_composition(solver, tmp_path) -> None:
+    """UniPC / DPM++ 2M (runtime/solvers, tested against diffusers' schedulers in tests/test_solvers.py) over their
+    own grid, as Wan's stage runs them: the plan's frames against the composition stepping the same solver."""
+    plan = compile_recipe(RECIPES / "tiny_hy15.toml", [f"layer2.sample_solver={solver}"])
+    denoise = next(s for s in plan.stages if s.kind == "hy15_denoise").params
+    assert (denoise["solver"], denoise["grid"]) == (solver, "solver_shifted")
+    path = tmp_path / "plan.json"
+    path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+    video = telefuser.load_plan(str(path)).run(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, progress=False)
+    _close(video.frames, _reference(plan, PROMPT, NEGATIVE, SEED, 256, 144))
+
+
 def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(tmp_path) -> None:
     plan = compile_recipe(RECIPES / "tiny_hy15.toml")
     classes = {m.role: m.class_ for m in plan.layer1_model_definition.models}
@@ -141,7 +157,7 @@ def test_tiny_plan_compiles_the_published_numbers_and_refuses_what_is_not_built(
         "layer2.parallel_config.tp_degree=2 layer2.models.dit.offload_config.offload_type=MODEL_CPU_OFFLOAD":
             "tensor-parallel weights stay",
         "layer2.parallel_config.sp_ulysses_degree=4": "does not divide the 2 attention heads of model 'dit'",
-        "layer2.sample_solver=unipc": "flow-matching Euler",
+        "layer2.sample_solver=lcm": "own timesteps",
         "layer2.models.glyph_encoder.offload_config.offload_type=ASYNC_CPU_OFFLOAD": "streams the repeated blocks",
         "layer2.models.dit.quant_config.quant_type=fp8_e4m3fn": "needs a CUDA GPU",  # built, for a CUDA target
         "layer2.models.dit.attention_config.sparse_config.dense_timesteps=10": "SSTA",

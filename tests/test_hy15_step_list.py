@@ -71,13 +71,20 @@ def test_the_list_of_the_grid_gives_the_grid_video(tmp_path: Path, monkeypatch) 
     assert other.frames.shape == grid.frames.shape and not np.array_equal(other.frames, grid.frames)
 
 
-def test_explain_shows_the_list_and_other_solvers_are_refused(capsys) -> None:
+def test_explain_shows_the_list_and_lcm_samples_it(tmp_path: Path) -> None:
+    """LCM on the list (runtime/solvers' StepListLCMSolver, as for Wan: x0 re-noised to the next sigma from the run's
+    generator) is the plan's solver; its video is not the flow step's."""
     from telefuser.compiler.explain import explain
 
     text = explain(compile_recipe(TINY, DISTILLED))
     assert "timesteps [1000, 750, 500, 250], shift 5.0" in text and "937.5" in text
-    with pytest.raises(RecipeError, match="flow-matching Euler"):
-        compile_recipe(TINY, ["layer2.sample_solver=lcm", *DISTILLED])
+    plan, lcm = run(tmp_path, ["layer2.sample_solver=lcm", *DISTILLED], "lcm")
+    denoise = next(s for s in plan.stages if s.kind == "hy15_denoise").params
+    assert (denoise["solver"], denoise["grid"]) == ("lcm", STEP_LIST_GRID)
+    _, euler = run(tmp_path, DISTILLED, "euler")
+    assert lcm.frames.shape == euler.frames.shape and not np.array_equal(lcm.frames, euler.frames)
+    with pytest.raises(RecipeError, match="own timesteps"):
+        compile_recipe(TINY, ["layer2.sample_solver=lcm"])
 
 
 def test_a_meanflow_base_dit_is_fed_the_next_timestep(tmp_path: Path, monkeypatch) -> None:

@@ -7,6 +7,8 @@ from telefuser.schema.backends import ATTENTION_BACKENDS, KERNEL_PACKAGE, Attent
 from telefuser.schema.plan import DispatchEntry, PlannedModel, ResolvedTarget
 from telefuser.schema.recipe import ModelRuntimeConfig
 
+from .skip_work import pattern_wired
+
 KERNEL_OPS = ("rms_norm", "layer_norm", "norm_modulate", "modulate", "rotary", "gated_add")
 OPS_BY_CLASS: dict[str, tuple[str, ...]] = {
     "WanDiT": ("attention", *KERNEL_OPS, "linear"),
@@ -54,7 +56,8 @@ def _attention(model: PlannedModel, runtime: ModelRuntimeConfig, target: Resolve
     problems = target_attention_problems(spec, target, model.compute_dtype, head_dim)
     if problems:
         workable = [name for name, s in ATTENTION_BACKENDS.items()
-                    if not target_attention_problems(s, target, model.compute_dtype, head_dim)]
+                    if not target_attention_problems(s, target, model.compute_dtype, head_dim)
+                    and pattern_wired(name, model.class_)]
         raise RecipeError(
             f"layer2.models.{model.name}.attention_config.attn_impl = {impl!r} cannot run on this target "
             f"({target.device}{' cc ' + target.compute_capability if target.compute_capability else ''}): "

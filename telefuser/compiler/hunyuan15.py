@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from telefuser.errors import RecipeError, WeightsError
-from telefuser.schema.enums import HUNYUAN15_PIPELINES, ModelRole, PipelineType
+from telefuser.schema.enums import HUNYUAN15_PIPELINES, PipelineType
 from telefuser.schema.plan import PlannedModel, Stage
 from telefuser.schema.model_config import ModelRuntimeConfig
 from telefuser.schema.recipe import Recipe
@@ -146,10 +146,6 @@ def check_recipe(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     refusal = _check_parallel(recipe, models)
     if refusal:
         return refusal
-    if l2.sample_solver != "euler":
-        return (f"{where}: layer2.sample_solver = {str(l2.sample_solver)!r}: HunyuanVideo-1.5 samples with "
-                "flow-matching Euler (sample_solver = \"euler\"), over its shifted grid or a distilled model's "
-                "denoising_step_list; not executable yet.")
     for m in l1.models:  # FP8 DiT files: compiler/hunyuan15_fp8.py decides from the header
         if m.attributes.fp8 and m.role not in ("dit", "dit_sr"):
             return (f"layer1.models.{m.name}.attributes.fp8 = true: only HunyuanVideo-1.5's DiT is read from an FP8 "
@@ -225,7 +221,8 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                         params={"num_frames": l2.num_frames, "latent_channels": latent_channels,
                                 "temporal_ratio": temporal, "spatial_ratio": spatial, "generator": "cpu"}))
     stages.append(Stage(name="denoise", kind="hy15_denoise", models=[by_role["dit"]],
-                        params={"solver": "euler", **grid_params(l2.denoising_step_list),
+                        params={"solver": str(l2.sample_solver),
+                                **grid_params(l2.denoising_step_list, str(l2.sample_solver)),
                                 "num_inference_steps": l2.num_inference_steps, "sigma_shift": l2.sigma_shift,
                                 "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "cfg": use_cfg, "cfg_scale": l2.cfg_scale,
                                 "condition": conditioning,  # + the base DiT's step cache (compiler/skip_work.py)

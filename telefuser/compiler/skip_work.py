@@ -49,6 +49,12 @@ def _impl_name(runtime: ModelRuntimeConfig) -> str:
     return str(getattr(impl, "value", impl))
 
 
+def pattern_wired(attn_impl: str, class_: str) -> bool:
+    """Whether a sparse attn_impl's pattern is wired into this model class (dense ones: always)."""
+    pattern = SPARSE_IMPL_OF.get(attn_impl)
+    return pattern is None or class_ in PATTERN_CLASSES.get(pattern, ())
+
+
 def runs_sparse(runtime: ModelRuntimeConfig) -> bool:
     """Whether this model's self-attention runs a block-sparse pattern: a sparse attn_impl built here (16-bit
     kernel), or a quantised attn_impl with a sparse_config (the quantised kernel's block-sparse mode)."""

@@ -57,10 +57,12 @@ def step_list_timesteps(steps: list[int], shift: float, num_train_timesteps: int
 # How a plan's flow-matching Euler stage names its sigma grid (HunyuanVideo-1.5's hy15_denoise / hy15_sr).
 SHIFTED_LINSPACE_GRID = "linspace_1_0_shifted"  # linspace(1, 0, N + 1)[:-1] shifted: the solver's own grid
 STEP_LIST_GRID = "step_list_shifted"  # a step-distilled model's `denoising_step_list` on the training grid, shifted
+SOLVER_GRID = "solver_shifted"  # unipc / dpm++: the solver's own shifted grid and timesteps (runtime/solvers, Wan's)
 
 
-def grid_params(step_list: Optional[list[int]]) -> dict:
-    """The stage params naming the grid: the shifted linspace, or the listed timesteps (recorded in the plan)."""
+def grid_params(step_list: Optional[list[int]], solver: str = "euler") -> dict:
+    """The stage params naming the grid: Euler's shifted linspace, a multistep solver's own grid, or the listed
+    timesteps (recorded in the plan)."""
     if step_list is None:
-        return {"grid": SHIFTED_LINSPACE_GRID}
+        return {"grid": SHIFTED_LINSPACE_GRID if solver == "euler" else SOLVER_GRID}
     return {"grid": STEP_LIST_GRID, "denoising_step_list": list(step_list)}
