@@ -221,7 +221,8 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
 
 
 SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p",
-           "hunyuan15_t2v_720p_ulysses4_cfg2", "hunyuan15_i2v_480p_sr_720p", "hunyuan15_t2v_720p_sparse")
+           "hunyuan15_t2v_720p_ulysses4_cfg2", "hunyuan15_i2v_480p_sr_720p", "hunyuan15_t2v_720p_sparse",
+           "hunyuan15_i2v_720p_sparse")
 
 
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
@@ -276,6 +277,10 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     assert ssta["effective"] == {"tile_size": [6, 8, 8], "win_size": [3, 3, 3], "ssta_topk": 32}
     assert ssta["density_grid"] == [31, 45, 80] and ssta["density"] == pytest.approx(59 * 360 / 360**2, abs=0.01)
     assert sparse.layer2_inference_config.cfg_scale == 1.0
+    i2v_sparse = plans["hunyuan15_i2v_720p_sparse"]  # the I2V one: shift 7, the 720p buckets picked from the image
+    assert i2v_sparse.layer2_inference_config.sigma_shift == 7.0 and i2v_sparse.layer1_model_definition.models[0].attributes.distill
+    assert i2v_sparse.layer3_user_interface.frame_sizes["720p"]["16:9"] == [1280, 720]
+    assert "sparse_attention" in next(s for s in i2v_sparse.stages if s.kind == "hy15_denoise").params
     i2v = plans["hunyuan15_i2v_480p_step_distilled"]
     assert i2v.layer1_model_definition.models[0].attributes.distill
     assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]
