@@ -277,7 +277,7 @@ def explain_lines(stages: list) -> list[str]:
     sparse, caches = denoise.params.get("sparse_attention", {}), denoise.params.get("step_cache", {})
     lines = []
     if sparse:
-        lines += ["", "sparse attention (the DiT's self-attention, block-sparse):"]
+        lines += ["", "sparse attention (the DiT's self-attention, or HunyuanVideo-1.5's joint attention; block-sparse):"]
         for model, r in sparse.items():
             kernel = r.get("attn_impl", "")
             how = f" through {kernel} (quantised, dense steps too)" if kernel in QUANTISED else ""
