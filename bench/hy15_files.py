@@ -40,8 +40,8 @@ def write_hunyuan15_root(root: Path) -> Path:
 
     hy = root / "HunyuanVideo-1.5"
     base = _shapes("HunyuanVideo15DiT", **asdict(HUNYUAN15_8B))
-    for version in ("480p_t2v", "720p_t2v", "480p_i2v_step_distilled", "720p_t2v_distilled_sparse",
-                    "720p_i2v_distilled_sparse"):
+    for version in ("480p_t2v", "720p_t2v", "480p_i2v", "720p_i2v", "480p_i2v_step_distilled",
+                    "720p_t2v_distilled_sparse", "720p_i2v_distilled_sparse"):
         write_header_only(hy / "transformer" / version / "diffusion_pytorch_model.safetensors", base, torch.bfloat16)
     write_header_only(hy / "transformer" / "720p_sr_distilled" / "diffusion_pytorch_model.safetensors",
                       _shapes("HunyuanVideo15DiT", **asdict(HUNYUAN15_SR_8B)), torch.bfloat16)

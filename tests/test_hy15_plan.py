@@ -222,7 +222,7 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
 
 SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p",
            "hunyuan15_t2v_720p_ulysses4_cfg2", "hunyuan15_i2v_480p_sr_720p", "hunyuan15_t2v_720p_sparse",
-           "hunyuan15_i2v_720p_sparse")
+           "hunyuan15_i2v_720p_sparse", "hunyuan15_i2v_480p", "hunyuan15_i2v_720p")
 
 
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
@@ -281,6 +281,10 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     assert i2v_sparse.layer2_inference_config.sigma_shift == 7.0 and i2v_sparse.layer1_model_definition.models[0].attributes.distill
     assert i2v_sparse.layer3_user_interface.frame_sizes["720p"]["16:9"] == [1280, 720]
     assert "sparse_attention" in next(s for s in i2v_sparse.stages if s.kind == "hy15_denoise").params
+    for name, shift in (("hunyuan15_i2v_480p", 5.0), ("hunyuan15_i2v_720p", 7.0)):  # PIPELINE_CONFIGS, with CFG 6
+        l2 = plans[name].layer2_inference_config
+        assert (l2.cfg_scale, l2.sigma_shift, l2.num_inference_steps) == (6.0, shift, 50), name
+        assert not plans[name].layer1_model_definition.models[0].attributes.distill, name
     i2v = plans["hunyuan15_i2v_480p_step_distilled"]
     assert i2v.layer1_model_definition.models[0].attributes.distill
     assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]
