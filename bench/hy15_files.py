@@ -43,11 +43,14 @@ def write_hunyuan15_root(root: Path) -> Path:
     for version in ("480p_t2v", "720p_t2v", "480p_i2v", "720p_i2v", "480p_i2v_step_distilled",
                     "720p_t2v_distilled_sparse", "720p_i2v_distilled_sparse"):
         write_header_only(hy / "transformer" / version / "diffusion_pytorch_model.safetensors", base, torch.bfloat16)
-    write_header_only(hy / "transformer" / "720p_sr_distilled" / "diffusion_pytorch_model.safetensors",
-                      _shapes("HunyuanVideo15DiT", **asdict(HUNYUAN15_SR_8B)), torch.bfloat16)
+    for version in ("720p_sr_distilled", "1080p_sr_distilled"):
+        write_header_only(hy / "transformer" / version / "diffusion_pytorch_model.safetensors",
+                          _shapes("HunyuanVideo15DiT", **asdict(HUNYUAN15_SR_8B)), torch.bfloat16)
     write_header_only(hy / "vae" / "diffusion_pytorch_model.safetensors", _shapes("HunyuanVideo15VAE"), torch.float32)
     write_header_only(hy / "upsampler" / "720p_sr_distilled" / "diffusion_pytorch_model.safetensors",
                       _shapes("HunyuanVideo15SRUpsampler720p"), torch.float32)
+    write_header_only(hy / "upsampler" / "1080p_sr_distilled" / "diffusion_pytorch_model.safetensors",
+                      _shapes("HunyuanVideo15SRUpsampler1080p"), torch.float32)
     qwen = {"model." + k: v for k, v in _shapes("Qwen25VLTextEncoder", skip_layers=0).items()}
     qwen["lm_head.weight"] = (152064, 3584)
     write_header_only(hy / "text_encoder" / "llm" / "model.safetensors", qwen, torch.bfloat16)

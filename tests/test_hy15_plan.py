@@ -222,7 +222,7 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
 
 SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p",
            "hunyuan15_t2v_720p_ulysses4_cfg2", "hunyuan15_i2v_480p_sr_720p", "hunyuan15_t2v_720p_sparse",
-           "hunyuan15_i2v_720p_sparse", "hunyuan15_i2v_480p", "hunyuan15_i2v_720p")
+           "hunyuan15_i2v_720p_sparse", "hunyuan15_i2v_480p", "hunyuan15_i2v_720p", "hunyuan15_t2v_720p_sr_1080p")
 
 
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
@@ -281,6 +281,9 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     assert i2v_sparse.layer2_inference_config.sigma_shift == 7.0 and i2v_sparse.layer1_model_definition.models[0].attributes.distill
     assert i2v_sparse.layer3_user_interface.frame_sizes["720p"]["16:9"] == [1280, 720]
     assert "sparse_attention" in next(s for s in i2v_sparse.stages if s.kind == "hy15_denoise").params
+    hd = plans["hunyuan15_t2v_720p_sr_1080p"]  # 720p -> 1080p: the 1080p upsampler, 8 SR steps, the 1080p bucket
+    assert next(s for s in hd.stages if s.kind == "hy15_sr_upsample").params["frame_sizes"]["1280x720"] == [1904, 1072]
+    assert next(s for s in hd.stages if s.kind == "hy15_sr").params["num_inference_steps"] == 8
     for name, shift in (("hunyuan15_i2v_480p", 5.0), ("hunyuan15_i2v_720p", 7.0)):  # PIPELINE_CONFIGS, with CFG 6
         l2 = plans[name].layer2_inference_config
         assert (l2.cfg_scale, l2.sigma_shift, l2.num_inference_steps) == (6.0, shift, 50), name

@@ -162,6 +162,7 @@ class Resolution(StrEnum):
     P480 = "480p"
     P720 = "720p"
     P704 = "704p"  # Wan2.2 TI2V-5B's 720p: 1280x704 (sides multiples of 32: Wan2.2 VAE 16 x DiT patch 2)
+    P1080 = "1080p"  # HunyuanVideo-1.5's 1080p SR target (its published buckets: 16:9 is 1904x1072)
 
 
 class AspectRatio(StrEnum):

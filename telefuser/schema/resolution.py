@@ -7,7 +7,9 @@ stride 8 x DiT patch 2). Other ratios keep the area at or under the 16:9 one.
 704p is Wan2.2 TI2V-5B's 720p (1280*704 and 704*1280, its only sizes): the Wan2.2 VAE
 compresses space 16x, so with the DiT's 2x2 patch every side is a multiple of 32,
 which 720 is not. Its other ratios are multiples of 32 too (1:1 928x928, 4:3 1024x768).
-The compiler refuses a choice whose sides do not fit the plan's VAE and patch.
+The compiler refuses a choice whose sides do not fit the plan's VAE and patch. 1080p is there for HunyuanVideo-1.5's
+1080p SR stage, which generates its published buckets (16:9: 1904x1072); the table's 1080p row (1920x1088) is what a
+pipeline without buckets would generate.
 
 HunyuanVideo-1.5's pipelines generate its published buckets instead where a resolution has them
 (`family_frame_size`, `buckets.py`: 480p 16:9 is 848x480 there).
@@ -46,6 +48,13 @@ RESOLUTION_TABLE: dict[Resolution, dict[AspectRatio, tuple[int, int]]] = {
         AspectRatio.R1_1: (928, 928),
         AspectRatio.R4_3: (1024, 768),
         AspectRatio.R3_4: (768, 1024),
+    },
+    Resolution.P1080: {  # no Wan model is published at 1080p; 1088 = 1080 rounded up to a multiple of 16
+        AspectRatio.R16_9: (1920, 1088),
+        AspectRatio.R9_16: (1088, 1920),
+        AspectRatio.R1_1: (1440, 1440),
+        AspectRatio.R4_3: (1664, 1248),
+        AspectRatio.R3_4: (1248, 1664),
     },
 }
 
