@@ -243,3 +243,35 @@ def test_plan_frame_sizes_are_the_buckets_and_the_sr_map_is_the_published_one() 
     assert family_frame_size("hunyuan_video15_t2v", "480p", "16:9") == (848, 480) != frame_size("480p", "16:9")
     assert family_frame_size("hunyuan_video15_t2v", "144p", "16:9") == frame_size("144p", "16:9") == (256, 144)
     assert buckets.sr_bucket_size(848, 480, "720p") == (1280, 720)
+
+
+def test_a_plan_with_the_1080p_upsampler_runs(tmp_path) -> None:
+    """The SR stage with `upsampler/1080p_sr_distilled`'s class (SRTo1080pUpsampler's layout, tiny widths), as
+    tiny_hy15_sr.toml's plan: detected from its keys, loaded, and run end to end at the SR frame."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    import telefuser
+    from telefuser.compiler import compile_recipe
+    from telefuser.schema.canonical import pretty_json
+
+    from hy15_fixtures import link_tiny_hy15
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    torch.manual_seed(0)
+    upsampler = sr.SRUpsampler1080p(sr.SRUpsampler1080pConfig(z_channels=C, out_channels=C, block_out_channels=[8, 8],
+                                                              num_res_blocks=1))
+    save_file({k: v.contiguous() for k, v in upsampler.state_dict().items()}, str(tmp_path / "up1080.safetensors"))
+    link_tiny_hy15(tmp_path)
+    recipe = tmp_path / "sr1080.toml"
+    recipe.write_text(f'extends = "{recipes / "tiny_hy15_sr.toml"}"\nname = "sr1080"\n\n[[layer1.models]]\n'
+                      'name = "sr_upsampler"\nrole = "sr_upsampler"\nclass = "HunyuanVideo15SRUpsampler1080p"\n'
+                      f'path = "{tmp_path / "up1080.safetensors"}"\n')
+    plan = compile_recipe(recipe)
+    assert {m.role: m.class_ for m in plan.layer1_model_definition.models}["sr_upsampler"] == \
+        "HunyuanVideo15SRUpsampler1080p"
+    path = tmp_path / "plan.json"
+    path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+    video = telefuser.load_plan(str(path)).run(prompt="a fox", seed=1, progress=False)
+    assert video.frames.shape == (1, 480, 848, 3) and video.frames.std() > 1.0
