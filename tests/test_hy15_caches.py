@@ -216,9 +216,32 @@ def test_plan_records_and_refusals():
     # the tiny DiT (hidden 64) has no published fit: teacache needs the coefficients
     with pytest.raises(RecipeError, match="HunyuanVideo-1.5 8.3B DiT's T2V/I2V 480p/720p"):
         compile_recipe(TINY, cache("method=teacache", "threshold=0.1"))
-    with pytest.raises(RecipeError, match="SR stage, a few distilled steps: not cached"):
-        compile_recipe(RECIPES / "tiny_hy15_sr.toml", ["layer2.models.dit_sr.feature_cache_config.method=static",
-                                                       "layer2.models.dit_sr.feature_cache_config.compute_steps=[0]"])
+    sr_cache = "layer2.models.dit_sr.feature_cache_config."
+    with pytest.raises(RecipeError, match="no rescaling polynomial is published for it"):
+        compile_recipe(RECIPES / "tiny_hy15_sr.toml", [f"{sr_cache}method=teacache"])
+    with pytest.raises(RecipeError, match="layer2.sr_config.num_inference_steps = 3; list steps below 3"):
+        compile_recipe(RECIPES / "tiny_hy15_sr.toml", [f"{sr_cache}method=static", f"{sr_cache}compute_steps=[0, 3]"])
+
+
+def test_sr_dit_step_cache(tmp_path):
+    """The SR stage's DiT cached as the base DiT is (one branch: guidance 1), counted over the SR stage's own 3 steps:
+    threshold 0 gives the uncached video byte for byte, a static schedule reuses what it says."""
+    def sr_run(overrides: list[str], name: str):
+        plan = compile_recipe(RECIPES / "tiny_hy15_sr.toml", overrides)
+        path = tmp_path / f"{name}.json"
+        path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+        return plan, telefuser.load_plan(str(path)).run(prompt=PROMPT, seed=SEED, progress=False)
+
+    sr_cache = "layer2.models.dit_sr.feature_cache_config."
+    _, plain = sr_run([], "plain")
+    plan, same = sr_run([f"{sr_cache}method=first_block", f"{sr_cache}threshold=0"], "first_block")
+    record = next(s for s in plan.stages if s.kind == "hy15_sr").params["step_cache"]["dit_sr"]
+    assert record["num_inference_steps"] == 3 and plan.memory.breakdown["activations.dit_sr"] > 0
+    assert np.array_equal(same.frames, plain.frames)
+    assert same.timings.step_cache == {"dit_sr": {"cond": {"computed": 3, "reused": 0}}}
+    _, static = sr_run([f"{sr_cache}method=static", f"{sr_cache}compute_steps=[0, 2]"], "static")
+    assert static.timings.step_cache["dit_sr"]["cond"] == {"computed": 2, "reused": 1}
+    assert not np.array_equal(static.frames, plain.frames)
 
 
 def test_published_dit_gets_lightx2v_fit(tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ def test_reference_constructors_build_the_toml_plan(tmp_path):
     ([f"{DIT}.feature_cache_config.method=static"], "compute_steps is the static method's schedule"),
     ([f"{DIT}.feature_cache_config.method=first_block", f"{DIT}.feature_cache_config.first_blocks=2"],
      "at least one must be left"),
-    (["layer2.models.vae.feature_cache_config.method=first_block"], "step caches wrap the block stack of the denoise stage's DiT"),
+    (["layer2.models.vae.feature_cache_config.method=first_block"], "step caches wrap the block stack of a sampling stage's DiT"),
 ])
 def test_refusals_are_the_compilers(overrides, needle):
     with pytest.raises(RecipeError) as info:

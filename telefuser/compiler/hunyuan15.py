@@ -229,7 +229,7 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                                 "meanflow": bool(next(m for m in models if m.role == "dit").arch.get("use_meanflow")),
                                 **denoise_params(recipe, models, [by_role["dit"]], temporal, spatial, patch)}))
     if l2.enable_sr:  # compiler/hunyuan15_sr.py (I2V: the reference image at the SR frame first)
-        stages += sr_stages(recipe, models, spatial, image_fit, conditioning == "i2v", NUM_TRAIN_TIMESTEPS)
+        stages += sr_stages(recipe, models, spatial, image_fit, conditioning == "i2v", NUM_TRAIN_TIMESTEPS, temporal)
     # VAE parallel: the tiled decode's tiles shared out over a dp replica's ranks (bit for bit the one-rank tiled
     # decode with this tile size: it implies tiling), as for Wan
     replica_ranks = l2.parallel_config.world_size // l2.parallel_config.dp_degree

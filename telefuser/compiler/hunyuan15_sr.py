@@ -33,6 +33,8 @@ from telefuser.schema.recipe import Recipe, SRConfig
 from telefuser.schema.resolution import RESOLUTION_TABLE, frame_candidates, frame_key
 from telefuser.schema.step_list import grid_params
 
+from .skip_work import cache_residual_bytes, denoise_params
+
 UPSAMPLER_VERSION = {"HunyuanVideo15SRUpsampler720p": "720p_sr_distilled",
                      "HunyuanVideo15SRUpsampler1080p": "1080p_sr_distilled"}
 # The VAE encoding one image at the SR frame: this many feature maps of the encoder's first level (its widest at
@@ -97,11 +99,13 @@ def sr_sizes(recipe: Recipe) -> dict[str, list[int]]:
 
 
 def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fit: dict[str, Any], i2v: bool,
-              num_train_timesteps: int) -> list[Stage]:
-    """The SR stages after the base denoise (I2V: the reference image at the SR frame first)."""
+              num_train_timesteps: int, temporal: int) -> list[Stage]:
+    """The SR stages after the base denoise (I2V: the reference image at the SR frame first); the SR DiT's step
+    cache, if any, recorded as the base DiT's is (compiler/skip_work.py)."""
     l2 = recipe.layer2
     sr = l2.sr_config or SRConfig()
     by_role = {m.role: m.name for m in models}
+    by_model = {m.role: m for m in models}
     up = next(m for m in models if m.role == "sr_upsampler")
     sizes = sr_sizes(recipe)
     stages = []
@@ -124,7 +128,10 @@ def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fi
                         params={"lq_noise_strength": l2.lq_noise_strength, "solver": "euler",
                                 **grid_params(None), "num_inference_steps": sr.num_inference_steps,
                                 "sigma_shift": sr.sigma_shift, "num_train_timesteps": num_train_timesteps,
-                                "cfg_scale": sr.cfg_scale, "meanflow": True, "condition": "i2v" if i2v else "t2v"}))
+                                "cfg_scale": sr.cfg_scale, "meanflow": True, "condition": "i2v" if i2v else "t2v",
+                                **denoise_params(recipe, models, [by_role["dit_sr"]], temporal, spatial,
+                                                 list(by_model["dit_sr"].arch.get("patch_size", [1, 1, 1])),
+                                                 steps=sr.num_inference_steps)}))
     return stages
 
 
@@ -150,6 +157,8 @@ def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stag
     act = dtype_bytes.get(dit.compute_dtype, 2)
     latent = tokens * int(dit.arch.get("in_channels", 98)) * 4 * 3  # x, condition, zero condition (float32)
     out["activations.dit_sr"] = -(-tokens // sp) * (2 * hidden + 2 * mlp) * act + latent  # a shard per sp rank
+    # its step cache keeps the block stack's residual between steps (one branch: the SR DiT runs without CFG)
+    out["activations.dit_sr"] += cache_residual_bytes(recipe, -(-tokens // sp), hidden, act, {dit.name}, branches=1)
     up = by_role.get("sr_upsampler")
     if up is not None:  # the resized latent, two feature maps of the upsampler's width and its output (float32)
         width = int(up.arch.get("hidden_channels", (up.arch.get("block_out_channels") or [64])[0]))

@@ -194,7 +194,8 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
         # sequence, and each block's modulation + e of its tokens
         breakdown["activations.dit"] += tokens * 7 * dim * 4 + -(-tokens // sp) * 6 * dim * 4
     # step caches keep the block stack's residual per CFG branch between steps (compiler/skip_work.py)
-    breakdown["activations.dit"] += cache_residual_bytes(recipe, -(-tokens // sp), dim, act_bytes)
+    base = {m.name for m in models if m.role != ModelRole.DIT_SR.value}  # the SR DiT's: compiler/hunyuan15_sr.py
+    breakdown["activations.dit"] += cache_residual_bytes(recipe, -(-tokens // sp), dim, act_bytes, base)
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     if vae is not None:
         decode = next((s for s in stages or [] if s.kind == "vae_decode"), None)

@@ -170,24 +170,35 @@ def _arch_identifies(model: PlannedModel, recipe: Recipe) -> bool:
     return recipe.layer1.is_moe or all(k in (model.arch or {}) for k in keys)
 
 
+def sr_steps(recipe: Recipe) -> int:
+    """The SR stage's steps (HunyuanVideo-1.5: layer2.sr_config, or its published default)."""
+    from telefuser.schema.recipe import SRConfig
+
+    return (recipe.layer2.sr_config or SRConfig()).num_inference_steps
+
+
 def cache_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
     by_name = _models_by_name(recipe, models)
-    steps = recipe.layer2.num_inference_steps
     for name, cfg in recipe.layer2.models.items():
         cache = cfg.feature_cache_config
         if cache.method == FeatureCacheMethod.NONE:
             continue
         where = f"{_where(name)}.feature_cache_config"
         model = by_name.get(name)
-        if model is None or not is_dit(model.role) or model.role == "dit_sr" or model.class_ not in CACHED_DITS:
+        if model is None or not is_dit(model.role) or model.class_ not in CACHED_DITS:
             what = f"a {model.role} ({model.class_})" if model is not None else "no model"
-            sr = " (HunyuanVideo-1.5's SR stage, a few distilled steps: not cached)" if model and model.role == "dit_sr" \
-                else ""
-            return (f"{where}.method = {cache.method!r} on {name!r}, {what}{sr}: step caches wrap the block stack of "
-                    "the denoise stage's DiT (Wan's, HunyuanVideo-1.5's base DiT) only; remove this feature_cache_config.")
+            return (f"{where}.method = {cache.method!r} on {name!r}, {what}: step caches wrap the block stack of "
+                    "a sampling stage's DiT (Wan's, HunyuanVideo-1.5's base and SR DiTs) only; remove this "
+                    "feature_cache_config.")
+        steps, steps_key = (sr_steps(recipe), "layer2.sr_config.num_inference_steps") if model.role == "dit_sr" \
+            else (recipe.layer2.num_inference_steps, "layer2.num_inference_steps")
         if cache.compute_steps is not None and any(s >= steps for s in cache.compute_steps):
             return (f"{where}.compute_steps = {cache.compute_steps}: steps are 0-based and the plan has "
-                    f"layer2.num_inference_steps = {steps}; list steps below {steps}.")
+                    f"{steps_key} = {steps}; list steps below {steps}.")
+        if model.role == "dit_sr" and cache.method == FeatureCacheMethod.TEACACHE and cache.coefficients is None:
+            return (f"{where}.method = \"teacache\" on {name!r}, HunyuanVideo-1.5's SR DiT: no rescaling polynomial is "
+                    "published for it; give its fit as feature_cache_config.coefficients (highest power first), or use "
+                    "method = \"first_block\", \"static\" or \"taylorseer\".")
         arch = model.arch or {}
         layers = int(arch.get("num_layers", 0)) or int(arch.get("double_blocks", 0)) + int(arch.get("single_blocks", 0))
         if cache.method == FeatureCacheMethod.FIRST_BLOCK and layers and cache.first_blocks >= layers:
@@ -221,8 +232,9 @@ def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) ->
 
 
 def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], temporal: int, spatial: int,
-                   patch: list[int]) -> dict[str, Any]:
-    """The denoise stage's `sparse_attention` and `step_cache` records (absent when unused)."""
+                   patch: list[int], steps: Optional[int] = None) -> dict[str, Any]:
+    """A sampling stage's `sparse_attention` and `step_cache` records (absent when unused); `steps`: the stage's step
+    count (default layer2.num_inference_steps; HunyuanVideo-1.5's SR stage passes its own)."""
     by_name = _models_by_name(recipe, models)
     sparse: dict[str, Any] = {}
     caches: dict[str, Any] = {}
@@ -246,7 +258,7 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
         if cache.method != FeatureCacheMethod.NONE:
             record: dict[str, Any] = {"method": cache.method, "warmup_steps": cache.warmup_steps,
                                       "max_consecutive_skips": cache.max_consecutive_skips,
-                                      "num_inference_steps": recipe.layer2.num_inference_steps}
+                                      "num_inference_steps": steps or recipe.layer2.num_inference_steps}
             if cache.method == FeatureCacheMethod.TEACACHE:
                 key = _teacache_key(by_name[name], recipe) if cache.coefficients is None else None
                 hy15 = by_name[name].class_ == ModelClass.HUNYUAN15_DIT
@@ -271,10 +283,9 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
 
 def explain_lines(stages: list) -> list[str]:
     """--explain's block for the denoise stage's sparse attention and step caches (none: no lines)."""
-    denoise = next((s for s in stages if s.kind in ("denoise", "hy15_denoise")), None)
-    if denoise is None:
-        return []
-    sparse, caches = denoise.params.get("sparse_attention", {}), denoise.params.get("step_cache", {})
+    sampling = [s for s in stages if s.kind in ("denoise", "hy15_denoise", "hy15_sr")]  # the SR DiT's cache too
+    sparse = {k: v for s in sampling for k, v in s.params.get("sparse_attention", {}).items()}
+    caches = {k: v for s in sampling for k, v in s.params.get("step_cache", {}).items()}
     lines = []
     if sparse:
         lines += ["", "sparse attention (the DiT's self-attention, or HunyuanVideo-1.5's joint attention; block-sparse):"]
@@ -314,14 +325,19 @@ def explain_lines(stages: list) -> list[str]:
     return lines
 
 
-def cache_residual_bytes(recipe: Recipe, tokens_per_rank: int, dim: int, act_bytes: int) -> int:
-    """Device bytes a step cache keeps between steps, for the largest of the plan's caches (MoE: one expert's cache
-    lives at a time, dropped at the switch): per CFG branch this rank runs, the block stack's residual [S, dim] in
-    the model dtype, twice for first_block (its reference residual), order + 1 for TaylorSeer."""
+def cache_residual_bytes(recipe: Recipe, tokens_per_rank: int, dim: int, act_bytes: int,
+                         names: Optional[set[str]] = None, branches: Optional[int] = None) -> int:
+    """Device bytes a step cache keeps between steps, for the largest of the plan's caches among `names` (None:
+    every model; MoE: one expert's cache lives at a time, dropped at the switch): per CFG branch this rank runs
+    (`branches`, default: 1 under cfg parallel, else 2), the block stack's residual [S, dim] in the model dtype,
+    twice for first_block (its reference residual), order + 1 for TaylorSeer."""
     l2 = recipe.layer2
-    branches = 1 if l2.parallel_config.cfg_degree == 2 else 2  # cfg off: one branch, over-counted here
+    if branches is None:
+        branches = 1 if l2.parallel_config.cfg_degree == 2 else 2  # cfg off: one branch, over-counted here
     largest = 0
-    for cfg in l2.models.values():
+    for name, cfg in l2.models.items():
+        if names is not None and name not in names:
+            continue
         cache = cfg.feature_cache_config
         if cache.method == FeatureCacheMethod.NONE:
             continue

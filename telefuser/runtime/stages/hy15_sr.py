@@ -24,6 +24,7 @@ import torch
 from telefuser.errors import PlanError
 from telefuser.schema.plan import Stage
 
+from ..skip_work import skip_work
 from .base import RunState, StageContext, register, sr_frame
 from .hy15_denoise import check_schedule, hy15_sigmas, text_inputs
 
@@ -80,13 +81,16 @@ def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
     timesteps = (sigmas[:-1] * 1000.0).tolist()
     bar = tqdm(total=p["num_inference_steps"], desc="super-resolution", unit="step",
                disable=not (state.progress and ctx.rank.rank == 0))
-    with ctx.placements[dit_name].active() as dit, ctx.dispatch(dit_name):
+    # the plan's step cache (if any) wraps the SR DiT's block stack for this video, one branch (runtime/skip_work.py)
+    with ctx.placements[dit_name].active() as dit, ctx.dispatch(dit_name), \
+            skip_work(ctx, state, stage, dit_name, dit, False) as skips:
         dtype = next(dit.parameters()).dtype
         condition, zero = sr_condition(latents, state.family["lq"], state.family["sr_image_latent"] if i2v else None)
         vision = state.family["sr_vision_states"].to(dtype) if i2v else None
         cond = text_inputs(text[0], dtype)
         for i in range(p["num_inference_steps"]):
             start = time.perf_counter()
+            skips.begin_step(i)
             t = (sigmas[i] * 1000.0).reshape(1).to(ctx.device)
             y = sr_condition_for(timesteps[i], condition, zero, strength).to(dtype)
             t_r = torch.tensor([meanflow_t_r(timesteps, i)], dtype=torch.float32, device=ctx.device)
