@@ -79,6 +79,75 @@ def errors(out: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> tuple[fl
     return rel, cos
 
 
+def kernel_rows(lines: list[str], shape_name: str, shape: tuple[int, int, int, int], first: bool, smoke: bool,
+                sageattention) -> None:
+    """One shape's rows of `bench_kernels` (its tensors go with this frame)."""
+    b, s, n, d = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(b, s, n, d, generator=gen, device=DEVICE, dtype=BF16) for _ in range(3))
+    rows = torch.randperm(s, generator=torch.Generator().manual_seed(1))[:REF_ROWS].to(DEVICE)
+    ref = reference_rows(q, k, v, rows)
+    ops = 4 * b * n * s * s * d
+    baseline = None
+
+    def record(impl: str, cfg: str, fn: Callable[[], torch.Tensor]) -> float:
+        nonlocal baseline
+        ms = bench_ms(fn, smoke)
+        rel, cos = errors(fn(), ref, rows)
+        baseline = baseline or ms
+        tops = ops / ms / 1e9
+        RESULTS["kernels"].append({"shape": shape_name, "impl": impl, "config": cfg, "ms": ms, "tops": tops,
+                                   "rel_err": rel, "cos": cos})
+        lines.append(f"| {shape_name} [{b}, {s}, {n}, {d}] | {impl} | {cfg} | {ms:.2f} | {tops:.0f} | "
+                     f"{baseline / ms:.2f}x | {rel:.2e} | {cos:.6f} |")
+        log(lines[-1])
+        return ms
+
+    bnsd = [t.transpose(1, 2) for t in (q, k, v)]
+    if smoke:
+        record("SDPA (CPU)", "", lambda: F.scaled_dot_product_attention(*bnsd).transpose(1, 2))
+    else:
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(*bnsd).transpose(1, 2)
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(*bnsd).transpose(1, 2)
+
+        record("cuDNN (SDPA)", "bf16", cudnn)
+        record("FlashAttention-2 (SDPA flash)", "bf16", flash)
+        if sageattention is not None:
+            from sageattention import sageattn
+
+            record(f"sageattention {getattr(sageattention, '__version__', '')} sageattn", "package default",
+                   lambda: sageattn(q, k, v, tensor_layout="NHD", is_causal=False))
+    for label, (pv_fp8, qk_fp8) in VARIANTS.items():
+        configs = (SWEEP if first and not smoke else [None])
+        best = (math.inf, None)
+        for cfg in configs:
+            call = (lambda c=cfg: sage_attention(q, k, v, pv_fp8=pv_fp8, qk_fp8=qk_fp8, config=c))
+            try:
+                call()
+                ms = bench_ms(call, smoke)
+            except Exception as exc:  # a config the compiler rejects (shared memory, TMA) is skipped
+                log(f"{label} {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            RESULTS["kernels"].append({"shape": shape_name, "impl": label, "config": str(cfg), "ms": ms,
+                                       "tops": ops / ms / 1e9, "sweep": True})
+            log(f"sweep {label} {cfg}: {ms:.2f} ms, {ops / ms / 1e9:.0f} TOPS")
+            best = min(best, (ms, cfg), key=lambda t: t[0])
+        cfg = best[1]
+        if first and not smoke and not qk_fp8 and cfg is not None:  # what the steps part then runs
+            sage.TUNED[(torch.cuda.get_device_capability(), pv_fp8)] = cfg
+        record(label, str(cfg) if cfg else "default",
+               lambda: sage_attention(q, k, v, pv_fp8=pv_fp8, qk_fp8=qk_fp8, config=cfg))
+    # the pre-pass alone (quantise q, k, v) at the default config, for its share of the call
+    quant_ms = bench_ms(lambda: sage_attention(q, k[:, :1], v[:, :1], pv_fp8=True), smoke)
+    lines.append(f"| {shape_name} | quantisation pre-pass + 1-key attention (an upper bound of the pre-pass) | "
+                 f"| {quant_ms:.3f} | | | | |")
+
+
 def bench_kernels(smoke: bool) -> list[str]:
     lines = ["| shape | implementation | config | ms | TOPS | x cuDNN | rel. error vs fp64 | cosine |", "|---|---|---|---|---|---|---|---|"]
     shapes = {"smoke": (1, 300, 2, 64)} if smoke else SHAPES
@@ -86,72 +155,8 @@ def bench_kernels(smoke: bool) -> list[str]:
         import sageattention  # noqa: F401  (a peer, measured where carried)
     except ImportError:
         sageattention = None
-    for shape_name, (b, s, n, d) in shapes.items():
-        gen = torch.Generator(device=DEVICE).manual_seed(0)
-        q, k, v = (torch.randn(b, s, n, d, generator=gen, device=DEVICE, dtype=BF16) for _ in range(3))
-        rows = torch.randperm(s, generator=torch.Generator().manual_seed(1))[:REF_ROWS].to(DEVICE)
-        ref = reference_rows(q, k, v, rows)
-        ops = 4 * b * n * s * s * d
-        baseline = None
-
-        def record(impl: str, cfg: str, fn: Callable[[], torch.Tensor]) -> float:
-            nonlocal baseline
-            ms = bench_ms(fn, smoke)
-            rel, cos = errors(fn(), ref, rows)
-            baseline = baseline or ms
-            tops = ops / ms / 1e9
-            RESULTS["kernels"].append({"shape": shape_name, "impl": impl, "config": cfg, "ms": ms, "tops": tops,
-                                       "rel_err": rel, "cos": cos})
-            lines.append(f"| {shape_name} [{b}, {s}, {n}, {d}] | {impl} | {cfg} | {ms:.2f} | {tops:.0f} | "
-                         f"{baseline / ms:.2f}x | {rel:.2e} | {cos:.6f} |")
-            log(lines[-1])
-            return ms
-
-        bnsd = [t.transpose(1, 2) for t in (q, k, v)]
-        if smoke:
-            record("SDPA (CPU)", "", lambda: F.scaled_dot_product_attention(*bnsd).transpose(1, 2))
-        else:
-            def cudnn():
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    return F.scaled_dot_product_attention(*bnsd).transpose(1, 2)
-
-            def flash():
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(*bnsd).transpose(1, 2)
-
-            record("cuDNN (SDPA)", "bf16", cudnn)
-            record("FlashAttention-2 (SDPA flash)", "bf16", flash)
-            if sageattention is not None:
-                from sageattention import sageattn
-
-                record(f"sageattention {getattr(sageattention, '__version__', '')} sageattn", "package default",
-                       lambda: sageattn(q, k, v, tensor_layout="NHD", is_causal=False))
-        first = shape_name == next(iter(shapes))
-        for label, (pv_fp8, qk_fp8) in VARIANTS.items():
-            configs = (SWEEP if first and not smoke else [None])
-            best = (math.inf, None)
-            for cfg in configs:
-                call = (lambda c=cfg: sage_attention(q, k, v, pv_fp8=pv_fp8, qk_fp8=qk_fp8, config=c))
-                try:
-                    call()
-                    ms = bench_ms(call, smoke)
-                except Exception as exc:  # a config the compiler rejects (shared memory, TMA) is skipped
-                    log(f"{label} {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
-                    continue
-                RESULTS["kernels"].append({"shape": shape_name, "impl": label, "config": str(cfg), "ms": ms,
-                                           "tops": ops / ms / 1e9, "sweep": True})
-                log(f"sweep {label} {cfg}: {ms:.2f} ms, {ops / ms / 1e9:.0f} TOPS")
-                best = min(best, (ms, cfg), key=lambda t: t[0])
-            cfg = best[1]
-            if first and not smoke and not qk_fp8 and cfg is not None:  # what the steps part then runs
-                sage.TUNED[(torch.cuda.get_device_capability(), pv_fp8)] = cfg
-            record(label, str(cfg) if cfg else "default",
-                   lambda: sage_attention(q, k, v, pv_fp8=pv_fp8, qk_fp8=qk_fp8, config=cfg))
-        # the pre-pass alone (quantise q, k, v) at the default config, for its share of the call
-        quant_ms = bench_ms(lambda: sage_attention(q, k[:, :1], v[:, :1], pv_fp8=True), smoke)
-        lines.append(f"| {shape_name} | quantisation pre-pass + 1-key attention (an upper bound of the pre-pass) | "
-                     f"| {quant_ms:.3f} | | | | |")
-        del q, k, v, ref
+    for shape_name, shape in shapes.items():
+        kernel_rows(lines, shape_name, shape, shape_name == next(iter(shapes)), smoke, sageattention)
         free()
     return lines
 
@@ -205,9 +210,9 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
         if label.endswith("one tile per program") and DEVICE == "cuda":
             sage.TUNED[(torch.cuda.get_device_capability(), True)] = single_tile
 
-        def step(table=table) -> torch.Tensor:
+        def step(table=table, model=ours) -> torch.Tensor:
             with torch.inference_mode(), use_dispatch(table):
-                return guided(ours, x, t, context, context_null, scale, rank, extra)
+                return guided(model, x, t, context, context_null, scale, rank, extra)
 
         with torch.inference_mode(), use_dispatch(table):
             cond = ours(x, t, context, **extra).float()
@@ -223,7 +228,7 @@ def bench_steps(smoke: bool, model: str) -> list[str]:
         rows[label] = (ms, rel_err(cond, exact[0]), rel_err(out, exact[1]), peak)
         log(f"{model} step {label}: {rows[label]}")
     state = wan_to_diffusers(ours.state_dict())
-    del ours
+    del ours, step  # the last step closure holds the model too
     free()
     theirs_ms = math.nan
     if not smoke:
@@ -273,31 +278,17 @@ def bench_video(smoke: bool) -> list[str]:
     import numpy as np
 
     import telefuser
-    from bench.wan21_run import RECIPE, ROOT, write_random
-    from telefuser.cli.compile import main as compile_main
-    from telefuser.models.t5.tokenizer import build_tiny_tokenizer
-    from telefuser.models.t5.umt5 import UMT5_XXL, UMT5Encoder
-    from telefuser.models.wan.dit import WAN21_1_3B, WanDiT
-    from telefuser.models.wan.vae import WanVAE, WanVAEConfig
+    from bench.common import compile_shipped, target_overrides
+    from bench.wan21_run import ROOT, write_files
 
     if smoke:
         return ["(no video in the CPU smoke run)"]
-    ROOT.mkdir(parents=True, exist_ok=True)
-    for build, name in ((lambda: WanDiT(WAN21_1_3B), "diffusion_pytorch_model.safetensors"),
-                        (lambda: WanVAE(WanVAEConfig()), "Wan2.1_VAE.safetensors"),
-                        (lambda: UMT5Encoder(UMT5_XXL), "models_t5_umt5-xxl-enc-bf16.safetensors")):
-        with torch.device("cuda"):
-            model = build().to(torch.bfloat16)
-        write_random(model, ROOT / name)
-        del model
-        free()
-    build_tiny_tokenizer(ROOT / "tokenizer.json")
-    (ROOT / "recipe.toml").write_text(RECIPE.format(root=ROOT))
+    paths = write_files(ROOT)
     videos, lines = {}, ["| attention | wall s (load excluded) | denoise s | s / step |", "|---|---|---|---|"]
     for impl in ("TORCH_SDPA", "SAGE_ATTN_2_8_8"):
-        plan = ROOT / f"plan_{impl}.json"
-        assert compile_main([str(ROOT / "recipe.toml"), "-o", str(plan), "--set", "layer2.num_inference_steps=50",
-                             "--set", f"layer2.models.dit.attention_config.attn_impl={impl}"]) == 0
+        plan = compile_shipped("wan21_t2v_1.3b", ROOT / f"plan_{impl}.json", paths,
+                               [*target_overrides(False), "layer2.num_inference_steps=50",
+                                f"layer2.models.dit.attention_config.attn_impl={impl}"])
         pipe = telefuser.load_plan(str(plan))
         start = time.perf_counter()
         video = pipe.run(prompt="a red fox running through fresh snow", seed=7, progress=False)

@@ -219,9 +219,6 @@ def run_shape(report: Report, shape: str, grid: tuple[int, int, int], model: str
     report.row({**base, "attention": "local 6 + SAGE_ATTN_2_8_8"}, sage_sparse("local 6", "SAGE_ATTN_2_8_8"))
     for variant in ("SAGE_ATTN_2_8_8", "SAGE_ATTN_2_8_16"):
         report.row({**base, "attention": f"{variant} dense"}, sage_dense(variant))
-    del qkv, q, k, v, refs
-    if not smoke:
-        torch.cuda.empty_cache()
 
 
 def sweep(report: Report, smoke: bool) -> None:
@@ -317,7 +314,11 @@ def main() -> None:
     models = {"tiny": 2} if args.cpu_smoke else {m: HEADS[m] for m in args.models.split(",")}
     for model, heads in models.items():  # the 14B first: the target is 14B at 720p
         for shape, grid in shapes:
-            run_shape(report, shape, grid, model, heads, args.cpu_smoke)
+            run_shape(report, shape, grid, model, heads, args.cpu_smoke)  # its tensors go with its frame
+            if not args.cpu_smoke:
+                import torch
+
+                torch.cuda.empty_cache()
     if args.step:
         from bench.sparse_step import step_rows
 

@@ -28,24 +28,29 @@ from telefuser.models.wan.vae import WanVAE, WanVAEConfig
 ROOT = Path(os.environ.get("WAN_RANDOM_ROOT", "/tmp/wan21_random"))
 
 
-def main() -> None:
-    ROOT.mkdir(parents=True, exist_ok=True)
+def write_files(root: Path) -> dict[str, Path]:
+    """Random Wan2.1-1.3B weights of the real shapes in Wan's layout and the tiny tokenizer under `root`; the path
+    of each of the shipped recipe's models."""
+    root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for build, name in ((lambda: WanDiT(WAN21_1_3B), "diffusion_pytorch_model.safetensors"),
                         (lambda: WanVAE(WanVAEConfig()), "Wan2.1_VAE.safetensors"),
                         (lambda: UMT5Encoder(UMT5_XXL), "models_t5_umt5-xxl-enc-bf16.safetensors")):
         state = random_state(meta_model(build), "cuda")
-        save_file({k: v.cpu().contiguous() for k, v in state.items()}, ROOT / name)
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, root / name)
         del state
         torch.cuda.empty_cache()
-    build_tiny_tokenizer(ROOT / "tokenizer.json")
+    build_tiny_tokenizer(root / "tokenizer.json")
     print(f"random weights written in {time.perf_counter() - start:.0f} s")
+    return {"dit": root / "diffusion_pytorch_model.safetensors", "vae": root / "Wan2.1_VAE.safetensors",
+            "text_encoder": root / "models_t5_umt5-xxl-enc-bf16.safetensors", "tokenizer": root / "tokenizer.json"}
 
+
+def main() -> None:
     import telefuser
 
+    paths = write_files(ROOT)
     # the shipped recipe on these files: 480p, 81 frames, 4 steps
-    paths = {"dit": ROOT / "diffusion_pytorch_model.safetensors", "vae": ROOT / "Wan2.1_VAE.safetensors",
-             "text_encoder": ROOT / "models_t5_umt5-xxl-enc-bf16.safetensors", "tokenizer": ROOT / "tokenizer.json"}
     plan = compile_shipped("wan21_t2v_1.3b", ROOT / "plan.json", paths,
                            [*target_overrides(False), "layer2.num_inference_steps=4"], explain=True)
     pipe = telefuser.load_plan(str(plan))
