@@ -146,12 +146,11 @@ HY_DIT = "layer2.models.dit.attention_config"
 
 
 @pytest.mark.parametrize("recipe, overrides, needle", [
-    ("tiny.toml", [f"{HY_DIT}.attn_impl=SSTA_ATTN"], "SSTA is wired into HunyuanVideo-1.5's base DiT"),
+    ("tiny.toml", [f"{HY_DIT}.attn_impl=SSTA_ATTN"], "SSTA is wired into HunyuanVideo-1.5's DiTs' joint attention"),
     ("tiny_hy15.toml", [f"{HY_DIT}.attn_impl=RADIAL_ATTN", f"{HY_DIT}.sparse_config.block_size=16"],
      "its joint attention runs SSTA"),
     ("tiny_hy15.toml", [f"{HY_DIT}.attn_impl=SSTA_ATTN", "target.num_devices=2",
                         "layer2.parallel_config.sp_ring_degree=2"], "sparse ring is not built"),
-    ("tiny_hy15_sr.toml", ["layer2.models.dit_sr.attention_config.attn_impl=SSTA_ATTN"], "the SR DiT runs its few steps"),
     ("tiny_hy15.toml", [f"{HY_DIT}.attn_impl=SSTA_ATTN", f"{HY_DIT}.sparse_config.tile_size=[3,5,5]"],
      "holds 75 tokens"),
     ("tiny_hy15.toml", [f"{HY_DIT}.attn_impl=SSTA_ATTN", f"{HY_DIT}.sparse_config.win_size=[2,3,3]"], "odd entries"),
@@ -174,6 +173,23 @@ def test_quantised_ssta_plan_records_the_pattern_and_runs(tmp_path):
     assert record["attn_impl"] == "SAGE_ATTN_2_8_16" and record["block_size"] == 32
     assert record["effective"] == {"tile_size": [1, 4, 8], "win_size": [3, 3, 3], "ssta_topk": 32}
     assert 0 < record["density_window"] <= record["density"] <= 1
+
+
+def test_ssta_on_the_sr_dit(tmp_path):
+    """An opt-in on the SR DiT (the published SR pipeline runs it dense): recorded at the SR frame's token grid (the
+    tiny SR plan: one frame at 848x480 -> 1 x 30 x 53 tokens, one-frame tiles), run by the SR stage's wrapper."""
+    sr_attn = "layer2.models.dit_sr.attention_config"
+    plan = compile_recipe(RECIPES / "tiny_hy15_sr.toml", [f"{sr_attn}.attn_impl=SSTA_ATTN",
+                                                          f"{sr_attn}.sparse_config.tile_size=[1,4,4]"])
+    record = next(s for s in plan.stages if s.kind == "hy15_sr").params["sparse_attention"]["dit_sr"]
+    assert record["density_grid"] == [1, 30, 53] and record["effective"]["win_size"] == [1, 1, 1]
+    path = tmp_path / "plan.json"
+    path.write_text(pretty_json(plan.model_dump(mode="json", by_alias=True)))
+    sparse = telefuser.load_plan(str(path)).run(prompt="a red fox in snow", seed=5, progress=False).frames
+    dense_plan = compile_recipe(RECIPES / "tiny_hy15_sr.toml")
+    path.write_text(pretty_json(dense_plan.model_dump(mode="json", by_alias=True)))
+    dense = telefuser.load_plan(str(path)).run(prompt="a red fox in snow", seed=5, progress=False).frames
+    assert sparse.shape == dense.shape and np.abs(sparse.astype(int) - dense.astype(int)).max() > 2
 
 
 def test_reference_constructor_builds_the_toml_plan():

@@ -98,6 +98,17 @@ def sr_sizes(recipe: Recipe) -> dict[str, list[int]]:
             for w, h in frame_candidates(recipe.layer1.pipeline, res, ar)}
 
 
+def sr_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) -> tuple[int, int, int]:
+    """The SR DiT's token grid at the SR frame of the default base frame (where the plan records its sparse
+    attention's density)."""
+    from .skip_work import default_frame_size
+
+    width, height = sr_frame_size(*default_frame_size(recipe), str((recipe.layer2.sr_config or SRConfig())
+                                                                     .target_resolution))
+    frames = (recipe.layer2.num_frames - 1) // temporal + 1
+    return (frames // int(patch[0]), height // spatial // int(patch[1]), width // spatial // int(patch[2]))
+
+
 def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fit: dict[str, Any], i2v: bool,
               num_train_timesteps: int, temporal: int) -> list[Stage]:
     """The SR stages after the base denoise (I2V: the reference image at the SR frame first); the SR DiT's step
@@ -105,7 +116,7 @@ def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fi
     l2 = recipe.layer2
     sr = l2.sr_config or SRConfig()
     by_role = {m.role: m.name for m in models}
-    by_model = {m.role: m for m in models}
+    patch = list(next(m for m in models if m.role == "dit_sr").arch.get("patch_size", [1, 1, 1]))
     up = next(m for m in models if m.role == "sr_upsampler")
     sizes = sr_sizes(recipe)
     stages = []
@@ -129,9 +140,9 @@ def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fi
                                 **grid_params(None), "num_inference_steps": sr.num_inference_steps,
                                 "sigma_shift": sr.sigma_shift, "num_train_timesteps": num_train_timesteps,
                                 "cfg_scale": sr.cfg_scale, "meanflow": True, "condition": "i2v" if i2v else "t2v",
-                                **denoise_params(recipe, models, [by_role["dit_sr"]], temporal, spatial,
-                                                 list(by_model["dit_sr"].arch.get("patch_size", [1, 1, 1])),
-                                                 steps=sr.num_inference_steps)}))
+                                **denoise_params(recipe, models, [by_role["dit_sr"]], temporal, spatial, patch,
+                                                 steps=sr.num_inference_steps, grid=sr_grid(recipe, temporal,
+                                                                                             spatial, patch))}))
     return stages
 
 

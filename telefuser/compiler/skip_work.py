@@ -126,16 +126,16 @@ def sparse_problem(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
 def _pattern_problem(where: str, impl: str, name: str, model: Optional[PlannedModel], sparse: SparseAttentionConfig,
                      recipe: Recipe) -> Optional[str]:
     """Whether this model can run the pattern: radial and local are wired into Wan's self-attention, SSTA into
-    HunyuanVideo-1.5's base DiT's joint attention (the SR stage runs its few steps dense)."""
+    HunyuanVideo-1.5's joint attention (the base DiT's, and the SR DiT's at the SR frame)."""
     classes = PATTERN_CLASSES.get(str(sparse.sparse_impl), ())
-    if model is not None and is_dit(model.role) and model.role != "dit_sr" and model.class_ in classes:
+    if model is not None and is_dit(model.role) and model.class_ in classes:
         if model.class_ != ModelClass.AUTO or (sparse.sparse_impl == "ssta") == recipe.layer1.pipeline.startswith(
                 "hunyuan_video15"):
             return None
     what = f"a {model.role} ({model.class_})" if model is not None else "no model"
     if sparse.sparse_impl == "ssta":
-        return (f"{where}.attn_impl = {impl!r} (SSTA) on {name!r}, {what}: SSTA is wired into HunyuanVideo-1.5's base "
-                "DiT (role \"dit\"; the SR DiT runs its few steps dense); on Wan use RADIAL_ATTN or LOCAL_SPARSE_ATTN, "
+        return (f"{where}.attn_impl = {impl!r} (SSTA) on {name!r}, {what}: SSTA is wired into HunyuanVideo-1.5's "
+                "DiTs' joint attention; on Wan use RADIAL_ATTN or LOCAL_SPARSE_ATTN, "
                 "elsewhere a dense attn_impl.")
     if model is not None and model.class_ == ModelClass.HUNYUAN15_DIT:
         return (f"{where}: sparse_impl {sparse.sparse_impl!r} on {name!r}, a HunyuanVideo-1.5 DiT: its joint attention "
@@ -232,9 +232,11 @@ def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) ->
 
 
 def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], temporal: int, spatial: int,
-                   patch: list[int], steps: Optional[int] = None) -> dict[str, Any]:
+                   patch: list[int], steps: Optional[int] = None,
+                   grid: Optional[tuple[int, int, int]] = None) -> dict[str, Any]:
     """A sampling stage's `sparse_attention` and `step_cache` records (absent when unused); `steps`: the stage's step
-    count (default layer2.num_inference_steps; HunyuanVideo-1.5's SR stage passes its own)."""
+    count (default layer2.num_inference_steps; HunyuanVideo-1.5's SR stage passes its own), `grid`: the token grid
+    the density is recorded at (default: the default frame's; the SR stage: its SR frame's)."""
     by_name = _models_by_name(recipe, models)
     sparse: dict[str, Any] = {}
     caches: dict[str, Any] = {}
@@ -242,7 +244,7 @@ def denoise_params(recipe: Recipe, models: list[PlannedModel], dits: list[str], 
         runtime = _runtime(recipe, name)
         if runs_sparse(runtime):
             cfg = sparse_config_of(runtime)
-            grid = token_grid(recipe, temporal, spatial, patch)
+            grid = grid or token_grid(recipe, temporal, spatial, patch)
             entry = {**cfg.model_dump(mode="json"), "density_grid": list(grid), "attn_impl": _impl_name(runtime)}
             if cfg.sparse_impl == "ssta":  # chosen per call: the window's share and a bound with the top-k
                 tile, window, topk = ssta.effective(grid, tuple(cfg.tile_size), tuple(cfg.win_size), cfg.ssta_topk)
