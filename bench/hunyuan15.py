@@ -278,13 +278,14 @@ def ssta_attention_rows(cfg, dtype: torch.dtype, gen: torch.Generator) -> None:
     """One block's joint attention call at 720p 121f: dense cuDNN, then SSTA on both kernels, and SSTA's parts."""
     from telefuser.ops import ssta
     from telefuser.ops.attention import attention
+    from telefuser.schema import ssta as geometry
 
     grid, heads, d = ((2, 6, 9), 2, 32) if STATE["smoke"] else ((31, 45, 80), 16, 128)
     video, ctx = math.prod(grid), 256 if not STATE["smoke"] else 12
     q, k, v = (torch.randn(1, video + ctx, heads, d, generator=gen, device=STATE["device"]).to(dtype)
                for _ in range(3))
-    tile, window, topk = ssta.geometry.effective(grid, tuple(cfg.tile_size), tuple(cfg.win_size), cfg.ssta_topk)
-    tiles = ssta.geometry.tile_grid(grid, tile)
+    tile, window, topk = geometry.effective(grid, tuple(cfg.tile_size), tuple(cfg.win_size), cfg.ssta_topk)
+    tiles = geometry.tile_grid(grid, tile)
 
     def choose() -> torch.Tensor:
         qt, kt = (ssta.tile_tokens(t[:, :video], grid, tile)[0] for t in (q, k))

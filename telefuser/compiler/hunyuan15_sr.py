@@ -33,7 +33,7 @@ from telefuser.schema.recipe import Recipe, SRConfig
 from telefuser.schema.resolution import RESOLUTION_TABLE, frame_candidates, frame_key
 from telefuser.schema.step_list import grid_params
 
-from .skip_work import cache_residual_bytes, denoise_params
+from .skip_work import cache_residual_bytes, default_frame_size, denoise_params, token_grid
 
 UPSAMPLER_VERSION = {"HunyuanVideo15SRUpsampler720p": "720p_sr_distilled",
                      "HunyuanVideo15SRUpsampler1080p": "1080p_sr_distilled"}
@@ -101,12 +101,8 @@ def sr_sizes(recipe: Recipe) -> dict[str, list[int]]:
 def sr_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) -> tuple[int, int, int]:
     """The SR DiT's token grid at the SR frame of the default base frame (where the plan records its sparse
     attention's density)."""
-    from .skip_work import default_frame_size
-
-    width, height = sr_frame_size(*default_frame_size(recipe), str((recipe.layer2.sr_config or SRConfig())
-                                                                     .target_resolution))
-    frames = (recipe.layer2.num_frames - 1) // temporal + 1
-    return (frames // int(patch[0]), height // spatial // int(patch[1]), width // spatial // int(patch[2]))
+    target = str((recipe.layer2.sr_config or SRConfig()).target_resolution)
+    return token_grid(recipe, temporal, spatial, patch, sr_frame_size(*default_frame_size(recipe), target))
 
 
 def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fit: dict[str, Any], i2v: bool,

@@ -224,9 +224,11 @@ def default_frame_size(recipe: Recipe) -> tuple[int, int]:
     return typical_frame_size(recipe.layer1.pipeline, l3.resolution.default, l3.aspect_ratio.default)
 
 
-def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int]) -> tuple[int, int, int]:
-    """The DiT's (frames, height, width) token grid at the default resolution and the plan's frame count."""
-    width, height = default_frame_size(recipe)
+def token_grid(recipe: Recipe, temporal: int, spatial: int, patch: list[int],
+               frame: Optional[tuple[int, int]] = None) -> tuple[int, int, int]:
+    """The DiT's (frames, height, width) token grid at `frame` (width, height; default: the default resolution's)
+    and the plan's frame count."""
+    width, height = frame or default_frame_size(recipe)
     frames = (recipe.layer2.num_frames - 1) // temporal + 1
     return (frames // int(patch[0]), height // spatial // int(patch[1]), width // spatial // int(patch[2]))
 

@@ -26,7 +26,7 @@ from telefuser.schema.plan import Stage
 
 from ..skip_work import skip_work
 from .base import RunState, StageContext, register, sr_frame
-from .hy15_denoise import check_schedule, hy15_sigmas, text_inputs
+from .hy15_denoise import check_schedule, sampler, text_inputs
 
 
 @register("hy15_sr_upsample")
@@ -77,8 +77,7 @@ def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
         raise PlanError(f"the plan's stage {stage.name!r} needs the image's latent and SigLIP tokens at the SR frame, "
                         "but no earlier stage made them; recompile.")
     latents = state.latents
-    sigmas = hy15_sigmas(p["num_inference_steps"], p["sigma_shift"])
-    timesteps = (sigmas[:-1] * 1000.0).tolist()
+    timesteps, update = sampler(p, state.generator, ctx.device)  # Euler on the SR grid (check_schedule)
     bar = tqdm(total=p["num_inference_steps"], desc="super-resolution", unit="step",
                disable=not (state.progress and ctx.rank.rank == 0))
     # the plan's step cache (if any) wraps the SR DiT's block stack for this video, one branch (runtime/skip_work.py)
@@ -91,11 +90,11 @@ def hy15_sr(ctx: StageContext, state: RunState, stage: Stage) -> None:
         for i in range(p["num_inference_steps"]):
             start = time.perf_counter()
             skips.begin_step(i)
-            t = (sigmas[i] * 1000.0).reshape(1).to(ctx.device)
+            t = torch.tensor([timesteps[i]], dtype=torch.float32, device=ctx.device)
             y = sr_condition_for(timesteps[i], condition, zero, strength).to(dtype)
             t_r = torch.tensor([meanflow_t_r(timesteps, i)], dtype=torch.float32, device=ctx.device)
             velocity = dit(latents.to(dtype), t, *cond, vision, y=y, t_r=t_r).float()
-            latents = latents + (sigmas[i + 1] - sigmas[i]).to(ctx.device) * velocity
+            latents = update(i, velocity, latents)
             ctx.sync()
             state.timings.steps.append(time.perf_counter() - start)
             bar.update(1)
