@@ -20,6 +20,7 @@ import torch
 
 import telefuser
 from telefuser.compiler import compile_recipe
+from telefuser.compiler.memory import RIFE_BYTES_PER_PAIR_PIXEL
 from telefuser.errors import RecipeError
 from telefuser.schema.canonical import pretty_json
 from telefuser.schema.buckets import sr_bucket_size
@@ -222,15 +223,25 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
 
 SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p",
            "hunyuan15_t2v_720p_ulysses4_cfg2", "hunyuan15_i2v_480p_sr_720p", "hunyuan15_t2v_720p_sparse",
-           "hunyuan15_i2v_720p_sparse", "hunyuan15_i2v_480p", "hunyuan15_i2v_720p", "hunyuan15_t2v_720p_sr_1080p")
+           "hunyuan15_i2v_720p_sparse", "hunyuan15_i2v_480p", "hunyuan15_i2v_720p", "hunyuan15_t2v_720p_sr_1080p",
+           "hunyuan15_t2v_480p_sr_720p_vfi")
 
 
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
     """The shipped recipes against files with the published names, shapes and sizes (headers only): detection, the
     published architecture numbers, the stages, both DiTs in the memory estimate, within an H100 / H200."""
+    from dataclasses import asdict
+
+    from bench.compile import write_pth_index_only
     from bench.hy15_files import write_hunyuan15_root
+    from telefuser.models.rife.ifnet import IFNetConfig
+    from telefuser.models.rife.keys import expected_shapes
 
     write_hunyuan15_root(tmp_path)
+    flownet = tmp_path / "RIFEv4.26_0921" / "train_log" / "flownet.pkl"  # RIFE v4.26's, as its zip unpacks
+    flownet.parent.mkdir(parents=True)
+    write_pth_index_only(flownet, {"module." + k: v for k, v in expected_shapes(asdict(IFNetConfig())).items()},
+                         torch.float32)
     monkeypatch.setenv("TELEFUSER_MODEL_ROOT", str(tmp_path))
     plans = {name: compile_recipe(RECIPES / f"{name}.toml") for name in SHIPPED}
     for name, plan in plans.items():
@@ -288,6 +299,17 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
         l2 = plans[name].layer2_inference_config
         assert (l2.cfg_scale, l2.sigma_shift, l2.num_inference_steps) == (6.0, shift, 50), name
         assert not plans[name].layer1_model_definition.models[0].attributes.distill, name
+    vfi = plans["hunyuan15_t2v_480p_sr_720p_vfi"]  # RIFE on the 720p SR frames: 121 at 24 fps -> 241 at 48
+    assert [s.kind for s in vfi.stages][-3:] == ["vae_decode", "vfi", "write_video"]
+    interpolate = next(s for s in vfi.stages if s.kind == "vfi")
+    assert (interpolate.params["input_frames"], interpolate.params["output_frames"], interpolate.params["fps"]) == (
+        121, 241, 48)
+    # the workspace at the largest SR frame (not the base frame), padded to RIFE's 128, 8 pairs per batch
+    up = next(s for s in vfi.stages if s.kind == "hy15_sr_upsample").params["frame_sizes"]
+    w, h = max((tuple(v) for v in up.values()), key=lambda s: s[0] * s[1])
+    padded = -(-w // 128) * 128 * (-(-h // 128) * 128)
+    assert vfi.memory.breakdown["activations.vfi"] == 8 * padded * RIFE_BYTES_PER_PAIR_PIXEL + 241 * w * h * 3
+    assert vfi.memory.peak_bytes < vfi.memory.capacity_bytes
     i2v = plans["hunyuan15_i2v_480p_step_distilled"]
     assert i2v.layer1_model_definition.models[0].attributes.distill
     assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]

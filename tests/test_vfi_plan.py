@@ -318,3 +318,56 @@ def test_compiling_the_vfi_plan_imports_no_torch(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(RECIPES.parent)})
     assert run.stdout.split()[-2:] == ["0", "False"], run.stdout + run.stderr
+
+
+# --- HunyuanVideo-1.5: RIFE works on decoded frames, so the same model and stage follow its decode ---------------
+
+
+def _hy15_with_rife(tmp_path: Path, base: str) -> Path:
+    """recipes/`base`.toml plus tiny_vfi's RIFE and enable_vfi, beside links to the recipes' files (a recipe's paths
+    are relative to itself)."""
+    for entry in RECIPES.iterdir():
+        (tmp_path / entry.name).symlink_to(entry)
+    recipe = tmp_path / f"{base}_vfi.toml"
+    recipe.write_text(f'extends = "{base}.toml"\nname = "{base}_vfi"\n\n[[layer1.models]]\nname = "vfi"\n'
+                      'role = "vfi"\nclass = "RIFE"\npath = "tiny_vfi/flownet.pkl"\n\n'
+                      '[layer2]\nenable_vfi = true\nvfi_batch_size = 3\n')
+    return recipe
+
+
+def test_hy15_with_rife_interpolates_its_frames(tmp_path):
+    """tiny_hy15 (5 frames at 8 fps) with RIFE 2x: 9 frames at 16 fps, the plain plan's frames at even indices."""
+    torch.set_num_threads(1)
+    plan = compile_recipe(_hy15_with_rife(tmp_path, "tiny_hy15"))
+    assert [s.kind for s in plan.stages][-3:] == ["vae_decode", "vfi", "write_video"]
+    assert plan.stages[-3].params["output"] == "device_frames" and plan.stages[-1].params["fps"] == 16
+    video = telefuser.load_plan(str(_write(plan, tmp_path / "hy15_vfi.json"))).run(prompt=PROMPT, seed=SEED,
+                                                                                   progress=False)
+    plain = telefuser.load_plan(str(_write(compile_recipe(RECIPES / "tiny_hy15.toml"), tmp_path / "hy15.json"))).run(
+        prompt=PROMPT, seed=SEED, progress=False)
+    assert plain.frames.shape[0] == 5 and (video.frames.shape[0], video.fps) == (9, 16)
+    assert np.array_equal(video.frames[::2], plain.frames)
+    assert video.frames[1::2].std() > 0 and video.timings.vfi > 0
+    out = tmp_path / "hy15.mp4"
+    video.save(out)
+    assert out.stat().st_size > 0
+
+
+def test_hy15_sr_with_rife_counts_the_sr_frame(tmp_path):
+    """With the SR stage, RIFE gets the SR frames: its workspace is counted at the SR frame, not the base frame."""
+    from telefuser.compiler.memory import RIFE_BYTES_PER_PAIR_PIXEL
+
+    plan = compile_recipe(_hy15_with_rife(tmp_path, "tiny_hy15_sr"))
+    assert [s.kind for s in plan.stages][-4:] == ["hy15_sr", "vae_decode", "vfi", "write_video"]
+    (w, h), = next(s for s in plan.stages if s.kind == "hy15_sr_upsample").params["frame_sizes"].values()
+    assert (w, h) != (plan.memory.at["width"], plan.memory.at["height"])
+    padded = -(-w // 128) * 128 * (-(-h // 128) * 128)
+    frames = next(s for s in plan.stages if s.kind == "vfi").params["output_frames"]
+    assert plan.memory.breakdown["activations.vfi"] == 3 * padded * RIFE_BYTES_PER_PAIR_PIXEL + frames * w * h * 3
+
+
+def test_hy15_refuses_a_wan_model_beside_rife(tmp_path, capsys):
+    recipe = _hy15_with_rife(tmp_path, "tiny_hy15")
+    recipe.write_text(recipe.read_text() + '\n[[layer1.models]]\nname = "vae"\nrole = "vae"\nclass = "WanVAE"\n'
+                      'path = "tiny/vae.safetensors"\n')  # in place of tiny_hy15's VAE (models merge by name)
+    _refused(capsys, [str(recipe), "-o", str(tmp_path / "p.json")], "another family (WanVAE)")

@@ -9,7 +9,8 @@ The stages (runtime/stages/hy15_*.py run them; they compute what tests/test_hy15
   the VAE latent of the first frame)] -> prepare_latents (noise) -> denoise (hy15_denoise: CFG flow-matching Euler
   over HunyuanVideo-1.5's shifted grid) -> [enable_sr, compiler/hunyuan15_sr.py: (I2V: load_image_sr ->
   encode_image_sr: the image again at the SR frame) -> upsample_latent -> super_resolve (hy15_sr: the base latent
-  upsampled, noised by lq_noise_strength, the SR DiT's own few-step schedule)] -> decode_vae (vae_decode) -> write_video.
+  upsampled, noised by lq_noise_strength, the SR DiT's own few-step schedule)] -> decode_vae (vae_decode) ->
+  [enable_vfi: interpolate_frames (vfi)] -> write_video; the last three are every family's (stages.output_stages).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ CLASS_BY_ROLE = {"dit": ("HunyuanVideo15DiT",), "dit_sr": ("HunyuanVideo15DiT",)
                  "glyph_encoder": ("ByT5Encoder",), "image_encoder": ("SigLIPVision",),
                  "sr_upsampler": ("HunyuanVideo15SRUpsampler720p", "HunyuanVideo15SRUpsampler1080p")}
 HY15_ONLY_ROLES = ("glyph_encoder", "dit_sr", "sr_upsampler")
+# classes of no family: they work on decoded frames (frame interpolation), so either family's pipeline takes them
+ANY_FAMILY_CLASSES = frozenset({"RIFE"})
 
 
 def is_hy15(pipeline: str) -> bool:
@@ -50,7 +53,8 @@ def is_hy15(pipeline: str) -> bool:
 def check_family(models: list[PlannedModel], pipeline: str) -> None:
     """HunyuanVideo-1.5 classes only in its pipelines, and only its classes there (before any channel check)."""
     hy = sorted({m.class_ for m in models if m.class_ in HY15_CLASSES})
-    other = sorted({m.class_ for m in models if m.class_ not in HY15_CLASSES and m.class_ != "auto"})
+    other = sorted({m.class_ for m in models
+                    if m.class_ not in HY15_CLASSES | ANY_FAMILY_CLASSES and m.class_ != "auto"})
     if not is_hy15(pipeline) and hy:
         raise RecipeError(f"layer1.pipeline = {pipeline!r} (Wan), but layer1.models holds HunyuanVideo-1.5 models "
                           f"({', '.join(hy)}); set layer1.pipeline = \"hunyuan_video15_t2v\" or "
@@ -58,7 +62,7 @@ def check_family(models: list[PlannedModel], pipeline: str) -> None:
     if is_hy15(pipeline) and other:
         raise RecipeError(f"layer1.pipeline = {pipeline!r}, but layer1.models holds models of another family "
                           f"({', '.join(other)}); a HunyuanVideo-1.5 pipeline takes "
-                          f"{', '.join(sorted(HY15_CLASSES))}.")
+                          f"{', '.join(sorted(HY15_CLASSES | ANY_FAMILY_CLASSES))}.")
 
 
 def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
@@ -189,7 +193,8 @@ def _arch(models: list[PlannedModel], role: str) -> dict[str, Any]:
 
 def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: Callable[[Recipe, int, list[int]], None],
                  image_fit: dict[str, Any]) -> list[Stage]:
-    """The stages; `check_frame_sizes` and `image_fit` are compiler/stages.py's (shared with Wan's image stages)."""
+    """The stages up to the denoised (and super-resolved) latent; `check_frame_sizes` and `image_fit` are
+    compiler/stages.py's (shared with Wan's image stages)."""
     l2 = recipe.layer2
     by_role = {m.role: m.name for m in models}
     use_cfg = l2.cfg_scale != 1.0
@@ -230,16 +235,7 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
                                 **denoise_params(recipe, models, [by_role["dit"]], temporal, spatial, patch)}))
     if l2.enable_sr:  # compiler/hunyuan15_sr.py (I2V: the reference image at the SR frame first)
         stages += sr_stages(recipe, models, spatial, image_fit, conditioning == "i2v", NUM_TRAIN_TIMESTEPS, temporal)
-    # VAE parallel: the tiled decode's tiles shared out over a dp replica's ranks (bit for bit the one-rank tiled
-    # decode with this tile size: it implies tiling), as for Wan
-    replica_ranks = l2.parallel_config.world_size // l2.parallel_config.dp_degree
-    parallel_vae = l2.enable_vae_parallel and replica_ranks > 1
-    stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role["vae"]],
-                        params={"tiled": l2.tiled or parallel_vae, "tile_size": list(l2.tile_size),
-                                "parallel_ranks": replica_ranks if parallel_vae else 1}))
-    stages.append(Stage(name="write_video", kind="write_video",
-                        params={"fps": l2.fps, "container": "mp4", "codec": "libx264", "pixel_format": "yuv420p"}))
-    return stages
+    return stages  # + the decode, frame interpolation and the video file: compiler/stages.output_stages, as Wan's
 
 
 # ------------------------------------------------------------------ activations (compiler/memory.py)

@@ -142,6 +142,15 @@ def sr_stages(recipe: Recipe, models: list[PlannedModel], spatial: int, image_fi
     return stages
 
 
+def largest_sr_frame(stages: list[Stage]) -> Optional[tuple[int, int]]:
+    """The largest frame the SR stage makes (width, height), or None without one: the decode's and later stages'."""
+    sr = next((s for s in stages if s.kind == "hy15_sr_upsample"), None)
+    if sr is None:
+        return None
+    w, h = max((tuple(v) for v in sr.params["frame_sizes"].values()), key=lambda s: s[0] * s[1])
+    return int(w), int(h)
+
+
 def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], frame: tuple[int, int],
                    dtype_bytes: dict[str, int], latent_channels: int, temporal: int,
                    vae_workspace: Callable[..., int]) -> dict[str, int]:
@@ -157,7 +166,7 @@ def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stag
         return out
     dit = by_role["dit_sr"]
     space = int(sr.params["spatial_ratio"])
-    w, h = max((tuple(v) for v in sr.params["frame_sizes"].values()), key=lambda s: s[0] * s[1])
+    w, h = largest_sr_frame(stages)  # type: ignore[misc]  (the SR stage is there)
     tokens = ((l2.num_frames - 1) // temporal + 1) * (h // space) * (w // space)
     sp = l2.parallel_config.sp_ulysses_degree * l2.parallel_config.sp_ring_degree
     hidden, mlp = int(dit.arch.get("hidden_size", 0)), int(dit.arch.get("mlp_hidden_dim", 0))

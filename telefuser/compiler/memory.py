@@ -43,6 +43,7 @@ from telefuser.schema.resolution import frame_candidates
 from telefuser.schema.vae_tiles import hy15_frames_per_tile_call
 
 from .block_offload import plan_block_offload
+from .hunyuan15_sr import largest_sr_frame
 from .skip_work import cache_residual_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
@@ -208,8 +209,8 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
         if tiled:  # the encoder (image-to-video's condition) still sees whole frames
             breakdown["activations.vae_encode"] = _vae_workspace(recipe, vae, width, height, space, False)
     vfi = next((s for s in stages or [] if s.kind == "vfi"), None)
-    if vfi is not None:
-        breakdown["activations.vfi"] = _vfi_workspace(vfi, width, height)
+    if vfi is not None:  # on the decoded frames: HunyuanVideo-1.5's SR frame where it has an SR stage
+        breakdown["activations.vfi"] = _vfi_workspace(vfi, *(largest_sr_frame(stages or []) or (width, height)))
     from .hunyuan15 import activations as hy15_activations, is_hy15
 
     if is_hy15(recipe.layer1.pipeline):  # the SR DiT's and the SR-size decode's, the Qwen2.5-VL / SigLIP stages'

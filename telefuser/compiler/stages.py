@@ -101,7 +101,14 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
     from . import hunyuan15
 
     if hunyuan15.is_hy15(recipe.layer1.pipeline):  # its own pipeline kind and stages (compiler/hunyuan15.py)
-        return hunyuan15.build_stages(recipe, models, check_frame_sizes, IMAGE_FIT)
+        stages = hunyuan15.build_stages(recipe, models, check_frame_sizes, IMAGE_FIT)
+    else:
+        stages = wan_stages(recipe, models)
+    return stages + output_stages(recipe, models)
+
+
+def wan_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
+    """Wan's stages up to the denoised latent."""
     l2 = recipe.layer2
     by_role = {m.role: m.name for m in models}
     use_cfg = recipe.layer1.is_moe and ((l2.cfg_scale_high or l2.cfg_scale) != 1.0 or (l2.cfg_scale_low or l2.cfg_scale) != 1.0) \
@@ -150,17 +157,24 @@ def build_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
     # sparse attention and step caches of the DiT(s), resolved (compiler/skip_work.py)
     denoise.update(denoise_params(recipe, models, dits, temporal, spatial, list(dit.arch.get("patch_size", [1, 2, 2]))))
     stages.append(Stage(name="denoise", kind="denoise", models=dits, params=denoise))
+    return stages
+
+
+def output_stages(recipe: Recipe, models: list[PlannedModel]) -> list[Stage]:
+    """Every family's last stages: the VAE decode, frame interpolation with enable_vfi, the video file."""
+    l2 = recipe.layer2
+    vae = next(m for m in models if m.role == ModelRole.VAE.value)
     # VAE parallel: the tiled decode's tiles shared out over the ranks of a dp replica (same frames as the
     # one-rank tiled decode with this tile size), so it implies tiling.
     replica_ranks = l2.parallel_config.world_size // l2.parallel_config.dp_degree
     parallel_vae = l2.enable_vae_parallel and replica_ranks > 1
     decode = {"tiled": l2.tiled or parallel_vae, "tile_size": list(l2.tile_size),
               "parallel_ranks": replica_ranks if parallel_vae else 1}
-    if vae is not None and vae.class_ == "TAEHV":  # the tiny decoder: a few latent frames at a time, untiled
+    if vae.class_ == "TAEHV":  # the tiny decoder: a few latent frames at a time, untiled
         decode.update(decoder="taehv", chunk_frames=TAEHV_CHUNK_FRAMES)
     if l2.enable_vfi:  # the decoded frames stay on the device for the vfi stage (no host round trip)
         decode["output"] = "device_frames"
-    stages.append(Stage(name="decode_vae", kind="vae_decode", models=[by_role[ModelRole.VAE.value]], params=decode))
+    stages = [Stage(name="decode_vae", kind="vae_decode", models=[vae.name], params=decode)]
     fps = l2.fps
     if l2.enable_vfi:
         stages.append(vfi_stage(recipe, models, replica_ranks))
