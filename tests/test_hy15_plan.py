@@ -224,7 +224,7 @@ def test_python_api_pipeline_config_with_sr_compiles_like_the_recipe(tmp_path) -
 SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_distilled", "hunyuan15_t2v_480p_sr_720p",
            "hunyuan15_t2v_720p_ulysses4_cfg2", "hunyuan15_i2v_480p_sr_720p", "hunyuan15_t2v_720p_sparse",
            "hunyuan15_i2v_720p_sparse", "hunyuan15_i2v_480p", "hunyuan15_i2v_720p", "hunyuan15_t2v_720p_sr_1080p",
-           "hunyuan15_t2v_480p_sr_720p_vfi")
+           "hunyuan15_t2v_480p_sr_720p_vfi", "hunyuan15_t2v_480p_taehv")
 
 
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
@@ -236,12 +236,17 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     from bench.hy15_files import write_hunyuan15_root
     from telefuser.models.rife.ifnet import IFNetConfig
     from telefuser.models.rife.keys import expected_shapes
+    from telefuser.models.taehv.decoder import TAEHVConfig
+    from telefuser.models.taehv.keys import expected_shapes as taehv_shapes
 
     write_hunyuan15_root(tmp_path)
     flownet = tmp_path / "RIFEv4.26_0921" / "train_log" / "flownet.pkl"  # RIFE v4.26's, as its zip unpacks
     flownet.parent.mkdir(parents=True)
     write_pth_index_only(flownet, {"module." + k: v for k, v in expected_shapes(asdict(IFNetConfig())).items()},
                          torch.float32)
+    (tmp_path / "taehv").mkdir()  # madebyollin/taehv's taehv1_5.pth: 32 latent channels, patch 2 (its decoder)
+    write_pth_index_only(tmp_path / "taehv" / "taehv1_5.pth",
+                         taehv_shapes(asdict(TAEHVConfig(z_dim=32, patch_size=2))), torch.float32)
     monkeypatch.setenv("TELEFUSER_MODEL_ROOT", str(tmp_path))
     plans = {name: compile_recipe(RECIPES / f"{name}.toml") for name in SHIPPED}
     for name, plan in plans.items():
@@ -251,7 +256,9 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
         assert models["text_encoder"].arch["num_layers"] == 28 and models["glyph_encoder"].key_layout == "glyph"
         # Qwen2.5-VL: the 26 layers run (hidden_states[-3]), not the LM head, final norm or last two layers
         assert 6.5e9 < models["text_encoder"].parameter_count < 6.7e9, name
-        assert models["vae"].arch["latent_channels"] == 32 and models["vae"].arch["spatial_ratio"] == 16
+        vae = models["vae"].arch  # HunyuanVideo-1.5's VAE, or taehv1_5's decoder
+        assert (vae["latent_channels"], vae["spatial_ratio"]) == (32, 16) if "latent_channels" in vae else \
+            (vae["z_dim"], vae["patch_size"]) == (32, 2), name
         assert plan.memory.peak_bytes < plan.memory.capacity_bytes, name
     sr = plans["hunyuan15_t2v_480p_sr_720p"]
     assert [s.name for s in sr.stages][4:8] == ["denoise", "upsample_latent", "super_resolve", "decode_vae"]
@@ -310,6 +317,10 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     padded = -(-w // 128) * 128 * (-(-h // 128) * 128)
     assert vfi.memory.breakdown["activations.vfi"] == 8 * padded * RIFE_BYTES_PER_PAIR_PIXEL + 241 * w * h * 3
     assert vfi.memory.peak_bytes < vfi.memory.capacity_bytes
+    taehv = plans["hunyuan15_t2v_480p_taehv"]  # the preview decoder, 4 latent frames per call, at a fraction of the memory
+    assert next(s for s in taehv.stages if s.kind == "vae_decode").params["decoder"] == "taehv"
+    assert taehv.memory.breakdown["activations.vae_decode"] < plans["hunyuan15_t2v_480p"].memory.breakdown[
+        "activations.vae_decode"]
     i2v = plans["hunyuan15_i2v_480p_step_distilled"]
     assert i2v.layer1_model_definition.models[0].attributes.distill
     assert [s.kind for s in i2v.stages][3:5] == ["image_load", "hy15_image_encode"]

@@ -20,11 +20,12 @@ from telefuser.models import registry
 from telefuser.models.taehv.decoder import TAEHV, TAEHVConfig, load_taehv
 from telefuser.compiler.vfi_weights import describe_taehv as describe_file
 from telefuser.models.taehv.keys import describe, detect_layout, expected_shapes, to_wan_layout
-from telefuser.models.tiny_vfi import TINY_TAEW2_1, TINY_TAEW2_2, tiny_flownet_state, tiny_taehv_state
+from telefuser.models.tiny_vfi import TINY_TAEHV1_5, TINY_TAEW2_1, TINY_TAEW2_2, tiny_flownet_state, tiny_taehv_state
 
 PUBLISHED_W21 = {"z_dim": 16, "patch_size": 1, "channels": [256, 128, 64, 64],
                  "decoder_time_upscale": [False, True, True]}
 PUBLISHED_W22 = {**PUBLISHED_W21, "z_dim": 48, "patch_size": 2}
+PUBLISHED_HV15 = {**PUBLISHED_W21, "z_dim": 32, "patch_size": 2}  # taehv1_5.pth (taehv.py: patch 2, 32 channels)
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +80,8 @@ def as_video(ref):  # [0, 1] NTCHW -> [-1, 1] NCTHW
     return ref.transpose(1, 2) * 2 - 1
 
 
-@pytest.mark.parametrize("arch,salt", [(TINY_TAEW2_1, "taew2_1:"), (TINY_TAEW2_2, "taew2_2:")],
-                         ids=["taew2_1", "taew2_2"])
+@pytest.mark.parametrize("arch,salt", [(TINY_TAEW2_1, "taew2_1:"), (TINY_TAEW2_2, "taew2_2:"),
+                                       (TINY_TAEHV1_5, "taehv1_5:")], ids=["taew2_1", "taew2_2", "taehv1_5"])
 def test_decoder_matches_float64_reference(arch, salt, tmp_path):
     state = tiny_taehv_state(arch, salt)
     model = load_taehv(saved(state, tmp_path))
@@ -113,7 +114,8 @@ def test_wrong_latent_channels_are_refused():
         model.decode(torch.randn(1, 48, 2, 2, 2))
 
 
-@pytest.mark.parametrize("arch", [PUBLISHED_W21, PUBLISHED_W22, TINY_TAEW2_1], ids=["taew2_1", "taew2_2", "tiny"])
+@pytest.mark.parametrize("arch", [PUBLISHED_W21, PUBLISHED_W22, PUBLISHED_HV15, TINY_TAEW2_1],
+                         ids=["taew2_1", "taew2_2", "taehv1_5", "tiny"])
 def test_model_keys_are_the_published_layout(arch):
     with torch.device("meta"):
         model = TAEHV(TAEHVConfig(**arch))

@@ -9,7 +9,7 @@ import torch
 
 from telefuser.compiler.vfi_weights import describe_flownet
 from telefuser.compiler.vfi_weights import describe_taehv as describe_file
-from telefuser.models.tiny_vfi import FILES, TINY_RIFE, TINY_TAEW2_1, TINY_TAEW2_2, generate
+from telefuser.models.tiny_vfi import FILES, TINY_RIFE, TINY_TAEHV1_5, TINY_TAEW2_1, TINY_TAEW2_2, generate
 
 COMMITTED = Path(__file__).resolve().parents[1] / "recipes" / "tiny_vfi"
 
@@ -30,5 +30,6 @@ def test_committed_files_have_the_tiny_archs_and_stay_small():
     assert all(k.startswith("module.") for k in torch.load(COMMITTED / FILES["rife"], weights_only=True))
     assert describe_file(COMMITTED / FILES["taew2_1"]) == TINY_TAEW2_1
     assert describe_file(COMMITTED / FILES["taew2_2"]) == TINY_TAEW2_2
+    assert describe_file(COMMITTED / FILES["taehv1_5"]) == TINY_TAEHV1_5
     total = sum(p.stat().st_size for p in COMMITTED.iterdir())
     assert total < 1 * 2**20, f"recipes/tiny_vfi holds {total / 2**20:.2f} MiB"

@@ -323,16 +323,28 @@ def test_compiling_the_vfi_plan_imports_no_torch(tmp_path):
 # --- HunyuanVideo-1.5: RIFE works on decoded frames, so the same model and stage follow its decode ---------------
 
 
-def _hy15_with_rife(tmp_path: Path, base: str) -> Path:
-    """recipes/`base`.toml plus tiny_vfi's RIFE and enable_vfi, beside links to the recipes' files (a recipe's paths
-    are relative to itself)."""
+def _hy15_with(tmp_path: Path, base: str, extra: str) -> Path:
+    """recipes/`base`.toml plus the TOML `extra`, beside links to the recipes' files (a recipe's paths are relative
+    to itself)."""
     for entry in RECIPES.iterdir():
-        (tmp_path / entry.name).symlink_to(entry)
-    recipe = tmp_path / f"{base}_vfi.toml"
-    recipe.write_text(f'extends = "{base}.toml"\nname = "{base}_vfi"\n\n[[layer1.models]]\nname = "vfi"\n'
-                      'role = "vfi"\nclass = "RIFE"\npath = "tiny_vfi/flownet.pkl"\n\n'
-                      '[layer2]\nenable_vfi = true\nvfi_batch_size = 3\n')
+        if not (tmp_path / entry.name).exists():
+            (tmp_path / entry.name).symlink_to(entry)
+    recipe = tmp_path / f"{base}_with.toml"
+    recipe.write_text(f'extends = "{base}.toml"\nname = "{base}_with"\n\n{extra}')
     return recipe
+
+
+def _hy15_with_rife(tmp_path: Path, base: str) -> Path:
+    """recipes/`base`.toml plus tiny_vfi's RIFE and enable_vfi."""
+    return _hy15_with(tmp_path, base, '[[layer1.models]]\nname = "vfi"\nrole = "vfi"\nclass = "RIFE"\n'
+                                      'path = "tiny_vfi/flownet.pkl"\n\n[layer2]\nenable_vfi = true\n'
+                                      'vfi_batch_size = 3\n')
+
+
+def _hy15_with_taehv(tmp_path: Path, base: str, file: str = "taehv1_5.pth") -> Path:
+    """recipes/`base`.toml with a tiny TAEHV decoder in place of its VAE (models merge by name)."""
+    return _hy15_with(tmp_path, base, f'[[layer1.models]]\nname = "vae"\nrole = "vae"\nclass = "TAEHV"\n'
+                                      f'path = "tiny_vfi/{file}"\n')
 
 
 def test_hy15_with_rife_interpolates_its_frames(tmp_path):
@@ -371,3 +383,57 @@ def test_hy15_refuses_a_wan_model_beside_rife(tmp_path, capsys):
     recipe.write_text(recipe.read_text() + '\n[[layer1.models]]\nname = "vae"\nrole = "vae"\nclass = "WanVAE"\n'
                       'path = "tiny/vae.safetensors"\n')  # in place of tiny_hy15's VAE (models merge by name)
     _refused(capsys, [str(recipe), "-o", str(tmp_path / "p.json")], "another family (WanVAE)")
+
+
+def test_hy15_with_taehv_decodes_the_dits_latents(tmp_path, monkeypatch):
+    """taehv1_5's layout (patch 2) in place of HunyuanVideo-1.5's VAE: the decoder gets the latents the VAE would
+    (the DiT's, unscaled: TAEHV decodes what the diffusion model makes), and the frames are its decode of them: within
+    one uint8 level of the float64 decoder (float32 rounding can cross a rounding boundary)."""
+    from telefuser.models.hunyuan15.vae import HunyuanVideo15VAE
+    from telefuser.models.taehv.decoder import TAEHV, load_taehv
+
+    torch.set_num_threads(1)
+    seen: dict[str, torch.Tensor] = {}
+
+    def recording(cls, key):
+        original = cls.decode
+
+        def decode(self, z, *args, **kwargs):
+            seen[key] = z.detach().clone()
+            return original(self, z, *args, **kwargs)
+        monkeypatch.setattr(cls, "decode", decode)
+
+    recording(TAEHV, "taehv")
+    recording(HunyuanVideo15VAE, "vae")
+    plan = compile_recipe(_hy15_with_taehv(tmp_path, "tiny_hy15"))
+    decode = next(s for s in plan.stages if s.kind == "vae_decode")
+    assert decode.params["decoder"] == "taehv" and not decode.params["tiled"]
+    assert plan.memory.breakdown["activations.vae_decode"] > 0
+    video = telefuser.load_plan(str(_write(plan, tmp_path / "hy15_taehv.json"))).run(prompt=PROMPT, seed=SEED,
+                                                                                     progress=False)
+    plain = telefuser.load_plan(str(_write(compile_recipe(RECIPES / "tiny_hy15.toml"), tmp_path / "hy15.json"))).run(
+        prompt=PROMPT, seed=SEED, progress=False)
+    assert torch.equal(seen["taehv"], seen["vae"])
+    assert video.frames.shape == plain.frames.shape and video.fps == plain.fps
+    exact = load_taehv(RECIPES / "tiny_vfi" / "taehv1_5.pth", dtype=torch.float64).decode(seen["taehv"].double())
+    expected = ((exact[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    assert np.abs(video.frames.astype(int) - expected.astype(int)).max() <= 1
+    assert video.frames.std() > 0
+
+
+def test_hy15_sr_with_taehv_counts_its_decode_at_the_sr_frame(tmp_path):
+    from telefuser.compiler.memory import _taehv_workspace
+
+    plan = compile_recipe(_hy15_with_taehv(tmp_path, "tiny_hy15_sr"))
+    (w, h), = next(s for s in plan.stages if s.kind == "hy15_sr_upsample").params["frame_sizes"].values()
+    vae = next(m for m in plan.layer1_model_definition.models if m.role == "vae")
+    recipe = load_recipe(_hy15_with_taehv(tmp_path, "tiny_hy15_sr")).recipe
+    assert plan.memory.breakdown["activations.vae_decode"] == _taehv_workspace(recipe, vae, w, h, 4)
+
+
+@pytest.mark.parametrize("base,file,needle", [
+    ("tiny_hy15", "taew2_1.pth", "outputs 4 latent channels, but VAE 'vae' decodes 16"),
+    ("tiny_hy15_i2v", "taehv1_5.pth", "TAEHV is a decoder only"),
+])
+def test_hy15_taehv_refusals_exit_2(base, file, needle, tmp_path, capsys):
+    _refused(capsys, [str(_hy15_with_taehv(tmp_path, base, file)), "-o", str(tmp_path / "p.json")], needle)

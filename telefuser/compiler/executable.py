@@ -142,6 +142,10 @@ def _taehv_decoder(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         return None
     l2, where = recipe.layer2, f"layer1.models.{vae.name}"
     pipeline = recipe.layer1.pipeline
+    if pipeline == "hunyuan_video15_i2v":
+        return (f"{where}: class TAEHV with layer1.pipeline = {pipeline!r}: TAEHV is a decoder only, and "
+                "image-to-video encodes the image with the VAE's encoder; use HunyuanVideo-1.5's VAE (class "
+                "HunyuanVideo15VAE, vae/).")
     if pipeline == "wan_i2v" or (pipeline == "wan_ti2v" and recipe.layer3.image is not None):
         return (f"{where}: class TAEHV with layer1.pipeline = {pipeline!r} and an image: TAEHV is a decoder only, "
                 "and image-to-video encodes the image with the VAE's encoder; use the Wan VAE (class WanVAE, "

@@ -34,13 +34,14 @@ HY15_CLASSES = frozenset({"HunyuanVideo15DiT", "HunyuanVideo15VAE", "HunyuanVide
                           "HunyuanVideo15SRUpsampler1080p", "Qwen25VLTextEncoder", "Qwen25VLTokenizer", "ByT5Encoder",
                           "SigLIPVision"})
 # role -> the classes it takes in a HunyuanVideo-1.5 recipe
-CLASS_BY_ROLE = {"dit": ("HunyuanVideo15DiT",), "dit_sr": ("HunyuanVideo15DiT",), "vae": ("HunyuanVideo15VAE",),
+CLASS_BY_ROLE = {"dit": ("HunyuanVideo15DiT",), "dit_sr": ("HunyuanVideo15DiT",), "vae": ("HunyuanVideo15VAE", "TAEHV"),
                  "text_encoder": ("Qwen25VLTextEncoder",), "tokenizer": ("Qwen25VLTokenizer",),
                  "glyph_encoder": ("ByT5Encoder",), "image_encoder": ("SigLIPVision",),
                  "sr_upsampler": ("HunyuanVideo15SRUpsampler720p", "HunyuanVideo15SRUpsampler1080p")}
 HY15_ONLY_ROLES = ("glyph_encoder", "dit_sr", "sr_upsampler")
-# classes of no family: they work on decoded frames (frame interpolation), so either family's pipeline takes them
-ANY_FAMILY_CLASSES = frozenset({"RIFE"})
+# classes either family's pipeline takes: RIFE works on decoded frames; TAEHV decodes the latents of the file's
+# channels (taew2_1 / taew2_2 Wan's, taehv1_5 HunyuanVideo-1.5's), which check_compatible compares with the DiT's
+ANY_FAMILY_CLASSES = frozenset({"RIFE", "TAEHV"})
 
 
 def is_hy15(pipeline: str) -> bool:
@@ -65,12 +66,22 @@ def check_family(models: list[PlannedModel], pipeline: str) -> None:
                           f"{', '.join(sorted(HY15_CLASSES | ANY_FAMILY_CLASSES))}.")
 
 
+def latent_geometry(vae: Optional[PlannedModel]) -> tuple[int, int, int]:
+    """(latent channels, temporal ratio, spatial ratio) of the plan's VAE: HunyuanVideo-1.5's from its arch, a TAEHV
+    decoder's from its file (4 frames per latent frame, 8x space times its patch), the published VAE's without weights."""
+    arch = dict(vae.arch) if vae is not None else {}
+    if vae is not None and vae.class_ == "TAEHV" and arch:
+        return int(arch["z_dim"]), 2 ** sum(bool(t) for t in arch["decoder_time_upscale"]), 8 * int(arch["patch_size"])
+    return (int(arch.get("latent_channels", LATENT_CHANNELS)), int(arch.get("temporal_ratio", TEMPORAL_RATIO)),
+            int(arch.get("spatial_ratio", SPATIAL_RATIO)))
+
+
 def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
     """Channels, text / glyph / image widths, the base and SR DiT's input channels, the upsampler's channels."""
     by_role = {m.role: m for m in models}
     vae, qwen, byt5 = by_role.get("vae"), by_role.get("text_encoder"), by_role.get("glyph_encoder")
     siglip, up = by_role.get("image_encoder"), by_role.get("sr_upsampler")
-    c = int(vae.arch["latent_channels"]) if vae is not None else None
+    c = latent_geometry(vae)[0] if vae is not None and vae.arch else None
     for role, expected_in, what in (("dit", lambda c: 2 * c + 1, "the base DiT (latent + condition latent + mask)"),
                                     ("dit_sr", lambda c: 3 * c + 2, "the SR DiT (+ low-resolution latent + mask)")):
         dit = by_role.get(role)
@@ -99,6 +110,9 @@ def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
         if a.get("guidance_embed"):
             raise WeightsError(f"DiT {dit.name!r} embeds the guidance scale (guidance_in), which no published "
                                "HunyuanVideo-1.5 pipeline feeds; not executable yet.")
+    if vae is not None and vae.class_ == "TAEHV" and vae.arch and latent_geometry(vae)[2] != SPATIAL_RATIO:
+        raise WeightsError(f"TAEHV decoder {vae.name!r} upsamples {latent_geometry(vae)[2]}x, but HunyuanVideo-1.5's "
+                           f"latents are {SPATIAL_RATIO}x its frames: use taehv1_5.pth (patch 2).")
     sr_dit = by_role.get("dit_sr")
     if sr_dit is not None and not sr_dit.arch.get("use_meanflow"):
         raise WeightsError(f"SR DiT {sr_dit.name!r} has no MeanFlow time_r_in; the published SR DiTs "
@@ -198,9 +212,7 @@ def build_stages(recipe: Recipe, models: list[PlannedModel], check_frame_sizes: 
     l2 = recipe.layer2
     by_role = {m.role: m.name for m in models}
     use_cfg = l2.cfg_scale != 1.0
-    vae = _arch(models, "vae")
-    latent_channels = int(vae.get("latent_channels", LATENT_CHANNELS))
-    temporal, spatial = int(vae.get("temporal_ratio", TEMPORAL_RATIO)), int(vae.get("spatial_ratio", SPATIAL_RATIO))
+    latent_channels, temporal, spatial = latent_geometry(next((m for m in models if m.role == "vae"), None))
     patch = list(_arch(models, "dit").get("patch_size", [1, 1, 1]))
     check_frame_sizes(recipe, spatial, patch)
     if patch != [1, 1, 1]:

@@ -182,7 +182,9 @@ def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stag
     vae = by_role.get("vae")
     if vae is not None:
         decode = next((s for s in stages if s.kind == "vae_decode"), None)
-        out["activations.vae_decode"] = vae_workspace(recipe, vae, w, h, space, bool(decode and decode.params.get("tiled")))
+        if not (decode and decode.params.get("decoder") == "taehv"):  # TAEHV's: compiler/memory.py, at this frame
+            out["activations.vae_decode"] = vae_workspace(recipe, vae, w, h, space,
+                                                          bool(decode and decode.params.get("tiled")))
         if any(s.params.get("input", "image") == "image" for s in stages if s.kind == "hy15_image_encode"):
             out["activations.vae_encode"] = vae_workspace(recipe, vae, frame[0], frame[1], space, False)
         if any(s.params.get("input") == "sr_image" for s in stages if s.kind == "hy15_image_encode"):

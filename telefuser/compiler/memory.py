@@ -148,12 +148,14 @@ def _vae_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, s
 
 
 def _taehv_workspace(recipe: Recipe, vae: PlannedModel, width: int, height: int, chunk: int) -> int:
-    """TAEHV_LIVE_MAPS maps of one chunk's frames (t_upscale 4 per latent frame) at full resolution and the last
-    stage's width, plus the video in float32 (as the Wan VAE's)."""
+    """TAEHV_LIVE_MAPS maps of one chunk's frames (t_upscale 4 per latent frame) at the last stage's resolution
+    and width, plus the video in float32 (as the Wan VAE's). With a 2x2 patch (taew2_2, taehv1_5) the last stage
+    runs at half the frame's width and height, and the pixel shuffle makes the frame."""
     channels = vae.arch.get("channels") or [256, 128, 64, 64]
     frames = 4 * chunk
     area = width * height
-    return TAEHV_LIVE_MAPS * frames * int(channels[-1]) * area * DTYPE_BYTES[vae.compute_dtype] + \
+    maps = area // int(vae.arch.get("patch_size", 1)) ** 2
+    return TAEHV_LIVE_MAPS * frames * int(channels[-1]) * maps * DTYPE_BYTES[vae.compute_dtype] + \
         recipe.layer2.num_frames * 3 * area * 4
 
 
@@ -201,9 +203,9 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     if vae is not None:
         decode = next((s for s in stages or [] if s.kind == "vae_decode"), None)
         tiled = bool(decode.params.get("tiled")) if decode is not None else l2.tiled
-        if decode is not None and decode.params.get("decoder") == "taehv":
-            breakdown["activations.vae_decode"] = _taehv_workspace(recipe, vae, width, height,
-                                                                   int(decode.params["chunk_frames"]))
+        if decode is not None and decode.params.get("decoder") == "taehv":  # at HunyuanVideo-1.5's SR frame with SR
+            breakdown["activations.vae_decode"] = _taehv_workspace(
+                recipe, vae, *(largest_sr_frame(stages or []) or (width, height)), int(decode.params["chunk_frames"]))
         else:
             breakdown["activations.vae_decode"] = _vae_workspace(recipe, vae, width, height, space, tiled)
         if tiled:  # the encoder (image-to-video's condition) still sees whole frames

@@ -8,6 +8,8 @@
 - taew2_1.pth   a TAEHV in taew2_1.pth's layout (`encoder.*` and `decoder.*`, 16 latent channels, patch 1,
                 time strides 1, 2, 2), widths 8 instead of 64..256
 - taew2_2.pth   the same in taew2_2.pth's layout (48 latent channels, patch 2)
+- taehv1_5.pth  the same in taehv1_5.pth's layout (HunyuanVideo-1.5's: patch 2), with the tiny HunyuanVideo-1.5
+                VAE's 4 latent channels (telefuser.models.hunyuan15.tiny) where the published file has 32
 
 Values come from a generator seeded by each tensor's name (as telefuser.models.tiny does), so the files are
 the same on every run and machine. The weights are random: the frames they make are structured noise.
@@ -33,8 +35,9 @@ TINY_RIFE: dict[str, Any] = {"head_channels": 4, "block_channels": [8, 8, 4, 4, 
 TINY_TAEW2_1: dict[str, Any] = {"z_dim": 16, "patch_size": 1, "channels": [8, 8, 8, 8],
                                 "decoder_time_upscale": [False, True, True]}
 TINY_TAEW2_2: dict[str, Any] = {**TINY_TAEW2_1, "z_dim": 48, "patch_size": 2}
+TINY_TAEHV1_5: dict[str, Any] = {**TINY_TAEW2_1, "z_dim": 4, "patch_size": 2}  # pairs with tiny_hy15's VAE
 TINY_ENCODER_WIDTH = 8  # the published encoders are 64 wide
-FILES = {"rife": "flownet.pkl", "taew2_1": "taew2_1.pth", "taew2_2": "taew2_2.pth"}
+FILES = {"rife": "flownet.pkl", "taew2_1": "taew2_1.pth", "taew2_2": "taew2_2.pth", "taehv1_5": "taehv1_5.pth"}
 
 
 def _value(name: str, shape: tuple[int, ...], salt: str) -> torch.Tensor:
@@ -89,7 +92,7 @@ def generate(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     states = {"rife": tiny_flownet_state(), "taew2_1": tiny_taehv_state(TINY_TAEW2_1, "taew2_1:"),
-              "taew2_2": tiny_taehv_state(TINY_TAEW2_2, "taew2_2:")}
+              "taew2_2": tiny_taehv_state(TINY_TAEW2_2, "taew2_2:"), "taehv1_5": tiny_taehv_state(TINY_TAEHV1_5, "taehv1_5:")}
     written = {}
     for name, filename in FILES.items():
         path = folder / filename

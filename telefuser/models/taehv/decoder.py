@@ -1,4 +1,5 @@
-"""TAEHV's decoder (madebyollin/taehv, base variant): Wan latents -> video, a fraction of the Wan VAE's cost.
+"""TAEHV's decoder (madebyollin/taehv, base variant): Wan or HunyuanVideo-1.5 latents -> video, a fraction of the
+full VAE's cost.
 
 Three stages, each three MemBlocks (a residual conv block that also sees its own input one latent step earlier,
 zeros before the first), a nearest x2 upsample and a TGrow (a 1x1 conv making `stride` frames of each frame), then
@@ -24,8 +25,8 @@ from torch import nn
 class TAEHVConfig:
     """Arch of one TAEHV checkpoint, read off its shapes (keys.describe). Defaults: taew2_1.pth."""
 
-    z_dim: int = 16  # taehv's latent_channels: Wan2.1 / Wan2.2-A14B VAE; 48 for taew2_2 (Wan2.2-TI2V-5B)
-    patch_size: int = 1  # 2 for taew2_2
+    z_dim: int = 16  # taehv's latent_channels: Wan2.1 / Wan2.2-A14B VAE; 48 for taew2_2 (Wan2.2-TI2V-5B), 32 taehv1_5
+    patch_size: int = 1  # 2 for taew2_2 and taehv1_5
     channels: list[int] = field(default_factory=lambda: [256, 128, 64, 64])
     decoder_time_upscale: list[bool] = field(default_factory=lambda: [False, True, True])
     decoder_space_upscale: list[bool] = field(default_factory=lambda: [True, True, True])  # not in the weights
@@ -109,7 +110,7 @@ class TAEHV(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
         """z [B, z_dim, T, h, w] (the DiT's latents) -> video [B, 3, T * 4 - 3, h * 8, w * 8] in [-1, 1]
-        (Wan2.2's 5B: h * 16, w * 16), in the parameters' dtype. `chunk_frames` latent frames at a time (None:
+        (patch 2, Wan2.2's 5B and HunyuanVideo-1.5: h * 16, w * 16), in the parameters' dtype. `chunk_frames` latent frames at a time (None:
         all at once)."""
         if z.ndim != 5 or z.shape[1] != self.z_dim:
             raise ValueError(f"TAEHV decodes [B, {self.z_dim}, T, h, w] latents, got {tuple(z.shape)}")
