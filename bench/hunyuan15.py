@@ -14,12 +14,14 @@ Part `ssta`: SSTA at 720p, 121 frames (the sparse transformers' setting): the jo
 SAGE_ATTN_2_8_8's block-sparse mode, with the tile choice and the tiling timed apart and the density chosen; then
 one DiT call (CFG-distilled: one call per step) dense against SSTA. Published: 1.87x end to end for 10 s 720p
 against FlashAttention-3 (HunyuanVideo-1.5 README).
+Part `taehv`: the TAEHV preview decoder of taehv1_5's shapes (random weights) beside our VAE's whole decode, both on
+the 480p 121f latent.
 Part `plan` (not in `all`: writes ~50 GB under --root): the 480p T2V + SR recipe, then its 24 GiB variant (streamed
 encoders and DiTs), compiled against the same random files (bench/hy15_files' layout, tiny tokenizer) and run through
 telefuser.load_plan; wall, peak against the estimate (and within 24 GiB for the variant).
 
-Run on the device: `PYTHONPATH=. python3 bench/hunyuan15.py [--part dit vae sr ssta plan] [--budget-s 540]
-[--cpu-smoke]` (diffusers and accelerate carried as wheels; `all` = dit vae sr, about 8 minutes); writes
+Run on the device: `PYTHONPATH=. python3 bench/hunyuan15.py [--part dit vae sr ssta taehv plan] [--budget-s 540]
+[--cpu-smoke]` (diffusers and accelerate carried as wheels; `all` = dit vae sr ssta taehv, about 11 minutes); writes
 $OUT/hunyuan15.md and $OUT/hunyuan15.json after every row, prints the tables last.
 """
 
@@ -412,6 +414,44 @@ def bench_vae() -> None:
         rows.clear()
 
 
+def bench_taehv() -> None:
+    """taehv1_5's decoder (32 channels, 2x2 patch, the published widths; random weights) beside our full VAE, both on
+    the 480p 121f latent, one warm call each: the preview decoder's speed-up."""
+    from bench.weights_random import random_model
+    from telefuser.models.hunyuan15.tiny import TINY_ARCH
+    from telefuser.models.hunyuan15.vae import HunyuanVideo15VAE, HunyuanVideo15VAEConfig
+    from telefuser.models.taehv.decoder import TAEHV, TAEHVConfig
+
+    SECTIONS.setdefault("taehv", [
+        "## Preview decode: taehv1_5 (TAEHV) against the VAE, 480p 121-frame latent ([1, 32, 31, 30, 53])", "",
+        "| decoder | ms | speed | peak GiB |", "|---|---|---|---|"])
+    smoke = STATE["smoke"]
+    dev, dtype = STATE["device"], (torch.float32 if smoke else BF16)
+    vae_cfg = HunyuanVideo15VAEConfig(**TINY_ARCH["vae"]) if smoke else HunyuanVideo15VAEConfig()
+    tae_cfg = TAEHVConfig(z_dim=vae_cfg.latent_channels, patch_size=2, channels=[8, 8, 8, 8] if smoke else
+                          [256, 128, 64, 64])
+    shape = (1, vae_cfg.latent_channels, 3, 7, 7) if smoke else (1, 32, 31, 30, 53)
+    z = torch.randn(shape, generator=torch.Generator(device=dev).manual_seed(5), device=dev).to(dtype)
+
+    def decode_row(build, call) -> tuple[float, float, tuple[int, ...]]:
+        model = random_model(build, dev, dtype, seed=1)  # freed with this frame
+        with torch.inference_mode():
+            ms, peak, out = timed(lambda: call(model))
+        return ms, peak, tuple(out.shape)
+
+    rows = {}
+    for name, build, call in (
+            ("TAEHV (taehv1_5 shapes), 4 latent frames per call", lambda: TAEHV(tae_cfg),
+             lambda m: m.decode(z, chunk_frames=4)),
+            ("TeleFuser HunyuanVideo15VAE, whole", lambda: HunyuanVideo15VAE(vae_cfg), lambda m: m.decode(z))):
+        rows[name] = decode_row(build, call)
+        free()
+    base = rows["TeleFuser HunyuanVideo15VAE, whole"][0]
+    for name, (ms, peak, out_shape) in rows.items():
+        emit("taehv", f"| {name} | {ms:.0f} | {base / ms:.1f}x the VAE's speed | {peak:.1f} |",
+             {"decoder": name, "ms": ms, "peak_gib": peak, "frames": list(out_shape)})
+
+
 def bench_sr() -> None:
     from bench.weights_random import random_model
     from telefuser.models.hunyuan15.sr import (SRUpsampler720p, SRUpsampler720pConfig, meanflow_t_r,
@@ -551,7 +591,7 @@ def run_plan(recipe: Path, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("dit", "vae", "sr", "ssta", "plan", "all"), nargs="+", default=["all"],
+    parser.add_argument("--part", choices=("dit", "vae", "sr", "ssta", "taehv", "plan", "all"), nargs="+", default=["all"],
                         help="`all` is dit, vae, sr and ssta; `plan` writes ~50 GB of random weights under --root")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting new rows past this")
     parser.add_argument("--root", type=Path, default=Path("/tmp/hy15_random"), help="where `plan` writes weights")
@@ -567,8 +607,8 @@ def main(argv: list[str] | None = None) -> None:
     STATE["header"] = f"{where}, diffusers {diffusers.__version__}"
     parts = set(args.part)
     if "all" in parts:  # the smoke run's `all` includes `plan` (tiny files, nothing large written)
-        parts = (parts - {"all"}) | {"dit", "vae", "sr", "ssta"} | ({"plan"} if args.cpu_smoke else set())
-    for name, fn in (("dit", bench_dit), ("vae", bench_vae), ("sr", bench_sr), ("ssta", bench_ssta),
+        parts = (parts - {"all"}) | {"dit", "vae", "sr", "ssta", "taehv"} | ({"plan"} if args.cpu_smoke else set())
+    for name, fn in (("dit", bench_dit), ("vae", bench_vae), ("sr", bench_sr), ("ssta", bench_ssta), ("taehv", bench_taehv),
                      ("plan", lambda: bench_plan(args.root))):
         if name in parts:
             try:
