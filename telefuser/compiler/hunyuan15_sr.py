@@ -154,10 +154,10 @@ def largest_sr_frame(stages: list[Stage]) -> Optional[tuple[int, int]]:
 def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stage], frame: tuple[int, int],
                    dtype_bytes: dict[str, int], latent_channels: int, temporal: int,
                    vae_workspace: Callable[..., int]) -> dict[str, int]:
-    """The SR DiT's activations at the SR frame, the upsampler's, the decode at the SR frame and, for I2V, the VAE
-    encode of the image at the SR frame (one frame, untiled: `activations.vae_encode_sr`) and the base frame's encode
-    (`activations.vae_encode`, as compiler/memory.py counts it: the untiled decode's workspace at the base `frame`,
-    which the SR-size decode replaces as `activations.vae_decode`)."""
+    """The SR DiT's activations at the SR frame, the upsampler's and, for I2V, the VAE encode of the image at the SR
+    frame (one frame, untiled: `activations.vae_encode_sr`) and the base frame's encode (`activations.vae_encode`, as
+    compiler/memory.py counts it: the untiled decode's workspace at the base `frame`; memory.py counts the decode
+    itself at the SR frame, `largest_sr_frame`)."""
     l2 = recipe.layer2
     out: dict[str, int] = {}
     sr = next((s for s in stages if s.kind == "hy15_sr_upsample"), None)
@@ -181,10 +181,6 @@ def sr_activations(recipe: Recipe, models: list[PlannedModel], stages: list[Stag
         out["activations.sr_upsample"] = tokens * (2 * width + 4 * latent_channels) * 4
     vae = by_role.get("vae")
     if vae is not None:
-        decode = next((s for s in stages if s.kind == "vae_decode"), None)
-        if not (decode and decode.params.get("decoder") == "taehv"):  # TAEHV's: compiler/memory.py, at this frame
-            out["activations.vae_decode"] = vae_workspace(recipe, vae, w, h, space,
-                                                          bool(decode and decode.params.get("tiled")))
         if any(s.params.get("input", "image") == "image" for s in stages if s.kind == "hy15_image_encode"):
             out["activations.vae_encode"] = vae_workspace(recipe, vae, frame[0], frame[1], space, False)
         if any(s.params.get("input") == "sr_image" for s in stages if s.kind == "hy15_image_encode"):

@@ -199,20 +199,21 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
     # step caches keep the block stack's residual per CFG branch between steps (compiler/skip_work.py)
     base = {m.name for m in models if m.role != ModelRole.DIT_SR.value}  # the SR DiT's: compiler/hunyuan15_sr.py
     breakdown["activations.dit"] += cache_residual_bytes(recipe, -(-tokens // sp), dim, act_bytes, base)
+    decoded = largest_sr_frame(stages or []) or (width, height)  # HunyuanVideo-1.5's SR frame where it has SR
     vae = next((m for m in models if m.role == ModelRole.VAE.value), None)
     if vae is not None:
         decode = next((s for s in stages or [] if s.kind == "vae_decode"), None)
         tiled = bool(decode.params.get("tiled")) if decode is not None else l2.tiled
-        if decode is not None and decode.params.get("decoder") == "taehv":  # at HunyuanVideo-1.5's SR frame with SR
-            breakdown["activations.vae_decode"] = _taehv_workspace(
-                recipe, vae, *(largest_sr_frame(stages or []) or (width, height)), int(decode.params["chunk_frames"]))
+        if decode is not None and decode.params.get("decoder") == "taehv":
+            breakdown["activations.vae_decode"] = _taehv_workspace(recipe, vae, *decoded,
+                                                                   int(decode.params["chunk_frames"]))
         else:
-            breakdown["activations.vae_decode"] = _vae_workspace(recipe, vae, width, height, space, tiled)
+            breakdown["activations.vae_decode"] = _vae_workspace(recipe, vae, *decoded, space, tiled)
         if tiled:  # the encoder (image-to-video's condition) still sees whole frames
             breakdown["activations.vae_encode"] = _vae_workspace(recipe, vae, width, height, space, False)
     vfi = next((s for s in stages or [] if s.kind == "vfi"), None)
-    if vfi is not None:  # on the decoded frames: HunyuanVideo-1.5's SR frame where it has an SR stage
-        breakdown["activations.vfi"] = _vfi_workspace(vfi, *(largest_sr_frame(stages or []) or (width, height)))
+    if vfi is not None:
+        breakdown["activations.vfi"] = _vfi_workspace(vfi, *decoded)
     from .hunyuan15 import activations as hy15_activations, is_hy15
 
     if is_hy15(recipe.layer1.pipeline):  # the SR DiT's and the SR-size decode's, the Qwen2.5-VL / SigLIP stages'
