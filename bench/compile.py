@@ -100,6 +100,25 @@ def write_pth_index_only(path: Path, shapes: Shapes, dtype: torch.dtype) -> None
     torch.save({k: torch.zeros((), dtype=dtype).expand(s) for k, s in shapes.items()}, path)
 
 
+def write_vfi_root(root: Path) -> None:
+    """RIFE v4.26's train_log/flownet.pkl (DDP names under module.) and madebyollin/taehv's taew2_1.pth and
+    taehv1_5.pth (decoders only here), as the shipped recipes name them under ${TELEFUSER_MODEL_ROOT}."""
+    from dataclasses import asdict
+
+    from telefuser.models.rife.ifnet import IFNetConfig
+    from telefuser.models.rife.keys import expected_shapes as rife_shapes
+    from telefuser.models.taehv.decoder import TAEHVConfig
+    from telefuser.models.taehv.keys import expected_shapes as taehv_shapes
+
+    (root / "RIFEv4.26_0921" / "train_log").mkdir(parents=True)
+    write_pth_index_only(root / "RIFEv4.26_0921" / "train_log" / "flownet.pkl",
+                         {"module." + k: v for k, v in rife_shapes(asdict(IFNetConfig())).items()}, torch.float32)
+    (root / "taehv").mkdir()
+    write_pth_index_only(root / "taehv" / "taew2_1.pth", taehv_shapes(asdict(TAEHVConfig())), torch.float32)
+    write_pth_index_only(root / "taehv" / "taehv1_5.pth",  # HunyuanVideo-1.5's: 32 latent channels, patch 2
+                         taehv_shapes(asdict(TAEHVConfig(z_dim=32, patch_size=2))), torch.float32)
+
+
 def build_model_root(root: Path) -> None:
     common = root / "_common"
     (common / "google" / "umt5-xxl").mkdir(parents=True)
@@ -129,19 +148,7 @@ def build_model_root(root: Path) -> None:
     write_shards(root / "Wan2.2-TI2V-5B", module_shapes(WanDiT, WanDiTConfig(**DIT_TI2V_5B)), torch.bfloat16, 3)
     write_pth_index_only(root / "Wan2.2-TI2V-5B" / "Wan2.2_VAE.pth", module_shapes(Wan22VAE, Wan22VAEConfig()),
                          torch.float32)
-    # RIFE v4.26's train_log/flownet.pkl (DDP names under module.) and TAEHV's taew2_1.pth (decoder only here)
-    from dataclasses import asdict
-
-    from telefuser.models.rife.ifnet import IFNetConfig
-    from telefuser.models.rife.keys import expected_shapes as rife_shapes
-    from telefuser.models.taehv.decoder import TAEHVConfig
-    from telefuser.models.taehv.keys import expected_shapes as taehv_shapes
-
-    (root / "RIFEv4.26_0921" / "train_log").mkdir(parents=True)
-    write_pth_index_only(root / "RIFEv4.26_0921" / "train_log" / "flownet.pkl",
-                         {"module." + k: v for k, v in rife_shapes(asdict(IFNetConfig())).items()}, torch.float32)
-    (root / "taehv").mkdir()
-    write_pth_index_only(root / "taehv" / "taew2_1.pth", taehv_shapes(asdict(TAEHVConfig())), torch.float32)
+    write_vfi_root(root)
 
     from bench.hy15_files import write_hunyuan15_root
 

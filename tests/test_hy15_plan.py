@@ -230,23 +230,11 @@ SHIPPED = ("hunyuan15_t2v_480p", "hunyuan15_t2v_720p", "hunyuan15_i2v_480p_step_
 def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkeypatch) -> None:
     """The shipped recipes against files with the published names, shapes and sizes (headers only): detection, the
     published architecture numbers, the stages, both DiTs in the memory estimate, within an H100 / H200."""
-    from dataclasses import asdict
-
-    from bench.compile import write_pth_index_only
+    from bench.compile import write_vfi_root
     from bench.hy15_files import write_hunyuan15_root
-    from telefuser.models.rife.ifnet import IFNetConfig
-    from telefuser.models.rife.keys import expected_shapes
-    from telefuser.models.taehv.decoder import TAEHVConfig
-    from telefuser.models.taehv.keys import expected_shapes as taehv_shapes
 
     write_hunyuan15_root(tmp_path)
-    flownet = tmp_path / "RIFEv4.26_0921" / "train_log" / "flownet.pkl"  # RIFE v4.26's, as its zip unpacks
-    flownet.parent.mkdir(parents=True)
-    write_pth_index_only(flownet, {"module." + k: v for k, v in expected_shapes(asdict(IFNetConfig())).items()},
-                         torch.float32)
-    (tmp_path / "taehv").mkdir()  # madebyollin/taehv's taehv1_5.pth: 32 latent channels, patch 2 (its decoder)
-    write_pth_index_only(tmp_path / "taehv" / "taehv1_5.pth",
-                         taehv_shapes(asdict(TAEHVConfig(z_dim=32, patch_size=2))), torch.float32)
+    write_vfi_root(tmp_path)  # RIFE v4.26's flownet.pkl and taehv1_5.pth, for the VFI and TAEHV recipes
     monkeypatch.setenv("TELEFUSER_MODEL_ROOT", str(tmp_path))
     plans = {name: compile_recipe(RECIPES / f"{name}.toml") for name in SHIPPED}
     for name, plan in plans.items():
@@ -296,7 +284,8 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     assert ssta["density_grid"] == [31, 45, 80] and ssta["density"] == pytest.approx(59 * 360 / 360**2, abs=0.01)
     assert sparse.layer2_inference_config.cfg_scale == 1.0
     i2v_sparse = plans["hunyuan15_i2v_720p_sparse"]  # the I2V one: shift 7, the 720p buckets picked from the image
-    assert i2v_sparse.layer2_inference_config.sigma_shift == 7.0 and i2v_sparse.layer1_model_definition.models[0].attributes.distill
+    assert i2v_sparse.layer2_inference_config.sigma_shift == 7.0
+    assert i2v_sparse.layer1_model_definition.models[0].attributes.distill
     assert i2v_sparse.layer3_user_interface.frame_sizes["720p"]["16:9"] == [1280, 720]
     assert "sparse_attention" in next(s for s in i2v_sparse.stages if s.kind == "hy15_denoise").params
     hd = plans["hunyuan15_t2v_720p_sr_1080p"]  # 720p -> 1080p: the 1080p upsampler, 8 SR steps, the 1080p bucket
@@ -317,7 +306,7 @@ def test_shipped_recipes_compile_on_the_published_files_headers(tmp_path, monkey
     padded = -(-w // 128) * 128 * (-(-h // 128) * 128)
     assert vfi.memory.breakdown["activations.vfi"] == 8 * padded * RIFE_BYTES_PER_PAIR_PIXEL + 241 * w * h * 3
     assert vfi.memory.peak_bytes < vfi.memory.capacity_bytes
-    taehv = plans["hunyuan15_t2v_480p_taehv"]  # the preview decoder, 4 latent frames per call, at a fraction of the memory
+    taehv = plans["hunyuan15_t2v_480p_taehv"]  # the preview decoder, 4 latent frames per call, in less memory
     assert next(s for s in taehv.stages if s.kind == "vae_decode").params["decoder"] == "taehv"
     assert taehv.memory.breakdown["activations.vae_decode"] < plans["hunyuan15_t2v_480p"].memory.breakdown[
         "activations.vae_decode"]
