@@ -142,14 +142,12 @@ def _taehv_decoder(recipe: Recipe, models: list[PlannedModel]) -> Optional[str]:
         return None
     l2, where = recipe.layer2, f"layer1.models.{vae.name}"
     pipeline = recipe.layer1.pipeline
-    if pipeline == "hunyuan_video15_i2v":
-        return (f"{where}: class TAEHV with layer1.pipeline = {pipeline!r}: TAEHV is a decoder only, and "
-                "image-to-video encodes the image with the VAE's encoder; use HunyuanVideo-1.5's VAE (class "
-                "HunyuanVideo15VAE, vae/).")
-    if pipeline == "wan_i2v" or (pipeline == "wan_ti2v" and recipe.layer3.image is not None):
+    if pipeline in ("wan_i2v", "hunyuan_video15_i2v") or (pipeline == "wan_ti2v" and recipe.layer3.image is not None):
+        use = ("HunyuanVideo-1.5's VAE (class HunyuanVideo15VAE, vae/)" if pipeline == "hunyuan_video15_i2v" else
+               "the Wan VAE (class WanVAE, Wan2.1_VAE.pth; Wan22VAE for TI2V-5B), or drop [layer3.image] from a "
+               "wan_ti2v recipe")
         return (f"{where}: class TAEHV with layer1.pipeline = {pipeline!r} and an image: TAEHV is a decoder only, "
-                "and image-to-video encodes the image with the VAE's encoder; use the Wan VAE (class WanVAE, "
-                "Wan2.1_VAE.pth; Wan22VAE for TI2V-5B), or drop [layer3.image] from a wan_ti2v recipe.")
+                f"and image-to-video encodes the image with the VAE's encoder; use {use}.")
     if l2.tiled:
         return (f"layer2.tiled = true with {where} of class TAEHV: the TAEHV decoder has no tiled decode (it decodes "
                 "a few latent frames at a time, which bounds its memory); set tiled = false.")

@@ -68,7 +68,8 @@ def check_family(models: list[PlannedModel], pipeline: str) -> None:
 
 def latent_geometry(vae: Optional[PlannedModel]) -> tuple[int, int, int]:
     """(latent channels, temporal ratio, spatial ratio) of the plan's VAE: HunyuanVideo-1.5's from its arch, a TAEHV
-    decoder's from its file (4 frames per latent frame, 8x space times its patch), the published VAE's without weights."""
+    decoder's from its file (4 frames per latent frame, 8x space times its patch), the published VAE's without
+    weights."""
     arch = dict(vae.arch) if vae is not None else {}
     if vae is not None and vae.class_ == "TAEHV" and arch:
         return int(arch["z_dim"]), 2 ** sum(bool(t) for t in arch["decoder_time_upscale"]), 8 * int(arch["patch_size"])
@@ -81,7 +82,8 @@ def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
     by_role = {m.role: m for m in models}
     vae, qwen, byt5 = by_role.get("vae"), by_role.get("text_encoder"), by_role.get("glyph_encoder")
     siglip, up = by_role.get("image_encoder"), by_role.get("sr_upsampler")
-    c = latent_geometry(vae)[0] if vae is not None and vae.arch else None
+    geometry = latent_geometry(vae) if vae is not None and vae.arch else None  # (channels, temporal, spatial)
+    c = geometry[0] if geometry else None
     for role, expected_in, what in (("dit", lambda c: 2 * c + 1, "the base DiT (latent + condition latent + mask)"),
                                     ("dit_sr", lambda c: 3 * c + 2, "the SR DiT (+ low-resolution latent + mask)")):
         dit = by_role.get(role)
@@ -110,8 +112,8 @@ def check_compatible(models: list[PlannedModel], pipeline: str) -> None:
         if a.get("guidance_embed"):
             raise WeightsError(f"DiT {dit.name!r} embeds the guidance scale (guidance_in), which no published "
                                "HunyuanVideo-1.5 pipeline feeds; not executable yet.")
-    if vae is not None and vae.class_ == "TAEHV" and vae.arch and latent_geometry(vae)[2] != SPATIAL_RATIO:
-        raise WeightsError(f"TAEHV decoder {vae.name!r} upsamples {latent_geometry(vae)[2]}x, but HunyuanVideo-1.5's "
+    if vae is not None and geometry and vae.class_ == "TAEHV" and geometry[2] != SPATIAL_RATIO:
+        raise WeightsError(f"TAEHV decoder {vae.name!r} upsamples {geometry[2]}x, but HunyuanVideo-1.5's "
                            f"latents are {SPATIAL_RATIO}x its frames: use taehv1_5.pth (patch 2).")
     sr_dit = by_role.get("dit_sr")
     if sr_dit is not None and not sr_dit.arch.get("use_meanflow"):
