@@ -591,7 +591,8 @@ def run_plan(recipe: Path, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("dit", "vae", "sr", "ssta", "taehv", "plan", "all"), nargs="+", default=["all"],
+    parser.add_argument("--part", choices=("dit", "vae", "sr", "ssta", "taehv", "plan", "all"), nargs="+",
+                        default=["all"],
                         help="`all` is dit, vae, sr and ssta; `plan` writes ~50 GB of random weights under --root")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting new rows past this")
     parser.add_argument("--root", type=Path, default=Path("/tmp/hy15_random"), help="where `plan` writes weights")
@@ -608,7 +609,8 @@ def main(argv: list[str] | None = None) -> None:
     parts = set(args.part)
     if "all" in parts:  # the smoke run's `all` includes `plan` (tiny files, nothing large written)
         parts = (parts - {"all"}) | {"dit", "vae", "sr", "ssta", "taehv"} | ({"plan"} if args.cpu_smoke else set())
-    for name, fn in (("dit", bench_dit), ("vae", bench_vae), ("sr", bench_sr), ("ssta", bench_ssta), ("taehv", bench_taehv),
+    for name, fn in (("dit", bench_dit), ("vae", bench_vae), ("sr", bench_sr), ("ssta", bench_ssta),
+                     ("taehv", bench_taehv),
                      ("plan", lambda: bench_plan(args.root))):
         if name in parts:
             try:

@@ -242,7 +242,8 @@ def detect(index: WeightIndex) -> Detection:
     raise WeightsError(
         f"{index.files[0]}: the tensor names ({sample}, ...) match no model TeleFuser knows "
         "(Wan DiT, Wan2.1 VAE, Wan2.2 VAE, umT5 encoder, CLIP; Wan's or diffusers'/Hugging Face's layout; RIFE v4.26 "
-        "flownet.pkl, TAEHV taew2_1/taew2_2/taehv1_5; HunyuanVideo-1.5's DiT, VAE, SR upsampler, Qwen2.5-VL, byT5, SigLIP)."
+        "flownet.pkl, TAEHV taew2_1/taew2_2/taehv1_5; HunyuanVideo-1.5's DiT, VAE, SR upsampler, Qwen2.5-VL, byT5, "
+        "SigLIP)."
     )
 
 

@@ -292,7 +292,8 @@ def explain_lines(stages: list) -> list[str]:
     caches = {k: v for s in sampling for k, v in s.params.get("step_cache", {}).items()}
     lines = []
     if sparse:
-        lines += ["", "sparse attention (the DiT's self-attention, or HunyuanVideo-1.5's joint attention; block-sparse):"]
+        lines += ["", "sparse attention (the DiT's self-attention, or HunyuanVideo-1.5's joint attention; "
+                      "block-sparse):"]
         for model, r in sparse.items():
             kernel = r.get("attn_impl", "")
             how = f" through {kernel} (quantised, dense steps too)" if kernel in QUANTISED else ""

@@ -92,7 +92,8 @@ def generate(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     states = {"rife": tiny_flownet_state(), "taew2_1": tiny_taehv_state(TINY_TAEW2_1, "taew2_1:"),
-              "taew2_2": tiny_taehv_state(TINY_TAEW2_2, "taew2_2:"), "taehv1_5": tiny_taehv_state(TINY_TAEHV1_5, "taehv1_5:")}
+              "taew2_2": tiny_taehv_state(TINY_TAEW2_2, "taew2_2:"),
+              "taehv1_5": tiny_taehv_state(TINY_TAEHV1_5, "taehv1_5:")}
     written = {}
     for name, filename in FILES.items():
         path = folder / filename

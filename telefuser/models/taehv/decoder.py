@@ -110,8 +110,8 @@ class TAEHV(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
         """z [B, z_dim, T, h, w] (the DiT's latents) -> video [B, 3, T * 4 - 3, h * 8, w * 8] in [-1, 1]
-        (patch 2, Wan2.2's 5B and HunyuanVideo-1.5: h * 16, w * 16), in the parameters' dtype. `chunk_frames` latent frames at a time (None:
-        all at once)."""
+        (patch 2, Wan2.2's 5B and HunyuanVideo-1.5: h * 16, w * 16), in the parameters' dtype. `chunk_frames`
+        latent frames at a time (None: all at once)."""
         if z.ndim != 5 or z.shape[1] != self.z_dim:
             raise ValueError(f"TAEHV decodes [B, {self.z_dim}, T, h, w] latents, got {tuple(z.shape)}")
         dtype = self.decoder[1].weight.dtype

@@ -13,10 +13,11 @@ A checkpoint is the `state_dict()` of the whole TAEHV (`encoder.*` and `decoder.
 
 Read off the shapes: z_dim (taehv's `latent_channels`, the repo's name for a VAE's latent channels, the key the
 compiler compares with the DiT's out_dim: 16 for Wan2.1 and Wan2.2-A14B's VAE, 48 for Wan2.2-5B's, 32 for
-HunyuanVideo-1.5's), patch_size (1, or 2 for taew2_2 and taehv1_5), the widths, and each TGrow's time stride (rows / columns: 1, 2, 2 as published, so T latents -> 4 T frames,
-of which the first 3 are trimmed: 21 -> 81). The "super" decoder variant (`*_super.pth`, ConvNeXt-style blocks,
-`decoder.0` a 1x1 conv) is recognised and refused. Shapes cannot tell taew2_1 from Hunyuan's `taehv.pth` (the same
-16 channels and layout): a file named in a recipe is trusted to be the Wan one.
+HunyuanVideo-1.5's), patch_size (1, or 2 for taew2_2 and taehv1_5), the widths, and each TGrow's time stride
+(rows / columns: 1, 2, 2 as published, so T latents -> 4 T frames, of which the first 3 are trimmed: 21 -> 81).
+The "super" decoder variant (`*_super.pth`, ConvNeXt-style blocks, `decoder.0` a 1x1 conv) is recognised and
+refused. Shapes cannot tell taew2_1 from Hunyuan's `taehv.pth` (the same 16 channels and layout): a file named in a
+recipe is trusted to be the Wan one.
 """
 
 from __future__ import annotations
