@@ -216,7 +216,7 @@ def estimate_memory(recipe: Recipe, models: list[PlannedModel], capacity: int,
         breakdown["activations.vfi"] = _vfi_workspace(vfi, *decoded)
     from .hunyuan15 import activations as hy15_activations, is_hy15
 
-    if is_hy15(recipe.layer1.pipeline):  # the SR DiT's and the SR-size decode's, the Qwen2.5-VL / SigLIP stages'
+    if is_hy15(recipe.layer1.pipeline):  # the SR DiT's and upsampler's, the Qwen2.5-VL / SigLIP stages'
         breakdown.update(hy15_activations(recipe, models, stages or [], (width, height), _vae_workspace))
     breakdown["workspace"] = WORKSPACE_BYTES
     prefetch = plan_prefetch(recipe, models, stages or [], capacity, resident, breakdown, (width, height), in_use)
